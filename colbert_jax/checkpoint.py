@@ -1,0 +1,255 @@
+"""Import and export of PyTorch ColBERTv2 checkpoints (the Hugging Face directory layout).
+
+Two layouts, both with `config.json` (the BERT backbone) and the tokenizer files:
+- "torch", as colbert-ai 0.2.22 `BaseColBERT.save` writes it: `model.safetensors` or `pytorch_model.bin`
+  (tensors `bert.*` and `linear.weight` [dim, hidden]) and `artifact.metadata` (the ColBERT config).
+  `pytorch_model.bin` is read with our restricted unpickler (`torch_io.py`): no torch, no pickled code.
+- "jax", ours: `params.safetensors` (our Flax tree, keys like `bert/encoder/layer/.../kernel`, layers
+  stacked) and `colbert_config.json` (the full `ColBERTConfig`, with our own keys).
+As in the reference, the checkpoint's own settings apply, and caller overrides win over them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from colbert_jax.config import ColBERTConfig
+from colbert_jax.model import ColBERTModel
+from colbert_jax.modeling.bert import BertConfig
+from colbert_jax.modeling.colbert import ColBERTEncoder
+from colbert_jax.modeling.convert import CheckpointFormatError, params_to_state_dict, state_dict_to_params
+from colbert_jax.tokenization import load_hf_tokenizer
+from colbert_jax.torch_io import TorchFileError, load_torch_file
+
+__all__ = ["load_checkpoint", "save_checkpoint", "resolve_checkpoint", "CheckpointError", "CheckpointFormatError"]
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+JAX_PARAMS = "params.safetensors"
+JAX_CONFIG = "colbert_config.json"
+_EXTRAS = "extras/"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "added_tokens.json",
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be found or read."""
+
+
+def resolve_checkpoint(path_or_name: str | os.PathLike) -> Path:
+    """A local checkpoint directory, or a Hugging Face Hub repo id fetched into the local HF cache."""
+    path = Path(path_or_name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"checkpoint must be a directory, got a file: {path}")
+        return path
+    name = str(path_or_name)
+    looks_like_repo = name.count("/") == 1 and not name.startswith((".", "/", "~"))
+    if not looks_like_repo:
+        raise CheckpointError(f"checkpoint directory not found: {path}")
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(
+            repo_id=name,
+            allow_patterns=["*.json", "*.safetensors", "pytorch_model.bin", "vocab.txt", "artifact.metadata"],
+        )
+    except Exception as e:  # noqa: BLE001 - any hub failure means the same thing to the user
+        raise CheckpointError(
+            f"checkpoint {name!r} is not a local directory and could not be fetched from the Hugging Face Hub "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Offline? Copy the checkpoint "
+            "directory to this machine and pass its path."
+        ) from None
+    return Path(local)
+
+
+def _read_state_dict(directory: Path) -> dict[str, np.ndarray]:
+    for name in WEIGHT_FILES:
+        path = directory / name
+        if not path.is_file():
+            continue
+        if name.endswith(".safetensors"):
+            from safetensors import SafetensorError
+            from safetensors.numpy import load_file
+
+            try:
+                return load_file(str(path))
+            except (SafetensorError, OSError, ValueError) as e:
+                raise CheckpointError(f"{path}: unreadable safetensors file: {e}") from None
+        try:
+            state = load_torch_file(path)
+        except TorchFileError as e:
+            raise CheckpointError(str(e)) from None
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict) or not all(isinstance(v, np.ndarray) for v in state.values()):
+            raise CheckpointError(f"{path}: expected a state dict of tensors")
+        return state
+    raise CheckpointError(f"{directory}: no weight file ({' or '.join(WEIGHT_FILES)})")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON: {e}") from None
+
+
+def load_checkpoint(path_or_name: str | os.PathLike, config: ColBERTConfig | None = None, **overrides) -> ColBERTModel:
+    """Loads a ColBERTv2 checkpoint (local directory or Hub repo id) into a `ColBERTModel`.
+
+    Config precedence, as in colbert-ai: defaults < the checkpoint's `artifact.metadata` < `config`
+    (its explicitly set fields) < `overrides` (config keys, e.g. `doc_maxlen=180`).
+    A directory without `artifact.metadata` or `linear.weight` (a plain BERT) gets a projection drawn
+    from normal(0, 0.02) with seed 0, as a fresh reference model would (with torch's RNG).
+    """
+    directory = resolve_checkpoint(path_or_name)
+    if not (directory / "config.json").is_file():
+        raise CheckpointError(f"{directory}: missing config.json (the backbone's configuration)")
+    try:
+        bert_config = BertConfig.from_hf_dict(
+            _read_json(directory / "config.json"), source=str(directory / "config.json")
+        )
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+
+    is_jax = (directory / JAX_PARAMS).is_file()
+    meta_path = directory / (JAX_CONFIG if is_jax else "artifact.metadata")
+    if is_jax:
+        base = ColBERTConfig.from_dict(_read_json(meta_path), source=str(meta_path))
+    elif meta_path.is_file():
+        base = ColBERTConfig.from_reference_dict(_read_json(meta_path), source=str(meta_path))
+    else:
+        base = ColBERTConfig()
+    explicit = config.model_dump(exclude_unset=True) if config is not None else {}
+    colbert_config = base.replace(**{**explicit, **overrides, "checkpoint": str(directory)})
+    if (
+        colbert_config.doc_maxlen > bert_config.max_position_embeddings
+        or colbert_config.query_maxlen > bert_config.max_position_embeddings
+    ):
+        raise CheckpointError(
+            f"doc_maxlen/query_maxlen exceed the model's max_position_embeddings "
+            f"({bert_config.max_position_embeddings})"
+        )
+
+    module = ColBERTEncoder(bert_config, colbert_config.dim)
+    abstract = abstract_params(module)
+    if is_jax:
+        params, extras = _read_jax_params(directory / JAX_PARAMS, abstract)
+    else:
+        state = _read_state_dict(directory)
+        if "linear.weight" not in state and not any(k.endswith("linear.weight") for k in state):
+            rng = np.random.default_rng(0)
+            shape = (colbert_config.dim, bert_config.hidden_size)
+            state = {**state, "linear.weight": rng.normal(0.0, bert_config.initializer_range, shape).astype(np.float32)}
+        params, extras = state_dict_to_params(state, abstract)
+
+    if not any((directory / f).is_file() for f in ("tokenizer_config.json", "vocab.txt", "tokenizer.json")):
+        raise CheckpointError(f"{directory}: no tokenizer files (tokenizer.json, vocab.txt, tokenizer_config.json)")
+    hf_tokenizer = load_hf_tokenizer(directory)
+    if len(hf_tokenizer) > bert_config.vocab_size:
+        raise CheckpointError(
+            f"{directory}: tokenizer has {len(hf_tokenizer)} tokens but the model's vocab_size "
+            f"is {bert_config.vocab_size}"
+        )
+    tokenizer_files = {f: (directory / f).read_bytes() for f in TOKENIZER_FILES if (directory / f).is_file()}
+    return ColBERTModel(
+        colbert_config, bert_config, params, hf_tokenizer, extras=extras, tokenizer_files=tokenizer_files
+    )
+
+
+def _read_jax_params(path: Path, abstract) -> tuple[dict, dict[str, np.ndarray]]:
+    from flax import traverse_util
+    from safetensors.numpy import load_file
+
+    flat = load_file(str(path))
+    extras = {k[len(_EXTRAS) :]: v for k, v in flat.items() if k.startswith(_EXTRAS)}
+    flat = {k: v for k, v in flat.items() if not k.startswith(_EXTRAS)}
+    expected = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(abstract, sep="/").items()}
+    if set(flat) != set(expected):
+        missing, unexpected = sorted(set(expected) - set(flat)), sorted(set(flat) - set(expected))
+        raise CheckpointFormatError(f"{path}: missing params {missing}, unexpected params {unexpected}")
+    for k, shape in expected.items():
+        if flat[k].shape != shape:
+            raise CheckpointFormatError(f"{path}: param {k} has shape {flat[k].shape}, the config expects {shape}")
+    return traverse_util.unflatten_dict(flat, sep="/"), extras
+
+
+def abstract_params(module: ColBERTEncoder):
+    """Shapes and dtypes of `module`'s params, without allocating them."""
+    from flax.core import meta
+
+    ids = jnp.zeros((1, 8), jnp.int32)
+    shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), ids, ids))["params"]
+    return meta.unbox(shapes)
+
+
+def save_checkpoint(
+    model: ColBERTModel, directory: str | os.PathLike, *, format: str = "torch", overwrite: bool = False
+) -> Path:
+    """Writes `model` as a checkpoint directory, atomically (temp dir + rename).
+
+    format="torch" (default) is the PyTorch ColBERTv2 layout that colbert-ai (`Checkpoint(directory)`),
+    PyLate and transformers load: `config.json`, `model.safetensors` (float32 `bert.*`, `linear.weight`),
+    `artifact.metadata`, tokenizer files. format="jax" writes our own layout (see the module docstring).
+    """
+    from flax import traverse_util
+    from safetensors.numpy import save_file
+
+    if format not in ("torch", "jax"):
+        raise ValueError(f"format must be 'torch' or 'jax', got {format!r}")
+    directory = Path(directory)
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())) and not overwrite:
+        raise FileExistsError(f"{directory} exists and is not empty; pass overwrite=True to replace it")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(model.bert_config.to_hf_dict(), indent=2) + "\n")
+        config = model.config.replace(checkpoint=str(directory.resolve()))
+        if format == "torch":
+            tensors = params_to_state_dict(model.params, model.extras)
+            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            meta = config.to_reference_dict()
+            meta["meta"] = {
+                "version": "colbert-v0.4",
+                "exported_by": "colbert-jax",
+                "current_datetime": datetime.datetime.now().astimezone().isoformat(),
+            }
+            (tmp / "artifact.metadata").write_text(json.dumps(meta, indent=4) + "\n")
+        else:
+            flat = {
+                k: np.asarray(v, np.float32)
+                for k, v in traverse_util.flatten_dict(jax.device_get(model.params), sep="/").items()
+            }
+            flat.update({_EXTRAS + k: np.ascontiguousarray(v) for k, v in model.extras.items()})
+            save_file(flat, str(tmp / JAX_PARAMS), metadata={"format": "colbert-jax"})
+            config.save(tmp / JAX_CONFIG)
+        if model.tokenizer_files:
+            for name, data in model.tokenizer_files.items():
+                (tmp / name).write_bytes(data)
+        else:
+            model.hf_tokenizer.save_pretrained(str(tmp))
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old{os.getpid()}")
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory

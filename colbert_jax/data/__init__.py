@@ -1,0 +1,1 @@
+"""Built-in data: a real-text corpus every Python install has."""

@@ -1,0 +1,214 @@
+"""`ColBERTModel`: tokenizers + Flax encoder + params, with jitted, bucketed, data-parallel encoding.
+
+Shapes are padded to buckets so `jit` compiles a bounded number of programs: sequence lengths round up to
+multiples of `LENGTH_BUCKET` (queries are always `query_maxlen`), batch sizes to powers of two (and to a
+multiple of the device count). Padding is exact: padded keys get an additive mask of finfo.min, so their
+attention weight is exactly zero, and padded rows are dropped.
+
+Every batch is split over all local devices along a `data` mesh axis (params replicated): one code path
+for 1..N devices. Batches are dispatched one ahead of the host so tokenised input and results overlap
+with compute.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from colbert_jax.config import ColBERTConfig
+from colbert_jax.modeling.bert import BertConfig
+from colbert_jax.modeling.colbert import ColBERTEncoder, embed_docs, embed_queries
+from colbert_jax.tokenization import DocTokenizer, QueryTokenizer
+
+__all__ = ["ColBERTModel", "LENGTH_BUCKET"]
+
+LENGTH_BUCKET = 16
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def batch_bucket(n: int, bsize: int, n_devices: int) -> int:
+    """Smallest power of two >= n (capped at bsize), rounded up to a multiple of the device count."""
+    b = min(1 << max(0, (n - 1).bit_length()), bsize)
+    return _round_up(max(b, n), n_devices)
+
+
+class ColBERTModel:
+    """A loaded ColBERT checkpoint: `encode_queries`, `encode_docs`, `save`.
+
+    Build one with `colbert_jax.load_checkpoint(path_or_name)`.
+    """
+
+    def __init__(
+        self,
+        config: ColBERTConfig,
+        bert_config: BertConfig,
+        params,
+        hf_tokenizer,
+        *,
+        extras: dict[str, np.ndarray] | None = None,
+        tokenizer_files: dict[str, bytes] | None = None,
+        devices: Sequence[jax.Device] | None = None,
+    ):
+        self.config = config
+        self.bert_config = bert_config
+        self.hf_tokenizer = hf_tokenizer
+        self.extras = dict(extras or {})
+        self.tokenizer_files = dict(tokenizer_files or {})
+        self.query_tokenizer = QueryTokenizer(hf_tokenizer, config)
+        self.doc_tokenizer = DocTokenizer(hf_tokenizer, config)
+        dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
+        self.module = ColBERTEncoder(bert_config, config.dim, dtype=dtype)
+
+        self.mesh = Mesh(np.asarray(devices or jax.local_devices()), ("data",))
+        self.n_devices = self.mesh.size
+        replicated = NamedSharding(self.mesh, P())
+        rows = NamedSharding(self.mesh, P("data"))
+        self.params = jax.device_put(params, replicated)
+        self._skiplist = jax.device_put(self.doc_tokenizer.skiplist, replicated)
+        pad_id = self.doc_tokenizer.pad_id
+        self._query_fn = jax.jit(
+            functools.partial(embed_queries, self.module, pad_id=pad_id),
+            in_shardings=(replicated, rows, rows),
+            out_shardings=rows,
+        )
+        self._doc_fn = jax.jit(
+            functools.partial(embed_docs, self.module, pad_id=pad_id),
+            in_shardings=(replicated, rows, rows, replicated),
+            out_shardings=(rows, rows),
+        )
+
+    def __repr__(self) -> str:
+        c, b = self.config, self.bert_config
+        return (
+            f"ColBERTModel(checkpoint={c.checkpoint!r}, layers={b.num_hidden_layers}, hidden={b.hidden_size}, "
+            f"dim={c.dim}, query_maxlen={c.query_maxlen}, doc_maxlen={c.doc_maxlen}, devices={self.n_devices})"
+        )
+
+    # -- queries ------------------------------------------------------------------------------------
+    def encode_queries(self, texts: Sequence[str], *, bsize: int = 128) -> np.ndarray:
+        """Encodes queries -> float32 [n, query_maxlen, dim], L2-normalised ([MASK] rows included)."""
+        ids, mask = self.query_tokenizer.tensorize(texts)
+        return self.encode_query_ids(ids, mask, bsize=bsize)
+
+    def encode_query_ids(self, ids: np.ndarray, mask: np.ndarray, *, bsize: int = 128) -> np.ndarray:
+        out = np.empty((ids.shape[0], ids.shape[1], self.config.dim), np.float32)
+        for (start, stop), q in self._pipeline(self._query_batches(ids, mask, bsize)):
+            out[start:stop] = q[: stop - start]
+        return out
+
+    def _query_batches(self, ids, mask, bsize):
+        for start in range(0, len(ids), bsize):
+            stop = min(start + bsize, len(ids))
+            b = batch_bucket(stop - start, bsize, self.n_devices)
+            yield (
+                (start, stop),
+                self._query_fn(self.params, _pad_rows(ids[start:stop], b), _pad_rows(mask[start:stop], b)),
+            )
+
+    # -- documents ----------------------------------------------------------------------------------
+    def encode_docs(self, texts: Sequence[str], *, bsize: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Encodes documents -> (float32 [n, Ld, dim], bool mask [n, Ld]); Ld = longest document.
+
+        Masked positions (padding, punctuation) are zero vectors, as in the reference's `keep_dims=True`.
+        """
+        ids, mask = self.doc_tokenizer.tensorize(texts)
+        n, width = ids.shape
+        out = np.zeros((n, width, self.config.dim), np.float32)
+        keep = np.zeros((n, width), bool)
+        for idx, d, k in self.iter_doc_batches(ids, mask, bsize=bsize):
+            out[idx, : d.shape[1]] = d[:, :width]
+            keep[idx, : k.shape[1]] = k[:, :width]
+        return out, keep
+
+    def encode_docs_flat(self, texts: Sequence[str], *, bsize: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Encodes documents -> (float32 [sum(doclens), dim], int64 doclens [n]).
+
+        Rows are the kept token vectors, passage by passage in input order, token order within a passage
+        (colbert-ai's `docFromText(keep_dims="flatten")`).
+        """
+        ids, mask = self.doc_tokenizer.tensorize(texts)
+        per_doc: list[np.ndarray | None] = [None] * len(ids)
+        for idx, d, k in self.iter_doc_batches(ids, mask, bsize=bsize):
+            for j, row in enumerate(idx):
+                per_doc[row] = d[j][k[j]]
+        doclens = np.array([len(x) for x in per_doc], np.int64)
+        return np.concatenate(per_doc).astype(np.float32, copy=False), doclens
+
+    def iter_doc_batches(
+        self, ids: np.ndarray, mask: np.ndarray, *, bsize: int | None = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Encodes tokenised documents in length-sorted batches.
+
+        Yields `(row indices into ids, float32 [b, Lb, dim], bool keep [b, Lb])` per batch, in an
+        order sorted by length; callers scatter rows back by index.
+        """
+        bsize = bsize or self.config.index_bsize
+        lengths = mask.sum(axis=1)
+        order = np.argsort(-lengths, kind="stable")
+
+        def batches():
+            for start in range(0, len(order), bsize):
+                idx = order[start : start + bsize]
+                width = _round_up(int(lengths[idx].max()), LENGTH_BUCKET)
+                b = batch_bucket(len(idx), bsize, self.n_devices)
+                bid = _pad_rows(_pad_cols(ids[idx], width), b)
+                bmask = _pad_rows(_pad_cols(mask[idx], width), b)
+                yield idx, self._doc_fn(self.params, bid, bmask, self._skiplist)
+
+        for idx, (d, k) in self._pipeline(batches()):
+            yield idx, d[: len(idx)], k[: len(idx)]
+
+    # -- shared -------------------------------------------------------------------------------------
+    @staticmethod
+    def _pipeline(dispatched):
+        """Keeps one batch in flight on the device while the previous one is copied to the host."""
+        pending = None
+        for key, result in dispatched:
+            if pending is not None:
+                yield pending[0], jax.device_get(pending[1])
+            pending = (key, result)
+        if pending is not None:
+            yield pending[0], jax.device_get(pending[1])
+
+    def save(self, directory: str | os.PathLike, *, format: str = "torch", overwrite: bool = False):
+        """Writes a checkpoint directory: the PyTorch ColBERTv2 layout by default (`format="jax"`: ours).
+
+        See `colbert_jax.checkpoint.save_checkpoint`.
+        """
+        from colbert_jax.checkpoint import save_checkpoint
+
+        return save_checkpoint(self, directory, format=format, overwrite=overwrite)
+
+    def replace_config(self, **overrides) -> ColBERTModel:
+        """A model sharing these params with config overrides (e.g. `compute_dtype="bfloat16"`)."""
+        return ColBERTModel(
+            self.config.replace(**overrides),
+            self.bert_config,
+            self.params,
+            self.hf_tokenizer,
+            extras=self.extras,
+            tokenizer_files=self.tokenizer_files,
+            devices=list(self.mesh.devices),
+        )
+
+
+def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
+    if x.shape[0] == rows:
+        return x
+    return np.concatenate([x, np.zeros((rows - x.shape[0], *x.shape[1:]), x.dtype)])
+
+
+def _pad_cols(x: np.ndarray, cols: int) -> np.ndarray:
+    if x.shape[1] >= cols:
+        return x[:, :cols]
+    return np.pad(x, ((0, 0), (0, cols - x.shape[1])))

@@ -1,0 +1,89 @@
+"""ColBERT: BERT -> bias-free linear projection -> token mask -> L2 normalisation.
+
+Pure functions of explicit arrays, mirroring colbert-ai 0.2.22 `colbert/modeling/colbert.py`:
+- queries keep every position whose id is not [PAD] (after [MASK] augmentation that is all of them);
+- documents keep positions that are neither [PAD] nor a punctuation id (computed from the ids, not from
+  the attention mask); masked rows become zero vectors;
+- normalisation is `x / max(||x||, 1e-12)`, so a zero row stays zero.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from colbert_jax.modeling.bert import BertConfig, BertModel
+
+__all__ = ["ColBERTEncoder", "l2_normalize", "embed_queries", "embed_docs", "logical_axes"]
+
+
+class ColBERTEncoder(nn.Module):
+    """`(input_ids, attention_mask) -> projected token vectors [B, L, dim]` (float32, not normalised)."""
+
+    bert_config: BertConfig
+    dim: int
+    dtype: Any = jnp.float32
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask, deterministic: bool = True):
+        h = BertModel(self.bert_config, self.dtype, self.remat, name="bert")(input_ids, attention_mask, deterministic)
+        proj = nn.Dense(
+            self.dim,
+            use_bias=False,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=nn.with_logical_partitioning(
+                nn.initializers.normal(self.bert_config.initializer_range), ("embed", "proj")
+            ),
+            name="linear",
+        )
+        return proj(h).astype(jnp.float32)
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """torch.nn.functional.normalize semantics: divide by max(norm, eps)."""
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def embed_queries(
+    module: ColBERTEncoder,
+    params,
+    ids: jax.Array,
+    mask: jax.Array,
+    *,
+    pad_id: int,
+    deterministic: bool = True,
+    rngs=None,
+) -> jax.Array:
+    """Query embeddings [B, Lq, dim], L2-normalised (rows with id == pad are zero)."""
+    q = module.apply({"params": params}, ids, mask, deterministic, rngs=rngs)
+    keep = (ids != pad_id)[..., None]
+    return l2_normalize(q * keep)
+
+
+def embed_docs(
+    module: ColBERTEncoder,
+    params,
+    ids: jax.Array,
+    mask: jax.Array,
+    skiplist: jax.Array,
+    *,
+    pad_id: int,
+    deterministic: bool = True,
+    rngs=None,
+) -> tuple[jax.Array, jax.Array]:
+    """Document embeddings [B, Ld, dim] (masked rows zero) and their keep-mask [B, Ld] bool."""
+    d = module.apply({"params": params}, ids, mask, deterministic, rngs=rngs)
+    keep = (ids != pad_id) & ~jnp.isin(ids, skiplist)
+    return l2_normalize(d * keep[..., None]), keep
+
+
+def logical_axes(module: ColBERTEncoder, seq_len: int = 8):
+    """The params pytree's logical axis names (PartitionSpecs over `vocab`, `embed`, `heads`, ...)."""
+    ids = jnp.zeros((1, seq_len), jnp.int32)
+    abstract = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), ids, ids))
+    return nn.get_partition_spec(abstract)["params"]

@@ -1,0 +1,113 @@
+"""Text -> token ids and masks, with colbert-ai's exact query and document conventions.
+
+Mirrors colbert-ai 0.2.22 `colbert/modeling/tokenization/{query,doc}_tokenization.py`:
+- a marker id ([unused0] for queries, [unused1] for documents: reused vocabulary ids) is inserted right
+  after [CLS], so text is truncated to `maxlen - 3` tokens;
+- queries are padded to `query_maxlen` and every [PAD] becomes [MASK] (query augmentation) with attention
+  0, unless `attend_to_mask_tokens`;
+- documents are padded to the longest document of the call;
+- punctuation is not removed here: `DocTokenizer.keep_mask` gives the embedding mask the encoder applies.
+"""
+
+from __future__ import annotations
+
+import os
+import string
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from colbert_jax.config import ColBERTConfig
+
+__all__ = ["QueryTokenizer", "DocTokenizer", "load_hf_tokenizer", "check_texts"]
+
+
+def load_hf_tokenizer(path: str | os.PathLike):
+    """Loads a transformers fast tokenizer from a local directory."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no "PyTorch was not found" banner
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"tokenizer directory not found: {path}")
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if not getattr(tok, "is_fast", False):
+        raise ValueError(f"{path}: a fast (Rust) tokenizer is required, got {type(tok).__name__}")
+    for attr in ("cls_token_id", "sep_token_id", "pad_token_id", "mask_token_id"):
+        if getattr(tok, attr) is None:
+            raise ValueError(f"{path}: tokenizer has no {attr.removesuffix('_id')}, which ColBERT needs")
+    return tok
+
+
+def check_texts(texts: Sequence[str], what: str = "texts") -> list[str]:
+    """Validates a batch of texts: a non-empty list/tuple of str."""
+    if isinstance(texts, str):
+        raise TypeError(f"{what} must be a list of strings, got a single str; wrap it in a list")
+    if not isinstance(texts, (list, tuple)):
+        raise TypeError(f"{what} must be a list of strings, got {type(texts).__name__}")
+    if len(texts) == 0:
+        raise ValueError(f"{what} is empty: nothing to encode")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"{what}[{i}] must be a str, got {type(t).__name__}")
+    return list(texts)
+
+
+def _insert_marker(ids: np.ndarray, mask: np.ndarray, marker_id: int) -> tuple[np.ndarray, np.ndarray]:
+    n = ids.shape[0]
+    ids = np.concatenate([ids[:, :1], np.full((n, 1), marker_id, ids.dtype), ids[:, 1:]], axis=1)
+    mask = np.concatenate([mask[:, :1], np.ones((n, 1), mask.dtype), mask[:, 1:]], axis=1)
+    return ids, mask
+
+
+class _Tokenizer:
+    def __init__(self, hf_tokenizer, config: ColBERTConfig):
+        self.hf = hf_tokenizer
+        self.config = config
+        self.pad_id = int(hf_tokenizer.pad_token_id)
+        self.mask_id = int(hf_tokenizer.mask_token_id)
+        # "[unusedN]" is not in every vocabulary; colbert-ai then silently uses [UNK]. We do the same, as
+        # checkpoints trained that way depend on it.
+        self.query_marker_id = int(hf_tokenizer.convert_tokens_to_ids(config.query_token_id))
+        self.doc_marker_id = int(hf_tokenizer.convert_tokens_to_ids(config.doc_token_id))
+
+    def _call(self, texts: list[str], **kwargs) -> tuple[np.ndarray, np.ndarray]:
+        out = self.hf(texts, return_tensors="np", return_token_type_ids=False, **kwargs)
+        return out["input_ids"].astype(np.int32), out["attention_mask"].astype(np.int32)
+
+
+class QueryTokenizer(_Tokenizer):
+    """Queries -> `[CLS] [Q] tokens [SEP] [MASK]...` of exactly `query_maxlen` ids."""
+
+    def tensorize(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Returns `(ids int32 [n, query_maxlen], attention_mask int32 [n, query_maxlen])`."""
+        texts = check_texts(texts, "queries")
+        ids, mask = self._call(texts, padding="max_length", truncation=True, max_length=self.config.query_maxlen - 1)
+        ids, mask = _insert_marker(ids, mask, self.query_marker_id)
+        ids[ids == self.pad_id] = self.mask_id
+        if self.config.attend_to_mask_tokens:
+            mask[ids == self.mask_id] = 1
+        return ids, mask
+
+
+class DocTokenizer(_Tokenizer):
+    """Documents -> `[CLS] [D] tokens [SEP] [PAD]...`, padded to the longest document of the call."""
+
+    def __init__(self, hf_tokenizer, config: ColBERTConfig):
+        super().__init__(hf_tokenizer, config)
+        # The reference keeps the first id of each punctuation character's encoding (colbert/modeling/colbert.py).
+        skip = {hf_tokenizer.encode(ch, add_special_tokens=False)[0] for ch in string.punctuation}
+        self.skiplist = np.array(sorted(skip) if config.mask_punctuation else [], dtype=np.int32)
+
+    def tensorize(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Returns `(ids int32 [n, Ld], attention_mask int32 [n, Ld])` with `Ld <= doc_maxlen`."""
+        texts = check_texts(texts, "documents")
+        ids, mask = self._call(
+            texts, padding="longest", truncation="longest_first", max_length=self.config.doc_maxlen - 1
+        )
+        return _insert_marker(ids, mask, self.doc_marker_id)
+
+    def keep_mask(self, ids: np.ndarray) -> np.ndarray:
+        """Which doc positions get an embedding: not padding, not a punctuation token."""
+        return (ids != self.pad_id) & ~np.isin(ids, self.skiplist)

@@ -1,0 +1,90 @@
+"""Shared fixtures. Tests never touch the network: the Hub is forced offline before anything imports it."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import json  # noqa: E402
+import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from tests.helpers import FIXTURES, write_tiny_checkpoint  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a GPU (run on a lent device, not in CI)")
+
+
+@pytest.fixture(scope="session")
+def minilm_checkpoint(tmp_path_factory) -> Path:
+    """The default MiniLM ColBERT checkpoint (dim 128, seeded projection), built by colbert-jax."""
+    from colbert_jax.default_model import build_minilm_checkpoint
+
+    return build_minilm_checkpoint(tmp_path_factory.mktemp("ckpt") / "minilm")
+
+
+@pytest.fixture(scope="session")
+def minilm_model(minilm_checkpoint):
+    import colbert_jax
+
+    return colbert_jax.load_checkpoint(minilm_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def reference_checkpoint(tmp_path_factory) -> Path:
+    """The checkpoint directory colbert-ai saved for the fixtures, reassembled.
+
+    Its small files are committed; vocab.txt is the packaged MiniLM's (identical, per the manifest) and
+    model.safetensors is rebuilt from MiniLM + the seeded projection; the test suite checks the rebuilt
+    tensors against the sha256 sums colbert-ai's saved file had.
+    """
+    from safetensors.numpy import load_file, save_file
+
+    from colbert_jax.default_model import minilm_dir, minilm_projection
+
+    out = tmp_path_factory.mktemp("refckpt") / "colbert-ai-saved"
+    shutil.copytree(FIXTURES / "ref_checkpoint", out)
+    shutil.copyfile(minilm_dir() / "vocab.txt", out / "vocab.txt")
+    state = {
+        "bert." + k: v
+        for k, v in load_file(str(minilm_dir() / "model.safetensors")).items()
+        if not k.endswith("position_ids")
+    }
+    state["linear.weight"] = minilm_projection(128, 0)
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+@pytest.fixture(scope="session")
+def manifest() -> dict:
+    return json.loads((FIXTURES / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def texts() -> dict:
+    return json.loads((FIXTURES / "texts.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def ref_embeddings() -> dict[str, np.ndarray]:
+    return dict(np.load(FIXTURES / "embeddings.npz"))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A tiny random BERT ColBERT checkpoint (safetensors), fast to load and encode."""
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_checkpoint):
+    import colbert_jax
+
+    return colbert_jax.load_checkpoint(tiny_checkpoint)
