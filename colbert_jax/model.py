@@ -5,9 +5,11 @@ multiples of `LENGTH_BUCKET` (queries are always `query_maxlen`), batch sizes to
 multiple of the device count). Padding is exact: padded keys get an additive mask of finfo.min, so their
 attention weight is exactly zero, and padded rows are dropped.
 
-Every batch is split over all local devices along a `data` mesh axis (params replicated): one code path
-for 1..N devices. Batches are dispatched one ahead of the host so tokenised input and results overlap
-with compute.
+Document batches hold up to `tokens_per_batch` tokens per device (rows = budget // padded length, a
+power of two): on CPU about 2k tokens keeps the working set in cache and runs up to 2x faster than
+64 x 180; accelerators get a large budget. Every batch is split over all local devices along a `data`
+mesh axis (params replicated): one code path for 1..N devices. Batches are dispatched one ahead of the
+host so tokenised input and results overlap with compute.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from colbert_jax.tokenization import DocTokenizer, QueryTokenizer
 __all__ = ["ColBERTModel", "LENGTH_BUCKET"]
 
 LENGTH_BUCKET = 16
+CPU_TOKENS_PER_BATCH = 2048
+ACCELERATOR_TOKENS_PER_BATCH = 1 << 16
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -58,6 +62,7 @@ class ColBERTModel:
         extras: dict[str, np.ndarray] | None = None,
         tokenizer_files: dict[str, bytes] | None = None,
         devices: Sequence[jax.Device] | None = None,
+        tokens_per_batch: int | None = None,
     ):
         self.config = config
         self.bert_config = bert_config
@@ -71,6 +76,10 @@ class ColBERTModel:
 
         self.mesh = Mesh(np.asarray(devices or jax.local_devices()), ("data",))
         self.n_devices = self.mesh.size
+        if tokens_per_batch is None:
+            cpu = self.mesh.devices.flat[0].platform == "cpu"
+            tokens_per_batch = CPU_TOKENS_PER_BATCH if cpu else ACCELERATOR_TOKENS_PER_BATCH
+        self.tokens_per_batch = tokens_per_batch
         replicated = NamedSharding(self.mesh, P())
         rows = NamedSharding(self.mesh, P("data"))
         self.params = jax.device_put(params, replicated)
@@ -157,10 +166,14 @@ class ColBERTModel:
         order = np.argsort(-lengths, kind="stable")
 
         def batches():
-            for start in range(0, len(order), bsize):
-                idx = order[start : start + bsize]
-                width = _round_up(int(lengths[idx].max()), LENGTH_BUCKET)
-                b = batch_bucket(len(idx), bsize, self.n_devices)
+            start = 0
+            while start < len(order):
+                width = _round_up(int(lengths[order[start]]), LENGTH_BUCKET)  # longest of the batch comes first
+                budget = self.tokens_per_batch * self.n_devices // width
+                rows = max(self.n_devices, min(bsize, 1 << max(0, budget.bit_length() - 1)))
+                idx = order[start : start + rows]
+                start += len(idx)
+                b = batch_bucket(len(idx), rows, self.n_devices)
                 bid = _pad_rows(_pad_cols(ids[idx], width), b)
                 bmask = _pad_rows(_pad_cols(mask[idx], width), b)
                 yield idx, self._doc_fn(self.params, bid, bmask, self._skiplist)
@@ -198,7 +211,8 @@ class ColBERTModel:
             self.hf_tokenizer,
             extras=self.extras,
             tokenizer_files=self.tokenizer_files,
-            devices=list(self.mesh.devices),
+            devices=list(self.mesh.devices.flat),
+            tokens_per_batch=self.tokens_per_batch,
         )
 
 

@@ -88,3 +88,25 @@ def tiny_model(tiny_checkpoint):
     import colbert_jax
 
     return colbert_jax.load_checkpoint(tiny_checkpoint)
+
+
+COLLECTIONS = Path(__file__).parent / "fixtures" / "collections"
+
+
+@pytest.fixture(scope="session")
+def real_index(tmp_path_factory, minilm_model) -> Path:
+    """A real-text index: the default MiniLM checkpoint on 2,000 standard-library docstrings, nbits=2."""
+    import colbert_jax
+
+    path = tmp_path_factory.mktemp("real") / "stdlib_2k.nbits2"
+    colbert_jax.Indexer(minilm_model, nbits=2, show_progress=False).index(path, COLLECTIONS / "stdlib_2k.tsv")
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_collection(tmp_path_factory) -> Path:
+    """300 real passages (TSV) for fast index builds with the tiny model."""
+    path = tmp_path_factory.mktemp("coll") / "stdlib_300.tsv"
+    lines = (COLLECTIONS / "stdlib_2k.tsv").read_text().splitlines()[:300]
+    path.write_text("\n".join(lines) + "\n")
+    return path

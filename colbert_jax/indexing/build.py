@@ -1,0 +1,410 @@
+"""`Indexer`: collection -> PLAID index, resumable and atomic.
+
+Stages (colbert-ai 0.2.22 `collection_indexer.py`, with two deliberate differences noted):
+1. plan: sample passages (`kmeans.sample_passages`), encode them once, estimate the embedding count and
+   choose `num_partitions`. The sample's embeddings are kept (float16) and reused when their chunk is
+   indexed: colbert-ai encodes them twice; for collections up to ~30k passages that is everything.
+2. codec: k-means on the sample minus a held-out split, residual buckets from the held-out part.
+3. chunks of `chunksize` passages: encode (length-sorted batches, data-parallel over local devices),
+   round to float16, compress. Each finished chunk is saved with a marker written last.
+4. finalize: concatenate chunks into TensorStore arrays, build the IVF, write `metadata.json`.
+
+Everything is built in `<parent>/.<name>.partial/` and renamed into place at the end, so an existing
+index is never damaged and an interrupted build resumes at its first unfinished chunk (when the
+collection, checkpoint and settings are unchanged; otherwise it starts over).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from colbert_jax import io
+from colbert_jax.checkpoint import load_checkpoint
+from colbert_jax.config import ColBERTConfig
+from colbert_jax.index import FORMAT_VERSION, Index, write_index
+from colbert_jax.indexing import kmeans
+from colbert_jax.indexing.codec import ResidualCodec
+from colbert_jax.indexing.collection import Collection
+from colbert_jax.model import ColBERTModel
+
+__all__ = ["Indexer", "model_fingerprint"]
+
+CHUNKSIZE = 25_000
+
+
+def model_fingerprint(model: ColBERTModel) -> str:
+    """sha256 of everything that determines the embeddings: weights, backbone and ColBERT settings."""
+    cached = getattr(model, "_fingerprint", None)
+    if cached:
+        return cached
+    h = hashlib.sha256()
+    leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(model.params))
+    for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
+        h.update(jax.tree_util.keystr(path).encode())
+        h.update(np.ascontiguousarray(leaf, np.float32).tobytes())
+    c = model.config
+    settings = [
+        c.dim,
+        c.doc_maxlen,
+        c.query_maxlen,
+        c.mask_punctuation,
+        c.attend_to_mask_tokens,
+        c.query_token_id,
+        c.doc_token_id,
+        json.dumps(model.bert_config.to_hf_dict(), sort_keys=True),
+    ]
+    h.update(json.dumps(settings).encode())
+    model._fingerprint = h.hexdigest()
+    return model._fingerprint
+
+
+class Indexer:
+    """Builds PLAID indexes with one checkpoint.
+
+    Args:
+      checkpoint_or_model: checkpoint directory, Hub id, or a loaded `ColBERTModel`.
+      config: a `ColBERTConfig` whose explicitly set fields override the checkpoint's settings.
+      centroids: use these centroids instead of k-means (float [P, dim] array, a `.npy`/colbert-ai
+        `centroids.pt` file, or a colbert-ai or colbert-jax index directory).
+      codec: use this whole codec (centroids and residual buckets): a `ResidualCodec` or an index
+        directory (colbert-ai or colbert-jax); no sampling or k-means then.
+      chunksize: passages per resumable chunk.
+      show_progress: progress bars on stderr.
+      **overrides: config keys, e.g. `nbits=2, kmeans_niters=20`.
+    """
+
+    def __init__(
+        self,
+        checkpoint_or_model,
+        config: ColBERTConfig | None = None,
+        *,
+        centroids=None,
+        codec=None,
+        chunksize: int = CHUNKSIZE,
+        show_progress: bool = True,
+        **overrides,
+    ):
+        explicit = config.model_dump(exclude_unset=True) if config is not None else {}
+        if isinstance(checkpoint_or_model, ColBERTModel):
+            model = checkpoint_or_model
+            if explicit or overrides:
+                model = model.replace_config(**{**explicit, **overrides})
+        else:
+            model = load_checkpoint(checkpoint_or_model, config, **overrides)
+        self.model = model
+        self.config = model.config
+        if chunksize <= 0:
+            raise ValueError(f"chunksize must be positive, got {chunksize}")
+        self.chunksize = chunksize
+        self.show_progress = show_progress
+        self.codec = _load_codec(codec) if codec is not None else None
+        self.centroids = _load_centroids(centroids) if centroids is not None else None
+        given = self.codec.centroids if self.codec is not None else self.centroids
+        if given is not None and given.shape[1] != self.config.dim:
+            raise ValueError(f"centroids have dim {given.shape[1]}, the checkpoint's dim is {self.config.dim}")
+        if self.codec is not None and self.codec.nbits != self.config.nbits:
+            if "nbits" in overrides or "nbits" in explicit:
+                raise ValueError(f"nbits={self.config.nbits} conflicts with the given codec's nbits={self.codec.nbits}")
+            self.config = self.config.replace(nbits=self.codec.nbits)
+        self.stats: dict[str, float] = {}
+
+    # ----------------------------------------------------------------------------------------------
+    def index(
+        self, index_path: str | os.PathLike, collection: str | os.PathLike | Sequence[str], overwrite: bool = False
+    ) -> Path:
+        """Builds the index of `collection` (TSV/JSONL path or list of texts) at `index_path`.
+
+        An existing index is kept unless `overwrite=True` (then it is replaced only once the new one is
+        complete). An interrupted build of the same collection with the same settings resumes.
+        """
+        path = Path(index_path)
+        if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
+            raise FileExistsError(f"{path} already exists; pass overwrite=True to rebuild it")
+        t_start = time.perf_counter()
+        coll = Collection.load(collection)
+        work = path.parent / f".{path.name}.partial"
+        self.stats = {"chunks_encoded": 0, "chunks_reused": 0, "passages_encoded": 0}
+
+        plan = self._plan(coll, work)
+        codec = self._codec(plan, work)
+        self._chunks(coll, plan, codec, work)
+        self._finalize(coll, plan, codec, work, path, t_start)
+        shutil.rmtree(work, ignore_errors=True)
+        return path
+
+    # -- 1. plan ------------------------------------------------------------------------------------
+    def _plan(self, coll: Collection, work: Path) -> dict:
+        fingerprint = self._build_fingerprint(coll)
+        plan_path = work / "plan.json"
+        if plan_path.is_file():
+            plan = io.read_json(plan_path)
+            if plan.get("fingerprint") == fingerprint:
+                self._log(f"resuming the build in {work}")
+                return plan
+            self._log(f"discarding an unfinished build of other data or settings in {work}")
+        shutil.rmtree(work, ignore_errors=True)
+        (work / "chunks").mkdir(parents=True)
+
+        n = len(coll)
+        plan = {
+            "fingerprint": fingerprint,
+            "num_passages": n,
+            "chunksize": self.chunksize,
+            "num_chunks": -(-n // self.chunksize),
+            "sample": None,
+        }
+        if self.codec is None:
+            t = time.perf_counter()
+            positions = kmeans.sample_passages(n)
+            embs, doclens = self._encode(coll.texts(positions), desc="encoding k-means sample")
+            io.save_npy(work / "sample_embs.npy", embs.astype(np.float16))
+            io.save_npy(work / "sample_doclens.npy", doclens)
+            io.save_npy(work / "sample_positions.npy", positions)
+            avg_doclen = float(doclens.mean())
+            plan["sample"] = {
+                "num_passages": len(positions),
+                "num_embeddings": int(doclens.sum()),
+                "avg_doclen_est": avg_doclen,
+            }
+            plan["num_embeddings_est"] = n * avg_doclen
+            heldout = int(min(0.05 * len(embs), 50_000))
+            plan["num_partitions"] = (
+                len(self.centroids)
+                if self.centroids is not None
+                else kmeans.num_partitions(n * avg_doclen, len(embs) - heldout)
+            )
+            self.stats["sample_seconds"] = time.perf_counter() - t
+        else:
+            plan["num_partitions"] = self.codec.num_partitions
+        io.write_json(plan_path, plan)
+        return plan
+
+    def _build_fingerprint(self, coll: Collection) -> str:
+        c = self.config
+        parts = {
+            "format": FORMAT_VERSION,
+            "collection": coll.fingerprint,
+            "model": model_fingerprint(self.model),
+            "nbits": c.nbits,
+            "kmeans_niters": c.kmeans_niters,
+            "chunksize": self.chunksize,
+            "centroids": _array_hash(self.centroids),
+            "codec": _codec_hash(self.codec),
+        }
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+    # -- 2. codec -----------------------------------------------------------------------------------
+    def _codec(self, plan: dict, work: Path) -> ResidualCodec:
+        if self.codec is not None:
+            return self.codec
+        path = work / "codec.npz"
+        if path.is_file():
+            with np.load(path) as z:
+                return ResidualCodec(
+                    z["centroids"], z["cutoffs"], z["weights"], int(z["nbits"]), float(z["avg_residual"])
+                )
+        t = time.perf_counter()
+        sample = np.load(work / "sample_embs.npy").astype(np.float32)
+        train, heldout = kmeans.split_heldout(sample, seed=kmeans.SAMPLE_SEED)
+        if len(heldout) == 0:  # under 20 sample embeddings: colbert-ai fails here; use the sample itself
+            heldout = train
+        if self.centroids is not None:
+            centroids = self.centroids
+        else:
+            k = plan["num_partitions"]
+            self._log(
+                f"k-means: {k:,} centroids from {len(train):,} embeddings, {self.config.kmeans_niters} iterations"
+            )
+            centroids = kmeans.train_centroids(train, k, self.config.kmeans_niters)
+        codec = ResidualCodec.train(centroids, heldout, self.config.nbits)
+        tmp = path.with_name(".codec.tmp.npz")
+        np.savez(
+            tmp,
+            centroids=codec.centroids,
+            cutoffs=codec.bucket_cutoffs,
+            weights=codec.bucket_weights,
+            nbits=codec.nbits,
+            avg_residual=codec.avg_residual,
+        )
+        os.replace(tmp, path)
+        self.stats["codec_seconds"] = time.perf_counter() - t
+        return codec
+
+    # -- 3. chunks ----------------------------------------------------------------------------------
+    def _chunks(self, coll: Collection, plan: dict, codec: ResidualCodec, work: Path) -> None:
+        n, cs = plan["num_passages"], plan["chunksize"]
+        sample = None
+        if plan["sample"] is not None:
+            sample = (
+                np.load(work / "sample_positions.npy"),
+                np.load(work / "sample_doclens.npy"),
+                np.load(work / "sample_embs.npy", mmap_mode="r"),
+            )
+        done = [(work / "chunks" / f"{i}.json").is_file() for i in range(plan["num_chunks"])]
+        bar = tqdm(
+            total=n,
+            initial=sum(min(cs, n - i * cs) for i, d in enumerate(done) if d),
+            unit="passage",
+            desc="indexing",
+            disable=not self.show_progress,
+            smoothing=0.1,
+        )
+        t = time.perf_counter()
+        for i in range(plan["num_chunks"]):
+            if done[i]:
+                self.stats["chunks_reused"] += 1
+                continue
+            start, stop = i * cs, min(n, (i + 1) * cs)
+            embs, doclens = self._chunk_embeddings(coll, start, stop, sample, bar)
+            codes, residuals = codec.compress(embs)
+            prefix = work / "chunks" / str(i)
+            io.save_npy(f"{prefix}.codes.npy", codes)
+            io.save_npy(f"{prefix}.residuals.npy", residuals)
+            io.save_npy(f"{prefix}.doclens.npy", doclens.astype(np.int32))
+            io.write_json(
+                f"{prefix}.json", {"start": start, "num_passages": stop - start, "num_embeddings": int(doclens.sum())}
+            )
+            self.stats["chunks_encoded"] += 1
+        bar.close()
+        self.stats["chunks_seconds"] = time.perf_counter() - t
+
+    def _chunk_embeddings(self, coll: Collection, start: int, stop: int, sample, bar) -> tuple[np.ndarray, np.ndarray]:
+        """float16 [sum(doclens), dim] embeddings and doclens of passages start..stop-1, in order."""
+        count = stop - start
+        per_passage: list[np.ndarray | None] = [None] * count
+        todo = np.arange(start, stop)
+        if sample is not None:
+            positions, doclens, embs = sample
+            lo, hi = np.searchsorted(positions, [start, stop])
+            offsets = np.concatenate([[0], np.cumsum(doclens)])
+            for j in range(lo, hi):
+                per_passage[positions[j] - start] = np.asarray(embs[offsets[j] : offsets[j + 1]])
+            todo = np.setdiff1d(todo, positions[lo:hi], assume_unique=True)
+            bar.update(hi - lo)
+        if len(todo):
+            ids, mask = self.model.doc_tokenizer.tensorize(coll.texts(todo))
+            for rows, d, keep in self.model.iter_doc_batches(ids, mask):
+                for j, row in enumerate(rows):
+                    per_passage[todo[row] - start] = d[j][keep[j]].astype(np.float16)
+                bar.update(len(rows))
+            self.stats["passages_encoded"] += len(todo)
+        doclens = np.array([len(x) for x in per_passage], np.int64)
+        return np.concatenate(per_passage), doclens
+
+    def _encode(self, texts: list[str], desc: str) -> tuple[np.ndarray, np.ndarray]:
+        """Flattened float32 embeddings and doclens of `texts`, in order, with a progress bar."""
+        ids, mask = self.model.doc_tokenizer.tensorize(texts)
+        per_passage: list[np.ndarray | None] = [None] * len(texts)
+        with tqdm(total=len(texts), unit="passage", desc=desc, disable=not self.show_progress) as bar:
+            for rows, d, keep in self.model.iter_doc_batches(ids, mask):
+                for j, row in enumerate(rows):
+                    per_passage[row] = d[j][keep[j]]
+                bar.update(len(rows))
+        self.stats["passages_encoded"] += len(texts)
+        return np.concatenate(per_passage), np.array([len(x) for x in per_passage], np.int64)
+
+    # -- 4. finalize --------------------------------------------------------------------------------
+    def _finalize(
+        self, coll: Collection, plan: dict, codec: ResidualCodec, work: Path, path: Path, t_start: float
+    ) -> None:
+        chunk_meta = [io.read_json(work / "chunks" / f"{i}.json") for i in range(plan["num_chunks"])]
+
+        def chunks():
+            for i in range(plan["num_chunks"]):
+                prefix = work / "chunks" / str(i)
+                yield (
+                    np.load(f"{prefix}.codes.npy"),
+                    np.load(f"{prefix}.residuals.npy", mmap_mode="r"),
+                    np.load(f"{prefix}.doclens.npy"),
+                )
+
+        out = work / "index"
+        t = time.perf_counter()
+        total = sum(c["num_embeddings"] for c in chunk_meta)
+        self.stats["total_seconds"] = time.perf_counter() - t_start  # finalize time added below
+        write_index(
+            out,
+            config=self.config,
+            codec=codec,
+            chunks=chunks(),
+            num_embeddings=total,
+            pids=coll.pids,
+            checkpoint={"path": self.config.checkpoint, "fingerprint": model_fingerprint(self.model)},
+            collection={"source": coll.source, "fingerprint": coll.fingerprint},
+            build={
+                "plan": plan,
+                "stats": self.stats,
+                "devices": self.model.n_devices,
+                "backend": jax.default_backend(),
+            },
+        )
+        self.stats["finalize_seconds"] = time.perf_counter() - t
+        self.stats["total_seconds"] = time.perf_counter() - t_start
+        io.replace_dir(out, path)
+        self._log(
+            f"index written: {path} ({len(coll):,} passages, {total:,} embeddings, "
+            f"{codec.num_partitions:,} partitions, {self.stats['total_seconds']:.1f}s)"
+        )
+
+    def _log(self, message: str) -> None:
+        if self.show_progress:
+            tqdm.write(f"[colbert-jax] {message}")
+
+
+# -- inputs for centroids / codec -----------------------------------------------------------------
+def _load_centroids(source) -> np.ndarray:
+    if isinstance(source, np.ndarray):
+        return _normalized(source)
+    path = Path(source)
+    if path.is_dir():
+        if (path / "metadata.json").is_file() and (path / "centroids").is_dir():
+            return Index.open(path, verify=False).codec.centroids
+        path = path / "centroids.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"centroids not found: {path}")
+    if path.suffix == ".npy":
+        return _normalized(np.load(path))
+    from colbert_jax.torch_io import load_torch_file
+
+    return _normalized(load_torch_file(path))
+
+
+def _normalized(c) -> np.ndarray:
+    c = np.asarray(c, np.float32)
+    if c.ndim != 2:
+        raise ValueError(f"centroids must be a 2-D array [P, dim], got shape {c.shape}")
+    return c
+
+
+def _load_codec(source) -> ResidualCodec:
+    if isinstance(source, ResidualCodec):
+        return source
+    path = Path(source)
+    if (path / "metadata.json").is_file() and (path / "centroids").is_dir():
+        return Index.open(path, verify=False).codec
+    from colbert_jax.interop import read_colbert_codec
+
+    return read_colbert_codec(path)
+
+
+def _array_hash(a: np.ndarray | None) -> str | None:
+    return None if a is None else hashlib.sha256(np.ascontiguousarray(a, np.float32).tobytes()).hexdigest()
+
+
+def _codec_hash(codec: ResidualCodec | None) -> str | None:
+    if codec is None:
+        return None
+    parts = [codec.centroids, codec.bucket_cutoffs, codec.bucket_weights]
+    return hashlib.sha256(
+        b"".join(np.ascontiguousarray(p, np.float32).tobytes() for p in parts) + bytes([codec.nbits])
+    ).hexdigest()

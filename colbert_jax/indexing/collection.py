@@ -1,0 +1,182 @@
+"""Collections: passages with their own integer ids, from a TSV or JSONL file or a list of texts.
+
+- TSV (colbert-ai's format): `pid \\t passage [\\t title ...]`, read exactly as colbert-ai's
+  `load_collection` reads it ("title | passage" when a third column exists); a first line whose pid field
+  is `id` is a header and skipped.
+- JSONL: one object per line with `text`, an integer id under `id`, `pid` or `_id` (BEIR), and an
+  optional `title`.
+- A list of texts: ids 0..n-1.
+A file is scanned once to validate every line and remember where it starts; text is then read back on
+demand, so a collection larger than memory costs 16 bytes per passage. Errors name the file and line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from array import array
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["Collection", "CollectionError"]
+
+
+class CollectionError(ValueError):
+    """A collection file or list is unreadable, empty, or has a bad line."""
+
+
+class Collection:
+    """Passages addressed by position 0..N-1, each with its collection id (`pids[i]`)."""
+
+    def __init__(
+        self,
+        pids: np.ndarray,
+        *,
+        texts: list[str] | None = None,
+        path: Path | None = None,
+        offsets: np.ndarray | None = None,
+        fmt: str = "list",
+        fingerprint: str = "",
+    ):
+        self.pids = pids
+        self._texts = texts
+        self.path = path
+        self._offsets = offsets
+        self._format = fmt
+        self.fingerprint = fingerprint
+
+    def __len__(self) -> int:
+        return len(self.pids)
+
+    def __repr__(self) -> str:
+        return f"Collection({self.source!r}, {len(self)} passages)"
+
+    @property
+    def source(self) -> str:
+        return str(self.path) if self.path else "<list of texts>"
+
+    # ----------------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, collection: str | os.PathLike | Sequence[str] | Collection) -> Collection:
+        if isinstance(collection, Collection):
+            return collection
+        if isinstance(collection, (str, os.PathLike)):
+            return cls.from_file(collection)
+        if isinstance(collection, (list, tuple)):
+            return cls.from_texts(collection)
+        raise TypeError(f"collection must be a file path or a list of texts, got {type(collection).__name__}")
+
+    @classmethod
+    def from_texts(cls, texts: Sequence[str]) -> Collection:
+        if len(texts) == 0:
+            raise CollectionError("the collection is empty")
+        h = hashlib.sha256()
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise CollectionError(f"passage {i} must be a str, got {type(t).__name__}")
+            if not t.strip():
+                raise CollectionError(f"passage {i} is empty")
+            h.update(t.encode() + b"\0")
+        return cls(np.arange(len(texts), dtype=np.int64), texts=list(texts), fingerprint=h.hexdigest())
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> Collection:
+        path = Path(path)
+        if not path.is_file():
+            raise CollectionError(f"collection file not found: {path}")
+        fmt = "jsonl" if path.suffix in (".jsonl", ".json") else "tsv"
+        pids, offsets, lines = array("q"), array("q"), array("q")  # compact: 24 bytes a passage while scanning
+        h = hashlib.sha256()
+        lineno = 0
+        try:
+            with open(path, "rb") as f:
+                offset = 0
+                for lineno, raw in enumerate(f, 1):
+                    h.update(raw)
+                    start, offset = offset, offset + len(raw)
+                    line = raw.decode("utf-8").rstrip("\r\n")
+                    if not line.strip():
+                        continue
+                    if fmt == "tsv" and lineno == 1 and line.split("\t", 1)[0] == "id":
+                        continue  # header row
+                    pid, text = _parse(line, fmt, path, lineno)
+                    if not text.strip():
+                        raise CollectionError(f"{path}:{lineno}: passage {pid} is empty")
+                    pids.append(pid)
+                    offsets.append(start)
+                    lines.append(lineno)
+        except UnicodeDecodeError as e:
+            raise CollectionError(f"{path}:{lineno}: not valid UTF-8 ({e.reason})") from None
+        except OSError as e:
+            raise CollectionError(f"cannot read collection {path}: {e}") from None
+        if not pids:
+            raise CollectionError(f"the collection {path} is empty")
+        pids_np = np.frombuffer(pids, np.int64)
+        order = np.argsort(pids_np, kind="stable")
+        dup = np.flatnonzero(pids_np[order[1:]] == pids_np[order[:-1]])
+        if len(dup):
+            first, second = sorted((lines[order[dup[0]]], lines[order[dup[0] + 1]]))
+            raise CollectionError(f"{path}:{second}: duplicate pid {pids_np[order[dup[0]]]} (first on line {first})")
+        return cls(
+            pids_np.copy(),
+            path=path,
+            offsets=np.frombuffer(offsets, np.int64).copy(),
+            fmt=fmt,
+            fingerprint=h.hexdigest(),
+        )
+
+    # ----------------------------------------------------------------------------------------------
+    def texts(self, indices: Sequence[int] | np.ndarray) -> list[str]:
+        """The passages at positions `indices` (not pids), in that order."""
+        if self._texts is not None:
+            return [self._texts[i] for i in indices]
+        out = []
+        with open(self.path, "rb") as f:
+            for i in indices:
+                f.seek(int(self._offsets[i]))
+                line = f.readline().decode("utf-8").rstrip("\r\n")
+                out.append(_parse(line, self._format, self.path, -1)[1])
+        return out
+
+    def text_range(self, start: int, stop: int) -> list[str]:
+        return self.texts(range(start, min(stop, len(self))))
+
+
+def _parse(line: str, fmt: str, path: Path, lineno: int) -> tuple[int, str]:
+    where = f"{path}:{lineno}" if lineno > 0 else str(path)
+    if fmt == "tsv":
+        fields = line.strip("\n\r ").split("\t")  # as colbert-ai's load_collection
+        if len(fields) < 2:
+            raise CollectionError(f"{where}: expected 'pid<TAB>passage[<TAB>title]', found no tab")
+        pid = _int_pid(fields[0], where)
+        text = fields[1] if len(fields) == 2 else f"{fields[2]} | {fields[1]}"
+        return pid, text
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise CollectionError(f"{where}: not valid JSON ({e.msg})") from None
+    if not isinstance(obj, dict):
+        raise CollectionError(f"{where}: expected a JSON object")
+    key = next((k for k in ("id", "pid", "_id") if k in obj), None)
+    if key is None:
+        raise CollectionError(f"{where}: no id (expected one of 'id', 'pid', '_id')")
+    if not isinstance(obj.get("text"), str):
+        raise CollectionError(f"{where}: no 'text' string")
+    title = obj.get("title") or ""
+    if not isinstance(title, str):
+        raise CollectionError(f"{where}: 'title' must be a string")
+    text = f"{title} | {obj['text']}" if title.strip() else obj["text"]
+    return _int_pid(obj[key], where), text
+
+
+def _int_pid(value, where: str) -> int:
+    if isinstance(value, bool):
+        raise CollectionError(f"{where}: pid must be an integer, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    raise CollectionError(f"{where}: pid must be an integer, got {value!r}")

@@ -1,0 +1,132 @@
+"""Storage: TensorStore (zarr v3) arrays, checksums, atomic JSON and directory writes.
+
+Every array of an index is a zarr v3 array directory written through TensorStore, in row chunks of at most
+`CHUNK_BYTES`. Its checksum is the sha256 over the array directory's files (relative path + bytes), so a
+truncated, edited or missing chunk file changes it. Writes of JSON files go to a temporary name first and
+are renamed into place; directories are built under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorstore as ts
+
+__all__ = [
+    "create_array",
+    "write_array",
+    "open_array",
+    "read_array",
+    "array_checksum",
+    "write_json",
+    "read_json",
+    "replace_dir",
+]
+
+CHUNK_BYTES = 32 << 20
+
+
+def _spec(path: Path) -> dict[str, Any]:
+    return {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}
+
+
+def create_array(path: str | os.PathLike, shape: tuple[int, ...], dtype) -> ts.TensorStore:
+    """Creates an empty zarr v3 array (deleting anything at `path`), chunked by rows."""
+    path = Path(path)
+    shutil.rmtree(path, ignore_errors=True)
+    dtype = np.dtype(dtype)
+    row_bytes = max(1, int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)
+    rows = int(min(max(shape[0], 1), max(1, CHUNK_BYTES // row_bytes)))
+    spec = _spec(path) | {
+        "metadata": {
+            "shape": list(shape),
+            "data_type": dtype.name,
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [rows, *shape[1:]]}},
+            "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}]
+            if dtype.itemsize > 1
+            else [{"name": "bytes"}],
+        }
+    }
+    return ts.open(spec, create=True, delete_existing=True).result()
+
+
+def write_array(path: str | os.PathLike, data: np.ndarray) -> dict[str, Any]:
+    """Writes a whole array; returns its manifest entry (shape, dtype, sha256)."""
+    data = np.ascontiguousarray(data)
+    store = create_array(path, data.shape, data.dtype)
+    if data.size:
+        store.write(data).result()
+    return describe_array(path)
+
+
+def write_rows(store: ts.TensorStore, start: int, rows: np.ndarray) -> None:
+    if len(rows):
+        store[start : start + len(rows)].write(np.ascontiguousarray(rows)).result()
+
+
+def describe_array(path: str | os.PathLike) -> dict[str, Any]:
+    store = open_array(path)
+    return {"shape": list(store.shape), "dtype": np.dtype(store.dtype.numpy_dtype).name, "sha256": array_checksum(path)}
+
+
+def open_array(path: str | os.PathLike) -> ts.TensorStore:
+    return ts.open(_spec(Path(path)), open=True).result()
+
+
+def read_array(path: str | os.PathLike) -> np.ndarray:
+    return np.asarray(open_array(path).read().result())
+
+
+def _files(path: Path) -> Iterable[Path]:
+    return sorted(p for p in path.rglob("*") if p.is_file())
+
+
+def array_checksum(path: str | os.PathLike) -> str:
+    path = Path(path)
+    h = hashlib.sha256()
+    for f in _files(path):
+        h.update(str(f.relative_to(path)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            while block := fh.read(1 << 22):
+                h.update(block)
+    return h.hexdigest()
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Writes JSON atomically (temporary file + rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
+    """np.save, atomically."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
+
+
+def replace_dir(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Moves the finished directory `src` to `dst`, replacing `dst` only once `src` is in place."""
+    src, dst = Path(src), Path(dst)
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old{os.getpid()}")
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
