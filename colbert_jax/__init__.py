@@ -11,6 +11,8 @@ from colbert_jax.indexing.build import Indexer
 from colbert_jax.interop import import_colbert_index
 from colbert_jax.model import ColBERTModel
 from colbert_jax.scoring import colbert_score
+from colbert_jax.search.ranking import Ranking
+from colbert_jax.search.searcher import Searcher
 
 __all__ = [
     "ColBERTConfig",

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-__all__ = ["decompress", "decompress_reference", "unpack_bits"]
+__all__ = ["decompress", "decompress_reference", "decompress_block", "unpack_bits", "gpu_compiler_params"]
 
 
 def unpack_bits(packed: jax.Array, nbits: int) -> jax.Array:
@@ -42,15 +42,17 @@ def decompress_reference(
     return _normalize(centroid_rows.astype(jnp.float32) + weights[unpack_bits(residuals, nbits)])
 
 
-def _decompress_kernel(c_ref, r_ref, w_ref, o_ref, *, nbits: int):
-    dim = c_ref.shape[1]
-    nbytes = r_ref.shape[1]
+def decompress_block(c: jax.Array, r: jax.Array, w_ref, *, nbits: int) -> jax.Array:
+    """Kernel-side decompression of a block: centroid rows [rows, dim], packed bytes [rows, nbytes] ->
+    normalised [rows, dim]. Shared by the decompress and MaxSim kernels."""
+    dim = c.shape[1]
+    nbytes = r.shape[1]
     per_byte = 8 // nbits
     # Spread byte j to columns j*per_byte .. (j+1)*per_byte-1.
     col = jax.lax.broadcasted_iota(jnp.int32, (nbytes, dim), 1)
     row = jax.lax.broadcasted_iota(jnp.int32, (nbytes, dim), 0)
     select = (col // per_byte == row).astype(jnp.float32)
-    spread = jnp.dot(r_ref[...].astype(jnp.float32), select, preferred_element_type=jnp.float32)
+    spread = jnp.dot(r.astype(jnp.float32), select, preferred_element_type=jnp.float32)
     spread = spread.astype(jnp.int32)  # [rows, dim]: the byte holding each column's bits
     d = jax.lax.broadcasted_iota(jnp.int32, (1, dim), 1)
     bucket = jnp.zeros(spread.shape, jnp.int32)
@@ -60,9 +62,13 @@ def _decompress_kernel(c_ref, r_ref, w_ref, o_ref, *, nbits: int):
     value = jnp.zeros(spread.shape, jnp.float32)
     for k in range(1 << nbits):  # a select chain: K <= 16 table entries, no gather
         value = jnp.where(bucket == k, w_ref[k], value)
-    v = c_ref[...].astype(jnp.float32) + value
+    v = c.astype(jnp.float32) + value
     norm = jnp.sqrt(jnp.sum(v * v, axis=1, keepdims=True))
-    o_ref[...] = v / jnp.maximum(norm, 1e-12)
+    return v / jnp.maximum(norm, 1e-12)
+
+
+def _decompress_kernel(c_ref, r_ref, w_ref, o_ref, *, nbits: int):
+    o_ref[...] = decompress_block(c_ref[...], r_ref[...], w_ref, nbits=nbits)
 
 
 @functools.partial(jax.jit, static_argnames=("nbits", "block_rows", "interpret"))
@@ -98,13 +104,13 @@ def decompress(
         ],
         out_specs=pl.BlockSpec((block_rows, dim), lambda i: (i, 0)),
         interpret=interpret,
-        compiler_params=None if interpret else _gpu_params(),
+        compiler_params=None if interpret else gpu_compiler_params(),
         name="colbert_decompress",
     )(centroid_rows.astype(jnp.float32), residuals, weights.astype(jnp.float32))
     return out[:n]
 
 
-def _gpu_params():
+def gpu_compiler_params():
     """Triton parameters on GPU (Pallas' default lowering there is Mosaic GPU)."""
     try:
         from jax.experimental.pallas import triton as plgpu

@@ -1,0 +1,81 @@
+"""`Ranking`: search results as (qid, pid, rank, score), saved and loaded in colbert-ai's TSV format.
+
+A ranking file has one line per result, `qid \\t pid \\t rank \\t score` (ranks from 1), queries in their
+original order, results best first, as colbert-ai's `Ranking.save` writes it; provenance goes to
+`<path>.meta` as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Ranking"]
+
+
+class Ranking:
+    """Results per query: `{qid: [(pid, rank, score), ...]}`, iterated as (qid, pid, rank, score)."""
+
+    def __init__(self, data: dict[Any, list[tuple[int, int, float]]], provenance: dict[str, Any] | None = None):
+        self.data = dict(data)
+        self.provenance = dict(provenance or {})
+
+    def __iter__(self) -> Iterator[tuple[Any, int, int, float]]:
+        for qid, results in self.data.items():
+            for pid, rank, score in results:
+                yield qid, pid, rank, score
+
+    def __len__(self) -> int:
+        return sum(len(r) for r in self.data.values())
+
+    def __getitem__(self, qid) -> list[tuple[int, int, float]]:
+        return self.data[qid]
+
+    def __repr__(self) -> str:
+        return f"Ranking({len(self.data)} queries, {len(self)} results)"
+
+    def todict(self) -> dict[Any, list[tuple[int, int, float]]]:
+        return dict(self.data)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Writes the TSV (and `<path>.meta`), atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        with open(tmp, "w") as f:
+            for qid, pid, rank, score in self:
+                f.write(f"{qid}\t{pid}\t{rank}\t{score}\n")
+        os.replace(tmp, path)
+        meta = path.with_name(path.name + ".meta")
+        meta.write_text(json.dumps(self.provenance, indent=2, default=str) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Ranking:
+        """Reads a ranking TSV (`qid \\t pid \\t rank [\\t score]`); qids stay strings unless all are integers."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"ranking file not found: {path}")
+        rows: list[tuple[str, int, int, float]] = []
+        with open(path) as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                fields = line.rstrip("\n").split("\t")
+                if len(fields) < 3:
+                    raise ValueError(f"{path}:{lineno}: expected 'qid<TAB>pid<TAB>rank[<TAB>score]'")
+                try:
+                    score = float(fields[3]) if len(fields) > 3 else 0.0
+                    rows.append((fields[0], int(fields[1]), int(fields[2]), score))
+                except ValueError:
+                    raise ValueError(f"{path}:{lineno}: pid and rank must be integers, score a number") from None
+        as_int = all(q.lstrip("-").isdigit() for q, *_ in rows)
+        data: dict[Any, list[tuple[int, int, float]]] = {}
+        for qid, pid, rank, score in rows:
+            data.setdefault(int(qid) if as_int else qid, []).append((pid, rank, score))
+        meta = path.with_name(path.name + ".meta")
+        provenance = json.loads(meta.read_text()) if meta.is_file() else {}
+        return cls(data, provenance)

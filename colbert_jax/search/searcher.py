@@ -1,0 +1,379 @@
+"""`Searcher`: queries -> rankings over a PLAID index.
+
+The host side of search: encode queries, batch them into power-of-two buckets, run the jitted PLAID
+stages (`plaid.py`) with static sizes chosen from each batch's candidate counts, and map passage
+positions back to the collection's pids.
+
+Search parameters default by k exactly as colbert-ai's `dense_search` chooses them (ncells,
+centroid_score_threshold, ndocs = 1, 0.5, 256 for k <= 10; 2, 0.45, 1024 for k <= 100;
+4, 0.4, max(4k, 4096) above), but per call: colbert-ai writes the first call's values into its config so
+they stick for later calls with other k (a quirk we deliberately do not copy). Values set in the config
+or passed to a call win.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from colbert_jax.checkpoint import load_checkpoint
+from colbert_jax.config import ColBERTConfig
+from colbert_jax.index import Index
+from colbert_jax.indexing.build import model_fingerprint
+from colbert_jax.indexing.ivf import build_ivf
+from colbert_jax.model import ColBERTModel
+from colbert_jax.search import plaid
+from colbert_jax.search.exact import exact_search
+from colbert_jax.search.ranking import Ranking
+
+__all__ = ["Searcher", "search_params", "QueryError"]
+
+MAX_BATCH = 64
+RANK_MEMORY_BUDGET = 256 << 20  # bytes of per-device working set for one batch of the rank stage
+
+
+class QueryError(ValueError):
+    """A query is empty, too long, or has the wrong shape."""
+
+
+def search_params(k: int, config: ColBERTConfig) -> tuple[int, float, int]:
+    """(ncells, centroid_score_threshold, ndocs) for k, as colbert-ai chooses them; config values win."""
+    if k <= 10:
+        defaults = (1, 0.5, 256)
+    elif k <= 100:
+        defaults = (2, 0.45, 1024)
+    else:
+        defaults = (4, 0.4, max(4 * k, 4096))
+    ncells = config.ncells if config.ncells is not None else defaults[0]
+    threshold = config.centroid_score_threshold if config.centroid_score_threshold is not None else defaults[1]
+    ndocs = config.ndocs if config.ndocs is not None else defaults[2]
+    return ncells, threshold, ndocs
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n - 1).bit_length())
+
+
+class Searcher:
+    """Searches one index.
+
+    Args:
+      index: index directory (or an opened `Index`).
+      checkpoint: checkpoint directory, Hub id or `ColBERTModel`; default: the one recorded in the index.
+      config: a `ColBERTConfig` whose explicitly set fields win over the index's and checkpoint's.
+      exact: brute-force MaxSim over all passages instead of PLAID (also per call).
+      truncate: silently truncate text queries longer than query_maxlen (colbert-ai's behaviour) instead
+        of raising `QueryError`.
+      allow_other_checkpoint: search with a checkpoint other than the one that built the index.
+      clamp_maxsim: score like colbert-ai on CPU, where each query token's maximum is clamped at 0
+        (its GPU path, and our default, keep negative maxima).
+      implementation: "auto" (Pallas kernels on GPU, falling back to jnp if they fail to compile;
+        the packed jnp path elsewhere), "pallas" or "jnp".
+      devices: devices to split the index's passages over (default: all local devices); results are the
+        same for any number of devices.
+      **overrides: config keys, e.g. `ncells=2, ndocs=512`.
+    """
+
+    def __init__(
+        self,
+        index: str | os.PathLike | Index,
+        checkpoint: str | os.PathLike | ColBERTModel | None = None,
+        *,
+        config: ColBERTConfig | None = None,
+        exact: bool = False,
+        truncate: bool = False,
+        allow_other_checkpoint: bool = False,
+        clamp_maxsim: bool = False,
+        implementation: str = "auto",
+        devices: Sequence[jax.Device] | None = None,
+        **overrides,
+    ):
+        self.index = index if isinstance(index, Index) else Index.open(index)
+        explicit = {**(config.model_dump(exclude_unset=True) if config is not None else {}), **overrides}
+        # colbert-ai precedence: checkpoint metadata < index config < user config.
+        index_config = {k: v for k, v in self.index.config.to_dict().items() if k != "checkpoint"}
+        if checkpoint is None:
+            checkpoint = self.index.metadata.get("checkpoint", {}).get("path") or self.index.config.checkpoint
+            if not checkpoint:
+                raise ValueError(f"{self.index.path}: the index records no checkpoint; pass checkpoint=...")
+        if isinstance(checkpoint, ColBERTModel):
+            model = checkpoint
+        else:
+            model = load_checkpoint(checkpoint)
+        if model.config.dim != self.index.dim:
+            raise ValueError(
+                f"the checkpoint has dim {model.config.dim} but the index was built with dim "
+                f"{self.index.dim}: use the checkpoint that built the index"
+            )
+        recorded = self.index.metadata.get("checkpoint", {}).get("fingerprint")
+        if recorded and not allow_other_checkpoint and model_fingerprint(model) != recorded:
+            raise ValueError(
+                f"the checkpoint ({model.config.checkpoint}) is not the one that built the index "
+                f"({self.index.metadata['checkpoint'].get('path')}); pass allow_other_checkpoint=True "
+                "to search anyway"
+            )
+        settings = {**index_config, **explicit, "checkpoint": model.config.checkpoint}
+        self.config = model.config.replace(**settings)
+        self.model = model if self.config == model.config else model.replace_config(**settings)
+        self.exact = exact
+        self.truncate = truncate
+        self.clamp_maxsim = clamp_maxsim
+        if implementation not in ("auto", "pallas", "jnp"):
+            raise ValueError(f"implementation must be 'auto', 'pallas' or 'jnp', got {implementation!r}")
+        self._auto = implementation == "auto"
+        self.implementation = ("pallas" if jax.default_backend() == "gpu" else "jnp") if self._auto else implementation
+        self._arrays: plaid.IndexArrays | None = None
+        devices = list(devices) if devices is not None else jax.local_devices()
+        self.mesh = Mesh(np.asarray(devices[: max(1, min(len(devices), self.index.num_passages))]), (plaid.AXIS,))
+        self._exact_arrays = None
+        _enable_compilation_cache()
+
+    def __repr__(self) -> str:
+        return f"Searcher({self.index!r}, exact={self.exact})"
+
+    # -- device state -------------------------------------------------------------------------------
+    @property
+    def arrays(self) -> plaid.IndexArrays:
+        if self._arrays is None:
+            self._arrays, self._entry_bound_per_shard = _device_arrays(self.index, self.mesh)
+            longest = int(self.index.doclens.max())
+            # Triton blocks need power-of-two sizes; the jnp path only needs a multiple of 8.
+            self._max_doclen = _pow2(longest) if self.implementation == "pallas" else -(-longest // 8) * 8
+        return self._arrays
+
+    def _max_entries(self, ncells: int, query_maxlen: int) -> int:
+        """Upper bound on IVF entries of the selected cells in any shard: its longest `Lq * ncells` lists."""
+        bounds = [b[min(query_maxlen * ncells, len(b)) - 1] for b in self._entry_bound_per_shard]
+        return _pow2(max(int(max(bounds)), 1))
+
+    # -- queries ------------------------------------------------------------------------------------
+    def encode(self, queries: Sequence[str | np.ndarray]) -> np.ndarray:
+        """Queries (texts or pre-encoded [query_maxlen, dim] arrays) -> float32 [n, query_maxlen, dim]."""
+        lq, dim = self.config.query_maxlen, self.config.dim
+        out = np.zeros((len(queries), lq, dim), np.float32)
+        texts, text_rows = [], []
+        for i, q in enumerate(queries):
+            if isinstance(q, str):
+                if not q.strip():
+                    raise QueryError(f"query {i} is empty")
+                texts.append(q)
+                text_rows.append(i)
+            elif isinstance(q, np.ndarray | jax.Array):
+                q = np.asarray(q, np.float32)
+                if q.ndim != 2 or q.shape[1] != dim:
+                    raise QueryError(f"query {i}: a pre-encoded query must be [query_maxlen, {dim}], got {q.shape}")
+                if q.shape[0] > lq:
+                    raise QueryError(f"query {i} has {q.shape[0]} vectors, longer than query_maxlen={lq}")
+                out[i, : q.shape[0]] = q
+            else:
+                raise QueryError(f"query {i} must be a str or an array, got {type(q).__name__}")
+        if texts:
+            if not self.truncate:
+                lengths = [len(ids) for ids in self.model.hf_tokenizer(texts, add_special_tokens=False)["input_ids"]]
+                for row, n in zip(text_rows, lengths):
+                    if n > lq - 3:
+                        raise QueryError(
+                            f"query {row} has {n} tokens; query_maxlen={lq} allows {lq - 3} (pass "
+                            "truncate=True to cut it, as colbert-ai does)"
+                        )
+            out[text_rows] = self.model.encode_queries(texts)
+        return out
+
+    # -- search -------------------------------------------------------------------------------------
+    def search(self, query: str | np.ndarray, k: int = 10, **kwargs) -> list[tuple[int, int, float]]:
+        """Top-k passages for one query: `[(pid, rank, score), ...]`, best first (ranks from 1)."""
+        return self.search_all({0: query}, k, **kwargs)[0]
+
+    def search_all(
+        self,
+        queries: Mapping[Any, str | np.ndarray] | Sequence[str | np.ndarray],
+        k: int = 10,
+        *,
+        exact: bool | None = None,
+        ncells: int | None = None,
+        centroid_score_threshold: float | None = None,
+        ndocs: int | None = None,
+        batch_size: int = MAX_BATCH,
+    ) -> Ranking:
+        """Searches many queries (`{qid: query}` or a list, qids 0..n-1) in batches -> `Ranking`."""
+        if not isinstance(queries, Mapping):
+            if isinstance(queries, str):
+                raise QueryError("search_all takes a dict {qid: query} or a list of queries, not a str")
+            queries = dict(enumerate(queries))
+        if not queries:
+            raise QueryError("no queries")
+        if not isinstance(k, int | np.integer) or k <= 0:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        if k > self.index.num_passages:
+            raise ValueError(f"k={k} exceeds the number of passages in the index ({self.index.num_passages})")
+        exact = self.exact if exact is None else exact
+        config = self.config.replace(
+            **{
+                key: v
+                for key, v in (
+                    ("ncells", ncells),
+                    ("ndocs", ndocs),
+                    ("centroid_score_threshold", centroid_score_threshold),
+                )
+                if v is not None
+            }
+        )
+        qids = list(queries)
+        Q = self.encode([queries[q] for q in qids])
+        positions, scores = [], []
+        for start in range(0, len(Q), batch_size):
+            chunk = Q[start : start + batch_size]
+            size = min(_pow2(len(chunk)), batch_size)
+            padded = np.concatenate([chunk, np.zeros((size - len(chunk), *chunk.shape[1:]), np.float32)])
+            pos, sc = self._exact(padded, k) if exact else self._plaid(padded, k, config)
+            positions.append(pos[: len(chunk)])
+            scores.append(sc[: len(chunk)])
+        positions, scores = np.concatenate(positions), np.concatenate(scores)
+        data = {}
+        for qid, pos, sc in zip(qids, positions, scores):
+            ok = np.isfinite(sc) & (pos >= 0) & (pos < self.index.num_passages)
+            pids = self.index.pids[pos[ok]]
+            data[qid] = [(int(p), r, float(s)) for r, (p, s) in enumerate(zip(pids, sc[ok]), 1)]
+        provenance = {
+            "source": "colbert_jax.Searcher.search_all",
+            "index": str(self.index.path),
+            "k": k,
+            "exact": exact,
+            "params": dict(zip(("ncells", "centroid_score_threshold", "ndocs"), search_params(k, config))),
+        }
+        return Ranking(data, provenance)
+
+    def _plaid(self, Q: np.ndarray, k: int, config: ColBERTConfig) -> tuple[np.ndarray, np.ndarray]:
+        ncells, threshold, ndocs = search_params(k, config)
+        arrays = self.arrays
+        lq = config.query_maxlen
+        S, entries, n_cand, n_emb = plaid.candidates(
+            Q,
+            arrays,
+            mesh=self.mesh,
+            ncells=min(ncells, self.index.num_partitions),
+            max_entries=self._max_entries(ncells, lq),
+            query_maxlen=lq,
+        )
+        n_cand, n_emb = jax.device_get((n_cand, n_emb))  # the only host round trip: sizes for the next stage
+        sizes = dict(
+            ndocs=max(ndocs, 4),
+            max_candidates=_pow2(max(n_cand.max(), 1)),
+            max_embeddings=_pow2(max(n_emb.max(), 1)),
+            max_doclen=self._max_doclen,
+        )
+        per_query = plaid.rank_memory_per_query(**sizes, dim=self.index.dim, query_maxlen=lq)
+        chunk = _pow2(max(1, RANK_MEMORY_BUDGET // per_query) + 1) // 2  # a power of two <= budget / per_query
+        kwargs = dict(
+            mesh=self.mesh,
+            **sizes,
+            k=k,
+            nbits=self.index.nbits,
+            clamp=self.clamp_maxsim,
+            query_chunk=chunk if chunk < len(Q) else 0,
+        )
+        try:
+            pos, scores = plaid.rank(
+                Q, S, entries, jnp.float32(threshold), arrays, **kwargs, implementation=self.implementation
+            )
+        except Exception as e:  # noqa: BLE001 - a kernel that fails to lower on this GPU: use the jnp path
+            if not (self._auto and self.implementation == "pallas"):
+                raise
+            warnings.warn(
+                f"Pallas search kernels failed on this device ({type(e).__name__}: {e}); using the jnp implementation",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            self.implementation = "jnp"
+            pos, scores = plaid.rank(Q, S, entries, jnp.float32(threshold), arrays, **kwargs, implementation="jnp")
+        return jax.device_get((pos, scores))
+
+    def _exact(self, Q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._exact_arrays is None:
+            ix = self.index
+            embeddings = ix.codec.decompress(ix.codes, ix.residuals)
+            passage_of = np.repeat(np.arange(ix.num_passages, dtype=np.int32), ix.doclens)
+            self._exact_arrays = (jnp.asarray(embeddings), jnp.asarray(passage_of))
+        embeddings, passage_of = self._exact_arrays
+        pos, scores = exact_search(Q, embeddings, passage_of, num_passages=self.index.num_passages, k=k)
+        return jax.device_get((pos, scores))
+
+
+def _enable_compilation_cache() -> None:
+    """Persist compiled search programs across processes (unless the user configured a cache)."""
+    if jax.config.jax_compilation_cache_dir or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    from colbert_jax.default_model import cache_dir
+
+    path = Path(cache_dir()) / "xla"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", str(path))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    except (OSError, AttributeError):
+        pass
+
+
+def _device_arrays(index: Index, mesh: Mesh) -> tuple[plaid.IndexArrays, list[np.ndarray]]:
+    """Splits the index's passages into one contiguous shard per device (balanced by embeddings) and
+    places each shard's arrays on its device. Returns the arrays and, per shard, the cumulative sums of
+    its IVF list lengths sorted longest first (bounds for the candidate stage)."""
+    n_shards = mesh.size
+    P, N = index.num_partitions, index.num_passages
+    cum = np.concatenate([[0], np.cumsum(index.doclens, dtype=np.int64)])
+    cuts = np.searchsorted(cum, np.linspace(0, cum[-1], n_shards + 1)[1:-1], side="left")
+    bounds = np.unique(np.clip(np.concatenate([[0], cuts, [N]]), 0, N))
+    while len(bounds) < n_shards + 1:  # tiny indexes: let trailing shards be empty
+        bounds = np.append(bounds, N)
+    shards = []
+    for s in range(n_shards):
+        lo, hi = int(bounds[s]), int(bounds[s + 1])
+        doclens = index.doclens[lo:hi]
+        codes = index.codes[cum[lo] : cum[hi]]
+        ivf, lengths = build_ivf(codes, doclens, P)
+        shards.append(
+            dict(
+                first=lo,
+                doclens=doclens,
+                codes=codes,
+                residuals=index.residuals[cum[lo] : cum[hi]],
+                ivf=ivf,
+                ivf_lengths=lengths,
+            )
+        )
+    n_max = max(len(x["doclens"]) for x in shards)
+    e_max = max(len(x["codes"]) for x in shards)
+    i_max = max(max(len(x["ivf"]) for x in shards), 1)
+
+    def pad(a, size, value):
+        return np.concatenate([a, np.full((size - len(a), *a.shape[1:]), value, a.dtype)])
+
+    stacked = {k: [] for k in plaid.SHARDED_KEYS}
+    entry_bounds = []
+    for x in shards:
+        e = len(x["codes"])
+        stacked["doclens"].append(pad(x["doclens"].astype(np.int32), n_max + 1, 0))
+        stacked["offsets"].append(np.concatenate([[0], np.cumsum(stacked["doclens"][-1][:-1])]).astype(np.int32))
+        stacked["codes"].append(pad(x["codes"].astype(np.int32), e_max + 1, P))
+        stacked["residuals"].append(pad(x["residuals"], e_max + 1, 0))
+        stacked["ivf"].append(pad(x["ivf"], i_max, 0))
+        stacked["ivf_offsets"].append(np.concatenate([[0], np.cumsum(x["ivf_lengths"])]).astype(np.int32))
+        stacked["ivf_lengths"].append(np.concatenate([x["ivf_lengths"], [0]]).astype(np.int32))
+        stacked["first"].append(np.int32(x["first"]))
+        stacked["count"].append(np.int32(len(x["doclens"])))
+        entry_bounds.append(np.cumsum(np.sort(x["ivf_lengths"])[::-1]))
+        assert e <= e_max
+    sharded = NamedSharding(mesh, PartitionSpec(plaid.AXIS))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    arrays = {k: jax.device_put(np.stack(v), sharded) for k, v in stacked.items()}
+    arrays["centroids"] = jax.device_put(index.codec.centroids, replicated)
+    arrays["bucket_weights"] = jax.device_put(index.codec.bucket_weights, replicated)
+    return arrays, entry_bounds

@@ -1,0 +1,153 @@
+"""Searcher: batching, sharding, kernels, exact search, outputs and bad inputs."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import colbert_jax
+from colbert_jax.config import ColBERTConfig
+from colbert_jax.search.searcher import QueryError, search_params
+from tests.conftest import COLLECTIONS
+
+QUERIES = [line.split("\t")[1] for line in (COLLECTIONS / "queries_2k.tsv").read_text().splitlines()[:40]]
+
+
+@pytest.fixture(scope="module")
+def searcher(real_index, minilm_model):
+    return colbert_jax.Searcher(real_index, checkpoint=minilm_model)
+
+
+def assert_same(a, b, qids=None):
+    """Same pids in the same order for every query; scores equal up to float noise."""
+    for q in qids if qids is not None else a.data:
+        assert [p for p, _, _ in a[q]] == [p for p, _, _ in b[q]], q
+        np.testing.assert_allclose([s for *_, s in a[q]], [s for *_, s in b[q]], atol=1e-3)
+
+
+def test_default_params_by_k_are_per_call():
+    c = ColBERTConfig()
+    assert search_params(10, c) == (1, 0.5, 256)
+    assert search_params(11, c) == (2, 0.45, 1024) and search_params(100, c) == (2, 0.45, 1024)
+    assert search_params(101, c) == (4, 0.4, 4096) and search_params(2000, c) == (4, 0.4, 8000)
+    assert search_params(10, c.replace(ncells=3, ndocs=64)) == (3, 0.5, 64)
+
+
+def test_batched_equals_one_by_one(searcher):
+    batched = searcher.search_all(QUERIES, k=10)
+    for i in range(0, len(QUERIES), 7):
+        single = searcher.search(QUERIES[i], k=10)
+        assert [p for p, _, _ in single] == [p for p, _, _ in batched[i]]
+        np.testing.assert_allclose([s for *_, s in single], [s for *_, s in batched[i]], atol=1e-4)
+    uneven = searcher.search_all(QUERIES[:13], k=10, batch_size=4)  # several batches and a padded one
+    assert_same(uneven, batched, range(13))
+
+
+def test_k_values_and_sticky_quirk_not_copied(searcher):
+    r100 = searcher.search(QUERIES[0], k=100)
+    r10 = searcher.search(QUERIES[0], k=10)
+    assert len(r100) == 100 and len(r10) == 10
+    assert [r for _, r, _ in r100] == list(range(1, 101))
+    assert searcher.search(QUERIES[0], k=1000)[:1][0][0] == r10[0][0]  # k > 100 uses its own defaults
+
+
+def test_pallas_kernels_give_the_same_ranking(real_index, minilm_model, searcher):
+    pallas = colbert_jax.Searcher(real_index, checkpoint=minilm_model, implementation="pallas")
+    a, b = searcher.search_all(QUERIES[:6], k=10), pallas.search_all(QUERIES[:6], k=10)
+    assert_same(a, b)
+
+
+def test_exact_search(searcher):
+    exact = searcher.search_all(QUERIES[:20], k=10, exact=True)
+    plaid = searcher.search_all(QUERIES[:20], k=10)
+    overlap = np.mean([len({p for p, _, _ in exact[q]} & {p for p, _, _ in plaid[q]}) / 10 for q in range(20)])
+    assert overlap > 0.6  # PLAID approximates exact search over the same (decompressed) embeddings
+    for q in range(20):  # exact scores are upper bounds of what PLAID reports for the same passage
+        best = exact[q][0][2]
+        assert all(s <= best + 1e-4 for _, _, s in plaid[q])
+
+
+def test_ranking_save_load(searcher, tmp_path):
+    ranking = searcher.search_all({"q1": QUERIES[0], "q2": QUERIES[1]}, k=5)
+    path = ranking.save(tmp_path / "run.tsv")
+    lines = path.read_text().splitlines()
+    assert len(lines) == 10 and lines[0].split("\t")[:3] == ["q1", str(ranking["q1"][0][0]), "1"]
+    assert json.loads((tmp_path / "run.tsv.meta").read_text())["k"] == 5
+    loaded = colbert_jax.Ranking.load(path)
+    assert list(loaded) == [(q, p, r, pytest.approx(s)) for q, p, r, s in ranking]
+    assert len(list(ranking)) == len(ranking) == 10
+
+
+def test_pids_are_the_collections_own(tmp_path, tiny_model):
+    rows = [{"id": 1000 + 7 * i, "text": f"passage number {i} about topic {i % 5}"} for i in range(40)]
+    coll = tmp_path / "c.jsonl"
+    coll.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    path = tmp_path / "idx"
+    colbert_jax.Indexer(tiny_model, nbits=2, show_progress=False).index(path, coll)
+    results = colbert_jax.Searcher(path, checkpoint=tiny_model).search("passage number 3 about topic 3", k=40)
+    assert {p for p, _, _ in results} <= {r["id"] for r in rows} and len(results) > 0
+    index = colbert_jax.Index.open(path)
+    np.testing.assert_allclose(index.embeddings(1007), index.embeddings([1007])[0])
+    with pytest.raises(KeyError, match="pid 5 is not in the index"):
+        index.embeddings(5)
+
+
+def test_bad_inputs(searcher, real_index, tiny_model, minilm_model):
+    with pytest.raises(QueryError, match="query 0 is empty"):
+        searcher.search("   ")
+    for k in (0, -3):
+        with pytest.raises(ValueError, match="k must be a positive integer"):
+            searcher.search("fine", k=k)
+    with pytest.raises(ValueError, match="exceeds the number of passages"):
+        searcher.search("fine", k=2001)
+    long_query = " ".join(["word"] * 40)
+    with pytest.raises(QueryError, match="has 40 tokens; query_maxlen=32 allows 29"):
+        searcher.search(long_query)
+    truncating = colbert_jax.Searcher(real_index, checkpoint=minilm_model, truncate=True)
+    assert len(truncating.search(long_query, k=3)) == 3
+    with pytest.raises(QueryError, match="longer than query_maxlen=32"):
+        searcher.search(np.zeros((33, 128), np.float32))
+    with pytest.raises(QueryError, match="must be \\[query_maxlen, 128\\]"):
+        searcher.search(np.zeros((32, 64), np.float32))
+    with pytest.raises(QueryError, match="must be a str or an array"):
+        searcher.search_all([1, 2])
+    with pytest.raises(ValueError, match="dim 16 but the index was built with dim 128"):
+        colbert_jax.Searcher(real_index, checkpoint=tiny_model)
+    other = minilm_model.replace_config(doc_maxlen=64)
+    other._fingerprint = "0" * 64
+    with pytest.raises(ValueError, match="not the one that built the index"):
+        colbert_jax.Searcher(real_index, checkpoint=other)
+
+
+def test_pre_encoded_queries(searcher, minilm_model):
+    Q = minilm_model.encode_queries(QUERIES[:3])
+    from_text = searcher.search_all(QUERIES[:3], k=10)
+    from_arrays = searcher.search_all({i: Q[i] for i in range(3)}, k=10)
+    assert_same(from_text, from_arrays)
+
+
+def test_eight_shards_equal_one(real_index, searcher, minilm_checkpoint, tmp_path):
+    """The index split over 8 (fake CPU) devices returns the single-device rankings."""
+    out = tmp_path / "eight.json"
+    script = textwrap.dedent(f"""
+        import os, json
+        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+        import jax, colbert_jax
+        assert len(jax.devices()) == 8
+        s = colbert_jax.Searcher({str(real_index)!r}, checkpoint={str(minilm_checkpoint)!r})
+        assert s.mesh.size == 8
+        result = {{k: [[(p, s_) for p, _, s_ in r] for r in s.search_all({QUERIES!r}, k=k).data.values()]
+                  for k in (10, 100)}}
+        json.dump(result, open({str(out)!r}, "w"))
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    sharded = json.loads(out.read_text())
+    for k in (10, 100):
+        single = searcher.search_all(QUERIES, k=k)
+        for i, results in enumerate(sharded[str(k)]):
+            assert [p for p, _ in results] == [p for p, _, _ in single[i]]
+            np.testing.assert_allclose([s for _, s in results], [s for *_, s in single[i]], atol=1e-4)
