@@ -19,6 +19,8 @@ __all__ = [
     "ColBERTModel",
     "Index",
     "Indexer",
+    "Ranking",
+    "Searcher",
     "colbert_score",
     "import_colbert_index",
     "load_checkpoint",

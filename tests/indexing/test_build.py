@@ -101,8 +101,9 @@ def test_interrupt_and_resume_equals_uninterrupted(tmp_path, tiny_model, tiny_in
             return super().texts(indices)
 
     coll = Collection.load(small_collection)
-    failing = FailingCollection(coll.pids, path=coll.path, offsets=coll._offsets, fmt="tsv",
-                                fingerprint=coll.fingerprint)
+    failing = FailingCollection(
+        coll.pids, path=coll.path, offsets=coll._offsets, fmt="tsv", fingerprint=coll.fingerprint
+    )
     failing.sample_phase = False
     path = tmp_path / "idx"
     indexer = colbert_jax.Indexer(tiny_model, nbits=2, chunksize=64, show_progress=False)
