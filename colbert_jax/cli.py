@@ -24,6 +24,64 @@ def _convert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _overrides(pairs: list[str] | None) -> dict:
+    """`--set key=value` pairs -> config overrides (values parsed as YAML scalars: 2, 0.5, true, null)."""
+    import yaml
+
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ValueError(f"--set expects key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _index(args: argparse.Namespace) -> int:
+    import colbert_jax
+    from colbert_jax.default_model import default_checkpoint
+
+    overrides = _overrides(args.set)
+    for key in ("nbits", "kmeans_niters", "doc_maxlen", "index_bsize"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
+    indexer = colbert_jax.Indexer(args.checkpoint or default_checkpoint(), chunksize=args.chunksize, **overrides)
+    path = indexer.index(args.index, args.collection, overwrite=args.overwrite)
+    index = colbert_jax.Index.open(path, verify=False)
+    print(f"{index}  {index.nbytes() / 2**20:.1f} MiB, {index.nbytes() / index.num_embeddings:.1f} bytes/embedding")
+    return EXIT_OK
+
+
+def _search(args: argparse.Namespace) -> int:
+    import time
+
+    import colbert_jax
+    from colbert_jax.queries import load_queries
+
+    overrides = _overrides(args.set)
+    for key in ("ncells", "ndocs", "centroid_score_threshold"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
+    searcher = colbert_jax.Searcher(
+        args.index, checkpoint=args.checkpoint, exact=args.exact, truncate=args.truncate, **overrides
+    )
+    queries = load_queries(args.queries) if args.queries else dict(enumerate(args.query))
+    if not queries:
+        raise ValueError("give --queries FILE or one or more QUERY arguments")
+    t0 = time.perf_counter()
+    ranking = searcher.search_all(queries, k=args.k)
+    dt = time.perf_counter() - t0
+    if args.out:
+        ranking.save(args.out)
+        print(f"{len(queries)} queries in {dt:.2f}s ({len(queries) / dt:.1f}/s); ranking written to {args.out}")
+    else:
+        for qid, results in ranking.data.items():
+            print(f"{qid}: {queries[qid]}")
+            for pid, rank, score in results:
+                print(f"  {rank:3d}. pid {pid}  {score:.3f}")
+    return EXIT_OK
+
+
 def _quickstart(args: argparse.Namespace) -> int:
     from colbert_jax import quickstart
 
@@ -47,6 +105,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=_convert)
 
+    p = sub.add_parser(
+        "index",
+        help="build a PLAID index of a collection",
+        description="Encode a collection (TSV 'pid<TAB>passage[<TAB>title]' or JSONL with "
+        "id/title/text), train centroids, compress residuals and write a colbert-jax index. "
+        "An interrupted build resumes when run again with the same arguments.",
+    )
+    p.add_argument("--checkpoint", help="checkpoint directory or Hub id (default: the packaged MiniLM model)")
+    p.add_argument("--collection", required=True, help="collection file (.tsv or .jsonl)")
+    p.add_argument("--index", required=True, help="output index directory")
+    p.add_argument("--nbits", type=int, help="bits per residual dimension (1, 2, 4 or 8; default: checkpoint's)")
+    p.add_argument("--kmeans-niters", dest="kmeans_niters", type=int, help="k-means iterations")
+    p.add_argument("--doc-maxlen", dest="doc_maxlen", type=int, help="maximum document tokens")
+    p.add_argument("--index-bsize", dest="index_bsize", type=int, help="maximum documents per encoder batch")
+    p.add_argument("--chunksize", type=int, default=25_000, help="passages per resumable chunk")
+    p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="any other config keys")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing index (once the new one is done)")
+    p.set_defaults(func=_index)
+
+    p = sub.add_parser(
+        "search",
+        help="search an index",
+        description="Search an index with PLAID (or --exact brute force) and print or save the "
+        "ranking (colbert-ai's TSV: qid, pid, rank, score).",
+    )
+    p.add_argument("query", nargs="*", help="queries to search (or use --queries)")
+    p.add_argument("--index", required=True, help="index directory")
+    p.add_argument("--queries", help="queries file: TSV 'qid<TAB>text' or JSONL")
+    p.add_argument("--k", type=int, default=10, help="results per query")
+    p.add_argument("--out", help="write the ranking TSV here instead of printing it")
+    p.add_argument("--checkpoint", help="checkpoint (default: the one recorded in the index)")
+    p.add_argument("--exact", action="store_true", help="brute-force MaxSim instead of PLAID")
+    p.add_argument("--truncate", action="store_true", help="truncate queries longer than query_maxlen")
+    p.add_argument("--ncells", type=int, help="centroids probed per query token (default by k)")
+    p.add_argument("--ndocs", type=int, help="candidates kept after pruned centroid interaction (default by k)")
+    p.add_argument(
+        "--centroid-score-threshold",
+        dest="centroid_score_threshold",
+        type=float,
+        help="centroid pruning threshold (default by k)",
+    )
+    p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="any other config keys")
+    p.set_defaults(func=_search)
+
     p = sub.add_parser("quickstart", help="the default model on the built-in corpus", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=_quickstart)
@@ -56,11 +158,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from colbert_jax.checkpoint import CheckpointError
     from colbert_jax.config import ConfigError
+    from colbert_jax.torch_io import TorchFileError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, FileExistsError, ConfigError, CheckpointError, ValueError, TypeError) as e:
+    except (
+        FileNotFoundError,
+        FileExistsError,
+        ConfigError,
+        CheckpointError,
+        TorchFileError,
+        ValueError,
+        TypeError,
+        KeyError,
+    ) as e:
         print(f"colbert-jax {args.command}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
