@@ -5,11 +5,11 @@ multiples of `LENGTH_BUCKET` (queries are always `query_maxlen`), batch sizes to
 multiple of the device count). Padding is exact: padded keys get an additive mask of finfo.min, so their
 attention weight is exactly zero, and padded rows are dropped.
 
-Document batches hold up to `tokens_per_batch` tokens per device (rows = budget // padded length, a
-power of two): on CPU about 2k tokens keeps the working set in cache and runs up to 2x faster than
-64 x 180; accelerators get a large budget. Every batch is split over all local devices along a `data`
-mesh axis (params replicated): one code path for 1..N devices. Batches are dispatched one ahead of the
-host so tokenised input and results overlap with compute.
+Batches hold up to `tokens_per_batch` tokens per device (rows = budget // padded length, a power of
+two): on CPU about 1k tokens keeps the working set in cache and runs up to 2x faster than 64 x 180
+(measured: 215 vs 110 passages/s on 2 cores); accelerators get a large budget. Every batch is split
+over all local devices along a `data` mesh axis (params replicated): one code path for 1..N devices.
+Batches are dispatched one ahead of the host so tokenised input and results overlap with compute.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from colbert_jax.tokenization import DocTokenizer, QueryTokenizer
 __all__ = ["ColBERTModel", "LENGTH_BUCKET"]
 
 LENGTH_BUCKET = 16
-CPU_TOKENS_PER_BATCH = 2048
+CPU_TOKENS_PER_BATCH = 1024
 ACCELERATOR_TOKENS_PER_BATCH = 1 << 16
 
 
@@ -116,6 +116,8 @@ class ColBERTModel:
         return out
 
     def _query_batches(self, ids, mask, bsize):
+        budget = self.tokens_per_batch * self.n_devices // ids.shape[1]
+        bsize = max(self.n_devices, min(bsize, 1 << max(0, budget.bit_length() - 1)))
         for start in range(0, len(ids), bsize):
             stop = min(start + bsize, len(ids))
             b = batch_bucket(stop - start, bsize, self.n_devices)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-__all__ = ["decompress", "decompress_reference", "decompress_block", "unpack_bits", "gpu_compiler_params"]
+__all__ = ["decompress", "decompress_reference", "decompress_block", "unpack_bits", "byte_table", "gpu_compiler_params"]
 
 
 def unpack_bits(packed: jax.Array, nbits: int) -> jax.Array:
@@ -34,12 +34,20 @@ def _normalize(v: jax.Array) -> jax.Array:
     return v / jnp.maximum(jnp.sqrt(jnp.sum(v * v, axis=-1, keepdims=True)), 1e-12)
 
 
+def byte_table(weights: jax.Array, nbits: int) -> jax.Array:
+    """[256, 8 // nbits]: the residual values that one packed byte holds, first dimension first."""
+    byte = jnp.arange(256, dtype=jnp.int32)[:, None].astype(jnp.uint8)
+    return weights[unpack_bits(byte, nbits)]
+
+
 def decompress_reference(
     centroid_rows: jax.Array, residuals: jax.Array, weights: jax.Array, *, nbits: int
 ) -> jax.Array:
     """centroid_rows float32 [n, dim], residuals uint8 [n, dim*nbits/8], weights float32 [2^nbits]
-    -> float32 [n, dim], L2-normalised."""
-    return _normalize(centroid_rows.astype(jnp.float32) + weights[unpack_bits(residuals, nbits)])
+    -> float32 [n, dim], L2-normalised. (Each byte is looked up in a 256-entry table of its values.)"""
+    n, dim = centroid_rows.shape
+    values = byte_table(weights.astype(jnp.float32), nbits)[residuals].reshape(n, dim)
+    return _normalize(centroid_rows.astype(jnp.float32) + values)
 
 
 def decompress_block(c: jax.Array, r: jax.Array, w_ref, *, nbits: int) -> jax.Array:

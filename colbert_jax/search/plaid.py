@@ -9,7 +9,7 @@ Mirrors colbert-ai 0.2.22 `colbert/search/{candidate_generation,index_storage}.p
   The lists are expanded into `max_entries` slots (an upper bound computed from the IVF) and sorted;
   the stage also counts distinct candidates and their embeddings, so that the host can pick the
   (power-of-two) static sizes of the next stage.
-`rank` (stages 4-6):
+`select` (stages 4-5) and `score` (stage 6), with a host round trip between them to size stage 6:
   pruned approximate score: sum_q max over the document's codes c with max_q' S[c, q'] >= threshold of
   S[c, q] (-9999 when none) -> keep the top `ndocs`;
   full approximate score over all codes -> keep the top `ndocs // 4`;
@@ -21,9 +21,10 @@ Each shard ranks its own candidates; every selection (top ndocs, top ndocs/4, to
 from the shards' local winners (all_gather), so results equal a single device's. One code path for
 1..N devices.
 
-Two implementations of the approximate and exact scoring: "jnp" lays candidate embeddings out packed
-and reduces with segment_max (little padding: the fast path on CPU); "pallas" pads each candidate to
-the longest document and runs the centroid-interaction and fused decompress+MaxSim kernels (GPUs).
+Two implementations of the approximate and exact scoring: "jnp" lays the embeddings of candidates and
+survivors out packed and reduces with segment_max (no per-document padding: the fast path on CPU);
+"pallas" pads each document to the longest one and runs the centroid-interaction and fused
+decompress+MaxSim kernels (GPUs).
 `clamp=True` reproduces colbert-ai's CPU scoring (its `segmented_maxsim` starts each query token's
 maximum at 0, so negative maxima count as 0); the default is its GPU semantics.
 """
@@ -39,9 +40,10 @@ from jax.sharding import PartitionSpec as P
 
 from colbert_jax.scoring import MASKED_SCORE
 from pallas_kernels.centroid_interaction import centroid_interaction
-from pallas_kernels.maxsim import maxsim, maxsim_reference
+from pallas_kernels.decompress import decompress_reference
+from pallas_kernels.maxsim import maxsim
 
-__all__ = ["IndexArrays", "candidates", "rank", "rank_memory_per_query", "SHARDED_KEYS"]
+__all__ = ["IndexArrays", "candidates", "select", "score", "working_set_per_query", "SHARDED_KEYS"]
 
 NEG_INF = -jnp.inf
 AXIS = "shard"
@@ -78,6 +80,15 @@ def _expand(lengths: jax.Array, starts: jax.Array, total: int):
     return seg, starts[seg] + slot - first[seg], valid
 
 
+def _map_queries(fn, xs, query_chunk: int):
+    """vmap over queries, or a sequential map over chunks of `query_chunk` queries. On CPU, one query at a
+    time is several times faster (XLA:CPU lowers batched gathers poorly); elsewhere chunks bound memory."""
+    batch = jax.tree.leaves(xs)[0].shape[0]
+    if 0 < query_chunk < batch:
+        return jax.lax.map(fn, xs, batch_size=query_chunk)
+    return jax.vmap(fn)(xs)
+
+
 # -- stage 1-2 ------------------------------------------------------------------------------------
 def _candidates_one(Q, a, *, ncells: int, max_entries: int, query_maxlen: int):
     num_centroids = a["centroids"].shape[0]
@@ -91,14 +102,15 @@ def _candidates_one(Q, a, *, ncells: int, max_entries: int, query_maxlen: int):
     return S, entries, first.sum(), jnp.where(first, a["doclens"][entries], 0).sum()
 
 
-@functools.partial(jax.jit, static_argnames=("mesh", "ncells", "max_entries", "query_maxlen"))
-def candidates(Q, arrays, *, mesh: Mesh, ncells: int, max_entries: int, query_maxlen: int):
+@functools.partial(jax.jit, static_argnames=("mesh", "ncells", "max_entries", "query_maxlen", "query_chunk"))
+def candidates(Q, arrays, *, mesh: Mesh, ncells: int, max_entries: int, query_maxlen: int, query_chunk: int = 0):
     """Q [B, Lq, dim] -> (S [B, P, Lq], sorted local candidate entries [D, B, max_entries] (padded with the
     shard's sentinel position), #candidates [D, B], #candidate embeddings [D, B])."""
     fn = functools.partial(_candidates_one, ncells=ncells, max_entries=max_entries, query_maxlen=query_maxlen)
 
     def shard(Q, arrays):
-        S, entries, n_cand, n_emb = jax.vmap(fn, in_axes=(0, None))(Q, _local(arrays))
+        local = _local(arrays)
+        S, entries, n_cand, n_emb = _map_queries(lambda q: fn(q, local), Q, query_chunk)
         return S, entries[None], n_cand[None], n_emb[None]
 
     out_specs = (P(), P(AXIS), P(AXIS), P(AXIS))
@@ -123,8 +135,7 @@ def _global_top(values: jax.Array, ids: jax.Array, n: int) -> jax.Array:
     return jnp.where(chosen_v > NEG_INF, all_ids[chosen], -1)
 
 
-def _rank_one(
-    Q,
+def _select_one(
     S,
     entries,
     threshold,
@@ -134,11 +145,9 @@ def _rank_one(
     max_candidates: int,
     max_embeddings: int,
     max_doclen: int,
-    k: int,
-    nbits: int,
-    clamp: bool,
     implementation: str,
 ):
+    """Stages 4-5: -> (local survivors [ndocs // 4] (sentinel-padded), their total number of embeddings)."""
     num_centroids = a["centroids"].shape[0]
     sentinel = a["doclens"].shape[0] - 1
     sentinel_row = a["codes"].shape[0] - 1
@@ -149,8 +158,8 @@ def _rank_one(
     keep = S.max(axis=1) >= threshold
     sentinel_scores = jnp.full((1, S.shape[1]), MASKED_SCORE, S.dtype)
     full_table = jnp.concatenate([S, sentinel_scores])
-    pruned_table = jnp.concatenate([jnp.where(keep[:, None], S, MASKED_SCORE), sentinel_scores])
     if implementation == "pallas":
+        pruned_table = jnp.concatenate([jnp.where(keep[:, None], S, MASKED_SCORE), sentinel_scores])
         rows = a["offsets"][cand][:, None] + jnp.arange(max_doclen)
         present = jnp.arange(max_doclen) < a["doclens"][cand][:, None]
         codes = jnp.where(present, a["codes"][jnp.where(present, rows, sentinel_row)], num_centroids)
@@ -159,23 +168,45 @@ def _rank_one(
     else:
         seg, emb, valid = _expand(a["doclens"][cand], a["offsets"][cand], max_embeddings)
         codes = jnp.where(valid, a["codes"][jnp.where(valid, emb, 0)], num_centroids)
-        pruned = _segment_max(pruned_table[codes], seg, max_candidates).sum(1)
-        full = _segment_max(full_table[codes], seg, max_candidates).sum(1)
+        values = full_table[codes]  # one gather serves both stages
+        kept = jnp.concatenate([keep, jnp.zeros(1, bool)])[codes]
+        pruned = _segment_max(jnp.where(kept[:, None], values, MASKED_SCORE), seg, max_candidates).sum(1)
+        full = _segment_max(values, seg, max_candidates).sum(1)
     pruned = jnp.where(real, pruned, NEG_INF)
 
     stage4 = jnp.isin(gpos, _global_top(pruned, gpos, ndocs)) & real
     full = jnp.where(stage4, full, NEG_INF)
     stage5 = jnp.isin(gpos, _global_top(full, gpos, ndocs // 4)) & stage4
 
-    n2 = min(ndocs // 4, max_candidates)
+    n2 = ndocs // 4
     (slots,) = jnp.nonzero(stage5, size=n2, fill_value=0)
     survivors = jnp.where(jnp.arange(n2) < stage5.sum(), cand[slots], sentinel)
+    return survivors, a["doclens"][survivors].sum()
+
+
+def _score_one(
+    Q, survivors, a, *, max_embeddings: int, max_doclen: int, k: int, nbits: int, clamp: bool, implementation: str
+):
+    """Stage 6: exact MaxSim of the local survivors, then the global top k."""
+    sentinel = a["doclens"].shape[0] - 1
+    sentinel_row = a["codes"].shape[0] - 1
+    n2 = survivors.shape[0]
     lens = a["doclens"][survivors]
-    rows = a["offsets"][survivors][:, None] + jnp.arange(max_doclen)
-    rows = jnp.where(jnp.arange(max_doclen) < lens[:, None], rows, sentinel_row)
-    centroid_rows = a["centroids"].at[a["codes"][rows]].get(mode="clip")
-    score_fn = maxsim if implementation == "pallas" else maxsim_reference
-    scores = score_fn(Q, centroid_rows, a["residuals"][rows], a["bucket_weights"], lens, nbits=nbits, clamp=clamp)
+    if implementation == "pallas":
+        rows = a["offsets"][survivors][:, None] + jnp.arange(max_doclen)
+        rows = jnp.where(jnp.arange(max_doclen) < lens[:, None], rows, sentinel_row)
+        centroid_rows = a["centroids"].at[a["codes"][rows]].get(mode="clip")
+        scores = maxsim(Q, centroid_rows, a["residuals"][rows], a["bucket_weights"], lens, nbits=nbits, clamp=clamp)
+    else:  # packed: only the survivors' real embeddings are decompressed
+        seg, emb, valid = _expand(lens, a["offsets"][survivors], max_embeddings)
+        emb = jnp.where(valid, emb, sentinel_row)
+        D = decompress_reference(
+            a["centroids"].at[a["codes"][emb]].get(mode="clip"), a["residuals"][emb], a["bucket_weights"], nbits=nbits
+        )
+        sim = jnp.dot(D, Q.T, precision=jax.lax.Precision.HIGHEST)  # [T, Lq]
+        per_token = _segment_max(jnp.where(valid[:, None], sim, MASKED_SCORE), seg, n2)
+        per_token = jnp.maximum(per_token, MASKED_SCORE)  # a document with no rows: -9999 per token
+        scores = (jnp.maximum(per_token, 0.0) if clamp else per_token).sum(axis=1)
     scores = jnp.where(survivors < sentinel, scores, NEG_INF)
 
     kk = min(k, n2)
@@ -194,15 +225,11 @@ def _rank_one(
         "max_candidates",
         "max_embeddings",
         "max_doclen",
-        "k",
-        "nbits",
-        "clamp",
         "implementation",
         "query_chunk",
     ),
 )
-def rank(
-    Q,
+def select(
     S,
     entries,
     threshold,
@@ -213,21 +240,50 @@ def rank(
     max_candidates: int,
     max_embeddings: int,
     max_doclen: int,
+    implementation: str = "jnp",
+    query_chunk: int = 0,
+):
+    """Stages 4-5 -> (local survivors [D, B, ndocs // 4], their embedding counts [D, B])."""
+    fn = functools.partial(
+        _select_one,
+        ndocs=ndocs,
+        max_candidates=max_candidates,
+        max_embeddings=max_embeddings,
+        max_doclen=max_doclen,
+        implementation=implementation,
+    )
+
+    def shard(S, entries, threshold, arrays):
+        local = _local(arrays)
+        survivors, n_emb = _map_queries(lambda x: fn(*x, threshold, local), (S, entries[0]), query_chunk)
+        return survivors[None], n_emb[None]
+
+    return jax.shard_map(
+        shard, mesh=mesh, in_specs=(P(), P(AXIS), P(), _specs(arrays)), out_specs=(P(AXIS), P(AXIS)), check_vma=False
+    )(S, entries, threshold, arrays)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("mesh", "max_embeddings", "max_doclen", "k", "nbits", "clamp", "implementation", "query_chunk"),
+)
+def score(
+    Q,
+    survivors,
+    arrays,
+    *,
+    mesh: Mesh,
+    max_embeddings: int,
+    max_doclen: int,
     k: int,
     nbits: int,
     clamp: bool = False,
     implementation: str = "jnp",
     query_chunk: int = 0,
 ):
-    """-> (global passage positions [B, min(k, ndocs//4)] (-1: no result), scores (-inf: no result)).
-
-    Queries are processed `query_chunk` at a time (0: all at once) to bound the working set, which
-    grows with ndocs/4 x max_doclen x dim per query.
-    """
+    """Stage 6 -> (global passage positions [B, min(k, ndocs//4)] (-1: none), scores [B, ...] (-inf: none))."""
     fn = functools.partial(
-        _rank_one,
-        ndocs=ndocs,
-        max_candidates=max_candidates,
+        _score_one,
         max_embeddings=max_embeddings,
         max_doclen=max_doclen,
         k=k,
@@ -236,22 +292,15 @@ def rank(
         implementation=implementation,
     )
 
-    def shard(Q, S, entries, threshold, arrays):
+    def shard(Q, survivors, arrays):
         local = _local(arrays)
-        one = lambda x: fn(*x, threshold, local)
-        batch = Q.shape[0]
-        if 0 < query_chunk < batch:
-            return jax.lax.map(one, (Q, S, entries[0]), batch_size=query_chunk)
-        return jax.vmap(one)((Q, S, entries[0]))
+        return _map_queries(lambda x: fn(*x, local), (Q, survivors[0]), query_chunk)
 
     return jax.shard_map(
-        shard, mesh=mesh, in_specs=(P(), P(), P(AXIS), P(), _specs(arrays)), out_specs=(P(), P()), check_vma=False
-    )(Q, S, entries, threshold, arrays)
+        shard, mesh=mesh, in_specs=(P(), P(AXIS), _specs(arrays)), out_specs=(P(), P()), check_vma=False
+    )(Q, survivors, arrays)
 
 
-def rank_memory_per_query(
-    *, ndocs: int, max_candidates: int, max_embeddings: int, max_doclen: int, dim: int, query_maxlen: int
-) -> int:
-    """Rough peak bytes of `rank` for one query (for choosing `query_chunk`)."""
-    survivors = min(ndocs // 4, max_candidates)
-    return 4 * (4 * survivors * max_doclen * dim + 3 * max_embeddings * query_maxlen + 8 * max_candidates)
+def working_set_per_query(*, max_candidates: int, max_embeddings: int, dim: int, query_maxlen: int) -> int:
+    """Rough peak bytes of `select` or `score` for one query (for choosing `query_chunk`)."""
+    return 4 * (3 * max_embeddings * max(query_maxlen, dim) + 8 * max_candidates)

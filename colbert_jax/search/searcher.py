@@ -62,6 +62,16 @@ def _pow2(n: int) -> int:
     return 1 << max(0, int(n - 1).bit_length())
 
 
+def _bucket(n: int) -> int:
+    """Round up to a quarter-octave step (8, 10, 12, 14, 16, 20, ...): few distinct compiled shapes, <= 25%
+    padding."""
+    n = max(int(n), 1)
+    if n <= 8:
+        return _pow2(n)
+    step = _pow2(n) // 8
+    return -(-n // step) * step
+
+
 class Searcher:
     """Searches one index.
 
@@ -129,6 +139,7 @@ class Searcher:
         if implementation not in ("auto", "pallas", "jnp"):
             raise ValueError(f"implementation must be 'auto', 'pallas' or 'jnp', got {implementation!r}")
         self._auto = implementation == "auto"
+        self._cpu = jax.default_backend() == "cpu"
         self.implementation = ("pallas" if jax.default_backend() == "gpu" else "jnp") if self._auto else implementation
         self._arrays: plaid.IndexArrays | None = None
         devices = list(devices) if devices is not None else jax.local_devices()
@@ -253,6 +264,7 @@ class Searcher:
 
     def _plaid(self, Q: np.ndarray, k: int, config: ColBERTConfig) -> tuple[np.ndarray, np.ndarray]:
         ncells, threshold, ndocs = search_params(k, config)
+        ndocs = max(ndocs, 4)
         arrays = self.arrays
         lq = config.query_maxlen
         S, entries, n_cand, n_emb = plaid.candidates(
@@ -262,27 +274,38 @@ class Searcher:
             ncells=min(ncells, self.index.num_partitions),
             max_entries=self._max_entries(ncells, lq),
             query_maxlen=lq,
+            query_chunk=1 if self._cpu else 0,
         )
-        n_cand, n_emb = jax.device_get((n_cand, n_emb))  # the only host round trip: sizes for the next stage
-        sizes = dict(
-            ndocs=max(ndocs, 4),
-            max_candidates=_pow2(max(n_cand.max(), 1)),
-            max_embeddings=_pow2(max(n_emb.max(), 1)),
-            max_doclen=self._max_doclen,
-        )
-        per_query = plaid.rank_memory_per_query(**sizes, dim=self.index.dim, query_maxlen=lq)
-        chunk = _pow2(max(1, RANK_MEMORY_BUDGET // per_query) + 1) // 2  # a power of two <= budget / per_query
-        kwargs = dict(
-            mesh=self.mesh,
-            **sizes,
-            k=k,
-            nbits=self.index.nbits,
-            clamp=self.clamp_maxsim,
-            query_chunk=chunk if chunk < len(Q) else 0,
-        )
+        # Host round trips carry only sizes: each stage gets static shapes that fit this batch.
+        n_cand, n_emb = jax.device_get((n_cand, n_emb))
+        sizes = dict(max_candidates=_bucket(n_cand.max()), max_embeddings=_bucket(n_emb.max()))
+        common = dict(mesh=self.mesh, max_doclen=self._max_doclen)
         try:
-            pos, scores = plaid.rank(
-                Q, S, entries, jnp.float32(threshold), arrays, **kwargs, implementation=self.implementation
+            survivors, n_surv = plaid.select(
+                S,
+                entries,
+                jnp.float32(threshold),
+                arrays,
+                ndocs=ndocs,
+                **sizes,
+                **common,
+                implementation=self.implementation,
+                query_chunk=self._chunk(sizes, lq),
+            )
+            surv_emb = _bucket(jax.device_get(n_surv).max())
+            return jax.device_get(
+                plaid.score(
+                    Q,
+                    survivors,
+                    arrays,
+                    max_embeddings=surv_emb,
+                    k=k,
+                    nbits=self.index.nbits,
+                    clamp=self.clamp_maxsim,
+                    implementation=self.implementation,
+                    **common,
+                    query_chunk=self._chunk(dict(max_candidates=ndocs // 4, max_embeddings=surv_emb), lq),
+                )
             )
         except Exception as e:  # noqa: BLE001 - a kernel that fails to lower on this GPU: use the jnp path
             if not (self._auto and self.implementation == "pallas"):
@@ -293,8 +316,14 @@ class Searcher:
                 stacklevel=3,
             )
             self.implementation = "jnp"
-            pos, scores = plaid.rank(Q, S, entries, jnp.float32(threshold), arrays, **kwargs, implementation="jnp")
-        return jax.device_get((pos, scores))
+            return self._plaid(Q, k, config)
+
+    def _chunk(self, sizes: dict, query_maxlen: int) -> int:
+        """Queries per step of the select/score maps: 1 on CPU, else as many as the memory budget allows."""
+        if self._cpu:
+            return 1
+        per_query = plaid.working_set_per_query(**sizes, dim=self.index.dim, query_maxlen=query_maxlen)
+        return _pow2(max(1, RANK_MEMORY_BUDGET // per_query) + 1) // 2
 
     def _exact(self, Q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if self._exact_arrays is None:
