@@ -73,6 +73,13 @@ def decompress(
     return kernels.decompress_reference(rows, residuals, weights, nbits=nbits)
 
 
+@functools.partial(jax.jit, static_argnames=("nbits",))
+def _norms(codes, residuals, centroids, weights, *, nbits: int):
+    n, dim = codes.shape[0], centroids.shape[1]
+    v = centroids[codes] + kernels.byte_table(weights, nbits)[residuals].reshape(n, dim)
+    return jnp.linalg.norm(v, axis=-1)
+
+
 def torch_quantile(x: np.ndarray, q: np.ndarray) -> np.ndarray:
     """`torch.quantile(x, q)` (linear interpolation) over a flattened float32 array, in float32 arithmetic."""
     v = np.sort(np.asarray(x, np.float32).ravel())
@@ -183,6 +190,16 @@ class ResidualCodec:
         if not codes:
             return np.zeros(0, np.int32), np.zeros((0, self.packed_dim), np.uint8)
         return np.concatenate(codes), np.concatenate(residuals)
+
+    def norms(self, codes: np.ndarray, residuals: np.ndarray) -> np.ndarray:
+        """||centroid + residual|| of each embedding before normalisation, float32 [n]."""
+        c, _, w = self._device
+        out = []
+        for start in range(0, len(codes), COMPRESS_BATCH):
+            k, r = codes[start : start + COMPRESS_BATCH], residuals[start : start + COMPRESS_BATCH]
+            size = COMPRESS_BATCH if len(codes) > COMPRESS_BATCH else _pow2(len(k))
+            out.append(np.asarray(_norms(_pad_to(k, size), _pad_to(r, size), c, w, nbits=self.nbits))[: len(k)])
+        return np.concatenate(out) if out else np.zeros(0, np.float32)
 
     def decompress(self, codes: np.ndarray, residuals: np.ndarray) -> np.ndarray:
         """(codes int32 [n], residuals uint8 [n, dim*nbits/8]) -> float32 [n, dim], L2-normalised."""

@@ -6,7 +6,8 @@ Mirrors colbert-ai 0.2.22 `colbert/search/{candidate_generation,index_storage}.p
 `candidates` (stages 1-2):
   S = C . Q[:query_maxlen]^T                      centroid scores [P, Lq]
   cells = top-`ncells` centroids of each query token; the candidates are the union of their IVF lists.
-  The lists are expanded into `max_entries` slots (an upper bound computed from the IVF) and sorted;
+  The lists are expanded into `max_entries` slots (an upper bound computed from the IVF), sorted and
+  deduplicated;
   the stage also counts distinct candidates and their embeddings, so that the host can pick the
   (power-of-two) static sizes of the next stage.
 `select` (stages 4-5) and `score` (stage 6), with a host round trip between them to size stage 6:
@@ -40,7 +41,7 @@ from jax.sharding import PartitionSpec as P
 
 from colbert_jax.scoring import MASKED_SCORE
 from pallas_kernels.centroid_interaction import centroid_interaction
-from pallas_kernels.decompress import decompress_reference
+from pallas_kernels.decompress import byte_table
 from pallas_kernels.maxsim import maxsim
 
 __all__ = ["IndexArrays", "candidates", "select", "score", "working_set_per_query", "SHARDED_KEYS"]
@@ -52,11 +53,23 @@ AXIS = "shard"
 # are split over the mesh; positions inside a shard are local (add `first` for the global position).
 #   centroids f32 [P, dim], bucket_weights f32 [K]                                  (replicated)
 #   codes i32 [D, E + 1] (last: sentinel P); residuals u8 [D, E + 1, dim*nbits/8];
+#   inv_norms f32 [D, E + 1]: 1 / ||centroid + residual|| of each embedding (for exact scoring);
 #   doclens i32 [D, N + 1] (0 past the shard's passages); offsets i32 [D, N + 1];
 #   ivf i32 [D, I]; ivf_offsets i32 [D, P + 1]; ivf_lengths i32 [D, P + 1] (last: 0);
 #   first i32 [D] (global position of the shard's first passage); count i32 [D] (its passages).
 IndexArrays = dict
-SHARDED_KEYS = ("codes", "residuals", "doclens", "offsets", "ivf", "ivf_offsets", "ivf_lengths", "first", "count")
+SHARDED_KEYS = (
+    "codes",
+    "residuals",
+    "inv_norms",
+    "doclens",
+    "offsets",
+    "ivf",
+    "ivf_offsets",
+    "ivf_lengths",
+    "first",
+    "count",
+)
 
 
 def _specs(arrays):
@@ -99,12 +112,14 @@ def _candidates_one(Q, a, *, ncells: int, max_entries: int, query_maxlen: int):
     _, src, valid = _expand(a["ivf_lengths"][cells], a["ivf_offsets"][cells], max_entries)
     entries = jnp.sort(jnp.where(valid, a["ivf"][jnp.where(valid, src, 0)], sentinel))
     first = jnp.concatenate([jnp.ones(1, bool), entries[1:] != entries[:-1]]) & (entries < sentinel)
-    return S, entries, first.sum(), jnp.where(first, a["doclens"][entries], 0).sum()
+    (slots,) = jnp.nonzero(first, size=max_entries, fill_value=max_entries - 1)
+    unique = jnp.where(jnp.arange(max_entries) < first.sum(), entries[slots], sentinel)  # ascending, then sentinels
+    return S, unique, first.sum(), jnp.where(first, a["doclens"][entries], 0).sum()
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "ncells", "max_entries", "query_maxlen", "query_chunk"))
 def candidates(Q, arrays, *, mesh: Mesh, ncells: int, max_entries: int, query_maxlen: int, query_chunk: int = 0):
-    """Q [B, Lq, dim] -> (S [B, P, Lq], sorted local candidate entries [D, B, max_entries] (padded with the
+    """Q [B, Lq, dim] -> (S [B, P, Lq], local candidates [D, B, max_entries] (unique, ascending, then the
     shard's sentinel position), #candidates [D, B], #candidate embeddings [D, B])."""
     fn = functools.partial(_candidates_one, ncells=ncells, max_entries=max_entries, query_maxlen=query_maxlen)
 
@@ -135,6 +150,80 @@ def _global_top(values: jax.Array, ids: jax.Array, n: int) -> jax.Array:
     return jnp.where(chosen_v > NEG_INF, all_ids[chosen], -1)
 
 
+def _tables(S, threshold):
+    """Centroid-score lookup table with a sentinel row for padding codes, and the kept-centroid mask."""
+    keep = S.max(axis=1) >= threshold
+    table = jnp.concatenate([S, jnp.full((1, S.shape[1]), MASKED_SCORE, S.dtype)])
+    return table, jnp.concatenate([keep, jnp.zeros(1, bool)])
+
+
+def _approx_packed(cand, table, kept, a, max_embeddings):
+    """(pruned, full) centroid-interaction scores of `cand`, their embeddings laid out packed."""
+    num_centroids = a["centroids"].shape[0]
+    seg, emb, valid = _expand(a["doclens"][cand], a["offsets"][cand], max_embeddings)
+    codes = jnp.where(valid, a["codes"][jnp.where(valid, emb, 0)], num_centroids)
+    values = table[codes]  # one gather serves both stages
+    n = cand.shape[0]
+    pruned = _segment_max(jnp.where(kept[codes][:, None], values, MASKED_SCORE), seg, n).sum(1)
+    return pruned, _segment_max(values, seg, n).sum(1)
+
+
+def _approx_padded(cand, table, kept, a, max_doclen):
+    """(pruned, full) with the Pallas centroid-interaction kernel, each document padded to max_doclen."""
+    num_centroids = a["centroids"].shape[0]
+    rows = a["offsets"][cand][:, None] + jnp.arange(max_doclen)
+    present = jnp.arange(max_doclen) < a["doclens"][cand][:, None]
+    codes = jnp.where(present, a["codes"][jnp.where(present, rows, a["codes"].shape[0] - 1)], num_centroids)
+    pruned_table = jnp.where(kept[:, None], table, MASKED_SCORE)
+    return centroid_interaction(pruned_table, codes), centroid_interaction(table, codes)
+
+
+def _survivors(cand, pruned, full, a, ndocs: int):
+    """Stages 4-5 selections (global over shards): the local survivors [ndocs // 4], sentinel-padded."""
+    sentinel = a["doclens"].shape[0] - 1
+    real = cand < sentinel
+    gpos = jnp.where(real, cand + a["first"], -1)
+    pruned = jnp.where(real, pruned, NEG_INF)
+    stage4 = jnp.isin(gpos, _global_top(pruned, gpos, ndocs)) & real
+    full = jnp.where(stage4, full, NEG_INF)
+    stage5 = jnp.isin(gpos, _global_top(full, gpos, ndocs // 4)) & stage4
+    n2 = ndocs // 4
+    (slots,) = jnp.nonzero(stage5, size=n2, fill_value=0)
+    return jnp.where(jnp.arange(n2) < stage5.sum(), cand[slots], sentinel)
+
+
+def _exact_packed(Q, S, survivors, a, max_embeddings, nbits):
+    """Per-token MaxSim [n2, Lq] of the survivors, their embeddings packed (only real rows are touched).
+
+    q . normalize(c + r) = (q . c + q . r) / ||c + r||: q . c is the centroid score S[code, q] already
+    computed for candidate generation and ||c + r|| is precomputed per embedding (`inv_norms`), so only
+    the residual r is expanded here, not the centroid rows.
+    """
+    seg, emb, valid = _expand(a["doclens"][survivors], a["offsets"][survivors], max_embeddings)
+    rows = jnp.where(valid, emb, a["codes"].shape[0] - 1)
+    r = byte_table(a["bucket_weights"], nbits)[a["residuals"][rows]].reshape(rows.shape[0], -1)  # [T, dim]
+    centroid_part = S.at[a["codes"][rows]].get(mode="clip")  # [T, Lq]
+    sim = (centroid_part + jnp.dot(r, Q.T, precision=jax.lax.Precision.HIGHEST)) * a["inv_norms"][rows][:, None]
+    return _segment_max(jnp.where(valid[:, None], sim, MASKED_SCORE), seg, survivors.shape[0])
+
+
+def _top_k(scores, survivors, a, k: int):
+    """The global top k over shards of the survivors' exact scores."""
+    sentinel = a["doclens"].shape[0] - 1
+    scores = jnp.where(survivors < sentinel, scores, NEG_INF)
+    kk = min(k, survivors.shape[0])
+    local_scores, local_best = jax.lax.top_k(scores, kk)
+    all_scores = jax.lax.all_gather(local_scores, AXIS).reshape(-1)
+    all_pos = jax.lax.all_gather(survivors[local_best] + a["first"], AXIS).reshape(-1)
+    best_scores, best = jax.lax.top_k(all_scores, kk)
+    return jnp.where(best_scores > NEG_INF, all_pos[best], -1), best_scores
+
+
+def _reduce(per_token, clamp: bool):
+    per_token = jnp.maximum(per_token, MASKED_SCORE)  # a document with no rows: -9999 per token
+    return (jnp.maximum(per_token, 0.0) if clamp else per_token).sum(axis=1)
+
+
 def _select_one(
     S,
     entries,
@@ -147,74 +236,30 @@ def _select_one(
     max_doclen: int,
     implementation: str,
 ):
-    """Stages 4-5: -> (local survivors [ndocs // 4] (sentinel-padded), their total number of embeddings)."""
-    num_centroids = a["centroids"].shape[0]
-    sentinel = a["doclens"].shape[0] - 1
-    sentinel_row = a["codes"].shape[0] - 1
-    cand = jnp.unique(entries, size=max_candidates, fill_value=sentinel)[::-1]  # descending positions
-    real = cand < sentinel
-    gpos = jnp.where(real, cand + a["first"], -1)
-
-    keep = S.max(axis=1) >= threshold
-    sentinel_scores = jnp.full((1, S.shape[1]), MASKED_SCORE, S.dtype)
-    full_table = jnp.concatenate([S, sentinel_scores])
+    """Stages 4-5 (staged path): -> (local survivors [ndocs // 4], their total number of embeddings)."""
+    cand = entries[:max_candidates][::-1]  # the unique candidates, descending positions
+    table, kept = _tables(S, threshold)
     if implementation == "pallas":
-        pruned_table = jnp.concatenate([jnp.where(keep[:, None], S, MASKED_SCORE), sentinel_scores])
-        rows = a["offsets"][cand][:, None] + jnp.arange(max_doclen)
-        present = jnp.arange(max_doclen) < a["doclens"][cand][:, None]
-        codes = jnp.where(present, a["codes"][jnp.where(present, rows, sentinel_row)], num_centroids)
-        pruned = centroid_interaction(pruned_table, codes)
-        full = centroid_interaction(full_table, codes)
+        pruned, full = _approx_padded(cand, table, kept, a, max_doclen)
     else:
-        seg, emb, valid = _expand(a["doclens"][cand], a["offsets"][cand], max_embeddings)
-        codes = jnp.where(valid, a["codes"][jnp.where(valid, emb, 0)], num_centroids)
-        values = full_table[codes]  # one gather serves both stages
-        kept = jnp.concatenate([keep, jnp.zeros(1, bool)])[codes]
-        pruned = _segment_max(jnp.where(kept[:, None], values, MASKED_SCORE), seg, max_candidates).sum(1)
-        full = _segment_max(values, seg, max_candidates).sum(1)
-    pruned = jnp.where(real, pruned, NEG_INF)
-
-    stage4 = jnp.isin(gpos, _global_top(pruned, gpos, ndocs)) & real
-    full = jnp.where(stage4, full, NEG_INF)
-    stage5 = jnp.isin(gpos, _global_top(full, gpos, ndocs // 4)) & stage4
-
-    n2 = ndocs // 4
-    (slots,) = jnp.nonzero(stage5, size=n2, fill_value=0)
-    survivors = jnp.where(jnp.arange(n2) < stage5.sum(), cand[slots], sentinel)
+        pruned, full = _approx_packed(cand, table, kept, a, max_embeddings)
+    survivors = _survivors(cand, pruned, full, a, ndocs)
     return survivors, a["doclens"][survivors].sum()
 
 
 def _score_one(
-    Q, survivors, a, *, max_embeddings: int, max_doclen: int, k: int, nbits: int, clamp: bool, implementation: str
+    Q, S, survivors, a, *, max_embeddings: int, max_doclen: int, k: int, nbits: int, clamp: bool, implementation: str
 ):
-    """Stage 6: exact MaxSim of the local survivors, then the global top k."""
-    sentinel = a["doclens"].shape[0] - 1
-    sentinel_row = a["codes"].shape[0] - 1
-    n2 = survivors.shape[0]
-    lens = a["doclens"][survivors]
+    """Stage 6 (staged path): exact MaxSim of the local survivors, then the global top k."""
     if implementation == "pallas":
+        lens = a["doclens"][survivors]
         rows = a["offsets"][survivors][:, None] + jnp.arange(max_doclen)
-        rows = jnp.where(jnp.arange(max_doclen) < lens[:, None], rows, sentinel_row)
+        rows = jnp.where(jnp.arange(max_doclen) < lens[:, None], rows, a["codes"].shape[0] - 1)
         centroid_rows = a["centroids"].at[a["codes"][rows]].get(mode="clip")
         scores = maxsim(Q, centroid_rows, a["residuals"][rows], a["bucket_weights"], lens, nbits=nbits, clamp=clamp)
-    else:  # packed: only the survivors' real embeddings are decompressed
-        seg, emb, valid = _expand(lens, a["offsets"][survivors], max_embeddings)
-        emb = jnp.where(valid, emb, sentinel_row)
-        D = decompress_reference(
-            a["centroids"].at[a["codes"][emb]].get(mode="clip"), a["residuals"][emb], a["bucket_weights"], nbits=nbits
-        )
-        sim = jnp.dot(D, Q.T, precision=jax.lax.Precision.HIGHEST)  # [T, Lq]
-        per_token = _segment_max(jnp.where(valid[:, None], sim, MASKED_SCORE), seg, n2)
-        per_token = jnp.maximum(per_token, MASKED_SCORE)  # a document with no rows: -9999 per token
-        scores = (jnp.maximum(per_token, 0.0) if clamp else per_token).sum(axis=1)
-    scores = jnp.where(survivors < sentinel, scores, NEG_INF)
-
-    kk = min(k, n2)
-    local_scores, local_best = jax.lax.top_k(scores, kk)
-    all_scores = jax.lax.all_gather(local_scores, AXIS).reshape(-1)
-    all_pos = jax.lax.all_gather(survivors[local_best] + a["first"], AXIS).reshape(-1)
-    best_scores, best = jax.lax.top_k(all_scores, kk)
-    return jnp.where(best_scores > NEG_INF, all_pos[best], -1), best_scores
+    else:
+        scores = _reduce(_exact_packed(Q, S, survivors, a, max_embeddings, nbits), clamp)
+    return _top_k(scores, survivors, a, k)
 
 
 @functools.partial(
@@ -269,6 +314,7 @@ def select(
 )
 def score(
     Q,
+    S,
     survivors,
     arrays,
     *,
@@ -292,13 +338,13 @@ def score(
         implementation=implementation,
     )
 
-    def shard(Q, survivors, arrays):
+    def shard(Q, S, survivors, arrays):
         local = _local(arrays)
-        return _map_queries(lambda x: fn(*x, local), (Q, survivors[0]), query_chunk)
+        return _map_queries(lambda x: fn(*x, local), (Q, S, survivors[0]), query_chunk)
 
     return jax.shard_map(
-        shard, mesh=mesh, in_specs=(P(), P(AXIS), _specs(arrays)), out_specs=(P(), P()), check_vma=False
-    )(Q, survivors, arrays)
+        shard, mesh=mesh, in_specs=(P(), P(), P(AXIS), _specs(arrays)), out_specs=(P(), P()), check_vma=False
+    )(Q, S, survivors, arrays)
 
 
 def working_set_per_query(*, max_candidates: int, max_embeddings: int, dim: int, query_maxlen: int) -> int:

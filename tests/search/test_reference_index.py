@@ -103,3 +103,17 @@ def test_imported_index_checks_and_text_queries(imported, minilm_checkpoint, ran
     assert not (tmp_path / "out").exists()
     with pytest.raises(FileExistsError):
         colbert_jax.import_colbert_index(INDEX_FIXTURES / "small_nbits2", imported[2])
+
+
+def test_our_index_with_the_reference_centroids_has_its_codes(tmp_path, minilm_model):
+    """Encoding with our encoder and compressing with colbert-ai's centroids reproduces its codes."""
+    path = tmp_path / "ours"
+    colbert_jax.Indexer(minilm_model, nbits=2, centroids=INDEX_FIXTURES / "small_nbits2", show_progress=False).index(
+        path, FIXTURES.parents[1] / "collections" / "stdlib_100.tsv"
+    )
+    ours = colbert_jax.Index.open(path)
+    ref_codes = load_torch_file(INDEX_FIXTURES / "small_nbits2" / "0.codes.pt")
+    np.testing.assert_array_equal(
+        ours.doclens, json.loads((INDEX_FIXTURES / "small_nbits2" / "doclens.0.json").read_text())
+    )
+    np.testing.assert_array_equal(ours.codes, ref_codes)

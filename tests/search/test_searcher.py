@@ -19,7 +19,7 @@ QUERIES = [line.split("\t")[1] for line in (COLLECTIONS / "queries_2k.tsv").read
 
 @pytest.fixture(scope="module")
 def searcher(real_index, minilm_model):
-    return colbert_jax.Searcher(real_index, checkpoint=minilm_model)
+    return colbert_jax.Searcher(real_index, checkpoint=minilm_model, truncate=True)
 
 
 def assert_same(a, b, qids=None):
@@ -56,7 +56,7 @@ def test_k_values_and_sticky_quirk_not_copied(searcher):
 
 
 def test_pallas_kernels_give_the_same_ranking(real_index, minilm_model, searcher):
-    pallas = colbert_jax.Searcher(real_index, checkpoint=minilm_model, implementation="pallas")
+    pallas = colbert_jax.Searcher(real_index, checkpoint=minilm_model, implementation="pallas", truncate=True)
     a, b = searcher.search_all(QUERIES[:6], k=10), pallas.search_all(QUERIES[:6], k=10)
     assert_same(a, b)
 
@@ -96,7 +96,8 @@ def test_pids_are_the_collections_own(tmp_path, tiny_model):
         index.embeddings(5)
 
 
-def test_bad_inputs(searcher, real_index, tiny_model, minilm_model):
+def test_bad_inputs(real_index, tiny_model, minilm_model):
+    searcher = colbert_jax.Searcher(real_index, checkpoint=minilm_model)
     with pytest.raises(QueryError, match="query 0 is empty"):
         searcher.search("   ")
     for k in (0, -3):
@@ -138,7 +139,7 @@ def test_eight_shards_equal_one(real_index, searcher, minilm_checkpoint, tmp_pat
         os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
         import jax, colbert_jax
         assert len(jax.devices()) == 8
-        s = colbert_jax.Searcher({str(real_index)!r}, checkpoint={str(minilm_checkpoint)!r})
+        s = colbert_jax.Searcher({str(real_index)!r}, checkpoint={str(minilm_checkpoint)!r}, truncate=True)
         assert s.mesh.size == 8
         result = {{k: [[(p, s_) for p, _, s_ in r] for r in s.search_all({QUERIES!r}, k=k).data.values()]
                   for k in (10, 100)}}
