@@ -61,6 +61,31 @@ def _insert_marker(ids: np.ndarray, mask: np.ndarray, marker_id: int) -> tuple[n
     return ids, mask
 
 
+def _backend(hf_tokenizer, max_length: int | None, pad_to: int | None | bool):
+    """A private copy of the Rust tokenizer configured exactly as `hf_tokenizer(texts, truncation=...,
+    padding=...)` configures it per call (transformers' `set_truncation_and_padding`). Calling it directly
+    skips the Python wrapper's per-call overhead, and a fixed configuration is safe to share across threads
+    (transformers reconfigures its shared backend on every call)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(hf_tokenizer.backend_tokenizer.to_str())
+    tok.no_truncation()
+    tok.no_padding()
+    if max_length is not None:
+        tok.enable_truncation(
+            max_length=max_length, stride=0, strategy="longest_first", direction=hf_tokenizer.truncation_side
+        )
+    if pad_to is not False:
+        kwargs = dict(
+            pad_id=hf_tokenizer.pad_token_id,
+            pad_token=hf_tokenizer.pad_token,
+            pad_type_id=hf_tokenizer.pad_token_type_id,
+            direction=hf_tokenizer.padding_side,
+        )
+        tok.enable_padding(length=pad_to, **kwargs) if pad_to else tok.enable_padding(**kwargs)
+    return tok
+
+
 class _Tokenizer:
     def __init__(self, hf_tokenizer, config: ColBERTConfig):
         self.hf = hf_tokenizer
@@ -71,19 +96,32 @@ class _Tokenizer:
         # checkpoints trained that way depend on it.
         self.query_marker_id = int(hf_tokenizer.convert_tokens_to_ids(config.query_token_id))
         self.doc_marker_id = int(hf_tokenizer.convert_tokens_to_ids(config.doc_token_id))
+        self._counter = _backend(hf_tokenizer, None, False)
 
-    def _call(self, texts: list[str], **kwargs) -> tuple[np.ndarray, np.ndarray]:
-        out = self.hf(texts, return_tensors="np", return_token_type_ids=False, **kwargs)
-        return out["input_ids"].astype(np.int32), out["attention_mask"].astype(np.int32)
+    @staticmethod
+    def _encode(backend, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        encodings = backend.encode_batch(texts, add_special_tokens=True)
+        ids = np.array([e.ids for e in encodings], np.int32)
+        mask = np.array([e.attention_mask for e in encodings], np.int32)
+        return ids, mask
+
+    def token_counts(self, texts: Sequence[str]) -> np.ndarray:
+        """Tokens in each text, without special tokens and without truncation."""
+        return np.array([len(e.ids) for e in self._counter.encode_batch(list(texts), add_special_tokens=False)])
 
 
 class QueryTokenizer(_Tokenizer):
     """Queries -> `[CLS] [Q] tokens [SEP] [MASK]...` of exactly `query_maxlen` ids."""
 
+    def __init__(self, hf_tokenizer, config: ColBERTConfig):
+        super().__init__(hf_tokenizer, config)
+        # padding="max_length", truncation=True, max_length=query_maxlen - 1 (room for the marker)
+        self._backend = _backend(hf_tokenizer, config.query_maxlen - 1, config.query_maxlen - 1)
+
     def tensorize(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Returns `(ids int32 [n, query_maxlen], attention_mask int32 [n, query_maxlen])`."""
         texts = check_texts(texts, "queries")
-        ids, mask = self._call(texts, padding="max_length", truncation=True, max_length=self.config.query_maxlen - 1)
+        ids, mask = self._encode(self._backend, texts)
         ids, mask = _insert_marker(ids, mask, self.query_marker_id)
         ids[ids == self.pad_id] = self.mask_id
         if self.config.attend_to_mask_tokens:
@@ -99,14 +137,13 @@ class DocTokenizer(_Tokenizer):
         # The reference keeps the first id of each punctuation character's encoding (colbert/modeling/colbert.py).
         skip = {hf_tokenizer.encode(ch, add_special_tokens=False)[0] for ch in string.punctuation}
         self.skiplist = np.array(sorted(skip) if config.mask_punctuation else [], dtype=np.int32)
+        # padding="longest", truncation="longest_first", max_length=doc_maxlen - 1 (room for the marker)
+        self._backend = _backend(hf_tokenizer, config.doc_maxlen - 1, None)
 
     def tensorize(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Returns `(ids int32 [n, Ld], attention_mask int32 [n, Ld])` with `Ld <= doc_maxlen`."""
         texts = check_texts(texts, "documents")
-        ids, mask = self._call(
-            texts, padding="longest", truncation="longest_first", max_length=self.config.doc_maxlen - 1
-        )
-        return _insert_marker(ids, mask, self.doc_marker_id)
+        return _insert_marker(*self._encode(self._backend, texts), self.doc_marker_id)
 
     def keep_mask(self, ids: np.ndarray) -> np.ndarray:
         """Which doc positions get an embedding: not padding, not a punctuation token."""

@@ -201,12 +201,11 @@ class Searcher:
             else:
                 raise QueryError(f"query {i} must be a str or an array, got {type(q).__name__}")
         if texts and not self.truncate:
-            backend = self.model.hf_tokenizer.backend_tokenizer  # the Rust tokenizer: no per-call overhead
-            for row, encoding in zip(text_rows, backend.encode_batch(texts, add_special_tokens=False)):
-                if len(encoding.ids) > lq - 3:
+            for row, n in zip(text_rows, self.model.query_tokenizer.token_counts(texts)):
+                if n > lq - 3:
                     raise QueryError(
-                        f"query {row} has {len(encoding.ids)} tokens; query_maxlen={lq} allows "
-                        f"{lq - 3} (pass truncate=True to cut it, as colbert-ai does)"
+                        f"query {row} has {n} tokens; query_maxlen={lq} allows {lq - 3} (pass "
+                        "truncate=True to cut it, as colbert-ai does)"
                     )
 
     def _encode(self, queries: Sequence[str | np.ndarray]) -> np.ndarray:
