@@ -44,7 +44,7 @@ from pallas_kernels.centroid_interaction import centroid_interaction
 from pallas_kernels.decompress import byte_table
 from pallas_kernels.maxsim import maxsim
 
-__all__ = ["IndexArrays", "candidates", "select", "score", "working_set_per_query", "SHARDED_KEYS"]
+__all__ = ["IndexArrays", "cells", "candidates", "select", "score", "working_set_per_query", "SHARDED_KEYS"]
 
 NEG_INF = -jnp.inf
 AXIS = "shard"
@@ -103,34 +103,52 @@ def _map_queries(fn, xs, query_chunk: int):
 
 
 # -- stage 1-2 ------------------------------------------------------------------------------------
-def _candidates_one(Q, a, *, ncells: int, max_entries: int, query_maxlen: int):
+def _cells_one(Q, a, *, ncells: int, query_maxlen: int):
+    """Centroid scores S [P, Lq], the probed cells (unique, padded with P) and their IVF entries count."""
     num_centroids = a["centroids"].shape[0]
-    sentinel = a["doclens"].shape[0] - 1
     S = jnp.dot(a["centroids"], Q[:query_maxlen].T, precision=jax.lax.Precision.HIGHEST)  # [P, Lq]
     cells = jax.lax.top_k(S.T, ncells)[1].reshape(-1)  # [Lq * ncells]
     cells = jnp.unique(cells, size=cells.shape[0], fill_value=num_centroids)
+    return S, cells, a["ivf_lengths"][cells].sum()
+
+
+def _candidates_one(cells, a, *, max_entries: int):
+    """The union of the cells' IVF lists: unique passage positions (ascending, then sentinels) and counts."""
+    sentinel = a["doclens"].shape[0] - 1
     _, src, valid = _expand(a["ivf_lengths"][cells], a["ivf_offsets"][cells], max_entries)
     entries = jnp.sort(jnp.where(valid, a["ivf"][jnp.where(valid, src, 0)], sentinel))
     first = jnp.concatenate([jnp.ones(1, bool), entries[1:] != entries[:-1]]) & (entries < sentinel)
     (slots,) = jnp.nonzero(first, size=max_entries, fill_value=max_entries - 1)
-    unique = jnp.where(jnp.arange(max_entries) < first.sum(), entries[slots], sentinel)  # ascending, then sentinels
-    return S, unique, first.sum(), jnp.where(first, a["doclens"][entries], 0).sum()
+    unique = jnp.where(jnp.arange(max_entries) < first.sum(), entries[slots], sentinel)
+    return unique, first.sum(), jnp.where(first, a["doclens"][entries], 0).sum()
 
 
-@functools.partial(jax.jit, static_argnames=("mesh", "ncells", "max_entries", "query_maxlen", "query_chunk"))
-def candidates(Q, arrays, *, mesh: Mesh, ncells: int, max_entries: int, query_maxlen: int, query_chunk: int = 0):
-    """Q [B, Lq, dim] -> (S [B, P, Lq], local candidates [D, B, max_entries] (unique, ascending, then the
-    shard's sentinel position), #candidates [D, B], #candidate embeddings [D, B])."""
-    fn = functools.partial(_candidates_one, ncells=ncells, max_entries=max_entries, query_maxlen=query_maxlen)
+@functools.partial(jax.jit, static_argnames=("mesh", "ncells", "query_maxlen", "query_chunk"))
+def cells(Q, arrays, *, mesh: Mesh, ncells: int, query_maxlen: int, query_chunk: int = 0):
+    """Stage 1: Q [B, Lq, dim] -> (S [B, P, Lq], cells [B, Lq * ncells], IVF entries to expand [D, B])."""
+    fn = functools.partial(_cells_one, ncells=ncells, query_maxlen=query_maxlen)
 
     def shard(Q, arrays):
-        local = _local(arrays)
-        S, entries, n_cand, n_emb = _map_queries(lambda q: fn(q, local), Q, query_chunk)
-        return S, entries[None], n_cand[None], n_emb[None]
+        S, c, n = _map_queries(lambda q: fn(q, _local(arrays)), Q, query_chunk)
+        return S, c, n[None]
 
-    out_specs = (P(), P(AXIS), P(AXIS), P(AXIS))
-    return jax.shard_map(shard, mesh=mesh, in_specs=(P(), _specs(arrays)), out_specs=out_specs, check_vma=False)(
-        Q, arrays
+    return jax.shard_map(
+        shard, mesh=mesh, in_specs=(P(), _specs(arrays)), out_specs=(P(), P(), P(AXIS)), check_vma=False
+    )(Q, arrays)
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "max_entries", "query_chunk"))
+def candidates(cells, arrays, *, mesh: Mesh, max_entries: int, query_chunk: int = 0):
+    """Stage 2: cells [B, Lq * ncells] -> (local candidates [D, B, max_entries] (unique, ascending, then the
+    shard's sentinel position), #candidates [D, B], #candidate embeddings [D, B])."""
+    fn = functools.partial(_candidates_one, max_entries=max_entries)
+
+    def shard(cells, arrays):
+        entries, n_cand, n_emb = _map_queries(lambda c: fn(c, _local(arrays)), cells, query_chunk)
+        return entries[None], n_cand[None], n_emb[None]
+
+    return jax.shard_map(shard, mesh=mesh, in_specs=(P(), _specs(arrays)), out_specs=(P(AXIS),) * 3, check_vma=False)(
+        cells, arrays
     )
 
 

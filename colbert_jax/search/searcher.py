@@ -166,16 +166,11 @@ class Searcher:
     @property
     def arrays(self) -> plaid.IndexArrays:
         if self._arrays is None:
-            self._arrays, self._entry_bound_per_shard = _device_arrays(self.index, self.mesh)
+            self._arrays = _device_arrays(self.index, self.mesh)
             longest = int(self.index.doclens.max())
             # Triton blocks need power-of-two sizes; the jnp path only needs a multiple of 8.
             self._max_doclen = _pow2(longest) if self.implementation == "pallas" else -(-longest // 8) * 8
         return self._arrays
-
-    def _max_entries(self, ncells: int, query_maxlen: int) -> int:
-        """Upper bound on IVF entries of the selected cells in any shard: its longest `Lq * ncells` lists."""
-        bounds = [b[min(query_maxlen * ncells, len(b)) - 1] for b in self._entry_bound_per_shard]
-        return _pow2(max(int(max(bounds)), 1))
 
     # -- queries ------------------------------------------------------------------------------------
     def encode(self, queries: Sequence[str | np.ndarray]) -> np.ndarray:
@@ -301,14 +296,12 @@ class Searcher:
         ndocs = max(ndocs, 4)
         arrays = self.arrays
         lq = config.query_maxlen
-        S, entries, n_cand, n_emb = plaid.candidates(
-            Q,
-            arrays,
-            mesh=self.mesh,
-            ncells=min(ncells, self.index.num_partitions),
-            max_entries=self._max_entries(ncells, lq),
-            query_maxlen=lq,
-            query_chunk=1 if self._cpu else 0,
+        chunk = 1 if self._cpu else 0
+        S, cells, n_entries = plaid.cells(
+            Q, arrays, mesh=self.mesh, ncells=min(ncells, self.index.num_partitions), query_maxlen=lq, query_chunk=chunk
+        )
+        entries, n_cand, n_emb = plaid.candidates(
+            cells, arrays, mesh=self.mesh, max_entries=_bucket(jax.device_get(n_entries).max()), query_chunk=chunk
         )
         # Host round trips carry only sizes: each stage gets static shapes that fit its queries. Queries are
         # sorted by size and ranked in groups, so that a few large queries do not pad all the others.
@@ -397,10 +390,9 @@ def _enable_compilation_cache() -> None:
         pass
 
 
-def _device_arrays(index: Index, mesh: Mesh) -> tuple[plaid.IndexArrays, list[np.ndarray]]:
+def _device_arrays(index: Index, mesh: Mesh) -> plaid.IndexArrays:
     """Splits the index's passages into one contiguous shard per device (balanced by embeddings) and
-    places each shard's arrays on its device. Returns the arrays and, per shard, the cumulative sums of
-    its IVF list lengths sorted longest first (bounds for the candidate stage)."""
+    places each shard's arrays on its device."""
     n_shards = mesh.size
     P, N = index.num_partitions, index.num_passages
     cum = np.concatenate([[0], np.cumsum(index.doclens, dtype=np.int64)])
@@ -432,7 +424,6 @@ def _device_arrays(index: Index, mesh: Mesh) -> tuple[plaid.IndexArrays, list[np
         return np.concatenate([a, np.full((size - len(a), *a.shape[1:]), value, a.dtype)])
 
     stacked = {k: [] for k in plaid.SHARDED_KEYS}
-    entry_bounds = []
     for x in shards:
         e = len(x["codes"])
         stacked["doclens"].append(pad(x["doclens"].astype(np.int32), n_max + 1, 0))
@@ -446,11 +437,10 @@ def _device_arrays(index: Index, mesh: Mesh) -> tuple[plaid.IndexArrays, list[np
         stacked["ivf_lengths"].append(np.concatenate([x["ivf_lengths"], [0]]).astype(np.int32))
         stacked["first"].append(np.int32(x["first"]))
         stacked["count"].append(np.int32(len(x["doclens"])))
-        entry_bounds.append(np.cumsum(np.sort(x["ivf_lengths"])[::-1]))
         assert e <= e_max
     sharded = NamedSharding(mesh, PartitionSpec(plaid.AXIS))
     replicated = NamedSharding(mesh, PartitionSpec())
     arrays = {k: jax.device_put(np.stack(v), sharded) for k, v in stacked.items()}
     arrays["centroids"] = jax.device_put(index.codec.centroids, replicated)
     arrays["bucket_weights"] = jax.device_put(index.codec.bucket_weights, replicated)
-    return arrays, entry_bounds
+    return arrays
