@@ -82,6 +82,44 @@ def _search(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import colbert_jax
+    from colbert_jax.server import serve
+
+    searcher = colbert_jax.Searcher(args.index, checkpoint=args.checkpoint, truncate=True)
+    if args.collection:
+        searcher.passages([], collection=args.collection)
+    print(f"warming up {searcher.index} ...", file=sys.stderr)
+    searcher.search_all(["warm up"] * args.max_batch, k=min(100, searcher.index.num_passages))
+    searcher.search("warm up", k=min(100, searcher.index.num_passages))
+    serve(
+        searcher,
+        host=args.host,
+        port=args.port,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue,
+    )
+    return EXIT_OK
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from colbert_jax.evaluation import evaluate, load_qrels
+    from colbert_jax.search.ranking import Ranking
+
+    metrics = evaluate(
+        Ranking.load(args.ranking), load_qrels(args.qrels), mrr_k=args.mrr_k, ndcg_k=args.ndcg_k, recall_ks=args.recall
+    )
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        for name, value in metrics.items():
+            print(f"{name:>24}: {value:.4f}" if isinstance(value, float) else f"{name:>24}: {value}")
+    return EXIT_OK
+
+
 def _quickstart(args: argparse.Namespace) -> int:
     from colbert_jax import quickstart
 
@@ -149,6 +187,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="any other config keys")
     p.set_defaults(func=_search)
 
+    p = sub.add_parser(
+        "serve",
+        help="serve an index over HTTP",
+        description="HTTP search server: GET /api/search?query=...&k=... (k <= 100), POST "
+        '/api/search {"queries": [...], "k": 10}, GET /health. Concurrent requests are '
+        "micro-batched; a full queue answers 503. Binds loopback unless --host says otherwise.",
+    )
+    p.add_argument("--index", required=True, help="index directory")
+    p.add_argument("--checkpoint", help="checkpoint (default: the one recorded in the index)")
+    p.add_argument("--collection", help="collection file for passage texts (default: the one the index records)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8893, help="port (default 8893)")
+    p.add_argument("--max-batch", dest="max_batch", type=int, default=64, help="queries per search call")
+    p.add_argument(
+        "--max-wait-ms",
+        dest="max_wait_ms",
+        type=float,
+        default=2.0,
+        help="how long the first queued request waits for others to batch with",
+    )
+    p.add_argument("--max-queue", dest="max_queue", type=int, default=256, help="queued requests before 503")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="MRR, Recall and nDCG of a ranking against qrels",
+        description="Evaluate a ranking TSV (qid, pid, rank[, score]) against qrels in MS MARCO "
+        "('qid 0 pid rel') or BEIR ('query-id corpus-id score', with header) format.",
+    )
+    p.add_argument("--ranking", required=True, help="ranking TSV, as written by colbert-jax search --out")
+    p.add_argument("--qrels", required=True, help="relevance judgements")
+    p.add_argument("--mrr-k", dest="mrr_k", type=int, default=10)
+    p.add_argument("--ndcg-k", dest="ndcg_k", type=int, default=10)
+    p.add_argument("--recall", type=int, nargs="+", default=[10, 50, 100, 1000], help="Recall@k depths")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_evaluate)
+
     p = sub.add_parser("quickstart", help="the default model on the built-in corpus", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=_quickstart)
@@ -161,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     from colbert_jax.torch_io import TorchFileError
 
     args = build_parser().parse_args(argv)
+    from colbert_jax.runtime import enable_compilation_cache
+
+    enable_compilation_cache()
     try:
         return args.func(args)
     except (

@@ -117,39 +117,86 @@ def main() -> None:
     ours_index = args.ours_index
     if not ours_index:
         ours_index = str(work / "ours")
-        subprocess.run([sys.executable, str(REPO / "scripts/index.py"), "--checkpoint", checkpoint, "--collection",
-                        str(collection), "--index", ours_index, "--nbits", str(args.nbits)], check=True,
-                       env={**os.environ, **env}, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                str(REPO / "scripts/index.py"),
+                "--checkpoint",
+                checkpoint,
+                "--collection",
+                str(collection),
+                "--index",
+                ours_index,
+                "--nbits",
+                str(args.nbits),
+            ],
+            check=True,
+            env={**os.environ, **env},
+            capture_output=True,
+        )
     results = {"ours": run([sys.executable, "-c", OURS, ours_index, str(queries), ks, str(args.single)], env=env)}
     if not args.skip_reference:
         ref_index = args.ref_index
         if not ref_index:
             ref_index = str(work / "ref")
-            run([args.ref_python, str(REPO / "scripts/reference/ref_index.py"), "--checkpoint", checkpoint,
-                 "--collection", str(collection), "--index", ref_index, "--nbits", str(args.nbits)])
-        results["colbert-ai"] = run([args.ref_python, str(REPO / "scripts/reference/ref_search.py"), "--index",
-                                     ref_index, "--checkpoint", checkpoint, "--collection", str(collection),
-                                     "--queries", str(queries), "--ks", "10", "100", "--single", str(args.single)])
+            run(
+                [
+                    args.ref_python,
+                    str(REPO / "scripts/reference/ref_index.py"),
+                    "--checkpoint",
+                    checkpoint,
+                    "--collection",
+                    str(collection),
+                    "--index",
+                    ref_index,
+                    "--nbits",
+                    str(args.nbits),
+                ]
+            )
+        results["colbert-ai"] = run(
+            [
+                args.ref_python,
+                str(REPO / "scripts/reference/ref_search.py"),
+                "--index",
+                ref_index,
+                "--checkpoint",
+                checkpoint,
+                "--collection",
+                str(collection),
+                "--queries",
+                str(queries),
+                "--ks",
+                "10",
+                "100",
+                "--single",
+                str(args.single),
+            ]
+        )
     exact = exact_top10(checkpoint, collection, queries)
 
     cpu = platform.processor() or platform.machine()
-    print(f"\nbuilt-in corpus: {n} passages, {args.queries} queries, nbits={args.nbits}, {cpu}, "
-          f"{os.cpu_count()} CPUs\n")
+    print(
+        f"\nbuilt-in corpus: {n} passages, {args.queries} queries, nbits={args.nbits}, {cpu}, {os.cpu_count()} CPUs\n"
+    )
     print("| system | k | batched queries/s | single p50 ms | single p95 ms | encode p50 ms | retrieve p50 ms |")
     print("|---|---|---|---|---|---|---|")
     for name, r in results.items():
         for k in ("10", "100"):
             s = r["single_ms"][k]
-            print(f"| {name} | {k} | {r['batched_qps'][k]:.1f} | {s['p50']:.1f} | {s['p95']:.1f} | "
-                  f"{s['encode_p50']:.1f} | {s['retrieve_p50']:.1f} |")
+            print(
+                f"| {name} | {k} | {r['batched_qps'][k]:.1f} | {s['p50']:.1f} | {s['p95']:.1f} | "
+                f"{s['encode_p50']:.1f} | {s['retrieve_p50']:.1f} |"
+            )
     print("\n| system | overlap@10 with exact search (k=10 defaults) |\n|---|---|")
     for name, r in results.items():
         print(f"| {name} | {overlap(r['top10'], exact):.3f} |")
     if "colbert-ai" in results:
         o, c = results["ours"], results["colbert-ai"]
         for k in ("10", "100"):
-            print(f"\nk={k}: batched {o['batched_qps'][k] / c['batched_qps'][k]:.2f}x the reference's queries/s; "
-                  f"single-query latency {o['single_ms'][k]['p50'] / c['single_ms'][k]['p50']:.2f}x the reference's")
+            print(
+                f"\nk={k}: batched {o['batched_qps'][k] / c['batched_qps'][k]:.2f}x the reference's queries/s; "
+                f"single-query latency {o['single_ms'][k]['p50'] / c['single_ms'][k]['p50']:.2f}x the reference's"
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 

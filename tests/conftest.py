@@ -7,6 +7,8 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Built checkpoints, indexes and compiled programs go to a fresh directory, not the user's cache.
+os.environ["COLBERT_JAX_CACHE"] = __import__("tempfile").mkdtemp(prefix="colbert-jax-test-cache-")
 
 import json  # noqa: E402
 import shutil  # noqa: E402

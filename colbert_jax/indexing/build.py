@@ -36,6 +36,7 @@ from colbert_jax.indexing import kmeans
 from colbert_jax.indexing.codec import ResidualCodec
 from colbert_jax.indexing.collection import Collection
 from colbert_jax.model import ColBERTModel
+from colbert_jax.runtime import enable_compilation_cache
 
 __all__ = ["Indexer", "model_fingerprint"]
 
@@ -94,6 +95,7 @@ class Indexer:
         show_progress: bool = True,
         **overrides,
     ):
+        enable_compilation_cache()
         explicit = config.model_dump(exclude_unset=True) if config is not None else {}
         if isinstance(checkpoint_or_model, ColBERTModel):
             model = checkpoint_or_model

@@ -31,6 +31,7 @@ from colbert_jax.index import Index
 from colbert_jax.indexing.build import model_fingerprint
 from colbert_jax.indexing.ivf import build_ivf
 from colbert_jax.model import ColBERTModel
+from colbert_jax.runtime import enable_compilation_cache
 from colbert_jax.search import plaid
 from colbert_jax.search.exact import exact_search
 from colbert_jax.search.ranking import Ranking
@@ -154,13 +155,28 @@ class Searcher:
             implementation = "pallas" if jax.default_backend() == "gpu" else "jnp"
         self.implementation = implementation
         self._arrays: plaid.IndexArrays | None = None
+        self._collection = None
         devices = list(devices) if devices is not None else jax.local_devices()
         self.mesh = Mesh(np.asarray(devices[: max(1, min(len(devices), self.index.num_passages))]), (plaid.AXIS,))
         self._exact_arrays = None
-        _enable_compilation_cache()
+        enable_compilation_cache()
 
     def __repr__(self) -> str:
         return f"Searcher({self.index!r}, exact={self.exact})"
+
+    def passages(self, pids: Sequence[int], collection: str | os.PathLike | None = None) -> list[str]:
+        """The texts of passages (by collection pid), read from the collection the index was built from."""
+        if self._collection is None or collection is not None:
+            from colbert_jax.indexing.collection import Collection
+
+            source = collection or self.index.metadata.get("collection", {}).get("source") or self.config.collection
+            if not source or not Path(source).is_file():
+                raise FileNotFoundError(f"the index's collection file is not available ({source!r}); pass collection=")
+            coll = Collection.load(source)
+            if len(coll) != self.index.num_passages:
+                raise ValueError(f"{source} has {len(coll)} passages, the index {self.index.num_passages}")
+            self._collection = coll
+        return self._collection.texts(self.index.positions(np.asarray(pids, np.int64)))
 
     # -- device state -------------------------------------------------------------------------------
     @property
@@ -373,21 +389,6 @@ class Searcher:
         embeddings, passage_of = self._exact_arrays
         pos, scores = exact_search(Q, embeddings, passage_of, num_passages=self.index.num_passages, k=k)
         return jax.device_get((pos, scores))
-
-
-def _enable_compilation_cache() -> None:
-    """Persist compiled search programs across processes (unless the user configured a cache)."""
-    if jax.config.jax_compilation_cache_dir or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        return
-    from colbert_jax.default_model import cache_dir
-
-    path = Path(cache_dir()) / "xla"
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        jax.config.update("jax_compilation_cache_dir", str(path))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    except (OSError, AttributeError):
-        pass
 
 
 def _device_arrays(index: Index, mesh: Mesh) -> plaid.IndexArrays:

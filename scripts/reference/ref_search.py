@@ -1,6 +1,6 @@
 """Time colbert-ai search (CPU) on an index and print results as JSON. Run with the reference venv's python.
 
-    ref_search.py --index DIR --checkpoint DIR --collection TSV --queries TSV --ks 10 100 --single 200
+ref_search.py --index DIR --checkpoint DIR --collection TSV --queries TSV --ks 10 100 --single 200
 """
 
 import argparse
@@ -42,8 +42,9 @@ def main() -> None:
     os.chdir(work)
     out = {"batched_qps": {}, "single_ms": {}, "top10": {}}
     with Run().context(RunConfig(nranks=1, gpus=0, root=work, experiment="bench", name="bench")):
-        searcher = Searcher(index=args.index, checkpoint=args.checkpoint, collection=args.collection,
-                            config=ColBERTConfig())
+        searcher = Searcher(
+            index=args.index, checkpoint=args.checkpoint, collection=args.collection, config=ColBERTConfig()
+        )
         for k in args.ks:
             reset(searcher)
             searcher.search_all(queries, k=k)  # warm-up
@@ -69,9 +70,12 @@ def main() -> None:
                 enc.append(t1 - t0)
                 ret.append(t2 - t1)
                 total.append(t2 - t0)
-            out["single_ms"][k] = {"p50": 1000 * float(np.median(total)), "p95": 1000 * float(np.percentile(total, 95)),
-                                   "encode_p50": 1000 * float(np.median(enc)),
-                                   "retrieve_p50": 1000 * float(np.median(ret))}
+            out["single_ms"][k] = {
+                "p50": 1000 * float(np.median(total)),
+                "p95": 1000 * float(np.percentile(total, 95)),
+                "encode_p50": 1000 * float(np.median(enc)),
+                "retrieve_p50": 1000 * float(np.median(ret)),
+            }
     print("RESULT " + json.dumps(out))
 
 
