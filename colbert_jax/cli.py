@@ -84,14 +84,13 @@ def _search(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     import colbert_jax
-    from colbert_jax.server import serve
+    from colbert_jax.server import serve, warm_up
 
     searcher = colbert_jax.Searcher(args.index, checkpoint=args.checkpoint, truncate=True)
     if args.collection:
         searcher.passages([], collection=args.collection)
     print(f"warming up {searcher.index} ...", file=sys.stderr)
-    searcher.search_all(["warm up"] * args.max_batch, k=min(100, searcher.index.num_passages))
-    searcher.search("warm up", k=min(100, searcher.index.num_passages))
+    print(f"warm in {warm_up(searcher, args.max_batch):.1f}s", file=sys.stderr)
     serve(
         searcher,
         host=args.host,

@@ -22,10 +22,15 @@ Each shard ranks its own candidates; every selection (top ndocs, top ndocs/4, to
 from the shards' local winners (all_gather), so results equal a single device's. One code path for
 1..N devices.
 
-Two implementations of the approximate and exact scoring: "jnp" lays the embeddings of candidates and
-survivors out packed and reduces with segment_max (no per-document padding: the fast path on CPU);
-"pallas" pads each document to the longest one and runs the centroid-interaction and fused
-decompress+MaxSim kernels (GPUs).
+Three implementations of stages 2-6:
+- "streamed" (`search_streamed`, the CPU default): one call after `cells`, one query at a time, the
+  candidates' and survivors' embeddings streamed in fixed chunks with dynamic trip counts. Its static
+  shapes depend only on the batch bucket, k and the bucketed IVF entry count, so a server's stream of
+  batches of all sizes compiles a handful of programs, and a padding query costs nothing.
+- "jnp" (`candidates`, `select`, `score`): staged, with host-chosen bucketed sizes, embeddings packed
+  (no per-document padding), vmapped over queries on accelerators.
+- "pallas": staged, each document padded to the longest one, with the centroid-interaction and fused
+  decompress+MaxSim kernels (GPUs).
 `clamp=True` reproduces colbert-ai's CPU scoring (its `segmented_maxsim` starts each query token's
 maximum at 0, so negative maxima count as 0); the default is its GPU semantics.
 """
@@ -44,7 +49,16 @@ from pallas_kernels.centroid_interaction import centroid_interaction
 from pallas_kernels.decompress import byte_table
 from pallas_kernels.maxsim import maxsim
 
-__all__ = ["IndexArrays", "cells", "candidates", "select", "score", "working_set_per_query", "SHARDED_KEYS"]
+__all__ = [
+    "IndexArrays",
+    "cells",
+    "candidates",
+    "select",
+    "score",
+    "search_streamed",
+    "working_set_per_query",
+    "SHARDED_KEYS",
+]
 
 NEG_INF = -jnp.inf
 AXIS = "shard"
@@ -368,3 +382,119 @@ def score(
 def working_set_per_query(*, max_candidates: int, max_embeddings: int, dim: int, query_maxlen: int) -> int:
     """Rough peak bytes of `select` or `score` for one query (for choosing `query_chunk`)."""
     return 4 * (3 * max_embeddings * max(query_maxlen, dim) + 8 * max_candidates)
+
+
+# -- the streaming path (CPU): one program per (batch bucket, k), no host round trips -----------------
+def _stream(lengths, starts, chunk: int, init, body):
+    """Runs `body(carry, seg, src, valid)` over the packed slots of variable-length segments, `chunk` slots
+    at a time, for as many chunks as the actual total needs (a dynamic trip count: no padding to a bucket).
+    Segments are visited in order, so `seg` is sorted within every chunk."""
+    ends = jnp.cumsum(lengths)
+    first = ends - lengths
+    total = ends[-1]
+
+    def step(i, carry):
+        slot = i * chunk + jnp.arange(chunk)
+        seg = jnp.minimum(jnp.searchsorted(ends, slot, side="right"), lengths.shape[0] - 1)
+        return body(carry, seg, starts[seg] + slot - first[seg], slot < total)
+
+    return jax.lax.fori_loop(0, (total + chunk - 1) // chunk, step, init)
+
+
+def _approx_streamed(cand, table, kept, a, chunk: int):
+    """(pruned, full) like `_approx_packed`, the candidates' embeddings streamed `chunk` at a time."""
+    num_centroids = a["centroids"].shape[0]
+
+    def body(acc, seg, emb, valid):
+        codes = jnp.where(valid, a["codes"][jnp.where(valid, emb, 0)], num_centroids)
+        values = table[codes]
+        pruned, full = acc
+        pruned_values = jnp.where(kept[codes][:, None], values, MASKED_SCORE)
+        return (
+            pruned.at[seg].max(pruned_values, indices_are_sorted=True),
+            full.at[seg].max(values, indices_are_sorted=True),
+        )
+
+    init = (jnp.full((cand.shape[0], table.shape[1]), NEG_INF),) * 2
+    pruned, full = _stream(a["doclens"][cand], a["offsets"][cand], chunk, init, body)
+    return pruned.sum(1), full.sum(1)
+
+
+def _exact_streamed(Q, S, survivors, a, chunk: int, nbits: int):
+    """Per-token MaxSim like `_exact_packed`, the survivors' embeddings streamed `chunk` at a time."""
+    table = byte_table(a["bucket_weights"], nbits)
+
+    def body(acc, seg, emb, valid):
+        rows = jnp.where(valid, emb, a["codes"].shape[0] - 1)
+        r = table[a["residuals"][rows]].reshape(rows.shape[0], -1)
+        sim = S.at[a["codes"][rows]].get(mode="clip") + jnp.dot(r, Q.T, precision=jax.lax.Precision.HIGHEST)
+        sim = jnp.where(valid[:, None], sim * a["inv_norms"][rows][:, None], MASKED_SCORE)
+        return acc.at[seg].max(sim, indices_are_sorted=True)
+
+    init = jnp.full((survivors.shape[0], Q.shape[0]), NEG_INF)
+    return _stream(a["doclens"][survivors], a["offsets"][survivors], chunk, init, body)
+
+
+def _search_one_streamed(Q, S, cells, real, threshold, a, *, max_entries, ndocs, k, nbits, clamp, chunk, exact_chunk):
+    """Stages 2-6 for one query; a padding query (`real` False) skips the work."""
+    kk = min(k, ndocs // 4)
+
+    def run(Q):
+        entries, _, _ = _candidates_one(cells, a, max_entries=max_entries)
+        cand = entries[::-1]  # the unique candidates, descending positions
+        table, kept = _tables(S, threshold)
+        pruned, full = _approx_streamed(cand, table, kept, a, chunk)
+        survivors = _survivors(cand, pruned, full, a, ndocs)
+        return _top_k(_reduce(_exact_streamed(Q, S, survivors, a, exact_chunk, nbits), clamp), survivors, a, k)
+
+    def skip(Q):
+        return jnp.full((kk,), -1, jnp.int32), jnp.full((kk,), NEG_INF, jnp.float32)
+
+    return jax.lax.cond(real, run, skip, Q)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("mesh", "max_entries", "ndocs", "k", "nbits", "clamp", "chunk", "exact_chunk"),
+)
+def search_streamed(
+    Q,
+    S,
+    cells,
+    real,
+    threshold,
+    arrays,
+    *,
+    mesh: Mesh,
+    max_entries: int,
+    ndocs: int,
+    k: int,
+    nbits: int,
+    clamp: bool = False,
+    chunk: int = 2048,
+    exact_chunk: int = 512,
+):
+    """Stages 2-6 in one call after `cells`, one query at a time, the candidates' and survivors' embeddings
+    streamed in chunks with dynamic trip counts: the static shapes depend only on the batch bucket, k and
+    the bucketed number of IVF entries, so a stream of batches compiles a handful of programs (the CPU path).
+
+    real [B] bool (False: padding) -> (global positions [B, min(k, ndocs//4)] (-1: none), scores (-inf: none)).
+    """
+    fn = functools.partial(
+        _search_one_streamed,
+        max_entries=max_entries,
+        ndocs=ndocs,
+        k=k,
+        nbits=nbits,
+        clamp=clamp,
+        chunk=chunk,
+        exact_chunk=exact_chunk,
+    )
+
+    def shard(Q, S, cells, real, threshold, arrays):
+        local = _local(arrays)
+        return _map_queries(lambda x: fn(*x, threshold, local), (Q, S, cells, real), 1)
+
+    return jax.shard_map(
+        shard, mesh=mesh, in_specs=(P(), P(), P(), P(), P(), _specs(arrays)), out_specs=(P(), P()), check_vma=False
+    )(Q, S, cells, real, threshold, arrays)

@@ -96,8 +96,8 @@ class Searcher:
       allow_other_checkpoint: search with a checkpoint other than the one that built the index.
       clamp_maxsim: score like colbert-ai on CPU, where each query token's maximum is clamped at 0
         (its GPU path, and our default, keep negative maxima).
-      implementation: "auto" (Pallas kernels on GPU, falling back to jnp if they fail to compile; the
-        packed jnp path elsewhere), "pallas" or "jnp".
+      implementation: "auto" ("streamed" on CPU; "pallas" on GPU, falling back to "jnp" if the kernels
+        fail to compile), "streamed", "jnp" or "pallas" (see `colbert_jax.search.plaid`).
       devices: devices to split the index's passages over (default: all local devices); results are the
         same for any number of devices.
       **overrides: config keys, e.g. `ncells=2, ndocs=512`.
@@ -147,12 +147,12 @@ class Searcher:
         self.exact = exact
         self.truncate = truncate
         self.clamp_maxsim = clamp_maxsim
-        if implementation not in ("auto", "pallas", "jnp"):
-            raise ValueError(f"implementation must be 'auto', 'pallas' or 'jnp', got {implementation!r}")
+        if implementation not in ("auto", "streamed", "pallas", "jnp"):
+            raise ValueError(f"implementation must be 'auto', 'streamed', 'pallas' or 'jnp', got {implementation!r}")
         self._auto = implementation == "auto"
         self._cpu = jax.default_backend() == "cpu"
         if self._auto:
-            implementation = "pallas" if jax.default_backend() == "gpu" else "jnp"
+            implementation = "streamed" if self._cpu else "pallas" if jax.default_backend() == "gpu" else "jnp"
         self.implementation = implementation
         self._arrays: plaid.IndexArrays | None = None
         self._collection = None
@@ -182,11 +182,16 @@ class Searcher:
     @property
     def arrays(self) -> plaid.IndexArrays:
         if self._arrays is None:
-            self._arrays = _device_arrays(self.index, self.mesh)
+            self._arrays, self._entry_bounds = _device_arrays(self.index, self.mesh)
             longest = int(self.index.doclens.max())
             # Triton blocks need power-of-two sizes; the jnp path only needs a multiple of 8.
             self._max_doclen = _pow2(longest) if self.implementation == "pallas" else -(-longest // 8) * 8
         return self._arrays
+
+    def _max_entries(self, ncells: int, query_maxlen: int) -> int:
+        """Static bound on the IVF entries of one query's cells in any shard: its longest Lq * ncells lists."""
+        bounds = [b[min(query_maxlen * ncells, len(b)) - 1] for b in self._entry_bounds]
+        return _pow2(max(int(max(bounds)), 1))
 
     # -- queries ------------------------------------------------------------------------------------
     def encode(self, queries: Sequence[str | np.ndarray]) -> np.ndarray:
@@ -280,7 +285,7 @@ class Searcher:
             chunk = self._encode(items[start : start + batch_size])
             size = min(_pow2(len(chunk)), batch_size)
             padded = np.concatenate([chunk, np.zeros((size - len(chunk), *chunk.shape[1:]), np.float32)])
-            pos, sc = self._exact(padded, k) if exact else self._plaid(padded, k, config)
+            pos, sc = self._exact(padded, k) if exact else self._plaid(padded, k, config, n_real=len(chunk))
             return pos[: len(chunk)], sc[: len(chunk)]
 
         starts = range(0, len(items), batch_size)
@@ -307,7 +312,7 @@ class Searcher:
         }
         return Ranking(data, provenance)
 
-    def _plaid(self, Q: np.ndarray, k: int, config: ColBERTConfig) -> tuple[np.ndarray, np.ndarray]:
+    def _plaid(self, Q: np.ndarray, k: int, config: ColBERTConfig, n_real: int | None = None):
         ncells, threshold, ndocs = search_params(k, config)
         ndocs = max(ndocs, 4)
         arrays = self.arrays
@@ -316,8 +321,27 @@ class Searcher:
         S, cells, n_entries = plaid.cells(
             Q, arrays, mesh=self.mesh, ncells=min(ncells, self.index.num_partitions), query_maxlen=lq, query_chunk=chunk
         )
+        n_entries = jax.device_get(n_entries)  # a host round trip for one size: the IVF entries to expand
+        if self.implementation == "streamed":
+            real = np.arange(len(Q)) < (len(Q) if n_real is None else n_real)
+            return jax.device_get(
+                plaid.search_streamed(
+                    Q,
+                    S,
+                    cells,
+                    real,
+                    jnp.float32(threshold),
+                    arrays,
+                    mesh=self.mesh,
+                    max_entries=_pow2(n_entries.max()),
+                    ndocs=ndocs,
+                    k=k,
+                    nbits=self.index.nbits,
+                    clamp=self.clamp_maxsim,
+                )
+            )
         entries, n_cand, n_emb = plaid.candidates(
-            cells, arrays, mesh=self.mesh, max_entries=_bucket(jax.device_get(n_entries).max()), query_chunk=chunk
+            cells, arrays, mesh=self.mesh, max_entries=_bucket(n_entries.max()), query_chunk=chunk
         )
         # Host round trips carry only sizes: each stage gets static shapes that fit its queries. Queries are
         # sorted by size and ranked in groups, so that a few large queries do not pad all the others.
@@ -391,9 +415,10 @@ class Searcher:
         return jax.device_get((pos, scores))
 
 
-def _device_arrays(index: Index, mesh: Mesh) -> plaid.IndexArrays:
+def _device_arrays(index: Index, mesh: Mesh) -> tuple[plaid.IndexArrays, list[np.ndarray]]:
     """Splits the index's passages into one contiguous shard per device (balanced by embeddings) and
-    places each shard's arrays on its device."""
+    places each shard's arrays on its device. Also returns, per shard, the cumulative sums of its IVF
+    list lengths sorted longest first (static bounds for the streamed path)."""
     n_shards = mesh.size
     P, N = index.num_partitions, index.num_passages
     cum = np.concatenate([[0], np.cumsum(index.doclens, dtype=np.int64)])
@@ -425,6 +450,7 @@ def _device_arrays(index: Index, mesh: Mesh) -> plaid.IndexArrays:
         return np.concatenate([a, np.full((size - len(a), *a.shape[1:]), value, a.dtype)])
 
     stacked = {k: [] for k in plaid.SHARDED_KEYS}
+    entry_bounds = []
     for x in shards:
         e = len(x["codes"])
         stacked["doclens"].append(pad(x["doclens"].astype(np.int32), n_max + 1, 0))
@@ -438,10 +464,11 @@ def _device_arrays(index: Index, mesh: Mesh) -> plaid.IndexArrays:
         stacked["ivf_lengths"].append(np.concatenate([x["ivf_lengths"], [0]]).astype(np.int32))
         stacked["first"].append(np.int32(x["first"]))
         stacked["count"].append(np.int32(len(x["doclens"])))
+        entry_bounds.append(np.cumsum(np.sort(x["ivf_lengths"])[::-1]))
         assert e <= e_max
     sharded = NamedSharding(mesh, PartitionSpec(plaid.AXIS))
     replicated = NamedSharding(mesh, PartitionSpec())
     arrays = {k: jax.device_put(np.stack(v), sharded) for k, v in stacked.items()}
     arrays["centroids"] = jax.device_put(index.codec.centroids, replicated)
     arrays["bucket_weights"] = jax.device_put(index.codec.bucket_weights, replicated)
-    return arrays
+    return arrays, entry_bounds

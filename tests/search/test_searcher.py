@@ -55,10 +55,14 @@ def test_k_values_and_sticky_quirk_not_copied(searcher):
     assert searcher.search(QUERIES[0], k=1000)[:1][0][0] == r10[0][0]  # k > 100 uses its own defaults
 
 
-def test_pallas_kernels_give_the_same_ranking(real_index, minilm_model, searcher):
-    pallas = colbert_jax.Searcher(real_index, checkpoint=minilm_model, implementation="pallas", truncate=True)
-    a, b = searcher.search_all(QUERIES[:6], k=10), pallas.search_all(QUERIES[:6], k=10)
-    assert_same(a, b)
+@pytest.mark.parametrize("implementation", ["jnp", "pallas"])
+def test_implementations_give_the_same_ranking(real_index, minilm_model, searcher, implementation):
+    """The default (streamed, on CPU) and the staged paths (packed jnp; Pallas kernels in interpret mode)."""
+    assert searcher.implementation == "streamed"
+    other = colbert_jax.Searcher(real_index, checkpoint=minilm_model, implementation=implementation, truncate=True)
+    n = 6 if implementation == "pallas" else 40
+    for k in (10, 100):
+        assert_same(searcher.search_all(QUERIES[:n], k=k), other.search_all(QUERIES[:n], k=k))
 
 
 def test_exact_search(searcher):
