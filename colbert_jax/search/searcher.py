@@ -330,7 +330,7 @@ class Searcher:
                     S,
                     cells,
                     real,
-                    jnp.float32(threshold),
+                    np.float32(threshold),
                     arrays,
                     mesh=self.mesh,
                     max_entries=_pow2(n_entries.max()),
@@ -362,7 +362,7 @@ class Searcher:
                 survivors, n_surv = plaid.select(
                     S_g,
                     entries_g,
-                    jnp.float32(threshold),
+                    np.float32(threshold),
                     arrays,
                     ndocs=ndocs,
                     **sizes,
