@@ -119,6 +119,20 @@ def _evaluate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _train(args: argparse.Namespace) -> int:
+    from colbert_jax.training.config import TrainConfig
+    from colbert_jax.training.data import DataError
+    from colbert_jax.training.loop import maybe_initialize_distributed, train
+
+    maybe_initialize_distributed()
+    config = TrainConfig.load(args.config, [pair for group in args.set or [] for pair in group])
+    try:
+        train(config, args.out)
+    except DataError as e:
+        raise ValueError(str(e)) from None
+    return EXIT_OK
+
+
 def _quickstart(args: argparse.Namespace) -> int:
     from colbert_jax import quickstart
 
@@ -222,6 +236,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recall", type=int, nargs="+", default=[10, 50, 100, 1000], help="Recall@k depths")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser(
+        "train",
+        help="train or fine-tune a ColBERT model",
+        description="Train from a YAML config (sections 'colbert' and 'train'; see configs/). "
+        "Writes OUT/metrics.jsonl, Orbax checkpoints in OUT/checkpoints and the final model in the "
+        "PyTorch ColBERTv2 layout in OUT/export. Rerunning the same command resumes.",
+    )
+    p.add_argument("--config", required=True, help="YAML config file")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument(
+        "--set",
+        nargs="+",
+        action="append",
+        metavar="KEY=VALUE",
+        help="overrides: lr=1e-5 train.seed=1 (bare keys are looked up in both sections)",
+    )
+    p.set_defaults(func=_train)
 
     p = sub.add_parser("quickstart", help="the default model on the built-in corpus", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)

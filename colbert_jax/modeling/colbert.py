@@ -45,8 +45,12 @@ class ColBERTEncoder(nn.Module):
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-    """torch.nn.functional.normalize semantics: divide by max(norm, eps)."""
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+    """torch.nn.functional.normalize semantics: divide by max(norm, eps).
+
+    Written as sqrt(max(sum x^2, eps^2)) - the same value - so that the gradient at a zero row (masked
+    positions) is 0 rather than 0 * NaN from differentiating the norm at 0.
+    """
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
 
 
 def embed_queries(

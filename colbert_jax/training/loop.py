@@ -1,0 +1,327 @@
+"""`train(config, out_dir)`: the training loop, from a checkpoint to an exported ColBERTv2 model.
+
+    out_dir/metrics.jsonl      one JSON object per step (step, loss, grad_norm, lr, examples/s, tokens/s, mfu)
+    out_dir/checkpoints/<step> Orbax checkpoints: train state (params, optimizer, step, RNG), data position, config
+    out_dir/export/            the final model in the PyTorch ColBERTv2 layout (loads in colbert-ai)
+    out_dir/config.yaml        the resolved configuration
+
+Where training starts from (in this order):
+1. the latest Orbax checkpoint in out_dir/checkpoints (a rerun after a kill resumes exactly: same
+   parameters, optimizer state, step, dropout RNG and data position);
+2. otherwise `colbert.checkpoint`: a PyTorch ColBERTv2 / colbert-jax checkpoint, a plain BERT (a fresh
+   projection), or `default` (the packaged MiniLM model).
+
+Several processes (hosts) train together when COLBERT_JAX_COORDINATOR (host:port),
+COLBERT_JAX_NUM_PROCESSES and COLBERT_JAX_PROCESS_ID are set: call `maybe_initialize_distributed()`
+before anything else touches JAX (scripts/train.py does). Each process reads its own share of the
+examples; process 0 writes metrics and the export.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm.auto import tqdm
+
+from colbert_jax.checkpoint import load_checkpoint
+from colbert_jax.config import ConfigError
+from colbert_jax.model import LENGTH_BUCKET, ColBERTModel
+from colbert_jax.modeling.colbert import ColBERTEncoder
+from colbert_jax.runtime import enable_compilation_cache
+from colbert_jax.training.config import TrainConfig
+from colbert_jax.training.data import TrainingData
+from colbert_jax.training.sharding import batch_sharding, make_mesh, param_shardings, state_shardings
+from colbert_jax.training.step import TrainState, make_optimizer, train_step
+
+__all__ = ["train", "maybe_initialize_distributed"]
+
+_DISTRIBUTED = False
+PEAK_BF16_FLOPS = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "L4": 121e12,
+    "TPU v5 lite": 197e12,
+    "TPU v4": 275e12,
+    "TPU v5p": 459e12,
+}
+
+
+def maybe_initialize_distributed() -> bool:
+    """jax.distributed.initialize from COLBERT_JAX_* variables; must run before any other JAX call."""
+    global _DISTRIBUTED
+    address = os.environ.get("COLBERT_JAX_COORDINATOR")
+    if not address:
+        return False
+    if not _DISTRIBUTED:
+        jax.distributed.initialize(
+            coordinator_address=address,
+            num_processes=int(os.environ["COLBERT_JAX_NUM_PROCESSES"]),
+            process_id=int(os.environ["COLBERT_JAX_PROCESS_ID"]),
+        )
+        _DISTRIBUTED = True
+    return True
+
+
+def _resolve_checkpoint(name: str | None) -> str:
+    if not name:
+        raise ConfigError("colbert.checkpoint is not set: name a checkpoint directory (or 'default')")
+    if name == "default":
+        from colbert_jax.default_model import default_checkpoint
+
+        return str(default_checkpoint())
+    return name
+
+
+def _flops_per_step(model: ColBERTModel, n_queries: int, query_len: int, n_docs: int, doc_len: int) -> float:
+    """Training FLOPs (forward x 3) of the encoder for one step, from the matmul shapes."""
+    b = model.bert_config
+    h, f, layers = b.hidden_size, b.intermediate_size, b.num_hidden_layers
+
+    def forward(seqs, length):
+        per_token = layers * (2 * 4 * h * h + 2 * 2 * h * f + 2 * 2 * length * h) + 2 * h * model.config.dim
+        return seqs * length * per_token
+
+    return 3.0 * (forward(n_queries, query_len) + forward(n_docs, doc_len))
+
+
+def _peak_flops(config: TrainConfig) -> float | None:
+    if config.train.peak_flops_per_device:
+        return config.train.peak_flops_per_device * jax.device_count()
+    kind = jax.devices()[0].device_kind
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in kind), None)
+    return peak * jax.device_count() if peak else None
+
+
+def _tokenize(model: ColBERTModel, batch, accum: int, nway: int) -> dict[str, np.ndarray]:
+    """One host's batch -> arrays with a leading micro-batch axis [accumsteps, ...]."""
+    q_ids, q_mask = model.query_tokenizer.tensorize(batch.queries)
+    d_ids, d_mask = model.doc_tokenizer.tensorize(batch.passages)
+    width = -(-d_ids.shape[1] // LENGTH_BUCKET) * LENGTH_BUCKET
+    if jax.process_count() > 1:  # every host must build arrays of one global shape
+        width = int(np.max(multihost_utils.process_allgather(np.int32(width))))
+    pad = ((0, 0), (0, width - d_ids.shape[1]))
+    d_ids, d_mask = np.pad(d_ids, pad), np.pad(d_mask, pad)
+    b = len(batch.queries)
+    scores = batch.scores if batch.scores is not None else np.zeros((b, nway), np.float32)
+    out = {"q_ids": q_ids, "q_mask": q_mask, "d_ids": d_ids, "d_mask": d_mask, "scores": scores}
+    return {k: v.reshape(accum, v.shape[0] // accum, *v.shape[1:]) for k, v in out.items()}
+
+
+def train(
+    config: TrainConfig, out_dir: str | os.PathLike, *, stop_after: int | None = None, show_progress: bool = True
+) -> Path:
+    """Trains as configured; returns out_dir. `stop_after=N` returns after step N (as an interrupted run
+    would, with its checkpoint saved): rerunning resumes."""
+    enable_compilation_cache()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    leader = jax.process_index() == 0
+    c, t = config.colbert, config.train
+
+    # -- model, mesh, optimizer -------------------------------------------------------------------
+    model = load_checkpoint(_resolve_checkpoint(c.checkpoint), config=c)
+    c = model.config
+    mesh = make_mesh(t.mesh)
+    data_size = mesh.shape["data"]
+    if c.bsize % c.accumsteps:
+        raise ConfigError(f"bsize={c.bsize} is not a multiple of accumsteps={c.accumsteps}")
+    micro = c.bsize // c.accumsteps
+    if micro % data_size or c.bsize % jax.process_count():
+        raise ConfigError(
+            f"bsize/accumsteps={micro} must be a multiple of the mesh's data axis ({data_size}) and "
+            f"bsize of the number of processes ({jax.process_count()})"
+        )
+    dtype = jnp.bfloat16 if c.compute_dtype == "bfloat16" else jnp.float32
+    module = ColBERTEncoder(model.bert_config, c.dim, dtype=dtype, remat=t.remat)
+    tx = make_optimizer(c, t)
+    p_shard = param_shardings(module, mesh, t.logical_axis_rules)
+    host_params = jax.device_get(model.params)
+    abstract_opt = jax.eval_shape(tx.init, host_params)
+    s_shard = state_shardings(tx, abstract_opt, p_shard, mesh)
+    replicated = NamedSharding(mesh, P())
+
+    # -- data -------------------------------------------------------------------------------------
+    data = TrainingData(
+        c.triples,
+        c.queries,
+        c.collection,
+        nway=c.nway,
+        seed=t.seed,
+        shuffle=t.shuffle,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    distill = data.has_scores
+
+    # -- state: resume, or start from the checkpoint -----------------------------------------------
+    import orbax.checkpoint as ocp
+
+    manager = ocp.CheckpointManager(
+        out.resolve() / "checkpoints", options=ocp.CheckpointManagerOptions(max_to_keep=t.keep_checkpoints, create=True)
+    )
+    abstract_state = TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+        params=jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), host_params, p_shard),
+        opt_state=jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_opt, s_shard.opt_state
+        ),
+        rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated),
+    )
+    epoch, position = 0, 0
+    latest = manager.latest_step()
+    if latest is not None:
+        restored = manager.restore(
+            latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
+        )
+        state = TrainState(*restored["state"])
+        epoch, position = restored["data"]["epoch"], restored["data"]["position"]
+        if leader and show_progress:
+            tqdm.write(f"[colbert-jax] resuming from {out / 'checkpoints' / str(latest)} (step {latest})")
+    else:
+        params = jax.device_put(host_params, p_shard)
+        opt_state = jax.jit(tx.init, out_shardings=s_shard.opt_state)(params)
+        state = TrainState(
+            jax.device_put(jnp.int32(0), replicated),
+            params,
+            opt_state,
+            jax.device_put(jax.random.PRNGKey(t.seed), replicated),
+        )
+    start = int(jax.device_get(state.step))
+    if leader:
+        config.model_copy(update={"colbert": c}).save(out / "config.yaml")
+        _truncate_metrics(out / "metrics.jsonl", start)
+
+    step_fn = jax.jit(
+        functools.partial(
+            train_step,
+            module=module,
+            tx=tx,
+            colbert=c,
+            train=t,
+            pad_id=model.doc_tokenizer.pad_id,
+            skiplist=jnp.asarray(model.doc_tokenizer.skiplist),
+            distill=distill,
+        ),
+        in_shardings=(s_shard, batch_sharding(mesh)),
+        out_shardings=(s_shard, replicated),
+        donate_argnums=0,  # the old state's buffers become the new state's
+    )
+
+    # -- loop -------------------------------------------------------------------------------------
+    peak = _peak_flops(config)
+    per_host = c.bsize // jax.process_count()
+    writer = _tensorboard(out) if (leader and t.tensorboard) else None
+    bar = tqdm(total=c.maxsteps, initial=start, unit="step", desc="training", disable=not (leader and show_progress))
+    step, saved = start, start
+    batches = data.batches(per_host, epoch, position, t.epochs)
+    with open(out / "metrics.jsonl", "a") if leader else open(os.devnull, "w") as log:
+        for (epoch, position), batch in batches:
+            if step >= c.maxsteps:
+                break
+            t0 = time.perf_counter()
+            arrays = _tokenize(model, batch, c.accumsteps, c.nway)
+            global_batch = {
+                k: jax.make_array_from_process_local_data(batch_sharding(mesh), v) for k, v in arrays.items()
+            }
+            state, metrics = step_fn(state, global_batch)
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            step += 1
+            seconds = time.perf_counter() - t0
+            q_len, d_len = arrays["q_ids"].shape[-1], arrays["d_ids"].shape[-1]
+            tokens = c.bsize * (q_len + c.nway * d_len)
+            flops = _flops_per_step(model, c.bsize, q_len, c.bsize * c.nway, d_len)
+            record = {
+                "step": step,
+                **metrics,
+                "epoch": epoch,
+                "examples_per_s": c.bsize / seconds,
+                "tokens_per_s": tokens / seconds,
+                "mfu": (flops / seconds / peak) if peak else None,
+                "seconds": seconds,
+            }
+            if step % t.log_every == 0 or step == c.maxsteps:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                if writer is not None:
+                    for k, v in record.items():
+                        if isinstance(v, float):
+                            writer.add_scalar(k, v, step)
+            bar.set_postfix(
+                loss=f"{metrics['loss']:.4f}",
+                ex_s=f"{record['examples_per_s']:.1f}",
+                tok_s=f"{record['tokens_per_s']:.0f}",
+                mfu="n/a" if record["mfu"] is None else f"{record['mfu']:.1%}",
+            )
+            bar.update(1)
+            if t.save_every and step % t.save_every == 0:
+                _save(manager, step, state, epoch, position, config)
+                saved = step
+            if stop_after is not None and step >= stop_after:
+                if saved != step:
+                    _save(manager, step, state, epoch, position, config)
+                manager.wait_until_finished()
+                bar.close()
+                return out
+    bar.close()
+    if saved != step:
+        _save(manager, step, state, epoch, position, config)
+    manager.wait_until_finished()
+    if t.export:
+        params = (
+            multihost_utils.process_allgather(state.params, tiled=True)
+            if jax.process_count() > 1
+            else jax.device_get(state.params)
+        )
+        if leader:
+            exported = ColBERTModel(
+                c,
+                model.bert_config,
+                params,
+                model.hf_tokenizer,
+                extras=model.extras,
+                tokenizer_files=model.tokenizer_files,
+                devices=jax.local_devices()[:1],
+            )
+            exported.save(out / "export", overwrite=True)
+            if show_progress:
+                tqdm.write(f"[colbert-jax] {step} steps; model exported to {out / 'export'}")
+    return out
+
+
+def _save(manager, step: int, state: TrainState, epoch: int, position: int, config: TrainConfig) -> None:
+    import orbax.checkpoint as ocp
+
+    manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave({"epoch": int(epoch), "position": int(position)}),
+        ),
+    )
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drops logged steps after `step` (a resumed run logs them again)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def _tensorboard(out: Path):
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
