@@ -1,0 +1,182 @@
+"""How search speed grows with collection size: colbert-jax vs colbert-ai at 1x, 10x and 100x the built-in
+corpus, on identical compressed indexes.
+
+    python scripts/bench_scale.py --base-index DIR [--factors 1 10 100] [--queries 200]
+
+DIR is our nbits=2 index of the built-in corpus (scripts/bench_search.py builds one; so does
+`colbert-jax index`). A synthetic x-F collection copies every passage F times; copy c's codes move to
+variant (c mod V) of their centroid, a renormalised perturbation (sigma 0.02 per dimension) of it, with
+V chosen so that the partition count grows as PLAID's formula would (V = 4 at 10x: 16,384 partitions;
+16 at 100x: 65,536). Residuals are kept. The same arrays are written as a colbert-jax index and, by
+colbert-ai's own classes, as a colbert-ai index; both systems encode the same query texts with the same
+checkpoint and search at k=10 with their defaults (median of 3 batched passes after a warm-up, then
+single-query p50).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+from bench_index import run  # noqa: E402
+from bench_search import write_queries  # noqa: E402
+
+OURS = """
+import json, sys, time
+import numpy as np
+import colbert_jax
+from colbert_jax.queries import load_queries
+index, queries_path, checkpoint = sys.argv[1], sys.argv[2], sys.argv[3]
+queries = load_queries(queries_path)
+s = colbert_jax.Searcher(index, checkpoint=checkpoint, truncate=True, allow_other_checkpoint=True)
+s.search_all(queries, k=10)
+for q in list(queries.values())[:100]:
+    s.search(q, k=10)
+times = []
+for _ in range(3):
+    t0 = time.perf_counter(); s.search_all(queries, k=10); times.append(time.perf_counter() - t0)
+lat = []
+for q in list(queries.values())[:100]:
+    t0 = time.perf_counter(); s.search(q, k=10); lat.append(time.perf_counter() - t0)
+print("RESULT " + json.dumps({"batched_qps": len(queries) / float(np.median(times)),
+                              "single_p50_ms": 1000 * float(np.median(lat))}))
+"""
+
+
+def synthesize(base, factor: int, variants: int, out: Path, arrays: Path, seed: int = 0) -> tuple[int, int, int]:
+    from colbert_jax.index import write_index
+    from colbert_jax.indexing.codec import ResidualCodec
+
+    rng = np.random.default_rng(seed)
+    c = base.codec.centroids
+    noisy = c[None] + rng.normal(0, 0.02, (variants, *c.shape)).astype(np.float32) if variants > 1 else c[None]
+    noisy = noisy / np.linalg.norm(noisy, axis=-1, keepdims=True)
+    centroids = noisy.reshape(-1, c.shape[1]).astype(np.float16)
+    codec = ResidualCodec(
+        centroids.astype(np.float32), base.codec.bucket_cutoffs, base.codec.bucket_weights, base.nbits
+    )
+    P = base.num_partitions
+    codes = np.concatenate([base.codes + (copy % variants) * P for copy in range(factor)]).astype(np.int32)
+    residuals = np.tile(base.residuals, (factor, 1))
+    doclens = np.tile(base.doclens, factor)
+    arrays.mkdir(parents=True, exist_ok=True)
+    for name, value in (
+        ("centroids", centroids),
+        ("cutoffs", codec.bucket_cutoffs),
+        ("weights", codec.bucket_weights),
+        ("codes", codes),
+        ("residuals", residuals),
+        ("doclens", doclens),
+    ):
+        np.save(arrays / f"{name}.npy", value)
+    write_index(
+        out,
+        config=base.config,
+        codec=codec,
+        chunks=[(codes, residuals, doclens)],
+        num_embeddings=len(codes),
+        pids=np.arange(len(doclens), dtype=np.int64),
+        checkpoint=base.metadata["checkpoint"],
+        collection={"source": None, "fingerprint": None},
+        build={"synthetic": f"{factor}x"},
+    )
+    return len(doclens), len(codes), len(centroids)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base-index", required=True)
+    ap.add_argument("--factors", type=int, nargs="+", default=[1, 10, 100])
+    ap.add_argument("--queries", type=int, default=200)
+    ap.add_argument("--ref-python", default=os.environ.get("REF_PYTHON", "/tmp/colbert-ref-venv/bin/python"))
+    ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args()
+    import colbert_jax
+    from colbert_jax.default_model import default_checkpoint
+
+    base = colbert_jax.Index.open(args.base_index)
+    checkpoint = str(default_checkpoint())
+    work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    queries = work / "queries.tsv"
+    write_queries(Path(base.metadata["collection"]["source"]), queries, args.queries)
+    env = {"PYTHONPATH": str(REPO)}
+    rows = []
+    for factor in args.factors:
+        variants = {1: 1, 10: 4, 100: 16}.get(factor, max(1, int(round(np.sqrt(factor) * 1.3))))
+        ours, arrays = work / f"ours{factor}", work / f"arrays{factor}"
+        n, e, p = synthesize(base, factor, variants, ours, arrays)
+        row = {
+            "factor": factor,
+            "passages": n,
+            "embeddings": e,
+            "partitions": p,
+            "ours": run([sys.executable, "-c", OURS, str(ours), str(queries), checkpoint], env=env),
+        }
+        if not args.skip_reference:
+            ref = work / f"ref{factor}"
+            run(
+                [
+                    args.ref_python,
+                    str(REPO / "scripts/reference/ref_write_index.py"),
+                    "--arrays",
+                    str(arrays),
+                    "--index",
+                    str(ref),
+                    "--checkpoint",
+                    checkpoint,
+                ]
+            )
+            collection = work / f"collection{factor}.tsv"
+            collection.write_text("".join(f"{i}\tpassage {i}\n" for i in range(n)))
+            r = run(
+                [
+                    args.ref_python,
+                    str(REPO / "scripts/reference/ref_search.py"),
+                    "--index",
+                    str(ref),
+                    "--checkpoint",
+                    checkpoint,
+                    "--collection",
+                    str(collection),
+                    "--queries",
+                    str(queries),
+                    "--ks",
+                    "10",
+                    "--single",
+                    "100",
+                ]
+            )
+            row["colbert-ai"] = {"batched_qps": r["batched_qps"]["10"], "single_p50_ms": r["single_ms"]["10"]["p50"]}
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr)
+        for path in (arrays,):
+            for f in path.iterdir():
+                f.unlink()
+    print(f"\nk=10, {args.queries} queries, {os.cpu_count()} CPUs\n")
+    print(
+        "| scale | passages | embeddings | partitions | ours q/s | colbert-ai q/s | ratio | ours p50 ms | "
+        "colbert-ai p50 ms |\n|---|---|---|---|---|---|---|---|---|"
+    )
+    for r in rows:
+        ref = r.get("colbert-ai", {})
+        ratio = r["ours"]["batched_qps"] / ref["batched_qps"] if ref else float("nan")
+        print(
+            f"| {r['factor']}x | {r['passages']:,} | {r['embeddings']:,} | {r['partitions']:,} | "
+            f"{r['ours']['batched_qps']:.1f} | {ref.get('batched_qps', float('nan')):.1f} | {ratio:.2f} | "
+            f"{r['ours']['single_p50_ms']:.1f} | {ref.get('single_p50_ms', float('nan')):.1f} |"
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
