@@ -117,11 +117,35 @@ def _map_queries(fn, xs, query_chunk: int):
 
 
 # -- stage 1-2 ------------------------------------------------------------------------------------
+CELL_BLOCK = 128
+
+
+def top_cells(S: jax.Array, n: int) -> jax.Array:
+    """The n best centroids of each query token: S [P, Lq] -> ids [Lq, n], the set `top_k(S.T, n)` gives.
+
+    Two levels, because XLA:CPU's top_k over all P centroids costs 2-3x the matmul that produced S: the n
+    best scores lie in the n blocks of CELL_BLOCK centroids with the best maxima, so only those are ranked.
+    """
+    num_centroids, lq = S.shape
+    blocks_total = num_centroids // CELL_BLOCK
+    if num_centroids % CELL_BLOCK or blocks_total < 2 * n:
+        return jax.lax.top_k(S.T, n)[1]
+    blocked = S.reshape(blocks_total, CELL_BLOCK, lq)
+    blocks = jax.lax.top_k(blocked.max(axis=1).T, n)[1]  # [Lq, n]
+    values = blocked[blocks, :, jnp.arange(lq)[:, None]].reshape(lq, n * CELL_BLOCK)
+    best = jax.lax.top_k(values, n)[1]
+    return jnp.take_along_axis(blocks, best // CELL_BLOCK, axis=1) * CELL_BLOCK + best % CELL_BLOCK
+
+
+def _centroid_scores(Q, a, query_maxlen: int):
+    return jnp.dot(a["centroids"], Q[:query_maxlen].T, precision=jax.lax.Precision.HIGHEST)  # [P, Lq]
+
+
 def _cells_one(Q, a, *, ncells: int, query_maxlen: int):
     """Centroid scores S [P, Lq], the probed cells (unique, padded with P) and their IVF entries count."""
     num_centroids = a["centroids"].shape[0]
-    S = jnp.dot(a["centroids"], Q[:query_maxlen].T, precision=jax.lax.Precision.HIGHEST)  # [P, Lq]
-    cells = jax.lax.top_k(S.T, ncells)[1].reshape(-1)  # [Lq * ncells]
+    S = _centroid_scores(Q, a, query_maxlen)
+    cells = top_cells(S, ncells).reshape(-1)  # [Lq * ncells]
     cells = jnp.unique(cells, size=cells.shape[0], fill_value=num_centroids)
     return S, cells, a["ivf_lengths"][cells].sum()
 
@@ -137,18 +161,23 @@ def _candidates_one(cells, a, *, max_entries: int):
     return unique, first.sum(), jnp.where(first, a["doclens"][entries], 0).sum()
 
 
-@functools.partial(jax.jit, static_argnames=("mesh", "ncells", "query_maxlen", "query_chunk"))
-def cells(Q, arrays, *, mesh: Mesh, ncells: int, query_maxlen: int, query_chunk: int = 0):
-    """Stage 1: Q [B, Lq, dim] -> (S [B, P, Lq], cells [B, Lq * ncells], IVF entries to expand [D, B])."""
+@functools.partial(jax.jit, static_argnames=("mesh", "ncells", "query_maxlen", "query_chunk", "with_scores"))
+def cells(Q, arrays, *, mesh: Mesh, ncells: int, query_maxlen: int, query_chunk: int = 0, with_scores: bool = True):
+    """Stage 1: Q [B, Lq, dim] -> (S [B, P, Lq] (None unless with_scores), cells [B, Lq * ncells], IVF
+    entries to expand [D, B])."""
     fn = functools.partial(_cells_one, ncells=ncells, query_maxlen=query_maxlen)
 
     def shard(Q, arrays):
+        if not with_scores:  # S of a whole batch is B * P * Lq floats to write and read back: skip it
+            c, n = _map_queries(lambda q: fn(q, _local(arrays))[1:], Q, query_chunk)
+            return None, c, n[None]
         S, c, n = _map_queries(lambda q: fn(q, _local(arrays)), Q, query_chunk)
         return S, c, n[None]
 
-    return jax.shard_map(
-        shard, mesh=mesh, in_specs=(P(), _specs(arrays)), out_specs=(P(), P(), P(AXIS)), check_vma=False
-    )(Q, arrays)
+    out_specs = (P() if with_scores else None, P(), P(AXIS))
+    return jax.shard_map(shard, mesh=mesh, in_specs=(P(), _specs(arrays)), out_specs=out_specs, check_vma=False)(
+        Q, arrays
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "max_entries", "query_chunk"))
@@ -394,8 +423,14 @@ def _stream(lengths, starts, chunk: int, init, body):
     total = ends[-1]
 
     def step(i, carry):
-        slot = i * chunk + jnp.arange(chunk)
-        seg = jnp.minimum(jnp.searchsorted(ends, slot, side="right"), lengths.shape[0] - 1)
+        lo = i * chunk
+        slot = lo + jnp.arange(chunk)
+        # The segment of each slot: one binary search for the chunk's first slot, then a +1 at every later
+        # segment start (empty segments stack) and a running sum: half the cost of a search per slot.
+        inside = (first > lo) & (first < lo + chunk)
+        starts_here = jnp.zeros(chunk, jnp.int32).at[jnp.where(inside, first - lo, chunk)].add(1, mode="drop")
+        seg = jnp.searchsorted(ends, lo, side="right") + jnp.cumsum(starts_here)
+        seg = jnp.minimum(seg, lengths.shape[0] - 1)
         return body(carry, seg, starts[seg] + slot - first[seg], slot < total)
 
     return jax.lax.fori_loop(0, (total + chunk - 1) // chunk, step, init)
@@ -435,11 +470,13 @@ def _exact_streamed(Q, S, survivors, a, chunk: int, nbits: int):
     return _stream(a["doclens"][survivors], a["offsets"][survivors], chunk, init, body)
 
 
-def _search_one_streamed(Q, S, cells, real, threshold, a, *, max_entries, ndocs, k, nbits, clamp, chunk, exact_chunk):
+def _search_one_streamed(Q, cells, real, threshold, a, *, max_entries, ndocs, k, nbits, clamp, chunk, exact_chunk):
     """Stages 2-6 for one query; a padding query (`real` False) skips the work."""
     kk = min(k, ndocs // 4)
 
     def run(Q):
+        # Recomputing S here (one small matmul) is cheaper than passing a batch's S between the stages.
+        S = _centroid_scores(Q, a, Q.shape[0])
         entries, _, _ = _candidates_one(cells, a, max_entries=max_entries)
         cand = entries[::-1]  # the unique candidates, descending positions
         table, kept = _tables(S, threshold)
@@ -459,7 +496,6 @@ def _search_one_streamed(Q, S, cells, real, threshold, a, *, max_entries, ndocs,
 )
 def search_streamed(
     Q,
-    S,
     cells,
     real,
     threshold,
@@ -471,7 +507,7 @@ def search_streamed(
     k: int,
     nbits: int,
     clamp: bool = False,
-    chunk: int = 2048,
+    chunk: int = 4096,
     exact_chunk: int = 512,
 ):
     """Stages 2-6 in one call after `cells`, one query at a time, the candidates' and survivors' embeddings
@@ -491,10 +527,10 @@ def search_streamed(
         exact_chunk=exact_chunk,
     )
 
-    def shard(Q, S, cells, real, threshold, arrays):
+    def shard(Q, cells, real, threshold, arrays):
         local = _local(arrays)
-        return _map_queries(lambda x: fn(*x, threshold, local), (Q, S, cells, real), 1)
+        return _map_queries(lambda x: fn(*x, threshold, local), (Q, cells, real), 1)
 
     return jax.shard_map(
-        shard, mesh=mesh, in_specs=(P(), P(), P(), P(), P(), _specs(arrays)), out_specs=(P(), P()), check_vma=False
-    )(Q, S, cells, real, threshold, arrays)
+        shard, mesh=mesh, in_specs=(P(), P(), P(), P(), _specs(arrays)), out_specs=(P(), P()), check_vma=False
+    )(Q, cells, real, threshold, arrays)

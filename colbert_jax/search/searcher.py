@@ -318,16 +318,22 @@ class Searcher:
         arrays = self.arrays
         lq = config.query_maxlen
         chunk = 1 if self._cpu else 0
+        streamed = self.implementation == "streamed"
         S, cells, n_entries = plaid.cells(
-            Q, arrays, mesh=self.mesh, ncells=min(ncells, self.index.num_partitions), query_maxlen=lq, query_chunk=chunk
+            Q,
+            arrays,
+            mesh=self.mesh,
+            ncells=min(ncells, self.index.num_partitions),
+            query_maxlen=lq,
+            query_chunk=chunk,
+            with_scores=not streamed,
         )
         n_entries = jax.device_get(n_entries)  # a host round trip for one size: the IVF entries to expand
-        if self.implementation == "streamed":
+        if streamed:
             real = np.arange(len(Q)) < (len(Q) if n_real is None else n_real)
             return jax.device_get(
                 plaid.search_streamed(
                     Q,
-                    S,
                     cells,
                     real,
                     np.float32(threshold),

@@ -156,3 +156,20 @@ def test_eight_shards_equal_one(real_index, searcher, minilm_checkpoint, tmp_pat
         for i, results in enumerate(sharded[str(k)]):
             assert [p for p, _ in results] == [p for p, _, _ in single[i]]
             np.testing.assert_allclose([s for _, s in results], [s for *_, s in single[i]], atol=1e-4)
+
+
+@pytest.mark.parametrize("num_centroids", [4096, 1000, 256])
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_top_cells_equals_top_k(num_centroids, n):
+    """The blocked top-cells selection picks the same centroids as a plain top_k over all of them, including
+    sizes that take the fallback (not a multiple of the block, or too few blocks)."""
+    import jax
+
+    from colbert_jax.search.plaid import top_cells
+
+    rng = np.random.default_rng(num_centroids + n)
+    S = rng.standard_normal((num_centroids, 32)).astype(np.float32)
+    S[rng.integers(0, num_centroids, 5)] += 3.0  # a few centroids that win for every token
+    got = np.sort(np.asarray(jax.jit(top_cells, static_argnums=1)(S, n)), axis=1)
+    want = np.sort(np.asarray(jax.lax.top_k(S.T, n)[1]), axis=1)
+    np.testing.assert_array_equal(got, want)
