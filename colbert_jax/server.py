@@ -231,12 +231,7 @@ def warm_up(searcher: Searcher, max_batch: int = 64, seed: int = 0) -> float:
     except (FileNotFoundError, ValueError):
         texts = ["what is the answer"] * (2 * max_batch)
     queries = [" ".join(t.split()[:8]) or "query" for t in texts]
-    k = min(SEARCH_K, n)
-    size = 1
-    while size <= max_batch:
-        for start in (0, max_batch):  # two draws of queries, for more of the size buckets
-            searcher.search_all(queries[start : start + size], k=k)
-        size *= 2
+    searcher.warm_up(queries, k=min(SEARCH_K, n), max_batch=max_batch)
     return time.perf_counter() - t0
 
 

@@ -14,6 +14,7 @@ or passed to a call win.
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -331,21 +332,7 @@ class Searcher:
         n_entries = jax.device_get(n_entries)  # a host round trip for one size: the IVF entries to expand
         if streamed:
             real = np.arange(len(Q)) < (len(Q) if n_real is None else n_real)
-            return jax.device_get(
-                plaid.search_streamed(
-                    Q,
-                    cells,
-                    real,
-                    np.float32(threshold),
-                    arrays,
-                    mesh=self.mesh,
-                    max_entries=_pow2(n_entries.max()),
-                    ndocs=ndocs,
-                    k=k,
-                    nbits=self.index.nbits,
-                    clamp=self.clamp_maxsim,
-                )
-            )
+            return jax.device_get(self._streamed(Q, cells, real, k, config, _pow2(n_entries.max())))
         entries, n_cand, n_emb = plaid.candidates(
             cells, arrays, mesh=self.mesh, max_entries=_bucket(n_entries.max()), query_chunk=chunk
         )
@@ -402,6 +389,57 @@ class Searcher:
             )
             self.implementation = "jnp"
             return self._plaid(Q, k, config)
+
+    def _streamed(self, Q, cells, real, k: int, config: ColBERTConfig, max_entries: int):
+        _, threshold, ndocs = search_params(k, config)
+        return plaid.search_streamed(
+            Q,
+            cells,
+            real,
+            np.float32(threshold),
+            self.arrays,
+            mesh=self.mesh,
+            max_entries=max_entries,
+            ndocs=max(ndocs, 4),
+            k=k,
+            nbits=self.index.nbits,
+            clamp=self.clamp_maxsim,
+        )
+
+    def warm_up(self, queries: Sequence[str], k: int = 10, *, max_batch: int = MAX_BATCH) -> float:
+        """Compiles ahead what searching at k in batches of up to `max_batch` queries like these needs, so
+        that no later call waits for JIT compilation (a server's first requests, a benchmark). Programs are
+        also cached on disk: a later process loads them in about a second. Returns the seconds spent.
+
+        Every power-of-two batch size is compiled; on the CPU path, also every IVF-entry bucket from the
+        smallest to twice the largest these queries need, for every batch size."""
+        t0 = time.perf_counter()
+        queries = list(queries)
+        if not queries:
+            raise QueryError("warm_up needs at least one query")
+        sizes = sorted({min(1 << i, max_batch) for i in range(max(1, max_batch).bit_length() + 1)})
+        for size in sizes:
+            self.search_all([queries[i % len(queries)] for i in range(size)], k=k, batch_size=max_batch)
+        if self.implementation != "streamed":
+            return time.perf_counter() - t0
+        ncells, _, _ = search_params(k, self.config)
+        ncells = min(ncells, self.index.num_partitions)
+        lq = self.config.query_maxlen
+        Q = self.encode(queries[:max_batch])
+        _, _, n_entries = plaid.cells(
+            Q, self.arrays, mesh=self.mesh, ncells=ncells, query_maxlen=lq, query_chunk=1, with_scores=False
+        )
+        n_entries = jax.device_get(n_entries).max(axis=0)
+        lo, hi = _pow2(n_entries.min()), min(2 * _pow2(n_entries.max()), self._max_entries(ncells, lq))
+        buckets = [1 << i for i in range(lo.bit_length() - 1, hi.bit_length())]
+        for size in sizes:
+            zeros = np.zeros((size, *Q.shape[1:]), np.float32)
+            _, cells, _ = plaid.cells(
+                zeros, self.arrays, mesh=self.mesh, ncells=ncells, query_maxlen=lq, query_chunk=1, with_scores=False
+            )
+            for max_entries in buckets:  # padding queries only: compiles, and runs no search work
+                jax.block_until_ready(self._streamed(zeros, cells, np.zeros(size, bool), k, self.config, max_entries))
+        return time.perf_counter() - t0
 
     def _chunk(self, sizes: dict, query_maxlen: int) -> int:
         """Queries per step of the select/score maps: 1 on CPU, else as many as the memory budget allows."""

@@ -173,3 +173,23 @@ def test_top_cells_equals_top_k(num_centroids, n):
     got = np.sort(np.asarray(jax.jit(top_cells, static_argnums=1)(S, n)), axis=1)
     want = np.sort(np.asarray(jax.lax.top_k(S.T, n)[1]), axis=1)
     np.testing.assert_array_equal(got, want)
+
+
+def test_warm_up_compiles_every_program_later_batches_need(real_index, minilm_model):
+    """After warm_up, batches of every size up to max_batch, of other queries, compile nothing new."""
+    from colbert_jax.search import plaid
+
+    searcher = colbert_jax.Searcher(real_index, checkpoint=minilm_model, truncate=True)
+    searcher.warm_up(QUERIES[:8], k=100, max_batch=8)
+    programs = plaid.cells._cache_size(), plaid.search_streamed._cache_size(), minilm_model._query_fn._cache_size()
+    rng = np.random.default_rng(0)
+    for size in (1, 2, 3, 5, 8, 1, 4, 7):
+        batch = [QUERIES[i] for i in rng.choice(np.arange(8, len(QUERIES)), size, replace=False)]
+        assert len(searcher.search_all(batch, k=100, batch_size=8)[0]) == 100
+    assert (
+        plaid.cells._cache_size(),
+        plaid.search_streamed._cache_size(),
+        minilm_model._query_fn._cache_size(),
+    ) == programs
+    with pytest.raises(QueryError, match="at least one query"):
+        searcher.warm_up([], k=10)
