@@ -1,0 +1,114 @@
+"""Where colbert-jax's CPU search time goes: matmul speed, query encoding, and retrieval alone.
+
+    python scripts/bench_cpu_parts.py --index DIR [--index DIR ...] [--queries 200]
+
+1. XLA:CPU GFLOP/s of the query encoder's largest product ([32, 384] x [384, 1536], float32 and bfloat16),
+   and torch's on the same product when the reference venv is there (--ref-python).
+2. The query encoder (packaged MiniLM): ms per single query (32 tokens), tokenisation excluded.
+3. For each index: retrieval alone from pre-encoded queries (no encoding): batched queries/s of
+   `search_all` (median of 3 passes) and single-query p50 ms, at k=10 with the defaults.
+Indexes from `scripts/bench_search.py` (`DIR/ours`) or `scripts/bench_scale.py` (`ours1`, `ours10`, ...)
+fit; queries are drawn from the (first) index's collection as in those benchmarks. Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+from bench_search import write_queries  # noqa: E402
+
+
+def _median_s(fn, n: int) -> float:
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def matmul_gflops(dtype) -> float:
+    a, b = jnp.ones((32, 384), dtype), jnp.ones((384, 1536), dtype)
+    f = jax.jit(lambda x, y: x @ y)
+    return 2 * 32 * 384 * 1536 / _median_s(lambda: f(a, b), 200) / 1e9
+
+
+TORCH_MATMUL = """
+import json, time, numpy as np, torch
+a, b = torch.ones(32, 384), torch.ones(384, 1536)
+for _ in range(20):
+    a @ b
+times = []
+for _ in range(200):
+    t0 = time.perf_counter(); a @ b; times.append(time.perf_counter() - t0)
+print(json.dumps(2 * 32 * 384 * 1536 / float(np.median(times)) / 1e9))
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--index", action="append", required=True, help="a colbert-jax index (repeatable)")
+    ap.add_argument("--queries", type=int, default=200)
+    ap.add_argument("--ref-python", default=os.environ.get("REF_PYTHON", "/tmp/colbert-ref-venv/bin/python"))
+    ap.add_argument("--collection", help="TSV the queries are drawn from (default: the first index's own)")
+    args = ap.parse_args()
+    import colbert_jax
+    from colbert_jax.default_model import default_checkpoint
+    from colbert_jax.queries import load_queries
+
+    checkpoint = str(default_checkpoint())
+    work = Path(tempfile.mkdtemp(prefix="bench-parts-"))
+    sources = [colbert_jax.Index.open(i).metadata["collection"]["source"] for i in args.index]
+    corpus = args.collection or next((src for src in sources if src), None)
+    if corpus is None:
+        sys.exit("none of the indexes records its collection: pass --collection (the built-in corpus TSV)")
+    write_queries(Path(corpus), work / "queries.tsv", args.queries)
+    texts = list(load_queries(work / "queries.tsv").values())
+
+    model = colbert_jax.load_checkpoint(checkpoint)
+    ids, mask = model.query_tokenizer.tensorize(texts[:1])
+    encode_ms = 1000 * _median_s(lambda: model.encode_query_ids(ids, mask), 100)
+    print(f"\n{platform.processor() or platform.machine()}, jax {jax.__version__}, {jax.device_count()} device(s)\n")
+    print("| part | value |\n|---|---|")
+    print(f"| matmul [32,384]x[384,1536] float32 | {matmul_gflops(jnp.float32):.0f} GFLOP/s |")
+    print(f"| matmul [32,384]x[384,1536] bfloat16 | {matmul_gflops(jnp.bfloat16):.0f} GFLOP/s |")
+    if Path(args.ref_python).exists():  # the same product in torch (colbert-ai's venv), for comparison
+        out = subprocess.run([args.ref_python, "-c", TORCH_MATMUL], capture_output=True, text=True, check=True)
+        print(f"| matmul [32,384]x[384,1536] float32, torch | {json.loads(out.stdout):.0f} GFLOP/s |")
+    print(f"| query encoder, one query | {encode_ms:.2f} ms |")
+
+    for index in args.index:
+        s = colbert_jax.Searcher(index, checkpoint=checkpoint, truncate=True, allow_other_checkpoint=True)
+        Q = s.encode(texts)
+        pre = dict(enumerate(Q))
+        batched = _median_s(functools.partial(s.search_all, pre, k=10), 3)
+        for q in Q[:20]:
+            s.search(q, k=10)
+        single = []
+        for q in Q[:100]:
+            t0 = time.perf_counter()
+            s.search(q, k=10)
+            single.append(time.perf_counter() - t0)
+        name = f"{Path(index).name} ({s.index.num_embeddings:,} embeddings)"
+        print(f"| retrieval only, {name}, batched | {len(Q) / batched:.1f} queries/s |")
+        print(f"| retrieval only, {name}, single p50 | {1000 * float(np.median(single)):.2f} ms |")
+
+
+if __name__ == "__main__":
+    main()
