@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import decompress as kernels
-from pallas_kernels.decompress import unpack_bits
+import pallas_kernels
+from pallas_kernels.decompress import byte_table, unpack_bits
 
 __all__ = ["ResidualCodec", "residual_buckets", "compress", "decompress", "pack_bits", "unpack_bits", "torch_quantile"]
 
@@ -51,11 +51,6 @@ def compress(embs: jax.Array, centroids: jax.Array, cutoffs: jax.Array, *, nbits
     return codes, pack_bits(buckets, nbits)
 
 
-def default_implementation() -> str:
-    """The Pallas kernel on GPU, plain jnp elsewhere (Pallas only interprets on CPU)."""
-    return "pallas" if jax.default_backend() == "gpu" else "jnp"
-
-
 @functools.partial(jax.jit, static_argnames=("nbits", "implementation"))
 def decompress(
     codes: jax.Array,
@@ -64,19 +59,17 @@ def decompress(
     weights: jax.Array,
     *,
     nbits: int,
-    implementation: str = "jnp",
+    implementation: str = "auto",
 ):
-    """(codes int32 [n], residuals uint8 [n, dim*nbits/8]) -> float32 [n, dim], L2-normalised."""
-    rows = centroids[codes]
-    if implementation == "pallas":
-        return kernels.decompress(rows, residuals, weights, nbits=nbits)
-    return kernels.decompress_reference(rows, residuals, weights, nbits=nbits)
+    """(codes int32 [n], residuals uint8 [n, dim*nbits/8]) -> float32 [n, dim], L2-normalised.
+    `implementation`: the kernel's ("auto": Pallas on GPU, else jnp; see `pallas_kernels.dispatch`)."""
+    return pallas_kernels.decompress(centroids[codes], residuals, weights, nbits=nbits, implementation=implementation)
 
 
 @functools.partial(jax.jit, static_argnames=("nbits",))
 def _norms(codes, residuals, centroids, weights, *, nbits: int):
     n, dim = codes.shape[0], centroids.shape[1]
-    v = centroids[codes] + kernels.byte_table(weights, nbits)[residuals].reshape(n, dim)
+    v = centroids[codes] + byte_table(weights, nbits)[residuals].reshape(n, dim)
     return jnp.linalg.norm(v, axis=-1)
 
 
@@ -215,9 +208,7 @@ class ResidualCodec:
         for start in range(0, len(codes), COMPRESS_BATCH):
             k, r = codes[start : start + COMPRESS_BATCH], residuals[start : start + COMPRESS_BATCH]
             size = COMPRESS_BATCH if len(codes) > COMPRESS_BATCH else _pow2(len(k))
-            v = decompress(
-                _pad_to(k, size), _pad_to(r, size), c, w, nbits=self.nbits, implementation=default_implementation()
-            )
+            v = decompress(_pad_to(k, size), _pad_to(r, size), c, w, nbits=self.nbits)
             out.append(np.asarray(v)[: len(k)])
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 

@@ -30,7 +30,8 @@ Three implementations of stages 2-6:
 - "jnp" (`candidates`, `select`, `score`): staged, with host-chosen bucketed sizes, embeddings packed
   (no per-document padding), vmapped over queries on accelerators.
 - "pallas": staged, each document padded to the longest one, with the centroid-interaction and fused
-  decompress+MaxSim kernels (GPUs).
+  decompress+MaxSim kernels (GPUs); `kernels` is their `implementation` ("pallas", or "auto" to fall back
+  to their jnp twins where a kernel does not compile, see `pallas_kernels.dispatch`).
 `clamp=True` reproduces colbert-ai's CPU scoring (its `segmented_maxsim` starts each query token's
 maximum at 0, so negative maxima count as 0); the default is its GPU semantics.
 """
@@ -45,9 +46,8 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from colbert_jax.scoring import MASKED_SCORE
-from pallas_kernels.centroid_interaction import centroid_interaction
+from pallas_kernels import centroid_interaction, maxsim
 from pallas_kernels.decompress import byte_table
-from pallas_kernels.maxsim import maxsim
 
 __all__ = [
     "IndexArrays",
@@ -229,14 +229,17 @@ def _approx_packed(cand, table, kept, a, max_embeddings):
     return pruned, _segment_max(values, seg, n).sum(1)
 
 
-def _approx_padded(cand, table, kept, a, max_doclen):
+def _approx_padded(cand, table, kept, a, max_doclen, kernels):
     """(pruned, full) with the Pallas centroid-interaction kernel, each document padded to max_doclen."""
     num_centroids = a["centroids"].shape[0]
     rows = a["offsets"][cand][:, None] + jnp.arange(max_doclen)
     present = jnp.arange(max_doclen) < a["doclens"][cand][:, None]
     codes = jnp.where(present, a["codes"][jnp.where(present, rows, a["codes"].shape[0] - 1)], num_centroids)
     pruned_table = jnp.where(kept[:, None], table, MASKED_SCORE)
-    return centroid_interaction(pruned_table, codes), centroid_interaction(table, codes)
+    return (
+        centroid_interaction(pruned_table, codes, implementation=kernels),
+        centroid_interaction(table, codes, implementation=kernels),
+    )
 
 
 def _best(cand, values, a, n: int):
@@ -302,12 +305,13 @@ def _select_one(
     max_embeddings: int,
     max_doclen: int,
     implementation: str,
+    kernels: str,
 ):
     """Stages 4-5 (staged path): -> (local survivors [ndocs // 4], their total number of embeddings)."""
     cand = entries[:max_candidates][::-1]  # the unique candidates, descending positions
     table, kept = _tables(S, threshold)
     if implementation == "pallas":
-        pruned, full = _approx_padded(cand, table, kept, a, max_doclen)
+        pruned, full = _approx_padded(cand, table, kept, a, max_doclen, kernels)
     else:
         pruned, full = _approx_packed(cand, table, kept, a, max_embeddings)
     survivors = _survivors(cand, pruned, full, a, ndocs)
@@ -315,7 +319,18 @@ def _select_one(
 
 
 def _score_one(
-    Q, S, survivors, a, *, max_embeddings: int, max_doclen: int, k: int, nbits: int, clamp: bool, implementation: str
+    Q,
+    S,
+    survivors,
+    a,
+    *,
+    max_embeddings: int,
+    max_doclen: int,
+    k: int,
+    nbits: int,
+    clamp: bool,
+    implementation: str,
+    kernels: str,
 ):
     """Stage 6 (staged path): exact MaxSim of the local survivors, then the global top k."""
     if implementation == "pallas":
@@ -323,7 +338,9 @@ def _score_one(
         rows = a["offsets"][survivors][:, None] + jnp.arange(max_doclen)
         rows = jnp.where(jnp.arange(max_doclen) < lens[:, None], rows, a["codes"].shape[0] - 1)
         centroid_rows = a["centroids"].at[a["codes"][rows]].get(mode="clip")
-        scores = maxsim(Q, centroid_rows, a["residuals"][rows], a["bucket_weights"], lens, nbits=nbits, clamp=clamp)
+        residuals = a["residuals"][rows]
+        weights = a["bucket_weights"]
+        scores = maxsim(Q, centroid_rows, residuals, weights, lens, nbits=nbits, clamp=clamp, implementation=kernels)
     else:
         scores = _reduce(_exact_packed(Q, S, survivors, a, max_embeddings, nbits), clamp)
     return _top_k(scores, survivors, a, k)
@@ -338,6 +355,7 @@ def _score_one(
         "max_embeddings",
         "max_doclen",
         "implementation",
+        "kernels",
         "query_chunk",
     ),
 )
@@ -353,6 +371,7 @@ def select(
     max_embeddings: int,
     max_doclen: int,
     implementation: str = "jnp",
+    kernels: str = "pallas",
     query_chunk: int = 0,
 ):
     """Stages 4-5 -> (local survivors [D, B, ndocs // 4], their embedding counts [D, B])."""
@@ -363,6 +382,7 @@ def select(
         max_embeddings=max_embeddings,
         max_doclen=max_doclen,
         implementation=implementation,
+        kernels=kernels,
     )
 
     def shard(S, entries, threshold, arrays):
@@ -377,7 +397,17 @@ def select(
 
 @functools.partial(
     jax.jit,
-    static_argnames=("mesh", "max_embeddings", "max_doclen", "k", "nbits", "clamp", "implementation", "query_chunk"),
+    static_argnames=(
+        "mesh",
+        "max_embeddings",
+        "max_doclen",
+        "k",
+        "nbits",
+        "clamp",
+        "implementation",
+        "kernels",
+        "query_chunk",
+    ),
 )
 def score(
     Q,
@@ -392,6 +422,7 @@ def score(
     nbits: int,
     clamp: bool = False,
     implementation: str = "jnp",
+    kernels: str = "pallas",
     query_chunk: int = 0,
 ):
     """Stage 6 -> (global passage positions [B, min(k, ndocs//4)] (-1: none), scores [B, ...] (-inf: none))."""
@@ -403,6 +434,7 @@ def score(
         nbits=nbits,
         clamp=clamp,
         implementation=implementation,
+        kernels=kernels,
     )
 
     def shard(Q, S, survivors, arrays):
