@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import time
-import warnings
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -97,8 +96,9 @@ class Searcher:
       allow_other_checkpoint: search with a checkpoint other than the one that built the index.
       clamp_maxsim: score like colbert-ai on CPU, where each query token's maximum is clamped at 0
         (its GPU path, and our default, keep negative maxima).
-      implementation: "auto" ("streamed" on CPU; "pallas" on GPU, falling back to "jnp" if the kernels
-        fail to compile), "streamed", "jnp" or "pallas" (see `colbert_jax.search.plaid`).
+      implementation: "auto" ("streamed" on CPU; "jnp" on TPU; "pallas" on GPU, where a kernel that fails
+        to compile is replaced by its jnp twin, logged once; `COLBERT_JAX_STRICT_KERNELS=1` raises instead),
+        "streamed", "jnp" or "pallas" (see `colbert_jax.search.plaid`; "pallas" never falls back).
       devices: devices to split the index's passages over (default: all local devices); results are the
         same for any number of devices.
       **overrides: config keys, e.g. `ncells=2, ndocs=512`.
@@ -185,7 +185,7 @@ class Searcher:
         if self._arrays is None:
             self._arrays, self._entry_bounds = _device_arrays(self.index, self.mesh)
             longest = int(self.index.doclens.max())
-            # Triton blocks need power-of-two sizes; the jnp path only needs a multiple of 8.
+            # The kernels pad documents to power-of-two lengths (Triton blocks); padding here saves that copy.
             self._max_doclen = _pow2(longest) if self.implementation == "pallas" else -(-longest // 8) * 8
         return self._arrays
 
@@ -339,56 +339,47 @@ class Searcher:
         # Host round trips carry only sizes: each stage gets static shapes that fit its queries. Queries are
         # sorted by size and ranked in groups, so that a few large queries do not pad all the others.
         n_cand, n_emb = jax.device_get((n_cand, n_emb))
+        # "auto" lets each kernel fall back to its jnp twin (logged) if it does not compile on this device;
+        # an explicit "pallas" raises instead.
         common = dict(mesh=self.mesh, max_doclen=self._max_doclen, implementation=self.implementation)
-        try:
-            kk = min(k, ndocs // 4)
-            positions = np.full((len(Q), kk), -1, np.int64)
-            scores = np.full((len(Q), kk), -np.inf, np.float32)
-            for group in _size_groups(n_emb.max(axis=0), GROUPS if len(Q) >= 2 * GROUPS else 1):
-                whole = len(group) == len(Q)  # then group is arange(len(Q))
-                S_g = S if whole else S[group]
-                entries_g = entries if whole else entries[:, group]
-                Q_g = Q if whole else Q[group]
-                sizes = dict(
-                    max_candidates=_bucket(n_cand[:, group].max()), max_embeddings=_bucket(n_emb[:, group].max())
-                )
-                survivors, n_surv = plaid.select(
-                    S_g,
-                    entries_g,
-                    np.float32(threshold),
-                    arrays,
-                    ndocs=ndocs,
-                    **sizes,
-                    **common,
-                    query_chunk=self._chunk(sizes, lq),
-                )
-                surv_emb = _bucket(jax.device_get(n_surv).max())
-                pos, sc = jax.device_get(
-                    plaid.score(
-                        Q_g,
-                        S_g,
-                        survivors,
-                        arrays,
-                        max_embeddings=surv_emb,
-                        k=k,
-                        nbits=self.index.nbits,
-                        clamp=self.clamp_maxsim,
-                        **common,
-                        query_chunk=self._chunk(dict(max_candidates=ndocs // 4, max_embeddings=surv_emb), lq),
-                    )
-                )
-                positions[group], scores[group] = pos, sc
-            return positions, scores
-        except Exception as e:  # noqa: BLE001 - a kernel that fails to lower on this GPU: use the jnp path
-            if not (self._auto and self.implementation == "pallas"):
-                raise
-            warnings.warn(
-                f"Pallas search kernels failed on this device ({type(e).__name__}: {e}); using the jnp implementation",
-                RuntimeWarning,
-                stacklevel=3,
+        if self.implementation == "pallas":
+            common["kernels"] = "auto" if self._auto else "pallas"
+        kk = min(k, ndocs // 4)
+        positions = np.full((len(Q), kk), -1, np.int64)
+        scores = np.full((len(Q), kk), -np.inf, np.float32)
+        for group in _size_groups(n_emb.max(axis=0), GROUPS if len(Q) >= 2 * GROUPS else 1):
+            whole = len(group) == len(Q)  # then group is arange(len(Q))
+            S_g = S if whole else S[group]
+            entries_g = entries if whole else entries[:, group]
+            Q_g = Q if whole else Q[group]
+            sizes = dict(max_candidates=_bucket(n_cand[:, group].max()), max_embeddings=_bucket(n_emb[:, group].max()))
+            survivors, n_surv = plaid.select(
+                S_g,
+                entries_g,
+                np.float32(threshold),
+                arrays,
+                ndocs=ndocs,
+                **sizes,
+                **common,
+                query_chunk=self._chunk(sizes, lq),
             )
-            self.implementation = "jnp"
-            return self._plaid(Q, k, config)
+            surv_emb = _bucket(jax.device_get(n_surv).max())
+            pos, sc = jax.device_get(
+                plaid.score(
+                    Q_g,
+                    S_g,
+                    survivors,
+                    arrays,
+                    max_embeddings=surv_emb,
+                    k=k,
+                    nbits=self.index.nbits,
+                    clamp=self.clamp_maxsim,
+                    **common,
+                    query_chunk=self._chunk(dict(max_candidates=ndocs // 4, max_embeddings=surv_emb), lq),
+                )
+            )
+            positions[group], scores[group] = pos, sc
+        return positions, scores
 
     @staticmethod
     def _pass_scores(batch: int) -> bool:
