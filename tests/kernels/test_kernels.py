@@ -149,8 +149,9 @@ class TestSelection:
         assert dispatch.resolve("fine", "auto", lambda x: x * 2, x, {}) == "pallas"
 
     def test_bad_implementation(self):
+        args = _codec_inputs(np.random.default_rng(0), (2,), 2, 64)
         with pytest.raises(ValueError, match="implementation"):
-            pallas_kernels.decompress(*_codec_inputs(np.random.default_rng(0), (2,), 2, 64), nbits=2, implementation="x")
+            pallas_kernels.decompress(*args, nbits=2, implementation="x")
 
     def test_block_sizes_are_powers_of_two(self):
         for platform, blocks in pallas_kernels.BLOCK_SIZES.items():
