@@ -84,17 +84,43 @@ def _search(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     import colbert_jax
-    from colbert_jax.server import serve, warm_up
+    from colbert_jax.server import bind, serve
 
-    searcher = colbert_jax.Searcher(args.index, checkpoint=args.checkpoint, truncate=True)
-    if args.collection:
-        searcher.passages([], collection=args.collection)
-    print(f"warming up {searcher.index} ...", file=sys.stderr)
-    print(f"warm in {warm_up(searcher, args.max_batch):.1f}s", file=sys.stderr)
+    # Take the port first: a busy port is an error now, not after loading the index and compiling.
+    try:
+        sock = bind(args.host, args.port)
+    except OSError as e:
+        print(f"colbert-jax serve: error: {e.strerror}; choose another port with --port", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        searcher = colbert_jax.Searcher(
+            args.index,
+            checkpoint=args.checkpoint,
+            truncate=True,
+            allow_other_checkpoint=args.allow_other_checkpoint,
+        )
+        # Every answer carries passage texts: refuse to start a server that could only answer 500.
+        try:
+            searcher.passages([int(searcher.index.pids[0])], collection=args.collection)
+        except (FileNotFoundError, ValueError, KeyError) as e:
+            message = getattr(e, "cli_message", None) or e  # the flag to use, where the library names one
+            print(f"colbert-jax serve: error: cannot show passage texts: {message}", file=sys.stderr)
+            sock.close()
+            return EXIT_BAD_INPUT
+    except BaseException:
+        sock.close()
+        raise
+    host, port = sock.getsockname()[:2]
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    print(
+        f"serving {searcher.index} at {url}/ (search page; API at {url}/docs); warming up in the background: "
+        f"{url}/health says 'ok' when done",
+        file=sys.stderr,
+        flush=True,
+    )
     serve(
         searcher,
-        host=args.host,
-        port=args.port,
+        sock=sock,
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue,
@@ -202,17 +228,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "serve",
-        help="serve an index over HTTP",
-        description="HTTP search server: GET /api/search?query=...&k=... (k <= 100), POST "
-        '/api/search {"queries": [...], "k": 10}, GET /health. Concurrent requests are '
-        "micro-batched; a full queue answers 503. Binds loopback unless --host says otherwise.",
+        help="serve an index over HTTP, with a search page",
+        description="HTTP search server. GET / is a search page showing which passage token each query "
+        "token matched; GET /api/search?query=...&k=... (k from 1 to 100), POST /api/search "
+        '{"queries": [...], "k": 10}, GET /api/explain?query=...&pid=..., GET /health ("warming", then '
+        '"ok"); the API is described at /docs. The port opens at once and the search programs compile '
+        "behind it (searches meanwhile wait). Concurrent requests are micro-batched; a full queue answers "
+        "503. Binds loopback unless --host says otherwise. Exits 2 if the port is in use or the index's "
+        "checkpoint or collection cannot be loaded.",
     )
     p.add_argument("--index", required=True, help="index directory")
     p.add_argument("--checkpoint", help="checkpoint (default: the one recorded in the index)")
+    p.add_argument(
+        "--allow-other-checkpoint",
+        dest="allow_other_checkpoint",
+        action="store_true",
+        help="serve with a checkpoint other than the one that built the index",
+    )
     p.add_argument("--collection", help="collection file for passage texts (default: the one the index records)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8893, help="port (default 8893)")
-    p.add_argument("--max-batch", dest="max_batch", type=int, default=64, help="queries per search call")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind")
+    p.add_argument("--port", type=int, default=8893, help="port (0: any free port, printed at start-up)")
+    p.add_argument(
+        "--max-batch", dest="max_batch", type=int, default=64, help="queries per search call, and per POST request"
+    )
     p.add_argument(
         "--max-wait-ms",
         dest="max_wait_ms",

@@ -1,58 +1,262 @@
-"""HTTP search server (FastAPI + uvicorn) with micro-batching.
+"""HTTP search server (FastAPI + uvicorn): colbert-ai's API, micro-batching, readiness and a search page.
 
-API (colbert-ai's `server.py`, plus batches and health):
-- `GET /api/search?query=TEXT&k=K`: k defaults to 10 and may be at most 100. Like colbert-ai, the search
-  always runs with k=100's parameters and is cut to k. Response:
+API (every request and response model is in the OpenAPI schema: `/openapi.json`, browsable at `/docs`):
+- `GET /api/search?query=TEXT&k=K` (colbert-ai's `server.py`): k an integer in 1..100, default 10. Like
+  colbert-ai, the search always runs with k=100's parameters and is cut to k. Response:
   `{"query": ..., "topk": [{"text", "pid", "rank", "score", "prob"}, ...]}`, prob = softmax of the scores
   returned.
-- `POST /api/search` with `{"queries": [TEXT, ...], "k": K}`: `{"results": [<the GET response>, ...]}`.
-- `GET /health`: status, index counts and batching statistics.
+- `POST /api/search` with `{"queries": [TEXT, ...], "k": K}` (at most `max_batch` queries):
+  `{"results": [<the GET response>, ...]}`. Same validation as GET: booleans and floats are not integers.
+- `GET /api/explain?query=TEXT&pid=PID`: which passage token each query token matched (MaxSim), with
+  the score and the token's character span in the text.
+- `GET /health`: `status` is "warming" until the warm-up has compiled the search programs, then "ok".
+- `GET /`: a search page (`colbert_jax/web/`), served by this process: no build step, no CDN.
 
-Concurrent requests wait in a bounded queue; one worker takes everything queued (up to `max_batch`
-queries, waiting at most `max_wait_ms` for more) and answers it with one `search_all` call. A full queue
-answers 503 at once instead of piling up work; bad parameters answer 400 with a message.
+A query string has at most `MAX_QUERY_CHARS` characters. Every error answers `{"error": "..."}`: 400 for a
+bad parameter or body, 404 for an unknown pid or path, 405 for a wrong method, 503 (with Retry-After) when
+the request queue is full.
+
+Readiness: the port opens before the warm-up, which runs in the search worker between requests; a search
+that arrives meanwhile waits for at most the current warm-up step and then compiles what it needs itself.
+Compiled programs are cached on disk (`colbert_jax.runtime`), so a restart loads instead of compiling.
 """
-
-from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import logging
 import math
+import re
+import socket
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Literal
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from starlette.exceptions import HTTPException
 
 from colbert_jax.search.searcher import QueryError, Searcher
 
-__all__ = ["create_app", "serve", "warm_up", "MicroBatcher"]
+__all__ = ["create_app", "serve", "bind", "warm_up", "MicroBatcher", "MAX_K", "MAX_QUERY_CHARS"]
 
 SEARCH_K = 100
 MAX_K = 100
+DEFAULT_K = 10
+MAX_QUERY_CHARS = 1000  # query_maxlen is 32 tokens; 1,000 characters leave room for any real query
+WEB = Path(__file__).parent / "web"
+log = logging.getLogger("colbert_jax.server")
 
 
+# -- request and response models ----------------------------------------------------------------------
+def _check_k(value: object) -> int:
+    """k from JSON (an int) or a URL (digits); booleans, floats and out-of-range values are refused alike."""
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d{1,6}\s*", value):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_K:
+        raise ValueError(f"must be an integer between 1 and {MAX_K}, got {value!r}")
+    return value
+
+
+def _check_query(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise ValueError("is empty")
+    if len(value) > MAX_QUERY_CHARS:
+        raise ValueError(f"has {len(value)} characters; at most {MAX_QUERY_CHARS} are allowed")
+    return value
+
+
+K_DOC = f"results to return: an integer from 1 to {MAX_K}"
+QUERY_DOC = f"query text, at most {MAX_QUERY_CHARS} characters (longer than query_maxlen tokens: truncated)"
+# Field before the validator: pydantic then states the range in the schema (minimum/maximum); the validator
+# still runs first, so every bad k gets the same message.
+KValue = Annotated[int, Field(ge=1, le=MAX_K, description=K_DOC), BeforeValidator(_check_k)]
+QueryText = Annotated[
+    str, Field(min_length=1, max_length=MAX_QUERY_CHARS, description=QUERY_DOC), BeforeValidator(_check_query)
+]
+
+
+class ErrorBody(BaseModel):
+    """Every error response."""
+
+    error: str = Field(description="what was wrong, in words")
+
+
+class Hit(BaseModel):
+    text: str = Field(description="the passage text")
+    pid: int = Field(description="the passage id in the collection")
+    rank: int = Field(description="1 for the best")
+    score: float = Field(description="ColBERT (MaxSim) score")
+    prob: float = Field(description="softmax of the returned scores")
+
+
+class SearchResponse(BaseModel):
+    query: str
+    topk: list[Hit]
+
+
+class BatchResponse(BaseModel):
+    results: list[SearchResponse] = Field(description="one response per query, in request order")
+
+
+class TokenMatch(BaseModel):
+    query_position: int = Field(description="position in the query's tokens ([CLS] [Q] ... [SEP] [MASK]...)")
+    query_token: str
+    doc_token: str = Field(description="the passage token with the highest similarity")
+    doc_position: int = Field(description="its position in the passage's tokens ([CLS] [D] ... [SEP])")
+    score: float = Field(description="the similarity; the scores sum to the passage's score")
+    start: int | None = Field(description="character span of doc_token in the text (None: a special token)")
+    end: int | None
+
+
+class ExplainResponse(BaseModel):
+    query: str
+    pid: int
+    score: float = Field(description="the passage's MaxSim score: the sum of the matches' scores")
+    text: str
+    matches: list[TokenMatch] = Field(description="one per query token, in query order")
+
+
+class Health(BaseModel):
+    status: Literal["warming", "ok"] = Field(description="'warming' while search programs compile, then 'ok'")
+    index: str
+    passages: int
+    embeddings: int
+    batches: int = Field(description="search calls made")
+    queries: int = Field(description="queries answered")
+    queued: int = Field(description="requests waiting")
+    uptime_s: float
+    warm_up_s: float | None = Field(description="how long the warm-up took (None while warming)")
+    warm_up_error: str | None = Field(description="why the warm-up stopped early, if it did")
+
+
+def _request_model(max_queries: int) -> type[BaseModel]:
+    class SearchRequest(BaseModel):
+        """A batch of queries, searched together."""
+
+        model_config = ConfigDict(extra="forbid")
+        queries: list[QueryText] = Field(
+            min_length=1, max_length=max_queries, description=f"1 to {max_queries} queries"
+        )
+        k: KValue = DEFAULT_K
+
+    return SearchRequest
+
+
+# -- micro-batching and warm-up -------------------------------------------------------------------------
 class Overloaded(Exception):
     """The request queue is full."""
 
 
+def batch_sizes(searcher: Searcher, max_batch: int) -> list[int]:
+    """The batch sizes the server searches with. On the streamed CPU path queries are retrieved one at a
+    time, so batching only serves the encoder; three sizes then compile 3/7 of the programs that every power
+    of two would (each ~1.5 s per IVF-entry bucket). Elsewhere every power of two, for less padding."""
+    if searcher.implementation == "streamed":
+        return sorted({s for s in (1, 8, max_batch) if s <= max_batch})
+    return sorted({min(1 << i, max_batch) for i in range(max(1, max_batch).bit_length() + 1)})
+
+
+def _sample_queries(searcher: Searcher, count: int, seed: int = 0) -> list[str]:
+    """Queries cut from the collection's passages (the first words of each), for the warm-up."""
+    import numpy as np
+
+    n = searcher.index.num_passages
+    pick = np.random.default_rng(seed).choice(n, min(n, count), replace=False)
+    try:
+        texts = searcher.passages(searcher.index.pids[pick])
+    except (FileNotFoundError, ValueError, KeyError):
+        texts = ["what is the answer"] * count
+    return [" ".join(t.split()[:8]) or "query" for t in texts]
+
+
+def warm_up_steps(searcher: Searcher, max_batch: int = 64) -> Iterator[None]:
+    """Compiles, one step per `next()`, what the server's searches need: each of `batch_sizes`, and on the
+    streamed path each IVF-entry bucket the index can produce, up to twice what sample queries need (the
+    same programs `Searcher.warm_up` compiles, for the server's sizes only). Batch size 1 comes first."""
+    import jax
+    import numpy as np
+
+    from colbert_jax.search import plaid
+    from colbert_jax.search.searcher import _pow2, search_params
+
+    sizes = batch_sizes(searcher, max_batch)
+    queries = _sample_queries(searcher, 2 * max(sizes))
+    k = min(SEARCH_K, searcher.index.num_passages)
+    yield
+    buckets: list[int] = []
+    if searcher.implementation == "streamed":
+        ncells = min(search_params(k, searcher.config)[0], searcher.index.num_partitions)
+        lq = searcher.config.query_maxlen
+        Q = searcher.encode(queries[: max(sizes)])
+        _, _, n_entries = plaid.cells(
+            Q, searcher.arrays, mesh=searcher.mesh, ncells=ncells, query_maxlen=lq, query_chunk=1, with_scores=False
+        )
+        n_entries = jax.device_get(n_entries).max(axis=0)
+        lo = _pow2(n_entries.min())
+        hi = min(2 * _pow2(n_entries.max()), searcher._max_entries(ncells, lq))  # never more than the index has
+        buckets = [1 << i for i in range(lo.bit_length() - 1, hi.bit_length())]
+        yield
+    for size in sizes:
+        searcher.search_all([queries[i % len(queries)] for i in range(size)], k=k, batch_size=size)
+        yield
+        if not buckets:
+            continue
+        zeros = np.zeros((size, *Q.shape[1:]), np.float32)
+        S, cells, _ = plaid.cells(
+            zeros,
+            searcher.arrays,
+            mesh=searcher.mesh,
+            ncells=ncells,
+            query_maxlen=lq,
+            query_chunk=1,
+            with_scores=searcher._pass_scores(size),
+        )
+        for max_entries in buckets:  # padding queries only: compiles, and runs no search work
+            padding = np.zeros(size, bool)
+            jax.block_until_ready(searcher._streamed(zeros, S, cells, padding, k, searcher.config, max_entries))
+            yield
+
+
+def warm_up(searcher: Searcher, max_batch: int = 64) -> float:
+    """Runs all of `warm_up_steps` now; returns the seconds spent."""
+    t0 = time.perf_counter()
+    for _ in warm_up_steps(searcher, max_batch):
+        pass
+    return time.perf_counter() - t0
+
+
 @dataclass
 class MicroBatcher:
-    """Merges concurrent queries into one `search_all` call (run in a worker thread)."""
+    """Merges concurrent queries into few `search_all` calls, made by one worker thread, which also runs
+    the warm-up (when `warm`) one step at a time whenever no request is waiting."""
 
     searcher: Searcher
     max_batch: int = 64
     max_wait_ms: float = 2.0
     max_queue: int = 256
+    warm: bool = False
     batches: int = 0
     queries: int = 0
+    warming: bool = False
+    warm_up_s: float | None = None
+    warm_up_error: str | None = None
     _queue: asyncio.Queue | None = field(default=None, repr=False)
     _task: asyncio.Task | None = field(default=None, repr=False)
     _pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1), repr=False)
 
     def start(self) -> None:
         self._queue = asyncio.Queue(maxsize=self.max_queue)
+        self.warming = self.warm
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
@@ -75,9 +279,30 @@ class MicroBatcher:
             raise Overloaded from None
         return await future
 
+    async def call(self, fn: Callable, *args):
+        """Runs `fn(*args)` in the search worker (JAX work is serialised there)."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def _warm_step(self, steps: Iterator[None], t0: float) -> None:
+        try:
+            more = await self.call(lambda: next(steps, StopIteration) is not StopIteration)
+        except Exception as e:  # noqa: BLE001 - serve anyway: searches compile what they need themselves
+            log.warning("warm-up stopped: %s: %s", type(e).__name__, e)
+            self.warm_up_error, more = f"{type(e).__name__}: {e}", False
+        if not more:
+            self.warming = False
+            self.warm_up_s = round(time.perf_counter() - t0, 2)
+            log.info("warm in %.1fs", self.warm_up_s)
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        steps = warm_up_steps(self.searcher, self.max_batch) if self.warm else iter(())
+        t0 = time.perf_counter()
+        sizes = batch_sizes(self.searcher, self.max_batch)
         while True:
+            if self.warming and self._queue.empty():
+                await self._warm_step(steps, t0)
+                continue
             batch = [await self._queue.get()]
             size = len(batch[0][0])
             deadline = loop.time() + self.max_wait_ms / 1000
@@ -95,54 +320,96 @@ class MicroBatcher:
                 size += len(item[0])
             texts = [q for queries, _ in batch for q in queries]
             try:
-                ranking = await loop.run_in_executor(self._pool, self._search, texts)
+                ranking = await loop.run_in_executor(self._pool, self._search, texts, sizes)
             except Exception as e:  # noqa: BLE001 - each waiting request gets the error
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(e)
                 continue
-            self.batches += 1
             self.queries += len(texts)
             offset = 0
             for queries, future in batch:
                 if not future.done():
-                    future.set_result([ranking[offset + i] for i in range(len(queries))])
+                    future.set_result(ranking[offset : offset + len(queries)])
                 offset += len(queries)
 
-    def _search(self, texts: list[str]):
-        return self.searcher.search_all(texts, k=min(SEARCH_K, self.searcher.index.num_passages))
+    def _search(self, texts: list[str], sizes: list[int]) -> list[list[tuple[int, int, float]]]:
+        """Searches `texts` in chunks of the warmed-up batch sizes only (largest first)."""
+        k = min(SEARCH_K, self.searcher.index.num_passages)
+        out, start = [], 0
+        for size in sorted(sizes, reverse=True):
+            count = (len(texts) - start) // size * size
+            if count:
+                ranking = self.searcher.search_all(texts[start : start + count], k=k, batch_size=size)
+                out += [ranking[i] for i in range(count)]
+                self.batches += 1
+                start += count
+        return out
 
 
-def _response(searcher: Searcher, query: str, results: list[tuple[int, int, float]], k: int) -> dict:
+# -- the application -----------------------------------------------------------------------------------
+def _hits(searcher: Searcher, query: str, results: list[tuple[int, int, float]], k: int) -> SearchResponse:
     results = results[:k]
     texts = searcher.passages([pid for pid, _, _ in results]) if results else []
     top = max((s for _, _, s in results), default=0.0)
     weights = [math.exp(s - top) for _, _, s in results]
     total = sum(weights) or 1.0
-    return {
-        "query": query,
-        "topk": [
-            {"text": text, "pid": pid, "rank": rank, "score": score, "prob": w / total}
+    return SearchResponse(
+        query=query,
+        topk=[
+            Hit(text=text, pid=pid, rank=rank, score=score, prob=w / total)
             for (pid, rank, score), text, w in zip(results, texts, weights)
         ],
-    }
+    )
 
 
-def _parse_k(raw) -> int:
-    if raw is None:
-        return 10
-    try:
-        k = int(raw)
-    except (TypeError, ValueError):
-        raise ValueError(f"k must be an integer, got {raw!r}") from None
-    if isinstance(raw, bool) or not 1 <= k <= MAX_K:
-        raise ValueError(f"k must be between 1 and {MAX_K}, got {raw!r}")
-    return k
+def _validation_message(exc: RequestValidationError) -> str:
+    """Pydantic's errors in one line: `k: must be an integer between 1 and 100, got 2.9`."""
+    messages = []
+    for err in exc.errors():
+        where = ".".join(str(x) for x in err.get("loc", ())[1:])
+        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        if err.get("type") == "json_invalid":
+            messages.append('the body must be JSON, e.g. {"queries": ["a query"], "k": 10}')
+        elif err.get("type") == "missing":
+            kind = "query parameter" if err.get("loc", ("",))[0] == "query" else "field"
+            messages.append(f"missing {kind} '{where}'" if where else 'missing body {"queries": [...], "k": 10}')
+        elif err.get("type") == "model_attributes_type":
+            messages.append('the body must be a JSON object: {"queries": ["a query"], "k": 10}')
+        else:
+            messages.append(f"{where}: {msg}" if where else msg)
+    return "; ".join(messages) or "invalid request"
 
 
-def create_app(searcher: Searcher, *, max_batch: int = 64, max_wait_ms: float = 2.0, max_queue: int = 256):
-    """The FastAPI application serving `searcher`."""
-    batcher = MicroBatcher(searcher, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue)
+def _error(status: int, message: str) -> JSONResponse:
+    headers = {"Retry-After": "1"} if status == 503 else None
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+ERRORS = {
+    400: {"model": ErrorBody, "description": "a bad parameter or body"},
+    503: {"model": ErrorBody, "description": "the request queue is full: retry after Retry-After seconds"},
+}
+
+
+def create_app(
+    searcher: Searcher,
+    *,
+    max_batch: int = 64,
+    max_wait_ms: float = 2.0,
+    max_queue: int = 256,
+    warm: bool = False,
+) -> FastAPI:
+    """The FastAPI application serving `searcher`.
+
+    Args:
+      searcher: the index to serve (with `truncate=True` to accept queries longer than query_maxlen).
+      max_batch: most queries per search call, and per POST request.
+      max_wait_ms: how long the first queued request waits for others to batch with.
+      max_queue: queued requests beyond which requests answer 503.
+      warm: compile the search programs in the background after start-up (`/health` says "warming").
+    """
+    batcher = MicroBatcher(searcher, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, warm=warm)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -150,93 +417,175 @@ def create_app(searcher: Searcher, *, max_batch: int = 64, max_wait_ms: float = 
         yield
         await batcher.stop()
 
-    app = FastAPI(title="colbert-jax", lifespan=lifespan)
+    app = FastAPI(
+        title="colbert-jax",
+        description=f"ColBERTv2 + PLAID search over {searcher.index.num_passages:,} passages. Every error "
+        'answers {"error": "..."}.',
+        lifespan=lifespan,
+        responses={404: {"model": ErrorBody, "description": "no such path, or pid not in the index"}},
+    )
     app.state.batcher = batcher
     started = time.time()
+    SearchRequest = _request_model(max_batch)
 
-    def error(status: int, message: str) -> JSONResponse:
-        headers = {"Retry-After": "1"} if status == 503 else None
-        return JSONResponse({"error": message}, status_code=status, headers=headers)
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request, exc: RequestValidationError):
+        return _error(400, _validation_message(exc))
 
-    async def answer(queries: list[str], k: int):
-        for i, q in enumerate(queries):
-            if not isinstance(q, str) or not q.strip():
-                return error(400, f"query {i} is empty or not a string")
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        message = str(exc.detail)
+        if exc.status_code == 404 and message == "Not Found":
+            message = f"no such path: {request.url.path} (the API is described at /docs)"
+        elif exc.status_code == 405 and message == "Method Not Allowed":
+            message = f"{request.method} is not allowed on {request.url.path} (the API is described at /docs)"
+        response = _error(exc.status_code, message)
+        for key, value in (exc.headers or {}).items():
+            response.headers[key] = value
+        return response
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, exc: Exception):
+        log.exception("error answering %s", request.url.path)
+        return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+
+    async def answer(queries: list[str], k: int) -> list[SearchResponse] | JSONResponse:
         try:
             searcher._validate(queries)
             results = await batcher.search(queries)
         except Overloaded:
-            return error(503, "server overloaded: too many queued requests, retry later")
+            return _error(503, "server overloaded: too many queued requests, retry later")
         except QueryError as e:
-            return error(400, str(e))
-        return [_response(searcher, q, r, k) for q, r in zip(queries, results)]
+            return _error(400, str(e))
+        return [_hits(searcher, q, r, k) for q, r in zip(queries, results)]
 
-    @app.get("/api/search")
-    async def get_search(request: Request):
-        query = request.query_params.get("query")
-        if query is None:
-            return error(400, "missing query parameter 'query'")
-        try:
-            k = _parse_k(request.query_params.get("k"))
-        except ValueError as e:
-            return error(400, str(e))
+    @app.get("/api/search", response_model=SearchResponse, responses=ERRORS, summary="Search one query")
+    async def get_search(query: Annotated[QueryText, Query()], k: Annotated[KValue, Query()] = DEFAULT_K):
+        """colbert-ai's endpoint: the top k passages for `query`."""
         out = await answer([query], k)
         return out if isinstance(out, JSONResponse) else out[0]
 
-    @app.post("/api/search")
-    async def post_search(request: Request):
-        try:
-            body = await request.json()
-        except ValueError:
-            return error(400, 'the body must be JSON: {"queries": [...], "k": 10}')
-        if not isinstance(body, dict) or not isinstance(body.get("queries"), list) or not body["queries"]:
-            return error(400, "the body must be an object with a non-empty list 'queries'")
-        if len(body["queries"]) > max_batch:
-            return error(400, f"at most {max_batch} queries per request")
-        try:
-            k = _parse_k(body.get("k"))
-        except ValueError as e:
-            return error(400, str(e))
-        out = await answer(body["queries"], k)
-        return out if isinstance(out, JSONResponse) else {"results": out}
+    @app.post("/api/search", response_model=BatchResponse, responses=ERRORS, summary="Search a batch of queries")
+    async def post_search(request: SearchRequest):
+        """The top k passages for each query."""
+        out = await answer(request.queries, request.k)
+        return out if isinstance(out, JSONResponse) else BatchResponse(results=out)
 
-    @app.get("/health")
+    @app.get("/api/explain", response_model=ExplainResponse, responses=ERRORS, summary="Why a passage matches a query")
+    async def explain(query: Annotated[QueryText, Query()], pid: Annotated[int, Query(description="passage id")]):
+        """ColBERT's MaxSim alignment: for each query token, the passage token it matched best and the
+        similarity (the scores sum to the passage's score)."""
+        from colbert_jax.search.explain import doc_token_spans
+
+        def run():
+            matches = searcher.explain(query, pid)
+            text = searcher.passages([pid])[0]
+            return matches, text, doc_token_spans(searcher.model, text)
+
+        try:
+            searcher.index.positions([pid])
+        except KeyError:
+            return _error(404, f"pid {pid} is not in the index")
+        try:
+            matches, text, spans = await batcher.call(run)
+        except QueryError as e:
+            return _error(400, str(e))
+        return ExplainResponse(
+            query=query,
+            pid=pid,
+            score=sum(m.score for m in matches),
+            text=text,
+            matches=[
+                TokenMatch(
+                    query_position=i,
+                    query_token=m.query_token,
+                    doc_token=m.doc_token,
+                    doc_position=m.doc_position,
+                    score=m.score,
+                    start=spans[m.doc_position][0] if spans[m.doc_position] else None,
+                    end=spans[m.doc_position][1] if spans[m.doc_position] else None,
+                )
+                for i, m in enumerate(matches)
+            ],
+        )
+
+    @app.get("/health", response_model=Health, summary="Readiness and statistics")
     async def health():
+        """'warming' while the search programs compile (searches wait meanwhile), then 'ok'."""
         index = searcher.index
-        return {
-            "status": "ok",
-            "index": str(index.path),
-            "passages": index.num_passages,
-            "embeddings": index.num_embeddings,
-            "batches": batcher.batches,
-            "queries": batcher.queries,
-            "queued": batcher.queued,
-            "uptime_s": round(time.time() - started, 1),
-        }
+        return Health(
+            status="warming" if batcher.warming else "ok",
+            index=str(index.path),
+            passages=index.num_passages,
+            embeddings=index.num_embeddings,
+            batches=batcher.batches,
+            queries=batcher.queries,
+            queued=batcher.queued,
+            uptime_s=round(time.time() - started, 1),
+            warm_up_s=batcher.warm_up_s,
+            warm_up_error=batcher.warm_up_error,
+        )
 
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(WEB / "index.html")
+
+    app.mount("/static", StaticFiles(directory=WEB), name="static")
+
+    def openapi() -> dict:
+        # FastAPI documents a 422 with its own body for every route with parameters; we answer 400 with
+        # ErrorBody instead, so the schema says that.
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            for path in schema["paths"].values():
+                for operation in path.values():
+                    operation.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
 
 
-def warm_up(searcher: Searcher, max_batch: int = 64, seed: int = 0) -> float:
-    """Compiles the programs a stream of micro-batches needs (every power-of-two batch size, with queries
-    cut from the collection's passages), so the first requests do not wait for JIT compilation. Programs
-    are also cached on disk, so a restarted server warms up in about a second. Returns the seconds spent."""
-    import numpy as np
+# -- running -------------------------------------------------------------------------------------------
+class PortInUse(OSError):
+    """The address to serve on is taken."""
 
-    t0 = time.perf_counter()
-    rng = np.random.default_rng(seed)
-    n = searcher.index.num_passages
+
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port), not yet listening: taking the port before the slow start-up work
+    turns a busy port into an immediate error. Raises `PortInUse` or `OSError` with a message."""
     try:
-        texts = searcher.passages(searcher.index.pids[rng.choice(n, min(n, 2 * max_batch), replace=False)])
-    except (FileNotFoundError, ValueError):
-        texts = ["what is the answer"] * (2 * max_batch)
-    queries = [" ".join(t.split()[:8]) or "query" for t in texts]
-    searcher.warm_up(queries, k=min(SEARCH_K, n), max_batch=max_batch)
-    return time.perf_counter() - t0
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise OSError(f"cannot resolve host {host!r}: {e.strerror}") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restarts reuse the port
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise PortInUse(e.errno, f"port {port} on {host} is already in use") from None
+        raise OSError(e.errno, f"cannot listen on {host}:{port}: {e.strerror}") from None
+    return sock
 
 
-def serve(searcher: Searcher, *, host: str = "127.0.0.1", port: int = 8893, **kwargs) -> None:
-    """Runs the server until interrupted (loopback unless `host` says otherwise)."""
+def serve(
+    searcher: Searcher,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8893,
+    sock: socket.socket | None = None,
+    warm: bool = True,
+    **kwargs,
+) -> None:
+    """Runs the server until interrupted (loopback unless `host` says otherwise). The port opens at once;
+    the warm-up runs behind it. `sock`: an already bound socket (from `bind`); `kwargs` go to `create_app`."""
     import uvicorn
 
-    uvicorn.run(create_app(searcher, **kwargs), host=host, port=port, log_level="info")
+    sock = sock or bind(host, port)
+    config = uvicorn.Config(create_app(searcher, warm=warm, **kwargs), log_level="info")
+    uvicorn.Server(config).run(sockets=[sock])

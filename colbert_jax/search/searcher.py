@@ -179,6 +179,14 @@ class Searcher:
             self._collection = coll
         return self._collection.texts(self.index.positions(np.asarray(pids, np.int64)))
 
+    def explain(self, query: str, pid: int) -> list:
+        """Why passage `pid` scores as it does for `query`: for each query token, the passage token it
+        matched best (MaxSim), `[(query_token, doc_token, doc_position, score), ...]` (`explain.Match`),
+        the scores summing to the passage's score. See `colbert_jax.search.explain`."""
+        from colbert_jax.search.explain import explain
+
+        return explain(self, query, pid)
+
     # -- device state -------------------------------------------------------------------------------
     @property
     def arrays(self) -> plaid.IndexArrays:
