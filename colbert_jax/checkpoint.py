@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from colbert_jax import io
 from colbert_jax.config import ColBERTConfig
 from colbert_jax.model import ColBERTModel
 from colbert_jax.modeling.bert import BertConfig
@@ -30,7 +31,14 @@ from colbert_jax.modeling.convert import CheckpointFormatError, params_to_state_
 from colbert_jax.tokenization import load_hf_tokenizer
 from colbert_jax.torch_io import TorchFileError, load_torch_file
 
-__all__ = ["load_checkpoint", "save_checkpoint", "resolve_checkpoint", "CheckpointError", "CheckpointFormatError"]
+__all__ = [
+    "load_checkpoint",
+    "save_checkpoint",
+    "resolve_checkpoint",
+    "is_own_checkpoint",
+    "CheckpointError",
+    "CheckpointFormatError",
+]
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 JAX_PARAMS = "params.safetensors"
@@ -55,7 +63,7 @@ def resolve_checkpoint(path_or_name: str | os.PathLike) -> Path:
     if path.exists():
         if not path.is_dir():
             raise CheckpointError(f"checkpoint must be a directory, got a file: {path}")
-        return path
+        return path.absolute()  # recorded in indexes and configs: must hold from any working directory
     name = str(path_or_name)
     looks_like_repo = name.count("/") == 1 and not name.startswith((".", "/", "~"))
     if not looks_like_repo:
@@ -197,6 +205,18 @@ def abstract_params(module: ColBERTEncoder):
     return meta.unbox(shapes)
 
 
+def is_own_checkpoint(directory: str | os.PathLike) -> bool:
+    """Whether `directory` is a checkpoint that colbert-jax wrote (either layout)."""
+    directory = Path(directory)
+    if (directory / JAX_PARAMS).is_file() and (directory / JAX_CONFIG).is_file():
+        return True
+    try:
+        meta = json.loads((directory / "artifact.metadata").read_text())
+        return meta.get("meta", {}).get("exported_by") == "colbert-jax"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def save_checkpoint(
     model: ColBERTModel, directory: str | os.PathLike, *, format: str = "torch", overwrite: bool = False
 ) -> Path:
@@ -212,8 +232,7 @@ def save_checkpoint(
     if format not in ("torch", "jax"):
         raise ValueError(f"format must be 'torch' or 'jax', got {format!r}")
     directory = Path(directory)
-    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())) and not overwrite:
-        raise FileExistsError(f"{directory} exists and is not empty; pass overwrite=True to replace it")
+    io.check_target(directory, overwrite=overwrite, what="checkpoint written by colbert-jax", is_ours=is_own_checkpoint)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
@@ -242,13 +261,7 @@ def save_checkpoint(
                 (tmp / name).write_bytes(data)
         else:
             model.hf_tokenizer.save_pretrained(str(tmp))
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old{os.getpid()}")
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
+        io.replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

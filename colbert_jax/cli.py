@@ -1,6 +1,7 @@
 """The `colbert-jax` command line: one subcommand per job, each a thin shim over the library.
 
-Exit codes: 0 success, 1 failure while running, 2 bad usage or bad input (missing file, bad config key).
+Exit codes: 0 success, 1 failure while running, 2 bad usage or bad input (missing file, bad config key,
+a target that is not ours to replace), 130 interrupted (Ctrl-C; rerunning the same command resumes).
 """
 
 from __future__ import annotations
@@ -9,7 +10,24 @@ import argparse
 import sys
 from pathlib import Path
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Help that shows every option's default (where it has a meaningful one)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "%(default)" in text or default in (None, False, argparse.SUPPRESS) or action.option_strings == []:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -25,15 +43,25 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _overrides(pairs: list[str] | None) -> dict:
-    """`--set key=value` pairs -> config overrides (values parsed as YAML scalars: 2, 0.5, true, null)."""
+    """`--set key=value` pairs -> config overrides (values parsed as YAML scalars: 2, 0.5, true, null),
+    each checked against `ColBERTConfig` so that an error names the `--set` that caused it."""
     import yaml
+
+    from colbert_jax.config import ColBERTConfig, ConfigError
 
     out = {}
     for pair in pairs or []:
         if "=" not in pair:
             raise ValueError(f"--set expects key=value, got {pair!r}")
         key, value = pair.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {pair}: the value is not a YAML scalar") from None
+        try:
+            ColBERTConfig().replace(**{key.strip(): out[key.strip()]})
+        except ConfigError as e:
+            raise ConfigError(f"--set {pair}: {str(e).split(': ', 1)[-1]}") from None
     return out
 
 
@@ -53,32 +81,72 @@ def _index(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
+    import json
     import time
 
     import colbert_jax
     from colbert_jax.queries import load_queries
 
+    if args.queries and args.query:
+        raise ValueError("give queries either as arguments or with --queries FILE, not both")
     overrides = _overrides(args.set)
     for key in ("ncells", "ndocs", "centroid_score_threshold"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
+    t0 = time.perf_counter()
     searcher = colbert_jax.Searcher(
-        args.index, checkpoint=args.checkpoint, exact=args.exact, truncate=args.truncate, **overrides
+        args.index,
+        checkpoint=args.checkpoint,
+        exact=args.exact,
+        truncate=args.truncate,
+        allow_other_checkpoint=args.allow_other_checkpoint,
+        **overrides,
     )
     queries = load_queries(args.queries) if args.queries else dict(enumerate(args.query))
     if not queries:
-        raise ValueError("give --queries FILE or one or more QUERY arguments")
-    t0 = time.perf_counter()
+        raise ValueError("give one or more QUERY arguments or --queries FILE")
+    texts = {}
+    if args.show_text:
+        searcher.passages(searcher.index.pids[:1], collection=args.collection)  # fail before searching
+    t1 = time.perf_counter()
     ranking = searcher.search_all(queries, k=args.k)
-    dt = time.perf_counter() - t0
-    if args.out:
-        ranking.save(args.out)
-        print(f"{len(queries)} queries in {dt:.2f}s ({len(queries) / dt:.1f}/s); ranking written to {args.out}")
-    else:
-        for qid, results in ranking.data.items():
-            print(f"{qid}: {queries[qid]}")
-            for pid, rank, score in results:
-                print(f"  {rank:3d}. pid {pid}  {score:.3f}")
+    t2 = time.perf_counter()
+    if args.show_text:
+        pids = sorted({pid for results in ranking.data.values() for pid, _, _ in results})
+        texts = dict(zip(pids, searcher.passages(pids)))
+
+    fmt = args.format or ("tsv" if args.out else "text")
+    out = open(args.out, "w", encoding="utf-8") if args.out and fmt != "tsv" else sys.stdout
+    try:
+        if args.out and fmt == "tsv":
+            ranking.save(args.out)  # colbert-ai's ranking TSV (with a provenance .meta file beside it)
+        for qid, results in ranking.data.items() if not (args.out and fmt == "tsv") else ():
+            if fmt == "jsonl":
+                hits = [
+                    {"pid": pid, "rank": rank, "score": score} | ({"text": texts[pid]} if args.show_text else {})
+                    for pid, rank, score in results
+                ]
+                print(json.dumps({"qid": qid, "query": queries[qid], "results": hits}, ensure_ascii=False), file=out)
+            elif fmt == "tsv":
+                for pid, rank, score in results:
+                    extra = "\t" + " ".join(texts[pid].split()) if args.show_text else ""
+                    print(f"{qid}\t{pid}\t{rank}\t{score:.6f}{extra}", file=out)
+            else:
+                print(f"{qid}: {queries[qid]}", file=out)
+                for pid, rank, score in results:
+                    print(f"  {rank:3d}. pid {pid}  {score:.3f}", file=out)
+                    if args.show_text:
+                        print(f"       {texts[pid][:200]}", file=out)
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    n = len(queries)
+    print(
+        f"{n} quer{'y' if n == 1 else 'ies'} in {t2 - t1:.2f}s ({n / (t2 - t1):.1f}/s, "
+        f"{1000 * (t2 - t1) / n:.1f} ms each, compilation included); index and model loaded in "
+        f"{t1 - t0:.1f}s" + (f"; written to {args.out}" if args.out else ""),
+        file=sys.stderr,
+    )
     return EXIT_OK
 
 
@@ -151,9 +219,9 @@ def _train(args: argparse.Namespace) -> int:
     from colbert_jax.training.loop import maybe_initialize_distributed, train
 
     maybe_initialize_distributed()
-    config = TrainConfig.load(args.config, [pair for group in args.set or [] for pair in group])
+    config = TrainConfig.load(args.config, args.set or [])
     try:
-        train(config, args.out)
+        train(config, args.out, overwrite=args.overwrite)
     except DataError as e:
         raise ValueError(str(e)) from None
     return EXIT_OK
@@ -162,12 +230,18 @@ def _train(args: argparse.Namespace) -> int:
 def _quickstart(args: argparse.Namespace) -> int:
     from colbert_jax import quickstart
 
-    return quickstart.main(args.rest)
+    return quickstart.run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="colbert-jax", description="ColBERTv2 + PLAID in JAX.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    from colbert_jax import __version__, quickstart
+
+    parser = _Parser(
+        prog="colbert-jax",
+        description="ColBERTv2 + PLAID in JAX. Exit codes: 0 success, 1 failure, 2 bad input, 130 interrupted.",
+    )
+    parser.add_argument("--version", action="version", version=f"colbert-jax {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser(
         "convert",
@@ -179,7 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="checkpoint directory or Hub id")
     p.add_argument("dst", help="output directory (must not exist unless --overwrite)")
     p.add_argument("--to", choices=["torch", "jax"], help="output layout (default: the other one)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing checkpoint that colbert-jax wrote (anything else is never replaced)",
+    )
     p.set_defaults(func=_convert)
 
     p = sub.add_parser(
@@ -197,8 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--doc-maxlen", dest="doc_maxlen", type=int, help="maximum document tokens")
     p.add_argument("--index-bsize", dest="index_bsize", type=int, help="maximum documents per encoder batch")
     p.add_argument("--chunksize", type=int, default=25_000, help="passages per resumable chunk")
-    p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="any other config keys")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing index (once the new one is done)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other config key (repeat --set)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing colbert-jax index, once the new one is complete (anything else is never replaced)",
+    )
     p.set_defaults(func=_index)
 
     p = sub.add_parser(
@@ -211,8 +293,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", required=True, help="index directory")
     p.add_argument("--queries", help="queries file: TSV 'qid<TAB>text' or JSONL")
     p.add_argument("--k", type=int, default=10, help="results per query")
-    p.add_argument("--out", help="write the ranking TSV here instead of printing it")
+    p.add_argument(
+        "--format",
+        choices=["text", "tsv", "jsonl"],
+        help="output: text (for reading), tsv (qid, pid, rank, score) or jsonl "
+        "(default: text on the terminal, tsv with --out)",
+    )
+    p.add_argument("--show-text", dest="show_text", action="store_true", help="include each passage's text")
+    p.add_argument("--collection", help="collection file for --show-text (default: the one the index records)")
+    p.add_argument("--out", help="write the results to this file (tsv: colbert-ai's ranking TSV)")
     p.add_argument("--checkpoint", help="checkpoint (default: the one recorded in the index)")
+    p.add_argument(
+        "--allow-other-checkpoint",
+        dest="allow_other_checkpoint",
+        action="store_true",
+        help="search with a checkpoint other than the one that built the index",
+    )
     p.add_argument("--exact", action="store_true", help="brute-force MaxSim instead of PLAID")
     p.add_argument("--truncate", action="store_true", help="truncate queries longer than query_maxlen")
     p.add_argument("--ncells", type=int, help="centroids probed per query token (default by k)")
@@ -223,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="centroid pruning threshold (default by k)",
     )
-    p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="any other config keys")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other config key (repeat --set)")
     p.set_defaults(func=_search)
 
     p = sub.add_parser(
@@ -269,8 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ranking", required=True, help="ranking TSV, as written by colbert-jax search --out")
     p.add_argument("--qrels", required=True, help="relevance judgements")
-    p.add_argument("--mrr-k", dest="mrr_k", type=int, default=10)
-    p.add_argument("--ndcg-k", dest="ndcg_k", type=int, default=10)
+    p.add_argument("--mrr-k", dest="mrr_k", type=int, default=10, help="MRR depth")
+    p.add_argument("--ndcg-k", dest="ndcg_k", type=int, default=10, help="nDCG depth")
     p.add_argument("--recall", type=int, nargs="+", default=[10, 50, 100, 1000], help="Recall@k depths")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_evaluate)
@@ -286,15 +382,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument(
         "--set",
-        nargs="+",
         action="append",
         metavar="KEY=VALUE",
-        help="overrides: lr=1e-5 train.seed=1 (bare keys are looked up in both sections)",
+        help="a config override, repeated: --set lr=1e-5 --set train.seed=1 (bare keys are looked up in both sections)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over: delete an earlier run in --out (only a colbert-jax run directory) instead of resuming it",
     )
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("quickstart", help="the default model on the built-in corpus", add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p = sub.add_parser(
+        "quickstart",
+        help="the default model on the built-in corpus",
+        description=quickstart.DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    quickstart.add_arguments(p)
     p.set_defaults(func=_quickstart)
     return parser
 
@@ -302,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from colbert_jax.checkpoint import CheckpointError
     from colbert_jax.config import ConfigError
+    from colbert_jax.errors import cli_message
     from colbert_jax.torch_io import TorchFileError
 
     args = build_parser().parse_args(argv)
@@ -310,6 +416,9 @@ def main(argv: list[str] | None = None) -> int:
     enable_compilation_cache()
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        print(f"\ncolbert-jax {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (
         FileNotFoundError,
         FileExistsError,
@@ -320,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         TypeError,
         KeyError,
     ) as e:
-        print(f"colbert-jax {args.command}: error: {e}", file=sys.stderr)
+        print(f"colbert-jax {args.command}: error: {cli_message(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 

@@ -29,7 +29,7 @@ def load_qrels(path: str | os.PathLike) -> dict[str, dict[str, int]]:
     if not path.is_file():
         raise FileNotFoundError(f"qrels file not found: {path}")
     qrels: dict[str, dict[str, int]] = {}
-    with open(path) as f:
+    with open(path, encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, 1):
             fields = line.split()
             if not fields:
@@ -43,9 +43,15 @@ def load_qrels(path: str | os.PathLike) -> dict[str, dict[str, int]]:
             else:
                 raise ValueError(f"{path}:{lineno}: expected 'qid 0 pid rel' (MS MARCO) or 'qid pid rel' (BEIR)")
             try:
-                relevance = int(float(rel))
+                value = float(rel)
             except ValueError:
                 raise ValueError(f"{path}:{lineno}: relevance {rel!r} is not a number") from None
+            if not value.is_integer():
+                raise ValueError(
+                    f"{path}:{lineno}: relevance {rel!r} is not an integer label; this looks like a ranking "
+                    "('qid pid rank score'), not qrels"
+                )
+            relevance = int(value)
             qrels.setdefault(qid, {})[pid] = relevance
     if not qrels:
         raise ValueError(f"{path}: no judgements")
@@ -71,6 +77,12 @@ def evaluate(
 ) -> dict[str, float]:
     """Metrics of `ranking` ({qid: [(pid, rank, score), ...]} or a Ranking) against `qrels`."""
     ranked = _ranked_lists(ranking)
+    pids = {pid for results in ranked.values() for pid in results}
+    if pids == {"0"} and sum(map(len, ranked.values())) > 1:
+        raise ValueError(
+            "every pid in the ranking is 0: this looks like MS MARCO qrels ('qid 0 pid rel'), not a ranking "
+            "('qid pid rank score'); are the ranking and the qrels swapped?"
+        )
     judged = {q: {p: r for p, r in rels.items() if r > 0} for q, rels in qrels.items()}
     judged = {q: rels for q, rels in judged.items() if rels}
     if not judged:

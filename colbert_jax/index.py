@@ -35,7 +35,7 @@ from colbert_jax.config import ColBERTConfig, ConfigError
 from colbert_jax.indexing.codec import ResidualCodec
 from colbert_jax.indexing.ivf import build_ivf, embedding_offsets
 
-__all__ = ["Index", "CorruptIndexError", "write_index", "FORMAT", "FORMAT_VERSION", "ARRAYS"]
+__all__ = ["Index", "CorruptIndexError", "write_index", "is_index_dir", "FORMAT", "FORMAT_VERSION", "ARRAYS"]
 
 FORMAT = "colbert-jax-index"
 FORMAT_VERSION = 1
@@ -54,6 +54,14 @@ ARRAYS = (
 
 class CorruptIndexError(ValueError):
     """An index directory is incomplete, inconsistent or has been modified."""
+
+
+def is_index_dir(path: str | os.PathLike) -> bool:
+    """Whether `path` is a directory that colbert-jax wrote as an index (its metadata.json says so)."""
+    try:
+        return json.loads((Path(path) / "metadata.json").read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 class Index:

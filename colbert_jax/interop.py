@@ -18,7 +18,7 @@ import numpy as np
 
 from colbert_jax import io
 from colbert_jax.config import ColBERTConfig
-from colbert_jax.index import CorruptIndexError, Index, write_index
+from colbert_jax.index import CorruptIndexError, Index, is_index_dir, write_index
 from colbert_jax.indexing.codec import ResidualCodec
 from colbert_jax.torch_io import TorchFileError, load_torch_file
 
@@ -67,8 +67,7 @@ def import_colbert_index(
     src, dst = Path(src_dir), Path(dst_dir)
     if not src.is_dir():
         raise FileNotFoundError(f"index directory not found: {src}")
-    if dst.exists() and not overwrite and (not dst.is_dir() or any(dst.iterdir())):
-        raise FileExistsError(f"{dst} already exists; pass overwrite=True to replace it")
+    io.check_target(dst, overwrite=overwrite, what="colbert-jax index", is_ours=is_index_dir)
     meta_path = src / "metadata.json"
     if not meta_path.is_file():
         raise CorruptIndexError(f"{src}: missing metadata.json (not a finished colbert-ai index)")

@@ -12,12 +12,14 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tensorstore as ts
+
+from colbert_jax.errors import needs_option
 
 __all__ = [
     "create_array",
@@ -28,6 +30,7 @@ __all__ = [
     "write_json",
     "read_json",
     "replace_dir",
+    "check_target",
 ]
 
 CHUNK_BYTES = 32 << 20
@@ -130,3 +133,37 @@ def replace_dir(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(src, dst)
+
+
+def check_target(path: str | os.PathLike, *, overwrite: bool, what: str, is_ours: Callable[[Path], bool]) -> None:
+    """Raises unless `path` may be written by a job that produces a `what` (e.g. "colbert-jax index").
+
+    Writable: a path that does not exist, an empty directory, or, with `overwrite`, a directory that
+    `is_ours` recognises as an earlier output of the same kind. Anything else (a regular file, a symbolic
+    link, a directory holding other things) is refused whatever `overwrite` says: we never delete what we
+    did not write.
+    """
+    path = Path(path)
+    if path.is_symlink():
+        raise FileExistsError(f"{path} is a symbolic link: refusing to replace it; give the real path")
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise FileExistsError(f"{path} is a file, not a {what}: refusing to replace it; choose another path")
+    entries = sorted(p.name for p in path.iterdir())
+    if not entries:
+        return
+    if not is_ours(path):
+        shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+        raise FileExistsError(
+            f"{path} is a directory that is not a {what} (it holds {shown}): refusing to replace it; "
+            "choose another path, or empty or remove it yourself"
+        )
+    if not overwrite:
+        raise needs_option(
+            FileExistsError,
+            f"{path} already holds a {what}",
+            argument="overwrite=True",
+            flag="--overwrite",
+            purpose="replace it",
+        )

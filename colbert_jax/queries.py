@@ -18,7 +18,7 @@ def load_queries(path: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"queries file not found: {path}")
     rows: list[tuple[str, str]] = []
     jsonl = path.suffix in (".jsonl", ".json")
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # a BOM is not part of the first qid
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue

@@ -62,15 +62,26 @@ def prepare(checkpoint: str | None = None, *, show_progress: bool = True):
     return colbert_jax.Searcher(path, checkpoint=model, truncate=True), built
 
 
+DESCRIPTION = __doc__
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The quickstart's options (shared by `colbert-jax quickstart` and `python -m colbert_jax.quickstart`)."""
+    parser.add_argument("queries", nargs="*", help="queries to answer (default: a few samples)")
+    parser.add_argument("--checkpoint", help="ColBERT checkpoint directory or Hub id (default: packaged MiniLM)")
+    parser.add_argument("--k", type=int, default=5, help="results per query (default: 5)")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="colbert-jax quickstart", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="colbert-jax quickstart", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("queries", nargs="*", help="queries to answer (default: a few samples)")
-    ap.add_argument("--checkpoint", help="ColBERT checkpoint directory or Hub id (default: packaged MiniLM)")
-    ap.add_argument("--k", type=int, default=5, help="results per query")
-    args = ap.parse_args(argv)
+    add_arguments(ap)
+    return run(ap.parse_args(argv))
 
+
+def run(args: argparse.Namespace) -> int:
+    """Builds (or reuses) the built-in index and answers `args.queries`."""
     from colbert_jax.runtime import enable_compilation_cache
 
     enable_compilation_cache()

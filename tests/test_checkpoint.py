@@ -51,15 +51,25 @@ def test_export_layout_and_extras(reference_checkpoint, tmp_path):
     assert cfg["model_type"] == "bert" and cfg["architectures"] == ["HF_ColBERT"]
 
 
-def test_save_refuses_to_overwrite(tiny_model, tmp_path):
+def test_save_never_replaces_what_is_not_a_checkpoint_of_ours(tiny_model, tmp_path):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "keep.txt").write_text("precious")
-    with pytest.raises(FileExistsError):
-        tiny_model.save(tmp_path / "x")
+    (tmp_path / "afile").write_text("also precious")
+    for target in ("x", "afile"):
+        for overwrite in (False, True):
+            with pytest.raises(FileExistsError, match="refusing to replace"):
+                tiny_model.save(tmp_path / target, overwrite=overwrite)
     assert (tmp_path / "x" / "keep.txt").read_text() == "precious"
-    tiny_model.save(tmp_path / "x", overwrite=True)
-    assert not (tmp_path / "x" / "keep.txt").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
+    assert (tmp_path / "afile").read_text() == "also precious"
+
+    tiny_model.save(tmp_path / "ckpt")  # a checkpoint of ours: replaced only with overwrite=True
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        tiny_model.save(tmp_path / "ckpt", format="jax")
+    tiny_model.save(tmp_path / "ckpt", format="jax", overwrite=True)
+    tiny_model.save(tmp_path / "ckpt", format="torch", overwrite=True)
+    (tmp_path / "empty").mkdir()
+    tiny_model.save(tmp_path / "empty")  # an empty directory is fine
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "ckpt", "empty", "x"]  # no temp dirs left
 
 
 def test_artifact_metadata_applies_and_overrides_win(tiny_checkpoint):
@@ -163,4 +173,4 @@ def test_convert_script_both_directions(reference_checkpoint, tmp_path, texts):
     )
     assert bad.returncode == 2 and "checkpoint directory not found" in bad.stderr
     again = subprocess.run([sys.executable, *script, str(jax_dir), str(torch_dir)], capture_output=True, text=True)
-    assert again.returncode == 2 and "exists and is not empty" in again.stderr
+    assert again.returncode == 2 and "add --overwrite to replace it" in again.stderr  # the flag, not overwrite=True

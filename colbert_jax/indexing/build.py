@@ -1,9 +1,10 @@
 """`Indexer`: collection -> PLAID index, resumable and atomic.
 
 Stages (colbert-ai 0.2.22 `collection_indexer.py`, with two deliberate differences noted):
-1. plan: sample passages (`kmeans.sample_passages`), encode them once, estimate the embedding count and
-   choose `num_partitions`. The sample's embeddings are kept (float16) and reused when their chunk is
-   indexed: colbert-ai encodes them twice; for collections up to ~30k passages that is everything.
+1. plan: sample passages (`kmeans.sample_passages`), encode them once, in pieces saved as they finish (an
+   interrupt loses at most one piece), estimate the embedding count and choose `num_partitions`. The
+   sample's embeddings are kept (float16) and reused when their chunk is indexed: colbert-ai encodes them
+   twice; for collections up to ~30k passages that is everything.
 2. codec: k-means on the sample minus a held-out split, residual buckets from the held-out part.
 3. chunks of `chunksize` passages: encode (length-sorted batches, data-parallel over local devices),
    round to float16, compress. Each finished chunk is saved with a marker written last.
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 from colbert_jax import io
 from colbert_jax.checkpoint import load_checkpoint
 from colbert_jax.config import ColBERTConfig
-from colbert_jax.index import FORMAT_VERSION, Index, write_index
+from colbert_jax.index import FORMAT_VERSION, Index, is_index_dir, write_index
 from colbert_jax.indexing import kmeans
 from colbert_jax.indexing.codec import ResidualCodec
 from colbert_jax.indexing.collection import Collection
@@ -41,6 +42,17 @@ from colbert_jax.runtime import enable_compilation_cache
 __all__ = ["Indexer", "model_fingerprint"]
 
 CHUNKSIZE = 25_000
+SAMPLE_PIECE = 4_096  # passages of the k-means sample encoded between two saves
+WORK_ENTRIES = (
+    "plan.json",
+    "chunks",
+    "sample",
+    "sample_embs.npy",
+    "sample_doclens.npy",
+    "sample_positions.npy",
+    "codec.npz",
+    "index",
+)
 
 
 def model_fingerprint(model: ColBERTModel) -> str:
@@ -126,12 +138,12 @@ class Indexer:
     ) -> Path:
         """Builds the index of `collection` (TSV/JSONL path or list of texts) at `index_path`.
 
-        An existing index is kept unless `overwrite=True` (then it is replaced only once the new one is
-        complete). An interrupted build of the same collection with the same settings resumes.
+        An existing colbert-jax index is kept unless `overwrite=True` (then it is replaced only once the new
+        one is complete); anything else at `index_path` (a file, a directory with other contents) is
+        refused. An interrupted build of the same collection with the same settings resumes.
         """
         path = Path(index_path)
-        if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
-            raise FileExistsError(f"{path} already exists; pass overwrite=True to rebuild it")
+        io.check_target(path, overwrite=overwrite, what="colbert-jax index", is_ours=is_index_dir)
         t_start = time.perf_counter()
         coll = Collection.load(collection)
         work = path.parent / f".{path.name}.partial"
@@ -148,28 +160,33 @@ class Indexer:
     def _plan(self, coll: Collection, work: Path) -> dict:
         fingerprint = self._build_fingerprint(coll)
         plan_path = work / "plan.json"
-        if plan_path.is_file():
-            plan = io.read_json(plan_path)
-            if plan.get("fingerprint") == fingerprint:
-                self._log(f"resuming the build in {work}")
+        plan = io.read_json(plan_path) if plan_path.is_file() else None
+        if plan is not None and plan.get("fingerprint") == fingerprint:
+            self._log(f"resuming the build in {work}")
+            if plan.get("complete", True):
                 return plan
-            self._log(f"discarding an unfinished build of other data or settings in {work}")
-        shutil.rmtree(work, ignore_errors=True)
-        (work / "chunks").mkdir(parents=True)
+        else:
+            if plan is not None:
+                self._log(f"discarding an unfinished build of other data or settings in {work}")
+            _clear_work_dir(work)
+            n = len(coll)
+            plan = {
+                "fingerprint": fingerprint,
+                "num_passages": n,
+                "chunksize": self.chunksize,
+                "num_chunks": -(-n // self.chunksize),
+                "sample": None,
+                "complete": False,
+            }
+            io.write_json(plan_path, plan)  # first, so a killed sampling resumes with its saved pieces
+            (work / "chunks").mkdir(exist_ok=True)
 
-        n = len(coll)
-        plan = {
-            "fingerprint": fingerprint,
-            "num_passages": n,
-            "chunksize": self.chunksize,
-            "num_chunks": -(-n // self.chunksize),
-            "sample": None,
-        }
+        n = plan["num_passages"]
         if self.codec is None:
             t = time.perf_counter()
             positions = kmeans.sample_passages(n)
-            embs, doclens = self._encode(coll.texts(positions), desc="encoding k-means sample")
-            io.save_npy(work / "sample_embs.npy", embs.astype(np.float16))
+            embs, doclens = self._encode_sample(coll, positions, work / "sample")
+            io.save_npy(work / "sample_embs.npy", embs)
             io.save_npy(work / "sample_doclens.npy", doclens)
             io.save_npy(work / "sample_positions.npy", positions)
             avg_doclen = float(doclens.mean())
@@ -188,8 +205,39 @@ class Indexer:
             self.stats["sample_seconds"] = time.perf_counter() - t
         else:
             plan["num_partitions"] = self.codec.num_partitions
+        plan["complete"] = True
         io.write_json(plan_path, plan)
+        shutil.rmtree(work / "sample", ignore_errors=True)  # merged into sample_*.npy
         return plan
+
+    def _encode_sample(self, coll: Collection, positions: np.ndarray, where: Path) -> tuple[np.ndarray, np.ndarray]:
+        """float16 embeddings and doclens of the k-means sample, encoded in pieces of at most `SAMPLE_PIECE`
+        passages, each saved as it finishes (marker last), so an interrupted build loses at most one piece."""
+        where.mkdir(exist_ok=True)
+        piece = min(self.chunksize, SAMPLE_PIECE)
+        starts = range(0, len(positions), piece)
+        done = [(where / f"{i}.json").is_file() for i in range(len(starts))]
+        n = len(coll)
+        desc = (
+            f"encoding passages (all {n:,} are the k-means sample)"
+            if len(positions) == n
+            else f"encoding k-means sample ({len(positions):,} of {n:,} passages)"
+        )
+        initial = sum(min(piece, len(positions) - s) for s, d in zip(starts, done) if d)
+        embs, doclens = [], []
+        with tqdm(
+            total=len(positions), initial=initial, unit="passage", desc=desc, disable=not self.show_progress
+        ) as bar:
+            for i, start in enumerate(starts):
+                prefix = where / str(i)
+                if not done[i]:
+                    e, d = self._encode(coll.texts(positions[start : start + piece]), bar)
+                    io.save_npy(f"{prefix}.embs.npy", e.astype(np.float16))
+                    io.save_npy(f"{prefix}.doclens.npy", d)
+                    io.write_json(f"{prefix}.json", {"start": start, "num_passages": len(d)})
+                embs.append(np.load(f"{prefix}.embs.npy"))
+                doclens.append(np.load(f"{prefix}.doclens.npy"))
+        return np.concatenate(embs), np.concatenate(doclens)
 
     def _build_fingerprint(self, coll: Collection) -> str:
         c = self.config
@@ -257,7 +305,7 @@ class Indexer:
             total=n,
             initial=sum(min(cs, n - i * cs) for i, d in enumerate(done) if d),
             unit="passage",
-            desc="indexing",
+            desc="compressing" if sample is not None and len(sample[0]) == n else "encoding and compressing",
             disable=not self.show_progress,
             smoothing=0.1,
         )
@@ -303,15 +351,14 @@ class Indexer:
         doclens = np.array([len(x) for x in per_passage], np.int64)
         return np.concatenate(per_passage), doclens
 
-    def _encode(self, texts: list[str], desc: str) -> tuple[np.ndarray, np.ndarray]:
-        """Flattened float32 embeddings and doclens of `texts`, in order, with a progress bar."""
+    def _encode(self, texts: list[str], bar) -> tuple[np.ndarray, np.ndarray]:
+        """Flattened float32 embeddings and doclens of `texts`, in order, advancing `bar`."""
         ids, mask = self.model.doc_tokenizer.tensorize(texts)
         per_passage: list[np.ndarray | None] = [None] * len(texts)
-        with tqdm(total=len(texts), unit="passage", desc=desc, disable=not self.show_progress) as bar:
-            for rows, d, keep in self.model.iter_doc_batches(ids, mask):
-                for j, row in enumerate(rows):
-                    per_passage[row] = d[j][keep[j]]
-                bar.update(len(rows))
+        for rows, d, keep in self.model.iter_doc_batches(ids, mask):
+            for j, row in enumerate(rows):
+                per_passage[row] = d[j][keep[j]]
+            bar.update(len(rows))
         self.stats["passages_encoded"] += len(texts)
         return np.concatenate(per_passage), np.array([len(x) for x in per_passage], np.int64)
 
@@ -342,7 +389,7 @@ class Indexer:
             num_embeddings=total,
             pids=coll.pids,
             checkpoint={"path": self.config.checkpoint, "fingerprint": model_fingerprint(self.model)},
-            collection={"source": coll.source, "fingerprint": coll.fingerprint},
+            collection={"source": coll.location, "fingerprint": coll.fingerprint},
             build={
                 "plan": plan,
                 "stats": self.stats,
@@ -361,6 +408,19 @@ class Indexer:
     def _log(self, message: str) -> None:
         if self.show_progress:
             tqdm.write(f"[colbert-jax] {message}")
+
+
+def _clear_work_dir(work: Path) -> None:
+    """Empties `work` (a build's `.NAME.partial`), refusing if it holds anything a build does not write."""
+    if work.exists():
+        foreign = [p.name for p in work.iterdir() if p.name not in WORK_ENTRIES and not p.name.startswith(".")]
+        if foreign or not work.is_dir() or work.is_symlink():
+            raise FileExistsError(
+                f"{work} is where the build works, but it holds things a build does not write "
+                f"({', '.join(sorted(foreign)[:3]) or 'it is not a directory'}): move them away"
+            )
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
 
 
 # -- inputs for centroids / codec -----------------------------------------------------------------

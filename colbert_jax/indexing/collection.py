@@ -23,6 +23,8 @@ import numpy as np
 
 __all__ = ["Collection", "CollectionError"]
 
+UTF8_BOM = b"\xef\xbb\xbf"
+
 
 class CollectionError(ValueError):
     """A collection file or list is unreadable, empty, or has a bad line."""
@@ -57,6 +59,11 @@ class Collection:
     @property
     def source(self) -> str:
         return str(self.path) if self.path else "<list of texts>"
+
+    @property
+    def location(self) -> str | None:
+        """The collection file's absolute path (what an index records), or None for a list of texts."""
+        return str(self.path.absolute()) if self.path else None
 
     # ----------------------------------------------------------------------------------------------
     @classmethod
@@ -97,6 +104,8 @@ class Collection:
                 for lineno, raw in enumerate(f, 1):
                     h.update(raw)
                     start, offset = offset, offset + len(raw)
+                    if lineno == 1 and raw.startswith(UTF8_BOM):  # editors on Windows write one
+                        raw, start = raw[len(UTF8_BOM) :], start + len(UTF8_BOM)
                     line = raw.decode("utf-8").rstrip("\r\n")
                     if not line.strip():
                         continue

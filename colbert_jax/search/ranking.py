@@ -60,7 +60,7 @@ class Ranking:
         if not path.is_file():
             raise FileNotFoundError(f"ranking file not found: {path}")
         rows: list[tuple[str, int, int, float]] = []
-        with open(path) as f:
+        with open(path, encoding="utf-8-sig") as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue

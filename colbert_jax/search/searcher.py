@@ -27,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from colbert_jax.checkpoint import load_checkpoint
 from colbert_jax.config import ColBERTConfig
+from colbert_jax.errors import needs_option
 from colbert_jax.index import Index
 from colbert_jax.indexing.build import model_fingerprint
 from colbert_jax.indexing.ivf import build_ivf
@@ -125,7 +126,24 @@ class Searcher:
         if checkpoint is None:
             checkpoint = self.index.metadata.get("checkpoint", {}).get("path") or self.index.config.checkpoint
             if not checkpoint:
-                raise ValueError(f"{self.index.path}: the index records no checkpoint; pass checkpoint=...")
+                raise needs_option(
+                    ValueError,
+                    f"{self.index.path}: the index records no checkpoint",
+                    argument="checkpoint=DIR",
+                    flag="--checkpoint DIR",
+                    purpose="choose one",
+                )
+            if not Path(checkpoint).expanduser().is_absolute() and not Path(checkpoint).expanduser().exists():
+                # indexes built before paths were recorded absolute name the checkpoint relative to where the
+                # build ran
+                raise needs_option(
+                    FileNotFoundError,
+                    f"{self.index.path} records its checkpoint as the relative path {checkpoint!r}, which does not "
+                    f"exist from {Path.cwd()}",
+                    argument="checkpoint=DIR",
+                    flag="--checkpoint DIR",
+                    purpose="give it",
+                )
         if isinstance(checkpoint, ColBERTModel):
             model = checkpoint
         else:
@@ -137,10 +155,13 @@ class Searcher:
             )
         recorded = self.index.metadata.get("checkpoint", {}).get("fingerprint")
         if recorded and not allow_other_checkpoint and model_fingerprint(model) != recorded:
-            raise ValueError(
+            raise needs_option(
+                ValueError,
                 f"the checkpoint ({model.config.checkpoint}) is not the one that built the index "
-                f"({self.index.metadata['checkpoint'].get('path')}); pass allow_other_checkpoint=True "
-                "to search anyway"
+                f"({self.index.metadata['checkpoint'].get('path')}): its weights or settings differ",
+                argument="allow_other_checkpoint=True",
+                flag="--allow-other-checkpoint",
+                purpose="search with it anyway",
             )
         settings = {**index_config, **explicit, "checkpoint": model.config.checkpoint}
         self.config = model.config.replace(**settings)
@@ -168,15 +189,7 @@ class Searcher:
     def passages(self, pids: Sequence[int], collection: str | os.PathLike | None = None) -> list[str]:
         """The texts of passages (by collection pid), read from the collection the index was built from."""
         if self._collection is None or collection is not None:
-            from colbert_jax.indexing.collection import Collection
-
-            source = collection or self.index.metadata.get("collection", {}).get("source") or self.config.collection
-            if not source or not Path(source).is_file():
-                raise FileNotFoundError(f"the index's collection file is not available ({source!r}); pass collection=")
-            coll = Collection.load(source)
-            if len(coll) != self.index.num_passages:
-                raise ValueError(f"{source} has {len(coll)} passages, the index {self.index.num_passages}")
-            self._collection = coll
+            self._collection = self._open_collection(collection)
         return self._collection.texts(self.index.positions(np.asarray(pids, np.int64)))
 
     def explain(self, query: str, pid: int) -> list:
@@ -186,6 +199,39 @@ class Searcher:
         from colbert_jax.search.explain import explain
 
         return explain(self, query, pid)
+
+    def _open_collection(self, collection: str | os.PathLike | None):
+        """The collection file the index was built from (or `collection`), refused if its contents differ."""
+        from colbert_jax.indexing.collection import Collection
+
+        recorded = self.index.metadata.get("collection", {})
+        source = collection or recorded.get("source") or self.config.collection
+        if not source or source == "<list of texts>":
+            raise needs_option(
+                FileNotFoundError,
+                f"{self.index.path} was built from a list of texts and records no collection file for passage texts",
+                argument="collection=FILE",
+                flag="--collection FILE",
+                purpose="give one",
+            )
+        if not Path(source).is_file():
+            raise needs_option(
+                FileNotFoundError,
+                f"the collection file {str(source)!r} that {self.index.path} records is not available from "
+                f"{Path.cwd()}",
+                argument="collection=FILE",
+                flag="--collection FILE",
+                purpose="give its path",
+            )
+        coll = Collection.load(source)
+        if recorded.get("fingerprint") and coll.fingerprint != recorded["fingerprint"]:
+            raise ValueError(
+                f"{source} is not the collection {self.index.path} was built from: its contents differ (sha256 "
+                f"{coll.fingerprint[:12]}..., the index records {recorded['fingerprint'][:12]}...)"
+            )
+        if len(coll) != self.index.num_passages:
+            raise ValueError(f"{source} has {len(coll)} passages, the index {self.index.num_passages}")
+        return coll
 
     # -- device state -------------------------------------------------------------------------------
     @property
@@ -228,9 +274,12 @@ class Searcher:
         if texts and not self.truncate:
             for row, n in zip(text_rows, self.model.query_tokenizer.token_counts(texts)):
                 if n > lq - 3:
-                    raise QueryError(
-                        f"query {row} has {n} tokens; query_maxlen={lq} allows {lq - 3} (pass "
-                        "truncate=True to cut it, as colbert-ai does)"
+                    raise needs_option(
+                        QueryError,
+                        f"query {row} has {n} tokens; query_maxlen={lq} allows {lq - 3}",
+                        argument="truncate=True",
+                        flag="--truncate",
+                        purpose="cut it, as colbert-ai does",
                     )
 
     def _encode(self, queries: Sequence[str | np.ndarray]) -> np.ndarray:

@@ -93,9 +93,11 @@ class TrainConfig(BaseModel):
         """Loads a YAML/JSON config and applies `key=value` overrides."""
         data = load_config_file(path)
         data = {section: dict(values or {}) for section, values in data.items()}
-        for pair in overrides or []:
+        config = cls.from_dict(data, source=str(path))  # the file's own errors name the file
+        for pair in overrides or []:  # and an override's errors name the override
             apply_override(data, pair)
-        return cls.from_dict(data, source=str(path))
+            config = cls.from_dict(data, source=f"--set {pair}")
+        return config
 
     def to_dict(self) -> dict[str, Any]:
         return {"colbert": self.colbert.to_dict(), "train": self.train.model_dump(mode="json")}
@@ -110,7 +112,10 @@ def apply_override(data: dict[str, dict], pair: str) -> None:
         raise ConfigError(f"override {pair!r} must look like key=value")
     key, raw = pair.split("=", 1)
     key = key.strip()
-    value = yaml.safe_load(raw)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {pair!r}: the value is not a YAML scalar ({type(e).__name__})") from None
     if "." in key:
         section, name = key.split(".", 1)
         if section not in ("colbert", "train"):

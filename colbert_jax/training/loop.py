@@ -5,6 +5,9 @@
     out_dir/export/            the final model in the PyTorch ColBERTv2 layout (loads in colbert-ai)
     out_dir/config.yaml        the resolved configuration
 
+`out_dir` must be absent, empty, or an earlier run's directory (which the run resumes, or with
+`overwrite=True` deletes and starts over); anything else is refused, so nothing of the user's is replaced.
+
 Where training starts from (in this order):
 1. the latest Orbax checkpoint in out_dir/checkpoints (a rerun after a kill resumes exactly: same
    parameters, optimizer state, step, dropout RNG and data position);
@@ -22,6 +25,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -33,6 +37,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
+from colbert_jax import io
 from colbert_jax.checkpoint import load_checkpoint
 from colbert_jax.config import ConfigError
 from colbert_jax.model import LENGTH_BUCKET, ColBERTModel
@@ -43,7 +48,9 @@ from colbert_jax.training.data import TrainingData
 from colbert_jax.training.sharding import batch_sharding, make_mesh, param_shardings, state_shardings
 from colbert_jax.training.step import TrainState, make_optimizer, train_step
 
-__all__ = ["train", "maybe_initialize_distributed"]
+__all__ = ["train", "maybe_initialize_distributed", "is_run_dir"]
+
+RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "checkpoints", "export", "tensorboard")
 
 _DISTRIBUTED = False
 PEAK_BF16_FLOPS = {
@@ -118,15 +125,42 @@ def _tokenize(model: ColBERTModel, batch, accum: int, nway: int) -> dict[str, np
     return {k: v.reshape(accum, v.shape[0] // accum, *v.shape[1:]) for k, v in out.items()}
 
 
+def is_run_dir(path: str | os.PathLike) -> bool:
+    """Whether `path` is a training run's output directory: only what `train` writes, config or checkpoints
+    among it (temporary `.export.*` directories of an interrupted export included)."""
+    path = Path(path)
+    if not path.is_dir() or path.is_symlink():
+        return False
+    names = {p.name for p in path.iterdir()}
+
+    def written_by_train(name: str) -> bool:
+        return name in RUN_ENTRIES or (name.startswith(".") and any(name[1:].startswith(e + ".") for e in RUN_ENTRIES))
+
+    return bool(names & {"config.yaml", "checkpoints"}) and all(map(written_by_train, names))
+
+
 def train(
-    config: TrainConfig, out_dir: str | os.PathLike, *, stop_after: int | None = None, show_progress: bool = True
+    config: TrainConfig,
+    out_dir: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    stop_after: int | None = None,
+    show_progress: bool = True,
 ) -> Path:
-    """Trains as configured; returns out_dir. `stop_after=N` returns after step N (as an interrupted run
-    would, with its checkpoint saved): rerunning resumes."""
+    """Trains as configured; returns out_dir. An earlier run in `out_dir` resumes, or with `overwrite=True`
+    is deleted first. `stop_after=N` returns after step N (as an interrupted run would, with its checkpoint
+    saved): rerunning resumes."""
     enable_compilation_cache()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     leader = jax.process_index() == 0
+    ours = is_run_dir(out)
+    if not ours:  # absent or empty is fine; anything else is refused with a message naming what is there
+        io.check_target(out, overwrite=False, what="colbert-jax training run", is_ours=is_run_dir)
+    elif overwrite and leader:
+        shutil.rmtree(out)
+    if overwrite and jax.process_count() > 1:
+        multihost_utils.sync_global_devices("colbert-jax: run directory cleared")
+    out.mkdir(parents=True, exist_ok=True)
     c, t = config.colbert, config.train
 
     # -- model, mesh, optimizer -------------------------------------------------------------------

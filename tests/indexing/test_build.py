@@ -96,7 +96,7 @@ def test_interrupt_and_resume_equals_uninterrupted(tmp_path, tiny_model, tiny_in
 
     class FailingCollection(Collection):
         def texts(self, indices):
-            if len(indices) and min(indices) >= 128 and not self.sample_phase:
+            if len(indices) and min(indices) >= 128 and max(indices) < 192:  # chunk 2's own passages
                 raise Interrupted("simulated crash in chunk 2")
             return super().texts(indices)
 
@@ -104,7 +104,6 @@ def test_interrupt_and_resume_equals_uninterrupted(tmp_path, tiny_model, tiny_in
     failing = FailingCollection(
         coll.pids, path=coll.path, offsets=coll._offsets, fmt="tsv", fingerprint=coll.fingerprint
     )
-    failing.sample_phase = False
     path = tmp_path / "idx"
     indexer = colbert_jax.Indexer(tiny_model, nbits=2, chunksize=64, show_progress=False)
     # The k-means sample covers every passage here, so chunks reuse it: make chunk 2 re-read its text.
@@ -119,6 +118,64 @@ def test_interrupt_and_resume_equals_uninterrupted(tmp_path, tiny_model, tiny_in
         fresh = tmp_path / "fresh"
         colbert_jax.Indexer(tiny_model, nbits=2, chunksize=64, show_progress=False).index(fresh, small_collection)
     assert_same_index(path, fresh)
+
+
+def test_interrupted_sampling_resumes_from_its_saved_pieces(tmp_path, tiny_model, small_collection):
+    """The k-means sample is every passage here: an interrupt during its encoding loses at most one piece."""
+
+    class Interrupted(Exception):
+        pass
+
+    class FailingCollection(Collection):
+        def texts(self, indices):
+            if len(indices) and min(indices) >= 128:
+                raise Interrupted("simulated Ctrl-C while encoding the sample")
+            return super().texts(indices)
+
+    coll = Collection.load(small_collection)
+    failing = FailingCollection(
+        coll.pids, path=coll.path, offsets=coll._offsets, fmt="tsv", fingerprint=coll.fingerprint
+    )
+    path = tmp_path / "idx"
+    with pytest.raises(Interrupted):
+        colbert_jax.Indexer(tiny_model, nbits=2, chunksize=64, show_progress=False).index(path, failing)
+    pieces = tmp_path / ".idx.partial" / "sample"
+    assert sorted(p.name for p in pieces.glob("*.json")) == ["0.json", "1.json"]
+    resumed = colbert_jax.Indexer(tiny_model, nbits=2, chunksize=64, show_progress=False)
+    resumed.index(path, small_collection)
+    assert resumed.stats["passages_encoded"] == 300 - 128  # the two saved pieces were not encoded again
+    fresh = tmp_path / "fresh"
+    colbert_jax.Indexer(tiny_model, nbits=2, chunksize=64, show_progress=False).index(fresh, small_collection)
+    assert_same_index(path, fresh)
+
+
+def test_overwrite_never_replaces_what_is_not_an_index(tmp_path, tiny_model, tiny_index, small_collection):
+    indexer = colbert_jax.Indexer(tiny_model, nbits=2, chunksize=64, show_progress=False)
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("four years of work")
+    afile = tmp_path / "afile"
+    afile.write_text("notes")
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match=r"not a colbert-jax index \(it holds thesis.txt\)"):
+            indexer.index(precious, small_collection, overwrite=overwrite)
+        with pytest.raises(FileExistsError, match="is a file"):
+            indexer.index(afile, small_collection, overwrite=overwrite)
+    link = tmp_path / "link"
+    link.symlink_to(tiny_index[0])
+    with pytest.raises(FileExistsError, match="symbolic link"):
+        indexer.index(link, small_collection, overwrite=True)
+    assert (precious / "thesis.txt").read_text() == "four years of work" and afile.read_text() == "notes"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "link", "precious"]  # nothing hidden left
+    (tmp_path / "empty").mkdir()
+    indexer.index(tmp_path / "empty", ["an empty directory is fine", "as a target"])
+    assert colbert_jax.Index.open(tmp_path / "empty").num_passages == 2
+    # the build's own work directory is never taken from the user either
+    (tmp_path / ".new.partial").mkdir()
+    (tmp_path / ".new.partial" / "diary.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="diary.txt"):
+        indexer.index(tmp_path / "new", small_collection)
+    assert (tmp_path / ".new.partial" / "diary.txt").read_text() == "mine"
 
 
 def test_existing_index_is_kept_unless_overwrite(tmp_path, tiny_model, tiny_index, small_collection):
