@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -25,7 +26,7 @@ import numpy as np
 from colbert_jax import io
 from colbert_jax.config import ColBERTConfig
 from colbert_jax.model import ColBERTModel
-from colbert_jax.modeling.bert import BertConfig
+from colbert_jax.modeling.backbones import backbone_config_from_hf
 from colbert_jax.modeling.colbert import ColBERTEncoder
 from colbert_jax.modeling.convert import CheckpointFormatError, params_to_state_dict, state_dict_to_params
 from colbert_jax.tokenization import load_hf_tokenizer
@@ -50,7 +51,14 @@ TOKENIZER_FILES = (
     "special_tokens_map.json",
     "vocab.txt",
     "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "sentencepiece.bpe.model",
+    "spiece.model",
 )
+
+
+logger = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -116,25 +124,49 @@ def _read_json(path: Path) -> dict:
         raise CheckpointError(f"{path}: not valid JSON: {e}") from None
 
 
-def load_checkpoint(path_or_name: str | os.PathLike, config: ColBERTConfig | None = None, **overrides) -> ColBERTModel:
-    """Loads a ColBERTv2 checkpoint (local directory or Hub repo id) into a `ColBERTModel`.
+def _has_projection(state: dict[str, np.ndarray]) -> bool:
+    return any(k == "linear.weight" or k.endswith(".linear.weight") for k in state)
 
-    Config precedence, as in colbert-ai: defaults < the checkpoint's `artifact.metadata` < `config`
-    (its explicitly set fields) < `overrides` (config keys, e.g. `doc_maxlen=180`).
-    A directory without `artifact.metadata` or `linear.weight` (a plain BERT) gets a projection drawn
-    from normal(0, 0.02) with seed 0, as a fresh reference model would (with torch's RNG).
+
+def load_checkpoint(
+    path_or_name: str | os.PathLike,
+    config: ColBERTConfig | None = None,
+    *,
+    init_projection: int | None = None,
+    projection_seed: int = 0,
+    **overrides,
+) -> ColBERTModel:
+    """Loads a ColBERT checkpoint (local directory or Hub repo id) into a `ColBERTModel`.
+
+    The backbone is chosen by `config.json`'s `model_type` (`bert`, `roberta`, `xlm-roberta`, `electra`,
+    `modernbert`). Config precedence, as in colbert-ai: defaults < the checkpoint's `artifact.metadata`
+    < `config` (its explicitly set fields) < `overrides` (config keys, e.g. `doc_maxlen=180`).
+
+    A directory without a ColBERT projection (`linear.weight`), such as a plain Hugging Face backbone, is
+    an error unless `init_projection=dim` asks for a fresh one: then `linear.weight` [dim, hidden] is drawn
+    from normal(0, initializer_range) by numpy's PCG64 with `projection_seed` (logged), and `dim` becomes
+    the config's. `init_projection` is ignored when the checkpoint has a projection.
     """
     directory = resolve_checkpoint(path_or_name)
     if not (directory / "config.json").is_file():
         raise CheckpointError(f"{directory}: missing config.json (the backbone's configuration)")
     try:
-        bert_config = BertConfig.from_hf_dict(
+        bert_config = backbone_config_from_hf(
             _read_json(directory / "config.json"), source=str(directory / "config.json")
         )
     except ValueError as e:
         raise CheckpointError(str(e)) from None
 
     is_jax = (directory / JAX_PARAMS).is_file()
+    state = None if is_jax else _read_state_dict(directory)
+    fresh_projection = state is not None and not _has_projection(state)
+    if fresh_projection and init_projection is None:
+        raise CheckpointError(
+            f"{directory}: no ColBERT projection (linear.weight) in the checkpoint: it looks like a plain "
+            f"{bert_config.model_types[0]} backbone, not a ColBERT model. To start from it, ask for a fresh random "
+            "projection: load_checkpoint(path, init_projection=128) (command line: --init-projection 128)."
+        )
+
     meta_path = directory / (JAX_CONFIG if is_jax else "artifact.metadata")
     if is_jax:
         base = ColBERTConfig.from_dict(_read_json(meta_path), source=str(meta_path))
@@ -143,26 +175,33 @@ def load_checkpoint(path_or_name: str | os.PathLike, config: ColBERTConfig | Non
     else:
         base = ColBERTConfig()
     explicit = config.model_dump(exclude_unset=True) if config is not None else {}
+    if fresh_projection:
+        explicit["dim"] = init_projection
     colbert_config = base.replace(**{**explicit, **overrides, "checkpoint": str(directory)})
-    if (
-        colbert_config.doc_maxlen > bert_config.max_position_embeddings
-        or colbert_config.query_maxlen > bert_config.max_position_embeddings
-    ):
-        raise CheckpointError(
-            f"doc_maxlen/query_maxlen exceed the model's max_position_embeddings "
-            f"({bert_config.max_position_embeddings})"
-        )
+    if fresh_projection and colbert_config.dim != init_projection:
+        raise CheckpointError(f"init_projection={init_projection} conflicts with dim={colbert_config.dim}")
+    limit = bert_config.max_length
+    if colbert_config.doc_maxlen > limit or colbert_config.query_maxlen > limit:
+        raise CheckpointError(f"doc_maxlen/query_maxlen exceed the model's maximum input length ({limit})")
 
     module = ColBERTEncoder(bert_config, colbert_config.dim)
     abstract = abstract_params(module)
     if is_jax:
         params, extras = _read_jax_params(directory / JAX_PARAMS, abstract)
     else:
-        state = _read_state_dict(directory)
-        if "linear.weight" not in state and not any(k.endswith("linear.weight") for k in state):
-            rng = np.random.default_rng(0)
+        if fresh_projection:
             shape = (colbert_config.dim, bert_config.hidden_size)
-            state = {**state, "linear.weight": rng.normal(0.0, bert_config.initializer_range, shape).astype(np.float32)}
+            rng = np.random.default_rng(projection_seed)
+            projection = rng.normal(0.0, bert_config.initializer_range, shape).astype(np.float32)
+            state = {**state, "linear.weight": projection}
+            logger.warning(
+                "%s has no ColBERT projection: initialised linear.weight %s from normal(0, %g) with seed %d "
+                "(numpy PCG64), as init_projection asked",
+                directory,
+                shape,
+                bert_config.initializer_range,
+                projection_seed,
+            )
         params, extras = state_dict_to_params(state, abstract)
 
     if not any((directory / f).is_file() for f in ("tokenizer_config.json", "vocab.txt", "tokenizer.json")):

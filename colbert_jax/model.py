@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from colbert_jax.config import ColBERTConfig
-from colbert_jax.modeling.bert import BertConfig
+from colbert_jax.modeling.backbones import BackboneConfig
 from colbert_jax.modeling.colbert import ColBERTEncoder, embed_docs, embed_queries
 from colbert_jax.tokenization import DocTokenizer, QueryTokenizer
 
@@ -55,7 +55,7 @@ class ColBERTModel:
     def __init__(
         self,
         config: ColBERTConfig,
-        bert_config: BertConfig,
+        bert_config: BackboneConfig,
         params,
         hf_tokenizer,
         *,

@@ -61,6 +61,19 @@ def _insert_marker(ids: np.ndarray, mask: np.ndarray, marker_id: int) -> tuple[n
     return ids, mask
 
 
+def _pipeline_json(hf_tokenizer) -> str:
+    """The Rust tokenizer's definition: the checkpoint's own `tokenizer.json` when there is one.
+
+    transformers 4.x (which colbert-ai 0.2.22 and older PyLate run) loads that file as is; transformers 5
+    rebuilds some pipelines from the vocabulary instead (XLM-RoBERTa gets a different normalizer and
+    pre-tokenizer, which changes ids around whitespace), so the file is the faithful source.
+    """
+    path = Path(str(getattr(hf_tokenizer, "name_or_path", "") or "")) / "tokenizer.json"
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    return hf_tokenizer.backend_tokenizer.to_str()
+
+
 def _backend(hf_tokenizer, max_length: int | None, pad_to: int | None | bool):
     """A private copy of the Rust tokenizer configured exactly as `hf_tokenizer(texts, truncation=...,
     padding=...)` configures it per call (transformers' `set_truncation_and_padding`). Calling it directly
@@ -68,7 +81,7 @@ def _backend(hf_tokenizer, max_length: int | None, pad_to: int | None | bool):
     (transformers reconfigures its shared backend on every call)."""
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_str(hf_tokenizer.backend_tokenizer.to_str())
+    tok = Tokenizer.from_str(_pipeline_json(hf_tokenizer))
     tok.no_truncation()
     tok.no_padding()
     if max_length is not None:
@@ -135,7 +148,7 @@ class DocTokenizer(_Tokenizer):
     def __init__(self, hf_tokenizer, config: ColBERTConfig):
         super().__init__(hf_tokenizer, config)
         # The reference keeps the first id of each punctuation character's encoding (colbert/modeling/colbert.py).
-        skip = {hf_tokenizer.encode(ch, add_special_tokens=False)[0] for ch in string.punctuation}
+        skip = {self._counter.encode(ch, add_special_tokens=False).ids[0] for ch in string.punctuation}
         self.skiplist = np.array(sorted(skip) if config.mask_punctuation else [], dtype=np.int32)
         # padding="longest", truncation="longest_first", max_length=doc_maxlen - 1 (room for the marker)
         self._backend = _backend(hf_tokenizer, config.doc_maxlen - 1, None)

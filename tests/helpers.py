@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 FIXTURES = Path(__file__).parent / "fixtures" / "reference" / "foundation"
+BACKBONE_FIXTURES = Path(__file__).parent / "fixtures" / "backbones"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
 

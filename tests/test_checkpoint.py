@@ -123,8 +123,8 @@ def test_missing_directory_and_offline_hub(tmp_path):
 def test_missing_config_json_and_non_bert(tiny_checkpoint, tmp_path):
     ckpt = shutil.copytree(tiny_checkpoint, tmp_path / "c")
     cfg = json.loads((ckpt / "config.json").read_text())
-    (ckpt / "config.json").write_text(json.dumps({**cfg, "model_type": "roberta"}))
-    with pytest.raises(CheckpointError, match="model_type 'roberta' is not supported"):
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
+    with pytest.raises(CheckpointError, match="model_type 'gpt2' is not supported; supported: bert, roberta"):
         colbert_jax.load_checkpoint(ckpt)
     (ckpt / "config.json").unlink()
     with pytest.raises(CheckpointError, match="missing config.json"):
@@ -140,15 +140,21 @@ def test_encode_bad_inputs(tiny_model):
         tiny_model.encode_docs("just one string")
 
 
-def test_plain_bert_directory_gets_a_seeded_projection(tmp_path):
-    """A plain BERT (no linear.weight, no artifact.metadata) loads like colbert-ai's fresh ColBERT."""
+def test_plain_bert_directory_needs_init_projection(caplog):
+    """A plain BERT (no linear.weight) is an error unless a fresh, seeded projection is asked for."""
     from colbert_jax.default_model import minilm_dir
 
-    a = colbert_jax.load_checkpoint(minilm_dir(), dim=64)
-    b = colbert_jax.load_checkpoint(minilm_dir(), dim=64)
+    with pytest.raises(CheckpointError, match=r"no ColBERT projection.*init_projection=128"):
+        colbert_jax.load_checkpoint(minilm_dir())
+    with caplog.at_level("WARNING", logger="colbert_jax.checkpoint"):
+        a = colbert_jax.load_checkpoint(minilm_dir(), init_projection=64, projection_seed=3)
+    assert "with seed 3" in caplog.text
+    b = colbert_jax.load_checkpoint(minilm_dir(), init_projection=64, projection_seed=3)
     q = a.encode_queries(["hello"])
-    assert q.shape == (1, 32, 64)
+    assert q.shape == (1, 32, 64) and a.config.dim == 64
     np.testing.assert_array_equal(q, b.encode_queries(["hello"]))
+    c = colbert_jax.load_checkpoint(minilm_dir(), init_projection=64, projection_seed=4)
+    assert not np.array_equal(q, c.encode_queries(["hello"]))
 
 
 def test_convert_script_both_directions(reference_checkpoint, tmp_path, texts):

@@ -12,7 +12,7 @@ Numerics follow the reference: token_type ids all 0, positions 0..L-1, additive 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -31,6 +31,9 @@ _ACTIVATIONS = {
 @dataclasses.dataclass(frozen=True)
 class BertConfig:
     """The backbone's shape, as in a Hugging Face BERT `config.json`."""
+
+    model_types: ClassVar[tuple[str, ...]] = ("bert",)
+    torch_prefix: ClassVar[str] = "bert"  # the backbone's attribute in colbert-ai's HF_ColBERT (base_model_prefix)
 
     vocab_size: int = 30522
     hidden_size: int = 768
@@ -56,9 +59,9 @@ class BertConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], *, source: str = "config.json") -> BertConfig:
-        model_type = d.get("model_type", "bert")
-        if model_type != "bert":
-            raise ValueError(f"{source}: model_type {model_type!r} is not supported (colbert-jax implements BERT)")
+        model_type = d.get("model_type", cls.model_types[0])
+        if model_type not in cls.model_types:
+            raise ValueError(f"{source}: model_type {model_type!r} is not a {cls.__name__}")
         if d.get("position_embedding_type", "absolute") != "absolute":
             raise ValueError(f"{source}: only absolute position embeddings are supported")
         names = {f.name for f in dataclasses.fields(cls)}
@@ -70,11 +73,16 @@ class BertConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         return {
             "architectures": ["HF_ColBERT"],
-            "model_type": "bert",
+            "model_type": self.model_types[0],
             "position_embedding_type": "absolute",
             "torch_dtype": "float32",
             **dataclasses.asdict(self),
         }
+
+    @property
+    def max_length(self) -> int:
+        """Longest input the position embeddings allow."""
+        return self.max_position_embeddings
 
     @property
     def head_dim(self) -> int:
@@ -220,6 +228,12 @@ class _Encoder(nn.Module):
         return x
 
 
+def _key_bias(attention_mask):
+    """Additive key mask as in transformers: 0 where attended, finfo.min elsewhere; [B, 1, 1, L]."""
+    keep = attention_mask[:, None, None, :].astype(jnp.float32)
+    return (1.0 - keep) * jnp.finfo(jnp.float32).min
+
+
 class BertModel(nn.Module):
     """`(input_ids [B, L] int, attention_mask [B, L]) -> last hidden state [B, L, hidden]`."""
 
@@ -230,7 +244,5 @@ class BertModel(nn.Module):
     @nn.compact
     def __call__(self, input_ids, attention_mask, deterministic: bool = True):
         x = _Embeddings(self.config, self.dtype, name="embeddings")(input_ids, deterministic)
-        # Additive key mask as in transformers: 0 where attended, finfo.min elsewhere.
-        keep = attention_mask[:, None, None, :].astype(jnp.float32)
-        bias = (1.0 - keep) * jnp.finfo(jnp.float32).min
+        bias = _key_bias(attention_mask)
         return _Encoder(self.config, self.dtype, deterministic, self.remat, name="encoder")(x, bias)

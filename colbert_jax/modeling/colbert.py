@@ -1,4 +1,4 @@
-"""ColBERT: BERT -> bias-free linear projection -> token mask -> L2 normalisation.
+"""ColBERT: backbone (BERT, RoBERTa, ELECTRA, ModernBERT) -> bias-free projection -> token mask -> L2 norm.
 
 Pure functions of explicit arrays, mirroring colbert-ai 0.2.22 `colbert/modeling/colbert.py`:
 - queries keep every position whose id is not [PAD] (after [MASK] augmentation that is all of them);
@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from colbert_jax.modeling.bert import BertConfig, BertModel
+from colbert_jax.modeling.backbones import BackboneConfig, backbone_module
 
 __all__ = ["ColBERTEncoder", "l2_normalize", "embed_queries", "embed_docs", "logical_axes"]
 
@@ -23,14 +23,15 @@ __all__ = ["ColBERTEncoder", "l2_normalize", "embed_queries", "embed_docs", "log
 class ColBERTEncoder(nn.Module):
     """`(input_ids, attention_mask) -> projected token vectors [B, L, dim]` (float32, not normalised)."""
 
-    bert_config: BertConfig
+    bert_config: BackboneConfig  # any backbone's config; the name predates the other backbones
     dim: int
     dtype: Any = jnp.float32
     remat: bool = False
 
     @nn.compact
     def __call__(self, input_ids, attention_mask, deterministic: bool = True):
-        h = BertModel(self.bert_config, self.dtype, self.remat, name="bert")(input_ids, attention_mask, deterministic)
+        backbone = backbone_module(self.bert_config, self.dtype, self.remat)
+        h = backbone(input_ids, attention_mask, deterministic)
         proj = nn.Dense(
             self.dim,
             use_bias=False,

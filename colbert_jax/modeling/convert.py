@@ -1,11 +1,16 @@
-"""PyTorch ColBERT state dicts <-> our Flax params, by rule.
+"""PyTorch ColBERT state dicts <-> our Flax params, by rule, for every backbone.
 
-Reference names (colbert-ai `HF_ColBERT`): `bert.embeddings.*`, `bert.encoder.layer.{i}.*`,
-`bert.pooler.*` (unused), `linear.weight` [dim, hidden]. Our Flax tree uses the same module names, so:
-- `<module>.weight` of a Linear -> `<module>/kernel`, transposed; of a LayerNorm -> `scale`;
-  of an Embedding -> `embedding`; `.bias` -> `bias`;
-- per-layer tensors `encoder.layer.{i}.<rest>` are stacked on a leading axis under `encoder/layer/<rest>`.
+Reference names (colbert-ai `HF_ColBERT`): `<prefix>.<backbone tensors>` and `linear.weight` [dim, hidden],
+where `<prefix>` is the backbone's `base_model_prefix` (`bert`, `roberta`, `electra`, `model`). Our Flax
+tree uses the same module names, so:
+- `<module>.weight` of a Linear -> `<module>/kernel`, transposed; of a LayerNorm -> `scale`; of an
+  Embedding -> `embedding` (which one is read off the expected tree); `.bias` -> `bias`;
+- per-layer tensors `<prefix>.encoder.layer.{i}.<rest>` (BERT-like) or `<prefix>.layers.{i}.<rest>`
+  (ModernBERT) are stacked on a leading axis under `<prefix>/encoder/layer/<rest>` or `<prefix>/layers/<rest>`;
+- a bare backbone's names (`embeddings.*`, `encoder.*`, `layers.*`, ...; a Hub or sentence-transformers
+  model) get the prefix; pretraining heads (`cls.*`, `lm_head.*`, `head.*`, ...) are ignored.
 The pooler is not part of the forward pass; it is carried through import/export untouched ("extras").
+ModernBERT's layer 0 has no `attn_norm`: import fills our unused slot with identity values, export drops it.
 """
 
 from __future__ import annotations
@@ -18,33 +23,40 @@ from flax import traverse_util
 
 __all__ = ["state_dict_to_params", "params_to_state_dict", "CheckpointFormatError"]
 
-_LAYER = re.compile(r"^bert\.encoder\.layer\.(\d+)\.(.+)$")
+_LAYER = re.compile(r"^(?P<prefix>\w+)\.(?P<container>encoder\.layer|layers)\.(?P<i>\d+)\.(?P<rest>.+)$")
+_STACKED = re.compile(r"^\w+/(encoder/layer|layers)/")
+_BARE_ROOTS = ("embeddings.", "encoder.", "pooler.", "layers.", "final_norm.", "embeddings_project.")
+_HEADS = ("cls.", "lm_head.", "head.", "decoder.", "discriminator_predictions.", "generator_predictions.")
+_NO_FIRST_LAYER = "/layers/attn_norm/"  # ModernBERT's layer 0 uses nn.Identity here
 
 
 class CheckpointFormatError(ValueError):
     """A checkpoint's tensors do not fit the model its config describes."""
 
 
-def _canonical_key(key: str) -> str | None:
-    """Maps a stored name to the `bert.` / `linear.` scheme; None for tensors to ignore."""
+def _prefix(expected: dict) -> str:
+    return next(k.split("/")[0] for k in expected if not k.startswith("linear/"))
+
+
+def _canonical_key(key: str, prefix: str) -> str | None:
+    """Maps a stored name to the `<prefix>.` / `linear.` scheme; None for tensors to ignore."""
     key = key.removeprefix("module.")  # DistributedDataParallel checkpoints
     key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
-    if key.startswith(("embeddings.", "encoder.", "pooler.")):  # a plain BertModel (e.g. MiniLM)
-        key = "bert." + key
-    if key.startswith("cls.") or key.endswith("position_ids") or key.endswith("token_type_ids"):
+    if key.startswith(_BARE_ROOTS):
+        key = f"{prefix}.{key}"
+    if key.startswith(_HEADS) or key.endswith(("position_ids", "token_type_ids")):
         return None
     return key
 
 
-def _leaf_name(module: str, param: str) -> tuple[str, bool]:
-    """(flax leaf name, transpose?) for a torch parameter of `module`."""
+def _leaf_name(module_path: str, param: str, expected: dict) -> tuple[str, bool]:
+    """(flax leaf name, transpose?) for a torch parameter of the module at `module_path`."""
     if param == "bias":
         return "bias", False
-    if module == "LayerNorm":
-        return "scale", False
-    if module.endswith("_embeddings"):
-        return "embedding", False
-    return "kernel", True
+    for leaf in ("kernel", "scale", "embedding"):
+        if f"{module_path}/{leaf}" in expected:
+            return leaf, leaf == "kernel"
+    return param, False  # not in our tree: reported as unexpected
 
 
 def state_dict_to_params(state: dict[str, np.ndarray], abstract_params) -> tuple[dict, dict[str, np.ndarray]]:
@@ -52,43 +64,51 @@ def state_dict_to_params(state: dict[str, np.ndarray], abstract_params) -> tuple
 
     Args:
       state: tensor name -> array, as stored (float32/float16/bfloat16 are cast to float32).
-      abstract_params: the expected tree (e.g. from `jax.eval_shape(module.init, ...)`), used to check
-        every shape and to report missing or unexpected tensors by name.
+      abstract_params: the expected tree (e.g. from `jax.eval_shape(module.init, ...)`), used to pick the
+        backbone prefix, to check every shape and to report missing or unexpected tensors by name.
     Returns:
       (params, extras): params as numpy float32 arrays; extras are stored tensors outside the forward
       pass (the pooler), kept so that export writes them back.
     """
     expected = {k: v.shape for k, v in traverse_util.flatten_dict(abstract_params, sep="/").items()}
-    n_layers = next(s[0] for k, s in expected.items() if "/encoder/layer/" in k)
+    prefix = _prefix(expected)
+    n_layers = next(s[0] for k, s in expected.items() if _STACKED.match(k))
     flat: dict[str, np.ndarray] = {}
     layered: dict[str, dict[int, np.ndarray]] = {}
     extras: dict[str, np.ndarray] = {}
     origin: dict[str, str] = {}
 
     for raw_key, value in state.items():
-        key = _canonical_key(raw_key)
+        key = _canonical_key(raw_key, prefix)
         if key is None:
             continue
-        if key.startswith("bert.pooler."):
+        if key.startswith(f"{prefix}.pooler."):
             extras[key] = np.asarray(value)
             continue
         value = np.asarray(value, dtype=np.float32)
-        *modules, param = key.split(".")
-        name, transpose = _leaf_name(modules[-1], param)
-        value = value.T if transpose else value
         m = _LAYER.match(key)
         if m:
-            path = "bert/encoder/layer/" + "/".join(m.group(2).split(".")[:-1]) + "/" + name
-            layered.setdefault(path, {})[int(m.group(1))] = value
+            *modules, param = m.group("rest").split(".")
+            module_path = "/".join([m.group("prefix"), *m.group("container").split("."), *modules])
+            name, transpose = _leaf_name(module_path, param, expected)
+            layered.setdefault(f"{module_path}/{name}", {})[int(m.group("i"))] = value.T if transpose else value
+            origin[f"{module_path}/{name}"] = raw_key
         else:
-            path = "/".join(modules) + "/" + name
-            flat[path] = value
-        origin[path] = raw_key
+            *modules, param = key.split(".")
+            module_path = "/".join(modules)
+            name, transpose = _leaf_name(module_path, param, expected)
+            flat[f"{module_path}/{name}"] = value.T if transpose else value
+            origin[f"{module_path}/{name}"] = raw_key
 
+    for path in expected:
+        if _NO_FIRST_LAYER in path and 0 not in layered.get(path, {}):
+            width = expected[path][-1]
+            layered.setdefault(path, {})[0] = np.full(width, 1.0 if path.endswith("scale") else 0.0, np.float32)
+            origin.setdefault(path, _torch_name(path).replace("{i}", "0"))
     for path, per_layer in layered.items():
         if sorted(per_layer) != list(range(n_layers)):
             missing = sorted(set(range(n_layers)) - set(per_layer))
-            names = [_LAYER.sub(rf"bert.encoder.layer.{i}.\2", origin[path]) for i in missing] or ["-"]
+            names = [_LAYER.sub(rf"\g<prefix>.\g<container>.{i}.\g<rest>", origin[path]) for i in missing] or ["-"]
             raise CheckpointFormatError(
                 f"checkpoint is missing tensor(s) {', '.join(names)}: expected layers 0..{n_layers - 1}, "
                 f"found {sorted(per_layer)}"
@@ -103,8 +123,9 @@ def state_dict_to_params(state: dict[str, np.ndarray], abstract_params) -> tuple
         raise CheckpointFormatError(f"checkpoint has unexpected tensors: {', '.join(origin[p] for p in unexpected)}")
     for path, shape in expected.items():
         if flat[path].shape != tuple(shape):
-            got = flat[path].shape[::-1] if path.endswith("kernel") and "layer" not in path else flat[path].shape
-            want = tuple(shape)[::-1] if path.endswith("kernel") and "layer" not in path else tuple(shape)
+            stacked = _STACKED.match(path) is not None
+            got = flat[path].shape[::-1] if path.endswith("kernel") and not stacked else flat[path].shape
+            want = tuple(shape)[::-1] if path.endswith("kernel") and not stacked else tuple(shape)
             what = "wrong projection shape" if path == "linear/kernel" else "wrong shape"
             raise CheckpointFormatError(
                 f"{what}: tensor {origin[path]!r} has shape {tuple(got)}, the config expects {want}"
@@ -120,11 +141,14 @@ def params_to_state_dict(params, extras: dict[str, np.ndarray] | None = None) ->
         *modules, leaf = path.split("/")
         param = "bias" if leaf == "bias" else "weight"
         transpose = leaf == "kernel"
-        if path.startswith("bert/encoder/layer/"):
-            rest = ".".join(modules[3:])
-            for i in range(value.shape[0]):
+        m = _STACKED.match(path)
+        if m:
+            head = path[: m.end()].rstrip("/").replace("/", ".")
+            rest = ".".join(path[m.end() :].split("/")[:-1])
+            first = 1 if _NO_FIRST_LAYER in path else 0
+            for i in range(first, value.shape[0]):
                 v = value[i].T if transpose else value[i]
-                out[f"bert.encoder.layer.{i}.{rest}.{param}"] = np.ascontiguousarray(v)
+                out[f"{head}.{i}.{rest}.{param}"] = np.ascontiguousarray(v)
         else:
             out[".".join(modules) + "." + param] = np.ascontiguousarray(value.T if transpose else value)
     for k, v in (extras or {}).items():
@@ -134,5 +158,6 @@ def params_to_state_dict(params, extras: dict[str, np.ndarray] | None = None) ->
 
 def _torch_name(path: str) -> str:
     *modules, leaf = path.split("/")
-    name = ".".join(modules).replace("encoder.layer", "encoder.layer.{i}")
+    name = ".".join(modules)
+    name = re.sub(r"^(\w+)\.(encoder\.layer|layers)\.", r"\1.\2.{i}.", name)
     return f"{name}.{'bias' if leaf == 'bias' else 'weight'}"
