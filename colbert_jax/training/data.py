@@ -7,9 +7,12 @@ Formats (colbert-ai's, `colbert/data/examples.py`):
 Each example uses its first `nway` passages, as colbert-ai does; an example with fewer is an error naming
 its line. Queries come from a TSV/JSONL file, passages from a collection (by the collection's pids).
 
-The file is scanned once (validation, line offsets); examples are then read back by offset. Epoch e
-visits examples in a permutation drawn from (seed, e); host h of H takes every H-th example of it, so
-each host reads only its own lines. A position (epoch, index in the host's order) resumes exactly.
+The file is scanned once (validation, line offsets); examples are then read back by offset. The input
+pipeline is Grain's (deterministic, random access, an iterator whose position Orbax checkpoints): step s
+uses global batch s, `bsize` example indices drawn from a seeded shuffle of epoch s // steps_per_epoch,
+the same on every host whatever the number of hosts. Each host reads only the examples at its rows of
+the global batch (where the mesh puts them, `loop.py`), so N hosts train on exactly what one would, and
+all agree on the number of steps (a trailing partial batch is dropped everywhere).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
+import grain
 import numpy as np
 
 from colbert_jax.indexing.collection import Collection, CollectionError
@@ -104,7 +108,7 @@ class Examples:
 
 @dataclass
 class Batch:
-    """Texts of one host's part of a step: queries [b], passages [b * nway] (query-major), scores or None."""
+    """Texts of (a host's part of) a global batch: queries [b], passages [b * nway] (query-major), scores or None."""
 
     queries: list[str]
     passages: list[str]
@@ -112,25 +116,16 @@ class Batch:
 
 
 class TrainingData:
-    """Examples + queries + collection, iterated in (seeded) shuffled order, this host's share only."""
+    """Examples + queries + collection, served as global batches in a seeded order (see the module doc)."""
 
-    def __init__(
-        self,
-        triples,
-        queries,
-        collection,
-        *,
-        nway: int,
-        seed: int,
-        shuffle: bool,
-        process_index: int = 0,
-        process_count: int = 1,
-    ):
+    def __init__(self, triples, queries, collection, *, nway: int, seed: int, shuffle: bool):
         for name, path in (("triples", triples), ("queries", queries), ("collection", collection)):
             if path is None:
                 raise DataError(f"the config names no {name} file (colbert.{name})")
             if not Path(path).is_file():
                 raise DataError(f"{name} file not found: {path}")
+        if not 0 <= seed < 2**32:
+            raise DataError(f"the seed must be in [0, 2**32) (got {seed})")
         self.examples = Examples(triples, nway)
         try:
             self.queries = load_queries(queries)
@@ -139,30 +134,40 @@ class TrainingData:
             raise DataError(str(e)) from None
         self._position_of = {int(p): i for i, p in enumerate(self.collection.pids)}
         self.nway, self.seed, self.shuffle = nway, seed, shuffle
-        self.process_index, self.process_count = process_index, process_count
 
     @property
     def has_scores(self) -> bool:
         return bool(self.examples.has_scores)
 
-    def order(self, epoch: int) -> np.ndarray:
-        """This host's example indices for an epoch."""
-        n = len(self.examples)
-        order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
-        return order[self.process_index :: self.process_count]
+    def steps_per_epoch(self, bsize: int) -> int:
+        """Global batches in one pass (a trailing partial batch is dropped, as colbert-ai does)."""
+        steps = len(self.examples) // bsize
+        if steps == 0:
+            raise DataError(f"{self.examples.path}: {len(self.examples)} example(s) make no batch of bsize={bsize}")
+        return steps
 
-    def batches(self, per_host: int, epoch: int = 0, position: int = 0, epochs: int = 1):
-        """Yields ((epoch, position after this batch), Batch) until `epochs` passes are done; a trailing
-        partial batch is dropped, as colbert-ai does."""
-        while epoch < epochs:
-            order = self.order(epoch)
-            while position + per_host <= len(order):
-                idx = order[position : position + per_host]
-                position += per_host
-                yield (epoch, position), self._batch(idx)
-            epoch, position = epoch + 1, 0
+    def global_batches(self, bsize: int, epochs: int) -> grain.MapDataset:
+        """Step s -> the example indices [bsize] of global batch s, for `epochs` passes: the same on every
+        host whatever their number. Epoch e is shuffled with seed + e (Grain's index shuffle)."""
+        self.steps_per_epoch(bsize)
+        ds = grain.MapDataset.range(len(self.examples))
+        if self.shuffle:
+            ds = ds.shuffle(seed=self.seed)
+        return ds.batch(bsize, drop_remainder=True).repeat(epochs)
 
-    def _batch(self, idx) -> Batch:
+    def batches(
+        self, bsize: int, epochs: int = 1, rows: np.ndarray | None = None, *, prefetch: int = 2
+    ) -> grain.DatasetIterator:
+        """Iterator over this host's part of each global batch: the examples at positions `rows` (sorted,
+        default all) of it, read ahead by a thread. Its `get_state()`/`set_state()` (Orbax saves it with
+        `grain.checkpoint.CheckpointSave`) is the position: {"next_index": steps consumed}."""
+        rows = np.arange(bsize) if rows is None else np.asarray(rows)
+        ds = self.global_batches(bsize, epochs).map(lambda idx: self.batch(idx[rows]))
+        options = grain.ReadOptions(num_threads=1 if prefetch else 0, prefetch_buffer_size=prefetch)
+        return iter(ds.to_iter_dataset(options))
+
+    def batch(self, idx) -> Batch:
+        """The texts (and scores) of examples `idx`, in that order."""
         queries, pids, scores = [], [], []
         for lineno, qid, example_pids, example_scores in self.examples.read(idx):
             where = f"{self.examples.path}:{lineno}"

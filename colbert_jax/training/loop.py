@@ -1,7 +1,8 @@
 """`train(config, out_dir)`: the training loop, from a checkpoint to an exported ColBERTv2 model.
 
     out_dir/metrics.jsonl      one JSON object per step (step, loss, grad_norm, lr, examples/s, tokens/s, mfu)
-    out_dir/checkpoints/<step> Orbax checkpoints: train state (params, optimizer, step, RNG), data position, config
+    out_dir/checkpoints/<step> Orbax checkpoints: train state (params, optimizer, step, RNG), each host's data
+                               position (Grain iterator state, one file per process)
     out_dir/export/            the final model in the PyTorch ColBERTv2 layout (loads in colbert-ai)
     out_dir/config.yaml        the resolved configuration
 
@@ -15,9 +16,12 @@ Where training starts from (in this order):
    projection), or `default` (the packaged MiniLM model).
 
 Several processes (hosts) train together when COLBERT_JAX_COORDINATOR (host:port),
-COLBERT_JAX_NUM_PROCESSES and COLBERT_JAX_PROCESS_ID are set: call `maybe_initialize_distributed()`
-before anything else touches JAX (scripts/train.py does). Each process reads its own share of the
-examples; process 0 writes metrics and the export.
+COLBERT_JAX_NUM_PROCESSES and COLBERT_JAX_PROCESS_ID are set: call `colbert_jax.distributed.initialize()`
+before anything else touches JAX (scripts/train.py does). N processes train exactly as one process with
+the same global batch would: every step's global batch is the same examples in the same order (data.py),
+each process reads only the rows that the mesh places on its devices, dropout keys depend only on the
+step, and all processes run the same number of steps. Process 0 writes metrics and the export; the
+checkpoint directory must be on a filesystem that every process sees.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import shutil
 import time
 from pathlib import Path
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,6 +45,7 @@ from tqdm.auto import tqdm
 from colbert_jax import io
 from colbert_jax.checkpoint import load_checkpoint
 from colbert_jax.config import ConfigError
+from colbert_jax.distributed import initialize as maybe_initialize_distributed  # the name cli.py imports
 from colbert_jax.model import LENGTH_BUCKET, ColBERTModel
 from colbert_jax.modeling.colbert import ColBERTEncoder
 from colbert_jax.runtime import enable_compilation_cache
@@ -52,7 +58,6 @@ __all__ = ["train", "maybe_initialize_distributed", "is_run_dir"]
 
 RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "checkpoints", "export", "tensorboard")
 
-_DISTRIBUTED = False
 PEAK_BF16_FLOPS = {
     "H100": 989e12,
     "H200": 989e12,
@@ -62,22 +67,6 @@ PEAK_BF16_FLOPS = {
     "TPU v4": 275e12,
     "TPU v5p": 459e12,
 }
-
-
-def maybe_initialize_distributed() -> bool:
-    """jax.distributed.initialize from COLBERT_JAX_* variables; must run before any other JAX call."""
-    global _DISTRIBUTED
-    address = os.environ.get("COLBERT_JAX_COORDINATOR")
-    if not address:
-        return False
-    if not _DISTRIBUTED:
-        jax.distributed.initialize(
-            coordinator_address=address,
-            num_processes=int(os.environ["COLBERT_JAX_NUM_PROCESSES"]),
-            process_id=int(os.environ["COLBERT_JAX_PROCESS_ID"]),
-        )
-        _DISTRIBUTED = True
-    return True
 
 
 def _resolve_checkpoint(name: str | None) -> str:
@@ -164,18 +153,16 @@ def train(
     c, t = config.colbert, config.train
 
     # -- model, mesh, optimizer -------------------------------------------------------------------
-    model = load_checkpoint(_resolve_checkpoint(c.checkpoint), config=c)
+    # A plain backbone (e.g. bert-base-uncased) starts with a fresh projection, as colbert-ai's training does.
+    model = load_checkpoint(_resolve_checkpoint(c.checkpoint), config=c, init_projection=c.dim, projection_seed=t.seed)
     c = model.config
     mesh = make_mesh(t.mesh)
     data_size = mesh.shape["data"]
     if c.bsize % c.accumsteps:
         raise ConfigError(f"bsize={c.bsize} is not a multiple of accumsteps={c.accumsteps}")
     micro = c.bsize // c.accumsteps
-    if micro % data_size or c.bsize % jax.process_count():
-        raise ConfigError(
-            f"bsize/accumsteps={micro} must be a multiple of the mesh's data axis ({data_size}) and "
-            f"bsize of the number of processes ({jax.process_count()})"
-        )
+    if micro % data_size:
+        raise ConfigError(f"bsize/accumsteps={micro} must be a multiple of the mesh's data axis ({data_size})")
     dtype = jnp.bfloat16 if c.compute_dtype == "bfloat16" else jnp.float32
     module = ColBERTEncoder(model.bert_config, c.dim, dtype=dtype, remat=t.remat)
     tx = make_optimizer(c, t)
@@ -193,10 +180,15 @@ def train(
         nway=c.nway,
         seed=t.seed,
         shuffle=t.shuffle,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
     )
     distill = data.has_scores
+    batch_shard = batch_sharding(mesh)
+    rows = _process_rows(batch_shard, c.accumsteps, micro)
+    batches = data.batches(c.bsize, t.epochs, rows)
+    # Every process derives the same count from the same file, so none leaves the loop while another
+    # waits in a collective.
+    steps_per_epoch = data.steps_per_epoch(c.bsize)
+    total = min(c.maxsteps, steps_per_epoch * t.epochs)
 
     # -- state: resume, or start from the checkpoint -----------------------------------------------
     import orbax.checkpoint as ocp
@@ -212,14 +204,22 @@ def train(
         ),
         rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated),
     )
-    epoch, position = 0, 0
     latest = manager.latest_step()
     if latest is not None:
-        restored = manager.restore(
-            latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
+        # Each process restores its own data position (Grain writes one file per process); a checkpoint
+        # of another process count has none for us, and then the step gives it: one global batch a step.
+        own = (
+            out / "checkpoints" / str(latest) / "data" / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
         )
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if own.is_file():
+            items["data"] = grain.checkpoint.CheckpointRestore(batches)
+        restored = manager.restore(latest, args=ocp.args.Composite(**items))
         state = TrainState(*restored["state"])
-        epoch, position = restored["data"]["epoch"], restored["data"]["position"]
+        if not own.is_file():
+            batches.set_state({**batches.get_state(), "next_index": int(jax.device_get(state.step))})
+        if batches.get_state()["next_index"] != int(jax.device_get(state.step)):
+            raise RuntimeError(f"checkpoint {latest}: this process's data position disagrees with the step")
         if leader and show_progress:
             tqdm.write(f"[colbert-jax] resuming from {out / 'checkpoints' / str(latest)} (step {latest})")
     else:
@@ -254,20 +254,15 @@ def train(
 
     # -- loop -------------------------------------------------------------------------------------
     peak = _peak_flops(config)
-    per_host = c.bsize // jax.process_count()
     writer = _tensorboard(out) if (leader and t.tensorboard) else None
-    bar = tqdm(total=c.maxsteps, initial=start, unit="step", desc="training", disable=not (leader and show_progress))
+    bar = tqdm(total=total, initial=start, unit="step", desc="training", disable=not (leader and show_progress))
     step, saved = start, start
-    batches = data.batches(per_host, epoch, position, t.epochs)
     with open(out / "metrics.jsonl", "a") if leader else open(os.devnull, "w") as log:
-        for (epoch, position), batch in batches:
-            if step >= c.maxsteps:
-                break
+        while step < total:
+            epoch = step // steps_per_epoch
             t0 = time.perf_counter()
-            arrays = _tokenize(model, batch, c.accumsteps, c.nway)
-            global_batch = {
-                k: jax.make_array_from_process_local_data(batch_sharding(mesh), v) for k, v in arrays.items()
-            }
+            arrays = _tokenize(model, next(batches), c.accumsteps, c.nway)
+            global_batch = {k: _global_array(batch_shard, v, c.bsize // c.accumsteps) for k, v in arrays.items()}
             state, metrics = step_fn(state, global_batch)
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             step += 1
@@ -284,7 +279,7 @@ def train(
                 "mfu": (flops / seconds / peak) if peak else None,
                 "seconds": seconds,
             }
-            if step % t.log_every == 0 or step == c.maxsteps:
+            if step % t.log_every == 0 or step == total:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 if writer is not None:
@@ -299,17 +294,17 @@ def train(
             )
             bar.update(1)
             if t.save_every and step % t.save_every == 0:
-                _save(manager, step, state, epoch, position, config)
+                _save(manager, step, state, batches)
                 saved = step
             if stop_after is not None and step >= stop_after:
                 if saved != step:
-                    _save(manager, step, state, epoch, position, config)
+                    _save(manager, step, state, batches)
                 manager.wait_until_finished()
                 bar.close()
                 return out
     bar.close()
     if saved != step:
-        _save(manager, step, state, epoch, position, config)
+        _save(manager, step, state, batches)
     manager.wait_until_finished()
     if t.export:
         params = (
@@ -333,16 +328,44 @@ def train(
     return out
 
 
-def _save(manager, step: int, state: TrainState, epoch: int, position: int, config: TrainConfig) -> None:
+def _save(manager, step: int, state: TrainState, batches) -> None:
     import orbax.checkpoint as ocp
 
     manager.save(
         step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave({"epoch": int(epoch), "position": int(position)}),
-        ),
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(batches)),
     )
+
+
+def _held_rows(sharding: NamedSharding, micro: int) -> list[int]:
+    """Rows of a micro-batch that this process's devices hold under `sharding` (any of them), sorted."""
+    held = set()
+    for index in sharding.addressable_devices_indices_map((1, micro)).values():
+        held.update(range(*index[1].indices(micro)))
+    return sorted(held)
+
+
+def _process_rows(sharding: NamedSharding, accum: int, micro: int) -> np.ndarray:
+    """Positions in the global batch (micro-batch-major, as `_tokenize` reshapes it) of the examples that
+    this process must read: those its devices hold."""
+    held = np.array(_held_rows(sharding, micro), np.int64)
+    return (np.arange(accum)[:, None] * micro + held[None, :]).reshape(-1)
+
+
+def _global_array(sharding: NamedSharding, local: np.ndarray, micro: int) -> jax.Array:
+    """The global [accum, micro * k, ...] array from this process's part `local` [accum, held * k, ...]: k rows
+    per example (nway for passages) of the examples of `_process_rows`, in order. Each device gets the rows
+    that the single-process run gives it."""
+    held = _held_rows(sharding, micro)
+    k = local.shape[1] // len(held)
+    where = {r: i for i, r in enumerate(held)}
+
+    def rows(index):
+        start, stop, _ = index[1].indices(micro * k)
+        first = where[start // k] * k
+        return local[:, first : first + stop - start]
+
+    return jax.make_array_from_callback((local.shape[0], micro * k, *local.shape[2:]), sharding, rows)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -9,6 +9,11 @@ backbone's updates are zeroed (colbert-ai freezes it).
 Gradient accumulation: the batch arrives as `accumsteps` micro-batches on a leading axis; a `lax.scan`
 adds their gradients of loss / accumsteps (colbert-ai's backward per micro-batch) before one update.
 Mixed precision: parameters (and optimizer state) stay float32; `compute_dtype` sets the matmuls' dtype.
+
+The attention key biases' gradients are set to their exact value, zero: q.(k + b) shifts all of a query's
+logits by q.b, which softmax ignores, so backprop yields only rounding noise there, different for every
+summation order (device and process count); Adam would scale it up to steps of ~lr, and N processes
+would no longer train as one does. colbert-ai applies that noise; the difference is noise only.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from colbert_jax.modeling.colbert import ColBERTEncoder, embed_docs, embed_queri
 from colbert_jax.training.config import TrainSettings
 from colbert_jax.training.losses import ce_loss, distillation_loss, in_batch_loss, pair_scores
 
-__all__ = ["TrainState", "make_optimizer", "learning_rate", "loss_fn", "train_step"]
+__all__ = ["TrainState", "make_optimizer", "learning_rate", "loss_fn", "train_step", "zero_key_bias_grads"]
 
 
 class TrainState(NamedTuple):
@@ -99,6 +104,16 @@ def loss_fn(
     return loss, metrics
 
 
+def zero_key_bias_grads(grads):
+    """`grads` with the attention key biases' entries zeroed: their true gradient (see the module doc)."""
+
+    def exact(path, g):
+        names = tuple(getattr(k, "key", None) for k in path[-3:])  # .../attention/self/key/bias
+        return jnp.zeros_like(g) if names == ("self", "key", "bias") else g
+
+    return jax.tree_util.tree_map_with_path(exact, grads)
+
+
 def train_step(
     state: TrainState,
     batch: dict[str, jax.Array],
@@ -128,6 +143,7 @@ def train_step(
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     grads, per_micro = jax.lax.scan(micro, zeros, (jnp.arange(accum), batch))
+    grads = zero_key_bias_grads(grads)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     if colbert.warmup_bert is not None:  # the backbone stays frozen for the first warmup_bert steps

@@ -80,30 +80,42 @@ def test_missing_files_and_ids(tmp_path):
         list(data.batches(1))
 
 
-def test_shuffling_host_shards_and_positions():
-    def make(process_index=0, process_count=1, shuffle=True):
-        return TrainingData(
-            DATA / "triples.jsonl",
-            DATA / "queries.tsv",
-            COLLECTION,
-            nway=2,
-            seed=5,
-            shuffle=shuffle,
-            process_index=process_index,
-            process_count=process_count,
-        )
+def test_global_batches_are_seeded_per_epoch_and_drop_the_remainder(tmp_path):
+    def make(triples=DATA / "triples.jsonl", shuffle=True, seed=5):
+        return TrainingData(triples, DATA / "queries.tsv", COLLECTION, nway=2, seed=seed, shuffle=shuffle)
 
-    single = make()
-    assert np.array_equal(single.order(0), make().order(0))  # seeded
-    assert not np.array_equal(single.order(0), single.order(1))  # reshuffled per epoch
-    assert np.array_equal(make(shuffle=False).order(0), np.arange(1200))
-    shards = [make(i, 3).order(0) for i in range(3)]
-    assert sorted(np.concatenate(shards).tolist()) == list(range(1200))  # disjoint, complete
-    batches = list(make().batches(8, epochs=2))
-    assert len(batches) == 2 * 150 and batches[0][0] == (0, 8) and batches[150][0] == (1, 8)
-    first, batch = batches[0]
-    assert len(batch.queries) == 8 and len(batch.passages) == 16 and batch.scores is None
-    resumed = list(make().batches(8, epoch=0, position=first[1], epochs=2))
-    assert [p for p, _ in resumed] == [p for p, _ in batches[1:]]
-    assert resumed[0][1].queries == batches[1][1].queries
-    assert json.loads(json.dumps(batches[0][0])) == [0, 8]
+    data = make()
+    batches = data.global_batches(8, epochs=2)
+    assert len(batches) == 2 * 150 == 2 * data.steps_per_epoch(8)
+    first = np.concatenate([batches[s] for s in range(150)])
+    second = np.concatenate([batches[s] for s in range(150, 300)])
+    assert sorted(first) == sorted(second) == list(range(1200))  # each epoch visits every example once
+    assert not np.array_equal(first, second)  # reshuffled per epoch
+    assert np.array_equal(batches[7], make().global_batches(8, 2)[7])  # seeded
+    assert not np.array_equal(batches[7], make(seed=6).global_batches(8, 2)[7])
+    assert np.array_equal(make(shuffle=False).global_batches(8, 1)[2], np.arange(16, 24))
+    uneven = tmp_path / "t.jsonl"  # 20 examples, bsize 6: 3 steps an epoch, two examples dropped
+    uneven.write_text("".join(line + "\n" for line in (DATA / "triples.jsonl").read_text().splitlines()[:20]))
+    assert make(uneven).steps_per_epoch(6) == 3 and len(make(uneven).global_batches(6, 2)) == 6
+    with pytest.raises(DataError, match="20 example\\(s\\) make no batch of bsize=32"):
+        make(uneven).steps_per_epoch(32)
+    with pytest.raises(DataError, match="seed must be in"):
+        make(seed=-1)
+
+
+def test_a_hosts_rows_and_resumed_position():
+    data = TrainingData(DATA / "triples.jsonl", DATA / "queries.tsv", COLLECTION, nway=2, seed=5, shuffle=True)
+    whole = data.batches(8, epochs=2)
+    steps = [next(whole) for _ in range(152)]  # past the epoch boundary
+    assert whole.get_state()["next_index"] == 152
+    assert len(steps[0].queries) == 8 and len(steps[0].passages) == 16 and steps[0].scores is None
+    rows = np.array([1, 2, 5])
+    part = data.batches(8, epochs=2, rows=rows)
+    for s in range(3):
+        got, want = next(part), steps[s]
+        assert got.queries == [want.queries[r] for r in rows]
+        assert got.passages == [want.passages[2 * r + j] for r in rows for j in range(2)]  # query-major
+    resumed = data.batches(8, epochs=2, rows=rows)
+    resumed.set_state(json.loads(json.dumps(part.get_state())))  # as Orbax stores it
+    assert resumed.get_state()["next_index"] == 3
+    assert next(resumed).queries == [steps[3].queries[r] for r in rows]

@@ -1,8 +1,8 @@
-"""Training end to end: learning on real text, exact resume, sharded and multi-process steps, bad inputs."""
+"""Training end to end: learning on real text, exact resume, a sharded step, bad inputs (several processes:
+test_multiprocess.py)."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -56,7 +56,7 @@ def heldout_accuracy(model, n=150):
         seed=0,
         shuffle=False,
     )
-    batch = data._batch(np.arange(1200 - n, 1200))
+    batch = data.batch(np.arange(1200 - n, 1200))
     Q = model.encode_queries(batch.queries)
     D, mask = model.encode_docs(batch.passages)
     scores = np.asarray(colbert_jax.colbert_score(np.repeat(Q, 2, axis=0), D, mask)).reshape(n, 2)
@@ -99,6 +99,11 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_ckpt):
     assert meta["doc_maxlen"] == 32 and "linear.weight" in pa
 
 
+def overrides(*pairs: str) -> list[str]:
+    """Command-line overrides: one --set per KEY=VALUE."""
+    return [a for pair in pairs for a in ("--set", pair)]
+
+
 def _run(args, env=None, timeout=600):
     return subprocess.run(
         [sys.executable, *args],
@@ -119,20 +124,21 @@ def test_sharded_step_equals_single_device(tmp_path, tiny_ckpt):
         "scripts/train.py",
         "--config",
         str(TINY),
-        "--set",
-        f"checkpoint={tiny_ckpt}",
-        "doc_maxlen=32",
-        "query_maxlen=16",
-        "bsize=8",
-        f"lr={lr}",
-        f"maxsteps={steps}",
-        "train.save_every=null",
-        "train.dropout=false",
+        *overrides(
+            f"checkpoint={tiny_ckpt}",
+            "doc_maxlen=32",
+            "query_maxlen=16",
+            "bsize=8",
+            f"lr={lr}",
+            f"maxsteps={steps}",
+            "train.save_every=null",
+            "train.dropout=false",
+        ),
     ]
     single = _run([*args, "--out", str(tmp_path / "one")])
     assert single.returncode == 0, single.stderr[-2000:]
     sharded = _run(
-        [*args, "train.mesh.data=4", "train.mesh.model=2", "--out", str(tmp_path / "eight")],
+        [*args, *overrides("train.mesh.data=4", "train.mesh.model=2"), "--out", str(tmp_path / "eight")],
         env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
     )
     assert sharded.returncode == 0, sharded.stderr[-2000:]
@@ -145,48 +151,6 @@ def test_sharded_step_equals_single_device(tmp_path, tiny_ckpt):
     np.testing.assert_allclose([m["loss"] for m in la], [m["loss"] for m in lb], rtol=1e-5)
 
 
-def test_two_processes_train_together(tmp_path, tiny_ckpt):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    args = [
-        sys.executable,
-        "scripts/train.py",
-        "--config",
-        str(TINY),
-        "--out",
-        str(tmp_path / "run"),
-        "--set",
-        f"checkpoint={tiny_ckpt}",
-        "doc_maxlen=32",
-        "query_maxlen=16",
-        "bsize=4",
-        "maxsteps=1",
-        "train.save_every=null",
-    ]
-    procs = [
-        subprocess.Popen(
-            args,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={
-                **os.environ,
-                "JAX_PLATFORMS": "cpu",
-                "COLBERT_JAX_COORDINATOR": f"127.0.0.1:{port}",
-                "COLBERT_JAX_NUM_PROCESSES": "2",
-                "COLBERT_JAX_PROCESS_ID": str(i),
-            },
-        )
-        for i in range(2)
-    ]
-    outputs = [p.communicate(timeout=600) for p in procs]
-    for p, (_, err) in zip(procs, outputs):
-        assert p.returncode == 0, err[-3000:]
-    assert [m["step"] for m in metrics(tmp_path / "run")] == [1]
-    assert (tmp_path / "run" / "export" / "model.safetensors").is_file()
-
-
 def test_bad_inputs(tmp_path, tiny_ckpt):
     missing = _run(
         [
@@ -195,9 +159,7 @@ def test_bad_inputs(tmp_path, tiny_ckpt):
             str(TINY),
             "--out",
             str(tmp_path / "a"),
-            "--set",
-            f"checkpoint={tiny_ckpt}",
-            "triples=/nowhere/triples.jsonl",
+            *overrides(f"checkpoint={tiny_ckpt}", "triples=/nowhere/triples.jsonl"),
         ]
     )
     assert missing.returncode == 2 and "triples file not found: /nowhere/triples.jsonl" in missing.stderr
@@ -208,9 +170,7 @@ def test_bad_inputs(tmp_path, tiny_ckpt):
             str(TINY),
             "--out",
             str(tmp_path / "b"),
-            "--set",
-            f"checkpoint={tiny_ckpt}",
-            "nway=3",
+            *overrides(f"checkpoint={tiny_ckpt}", "nway=3"),
         ]
     )
     assert too_wide.returncode == 2 and "triples.jsonl:1: the example has 2 passage(s) but nway=3" in too_wide.stderr
