@@ -90,10 +90,17 @@ def test_page_searches_and_highlights_the_matched_tokens(url, browser):
     words = [m.query_token for m in matches if m.query_token not in ("[CLS]", "[SEP]", "[MASK]", "[unused0]")]
     assert any(w in mark.get_attribute("data-query-tokens").split() for mark in marks for w in words)
 
-    # The alignment table: one row per query token, opened for the first result, summing to the score.
+    # The alignment table, opened for the first result: a row per query token, the [MASK] padding in one,
+    # summing to the score.
     assert first.find_element(By.TAG_NAME, "details").get_attribute("open") is not None
     rows = first.find_elements(By.CSS_SELECTOR, "table.alignment tr")[1:]
-    assert len(rows) == searcher.config.query_maxlen
+    masks = sum(m.query_token == "[MASK]" for m in matches)
+    assert masks and len(rows) == len(matches) - masks + 1
+    cells = [[td.text for td in row.find_elements(By.TAG_NAME, "td")] for row in rows]
+    assert [c[0] for c in cells[:2]] == ["[CLS]", "[Q]"] and cells[-1][0] == f"[MASK] ×{masks}"
+    shown = {"[unused0]": "[Q]", "[unused1]": "[D]"}  # the markers under the ColBERT paper's names
+    expected_tokens = [shown.get(m.doc_token, m.doc_token) for m in matches[2 : len(rows) - 1]]
+    assert [c[1].split(" (#")[0] for c in cells[2:-1]] == expected_tokens
     total = sum(float(row.find_elements(By.TAG_NAME, "td")[2].text) for row in rows)
     assert total == pytest.approx(expected[0][2], abs=0.02)
 

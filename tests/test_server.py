@@ -176,6 +176,28 @@ def test_every_error_has_one_shape(served):
     assert health["status"] == "ok" and health["passages"] == 2000
 
 
+def test_an_internal_error_answers_500_in_the_same_shape(searcher):
+    class Broken:
+        """The real searcher, whose collection has become unreadable."""
+
+        def __init__(self, inner):
+            self.inner, self.index = inner, inner.index
+
+        def passages(self, pids, collection=None):
+            raise OSError("the disk went away")
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    srv, thread, url = start(create_app(Broken(searcher)))
+    try:
+        r = get(f"{url}/api/search", params={"query": QUERIES[0]})
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+    assert r.status_code == 500 and r.json() == {"error": "internal error: OSError: the disk went away"}
+
+
 def test_openapi_describes_every_parameter_and_limit(served):
     url, _ = served
     schema = get(f"{url}/openapi.json").json()

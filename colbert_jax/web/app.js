@@ -62,7 +62,7 @@ function highlighted(text, matches) {
     const best = Math.max(...span.by.map((m) => m.score));
     const mark = el("mark", {
       class: words.length ? "match" : "match special",
-      title: span.by.map((m) => `${m.query_token} → ${m.doc_token}: ${m.score.toFixed(3)}`).join("\n"),
+      title: span.by.map((m) => `${shown(m.query_token)} → ${shown(m.doc_token)}: ${m.score.toFixed(3)}`).join("\n"),
       style: `--alpha: ${(0.15 + 0.65 * Math.max(best, 0) / top).toFixed(2)}`,
     }, text.slice(span.start, span.end));
     mark.dataset.queryTokens = span.by.map((m) => m.query_token).join(" ");
@@ -73,19 +73,36 @@ function highlighted(text, matches) {
   return out;
 }
 
+// The checkpoint's marker tokens, under the names the ColBERT paper gives them.
+const shown = (token) => ({ "[unused0]": "[Q]", "[unused1]": "[D]" })[token] || token;
+
+function alignmentRow(queryToken, docToken, score, top, cls) {
+  return el("tr", { class: cls },
+    el("td", {}, queryToken),
+    el("td", {}, docToken),
+    el("td", { class: "score" }, score.toFixed(3)),
+    el("td", {}, el("span", { class: "bar", style: `width: ${Math.max(0, 80 * score / top).toFixed(0)}px` })));
+}
+
+// One row per query token; the [MASK] padding (query augmentation) in one row, its scores summed.
 function alignmentTable(explanation) {
-  const top = Math.max(...explanation.matches.map((m) => m.score), 1e-6);
-  const rows = explanation.matches.map((m) => el(
-    "tr", { class: SPECIAL.has(m.query_token) ? "special" : "" },
-    el("td", {}, m.query_token),
-    el("td", {}, `${m.doc_token}  (#${m.doc_position})`),
-    el("td", { class: "score" }, m.score.toFixed(3)),
-    el("td", {}, el("span", { class: "bar", style: `width: ${Math.max(0, 80 * m.score / top).toFixed(0)}px` })),
-  ));
-  const words = explanation.matches.filter((m) => !SPECIAL.has(m.query_token)).length;
+  const matches = explanation.matches;
+  const top = Math.max(...matches.map((m) => m.score), 1e-6);
+  const masks = matches.filter((m) => m.query_token === "[MASK]");
+  const rows = matches.filter((m) => m.query_token !== "[MASK]").map((m) => alignmentRow(
+    shown(m.query_token), `${shown(m.doc_token)} (#${m.doc_position})`, m.score, top,
+    SPECIAL.has(m.query_token) ? "special" : "word"));
+  if (masks.length) {
+    const counts = new Map();
+    for (const m of masks) counts.set(shown(m.doc_token), (counts.get(shown(m.doc_token)) || 0) + 1);
+    const matched = [...counts].sort((a, b) => b[1] - a[1]).map(([token, n]) => `${token} ×${n}`).join(", ");
+    const sum = masks.reduce((total, m) => total + m.score, 0);
+    rows.push(alignmentRow(`[MASK] ×${masks.length}`, matched, sum, top * masks.length, "special masks"));
+  }
+  const words = matches.filter((m) => !SPECIAL.has(m.query_token)).length;
   return el("details", {},
-    el("summary", {}, `why: ${words} query words, ${explanation.matches.length - words} markers and [MASK] ` +
-      `padding, summing to ${explanation.score.toFixed(3)}`),
+    el("summary", {}, `why: ${words} query words, ${matches.length - words} markers and [MASK] padding, ` +
+      `summing to ${explanation.score.toFixed(3)}`),
     el("table", { class: "alignment" },
       el("tr", {}, el("th", {}, "query token"), el("th", {}, "best passage token"), el("th", {}, "score"), el("th")),
       ...rows));
