@@ -36,7 +36,9 @@ def _convert(args: argparse.Namespace) -> int:
 
     src_is_jax = (Path(args.src) / JAX_PARAMS).is_file()
     target = args.to or ("torch" if src_is_jax else "jax")
-    model = colbert_jax.load_checkpoint(args.src)
+    model = colbert_jax.load_checkpoint(
+        args.src, init_projection=args.init_projection, projection_seed=args.projection_seed
+    )
     out = model.save(args.dst, format=target, overwrite=args.overwrite)
     print(f"wrote {target} checkpoint: {out}  ({model})")
     return EXIT_OK
@@ -245,14 +247,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "convert",
-        help="convert a checkpoint between the PyTorch ColBERTv2 layout and ours",
-        description="Convert a checkpoint. SRC is a PyTorch ColBERTv2 directory (model.safetensors "
-        "or pytorch_model.bin, read without torch), a Hub id, or a colbert-jax directory. "
-        "By default the other layout is written.",
+        help="convert a checkpoint between the colbert-ai (PyTorch), PyLate and colbert-jax layouts",
+        description="Convert a checkpoint. SRC is a colbert-ai / PyTorch ColBERTv2 directory "
+        "(model.safetensors or pytorch_model.bin, read without torch), a PyLate / sentence-transformers "
+        "directory, a Hub id, or a colbert-jax directory; backbones: BERT, RoBERTa, XLM-RoBERTa, ELECTRA, "
+        "ModernBERT. By default a colbert-jax SRC is written as torch and anything else as jax.",
     )
     p.add_argument("src", help="checkpoint directory or Hub id")
     p.add_argument("dst", help="output directory (must not exist unless --overwrite)")
-    p.add_argument("--to", choices=["torch", "jax"], help="output layout (default: the other one)")
+    p.add_argument(
+        "--to",
+        choices=["torch", "pylate", "jax"],
+        help="output layout: torch (colbert-ai's), pylate (PyLate 1.6 / sentence-transformers) or jax (ours)",
+    )
+    p.add_argument(
+        "--init-projection",
+        dest="init_projection",
+        type=int,
+        metavar="DIM",
+        help="SRC is a plain backbone without a ColBERT projection: start one of DIM outputs, drawn at random",
+    )
+    p.add_argument("--projection-seed", dest="projection_seed", type=int, default=0, help="seed for --init-projection")
     p.add_argument(
         "--overwrite",
         action="store_true",

@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 from colbert_jax.config import ColBERTConfig
 from colbert_jax.modeling.backbones import BackboneConfig
 from colbert_jax.modeling.colbert import ColBERTEncoder, embed_docs, embed_queries
-from colbert_jax.tokenization import DocTokenizer, QueryTokenizer
+from colbert_jax.tokenization import DocTokenizer, QueryTokenizer, TextSettings
 
 __all__ = ["ColBERTModel", "LENGTH_BUCKET"]
 
@@ -63,16 +63,20 @@ class ColBERTModel:
         tokenizer_files: dict[str, bytes] | None = None,
         devices: Sequence[jax.Device] | None = None,
         tokens_per_batch: int | None = None,
+        head: tuple[tuple[int, bool, str], ...] = (),
+        text: TextSettings | None = None,
     ):
         self.config = config
+        self.head = tuple(head)
+        self.text = text or TextSettings()
         self.bert_config = bert_config
         self.hf_tokenizer = hf_tokenizer
         self.extras = dict(extras or {})
         self.tokenizer_files = dict(tokenizer_files or {})
-        self.query_tokenizer = QueryTokenizer(hf_tokenizer, config)
-        self.doc_tokenizer = DocTokenizer(hf_tokenizer, config)
+        self.query_tokenizer = QueryTokenizer(hf_tokenizer, config, self.text)
+        self.doc_tokenizer = DocTokenizer(hf_tokenizer, config, self.text)
         dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
-        self.module = ColBERTEncoder(bert_config, config.dim, dtype=dtype)
+        self.module = ColBERTEncoder(bert_config, config.dim, dtype=dtype, head=self.head)
 
         self.mesh = Mesh(np.asarray(devices or jax.local_devices()), ("data",))
         self.n_devices = self.mesh.size
@@ -85,8 +89,10 @@ class ColBERTModel:
         self.params = jax.device_put(params, replicated)
         self._skiplist = jax.device_put(self.doc_tokenizer.skiplist, replicated)
         pad_id = self.doc_tokenizer.pad_id
+        # PyLate pads queries with [MASK] and keeps every position: no id is "padding" there.
+        query_pad_id = -1 if self.text.pylate else pad_id
         self._query_fn = jax.jit(
-            functools.partial(embed_queries, self.module, pad_id=pad_id),
+            functools.partial(embed_queries, self.module, pad_id=query_pad_id),
             in_shardings=(replicated, rows, rows),
             out_shardings=rows,
         )
@@ -215,6 +221,8 @@ class ColBERTModel:
             tokenizer_files=self.tokenizer_files,
             devices=list(self.mesh.devices.flat),
             tokens_per_batch=self.tokens_per_batch,
+            head=self.head,
+            text=self.text,
         )
 
 

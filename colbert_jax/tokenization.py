@@ -7,10 +7,14 @@ Mirrors colbert-ai 0.2.22 `colbert/modeling/tokenization/{query,doc}_tokenizatio
   0, unless `attend_to_mask_tokens`;
 - documents are padded to the longest document of the call;
 - punctuation is not removed here: `DocTokenizer.keep_mask` gives the embedding mask the encoder applies.
+PyLate 1.6 checkpoints (`TextSettings(pylate=True)`) differ in three ways, mirrored here: texts are stripped
+(and lowercased when `do_lower_case`), the skiplist is `convert_tokens_to_ids` of its words, and every query
+position is kept (its padding id is [MASK], so "not padding" would drop the expansion tokens).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import string
 from collections.abc import Sequence
@@ -20,7 +24,24 @@ import numpy as np
 
 from colbert_jax.config import ColBERTConfig
 
-__all__ = ["QueryTokenizer", "DocTokenizer", "load_hf_tokenizer", "check_texts"]
+__all__ = ["QueryTokenizer", "DocTokenizer", "TextSettings", "load_hf_tokenizer", "check_texts"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TextSettings:
+    """How texts become ids beyond `ColBERTConfig`: colbert-ai's conventions (default) or PyLate's."""
+
+    pylate: bool = False
+    lowercase: bool = False
+    skiplist_words: tuple[str, ...] | None = None  # PyLate: looked up with convert_tokens_to_ids
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TextSettings:
+        words = d.get("skiplist_words")
+        return cls(bool(d.get("pylate")), bool(d.get("lowercase")), None if words is None else tuple(words))
 
 
 def load_hf_tokenizer(path: str | os.PathLike):
@@ -100,9 +121,10 @@ def _backend(hf_tokenizer, max_length: int | None, pad_to: int | None | bool):
 
 
 class _Tokenizer:
-    def __init__(self, hf_tokenizer, config: ColBERTConfig):
+    def __init__(self, hf_tokenizer, config: ColBERTConfig, text: TextSettings | None = None):
         self.hf = hf_tokenizer
         self.config = config
+        self.text = text or TextSettings()
         self.pad_id = int(hf_tokenizer.pad_token_id)
         self.mask_id = int(hf_tokenizer.mask_token_id)
         # "[unusedN]" is not in every vocabulary; colbert-ai then silently uses [UNK]. We do the same, as
@@ -110,6 +132,11 @@ class _Tokenizer:
         self.query_marker_id = int(hf_tokenizer.convert_tokens_to_ids(config.query_token_id))
         self.doc_marker_id = int(hf_tokenizer.convert_tokens_to_ids(config.doc_token_id))
         self._counter = _backend(hf_tokenizer, None, False)
+
+    def _prepare(self, texts: list[str]) -> list[str]:
+        if self.text.pylate:  # sentence-transformers' Transformer.tokenize
+            texts = [t.strip() for t in texts]
+        return [t.lower() for t in texts] if self.text.lowercase else texts
 
     @staticmethod
     def _encode(backend, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -120,20 +147,21 @@ class _Tokenizer:
 
     def token_counts(self, texts: Sequence[str]) -> np.ndarray:
         """Tokens in each text, without special tokens and without truncation."""
-        return np.array([len(e.ids) for e in self._counter.encode_batch(list(texts), add_special_tokens=False)])
+        encodings = self._counter.encode_batch(self._prepare(list(texts)), add_special_tokens=False)
+        return np.array([len(e.ids) for e in encodings])
 
 
 class QueryTokenizer(_Tokenizer):
     """Queries -> `[CLS] [Q] tokens [SEP] [MASK]...` of exactly `query_maxlen` ids."""
 
-    def __init__(self, hf_tokenizer, config: ColBERTConfig):
-        super().__init__(hf_tokenizer, config)
+    def __init__(self, hf_tokenizer, config: ColBERTConfig, text: TextSettings | None = None):
+        super().__init__(hf_tokenizer, config, text)
         # padding="max_length", truncation=True, max_length=query_maxlen - 1 (room for the marker)
         self._backend = _backend(hf_tokenizer, config.query_maxlen - 1, config.query_maxlen - 1)
 
     def tensorize(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Returns `(ids int32 [n, query_maxlen], attention_mask int32 [n, query_maxlen])`."""
-        texts = check_texts(texts, "queries")
+        texts = self._prepare(check_texts(texts, "queries"))
         ids, mask = self._encode(self._backend, texts)
         ids, mask = _insert_marker(ids, mask, self.query_marker_id)
         ids[ids == self.pad_id] = self.mask_id
@@ -145,17 +173,19 @@ class QueryTokenizer(_Tokenizer):
 class DocTokenizer(_Tokenizer):
     """Documents -> `[CLS] [D] tokens [SEP] [PAD]...`, padded to the longest document of the call."""
 
-    def __init__(self, hf_tokenizer, config: ColBERTConfig):
-        super().__init__(hf_tokenizer, config)
-        # The reference keeps the first id of each punctuation character's encoding (colbert/modeling/colbert.py).
-        skip = {self._counter.encode(ch, add_special_tokens=False).ids[0] for ch in string.punctuation}
+    def __init__(self, hf_tokenizer, config: ColBERTConfig, text: TextSettings | None = None):
+        super().__init__(hf_tokenizer, config, text)
+        if self.text.skiplist_words is not None:  # PyLate: vocabulary lookups (unknown words -> [UNK] id)
+            skip = {int(hf_tokenizer.convert_tokens_to_ids(w)) for w in self.text.skiplist_words}
+        else:  # colbert-ai keeps the first id of each punctuation character's encoding (colbert/modeling/colbert.py)
+            skip = {self._counter.encode(ch, add_special_tokens=False).ids[0] for ch in string.punctuation}
         self.skiplist = np.array(sorted(skip) if config.mask_punctuation else [], dtype=np.int32)
         # padding="longest", truncation="longest_first", max_length=doc_maxlen - 1 (room for the marker)
         self._backend = _backend(hf_tokenizer, config.doc_maxlen - 1, None)
 
     def tensorize(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Returns `(ids int32 [n, Ld], attention_mask int32 [n, Ld])` with `Ld <= doc_maxlen`."""
-        texts = check_texts(texts, "documents")
+        texts = self._prepare(check_texts(texts, "documents"))
         return _insert_marker(*self._encode(self._backend, texts), self.doc_marker_id)
 
     def keep_mask(self, ids: np.ndarray) -> np.ndarray:

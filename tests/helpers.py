@@ -10,6 +10,7 @@ import numpy as np
 
 FIXTURES = Path(__file__).parent / "fixtures" / "reference" / "foundation"
 BACKBONE_FIXTURES = Path(__file__).parent / "fixtures" / "backbones"
+PYLATE_FIXTURES = Path(__file__).parent / "fixtures" / "pylate"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
 

@@ -17,32 +17,51 @@ import jax.numpy as jnp
 
 from colbert_jax.modeling.backbones import BackboneConfig, backbone_module
 
-__all__ = ["ColBERTEncoder", "l2_normalize", "embed_queries", "embed_docs", "logical_axes"]
+__all__ = ["ColBERTEncoder", "HEAD_ACTIVATIONS", "l2_normalize", "embed_queries", "embed_docs", "logical_axes"]
+
+
+HEAD_ACTIVATIONS = {
+    "identity": lambda x: x,
+    "tanh": jnp.tanh,
+    "relu": jax.nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "sigmoid": jax.nn.sigmoid,
+}
 
 
 class ColBERTEncoder(nn.Module):
-    """`(input_ids, attention_mask) -> projected token vectors [B, L, dim]` (float32, not normalised)."""
+    """`(input_ids, attention_mask) -> projected token vectors [B, L, dim]` (float32, not normalised).
+
+    The projection is colbert-ai's bias-free `linear` unless `head` lists PyLate-style dense layers
+    `(out_features, bias, activation)`, applied in order as `dense_1`, `dense_2`, ... (the last gives `dim`).
+    """
 
     bert_config: BackboneConfig  # any backbone's config; the name predates the other backbones
     dim: int
     dtype: Any = jnp.float32
     remat: bool = False
+    head: tuple[tuple[int, bool, str], ...] = ()
 
     @nn.compact
     def __call__(self, input_ids, attention_mask, deterministic: bool = True):
         backbone = backbone_module(self.bert_config, self.dtype, self.remat)
         h = backbone(input_ids, attention_mask, deterministic)
-        proj = nn.Dense(
-            self.dim,
-            use_bias=False,
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            kernel_init=nn.with_logical_partitioning(
-                nn.initializers.normal(self.bert_config.initializer_range), ("embed", "proj")
-            ),
-            name="linear",
-        )
-        return proj(h).astype(jnp.float32)
+        layers = self.head or ((self.dim, False, "identity"),)
+        for i, (features, bias, activation) in enumerate(layers, start=1):
+            dense = nn.Dense(
+                features,
+                use_bias=bias,
+                dtype=self.dtype,
+                param_dtype=jnp.float32,
+                kernel_init=nn.with_logical_partitioning(
+                    nn.initializers.normal(self.bert_config.initializer_range),
+                    ("embed", "proj") if i == 1 else (None, "proj"),
+                ),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("proj",)),
+                name=f"dense_{i}" if self.head else "linear",
+            )
+            h = HEAD_ACTIVATIONS[activation](dense(h))
+        return h.astype(jnp.float32)
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:

@@ -35,7 +35,7 @@ class CheckpointFormatError(ValueError):
 
 
 def _prefix(expected: dict) -> str:
-    return next(k.split("/")[0] for k in expected if not k.startswith("linear/"))
+    return next(k.split("/")[0] for k in expected if _STACKED.match(k))
 
 
 def _canonical_key(key: str, prefix: str) -> str | None:

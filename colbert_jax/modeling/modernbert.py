@@ -58,6 +58,10 @@ class ModernBertConfig:
     embedding_dropout: float = 0.0
     mlp_bias: bool = False
     mlp_dropout: float = 0.0
+    # A query position whose window holds no attended key (a [MASK] expansion token far from the text) gets
+    # uniform attention over all keys under transformers 4.x (additive finfo.min mask, colbert-ai 0.2.22) but
+    # none at all under transformers 5 with torch >= 2.5 (boolean mask, safe softmax: PyLate 1.6).
+    masked_rows_attend_nothing: bool = dataclasses.field(default=False, compare=True)
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads:
@@ -87,7 +91,7 @@ class ModernBertConfig:
         if "sliding_window" in d and "local_attention" not in d and d["sliding_window"] is not None:
             d["local_attention"] = 2 * int(d["sliding_window"])
         layer_types = d.get("layer_types")
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = {f.name for f in dataclasses.fields(cls)} - {"masked_rows_attend_nothing"}
         try:
             config = cls(**{k: v for k, v in d.items() if k in names and v is not None})
         except (TypeError, ValueError) as e:
@@ -102,7 +106,9 @@ class ModernBertConfig:
         return config
 
     def to_hf_dict(self) -> dict[str, Any]:
-        return {"architectures": ["HF_ColBERT"], "model_type": "modernbert", **dataclasses.asdict(self)}
+        fields = dataclasses.asdict(self)
+        del fields["masked_rows_attend_nothing"]  # a property of the runtime, not of the checkpoint
+        return {"architectures": ["HF_ColBERT"], "model_type": "modernbert", **fields}
 
     @property
     def head_dim(self) -> int:
@@ -175,7 +181,10 @@ class _Attention(nn.Module):
         q, k = _rotate(q, cos, sin).astype(self.dtype), _rotate(k, cos, sin).astype(self.dtype)
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
         scores = scores / jnp.sqrt(jnp.float32(cfg.head_dim)) + bias
-        probs = nn.Dropout(cfg.attention_dropout)(jax.nn.softmax(scores, axis=-1), deterministic=self.deterministic)
+        probs = jax.nn.softmax(scores, axis=-1)
+        if cfg.masked_rows_attend_nothing:
+            probs = jnp.where(jnp.any(bias == 0, axis=-1, keepdims=True), probs, 0.0)
+        probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=self.deterministic)
         ctx = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v).reshape(batch, length, cfg.hidden_size)
         out = _dense(cfg, cfg.hidden_size, ("heads", "embed"), cfg.attention_bias, self.dtype, "Wo")(ctx)
         return nn.Dropout(cfg.attention_dropout)(out, deterministic=self.deterministic)
