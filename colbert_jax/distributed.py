@@ -19,7 +19,7 @@ import os
 
 import jax
 
-__all__ = ["initialize", "ENV_COORDINATOR", "ENV_NUM_PROCESSES", "ENV_PROCESS_ID"]
+__all__ = ["initialize", "barrier", "ENV_COORDINATOR", "ENV_NUM_PROCESSES", "ENV_PROCESS_ID"]
 
 ENV_COORDINATOR = "COLBERT_JAX_COORDINATOR"
 ENV_NUM_PROCESSES = "COLBERT_JAX_NUM_PROCESSES"
@@ -69,3 +69,17 @@ def initialize() -> bool:
         jax.distributed.initialize(coordinator_address=address, num_processes=count, process_id=rank)
     _initialized = True
     return True
+
+
+def barrier(name: str, timeout_s: float = 600.0) -> None:
+    """Waits until every process has reached the barrier `name` (use each name once); at once in one process.
+
+    It goes through the coordinator, not the devices, so it can precede a program's first run: CPU
+    collectives (gloo) connect the processes on that first run with a short timeout, which a process still
+    compiling (or loading) while the others wait would exceed.
+    """
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed as _distributed  # the coordination client has no public handle
+
+    _distributed.global_state.client.wait_at_barrier(name, int(timeout_s * 1000))

@@ -42,7 +42,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from colbert_jax import io
+from colbert_jax import distributed, io
 from colbert_jax.checkpoint import load_checkpoint
 from colbert_jax.config import ConfigError
 from colbert_jax.distributed import initialize as maybe_initialize_distributed  # the name cli.py imports
@@ -257,13 +257,20 @@ def train(
     writer = _tensorboard(out) if (leader and t.tensorboard) else None
     bar = tqdm(total=total, initial=start, unit="step", desc="training", disable=not (leader and show_progress))
     step, saved = start, start
+    programs = {}  # compiled step per batch shape
+    distributed.barrier(f"colbert-jax train: start at step {start}")
     with open(out / "metrics.jsonl", "a") if leader else open(os.devnull, "w") as log:
         while step < total:
             epoch = step // steps_per_epoch
             t0 = time.perf_counter()
             arrays = _tokenize(model, next(batches), c.accumsteps, c.nway)
             global_batch = {k: _global_array(batch_shard, v, c.bsize // c.accumsteps) for k, v in arrays.items()}
-            state, metrics = step_fn(state, global_batch)
+            shapes = tuple((k, v.shape) for k, v in global_batch.items())
+            if shapes not in programs:
+                programs[shapes] = step_fn.lower(state, global_batch).compile()
+                # Processes compile at different speeds; the first run's collectives must start together.
+                distributed.barrier(f"colbert-jax train: program {len(programs)} at step {step}")
+            state, metrics = programs[shapes](state, global_batch)
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             step += 1
             seconds = time.perf_counter() - t0
@@ -307,6 +314,7 @@ def train(
         _save(manager, step, state, batches)
     manager.wait_until_finished()
     if t.export:
+        distributed.barrier(f"colbert-jax train: export after step {step}")
         params = (
             multihost_utils.process_allgather(state.params, tiled=True)
             if jax.process_count() > 1
