@@ -86,8 +86,9 @@ def _decompress_call(platform: str, centroid_rows, residuals, weights, *, nbits:
     blocks = BLOCK_SIZES[platform]
     n, dim = centroid_rows.shape
     nbytes = residuals.shape[1]
-    rows = min(blocks.decompress_rows, pow2(n, MIN_DOT))
     dp, bp = pow2(dim, MIN_DOT), pow2(nbytes, MIN_DOT)
+    # Fewer rows per block past 128 columns: the block's values stay within the table's budget.
+    rows = min(max(MIN_DOT, blocks.decompress_rows * 128 // max(dp, 128)), pow2(n, MIN_DOT))
     padded = -(-n // rows) * rows
     c = jnp.pad(centroid_rows, ((0, padded - n), (0, dp - dim)))
     r = jnp.pad(residuals, ((0, padded - n), (0, bp - nbytes)))

@@ -45,9 +45,10 @@ class BlockSizes:
     """Per-backend tiling. Triton needs power-of-two block sizes and dot operands of at least 16 in every
     dimension; the wrappers pad the arrays to fit these blocks and slice the results.
 
-    decompress_rows: embeddings per decompression program.
+    decompress_rows: embeddings per decompression program (at dim <= 128; proportionally fewer above).
     maxsim_docs: documents per MaxSim program (the query block stays resident for all of them).
-    maxsim_rows: embedding rows decompressed and scored at once inside a MaxSim program (one tile).
+    maxsim_rows: embedding rows decompressed and scored at once inside a MaxSim program (one tile), at dim
+      and query length <= 128; proportionally fewer above.
     interaction_docs: documents per centroid-interaction program.
     num_warps, num_stages: Triton launch parameters (None: interpret mode, no compiler).
     """

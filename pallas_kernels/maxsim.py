@@ -102,7 +102,9 @@ def _maxsim_call(platform: str, Q, centroid_rows, residuals, weights, lengths, *
     Lp, dp, bp, lqp = pow2(L), pow2(dim, MIN_DOT), pow2(nbytes, MIN_DOT), pow2(lq, MIN_DOT)
     # Documents per program: at most the table's, at least enough for one 16-row tile.
     block = max(min(blocks.maxsim_docs, pow2(n)), pow2(-(-MIN_DOT // Lp)))
-    tile = min(blocks.maxsim_rows, block * Lp)
+    # Rows per tile shrink as the tile's rows widen (dim, query length past 128), so that the values one
+    # tile holds (decompressed rows and their scores) stay within the table's budget.
+    tile = min(max(MIN_DOT, blocks.maxsim_rows * 128 // max(dp, lqp, 128)), block * Lp)
     docs, rows = max(1, tile // Lp), min(Lp, tile)
     padded = -(-n // block) * block
     q = jnp.pad(Q, ((0, lqp - lq), (0, dp - dim)))

@@ -8,9 +8,9 @@
 #
 # Outputs under $OUT: device_report.md (the summary), device_report.json (every number), gpu_tests.xml
 # (JUnit) and the logs tests.log, bench.log. Scratch (index, caches) goes to a temporary directory.
-# On GPU: a python3 whose jax already sees a GPU is used as is (colbert-jax installed with --no-deps, and
-# only the missing dependencies added, from $WHEELS, default ./.whl, when that exists, else the package
-# index); otherwise .venv-gpu is created with ".[cuda12,test]".
+# On GPU: a python3 whose jax already sees a GPU is used as is (colbert-jax run from this checkout, and only
+# the missing dependencies added, from $WHEELS, default ./.whl, when that exists, else the package index);
+# otherwise .venv-gpu is created with ".[cuda12,test]".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=gpu
@@ -53,9 +53,11 @@ PY
   if [[ -n "$missing" ]]; then
     echo "device_check: installing missing packages: $(echo $missing)"
     # shellcheck disable=SC2086
-    $PY -m pip install -q --no-deps "${pip_src[@]}" $missing
+    $PY -m pip install -q --no-deps "${pip_src[@]}" $missing ||
+      echo "device_check: WARNING: could not install $(echo $missing); the parts that need them will fail"
   fi
-  $PY -m pip install -q --no-deps --no-build-isolation -e . 2>/dev/null || $PY -m pip install -q --no-deps -e .
+  # colbert-jax itself runs from this checkout (no build step, nothing to fetch).
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 else
   [[ -x .venv-gpu/bin/python ]] || python3 -m venv .venv-gpu
   .venv-gpu/bin/python -m pip install -q -e ".[cuda12,test]"
