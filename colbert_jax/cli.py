@@ -68,6 +68,8 @@ def _overrides(pairs: list[str] | None) -> dict:
 
 
 def _index(args: argparse.Namespace) -> int:
+    import jax
+
     import colbert_jax
     from colbert_jax.default_model import default_checkpoint
 
@@ -77,8 +79,10 @@ def _index(args: argparse.Namespace) -> int:
             overrides[key] = getattr(args, key)
     indexer = colbert_jax.Indexer(args.checkpoint or default_checkpoint(), chunksize=args.chunksize, **overrides)
     path = indexer.index(args.index, args.collection, overwrite=args.overwrite)
-    index = colbert_jax.Index.open(path, verify=False)
-    print(f"{index}  {index.nbytes() / 2**20:.1f} MiB, {index.nbytes() / index.num_embeddings:.1f} bytes/embedding")
+    if jax.process_index() == 0:
+        index = colbert_jax.Index.open(path, verify=False)
+        size = index.nbytes()
+        print(f"{index}  {size / 2**20:.1f} MiB, {size / index.num_embeddings:.1f} bytes/embedding")
     return EXIT_OK
 
 
@@ -426,10 +430,13 @@ def main(argv: list[str] | None = None) -> int:
     from colbert_jax.torch_io import TorchFileError
 
     args = build_parser().parse_args(argv)
+    from colbert_jax import distributed
     from colbert_jax.runtime import enable_compilation_cache
 
-    enable_compilation_cache()
     try:
+        if args.command in ("index", "train"):  # jobs that run as several processes (COLBERT_JAX_* variables)
+            distributed.initialize()
+        enable_compilation_cache()
         return args.func(args)
     except KeyboardInterrupt:
         print(f"\ncolbert-jax {args.command}: interrupted; run the same command again to resume", file=sys.stderr)

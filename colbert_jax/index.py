@@ -35,7 +35,17 @@ from colbert_jax.config import ColBERTConfig, ConfigError
 from colbert_jax.indexing.codec import ResidualCodec
 from colbert_jax.indexing.ivf import build_ivf, embedding_offsets
 
-__all__ = ["Index", "CorruptIndexError", "write_index", "is_index_dir", "FORMAT", "FORMAT_VERSION", "ARRAYS"]
+__all__ = [
+    "Index",
+    "CorruptIndexError",
+    "write_index",
+    "create_embedding_arrays",
+    "finish_index",
+    "is_index_dir",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "ARRAYS",
+]
 
 FORMAT = "colbert-jax-index"
 FORMAT_VERSION = 1
@@ -241,49 +251,36 @@ class Index:
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
 
 
-def write_index(
+def create_embedding_arrays(out: Path, num_embeddings: int, packed_dim: int) -> None:
+    """Starts an index directory at `out` (replacing anything there) with empty `codes` and `residuals`
+    arrays, the parts that grow with the collection; `finish_index` completes it once they are written."""
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    io.create_array(out / "codes", (num_embeddings,), np.int32)
+    io.create_array(out / "residuals", (num_embeddings, packed_dim), np.uint8)
+
+
+def finish_index(
     out: Path,
     *,
     config: ColBERTConfig,
     codec: ResidualCodec,
-    chunks: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]],
-    num_embeddings: int,
+    codes: np.ndarray,
+    doclens: np.ndarray,
     pids: np.ndarray,
     checkpoint: dict[str, Any],
     collection: dict[str, Any],
     build: dict[str, Any],
 ) -> None:
-    """Writes an index directory at `out` (replacing anything there) from compressed chunks.
-
-    `chunks` yields `(codes int32 [e], residuals uint8 [e, dim*nbits/8], doclens [n])` in passage order;
-    they are streamed into the arrays, so only the codes (4 bytes per embedding) are held at once.
-    `metadata.json` is written last.
-    """
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    codes_store = io.create_array(out / "codes", (num_embeddings,), np.int32)
-    residuals_store = io.create_array(out / "residuals", (num_embeddings, codec.packed_dim), np.uint8)
-    all_codes = np.empty(num_embeddings, np.int32)
-    doclens, offset = [], 0
-    for codes, residuals, lens in chunks:
-        if len(codes) != len(residuals) or len(codes) != int(np.sum(lens)):
-            raise ValueError(
-                f"chunk at embedding {offset}: {len(codes)} codes, {len(residuals)} residuals, "
-                f"doclens summing to {int(np.sum(lens))}"
-            )
-        if offset + len(codes) > num_embeddings:
-            raise ValueError(f"chunks hold more than the {num_embeddings} embeddings announced")
-        io.write_rows(codes_store, offset, codes.astype(np.int32, copy=False))
-        io.write_rows(residuals_store, offset, residuals)
-        all_codes[offset : offset + len(codes)] = codes
-        doclens.append(np.asarray(lens, np.int32))
-        offset += len(codes)
-    if offset != num_embeddings:
-        raise ValueError(f"chunks hold {offset} embeddings, {num_embeddings} were announced")
-    doclens = np.concatenate(doclens)
+    """Completes an index whose `codes` and `residuals` arrays are written (`codes` is their content): writes
+    the codec, doclens, pids and IVF arrays, then `metadata.json` last."""
+    doclens = np.asarray(doclens, np.int32)
     if len(doclens) != len(pids):
         raise ValueError(f"{len(doclens)} doclens for {len(pids)} pids")
-    ivf, ivf_lengths = build_ivf(all_codes, doclens, codec.num_partitions)
+    num_embeddings = len(codes)
+    if int(doclens.sum()) != num_embeddings:
+        raise ValueError(f"doclens sum to {int(doclens.sum())}, the index has {num_embeddings} embeddings")
+    ivf, ivf_lengths = build_ivf(codes, doclens, codec.num_partitions)
 
     arrays = {"codes": io.describe_array(out / "codes"), "residuals": io.describe_array(out / "residuals")}
     small = {
@@ -314,3 +311,53 @@ def write_index(
         "build": {"created": datetime.datetime.now().astimezone().isoformat(), **build},
     }
     io.write_json(out / "metadata.json", metadata)
+
+
+def write_index(
+    out: Path,
+    *,
+    config: ColBERTConfig,
+    codec: ResidualCodec,
+    chunks: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    num_embeddings: int,
+    pids: np.ndarray,
+    checkpoint: dict[str, Any],
+    collection: dict[str, Any],
+    build: dict[str, Any],
+) -> None:
+    """Writes an index directory at `out` (replacing anything there) from compressed chunks.
+
+    `chunks` yields `(codes int32 [e], residuals uint8 [e, dim*nbits/8], doclens [n])` in passage order;
+    they are streamed into the arrays, so only the codes (4 bytes per embedding) are held at once.
+    `metadata.json` is written last.
+    """
+    create_embedding_arrays(out, num_embeddings, codec.packed_dim)
+    codes_store, residuals_store = io.open_array(out / "codes"), io.open_array(out / "residuals")
+    all_codes = np.empty(num_embeddings, np.int32)
+    doclens, offset = [], 0
+    for codes, residuals, lens in chunks:
+        if len(codes) != len(residuals) or len(codes) != int(np.sum(lens)):
+            raise ValueError(
+                f"chunk at embedding {offset}: {len(codes)} codes, {len(residuals)} residuals, "
+                f"doclens summing to {int(np.sum(lens))}"
+            )
+        if offset + len(codes) > num_embeddings:
+            raise ValueError(f"chunks hold more than the {num_embeddings} embeddings announced")
+        io.write_rows(codes_store, offset, codes.astype(np.int32, copy=False))
+        io.write_rows(residuals_store, offset, residuals)
+        all_codes[offset : offset + len(codes)] = codes
+        doclens.append(np.asarray(lens, np.int32))
+        offset += len(codes)
+    if offset != num_embeddings:
+        raise ValueError(f"chunks hold {offset} embeddings, {num_embeddings} were announced")
+    finish_index(
+        out,
+        config=config,
+        codec=codec,
+        codes=all_codes,
+        doclens=np.concatenate(doclens) if doclens else np.zeros(0, np.int32),
+        pids=pids,
+        checkpoint=checkpoint,
+        collection=collection,
+        build=build,
+    )

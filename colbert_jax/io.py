@@ -69,6 +69,11 @@ def write_array(path: str | os.PathLike, data: np.ndarray) -> dict[str, Any]:
     return describe_array(path)
 
 
+def chunk_rows(store: ts.TensorStore) -> int:
+    """Rows per storage chunk (file) of an array: writers that split an array between them split it here."""
+    return int(store.chunk_layout.write_chunk.shape[0])
+
+
 def write_rows(store: ts.TensorStore, start: int, rows: np.ndarray) -> None:
     if len(rows):
         store[start : start + len(rows)].write(np.ascontiguousarray(rows)).result()

@@ -18,6 +18,7 @@ collection, checkpoint and settings are unchanged; otherwise it starts over).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -29,10 +30,10 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from colbert_jax import io
+from colbert_jax import distributed, io
 from colbert_jax.checkpoint import load_checkpoint
 from colbert_jax.config import ColBERTConfig
-from colbert_jax.index import FORMAT_VERSION, Index, is_index_dir, write_index
+from colbert_jax.index import FORMAT_VERSION, Index, create_embedding_arrays, finish_index, is_index_dir
 from colbert_jax.indexing import kmeans
 from colbert_jax.indexing.codec import ResidualCodec
 from colbert_jax.indexing.collection import Collection
@@ -43,6 +44,7 @@ __all__ = ["Indexer", "model_fingerprint"]
 
 CHUNKSIZE = 25_000
 SAMPLE_PIECE = 4_096  # passages of the k-means sample encoded between two saves
+BARRIER_TIMEOUT_S = 7 * 24 * 3600.0  # processes wait for each other's share of the work, however long
 WORK_ENTRIES = (
     "plan.json",
     "chunks",
@@ -142,6 +144,8 @@ class Indexer:
         one is complete); anything else at `index_path` (a file, a directory with other contents) is
         refused. An interrupted build of the same collection with the same settings resumes.
         """
+        global _build_id
+        _build_id = next(_BUILDS)
         path = Path(index_path)
         io.check_target(path, overwrite=overwrite, what="colbert-jax index", is_ours=is_index_dir)
         t_start = time.perf_counter()
@@ -153,91 +157,111 @@ class Indexer:
         codec = self._codec(plan, work)
         self._chunks(coll, plan, codec, work)
         self._finalize(coll, plan, codec, work, path, t_start)
-        shutil.rmtree(work, ignore_errors=True)
+        if _leader():
+            shutil.rmtree(work, ignore_errors=True)
+        _sync("done")
         return path
 
     # -- 1. plan ------------------------------------------------------------------------------------
     def _plan(self, coll: Collection, work: Path) -> dict:
+        """The build's plan: a fresh one, or the unfinished build's in `work` if it has the same fingerprint.
+
+        With several processes, process 0 decides and writes; the sample's pieces are shared out."""
         fingerprint = self._build_fingerprint(coll)
         plan_path = work / "plan.json"
-        plan = io.read_json(plan_path) if plan_path.is_file() else None
-        if plan is not None and plan.get("fingerprint") == fingerprint:
-            self._log(f"resuming the build in {work}")
-            if plan.get("complete", True):
-                return plan
-        else:
-            if plan is not None:
-                self._log(f"discarding an unfinished build of other data or settings in {work}")
-            _clear_work_dir(work)
-            n = len(coll)
-            plan = {
-                "fingerprint": fingerprint,
-                "num_passages": n,
-                "chunksize": self.chunksize,
-                "num_chunks": -(-n // self.chunksize),
-                "sample": None,
-                "complete": False,
-            }
-            io.write_json(plan_path, plan)  # first, so a killed sampling resumes with its saved pieces
-            (work / "chunks").mkdir(exist_ok=True)
+        if _leader():
+            plan = io.read_json(plan_path) if plan_path.is_file() else None
+            if plan is not None and plan.get("fingerprint") == fingerprint:
+                pieces = len(list((work / "sample").glob("*.json"))) if not plan.get("complete", True) else 0
+                chunks = len(list((work / "chunks").glob("*.json")))
+                self._log(
+                    f"resuming the build in {work}: {pieces} sample pieces and {chunks} of {plan['num_chunks']} "
+                    "chunks already done"
+                )
+            else:
+                if plan is not None:
+                    self._log(f"discarding an unfinished build of other data or settings in {work}")
+                _clear_work_dir(work)
+                n = len(coll)
+                plan = {
+                    "fingerprint": fingerprint,
+                    "num_passages": n,
+                    "chunksize": self.chunksize,
+                    "num_chunks": -(-n // self.chunksize),
+                    "sample": None,
+                    "complete": False,
+                }
+                io.write_json(plan_path, plan)  # first, so a killed sampling resumes with its saved pieces
+                (work / "chunks").mkdir(exist_ok=True)
+        _sync("plan written")
+        plan = io.read_json(plan_path)
+        if plan.get("complete", True):
+            return plan
 
         n = plan["num_passages"]
         if self.codec is None:
             t = time.perf_counter()
             positions = kmeans.sample_passages(n)
-            embs, doclens = self._encode_sample(coll, positions, work / "sample")
-            io.save_npy(work / "sample_embs.npy", embs)
-            io.save_npy(work / "sample_doclens.npy", doclens)
-            io.save_npy(work / "sample_positions.npy", positions)
-            avg_doclen = float(doclens.mean())
-            plan["sample"] = {
-                "num_passages": len(positions),
-                "num_embeddings": int(doclens.sum()),
-                "avg_doclen_est": avg_doclen,
-            }
-            plan["num_embeddings_est"] = n * avg_doclen
-            heldout = int(min(0.05 * len(embs), 50_000))
-            plan["num_partitions"] = (
-                len(self.centroids)
-                if self.centroids is not None
-                else kmeans.num_partitions(n * avg_doclen, len(embs) - heldout)
-            )
+            num_pieces = self._encode_sample(coll, positions, work / "sample")
+            _sync("sample encoded")
+            if _leader():
+                embs = np.concatenate([np.load(work / "sample" / f"{i}.embs.npy") for i in range(num_pieces)])
+                doclens = np.concatenate([np.load(work / "sample" / f"{i}.doclens.npy") for i in range(num_pieces)])
+                io.save_npy(work / "sample_embs.npy", embs)
+                io.save_npy(work / "sample_doclens.npy", doclens)
+                io.save_npy(work / "sample_positions.npy", positions)
+                avg_doclen = float(doclens.mean())
+                plan["sample"] = {
+                    "num_passages": len(positions),
+                    "num_embeddings": int(doclens.sum()),
+                    "avg_doclen_est": avg_doclen,
+                }
+                plan["num_embeddings_est"] = n * avg_doclen
+                heldout = int(min(0.05 * len(embs), 50_000))
+                plan["num_partitions"] = (
+                    len(self.centroids)
+                    if self.centroids is not None
+                    else kmeans.num_partitions(n * avg_doclen, len(embs) - heldout)
+                )
             self.stats["sample_seconds"] = time.perf_counter() - t
         else:
             plan["num_partitions"] = self.codec.num_partitions
-        plan["complete"] = True
-        io.write_json(plan_path, plan)
-        shutil.rmtree(work / "sample", ignore_errors=True)  # merged into sample_*.npy
-        return plan
+        if _leader():
+            plan["complete"] = True
+            io.write_json(plan_path, plan)
+            shutil.rmtree(work / "sample", ignore_errors=True)  # merged into sample_*.npy
+        _sync("plan complete")
+        return io.read_json(plan_path)
 
-    def _encode_sample(self, coll: Collection, positions: np.ndarray, where: Path) -> tuple[np.ndarray, np.ndarray]:
-        """float16 embeddings and doclens of the k-means sample, encoded in pieces of at most `SAMPLE_PIECE`
-        passages, each saved as it finishes (marker last), so an interrupted build loses at most one piece."""
+    def _encode_sample(self, coll: Collection, positions: np.ndarray, where: Path) -> int:
+        """Encodes this process's pieces of the k-means sample (at most `SAMPLE_PIECE` passages each; piece i
+        belongs to process i mod N), each saved with its marker last, so an interrupted build loses at most
+        one piece a process. Returns the number of pieces."""
         where.mkdir(exist_ok=True)
         piece = min(self.chunksize, SAMPLE_PIECE)
         starts = range(0, len(positions), piece)
-        done = [(where / f"{i}.json").is_file() for i in range(len(starts))]
+        mine = [i for i in range(len(starts)) if _owned(i) and not (where / f"{i}.json").is_file()]
         n = len(coll)
         desc = (
             f"encoding passages (all {n:,} are the k-means sample)"
             if len(positions) == n
             else f"encoding k-means sample ({len(positions):,} of {n:,} passages)"
         )
-        initial = sum(min(piece, len(positions) - s) for s, d in zip(starts, done) if d)
-        embs, doclens = [], []
+        todo = sum(len(positions[starts[i] : starts[i] + piece]) for i in mine)
         with tqdm(
-            total=len(positions), initial=initial, unit="passage", desc=desc, disable=not self.show_progress
+            total=len(positions),
+            initial=len(positions) - todo,
+            unit="passage",
+            desc=desc,
+            disable=not self._show_bars,
         ) as bar:
-            for i, start in enumerate(starts):
+            for i in mine:
                 prefix = where / str(i)
-                if not done[i]:
-                    e, d = self._encode(coll.texts(positions[start : start + piece]), bar)
-                    io.save_npy(f"{prefix}.embs.npy", e.astype(np.float16))
-                    io.save_npy(f"{prefix}.doclens.npy", d)
-                    io.write_json(f"{prefix}.json", {"start": start, "num_passages": len(d)})
-                embs.append(np.load(f"{prefix}.embs.npy"))
-                doclens.append(np.load(f"{prefix}.doclens.npy"))
-        return np.concatenate(embs), np.concatenate(doclens)
+                e, d = self._encode(coll.texts(positions[starts[i] : starts[i] + piece]), bar)
+                io.save_npy(f"{prefix}.embs.npy", e.astype(np.float16))
+                io.save_npy(f"{prefix}.doclens.npy", d)
+                io.write_json(f"{prefix}.json", {"start": starts[i], "num_passages": len(d)})
+        return len(starts)
 
     def _build_fingerprint(self, coll: Collection) -> str:
         c = self.config
@@ -255,14 +279,18 @@ class Indexer:
 
     # -- 2. codec -----------------------------------------------------------------------------------
     def _codec(self, plan: dict, work: Path) -> ResidualCodec:
+        """The given codec, or one trained on the sample by process 0 and read back from disk by every process
+        (so all of them compress with identical centroids)."""
         if self.codec is not None:
             return self.codec
         path = work / "codec.npz"
-        if path.is_file():
-            with np.load(path) as z:
-                return ResidualCodec(
-                    z["centroids"], z["cutoffs"], z["weights"], int(z["nbits"]), float(z["avg_residual"])
-                )
+        if _leader() and not path.is_file():
+            self._train_codec(plan, work, path)
+        _sync("codec written")
+        with np.load(path) as z:
+            return ResidualCodec(z["centroids"], z["cutoffs"], z["weights"], int(z["nbits"]), float(z["avg_residual"]))
+
+    def _train_codec(self, plan: dict, work: Path, path: Path) -> None:
         t = time.perf_counter()
         sample = np.load(work / "sample_embs.npy").astype(np.float32)
         train, heldout = kmeans.split_heldout(sample, seed=kmeans.SAMPLE_SEED)
@@ -288,7 +316,6 @@ class Indexer:
         )
         os.replace(tmp, path)
         self.stats["codec_seconds"] = time.perf_counter() - t
-        return codec
 
     # -- 3. chunks ----------------------------------------------------------------------------------
     def _chunks(self, coll: Collection, plan: dict, codec: ResidualCodec, work: Path) -> None:
@@ -300,19 +327,20 @@ class Indexer:
                 np.load(work / "sample_doclens.npy"),
                 np.load(work / "sample_embs.npy", mmap_mode="r"),
             )
-        done = [(work / "chunks" / f"{i}.json").is_file() for i in range(plan["num_chunks"])]
+        # chunk i belongs to process i mod N; every other chunk counts as done here
+        done = [not _owned(i) or (work / "chunks" / f"{i}.json").is_file() for i in range(plan["num_chunks"])]
         bar = tqdm(
             total=n,
             initial=sum(min(cs, n - i * cs) for i, d in enumerate(done) if d),
             unit="passage",
             desc="compressing" if sample is not None and len(sample[0]) == n else "encoding and compressing",
-            disable=not self.show_progress,
+            disable=not self._show_bars,
             smoothing=0.1,
         )
         t = time.perf_counter()
         for i in range(plan["num_chunks"]):
             if done[i]:
-                self.stats["chunks_reused"] += 1
+                self.stats["chunks_reused"] += _owned(i)
                 continue
             start, stop = i * cs, min(n, (i + 1) * cs)
             embs, doclens = self._chunk_embeddings(coll, start, stop, sample, bar)
@@ -327,6 +355,7 @@ class Indexer:
             self.stats["chunks_encoded"] += 1
         bar.close()
         self.stats["chunks_seconds"] = time.perf_counter() - t
+        _sync("chunks written")
 
     def _chunk_embeddings(self, coll: Collection, start: int, stop: int, sample, bar) -> tuple[np.ndarray, np.ndarray]:
         """float16 [sum(doclens), dim] embeddings and doclens of passages start..stop-1, in order."""
@@ -366,48 +395,96 @@ class Indexer:
     def _finalize(
         self, coll: Collection, plan: dict, codec: ResidualCodec, work: Path, path: Path, t_start: float
     ) -> None:
-        chunk_meta = [io.read_json(work / "chunks" / f"{i}.json") for i in range(plan["num_chunks"])]
-
-        def chunks():
-            for i in range(plan["num_chunks"]):
-                prefix = work / "chunks" / str(i)
-                yield (
-                    np.load(f"{prefix}.codes.npy"),
-                    np.load(f"{prefix}.residuals.npy", mmap_mode="r"),
-                    np.load(f"{prefix}.doclens.npy"),
-                )
-
+        """Writes the index from the saved chunks: the codes and residuals arrays are written storage chunk by
+        storage chunk, shared out between the processes (no two write the same file); process 0 then writes
+        the small arrays, the IVF and metadata.json, and moves the index into place."""
+        num_chunks = plan["num_chunks"]
+        chunk_meta = [io.read_json(work / "chunks" / f"{i}.json") for i in range(num_chunks)]
+        starts = np.concatenate([[0], np.cumsum([c["num_embeddings"] for c in chunk_meta])])
+        total = int(starts[-1])
         out = work / "index"
         t = time.perf_counter()
-        total = sum(c["num_embeddings"] for c in chunk_meta)
-        self.stats["total_seconds"] = time.perf_counter() - t_start  # finalize time added below
-        write_index(
-            out,
-            config=self.config,
-            codec=codec,
-            chunks=chunks(),
-            num_embeddings=total,
-            pids=coll.pids,
-            checkpoint={"path": self.config.checkpoint, "fingerprint": model_fingerprint(self.model)},
-            collection={"source": coll.location, "fingerprint": coll.fingerprint},
-            build={
-                "plan": plan,
-                "stats": self.stats,
-                "devices": self.model.n_devices,
-                "backend": jax.default_backend(),
-            },
-        )
-        self.stats["finalize_seconds"] = time.perf_counter() - t
-        self.stats["total_seconds"] = time.perf_counter() - t_start
-        io.replace_dir(out, path)
-        self._log(
-            f"index written: {path} ({len(coll):,} passages, {total:,} embeddings, "
-            f"{codec.num_partitions:,} partitions, {self.stats['total_seconds']:.1f}s)"
-        )
+        if _leader():
+            create_embedding_arrays(out, total, codec.packed_dim)
+        _sync("index arrays created")
+
+        def rows(kind: str, lo: int, hi: int) -> np.ndarray:
+            """Rows lo..hi-1 of the concatenated chunks' `kind` (codes or residuals)."""
+            parts = []
+            for i in range(np.searchsorted(starts, lo, side="right") - 1, num_chunks):
+                if starts[i] >= hi:
+                    break
+                a = np.load(work / "chunks" / f"{i}.{kind}.npy", mmap_mode="r")
+                parts.append(a[max(lo - starts[i], 0) : min(hi, starts[i + 1]) - starts[i]])
+            return np.concatenate(parts) if parts else np.zeros((0,), np.int32)
+
+        stores = {kind: io.open_array(out / kind) for kind in ("codes", "residuals")}
+        pieces = [
+            (kind, lo, min(lo + io.chunk_rows(store), total))
+            for kind, store in stores.items()
+            for lo in range(0, total, io.chunk_rows(store))
+        ]
+        for j, (kind, lo, hi) in enumerate(pieces):
+            if _owned(j):
+                io.write_rows(stores[kind], lo, rows(kind, lo, hi))
+        _sync("index rows written")
+
+        if _leader():
+            doclens = np.concatenate([np.load(work / "chunks" / f"{i}.doclens.npy") for i in range(num_chunks)])
+            self.stats["total_seconds"] = time.perf_counter() - t_start  # finalize time added below
+            finish_index(
+                out,
+                config=self.config,
+                codec=codec,
+                codes=rows("codes", 0, total),
+                doclens=doclens,
+                pids=coll.pids,
+                checkpoint={"path": self.config.checkpoint, "fingerprint": model_fingerprint(self.model)},
+                collection={"source": coll.location, "fingerprint": coll.fingerprint},
+                build={
+                    "plan": plan,
+                    "stats": self.stats,
+                    "devices": self.model.n_devices,
+                    "processes": jax.process_count(),
+                    "backend": jax.default_backend(),
+                },
+            )
+            self.stats["finalize_seconds"] = time.perf_counter() - t
+            self.stats["total_seconds"] = time.perf_counter() - t_start
+            io.replace_dir(out, path)
+            self._log(
+                f"index written: {path} ({len(coll):,} passages, {total:,} embeddings, "
+                f"{codec.num_partitions:,} partitions, {self.stats['total_seconds']:.1f}s)"
+            )
+        _sync("index in place")
+
+    @property
+    def _show_bars(self) -> bool:
+        return self.show_progress and _leader()
 
     def _log(self, message: str) -> None:
-        if self.show_progress:
+        if self._show_bars:
             tqdm.write(f"[colbert-jax] {message}")
+
+
+def _leader() -> bool:
+    return jax.process_index() == 0
+
+
+def _owned(item: int) -> bool:
+    """Whether this process does work item `item` (items are dealt out round-robin between processes)."""
+    return item % jax.process_count() == jax.process_index()
+
+
+_BUILDS = itertools.count()  # barrier names must be unique per runtime: one series per index() call
+_build_id = 0
+
+
+def _sync(name: str) -> None:
+    """Waits until every process gets here (a no-op for one process). Through the coordinator, not a device
+    collective: a process may wait here for hours while another trains centroids or encodes a larger share."""
+    if jax.process_count() > 1:
+        distributed.barrier(f"colbert-jax index {_build_id}: {name}", timeout_s=BARRIER_TIMEOUT_S)
 
 
 def _clear_work_dir(work: Path) -> None:
