@@ -83,7 +83,13 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_ckpt):
     train(config, interrupted, stop_after=3, show_progress=False)
     assert [m["step"] for m in metrics(interrupted)] == [1, 2, 3]
     assert not (interrupted / "export").exists()
-    train(config, interrupted, show_progress=False)  # the same command again: resumes at step 3
+    train(config, interrupted, stop_after=4, show_progress=False)  # the same command again: resumes at 3
+    # As if step 4 had been saved by two processes: this process has no position file of its own, and
+    # takes the position from the step (one global batch a step).
+    positions = interrupted / "checkpoints" / "4" / "data"
+    (positions / "process_0-of-1.json").rename(positions / "process_0-of-2.json")
+    (positions / "process_1-of-2.json").write_text((positions / "process_0-of-2.json").read_text())
+    train(config, interrupted, show_progress=False)
     a, b = metrics(straight), metrics(interrupted)
     assert [m["step"] for m in b] == list(range(1, 7))
     np.testing.assert_allclose([m["loss"] for m in a], [m["loss"] for m in b], rtol=1e-6)
