@@ -86,8 +86,8 @@ def test_launch_local_stops_everyone_on_a_failure(tmp_path):
     """Rank 1 fails with status 7 while the others would sleep for minutes: the launcher exits with 7 at once
     (the 60 s bound) and none of them is left."""
     script = (
-        f"cd {tmp_path}; echo $$ > tmp.$COLBERT_JAX_PROCESS_ID; mv tmp.$COLBERT_JAX_PROCESS_ID pid.$COLBERT_JAX_PROCESS_ID; "
-        "[ $COLBERT_JAX_PROCESS_ID = 1 ] || exec sleep 600; "
+        f"cd {tmp_path}; i=$COLBERT_JAX_PROCESS_ID; echo $$ > tmp.$i; mv tmp.$i pid.$i; "
+        "[ $i = 1 ] || exec sleep 600; "
         "while [ $(ls pid.* | wc -l) -lt 3 ]; do sleep 0.05; done; exit 7"  # fails once all have started
     )
     proc = launch(3, script)
