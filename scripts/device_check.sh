@@ -3,7 +3,7 @@
 # benchmarks the kernels (GB/s against a device-to-device copy), search (queries/s, single-query latency,
 # k=10/100, "pallas" and "jnp"), indexing (passages/s) and a BERT-base training step in bfloat16 (MFU).
 #
-#   bash scripts/device_check.sh          # on a GPU machine; writes $OUT (default ./device_check_out)
+#   bash scripts/device_check.sh          # on a GPU machine; writes $OUT (default /tmp/colbert-jax-device-check)
 #   bash scripts/device_check.sh --cpu    # the same at tiny sizes on CPU, interpreted kernels (CI runs this)
 #
 # Outputs under $OUT: device_report.md (the summary), device_report.json (every number), gpu_tests.xml
@@ -15,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=gpu
 [[ "${1:-}" == "--cpu" ]] && mode=cpu
-OUT="${OUT:-$PWD/device_check_out}"
+OUT="${OUT:-${TMPDIR:-/tmp}/colbert-jax-device-check}"
 mkdir -p "$OUT"
 scratch="$(mktemp -d)"
 trap 'rm -rf "$scratch"' EXIT
