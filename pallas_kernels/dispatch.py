@@ -121,7 +121,7 @@ def _compile_error(pallas_fn: Callable, structs: tuple, statics: tuple) -> Excep
 
 
 def resolve(kernel: str, implementation: str, pallas_fn: Callable, args: tuple, statics: dict) -> str:
-    """ "pallas" or "jnp" for one call of `kernel` (see the module docstring).
+    """The implementation, "pallas" or "jnp", for one call of `kernel` (see the module docstring).
 
     `pallas_fn(*args, **statics)` is the kernel's Pallas path; "auto" on GPU compiles it at the shapes of
     `args` before choosing it.
