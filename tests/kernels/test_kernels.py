@@ -1,8 +1,8 @@
 """Every kernel equals its `jnp` twin on random inputs of awkward sizes, through the one public API.
 
 CI runs the Pallas path in interpret mode (CPU). The `gpu`-marked class runs the same cases compiled by
-Triton (`pytest -m gpu` on a machine with a GPU; `scripts/device_check.sh` does), where the kernels' float32
-matmuls must still agree with the twins to 1e-5.
+Triton (`JAX_PLATFORMS=cuda pytest -m gpu` on a GPU machine; `scripts/device_check.sh` does), where the
+kernels' float32 matmuls must still agree with the twins to 1e-5.
 """
 
 import logging
