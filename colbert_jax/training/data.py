@@ -1,4 +1,4 @@
-"""Training examples -> tokenised batches, streamed, shuffled with a seed, sharded per host.
+"""Training examples -> global batches of texts, shuffled with a seed, each host reading its rows.
 
 Formats (colbert-ai's, `colbert/data/examples.py`):
 - JSONL, one example per line: `[qid, pid+, pid-, ...]` or, with teacher scores for distillation,

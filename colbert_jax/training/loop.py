@@ -50,7 +50,7 @@ from colbert_jax.model import LENGTH_BUCKET, ColBERTModel
 from colbert_jax.modeling.colbert import ColBERTEncoder
 from colbert_jax.runtime import enable_compilation_cache
 from colbert_jax.training.config import TrainConfig
-from colbert_jax.training.data import TrainingData
+from colbert_jax.training.data import DataError, TrainingData
 from colbert_jax.training.sharding import batch_sharding, make_mesh, param_shardings, state_shardings
 from colbert_jax.training.step import TrainState, make_optimizer, train_step
 
@@ -185,8 +185,13 @@ def train(
     batch_shard = batch_sharding(mesh)
     rows = _process_rows(batch_shard, c.accumsteps, micro)
     batches = data.batches(c.bsize, t.epochs, rows)
-    # Every process derives the same count from the same file, so none leaves the loop while another
-    # waits in a collective.
+    # Every process derives the step count from its copy of the file: the copies must agree, or one
+    # process would leave the loop while another waits in a collective.
+    if jax.process_count() > 1:
+        distributed.barrier("colbert-jax train: data loaded")  # gloo's first connection, all together
+        counts = multihost_utils.process_allgather(np.int64(len(data.examples))).tolist()
+        if len(set(counts)) > 1:
+            raise DataError(f"{c.triples}: the processes read different numbers of examples ({counts})")
     steps_per_epoch = data.steps_per_epoch(c.bsize)
     total = min(c.maxsteps, steps_per_epoch * t.epochs)
 
