@@ -167,22 +167,26 @@ def batch_sizes(searcher: Searcher, max_batch: int) -> list[int]:
 
 
 def _sample_queries(searcher: Searcher, count: int, seed: int = 0) -> list[str]:
-    """Queries cut from the collection's passages (the first words of each), for the warm-up."""
+    """`count` queries cut from the collection's passages for the warm-up: their first tokens, from all that
+    query_maxlen allows (none truncated) down to 2, as queries of every length come."""
     import numpy as np
 
     n = searcher.index.num_passages
-    pick = np.random.default_rng(seed).choice(n, min(n, count), replace=False)
+    pick = np.random.default_rng(seed).choice(n, count, replace=n < count)
     try:
         texts = searcher.passages(searcher.index.pids[pick])
     except (FileNotFoundError, ValueError, KeyError):
-        texts = ["what is the answer"] * count
-    return [" ".join(t.split()[:8]) or "query" for t in texts]
+        texts = ["what is the answer to this question"] * count
+    tokenizer = searcher.model.hf_tokenizer
+    room = searcher.config.query_maxlen - 3  # [CLS], the [Q] marker and [SEP]
+    ids = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=room)["input_ids"]
+    return [tokenizer.decode(x[: max(2, room >> (i % 4))]).strip() or "query" for i, x in enumerate(ids)]
 
 
 def warm_up_steps(searcher: Searcher, max_batch: int = 64) -> Iterator[None]:
     """Compiles, one step per `next()`, what the server's searches need: each of `batch_sizes`, and on the
-    streamed path each IVF-entry bucket the index can produce, up to twice what sample queries need (the
-    same programs `Searcher.warm_up` compiles, for the server's sizes only). Batch size 1 comes first."""
+    streamed path each IVF-entry bucket from half to twice what sample queries need, capped by what the
+    index can produce (as `Searcher.warm_up` does, for the server's sizes only). Batch size 1 comes first."""
     import jax
     import numpy as np
 
@@ -194,21 +198,24 @@ def warm_up_steps(searcher: Searcher, max_batch: int = 64) -> Iterator[None]:
     k = min(SEARCH_K, searcher.index.num_passages)
     yield
     buckets: list[int] = []
-    if searcher.implementation == "streamed":
-        ncells = min(search_params(k, searcher.config)[0], searcher.index.num_partitions)
-        lq = searcher.config.query_maxlen
-        Q = searcher.encode(queries[: max(sizes)])
-        _, _, n_entries = plaid.cells(
-            Q, searcher.arrays, mesh=searcher.mesh, ncells=ncells, query_maxlen=lq, query_chunk=1, with_scores=False
-        )
-        n_entries = jax.device_get(n_entries).max(axis=0)
-        lo = _pow2(n_entries.min())
-        hi = min(2 * _pow2(n_entries.max()), searcher._max_entries(ncells, lq))  # never more than the index has
-        buckets = [1 << i for i in range(lo.bit_length() - 1, hi.bit_length())]
+    for i, size in enumerate(sizes):
+        searcher.search_all([queries[j % len(queries)] for j in range(size)], k=k, batch_size=size)
         yield
-    for size in sizes:
-        searcher.search_all([queries[i % len(queries)] for i in range(size)], k=k, batch_size=size)
-        yield
+        if i == 0 and searcher.implementation == "streamed":  # after batch size 1: first requests need it
+            ncells = min(search_params(k, searcher.config)[0], searcher.index.num_partitions)
+            lq = searcher.config.query_maxlen
+            m = max(sizes)  # in chunks of a served batch size: no encoder program the server never uses
+            Q = np.concatenate([searcher.encode(queries[j : j + m]) for j in range(0, len(queries), m)])
+            _, _, n_entries = plaid.cells(
+                Q, searcher.arrays, mesh=searcher.mesh, ncells=ncells, query_maxlen=lq, query_chunk=1, with_scores=False
+            )
+            n_entries = jax.device_get(n_entries).max(axis=0)
+            # From half the fewest to twice the most entries the samples reach (real queries stray both ways),
+            # never more than the index has.
+            lo = max(_pow2(n_entries.min()) // 2, 1)
+            hi = min(2 * _pow2(n_entries.max()), searcher._max_entries(ncells, lq))
+            buckets = [1 << b for b in range(lo.bit_length() - 1, hi.bit_length())]
+            yield
         if not buckets:
             continue
         zeros = np.zeros((size, *Q.shape[1:]), np.float32)

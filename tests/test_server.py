@@ -15,6 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import numpy as np
 import pytest
 import uvicorn
 
@@ -373,6 +374,29 @@ def tiny_index(tmp_path_factory, tiny_model, small_collection):
     return path, collection
 
 
+def test_warm_up_compiles_what_served_batches_need(tiny_index, tiny_model):
+    """After the server's warm-up, batches of any size up to max_batch, of other queries, compile nothing."""
+    from colbert_jax.search import plaid
+
+    searcher = colbert_jax.Searcher(tiny_index[0], checkpoint=tiny_model, truncate=True)
+    assert server.warm_up(searcher, max_batch=8) > 0
+    batcher = server.MicroBatcher(searcher, max_batch=8)
+
+    def programs():
+        return plaid.cells._cache_size(), plaid.search_streamed._cache_size(), searcher.model._query_fn._cache_size()
+
+    before = programs()
+    rng = np.random.default_rng(0)
+    batches = [[QUERIES[i] for i in rng.choice(len(QUERIES), size, replace=False)] for size in (1, 2, 3, 5, 8, 7, 4)]
+    served = [batcher._search(batch, server.batch_sizes(searcher, 8)) for batch in batches]
+    assert programs() == before
+    for batch, results in zip(batches, served):  # and the results are those of one search_all call
+        direct = searcher.search_all(batch, k=100)
+        for i, result in enumerate(results):  # (other encoder batch shapes: equal up to float rounding)
+            assert [pid for pid, _, _ in result[:10]] == [pid for pid, _, _ in direct[i][:10]]
+            assert [s for _, _, s in result] == pytest.approx([s for _, _, s in direct[i]], abs=1e-4)
+
+
 def serve_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "colbert_jax.cli", "serve", *args]
 
@@ -394,26 +418,32 @@ def test_serve_refuses_a_busy_port_before_loading_anything(tmp_path):
     assert "Traceback" not in r.stderr and "serving" not in r.stderr
 
 
-def test_serve_refuses_missing_collection_and_checkpoint(tmp_path, tiny_model, small_collection):
-    collection = tmp_path / "gone.tsv"
-    shutil.copyfile(small_collection, collection)
-    index = colbert_jax.Indexer(tiny_model, nbits=2, show_progress=False).index(tmp_path / "index", collection)
-    collection.unlink()
-    r = subprocess.run(serve_command("--index", str(index), "--port", "0"), capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2, r.stderr
-    assert "cannot show passage texts" in r.stderr and "--collection" in r.stderr
-    assert "Traceback" not in r.stderr and "serving" not in r.stderr
-
+@pytest.mark.parametrize(
+    "option,message",
+    [
+        ("missing-collection", "--collection"),
+        ("other-collection", "is not the collection"),
+        ("missing-checkpoint", "config.json"),
+    ],
+)
+def test_serve_refuses_to_start_without_texts_or_checkpoint(tiny_index, small_collection, tmp_path, option, message):
+    """Exit 2 with a message, not a server answering 500: a collection that is not there or not the index's
+    (the index's own texts are not used once --collection is given), a checkpoint that cannot be loaded."""
+    index, _ = tiny_index
+    other = tmp_path / "other.tsv"  # as many passages, other texts
+    other.write_text("".join(f"{i}\tanother text {i}\n" for i in range(300)))
+    (tmp_path / "empty").mkdir()
+    extra = {
+        "missing-collection": ["--collection", str(tmp_path / "gone.tsv")],
+        "other-collection": ["--collection", str(other)],
+        "missing-checkpoint": ["--checkpoint", str(tmp_path / "empty")],
+    }[option]
     r = subprocess.run(
-        serve_command(
-            "--index", str(index), "--port", "0", "--collection", str(small_collection), "--checkpoint", str(tmp_path)
-        ),
-        capture_output=True,
-        text=True,
-        timeout=300,
+        serve_command("--index", str(index), "--port", "0", *extra), capture_output=True, text=True, timeout=300
     )
     assert r.returncode == 2, r.stderr
-    assert "colbert-jax serve: error:" in r.stderr and "Traceback" not in r.stderr and "serving" not in r.stderr
+    assert r.stderr.startswith("colbert-jax serve: error:") and message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and "serving" not in r.stderr
 
 
 def test_serve_opens_the_port_at_once_and_warms_up_behind_it(tiny_index, tmp_path):
