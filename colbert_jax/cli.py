@@ -222,9 +222,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from colbert_jax.training.config import TrainConfig
     from colbert_jax.training.data import DataError
-    from colbert_jax.training.loop import maybe_initialize_distributed, train
+    from colbert_jax.training.loop import train
 
-    maybe_initialize_distributed()
     config = TrainConfig.load(args.config, args.set or [])
     try:
         train(config, args.out, overwrite=args.overwrite)
@@ -329,7 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="search with a checkpoint other than the one that built the index",
     )
     p.add_argument("--exact", action="store_true", help="brute-force MaxSim instead of PLAID")
-    p.add_argument("--truncate", action="store_true", help="truncate queries longer than query_maxlen")
+    p.add_argument(
+        "--truncate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="cut queries longer than query_maxlen, with a warning (--no-truncate: refuse them)",
+    )
     p.add_argument("--ncells", type=int, help="centroids probed per query token (default by k)")
     p.add_argument("--ndocs", type=int, help="candidates kept after pruned centroid interaction (default by k)")
     p.add_argument(
@@ -423,6 +427,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _short_warnings(command: str) -> None:
+    """Our own warnings (e.g. queries truncated) as one line in CLI terms; others as Python prints them."""
+    import warnings
+
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if category.__module__.startswith("colbert_jax"):
+            print(f"colbert-jax {command}: warning: {message}", file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
     from colbert_jax.checkpoint import CheckpointError
     from colbert_jax.config import ConfigError
@@ -430,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     from colbert_jax.torch_io import TorchFileError
 
     args = build_parser().parse_args(argv)
+    _short_warnings(args.command)
     from colbert_jax import distributed
     from colbert_jax.runtime import enable_compilation_cache
 

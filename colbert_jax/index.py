@@ -13,6 +13,8 @@ collection's own ids):
     pids/             int64   [N]           the collection's id of each passage
     ivf/              int32   [sum(ivf_lengths)]  passage positions per centroid, sorted, unique
     ivf_lengths/      int32   [P]
+    texts/            uint8   [bytes]       (optional) the passages' UTF-8 texts, one after another
+    text_offsets/     int64   [N + 1]       (optional) where each passage's text starts in `texts`
 
 `metadata.json` is written last, so a directory without it is not an index.
 """
@@ -41,6 +43,7 @@ __all__ = [
     "write_index",
     "create_embedding_arrays",
     "finish_index",
+    "write_texts",
     "is_index_dir",
     "FORMAT",
     "FORMAT_VERSION",
@@ -60,6 +63,7 @@ ARRAYS = (
     "ivf",
     "ivf_lengths",
 )
+OPTIONAL_ARRAYS = ("texts", "text_offsets")  # an index built from a collection carries its passages
 
 
 class CorruptIndexError(ValueError):
@@ -126,7 +130,7 @@ class Index:
 
     def _validate(self, verify: bool) -> None:
         listed = self.metadata.get("arrays", {})
-        for name in ARRAYS:
+        for name in ARRAYS + tuple(n for n in OPTIONAL_ARRAYS if n in listed):
             entry, where = listed.get(name), self.path / name
             if entry is None:
                 raise CorruptIndexError(f"{self.path}: metadata.json does not list array '{name}'")
@@ -156,6 +160,8 @@ class Index:
             "ivf_lengths": [p],
             "residuals": [e, m["dim"] * m["nbits"] // 8],
         }
+        if self.has_texts:
+            expect["text_offsets"] = [n + 1]
         for name, shape in expect.items():
             if listed[name]["shape"] != shape:
                 raise CorruptIndexError(
@@ -236,6 +242,27 @@ class Index:
         except KeyError as e:
             raise KeyError(f"pid {e.args[0]} is not in the index") from None
 
+    @property
+    def has_texts(self) -> bool:
+        """Whether the index carries its passages' texts (indexes built before 0.2, and imported ones, do not)."""
+        return all(name in self.metadata.get("arrays", {}) for name in OPTIONAL_ARRAYS)
+
+    @functools.cached_property
+    def _text_offsets(self) -> np.ndarray:
+        return self._array("text_offsets")
+
+    @functools.cached_property
+    def _text_store(self):
+        return io.open_array(self.path / "texts")
+
+    def texts(self, positions) -> list[str]:
+        """The texts of the passages at `positions` (not pids), read from the index on demand."""
+        if not self.has_texts:
+            raise FileNotFoundError(f"{self.path} does not carry its passages' texts")
+        offsets = self._text_offsets
+        reads = [self._text_store[int(offsets[i]) : int(offsets[i + 1])].read() for i in positions]  # concurrent
+        return [np.asarray(r.result()).tobytes().decode("utf-8") for r in reads]
+
     def embeddings(self, pids):
         """Decompressed embeddings of passages: one pid -> float32 [doclen, dim]; a list -> a list of them."""
         single = np.ndim(pids) == 0
@@ -271,9 +298,11 @@ def finish_index(
     checkpoint: dict[str, Any],
     collection: dict[str, Any],
     build: dict[str, Any],
+    texts: bool = False,
 ) -> None:
-    """Completes an index whose `codes` and `residuals` arrays are written (`codes` is their content): writes
-    the codec, doclens, pids and IVF arrays, then `metadata.json` last."""
+    """Completes an index whose `codes` and `residuals` arrays (and, with `texts=True`, its `texts` and
+    `text_offsets`, see `write_texts`) are written (`codes` is their content): writes the codec, doclens, pids
+    and IVF arrays, then `metadata.json` last."""
     doclens = np.asarray(doclens, np.int32)
     if len(doclens) != len(pids):
         raise ValueError(f"{len(doclens)} doclens for {len(pids)} pids")
@@ -282,7 +311,8 @@ def finish_index(
         raise ValueError(f"doclens sum to {int(doclens.sum())}, the index has {num_embeddings} embeddings")
     ivf, ivf_lengths = build_ivf(codes, doclens, codec.num_partitions)
 
-    arrays = {"codes": io.describe_array(out / "codes"), "residuals": io.describe_array(out / "residuals")}
+    written = ("codes", "residuals") + (OPTIONAL_ARRAYS if texts else ())
+    arrays = {name: io.describe_array(out / name) for name in written}
     small = {
         "centroids": codec.centroids.astype(np.float16),
         "bucket_cutoffs": codec.bucket_cutoffs.astype(np.float32),
@@ -311,6 +341,27 @@ def finish_index(
         "build": {"created": datetime.datetime.now().astimezone().isoformat(), **build},
     }
     io.write_json(out / "metadata.json", metadata)
+
+
+def write_texts(out: Path, texts: Iterable[str], count: int, scratch: Path) -> None:
+    """Writes the `texts` and `text_offsets` arrays of `count` passages (streamed through the file `scratch`,
+    so the collection is never held in memory)."""
+    offsets = np.zeros(count + 1, np.int64)
+    with open(scratch, "wb") as f:
+        for i, text in enumerate(texts):
+            data = text.encode("utf-8")
+            f.write(data)
+            offsets[i + 1] = offsets[i] + len(data)
+    total = int(offsets[-1])
+    store = io.create_array(out / "texts", (total,), np.uint8)
+    if total:
+        data = np.memmap(scratch, np.uint8, mode="r")
+        step = io.chunk_rows(store)
+        for start in range(0, total, step):
+            io.write_rows(store, start, data[start : start + step])
+        del data
+    io.write_array(out / "text_offsets", offsets)
+    scratch.unlink(missing_ok=True)
 
 
 def write_index(

@@ -132,9 +132,10 @@ def test_queries_twice_and_long_queries_name_the_flag(workdir):
     r = run("search", "--index", "idx", "--queries", "q.tsv", "extra", cwd=workdir)
     assert r.returncode == 2 and "not both" in r.stderr
     long_query = " ".join(["word"] * 40)
-    r = run("search", "--index", "idx", long_query, cwd=workdir)
+    r = run("search", "--index", "idx", "--no-truncate", long_query, cwd=workdir)
     assert r.returncode == 2 and "add --truncate" in r.stderr and "truncate=True" not in r.stderr
-    assert run("search", "--index", "idx", "--truncate", long_query, cwd=workdir).returncode == 0
+    r = run("search", "--index", "idx", long_query, cwd=workdir)  # cut by default, as colbert-ai does, and said
+    assert r.returncode == 0 and "1 of 1 queries are longer than query_maxlen" in r.stderr
 
 
 def test_other_checkpoint_and_other_collection_are_refused(workdir, tmp_path):
@@ -152,13 +153,24 @@ def test_other_checkpoint_and_other_collection_are_refused(workdir, tmp_path):
     assert r.returncode == 2 and "not the collection" in r.stderr
 
 
-def test_list_built_index_says_which_flag_gives_texts(workdir, tmp_path):
+def test_index_carries_its_texts_and_an_older_one_says_which_flag_gives_them(workdir, tmp_path):
     script = (
         "import colbert_jax, sys; colbert_jax.Indexer(sys.argv[1], show_progress=False)"
         ".index(sys.argv[2], ['first passage about files', 'second passage about sockets'])"
     )
     subprocess.run([sys.executable, "-c", script, str(workdir / "ckpt"), "listidx"], cwd=tmp_path, check=True,
                    env=_env(), timeout=TIMEOUT)  # fmt: skip
+    r = run("search", "--index", "listidx", "--show-text", "--format", "jsonl", "--k", "2", "files", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    texts = {hit["text"] for hit in json.loads(r.stdout)["results"]}
+    assert texts == {"first passage about files", "second passage about sockets"}
+    # an index from before texts were stored (or an imported colbert-ai one) has only a collection path
+    meta_path = tmp_path / "listidx" / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    for name in ("texts", "text_offsets"):
+        del meta["arrays"][name]
+        shutil.rmtree(tmp_path / "listidx" / name)
+    meta_path.write_text(json.dumps(meta))
     r = run("search", "--index", "listidx", "--show-text", "files", cwd=tmp_path)
     assert r.returncode == 2 and "records no collection file" in r.stderr and "--collection FILE" in r.stderr
 

@@ -33,7 +33,14 @@ from tqdm.auto import tqdm
 from colbert_jax import distributed, io
 from colbert_jax.checkpoint import load_checkpoint
 from colbert_jax.config import ColBERTConfig
-from colbert_jax.index import FORMAT_VERSION, Index, create_embedding_arrays, finish_index, is_index_dir
+from colbert_jax.index import (
+    FORMAT_VERSION,
+    Index,
+    create_embedding_arrays,
+    finish_index,
+    is_index_dir,
+    write_texts,
+)
 from colbert_jax.indexing import kmeans
 from colbert_jax.indexing.codec import ResidualCodec
 from colbert_jax.indexing.collection import Collection
@@ -44,6 +51,7 @@ __all__ = ["Indexer", "model_fingerprint"]
 
 CHUNKSIZE = 25_000
 SAMPLE_PIECE = 4_096  # passages of the k-means sample encoded between two saves
+TEXT_BLOCK = 10_000  # passages read from the collection file at a time when storing their texts
 BARRIER_TIMEOUT_S = 7 * 24 * 3600.0  # processes wait for each other's share of the work, however long
 WORK_ENTRIES = (
     "plan.json",
@@ -54,6 +62,7 @@ WORK_ENTRIES = (
     "sample_positions.npy",
     "codec.npz",
     "index",
+    "texts.bin",
 )
 
 
@@ -431,6 +440,9 @@ class Indexer:
 
         if _leader():
             doclens = np.concatenate([np.load(work / "chunks" / f"{i}.doclens.npy") for i in range(num_chunks)])
+            n = len(coll)
+            texts = (t for start in range(0, n, TEXT_BLOCK) for t in coll.text_range(start, start + TEXT_BLOCK))
+            write_texts(out, texts, n, work / "texts.bin")
             self.stats["total_seconds"] = time.perf_counter() - t_start  # finalize time added below
             finish_index(
                 out,
@@ -448,6 +460,7 @@ class Indexer:
                     "processes": jax.process_count(),
                     "backend": jax.default_backend(),
                 },
+                texts=True,
             )
             self.stats["finalize_seconds"] = time.perf_counter() - t
             self.stats["total_seconds"] = time.perf_counter() - t_start

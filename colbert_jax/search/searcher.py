@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -37,7 +38,7 @@ from colbert_jax.search import plaid
 from colbert_jax.search.exact import exact_search
 from colbert_jax.search.ranking import Ranking
 
-__all__ = ["Searcher", "search_params", "QueryError"]
+__all__ = ["Searcher", "search_params", "QueryError", "QueryTruncatedWarning"]
 
 MAX_BATCH = 64
 RANK_MEMORY_BUDGET = 256 << 20  # bytes of per-device working set for one batch of the rank stage
@@ -46,6 +47,10 @@ GROUPS = 4  # size-sorted groups per batch for the select/score stages
 
 class QueryError(ValueError):
     """A query is empty, too long, or has the wrong shape."""
+
+
+class QueryTruncatedWarning(UserWarning):
+    """Text queries longer than query_maxlen were cut (once per call, with how many)."""
 
 
 def search_params(k: int, config: ColBERTConfig) -> tuple[int, float, int]:
@@ -92,8 +97,8 @@ class Searcher:
       checkpoint: checkpoint directory, Hub id or `ColBERTModel`; default: the one recorded in the index.
       config: a `ColBERTConfig` whose explicitly set fields win over the index's and checkpoint's.
       exact: brute-force MaxSim over all passages instead of PLAID (also per call).
-      truncate: silently truncate text queries longer than query_maxlen (colbert-ai's behaviour) instead
-        of raising `QueryError`.
+      truncate: cut text queries longer than query_maxlen, as colbert-ai does, with one
+        `QueryTruncatedWarning` per call saying how many were cut; False raises `QueryError` instead.
       allow_other_checkpoint: search with a checkpoint other than the one that built the index.
       clamp_maxsim: score like colbert-ai on CPU, where each query token's maximum is clamped at 0
         (its GPU path, and our default, keep negative maxima).
@@ -112,7 +117,7 @@ class Searcher:
         *,
         config: ColBERTConfig | None = None,
         exact: bool = False,
-        truncate: bool = False,
+        truncate: bool = True,
         allow_other_checkpoint: bool = False,
         clamp_maxsim: bool = False,
         implementation: str = "auto",
@@ -187,10 +192,14 @@ class Searcher:
         return f"Searcher({self.index!r}, exact={self.exact})"
 
     def passages(self, pids: Sequence[int], collection: str | os.PathLike | None = None) -> list[str]:
-        """The texts of passages (by collection pid), read from the collection the index was built from."""
+        """The texts of passages (by collection pid): from the index itself when it carries them, else from
+        `collection` or the collection file the index records (refused if its contents differ)."""
+        positions = self.index.positions(np.asarray(pids, np.int64))
+        if collection is None and self._collection is None and self.index.has_texts:
+            return self.index.texts(positions)
         if self._collection is None or collection is not None:
             self._collection = self._open_collection(collection)
-        return self._collection.texts(self.index.positions(np.asarray(pids, np.int64)))
+        return self._collection.texts(positions)
 
     def explain(self, query: str, pid: int) -> list:
         """Why passage `pid` scores as it does for `query`: for each query token, the passage token it
@@ -271,16 +280,26 @@ class Searcher:
                     raise QueryError(f"query {i} has {q.shape[0]} vectors, longer than query_maxlen={lq}")
             else:
                 raise QueryError(f"query {i} must be a str or an array, got {type(q).__name__}")
-        if texts and not self.truncate:
-            for row, n in zip(text_rows, self.model.query_tokenizer.token_counts(texts)):
-                if n > lq - 3:
-                    raise needs_option(
-                        QueryError,
-                        f"query {row} has {n} tokens; query_maxlen={lq} allows {lq - 3}",
-                        argument="truncate=True",
-                        flag="--truncate",
-                        purpose="cut it, as colbert-ai does",
-                    )
+        if not texts:
+            return
+        counts = self.model.query_tokenizer.token_counts(texts)
+        long = [(row, int(n)) for row, n in zip(text_rows, counts) if n > lq - 3]
+        if long and not self.truncate:
+            row, n = long[0]
+            raise needs_option(
+                QueryError,
+                f"query {row} has {n} tokens; query_maxlen={lq} allows {lq - 3}",
+                argument="truncate=True",
+                flag="--truncate",
+                purpose="cut it, as colbert-ai does",
+            )
+        if long:
+            warnings.warn(
+                f"{len(long)} of {len(texts)} queries are longer than query_maxlen={lq} allows ({lq - 3} tokens) "
+                "and were truncated, as colbert-ai does (truncate=False refuses them)",
+                QueryTruncatedWarning,
+                stacklevel=3,
+            )
 
     def _encode(self, queries: Sequence[str | np.ndarray]) -> np.ndarray:
         lq, dim = self.config.query_maxlen, self.config.dim

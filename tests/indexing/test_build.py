@@ -149,6 +149,19 @@ def test_interrupted_sampling_resumes_from_its_saved_pieces(tmp_path, tiny_model
     assert_same_index(path, fresh)
 
 
+def test_index_carries_its_passages(tmp_path, tiny_model, tiny_index, small_collection):
+    index = colbert_jax.Index.open(tiny_index[0])
+    coll = Collection.load(small_collection)
+    assert index.has_texts
+    assert index.texts(range(300)) == coll.texts(range(300))
+    assert index.texts([299, 0, 5]) == coll.texts([299, 0, 5])
+    listed = ["a café in Zürich", "naïve 日本語 text", "plain ascii"]
+    colbert_jax.Indexer(tiny_model, nbits=2, show_progress=False).index(tmp_path / "list", listed)
+    assert colbert_jax.Index.open(tmp_path / "list").texts([2, 0, 1]) == [listed[2], listed[0], listed[1]]
+    searcher = colbert_jax.Searcher(tmp_path / "list", checkpoint=tiny_model)
+    assert searcher.passages([1]) == [listed[1]]  # served from the index, whatever it was built from
+
+
 def test_overwrite_never_replaces_what_is_not_an_index(tmp_path, tiny_model, tiny_index, small_collection):
     indexer = colbert_jax.Indexer(tiny_model, nbits=2, chunksize=64, show_progress=False)
     precious = tmp_path / "precious"

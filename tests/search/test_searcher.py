@@ -11,7 +11,7 @@ import pytest
 
 import colbert_jax
 from colbert_jax.config import ColBERTConfig
-from colbert_jax.search.searcher import QueryError, search_params
+from colbert_jax.search.searcher import QueryError, QueryTruncatedWarning, search_params
 from tests.conftest import COLLECTIONS
 
 QUERIES = [line.split("\t")[1] for line in (COLLECTIONS / "queries_2k.tsv").read_text().splitlines()[:40]]
@@ -110,10 +110,16 @@ def test_bad_inputs(real_index, tiny_model, minilm_model):
     with pytest.raises(ValueError, match="exceeds the number of passages"):
         searcher.search("fine", k=2001)
     long_query = " ".join(["word"] * 40)
+    strict = colbert_jax.Searcher(real_index, checkpoint=minilm_model, truncate=False)
     with pytest.raises(QueryError, match="has 40 tokens; query_maxlen=32 allows 29"):
-        searcher.search(long_query)
-    truncating = colbert_jax.Searcher(real_index, checkpoint=minilm_model, truncate=True)
-    assert len(truncating.search(long_query, k=3)) == 3
+        strict.search(long_query)
+    # the default cuts long queries as colbert-ai does, with one warning per call that counts them
+    with pytest.warns(QueryTruncatedWarning, match="2 of 3 queries are longer") as caught:
+        ranking = searcher.search_all([long_query, "fine", long_query + " more"], k=3)
+    assert len(caught) == 1 and [len(r) for r in ranking.data.values()] == [3, 3, 3]
+    cut = searcher.search(" ".join(["word"] * 29), k=3)  # the cut query's results (another batch: float noise)
+    assert [r[:2] for r in ranking.data[0]] == [r[:2] for r in cut]
+    np.testing.assert_allclose([r[2] for r in ranking.data[0]], [r[2] for r in cut], rtol=1e-5)
     with pytest.raises(QueryError, match="longer than query_maxlen=32"):
         searcher.search(np.zeros((33, 128), np.float32))
     with pytest.raises(QueryError, match="must be \\[query_maxlen, 128\\]"):
