@@ -90,9 +90,9 @@ class ColBERTModel:
         self._skiplist = jax.device_put(self.doc_tokenizer.skiplist, replicated)
         pad_id = self.doc_tokenizer.pad_id
         # PyLate pads queries with [MASK] and keeps every position: no id is "padding" there.
-        query_pad_id = -1 if self.text.pylate else pad_id
+        self.query_pad_id = -1 if self.text.pylate else pad_id
         self._query_fn = jax.jit(
-            functools.partial(embed_queries, self.module, pad_id=query_pad_id),
+            functools.partial(embed_queries, self.module, pad_id=self.query_pad_id),
             in_shardings=(replicated, rows, rows),
             out_shardings=rows,
         )

@@ -10,6 +10,10 @@ GLU: `Wo(act(a) * g)` with `a, g = split(Wi(x))`. Biases and norm biases only wh
 The layers are an `nn.scan`, so every layer has the same parameters; per-layer differences (global or
 local, whether `attn_norm` applies) are scanned flags. Layer 0's `attn_norm` therefore exists in our
 tree as an unused identity-initialised slot that import fills and export drops (`convert.py`).
+
+Logical axes for sharding: the attention output `Wo`'s input axis is `heads` and the GLU's units `mlp`, as in
+BERT. `Wqkv`'s fused output axis is `qkv`, which the default rules replicate: a contiguous split of it
+would cut across the query/key/value blocks rather than between heads.
 """
 
 from __future__ import annotations
