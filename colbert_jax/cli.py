@@ -7,6 +7,7 @@ a target that is not ours to replace), 130 interrupted (Ctrl-C; rerunning the sa
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 
@@ -473,6 +474,22 @@ def main(argv: list[str] | None = None) -> int:
     ) as e:
         print(f"colbert-jax {args.command}: error: {cli_message(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OSError as e:
+        if not _out_of_space(e):
+            raise
+        print(
+            f"colbert-jax {args.command}: error: no space left on the device (or a file size limit reached): {e}; "
+            "nothing that was there before was replaced: free some space and run the same command again",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+
+
+def _out_of_space(e: OSError) -> bool:
+    """A full disk, a quota or RLIMIT_FSIZE: errno says so, or numpy's short write (which has no errno)."""
+    return e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) or (
+        e.errno is None and " requested and " in str(e) and str(e).endswith(" written")
+    )
 
 
 if __name__ == "__main__":

@@ -8,10 +8,14 @@ are renamed into place; directories are built under a temporary name and renamed
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -65,7 +69,7 @@ def write_array(path: str | os.PathLike, data: np.ndarray) -> dict[str, Any]:
     data = np.ascontiguousarray(data)
     store = create_array(path, data.shape, data.dtype)
     if data.size:
-        store.write(data).result()
+        _written(store.write(data))
     return describe_array(path)
 
 
@@ -76,7 +80,19 @@ def chunk_rows(store: ts.TensorStore) -> int:
 
 def write_rows(store: ts.TensorStore, start: int, rows: np.ndarray) -> None:
     if len(rows):
-        store[start : start + len(rows)].write(np.ascontiguousarray(rows)).result()
+        _written(store[start : start + len(rows)].write(np.ascontiguousarray(rows)))
+
+
+def _written(future) -> None:
+    """Waits for a TensorStore write; a full disk (or quota, or file size limit) is an OSError with its errno,
+    as Python's own writes report it (TensorStore says ValueError with the code in the message)."""
+    try:
+        future.result()
+    except ValueError as e:
+        code = re.search(r"os_error_code='(\d+)'", str(e))
+        if code and int(code[1]) in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise OSError(int(code[1]), str(e)) from None
+        raise
 
 
 def describe_array(path: str | os.PathLike) -> dict[str, Any]:
@@ -129,15 +145,40 @@ def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
 
 
 def replace_dir(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """Moves the finished directory `src` to `dst`, replacing `dst` only once `src` is in place."""
+    """Moves the finished directory `src` to `dst`, replacing `dst` only once `src` is in place.
+
+    An existing `dst` is swapped with `src` in one step (Linux renameat2 RENAME_EXCHANGE), so a kill at any
+    moment leaves `dst` old or new, never absent; the old one, now at `src`, is deleted after. Where the
+    swap is unavailable, two renames leave a moment without `dst` (the old one is then at `.NAME.old<pid>`).
+    """
     src, dst = Path(src), Path(dst)
-    if dst.exists():
+    if not dst.exists():
+        os.replace(src, dst)
+    elif _exchange(src, dst):
+        shutil.rmtree(src, ignore_errors=True)
+    else:
         old = dst.with_name(f".{dst.name}.old{os.getpid()}")
         os.replace(dst, old)
         os.replace(src, dst)
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swaps two paths; False where the OS or filesystem cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except AttributeError:  # glibc < 2.28, musl
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    sys.audit("os.rename", a, b, None, None)  # as os.replace does: tools watching renames see this one too
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
 
 
 def check_target(path: str | os.PathLike, *, overwrite: bool, what: str, is_ours: Callable[[Path], bool]) -> None:

@@ -167,6 +167,9 @@ class Indexer:
         self._chunks(coll, plan, codec, work)
         self._finalize(coll, plan, codec, work, path, t_start)
         if _leader():
+            # The plan first: a kill midway through the deletion must not leave a resumable-looking plan
+            # whose chunk files are half gone.
+            (work / "plan.json").unlink(missing_ok=True)
             shutil.rmtree(work, ignore_errors=True)
         _sync("done")
         return path

@@ -1,0 +1,167 @@
+"""Crash tests: an index build, a checkpoint conversion and a training run killed with SIGKILL at 20+ seeded
+points each (spread over every file the operation writes, plus a few timed kills), and a full disk.
+
+After each kill the previous index or checkpoint opens and verifies (it is the old one, or the finished new
+one), the same command run again completes, and its result is bit-identical to an uninterrupted run's.
+The kills run in children of a fork server (`crashpoint.py`), so each costs about a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import colbert_jax
+from colbert_jax.index import Index
+
+REPO = Path(__file__).resolve().parents[2]
+KILLS = 20  # at filesystem events; and TIMED kills at seeded moments
+TIMED = 4
+
+
+class CrashServer:
+    """Client of `python -m tests.reliability.crashpoint`."""
+
+    def __init__(self, scratch: Path):
+        self.scratch = scratch
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.reliability.crashpoint"],
+            cwd=REPO,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert json.loads(self.proc.stdout.readline()) == {"ready": True}
+        self.jobs = 0
+
+    def run(self, job: str, args: dict, root: Path, **options) -> dict:
+        """Runs a job; options: kill_at_event, kill_after_s, fsize_limit. Returns the server's answer + log."""
+        self.jobs += 1
+        log, report = self.scratch / f"{self.jobs}.log", self.scratch / f"{self.jobs}.json"
+        request = {"job": job, "args": args, "root": str(root), "log": str(log), "report": str(report), **options}
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        answer = json.loads(self.proc.stdout.readline())
+        answer["log"] = log.read_text() if log.exists() else ""
+        return answer
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def crash(tmp_path_factory):
+    server = CrashServer(tmp_path_factory.mktemp("crash_logs"))
+    yield server
+    server.close()
+
+
+def kill_points(events: int, n: int, seed: int) -> list[int]:
+    """n seeded event numbers in 1..events, one from each of n equal strata (all of them if fewer)."""
+    if events <= n:
+        return list(range(1, events + 1))
+    rng = np.random.default_rng(seed)
+    edges = np.linspace(1, events + 1, n + 1).astype(int)
+    return sorted({int(rng.integers(lo, max(lo + 1, hi))) for lo, hi in zip(edges[:-1], edges[1:])})
+
+
+def timed_points(seconds: float, n: int, seed: int) -> list[float]:
+    return sorted(np.random.default_rng(seed).uniform(0.1, 0.95, n) * seconds)
+
+
+def tree_digest(path: Path, skip=()) -> str:
+    """sha256 over a directory's files (relative names and bytes), except the names in `skip`."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and p.name not in skip):
+        h.update(str(f.relative_to(path)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def index_digest(path: Path) -> str:
+    """Opens and verifies the index (every array's sha256), then digests it: arrays and metadata, but not
+    the build record (its date and timings differ from run to run)."""
+    index = Index.open(path, verify=True)
+    meta = {k: v for k, v in index.metadata.items() if k != "build"}
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest() + tree_digest(
+        path, skip=("metadata.json",)
+    )
+
+
+def lines_file(src: Path, dst: Path, lo: int, hi: int) -> Path:
+    dst.write_text("\n".join(src.read_text().splitlines()[lo:hi]) + "\n")
+    return dst
+
+
+# -- index build ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def index_case(tmp_path_factory, tiny_checkpoint, small_collection):
+    """A previous index (40 passages) and the job that replaces it with an index of 48 other passages."""
+    base = tmp_path_factory.mktemp("crash_index")
+    old = lines_file(small_collection, base / "old.tsv", 100, 140)
+    new = lines_file(small_collection, base / "new.tsv", 0, 48)
+    prior = base / "prior" / "idx"
+    colbert_jax.Indexer(tiny_checkpoint, nbits=2, chunksize=16, show_progress=False).index(prior, old)
+    return base, prior, {"checkpoint": str(tiny_checkpoint), "collection": str(new), "chunksize": 16}
+
+
+def test_index_build_killed_anywhere_resumes_to_the_same_index(crash, index_case, tiny_model):
+    base, prior, args = index_case
+    before = index_digest(prior)
+
+    def fresh(name: str) -> Path:
+        root = base / name
+        shutil.copytree(prior, root / "idx")
+        return root
+
+    runs = [crash.run("index", {**args, "index": str(fresh(name) / "idx")}, base / name) for name in ("ref", "ref2")]
+    assert all(run["rc"] == 0 for run in runs), runs
+    after = index_digest(base / "ref" / "idx")
+    assert after != before and index_digest(base / "ref2" / "idx") == after
+    events, seconds = runs[0]["events"], runs[1]["seconds"]  # the second run's programs come from the cache
+
+    plan = [{"kill_at_event": k} for k in kill_points(events, KILLS, seed=0)]
+    plan += [{"kill_after_s": s} for s in timed_points(seconds, TIMED, seed=1)]
+    assert len(plan) == KILLS + TIMED and events >= 4 * KILLS  # the points are spread over many states
+    outcomes = []
+    for i, kill in enumerate(plan):
+        root = fresh(f"kill{i}")
+        killed = crash.run("index", {**args, "index": str(root / "idx")}, root, **kill)
+        assert killed["signal"] == signal.SIGKILL, (kill, killed["log"])
+        state = index_digest(root / "idx")  # opens and verifies: the old index, or the finished new one
+        assert state in (before, after), kill
+        outcomes.append("old" if state == before else "new")
+        # The same call again (here, in this process) resumes and finishes.
+        indexer = colbert_jax.Indexer(tiny_model, nbits=2, chunksize=args["chunksize"], show_progress=False)
+        indexer.index(root / "idx", args["collection"], overwrite=True)
+        assert index_digest(root / "idx") == after, kill
+        assert sorted(os.listdir(root)) == ["idx"], kill  # no work or old directory left behind
+        shutil.rmtree(root)
+    assert "old" in outcomes and "new" in outcomes
+
+
+def test_full_disk_during_index_build_keeps_the_old_index(crash, index_case):
+    base, prior, args = index_case
+    root = base / "full"
+    shutil.copytree(prior, root / "idx")
+    argv = ["index", "--checkpoint", args["checkpoint"], "--collection", args["collection"]]
+    argv += ["--index", str(root / "idx"), "--chunksize", "16", "--overwrite"]
+    full = crash.run("cli", {"argv": argv}, root, fsize_limit=16 << 10)
+    assert full["rc"] == 1, full["log"]
+    assert "colbert-jax index: error: no space left" in full["log"] and "Traceback" not in full["log"]
+    assert index_digest(root / "idx") == index_digest(prior)
