@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import jax
@@ -347,7 +346,6 @@ def save_checkpoint(
     (`colbert_jax/modeling/pylate_layout.py`); format="jax" our own (see the module docstring).
     """
     from flax import traverse_util
-    from safetensors.numpy import save_file
 
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
@@ -359,7 +357,7 @@ def save_checkpoint(
     directory = Path(directory)
     io.check_target(directory, overwrite=overwrite, what="checkpoint written by colbert-jax", is_ours=is_own_checkpoint)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    tmp = io.work_dir(directory)
     try:
         config = model.config.replace(checkpoint=str(directory.resolve()))
         if format == "pylate":
@@ -380,7 +378,7 @@ def save_checkpoint(
             (tmp / "config.json").write_text(json.dumps(model.bert_config.to_hf_dict(), indent=2) + "\n")
         if format == "torch":
             tensors = params_to_state_dict(model.params, model.extras)
-            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            io.save_safetensors(tensors, tmp / "model.safetensors", {"format": "pt"})
             meta = config.to_reference_dict()
             meta["meta"] = {
                 "version": "colbert-v0.4",
@@ -396,7 +394,7 @@ def save_checkpoint(
                 for k, v in traverse_util.flatten_dict(jax.device_get(model.params), sep="/").items()
             }
             flat.update({_EXTRAS + k: np.ascontiguousarray(v) for k, v in model.extras.items()})
-            save_file(flat, str(tmp / JAX_PARAMS), metadata={"format": "colbert-jax"})
+            io.save_safetensors(flat, tmp / JAX_PARAMS, {"format": "colbert-jax"})
             config.save(tmp / JAX_CONFIG)
             if model.head or model.text != TextSettings():
                 settings = {"head": [list(layer) for layer in model.head], "text": model.text.to_dict()}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import glob
 import hashlib
 import json
 import os
@@ -34,6 +35,7 @@ __all__ = [
     "write_json",
     "read_json",
     "replace_dir",
+    "work_dir",
     "check_target",
 ]
 
@@ -123,6 +125,21 @@ def array_checksum(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def save_safetensors(tensors: dict[str, np.ndarray], path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """safetensors' `save_file`, with a full disk reported as an OSError carrying its errno (safetensors says
+    SafetensorError, its code only in the message)."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import save_file
+
+    try:
+        save_file(tensors, os.fspath(path), metadata=metadata)
+    except SafetensorError as e:
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code and int(code[1]) in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise OSError(int(code[1]), f"{path}: {e}") from None
+        raise
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Writes JSON atomically (temporary file + rename)."""
     path = Path(path)
@@ -142,6 +159,34 @@ def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
     with open(tmp, "wb") as f:
         np.save(f, array)
     os.replace(tmp, path)
+
+
+def work_dir(target: str | os.PathLike) -> Path:
+    """A new, empty `.NAME.saving-<pid>` directory beside `target` to build it in before `replace_dir`.
+
+    Those of earlier writers that were killed (their process is gone) are deleted first: nothing else is
+    named so, and a kill must not leave a copy behind at every attempt.
+    """
+    target = Path(target)
+    prefix = f".{target.name}.saving-"
+    for stale in target.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = stale.name[len(prefix) :]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    path = target.with_name(f"{prefix}{os.getpid()}")
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def replace_dir(src: str | os.PathLike, dst: str | os.PathLike) -> None:

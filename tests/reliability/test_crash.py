@@ -86,10 +86,12 @@ def timed_points(seconds: float, n: int, seed: int) -> list[float]:
 
 
 def tree_digest(path: Path, skip=()) -> str:
-    """sha256 over a directory's files (relative names and bytes), except the names in `skip`."""
+    """sha256 over a directory's files (relative names and bytes), except the names in `skip`; the
+    directory's own path, which a checkpoint records, counts as the same wherever it is."""
     h = hashlib.sha256()
     for f in sorted(p for p in path.rglob("*") if p.is_file() and p.name not in skip):
-        h.update(str(f.relative_to(path)).encode() + b"\0" + f.read_bytes())
+        data = f.read_bytes().replace(os.fsencode(path.resolve()), b"<dir>")
+        h.update(str(f.relative_to(path)).encode() + b"\0" + data)
     return h.hexdigest()
 
 
@@ -165,3 +167,68 @@ def test_full_disk_during_index_build_keeps_the_old_index(crash, index_case):
     assert full["rc"] == 1, full["log"]
     assert "colbert-jax index: error: no space left" in full["log"] and "Traceback" not in full["log"]
     assert index_digest(root / "idx") == index_digest(prior)
+
+
+# -- checkpoint conversion -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def convert_case(tmp_path_factory, tiny_checkpoint):
+    """A previous colbert-jax checkpoint (another model) and `colbert-jax convert` replacing it."""
+    from tests.helpers import write_tiny_checkpoint
+
+    base = tmp_path_factory.mktemp("crash_convert")
+    other = write_tiny_checkpoint(base / "other_src", seed=1)
+    prior = base / "prior" / "ckpt"
+    colbert_jax.load_checkpoint(other).save(prior, format="jax")
+    return base, prior, str(tiny_checkpoint)
+
+
+def test_convert_killed_anywhere_reruns_to_the_same_checkpoint(crash, convert_case):
+    from colbert_jax.cli import main
+
+    base, prior, src = convert_case
+
+    def fresh(name: str) -> tuple[Path, list[str]]:
+        root = base / name
+        shutil.copytree(prior, root / "ckpt")
+        return root, ["convert", src, str(root / "ckpt"), "--to", "jax", "--overwrite"]
+
+    before = tree_digest(fresh("copy")[0] / "ckpt")  # the copy records the original's path, as all copies do
+
+    runs = [crash.run("cli", {"argv": fresh(name)[1]}, base / name) for name in ("ref", "ref2")]
+    assert all(run["rc"] == 0 for run in runs), runs
+    after = tree_digest(base / "ref" / "ckpt")
+    assert after != before and tree_digest(base / "ref2" / "ckpt") == after
+    events, seconds = runs[0]["events"], runs[1]["seconds"]
+    points = kill_points(events, KILLS, seed=2)
+    plan = [{"kill_at_event": k} for k in points]
+    plan += [{"kill_after_s": s} for s in timed_points(seconds, KILLS + TIMED - len(plan), seed=3)]
+    assert len(points) >= min(events, KILLS) and len(plan) >= KILLS + TIMED
+    loaded = {}
+    for i, kill in enumerate(plan):
+        root, argv = fresh(f"kill{i}")
+        killed = crash.run("cli", {"argv": argv}, root, **kill)
+        if "kill_after_s" in kill and killed["rc"] == 0:
+            continue  # a timed kill after the end: nothing to check (the timed points are extra)
+        assert killed["signal"] == signal.SIGKILL, (kill, killed["log"])
+        state = tree_digest(root / "ckpt")
+        assert state in (before, after), kill
+        if state not in loaded:  # it loads (each distinct state once: loading is the slow part)
+            loaded[state] = colbert_jax.load_checkpoint(root / "ckpt").config.dim
+        assert main(argv) == 0
+        assert tree_digest(root / "ckpt") == after, kill
+        assert sorted(os.listdir(root)) == ["ckpt"], kill  # no half-written copy left behind
+        shutil.rmtree(root)
+    assert len(loaded) == 2
+
+
+def test_full_disk_during_convert_keeps_the_old_checkpoint(crash, convert_case):
+    base, prior, src = convert_case
+    root = base / "full"
+    shutil.copytree(prior, root / "ckpt")
+    argv = ["convert", src, str(root / "ckpt"), "--to", "jax", "--overwrite"]
+    full = crash.run("cli", {"argv": argv}, root, fsize_limit=64 << 10)
+    assert full["rc"] == 1, full["log"]
+    assert "colbert-jax convert: error: no space left" in full["log"] and "Traceback" not in full["log"]
+    shutil.copytree(prior, base / "full_copy" / "ckpt")
+    assert tree_digest(root / "ckpt") == tree_digest(base / "full_copy" / "ckpt")
+    assert sorted(os.listdir(root)) == ["ckpt"]
