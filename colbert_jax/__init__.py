@@ -12,6 +12,7 @@ from colbert_jax.interop import import_colbert_index
 from colbert_jax.model import ColBERTModel
 from colbert_jax.scoring import colbert_score
 from colbert_jax.search.ranking import Ranking
+from colbert_jax.search.rerank import rerank
 from colbert_jax.search.searcher import Searcher
 
 __all__ = [
@@ -24,5 +25,6 @@ __all__ = [
     "colbert_score",
     "import_colbert_index",
     "load_checkpoint",
+    "rerank",
 ]
 __version__ = "0.1.0"

@@ -239,6 +239,64 @@ def _quickstart(args: argparse.Namespace) -> int:
     return quickstart.run(args)
 
 
+def _add(args: argparse.Namespace) -> int:
+    import colbert_jax
+
+    indexer = colbert_jax.Indexer(args.checkpoint, show_progress=not args.quiet)
+    pids = indexer.add(args.index, args.collection, replace=args.replace)
+    drift = indexer.stats["drift"]
+    print(
+        f"added {len(pids):,} passages to {args.index} ({indexer.stats['replaced']:,} replaced); reconstruction "
+        f"cosine {drift['last_add_cosine']:.4f}"
+        + (f" (the index's own: {drift['baseline_cosine']:.4f})" if drift["baseline_cosine"] is not None else "")
+        + f"; added since the centroids were trained: {drift['added_share']:.1%} of the index",
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
+def _delete(args: argparse.Namespace) -> int:
+    import colbert_jax
+
+    if (args.pids is None) == (args.pids_file is None):
+        raise ValueError("give the pids to delete with --pids 3,17 or --pids-file FILE (one of them)")
+    text = args.pids if args.pids is not None else Path(args.pids_file).read_text()
+    try:
+        pids = [int(p) for p in text.replace(",", " ").split()]
+    except ValueError:
+        raise ValueError("pids must be integers, separated by commas or whitespace") from None
+    n = colbert_jax.Indexer(show_progress=not args.quiet).delete(args.index, pids)
+    print(f"deleted {n:,} passages from {args.index}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _compact(args: argparse.Namespace) -> int:
+    import colbert_jax
+
+    colbert_jax.Indexer(args.checkpoint, show_progress=not args.quiet).compact(args.index, recluster=args.recluster)
+    print(f"compacted {args.index}" + (" (centroids retrained)" if args.recluster else ""), file=sys.stderr)
+    return EXIT_OK
+
+
+def _rerank(args: argparse.Namespace) -> int:
+    import colbert_jax
+    from colbert_jax.queries import load_queries
+    from colbert_jax.search.rerank import read_run
+
+    queries = {str(q): text for q, text in load_queries(args.queries).items()}
+    run = read_run(args.run)
+    missing = [q for q in run if q not in queries]
+    if missing:
+        raise ValueError(f"{args.run} ranks query {missing[0]!r}, which {args.queries} does not hold")
+    searcher = colbert_jax.Searcher(
+        args.index, checkpoint=args.checkpoint, allow_other_checkpoint=args.allow_other_checkpoint
+    )
+    ranking = searcher.rerank_all({q: queries[q] for q in run}, run, k=args.k)
+    ranking.save(args.out)
+    print(f"reranked {len(run):,} queries' candidates from {args.run}: written to {args.out}", file=sys.stderr)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     from colbert_jax import __version__, quickstart
 
@@ -301,6 +359,56 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace an existing colbert-jax index, once the new one is complete (anything else is never replaced)",
     )
     p.set_defaults(func=_index)
+
+    p = sub.add_parser(
+        "add",
+        help="add (or replace) passages in an index, in place",
+        description="Encode new passages with the index's checkpoint and codec and add them (a TSV/JSONL keeps "
+        "its ids; an id already in the index is an error unless --replace). Atomic; reports how well the new "
+        "passages fit the centroids.",
+    )
+    p.add_argument("--index", required=True, help="index directory")
+    p.add_argument("--collection", required=True, help="passages to add (.tsv or .jsonl)")
+    p.add_argument("--replace", action="store_true", help="replace passages whose ids are already in the index")
+    p.add_argument("--checkpoint", help="checkpoint directory (default: the one the index records)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=_add)
+
+    p = sub.add_parser("delete", help="delete passages from an index, in place (atomic)")
+    p.add_argument("--index", required=True, help="index directory")
+    p.add_argument("--pids", help="comma-separated pids, e.g. 3,17")
+    p.add_argument("--pids-file", dest="pids_file", help="file of pids (one per line, or comma-separated)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=_delete)
+
+    p = sub.add_parser(
+        "compact",
+        help="fold an index's adds and deletes into a clean layout",
+        description="Rewrite the index without its update log (search results do not change); --recluster "
+        "retrains the centroids on the current passages (a full rebuild over them).",
+    )
+    p.add_argument("--index", required=True, help="index directory")
+    p.add_argument("--recluster", action="store_true", help="retrain centroids on the current passages")
+    p.add_argument("--checkpoint", help="checkpoint directory (default: the one the index records)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=_compact)
+
+    p = sub.add_parser(
+        "rerank",
+        help="rerank another system's run with the index's exact ColBERT scores",
+        description="Score each query's candidates (a run: 'qid<TAB>pid<TAB>rank[<TAB>score]' TSV or TREC "
+        "'qid Q0 docid rank score tag') exactly with the index's embeddings; write the reranked run (TSV).",
+    )
+    p.add_argument("--index", required=True, help="index directory")
+    p.add_argument("--run", required=True, help="the run to rerank")
+    p.add_argument("--queries", required=True, help="queries file: TSV 'qid<TAB>text' or JSONL")
+    p.add_argument("--k", type=int, help="keep the best k of each query (default: all candidates)")
+    p.add_argument("--out", required=True, help="reranked run (TSV)")
+    p.add_argument("--checkpoint", help="checkpoint directory (default: the one the index records)")
+    p.add_argument(
+        "--allow-other-checkpoint", dest="allow_other_checkpoint", action="store_true", help="see search --help"
+    )
+    p.set_defaults(func=_rerank)
 
     p = sub.add_parser(
         "search",

@@ -17,12 +17,26 @@ collection's own ids):
     text_offsets/     int64   [N + 1]       (optional) where each passage's text starts in `texts`
 
 `metadata.json` is written last, so a directory without it is not an index.
+
+An index changed by `Indexer.add` / `delete` / `compact` (see `colbert_jax.indexing.update`) keeps these
+arrays as its base and records its changes in `metadata.json`: `log`, in order, holds each add (a segment,
+`segments/<name>/` with its own codes, residuals, doclens, pids, texts and text_offsets arrays) and each
+delete (the deleted pids, `updates/<name>.deleted/`); `base` holds the base arrays' counts and the top-level
+counts are the live passages'. An array entry may name its directory (`path`, relative to the index); a
+compacted index's base lives in `gen-<version>/`. Files are never changed once written: every update writes
+new files, then replaces `metadata.json` (one rename), so a reader sees one version or the next.
+
+Passage positions of an updated index are the live passages in this order: the base's in its order, a
+replaced passage in the place of the one it replaces, added passages after them in the order added (the
+order a Python dict `{pid: text}` keeps under the same changes).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import functools
+import hashlib
 import json
 import os
 import shutil
@@ -78,12 +92,75 @@ def is_index_dir(path: str | os.PathLike) -> bool:
         return False
 
 
-class Index:
-    """An opened, validated index. Arrays are read on first use and kept in memory."""
+class ChunkedMemmap:
+    """A zarr v3 array stored raw (the `bytes` codec, as colbert-jax writes them) read through memory maps of
+    its chunk files: rows are read from disk when indexed, and only the pages touched are resident.
 
-    def __init__(self, path: Path, metadata: dict[str, Any]):
+    Supports `len`, `shape`, `dtype`, slices and integer-array indexing of rows (each returns a numpy array).
+    """
+
+    def __init__(self, path: Path):
+        meta = json.loads((path / "zarr.json").read_text())
+        codecs = meta.get("codecs", [])
+        if [c["name"] for c in codecs] != ["bytes"] or codecs[0].get("configuration", {}).get("endian", "little") != (
+            "little"
+        ):
+            raise ValueError(f"{path}: not stored raw (codecs {codecs}): cannot be memory-mapped")
+        self.shape = tuple(meta["shape"])
+        self.dtype = np.dtype(meta["data_type"]).newbyteorder("<")
+        self.rows = int(meta["chunk_grid"]["configuration"]["chunk_shape"][0])
+        separator = meta.get("chunk_key_encoding", {}).get("configuration", {}).get("separator", "/")
+        tail = separator.join(["0"] * (len(self.shape) - 1))
+        self._maps: list[np.ndarray | None] = []
+        for c in range(-(-self.shape[0] // self.rows) if self.shape[0] else 0):
+            f = path / f"c{separator}{c}{separator + tail if tail else ''}"
+            # a chunk that was never written holds the fill value (0)
+            self._maps.append(np.memmap(f, self.dtype, "r", shape=(self.rows, *self.shape[1:])) if f.exists() else None)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def _chunk(self, c: int) -> np.ndarray:
+        m = self._maps[c]
+        return m if m is not None else np.zeros((self.rows, *self.shape[1:]), self.dtype)
+
+    def __getitem__(self, index) -> np.ndarray:
+        if isinstance(index, slice):
+            start, stop, step = index.indices(self.shape[0])
+            if step != 1:
+                return self[np.arange(start, stop, step)]
+            parts = []
+            for c in range(start // self.rows, -(-stop // self.rows)):
+                lo, hi = max(start, c * self.rows), min(stop, (c + 1) * self.rows)
+                parts.append(np.asarray(self._chunk(c)[lo - c * self.rows : hi - c * self.rows]))
+            return np.concatenate(parts) if parts else np.zeros((0, *self.shape[1:]), self.dtype)
+        index = np.asarray(index)
+        if index.ndim == 0:
+            return np.asarray(self._chunk(int(index) // self.rows)[int(index) % self.rows])
+        out = np.empty((len(index), *self.shape[1:]), self.dtype)
+        chunk, within = np.divmod(index.astype(np.int64), self.rows)
+        for c in np.unique(chunk):
+            sel = chunk == c
+            out[sel] = self._chunk(int(c))[within[sel]]
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        whole = self[0 : self.shape[0]]
+        return whole if dtype is None else whole.astype(dtype)
+
+
+class Index:
+    """An opened, validated index. Arrays are read on first use and kept in memory; with `mmap=True` codes
+    and residuals are memory-mapped instead (read from disk as rows are indexed)."""
+
+    def __init__(self, path: Path, metadata: dict[str, Any], mmap: bool = False):
         self.path = path
         self.metadata = metadata
+        self.mmap = mmap
         self.config = ColBERTConfig.from_dict(metadata["config"], source=f"{path}/metadata.json")
 
     def __repr__(self) -> str:
@@ -94,10 +171,13 @@ class Index:
 
     # -- opening ------------------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | os.PathLike, *, verify: bool = True) -> Index:
+    def open(cls, path: str | os.PathLike, *, verify: bool = True, mmap: bool = False) -> Index:
         """Opens and validates an index; raises `CorruptIndexError` naming the missing or bad part.
 
-        verify=True also checks every array's sha256 against `metadata.json` (reads all files once).
+        verify=True also checks every array's sha256 against `metadata.json`, reading each file once in
+        blocks (nothing is kept); verify=False reads only metadata.json and the arrays' headers. mmap=True
+        memory-maps codes and residuals (an index with updates: after `Indexer.compact`) instead of reading
+        them into memory.
         """
         path = Path(path)
         if not path.is_dir():
@@ -122,50 +202,86 @@ class Index:
                 f"supported (this colbert-jax reads version {FORMAT_VERSION})"
             )
         try:
-            index = cls(path, metadata)
+            index = cls(path, metadata, mmap=mmap)
         except (ConfigError, KeyError) as e:
             raise CorruptIndexError(f"{meta_path}: bad config: {e}") from None
         index._validate(verify)
         return index
 
+    def _entries(self) -> list[tuple[str, dict[str, Any]]]:
+        """(label, manifest entry) of every array the index lists: the base's, then each update's."""
+        listed = self.metadata.get("arrays", {})
+        out = [(n, listed[n]) for n in ARRAYS + tuple(n for n in OPTIONAL_ARRAYS if n in listed) if n in listed]
+        for i, op in enumerate(self.metadata.get("log") or []):
+            out += [(f"update {i} ({op['op']}) '{n}'", e) for n, e in op["arrays"].items()]
+        return out
+
+    def _field_files(self) -> list[tuple[str, dict[str, Any]]]:
+        """(label, entry) of the passage-fields SQLite files: the base's, then each add's (None: none)."""
+        out = [("base", self.metadata.get("fields"))]
+        out += [(f"update {i}", op.get("fields")) for i, op in enumerate(self.metadata.get("log") or [])]
+        return [(label, e) for label, e in out if e]
+
+    def _entry_path(self, name: str, entry: dict[str, Any]) -> Path:
+        return self.path / entry.get("path", name)
+
     def _validate(self, verify: bool) -> None:
         listed = self.metadata.get("arrays", {})
-        for name in ARRAYS + tuple(n for n in OPTIONAL_ARRAYS if n in listed):
-            entry, where = listed.get(name), self.path / name
-            if entry is None:
+        for name in ARRAYS:
+            if name not in listed:
                 raise CorruptIndexError(f"{self.path}: metadata.json does not list array '{name}'")
+        for label, entry in self._entries():
+            where = self._entry_path(label, entry)
             if not (where / "zarr.json").is_file():
-                raise CorruptIndexError(f"{self.path}: array '{name}' is missing")
+                raise CorruptIndexError(f"{self.path}: array '{label}' is missing")
             try:
                 store = io.open_array(where)
             except Exception as e:  # noqa: BLE001 - TensorStore raises ValueError/RuntimeError variants
-                raise CorruptIndexError(f"{self.path}: array '{name}' is unreadable: {e}") from None
+                raise CorruptIndexError(f"{self.path}: array '{label}' is unreadable: {e}") from None
             shape, dtype = list(store.shape), np.dtype(store.dtype.numpy_dtype).name
             if shape != entry["shape"] or dtype != entry["dtype"]:
                 raise CorruptIndexError(
-                    f"{self.path}: array '{name}' is {dtype}{shape}, metadata.json says "
+                    f"{self.path}: array '{label}' is {dtype}{shape}, metadata.json says "
                     f"{entry['dtype']}{entry['shape']}"
                 )
             if verify and io.array_checksum(where) != entry["sha256"]:
                 raise CorruptIndexError(
-                    f"{self.path}: array '{name}' is corrupt (checksum mismatch: truncated or modified files)"
+                    f"{self.path}: array '{label}' is corrupt (checksum mismatch: truncated or modified files)"
                 )
+        for label, entry in self._field_files():
+            where = self.path / entry["path"]
+            if not where.is_file():
+                raise CorruptIndexError(f"{self.path}: passage fields file '{label}' is missing")
+            if verify and file_checksum(where) != entry["sha256"]:
+                raise CorruptIndexError(f"{self.path}: passage fields file '{label}' is corrupt (checksum mismatch)")
         m = self.metadata
-        n, e, p = m["num_passages"], m["num_embeddings"], m["num_partitions"]
+        base = m.get("base", m)
+        n, e, p = base["num_passages"], base["num_embeddings"], m["num_partitions"]
+        packed = m["dim"] * m["nbits"] // 8
         expect = {
             "doclens": [n],
             "pids": [n],
             "codes": [e],
             "centroids": [p, m["dim"]],
             "ivf_lengths": [p],
-            "residuals": [e, m["dim"] * m["nbits"] // 8],
+            "residuals": [e, packed],
         }
-        if self.has_texts:
+        if all(name in listed for name in OPTIONAL_ARRAYS):
             expect["text_offsets"] = [n + 1]
-        for name, shape in expect.items():
-            if listed[name]["shape"] != shape:
+        checks = [(name, listed[name], shape) for name, shape in expect.items()]
+        for i, op in enumerate(m.get("log") or []):
+            a = op["arrays"]
+            if op["op"] == "add":
+                sn, se = op["num_passages"], op["num_embeddings"]
+                shapes = {"codes": [se], "residuals": [se, packed], "doclens": [sn], "pids": [sn]}
+                shapes |= {"text_offsets": [sn + 1]} if "text_offsets" in a else {}
+            else:
+                shapes = {"pids": [op["num_passages"]]}
+            checks += [(f"update {i} '{name}'", a[name], shape) for name, shape in shapes.items()]
+        for name, entry, shape in checks:
+            if entry["shape"] != shape:
                 raise CorruptIndexError(
-                    f"{self.path}: array '{name}' has shape {listed[name]['shape']}, "
+                    f"{self.path}: array '{name}' has shape {entry['shape']}, "
                     f"expected {shape} from the counts in metadata.json"
                 )
         if verify:
@@ -177,17 +293,29 @@ class Index:
                 raise CorruptIndexError(f"{self.path}: unreadable array data: {e}") from None
 
     def _check_consistency(self) -> None:
-        if int(self.doclens.sum()) != self.num_embeddings:
+        base = self.metadata.get("base", self.metadata)
+        doclens = self._array("doclens")
+        if int(doclens.sum()) != base["num_embeddings"]:
             raise CorruptIndexError(
-                f"{self.path}: doclens sum to {int(self.doclens.sum())}, "
-                f"but the index has {self.num_embeddings} embeddings"
+                f"{self.path}: doclens sum to {int(doclens.sum())}, "
+                f"but the index has {base['num_embeddings']} embeddings"
             )
-        if int(self.ivf_lengths.sum()) != len(self.ivf):
+        ivf, ivf_lengths = self._array("ivf"), self._array("ivf_lengths")
+        if int(ivf_lengths.sum()) != len(ivf):
             raise CorruptIndexError(
-                f"{self.path}: ivf_lengths sum to {int(self.ivf_lengths.sum())}, ivf has {len(self.ivf)} entries"
+                f"{self.path}: ivf_lengths sum to {int(ivf_lengths.sum())}, ivf has {len(ivf)} entries"
             )
-        if len(np.unique(self.pids)) != len(self.pids):
+        if len(np.unique(self._array("pids"))) != len(self._array("pids")):
             raise CorruptIndexError(f"{self.path}: duplicate pids")
+        for i, op in enumerate(self.metadata.get("log") or []):
+            if op["op"] == "add":
+                lens = self._log_array(op, "doclens")
+                if int(lens.sum()) != op["num_embeddings"]:
+                    raise CorruptIndexError(f"{self.path}: update {i}: doclens do not sum to its embeddings")
+        if self.has_updates:
+            layout = self._layout  # replays the log: a delete of a pid that is not live is corrupt
+            if len(layout.rows) != self.num_passages or int(self.doclens.sum()) != self.num_embeddings:
+                raise CorruptIndexError(f"{self.path}: the updates do not add up to the counts in metadata.json")
 
     # -- counts and arrays --------------------------------------------------------------------------
     num_passages = property(lambda self: int(self.metadata["num_passages"]))
@@ -196,15 +324,59 @@ class Index:
     nbits = property(lambda self: int(self.metadata["nbits"]))
     dim = property(lambda self: int(self.metadata["dim"]))
 
-    def _array(self, name: str) -> np.ndarray:
-        return io.read_array(self.path / name)
+    @property
+    def version(self) -> int:
+        """How many updates (adds, deletes, compactions) the index has had since it was built."""
+        return int(self.metadata.get("version", 0))
 
-    codes = functools.cached_property(lambda self: self._array("codes"))
-    residuals = functools.cached_property(lambda self: self._array("residuals"))
-    doclens = functools.cached_property(lambda self: self._array("doclens"))
-    pids = functools.cached_property(lambda self: self._array("pids"))
-    ivf = functools.cached_property(lambda self: self._array("ivf"))
-    ivf_lengths = functools.cached_property(lambda self: self._array("ivf_lengths"))
+    @property
+    def has_updates(self) -> bool:
+        """Whether adds or deletes are recorded beside the base arrays (`Indexer.compact` folds them in)."""
+        return bool(self.metadata.get("log"))
+
+    def _array(self, name: str) -> np.ndarray:
+        """A base array (the whole index when it has no updates)."""
+        return io.read_array(self._entry_path(name, self.metadata["arrays"][name]))
+
+    def _log_array(self, op: dict[str, Any], name: str) -> np.ndarray:
+        return io.read_array(self.path / op["arrays"][name]["path"])
+
+    @functools.cached_property
+    def _layout(self) -> _Layout:
+        return _replay(self)
+
+    def _live(self, name: str) -> np.ndarray:
+        """`codes`/`residuals` (per embedding) or `doclens`/`pids` (per passage) of the live passages."""
+        if not self.has_updates:
+            if self.mmap and name in ("codes", "residuals"):
+                return ChunkedMemmap(self._entry_path(name, self.metadata["arrays"][name]))
+            return self._array(name)
+        lay = self._layout
+        parts = [self._array(name)] + [self._log_array(op, name) for op in lay.adds]
+        whole = np.concatenate(parts)
+        if name in ("doclens", "pids"):
+            return whole[lay.rows]
+        return whole[lay.embedding_rows()]
+
+    codes = functools.cached_property(lambda self: self._live("codes"))
+    residuals = functools.cached_property(lambda self: self._live("residuals"))
+    doclens = functools.cached_property(lambda self: self._live("doclens"))
+    pids = functools.cached_property(lambda self: self._live("pids"))
+
+    @functools.cached_property
+    def _ivf(self) -> tuple[np.ndarray, np.ndarray]:
+        if not self.has_updates:
+            return self._array("ivf"), self._array("ivf_lengths")
+        return build_ivf(self.codes, self.doclens, self.num_partitions)
+
+    ivf = property(lambda self: self._ivf[0])
+    ivf_lengths = property(lambda self: self._ivf[1])
+
+    def load(self) -> Index:
+        """Reads the arrays search needs into memory now (a reader then no longer depends on the files)."""
+        for name in ("codes", "residuals", "doclens", "pids", "codec", "offsets"):
+            getattr(self, name)
+        return self
 
     @functools.cached_property
     def offsets(self) -> np.ndarray:
@@ -245,23 +417,69 @@ class Index:
     @property
     def has_texts(self) -> bool:
         """Whether the index carries its passages' texts (indexes built before 0.2, and imported ones, do not)."""
-        return all(name in self.metadata.get("arrays", {}) for name in OPTIONAL_ARRAYS)
+        listed = self.metadata.get("arrays", {})
+        return all(name in listed for name in OPTIONAL_ARRAYS) and all(
+            "texts" in op["arrays"] for op in self.metadata.get("log") or [] if op["op"] == "add"
+        )
 
     @functools.cached_property
-    def _text_offsets(self) -> np.ndarray:
-        return self._array("text_offsets")
-
-    @functools.cached_property
-    def _text_store(self):
-        return io.open_array(self.path / "texts")
+    def _text_sources(self) -> list[tuple[Any, np.ndarray]]:
+        """(texts store, text_offsets) of the base and of each added segment."""
+        listed = self.metadata["arrays"]
+        out = [(io.open_array(self._entry_path("texts", listed["texts"])), self._array("text_offsets"))]
+        for op in self._layout.adds if self.has_updates else ():
+            out.append((io.open_array(self.path / op["arrays"]["texts"]["path"]), self._log_array(op, "text_offsets")))
+        return out
 
     def texts(self, positions) -> list[str]:
         """The texts of the passages at `positions` (not pids), read from the index on demand."""
         if not self.has_texts:
             raise FileNotFoundError(f"{self.path} does not carry its passages' texts")
-        offsets = self._text_offsets
-        reads = [self._text_store[int(offsets[i]) : int(offsets[i + 1])].read() for i in positions]  # concurrent
+        sources = self._text_sources
+        positions = np.asarray(positions, np.int64).reshape(-1)
+        if self.has_updates:
+            rows = self._layout.rows[positions]
+            src = np.searchsorted(self._layout.row_starts, rows, side="right") - 1
+            local = rows - self._layout.row_starts[src]
+        else:
+            src, local = np.zeros(len(positions), np.int64), positions
+        reads = []
+        for s, i in zip(src, local):  # concurrent
+            store, offsets = sources[s]
+            reads.append(store[int(offsets[i]) : int(offsets[i + 1])].read())
         return [np.asarray(r.result()).tobytes().decode("utf-8") for r in reads]
+
+    @property
+    def fields(self) -> list[str]:
+        """The passage metadata fields the index stores (JSONL keys beyond id/text/title), for `select`."""
+        return sorted({c for _, e in self._field_files() for c in e["columns"]})
+
+    def select(self, where: str) -> np.ndarray:
+        """Positions (ascending) of the passages whose metadata satisfy `where`, e.g. "year >= 2020 AND
+        lang = 'en'" (grammar: `colbert_jax.indexing.fields`; values are bound, never formatted into SQL).
+        Raises `WhereError` for a bad expression or a field the index does not have."""
+        from colbert_jax.indexing.fields import WhereError, parse_where, select_rows
+
+        node = parse_where(where)
+        unknown = sorted(node.fields() - set(self.fields))
+        if unknown:
+            known = ", ".join(self.fields) or "none"
+            raise WhereError(f"where: unknown field {unknown[0]!r} (the index's passage fields: {known})")
+        sources = {"base": 0, **{f"update {i}": None for i in range(len(self.metadata.get("log") or []))}}
+        if self.has_updates:
+            adds = [i for i, op in enumerate(self.metadata["log"]) if op["op"] == "add"]
+            sources.update({f"update {i}": j + 1 for j, i in enumerate(adds)})
+            starts = self._layout.row_starts
+            inverse = np.full(starts[-1], -1, np.int64)
+            inverse[self._layout.rows] = np.arange(len(self._layout.rows))
+        hits = []
+        for label, entry in self._field_files():
+            rows = select_rows(self.path / entry["path"], node, entry["columns"])
+            if self.has_updates:
+                rows = inverse[rows + starts[sources[label]]]
+                rows = rows[rows >= 0]  # replaced or deleted since
+            hits.append(rows)
+        return np.unique(np.concatenate(hits)) if hits else np.zeros(0, np.int64)
 
     def embeddings(self, pids):
         """Decompressed embeddings of passages: one pid -> float32 [doclen, dim]; a list -> a list of them."""
@@ -276,6 +494,84 @@ class Index:
     def nbytes(self) -> int:
         """Bytes on disk."""
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """Where the live passages of an updated index are. Global rows number the base's passages, then each
+    added segment's, in log order.
+
+    rows: int64 [N] the global row of each live passage position.
+    row_starts: int64 [S + 1] first global row of the base and of each segment (then the total).
+    embedding_starts: int64 [R + 1] first embedding (in the same concatenation) of every global row.
+    adds: the log's add entries, in order.
+    """
+
+    rows: np.ndarray
+    row_starts: np.ndarray
+    embedding_starts: np.ndarray
+    adds: tuple[dict[str, Any], ...]
+
+    def embedding_rows(self) -> np.ndarray:
+        """Indices into the concatenated embeddings of the live passages' embeddings, in position order."""
+        starts = self.embedding_starts[self.rows]
+        lens = self.embedding_starts[self.rows + 1] - starts
+        total = int(lens.sum())
+        skip = starts - np.concatenate([[0], np.cumsum(lens)[:-1]])
+        return np.repeat(skip, lens) + np.arange(total, dtype=np.int64)
+
+
+def _lookup(slot_pids: np.ndarray, alive: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """The live slot holding each pid of `query`, or -1."""
+    live = np.flatnonzero(alive)
+    order = np.argsort(slot_pids[live], kind="stable")
+    keys = slot_pids[live][order]
+    at = np.clip(np.searchsorted(keys, query), 0, max(len(keys) - 1, 0))
+    found = (keys[at] == query) if len(keys) else np.zeros(len(query), bool)
+    return np.where(found, live[order[at]] if len(keys) else -1, -1)
+
+
+def _replay(index: Index) -> _Layout:
+    """Replays an index's log over its base: which global row sits at each live position."""
+    base_pids = index._array("pids")
+    lens = [index._array("doclens").astype(np.int64)]
+    slot_rows = np.arange(len(base_pids), dtype=np.int64)
+    slot_pids = base_pids.astype(np.int64)
+    alive = np.ones(len(base_pids), bool)
+    row_starts, adds = [0, len(base_pids)], []
+    for i, op in enumerate(index.metadata["log"]):
+        pids = index._log_array(op, "pids").astype(np.int64)
+        slot = _lookup(slot_pids, alive, pids)
+        if op["op"] == "add":
+            rows = np.arange(row_starts[-1], row_starts[-1] + len(pids))
+            hit = slot >= 0
+            slot_rows[slot[hit]] = rows[hit]  # a replacement takes the place of what it replaces
+            slot_rows = np.concatenate([slot_rows, rows[~hit]])
+            slot_pids = np.concatenate([slot_pids, pids[~hit]])
+            alive = np.concatenate([alive, np.ones(int((~hit).sum()), bool)])
+            row_starts.append(row_starts[-1] + len(pids))
+            lens.append(index._log_array(op, "doclens").astype(np.int64))
+            adds.append(op)
+        else:
+            if (slot < 0).any():
+                bad = int(pids[slot < 0][0])
+                raise CorruptIndexError(f"{index.path}: update {i} deletes pid {bad}, which is not live")
+            alive[slot] = False
+    return _Layout(
+        rows=slot_rows[alive],
+        row_starts=np.asarray(row_starts, np.int64),
+        embedding_starts=embedding_offsets(np.concatenate(lens)),
+        adds=tuple(adds),
+    )
+
+
+def file_checksum(path: Path) -> str:
+    """sha256 of one file, read in blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
 
 
 def create_embedding_arrays(out: Path, num_embeddings: int, packed_dim: int) -> None:
@@ -299,6 +595,7 @@ def finish_index(
     collection: dict[str, Any],
     build: dict[str, Any],
     texts: bool = False,
+    fields: dict[str, Any] | None = None,
 ) -> None:
     """Completes an index whose `codes` and `residuals` arrays (and, with `texts=True`, its `texts` and
     `text_offsets`, see `write_texts`) are written (`codes` is their content): writes the codec, doclens, pids
@@ -340,6 +637,8 @@ def finish_index(
         "arrays": arrays,
         "build": {"created": datetime.datetime.now().astimezone().isoformat(), **build},
     }
+    if fields is not None:
+        metadata["fields"] = fields
     io.write_json(out / "metadata.json", metadata)
 
 

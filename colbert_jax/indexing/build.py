@@ -33,17 +33,21 @@ from tqdm.auto import tqdm
 from colbert_jax import distributed, io
 from colbert_jax.checkpoint import load_checkpoint
 from colbert_jax.config import ColBERTConfig
+from colbert_jax.errors import needs_option
 from colbert_jax.index import (
     FORMAT_VERSION,
     Index,
     create_embedding_arrays,
+    file_checksum,
     finish_index,
     is_index_dir,
     write_texts,
 )
-from colbert_jax.indexing import kmeans
+from colbert_jax.indexing import kmeans, update
 from colbert_jax.indexing.codec import ResidualCodec
 from colbert_jax.indexing.collection import Collection
+from colbert_jax.indexing.encode import encode_passages
+from colbert_jax.indexing.fields import write_fields
 from colbert_jax.model import ColBERTModel
 from colbert_jax.runtime import enable_compilation_cache
 
@@ -96,7 +100,8 @@ class Indexer:
     """Builds PLAID indexes with one checkpoint.
 
     Args:
-      checkpoint_or_model: checkpoint directory, Hub id, or a loaded `ColBERTModel`.
+      checkpoint_or_model: checkpoint directory, Hub id, or a loaded `ColBERTModel`; None (for `add`,
+        `delete`, `compact`) uses the checkpoint the index records, loaded when first needed.
       config: a `ColBERTConfig` whose explicitly set fields override the checkpoint's settings.
       centroids: use these centroids instead of k-means (float [P, dim] array, a `.npy`/colbert-ai
         `centroids.pt` file, or a colbert-ai or colbert-jax index directory).
@@ -109,7 +114,7 @@ class Indexer:
 
     def __init__(
         self,
-        checkpoint_or_model,
+        checkpoint_or_model=None,
         config: ColBERTConfig | None = None,
         *,
         centroids=None,
@@ -120,14 +125,17 @@ class Indexer:
     ):
         enable_compilation_cache()
         explicit = config.model_dump(exclude_unset=True) if config is not None else {}
-        if isinstance(checkpoint_or_model, ColBERTModel):
+        self._explicit = {**explicit, **overrides}
+        if checkpoint_or_model is None:
+            model = None
+        elif isinstance(checkpoint_or_model, ColBERTModel):
             model = checkpoint_or_model
             if explicit or overrides:
                 model = model.replace_config(**{**explicit, **overrides})
         else:
             model = load_checkpoint(checkpoint_or_model, config, **overrides)
         self.model = model
-        self.config = model.config
+        self.config = model.config if model is not None else None
         if chunksize <= 0:
             raise ValueError(f"chunksize must be positive, got {chunksize}")
         self.chunksize = chunksize
@@ -135,6 +143,11 @@ class Indexer:
         self.codec = _load_codec(codec) if codec is not None else None
         self.centroids = _load_centroids(centroids) if centroids is not None else None
         given = self.codec.centroids if self.codec is not None else self.centroids
+        if model is None:
+            if given is not None:
+                raise ValueError("centroids= and codec= need a checkpoint or model")
+            self.stats = {}
+            return
         if given is not None and given.shape[1] != self.config.dim:
             raise ValueError(f"centroids have dim {given.shape[1]}, the checkpoint's dim is {self.config.dim}")
         if self.codec is not None and self.codec.nbits != self.config.nbits:
@@ -154,6 +167,8 @@ class Indexer:
         refused. An interrupted build of the same collection with the same settings resumes.
         """
         global _build_id
+        if self.model is None:
+            raise ValueError("Indexer() without a checkpoint or model can only add, delete and compact")
         _build_id = next(_BUILDS)
         path = Path(index_path)
         io.check_target(path, overwrite=overwrite, what="colbert-jax index", is_ours=is_index_dir)
@@ -173,6 +188,74 @@ class Indexer:
             shutil.rmtree(work, ignore_errors=True)
         _sync("done")
         return path
+
+    # -- updates ------------------------------------------------------------------------------------
+    def add(
+        self,
+        index_path: str | os.PathLike,
+        collection: str | os.PathLike | Sequence[str],
+        replace: bool = False,
+        *,
+        drift_tolerance: float = update.DRIFT_TOLERANCE,
+        max_added_share: float = update.MAX_ADDED_SHARE,
+    ) -> np.ndarray:
+        """Adds passages to an index in place, with its codec; returns their pids (int64 [n]).
+
+        `collection` is any form `index()` takes: a list of texts gets pids after the index's largest; a
+        TSV/JSONL file keeps its ids, and an id already in the index is an error naming it unless
+        `replace=True` (the new passage then takes the old one's place). Only the new passages are encoded
+        and written (a segment beside the index's arrays; `compact` folds it in). Their reconstruction cosine
+        is reported (log, `self.stats["drift"]`, metadata.json `drift`), with an `IndexDriftWarning` when it
+        is more than `drift_tolerance` below the index's own or when passages added since the centroids were
+        trained exceed `max_added_share` of the index. Atomic: a crash leaves the old index or the new one.
+        """
+        return update.add(
+            self,
+            Path(index_path),
+            collection,
+            replace=replace,
+            drift_tolerance=drift_tolerance,
+            max_added_share=max_added_share,
+            log=self._log,
+        )
+
+    def delete(self, index_path: str | os.PathLike, pids: Sequence[int] | np.ndarray) -> int:
+        """Deletes passages (by pid) from an index in place; an unknown pid is a KeyError naming it. Atomic.
+        Returns the number deleted."""
+        return update.delete(Path(index_path), pids, log=self._log)
+
+    def compact(self, index_path: str | os.PathLike, recluster: bool = False) -> None:
+        """Folds an index's adds and deletes into a fresh layout (same codec: search results do not change);
+        `recluster=True` retrains the centroids on the current passages (a full rebuild over them). Atomic."""
+        update.compact(self, Path(index_path), recluster=recluster, log=self._log)
+
+    def _model_for(self, index: Index) -> ColBERTModel:
+        """The model that encodes passages for `index`: the given one or the checkpoint the index records,
+        with the index's settings; refused if it is not the model that built the index."""
+        settings = {k: v for k, v in index.config.to_dict().items() if k != "checkpoint"}
+        if self.model is None:
+            checkpoint = index.metadata.get("checkpoint", {}).get("path") or index.config.checkpoint
+            if not checkpoint:
+                raise needs_option(
+                    ValueError,
+                    f"{index.path}: the index records no checkpoint",
+                    argument="Indexer(checkpoint)",
+                    flag="--checkpoint DIR",
+                    purpose="give the one that built it",
+                )
+            model = load_checkpoint(checkpoint)
+            model = model.replace_config(**{**settings, "checkpoint": model.config.checkpoint})
+            self.model, self.config = model, model.config
+        recorded = index.metadata.get("checkpoint", {}).get("fingerprint")
+        if recorded and model_fingerprint(self.model) != recorded:
+            aligned = self.model.replace_config(**{**settings, "checkpoint": self.model.config.checkpoint})
+            if model_fingerprint(aligned) != recorded:
+                raise ValueError(
+                    f"{index.path} was built by another checkpoint ({index.metadata['checkpoint'].get('path')}) or "
+                    "other settings: passages encoded by this one would not be comparable"
+                )
+            self.model, self.config = aligned, aligned.config
+        return self.model
 
     # -- 1. plan ------------------------------------------------------------------------------------
     def _plan(self, coll: Collection, work: Path) -> dict:
@@ -383,23 +466,15 @@ class Indexer:
             todo = np.setdiff1d(todo, positions[lo:hi], assume_unique=True)
             bar.update(hi - lo)
         if len(todo):
-            ids, mask = self.model.doc_tokenizer.tensorize(coll.texts(todo))
-            for rows, d, keep in self.model.iter_doc_batches(ids, mask):
-                for j, row in enumerate(rows):
-                    per_passage[todo[row] - start] = d[j][keep[j]].astype(np.float16)
-                bar.update(len(rows))
+            for row, e in zip(todo, encode_passages(self.model, coll.texts(todo), bar.update)):
+                per_passage[row - start] = e.astype(np.float16)
             self.stats["passages_encoded"] += len(todo)
         doclens = np.array([len(x) for x in per_passage], np.int64)
         return np.concatenate(per_passage), doclens
 
     def _encode(self, texts: list[str], bar) -> tuple[np.ndarray, np.ndarray]:
         """Flattened float32 embeddings and doclens of `texts`, in order, advancing `bar`."""
-        ids, mask = self.model.doc_tokenizer.tensorize(texts)
-        per_passage: list[np.ndarray | None] = [None] * len(texts)
-        for rows, d, keep in self.model.iter_doc_batches(ids, mask):
-            for j, row in enumerate(rows):
-                per_passage[row] = d[j][keep[j]]
-            bar.update(len(rows))
+        per_passage = encode_passages(self.model, texts, bar.update)
         self.stats["passages_encoded"] += len(texts)
         return np.concatenate(per_passage), np.array([len(x) for x in per_passage], np.int64)
 
@@ -446,6 +521,14 @@ class Indexer:
             n = len(coll)
             texts = (t for start in range(0, n, TEXT_BLOCK) for t in coll.text_range(start, start + TEXT_BLOCK))
             write_texts(out, texts, n, work / "texts.bin")
+            fields = None
+            if coll.may_have_fields:
+                blocks = (range(s, min(n, s + TEXT_BLOCK)) for s in range(0, n, TEXT_BLOCK))
+                records = ((i, int(coll.pids[i]), f) for b in blocks for i, f in zip(b, coll.fields(b)))
+                columns = write_fields(out / "fields.sqlite", records)
+                if columns:
+                    digest = file_checksum(out / "fields.sqlite")
+                    fields = {"path": "fields.sqlite", "sha256": digest, "columns": columns}
             self.stats["total_seconds"] = time.perf_counter() - t_start  # finalize time added below
             finish_index(
                 out,
@@ -464,6 +547,7 @@ class Indexer:
                     "backend": jax.default_backend(),
                 },
                 texts=True,
+                fields=fields,
             )
             self.stats["finalize_seconds"] = time.perf_counter() - t
             self.stats["total_seconds"] = time.perf_counter() - t_start

@@ -25,6 +25,7 @@ from pallas_kernels.decompress import byte_table, unpack_bits
 __all__ = ["ResidualCodec", "residual_buckets", "compress", "decompress", "pack_bits", "unpack_bits", "torch_quantile"]
 
 COMPRESS_BATCH = 1 << 13
+COMPRESS_BLOCK = 1 << 11  # rows per compress call, fixed
 
 
 def pack_bits(buckets: jax.Array, nbits: int) -> jax.Array:
@@ -175,9 +176,10 @@ class ResidualCodec:
         embs = embs.astype(np.float16).astype(np.float32)
         c, cut, _ = self._device
         codes, residuals = [], []
-        for batch in _batches(embs, COMPRESS_BATCH):
-            padded = _pad_to(batch, COMPRESS_BATCH if len(embs) > COMPRESS_BATCH else _pow2(len(batch)))
-            k, r = compress(padded, c, cut, nbits=self.nbits)
+        # One block shape for every call: an embedding's code and residual then do not depend on how many
+        # others are compressed with it (an index grown by Indexer.add equals a rebuild bit for bit).
+        for batch in _batches(embs, COMPRESS_BLOCK):
+            k, r = compress(_pad_to(batch, COMPRESS_BLOCK), c, cut, nbits=self.nbits)
             codes.append(np.asarray(k)[: len(batch)])
             residuals.append(np.asarray(r)[: len(batch)])
         if not codes:

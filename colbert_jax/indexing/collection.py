@@ -153,6 +153,23 @@ class Collection:
     def text_range(self, start: int, stop: int) -> list[str]:
         return self.texts(range(start, min(stop, len(self))))
 
+    @property
+    def may_have_fields(self) -> bool:
+        """Whether passages can carry metadata fields (JSONL keys beyond id/text/title)."""
+        return self._format == "jsonl"
+
+    def fields(self, indices: Sequence[int] | np.ndarray) -> list[dict]:
+        """The metadata fields (JSONL keys other than id/pid/_id/text/title) of the passages at `indices`."""
+        if not self.may_have_fields:
+            return [{} for _ in indices]
+        out = []
+        with open(self.path, "rb") as f:
+            for i in indices:
+                f.seek(int(self._offsets[i]))
+                obj = json.loads(f.readline().decode("utf-8"))
+                out.append({k: v for k, v in obj.items() if k not in ("id", "pid", "_id", "text", "title")})
+        return out
+
 
 def _parse(line: str, fmt: str, path: Path, lineno: int) -> tuple[int, str]:
     where = f"{path}:{lineno}" if lineno > 0 else str(path)

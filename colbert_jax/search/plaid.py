@@ -71,8 +71,10 @@ AXIS = "shard"
 #   doclens i32 [D, N + 1] (0 past the shard's passages); offsets i32 [D, N + 1];
 #   ivf i32 [D, I]; ivf_offsets i32 [D, P + 1]; ivf_lengths i32 [D, P + 1] (last: 0);
 #   first i32 [D] (global position of the shard's first passage); count i32 [D] (its passages).
+#   allowed bool [D, N + 1] (optional): a search filter, the passages that may be candidates.
 IndexArrays = dict
 SHARDED_KEYS = (
+    "allowed",
     "codes",
     "residuals",
     "inv_norms",
@@ -154,7 +156,10 @@ def _candidates_one(cells, a, *, max_entries: int):
     """The union of the cells' IVF lists: unique passage positions (ascending, then sentinels) and counts."""
     sentinel = a["doclens"].shape[0] - 1
     _, src, valid = _expand(a["ivf_lengths"][cells], a["ivf_offsets"][cells], max_entries)
-    entries = jnp.sort(jnp.where(valid, a["ivf"][jnp.where(valid, src, 0)], sentinel))
+    entries = a["ivf"][jnp.where(valid, src, 0)]
+    if "allowed" in a:  # a filter: passages outside it never become candidates
+        valid &= a["allowed"][entries]
+    entries = jnp.sort(jnp.where(valid, entries, sentinel))
     first = jnp.concatenate([jnp.ones(1, bool), entries[1:] != entries[:-1]]) & (entries < sentinel)
     (slots,) = jnp.nonzero(first, size=max_entries, fill_value=max_entries - 1)
     unique = jnp.where(jnp.arange(max_entries) < first.sum(), entries[slots], sentinel)

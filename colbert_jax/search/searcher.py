@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -171,6 +171,11 @@ class Searcher:
         settings = {**index_config, **explicit, "checkpoint": model.config.checkpoint}
         self.config = model.config.replace(**settings)
         self.model = model if self.config == model.config else model.replace_config(**settings)
+        # load_index_with_mmap (colbert-ai's key): residuals stay on disk, memory-mapped; only the survivors'
+        # rows are read, per batch (see `_gather_survivors`). Codes stay in memory: every candidate needs them.
+        self.mmap = bool(self.config.load_index_with_mmap)
+        if self.mmap and not self.index.mmap:
+            self.index = Index(self.index.path, self.index.metadata, mmap=True)
         self.exact = exact
         self.truncate = truncate
         self.clamp_maxsim = clamp_maxsim
@@ -180,16 +185,47 @@ class Searcher:
         self._cpu = jax.default_backend() == "cpu"
         if self._auto:
             implementation = "streamed" if self._cpu else "pallas" if jax.default_backend() == "gpu" else "jnp"
+            if self.mmap and implementation == "streamed":
+                implementation = "jnp"  # the streamed path scores inside one program: residuals on the device
+        if self.mmap and implementation == "streamed":
+            raise ValueError("implementation='streamed' reads residuals on the device: not with load_index_with_mmap")
         self.implementation = implementation
         self._arrays: plaid.IndexArrays | None = None
         self._collection = None
         devices = list(devices) if devices is not None else jax.local_devices()
+        self._devices = devices
         self.mesh = Mesh(np.asarray(devices[: max(1, min(len(devices), self.index.num_passages))]), (plaid.AXIS,))
         self._exact_arrays = None
         enable_compilation_cache()
 
     def __repr__(self) -> str:
         return f"Searcher({self.index!r}, exact={self.exact})"
+
+    def reload(self) -> bool:
+        """Moves to the newest version of the index (after `Indexer.add` / `delete` / `compact`); until then a
+        Searcher answers from the version it opened (updates never change a version's files; those a
+        compaction retires are removed one version later, so read passage texts before then). Returns whether
+        there was a newer version."""
+        latest = Index.open(self.index.path, mmap=self.mmap)
+        if latest.metadata.get("version", 0) == self.index.metadata.get("version", 0) and (
+            latest.metadata.get("build") == self.index.metadata.get("build")
+        ):
+            return False
+        if latest.dim != self.index.dim:
+            raise ValueError(f"{latest.path} now has dim {latest.dim}: open a new Searcher")
+        self.index = latest
+        self._arrays = None
+        self._exact_arrays = None
+        self._collection = None
+        self.mesh = Mesh(
+            np.asarray(self._devices[: max(1, min(len(self._devices), latest.num_passages))]), (plaid.AXIS,)
+        )
+        return True
+
+    @property
+    def version(self) -> int:
+        """The version of the index this Searcher answers from (see `reload`)."""
+        return self.index.version
 
     def passages(self, pids: Sequence[int], collection: str | os.PathLike | None = None) -> list[str]:
         """The texts of passages (by collection pid): from the index itself when it carries them, else from
@@ -246,7 +282,7 @@ class Searcher:
     @property
     def arrays(self) -> plaid.IndexArrays:
         if self._arrays is None:
-            self._arrays, self._entry_bounds = _device_arrays(self.index, self.mesh)
+            self._arrays, self._entry_bounds = _device_arrays(self.index, self.mesh, residuals=not self.mmap)
             longest = int(self.index.doclens.max())
             # The kernels pad documents to power-of-two lengths (Triton blocks); padding here saves that copy.
             self._max_doclen = _pow2(longest) if self.implementation == "pallas" else -(-longest // 8) * 8
@@ -315,7 +351,8 @@ class Searcher:
 
     # -- search -------------------------------------------------------------------------------------
     def search(self, query: str | np.ndarray, k: int = 10, **kwargs) -> list[tuple[int, int, float]]:
-        """Top-k passages for one query: `[(pid, rank, score), ...]`, best first (ranks from 1)."""
+        """Top-k passages for one query: `[(pid, rank, score), ...]`, best first (ranks from 1). Takes
+        `search_all`'s keyword arguments (`pids=allowed` to search only those passages)."""
         return self.search_all({0: query}, k, **kwargs)[0]
 
     def search_all(
@@ -328,8 +365,18 @@ class Searcher:
         centroid_score_threshold: float | None = None,
         ndocs: int | None = None,
         batch_size: int = MAX_BATCH,
+        pids: Collection[int] | Mapping[Any, Collection[int]] | None = None,
+        where: str | None = None,
     ) -> Ranking:
-        """Searches many queries (`{qid: query}` or a list, qids 0..n-1) in batches -> `Ranking`."""
+        """Searches many queries (`{qid: query}` or a list, qids 0..n-1) in batches -> `Ranking`.
+
+        pids: search only these passages: one collection of pids for every query, or `{qid: pids}`. An
+        allowed set of at most `ndocs` passages (or any, with `exact=True`) is scored exactly, whole, so k
+        results come back whenever it holds k passages (`exact=True`: brute-force MaxSim over it); a larger
+        one filters PLAID's candidates as they are generated. A pid not in the index is a KeyError.
+        where: search only passages whose metadata fields (JSONL keys beyond id/text/title, stored in the
+          index) satisfy it, e.g. "year >= 2020 AND lang = 'en'" (see `Index.select`); combined with `pids`.
+        """
         if not isinstance(queries, Mapping):
             if isinstance(queries, str):
                 raise QueryError("search_all takes a dict {qid: query} or a list of queries, not a str")
@@ -355,6 +402,16 @@ class Searcher:
         qids = list(queries)
         items = [queries[q] for q in qids]
         self._validate(items)
+        if where is not None:
+            matching = self.index.pids[self.index.select(where)]
+            if pids is None:
+                pids = matching
+            elif isinstance(pids, Mapping):
+                pids = {q: np.intersect1d(np.fromiter(map(int, p), np.int64), matching) for q, p in pids.items()}
+            else:
+                pids = np.intersect1d(np.fromiter(map(int, pids), np.int64), matching)
+        if pids is not None:
+            return self._search_filtered(queries, k, pids, exact, config, batch_size)
         if not exact:
             _ = self.arrays  # load the index before any worker thread starts
 
@@ -389,7 +446,133 @@ class Searcher:
         }
         return Ranking(data, provenance)
 
-    def _plaid(self, Q: np.ndarray, k: int, config: ColBERTConfig, n_real: int | None = None):
+    # -- filtered search ----------------------------------------------------------------------------
+    def _search_filtered(self, queries: Mapping, k: int, pids, exact: bool, config, batch_size: int) -> Ranking:
+        """Groups queries by allowed set; each group is scored exactly (small sets, exact=True) or by PLAID with
+        the set as a candidate filter."""
+        qids = list(queries)
+        if isinstance(pids, Mapping):
+            missing = [q for q in qids if q not in pids]
+            if missing:
+                raise KeyError(f"pids has no allowed set for query {missing[0]!r}")
+            per_query = {q: pids[q] for q in qids}
+        else:
+            per_query = dict.fromkeys(qids, pids)
+        groups: dict[bytes, tuple[np.ndarray, list]] = {}
+        resolved: dict[int, np.ndarray] = {}
+        for q in qids:
+            allowed = per_query[q]
+            key = id(allowed)
+            if key not in resolved:
+                values = allowed if isinstance(allowed, np.ndarray) else np.fromiter(map(int, allowed), np.int64)
+                resolved[key] = np.unique(self.index.positions(np.asarray(values, np.int64)))
+            positions = resolved[key]
+            groups.setdefault(positions.tobytes(), (positions, []))[1].append(q)
+        ndocs = search_params(k, config)[2]
+        data = {}
+        for positions, members in groups.values():
+            if len(positions) == 0:
+                data.update({q: [] for q in members})
+                continue
+            items = [queries[q] for q in members]
+            if exact or len(positions) <= ndocs:
+                pos, sc = self._score_positions(self._encode(items), positions, k)
+            else:
+                mask = self._allowed_mask(positions)
+                parts = []
+                for start in range(0, len(items), batch_size):
+                    chunk = self._encode(items[start : start + batch_size])
+                    size = min(_pow2(len(chunk)), batch_size)
+                    padded = np.concatenate([chunk, np.zeros((size - len(chunk), *chunk.shape[1:]), np.float32)])
+                    p, s = self._plaid(padded, min(k, len(positions)), config, n_real=len(chunk), allowed=mask)
+                    parts.append((p[: len(chunk)], s[: len(chunk)]))
+                pos = np.concatenate([p for p, _ in parts])
+                sc = np.concatenate([s for _, s in parts])
+            for q, p, s in zip(members, pos, sc):
+                ok = np.isfinite(s) & (p >= 0) & (p < self.index.num_passages)
+                found = self.index.pids[p[ok]]
+                data[q] = [(int(x), r, float(y)) for r, (x, y) in enumerate(zip(found, s[ok]), 1)]
+        provenance = {
+            "source": "colbert_jax.Searcher.search_all",
+            "index": str(self.index.path),
+            "k": k,
+            "exact": exact,
+            "filtered": True,
+            "params": dict(zip(("ncells", "centroid_score_threshold", "ndocs"), search_params(k, config))),
+        }
+        return Ranking({q: data[q] for q in qids}, provenance)
+
+    # -- reranking ----------------------------------------------------------------------------------
+    def rerank(
+        self, query: str | np.ndarray, pids: Sequence[int], k: int | None = None
+    ) -> list[tuple[int, int, float]]:
+        """Scores the passages `pids` exactly (MaxSim with the index's decompressed embeddings) ->
+        `[(pid, rank, score), ...]`, best first, the best `k` (None: all); ties keep the given order, a
+        repeated pid counts once, a pid not in the index is a KeyError naming it."""
+        return self.rerank_all({0: query}, {0: pids}, k)[0]
+
+    def rerank_all(
+        self, queries: Mapping[Any, str | np.ndarray], candidates: Mapping[Any, Sequence[int]], k: int | None = None
+    ) -> Ranking:
+        """`rerank` for many queries: `{qid: query}` and `{qid: [pid, ...]}` -> `Ranking`."""
+        if k is not None and (not isinstance(k, int | np.integer) or k <= 0):
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        qids = list(queries)
+        missing = [q for q in qids if q not in candidates]
+        if missing:
+            raise KeyError(f"no candidates for query {missing[0]!r}")
+        items = [queries[q] for q in qids]
+        self._validate(items)
+        Q = self._encode(items)
+        data = {}
+        for i, qid in enumerate(qids):
+            pids = np.asarray(list(candidates[qid]), np.int64)
+            _, first = np.unique(pids, return_index=True)
+            pids = pids[np.sort(first)]
+            if len(pids) == 0:
+                data[qid] = []
+                continue
+            pos, sc = self._score_positions(Q[i : i + 1], self.index.positions(pids), k or len(pids))
+            data[qid] = [(int(p), r, float(x)) for r, (p, x) in enumerate(zip(self.index.pids[pos[0]], sc[0]), 1)]
+        return Ranking(data, {"source": "colbert_jax.Searcher.rerank_all", "index": str(self.index.path), "k": k})
+
+    def _score_positions(self, Q: np.ndarray, positions: np.ndarray, k: int, block: int = 4096):
+        """Exact MaxSim of every passage at `positions` with the index's decompressed embeddings:
+        Q [B, Lq, dim] -> (positions [B, min(k, n)], scores), best first, ties in the order given."""
+        ix = self.index
+        best_pos = np.zeros((len(Q), 0), np.int64)
+        best_sc = np.zeros((len(Q), 0), np.float32)
+        for lo in range(0, len(positions), block):
+            part = positions[lo : lo + block]
+            lens = ix.doclens[part].astype(np.int64)
+            starts = ix.offsets[part]
+            rows = np.repeat(starts - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens) + np.arange(lens.sum())
+            emb = ix.codec.decompress(ix.codes[rows], ix.residuals[rows])
+            bounds = np.concatenate([[0], np.cumsum(lens)[:-1]])
+            sim = np.einsum("td,bqd->btq", emb, Q)  # [B, T, Lq]
+            per_token = np.maximum.reduceat(sim, bounds, axis=1)  # [B, n, Lq]
+            if self.clamp_maxsim:
+                per_token = np.maximum(per_token, 0.0)
+            scores = per_token.sum(-1, dtype=np.float32)
+            best_pos = np.concatenate([best_pos, np.broadcast_to(part, scores.shape)], axis=1)
+            best_sc = np.concatenate([best_sc, scores], axis=1)
+            order = np.argsort(-best_sc, axis=1, kind="stable")[:, :k]
+            best_pos = np.take_along_axis(best_pos, order, 1)
+            best_sc = np.take_along_axis(best_sc, order, 1)
+        return best_pos, best_sc
+
+    def _allowed_mask(self, positions: np.ndarray) -> jax.Array:
+        """A filter as the sharded device mask `plaid` reads: bool [D, N_shard + 1] (the sentinel: False)."""
+        arrays = self.arrays
+        first, count = (np.asarray(x) for x in jax.device_get((arrays["first"], arrays["count"])))
+        mask = np.zeros(arrays["doclens"].shape, bool)
+        for s in range(len(first)):
+            local = positions[(positions >= first[s]) & (positions < first[s] + count[s])] - first[s]
+            mask[s, local] = True
+        return jax.device_put(mask, NamedSharding(self.mesh, PartitionSpec(plaid.AXIS)))
+
+    def _plaid(self, Q: np.ndarray, k: int, config: ColBERTConfig, n_real: int | None = None, allowed=None):
+        """`allowed`: a device filter mask (`_allowed_mask`), applied when candidates are generated."""
         ncells, threshold, ndocs = search_params(k, config)
         ndocs = max(ndocs, 4)
         arrays = self.arrays
@@ -408,9 +591,10 @@ class Searcher:
         n_entries = jax.device_get(n_entries)  # a host round trip for one size: the IVF entries to expand
         if streamed:
             real = np.arange(len(Q)) < (len(Q) if n_real is None else n_real)
-            return jax.device_get(self._streamed(Q, S, cells, real, k, config, _pow2(n_entries.max())))
+            return jax.device_get(self._streamed(Q, S, cells, real, k, config, _pow2(n_entries.max()), allowed))
+        filtered = arrays if allowed is None else {**arrays, "allowed": allowed}
         entries, n_cand, n_emb = plaid.candidates(
-            cells, arrays, mesh=self.mesh, max_entries=_bucket(n_entries.max()), query_chunk=chunk
+            cells, filtered, mesh=self.mesh, max_entries=_bucket(n_entries.max()), query_chunk=chunk
         )
         # Host round trips carry only sizes: each stage gets static shapes that fit its queries. Queries are
         # sorted by size and ranked in groups, so that a few large queries do not pad all the others.
@@ -440,12 +624,15 @@ class Searcher:
                 query_chunk=self._chunk(sizes, lq),
             )
             surv_emb = _bucket(jax.device_get(n_surv).max())
+            scored, slots = arrays, None
+            if self.mmap:
+                survivors, scored, slots = self._gather_survivors(survivors)
             pos, sc = jax.device_get(
                 plaid.score(
                     Q_g,
                     S_g,
                     survivors,
-                    arrays,
+                    scored,
                     max_embeddings=surv_emb,
                     k=k,
                     nbits=self.index.nbits,
@@ -454,8 +641,57 @@ class Searcher:
                     query_chunk=self._chunk(dict(max_candidates=ndocs // 4, max_embeddings=surv_emb), lq),
                 )
             )
+            if slots is not None:  # compact slots -> passage positions
+                pos = np.where(pos >= 0, slots.reshape(-1)[np.maximum(pos, 0)], -1)
             positions[group], scores[group] = pos, sc
         return positions, scores
+
+    def _gather_survivors(self, survivors: jax.Array) -> tuple[jax.Array, plaid.IndexArrays, np.ndarray]:
+        """For a memory-mapped index: reads the survivors' rows (codes, residuals) from disk into small arrays
+        laid out like the index's, so `plaid.score` runs unchanged on them. Returns the survivors renumbered
+        into them, the arrays, and slot -> passage position (-1: padding) [D * (M + 1)].
+
+        Each shard's survivors [B, n] become slots 0..M-1 (M = B * n; slot M is the sentinel); a shard's
+        `first` is d * (M + 1), so a position `plaid.score` returns names its shard and slot."""
+        ix = self.index
+        surv = np.asarray(jax.device_get(survivors))  # [D, B, n] local positions, sentinel-padded
+        firsts = np.asarray(jax.device_get(self.arrays["first"]))
+        sentinel = self.arrays["doclens"].shape[1] - 1
+        D, B, n = surv.shape
+        M = B * n
+        slots = np.full((D, M + 1), -1, np.int64)
+        per_shard = []
+        for d in range(D):
+            local = surv[d].reshape(-1)
+            valid = local < sentinel
+            glob = np.where(valid, local + firsts[d], 0)
+            lens = np.where(valid, ix.doclens[glob], 0).astype(np.int64)
+            rows = np.repeat(ix.offsets[glob] - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens) + np.arange(
+                lens.sum()
+            )
+            slots[d, :M] = np.where(valid, glob, -1)
+            per_shard.append((lens, rows))
+        e_max = _bucket(max(len(r) for _, r in per_shard))
+        P = ix.num_partitions
+        stacked = {k: [] for k in ("codes", "residuals", "inv_norms", "doclens", "offsets", "first", "count")}
+        for d, (lens, rows) in enumerate(per_shard):
+            codes, residuals = ix.codes[rows].astype(np.int32), ix.residuals[rows]
+            inv = 1.0 / np.maximum(ix.codec.norms(codes, residuals), 1e-12)
+            pad = e_max + 1 - len(rows)
+            stacked["codes"].append(np.concatenate([codes, np.full(pad, P, np.int32)]))
+            stacked["residuals"].append(np.concatenate([residuals, np.zeros((pad, residuals.shape[1]), np.uint8)]))
+            stacked["inv_norms"].append(np.concatenate([inv, np.zeros(pad)]).astype(np.float32))
+            doclens = np.concatenate([lens, [0]]).astype(np.int32)
+            stacked["doclens"].append(doclens)
+            stacked["offsets"].append(np.concatenate([[0], np.cumsum(doclens[:-1])]).astype(np.int32))
+            stacked["first"].append(np.int32(d * (M + 1)))
+            stacked["count"].append(np.int32(M))
+        sharded = NamedSharding(self.mesh, PartitionSpec(plaid.AXIS))
+        arrays = {k: jax.device_put(np.stack(v), sharded) for k, v in stacked.items()}
+        arrays["centroids"] = self.arrays["centroids"]
+        arrays["bucket_weights"] = self.arrays["bucket_weights"]
+        renumbered = np.where(surv < sentinel, np.arange(M).reshape(1, B, n), M).astype(np.int32)
+        return jax.device_put(renumbered, sharded), arrays, slots
 
     @staticmethod
     def _pass_scores(batch: int) -> bool:
@@ -464,7 +700,7 @@ class Searcher:
         16) are faster recomputing, since a batch's S (8 MB per query) leaves the cache between the stages."""
         return batch == 1
 
-    def _streamed(self, Q, S, cells, real, k: int, config: ColBERTConfig, max_entries: int):
+    def _streamed(self, Q, S, cells, real, k: int, config: ColBERTConfig, max_entries: int, allowed=None):
         _, threshold, ndocs = search_params(k, config)
         return plaid.search_streamed(
             Q,
@@ -472,7 +708,7 @@ class Searcher:
             cells,
             real,
             np.float32(threshold),
-            self.arrays,
+            self.arrays if allowed is None else {**self.arrays, "allowed": allowed},
             mesh=self.mesh,
             max_entries=max_entries,
             ndocs=max(ndocs, 4),
@@ -531,6 +767,8 @@ class Searcher:
         return _pow2(max(1, RANK_MEMORY_BUDGET // per_query) + 1) // 2
 
     def _exact(self, Q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.mmap:  # in blocks of passages: never the whole index in memory
+            return self._score_positions(Q, np.arange(self.index.num_passages), k)
         if self._exact_arrays is None:
             ix = self.index
             embeddings = ix.codec.decompress(ix.codes, ix.residuals)
@@ -541,10 +779,11 @@ class Searcher:
         return jax.device_get((pos, scores))
 
 
-def _device_arrays(index: Index, mesh: Mesh) -> tuple[plaid.IndexArrays, list[np.ndarray]]:
+def _device_arrays(index: Index, mesh: Mesh, residuals: bool = True) -> tuple[plaid.IndexArrays, list[np.ndarray]]:
     """Splits the index's passages into one contiguous shard per device (balanced by embeddings) and
-    places each shard's arrays on its device. Also returns, per shard, the cumulative sums of its IVF
-    list lengths sorted longest first (static bounds for the streamed path)."""
+    places each shard's arrays on its device (residuals and their norms only with `residuals`). Also
+    returns, per shard, the cumulative sums of its IVF list lengths sorted longest first (static bounds for
+    the streamed path)."""
     n_shards = mesh.size
     P, N = index.num_partitions, index.num_passages
     cum = np.concatenate([[0], np.cumsum(index.doclens, dtype=np.int64)])
@@ -556,14 +795,17 @@ def _device_arrays(index: Index, mesh: Mesh) -> tuple[plaid.IndexArrays, list[np
     for s in range(n_shards):
         lo, hi = int(bounds[s]), int(bounds[s + 1])
         doclens = index.doclens[lo:hi]
-        codes = index.codes[cum[lo] : cum[hi]]
-        ivf, lengths = build_ivf(codes, doclens, P)
+        codes = np.asarray(index.codes[cum[lo] : cum[hi]])
+        if n_shards == 1:  # the index's own lists (the same, built the same way): no sort of every code
+            ivf, lengths = index.ivf, index.ivf_lengths
+        else:
+            ivf, lengths = build_ivf(codes, doclens, P)
         shards.append(
             dict(
                 first=lo,
                 doclens=doclens,
                 codes=codes,
-                residuals=index.residuals[cum[lo] : cum[hi]],
+                residuals=index.residuals[cum[lo] : cum[hi]] if residuals else None,
                 ivf=ivf,
                 ivf_lengths=lengths,
             )
@@ -575,16 +817,18 @@ def _device_arrays(index: Index, mesh: Mesh) -> tuple[plaid.IndexArrays, list[np
     def pad(a, size, value):
         return np.concatenate([a, np.full((size - len(a), *a.shape[1:]), value, a.dtype)])
 
-    stacked = {k: [] for k in plaid.SHARDED_KEYS}
+    skip = {"allowed"} | (set() if residuals else {"residuals", "inv_norms"})
+    stacked = {k: [] for k in plaid.SHARDED_KEYS if k not in skip}
     entry_bounds = []
     for x in shards:
         e = len(x["codes"])
         stacked["doclens"].append(pad(x["doclens"].astype(np.int32), n_max + 1, 0))
         stacked["offsets"].append(np.concatenate([[0], np.cumsum(stacked["doclens"][-1][:-1])]).astype(np.int32))
         stacked["codes"].append(pad(x["codes"].astype(np.int32), e_max + 1, P))
-        stacked["residuals"].append(pad(x["residuals"], e_max + 1, 0))
-        norms = index.codec.norms(x["codes"], x["residuals"])
-        stacked["inv_norms"].append(pad(1.0 / np.maximum(norms, 1e-12), e_max + 1, 0.0).astype(np.float32))
+        if residuals:
+            stacked["residuals"].append(pad(x["residuals"], e_max + 1, 0))
+            norms = index.codec.norms(x["codes"], x["residuals"])
+            stacked["inv_norms"].append(pad(1.0 / np.maximum(norms, 1e-12), e_max + 1, 0.0).astype(np.float32))
         stacked["ivf"].append(pad(x["ivf"], i_max, 0))
         stacked["ivf_offsets"].append(np.concatenate([[0], np.cumsum(x["ivf_lengths"])]).astype(np.int32))
         stacked["ivf_lengths"].append(np.concatenate([x["ivf_lengths"], [0]]).astype(np.int32))

@@ -13,6 +13,7 @@ import pytest
 import colbert_jax
 from colbert_jax.index import ARRAYS, CorruptIndexError
 from colbert_jax.indexing.collection import Collection, CollectionError
+from colbert_jax.indexing.encode import encode_passages
 
 
 def arrays_of(path):
@@ -42,7 +43,10 @@ def test_real_index_within_codec_error(real_index, minilm_model):
     index = colbert_jax.Index.open(real_index)
     assert (index.num_passages, index.nbits, index.dim) == (2000, 2, 128)
     coll = Collection.load(index.metadata["collection"]["source"])
-    flat, doclens = minilm_model.encode_docs_flat(coll.texts(range(len(coll))))
+    texts = coll.texts(range(len(coll)))
+    flat = np.concatenate(encode_passages(minilm_model, texts))  # the index's canonical batches
+    model_flat, doclens = minilm_model.encode_docs_flat(texts)  # length-sorted batches: float noise apart
+    np.testing.assert_allclose(flat, model_flat, atol=2e-5)
     np.testing.assert_array_equal(index.doclens, doclens)
     assert index.num_embeddings == len(flat) and index.num_partitions == 4096  # 2^floor(log2(16 sqrt(~84k)))
 
