@@ -21,6 +21,8 @@ that arrives meanwhile waits for at most the current warm-up step and then compi
 Compiled programs are cached on disk (`colbert_jax.runtime`), so a restart loads instead of compiling.
 """
 
+# No `from __future__ import annotations`: FastAPI reads endpoint annotations as objects, and the POST body
+# model is made per application (its list limit is that server's max_batch).
 import asyncio
 import contextlib
 import errno
@@ -204,12 +206,21 @@ def warm_up_steps(searcher: Searcher, max_batch: int = 64) -> Iterator[None]:
         if i == 0 and searcher.implementation == "streamed":  # after batch size 1: first requests need it
             ncells = min(search_params(k, searcher.config)[0], searcher.index.num_partitions)
             lq = searcher.config.query_maxlen
-            m = max(sizes)  # in chunks of a served batch size: no encoder program the server never uses
-            Q = np.concatenate([searcher.encode(queries[j : j + m]) for j in range(0, len(queries), m)])
-            _, _, n_entries = plaid.cells(
-                Q, searcher.arrays, mesh=searcher.mesh, ncells=ncells, query_maxlen=lq, query_chunk=1, with_scores=False
-            )
-            n_entries = jax.device_get(n_entries).max(axis=0)
+            m = max(sizes)  # in chunks of a served batch size: no program the server would never use
+            n_entries = []
+            for j in range(0, len(queries), m):
+                Q = searcher.encode(queries[j : j + m])
+                _, _, n = plaid.cells(
+                    Q,
+                    searcher.arrays,
+                    mesh=searcher.mesh,
+                    ncells=ncells,
+                    query_maxlen=lq,
+                    query_chunk=1,
+                    with_scores=searcher._pass_scores(len(Q)),  # as search_all calls it: the same program
+                )
+                n_entries.append(jax.device_get(n).max(axis=0))  # per query, the most of any shard
+            n_entries = np.concatenate(n_entries)
             # From half the fewest to twice the most entries the samples reach (real queries stray both ways),
             # never more than the index has.
             lo = max(_pow2(n_entries.min()) // 2, 1)
@@ -277,11 +288,12 @@ class MicroBatcher:
     def queued(self) -> int:
         return self._queue.qsize() if self._queue else 0
 
-    async def search(self, queries: list[str]) -> list[list[tuple[int, int, float]]]:
-        """Top SEARCH_K results of each query; raises Overloaded when the queue is full."""
+    async def search(self, queries: list[str], k: int) -> list[tuple[list[tuple[int, int, float]], list[str]]]:
+        """Each query's top k results (searched at SEARCH_K) and their passage texts; raises Overloaded when
+        the queue is full."""
         future = asyncio.get_running_loop().create_future()
         try:
-            self._queue.put_nowait((queries, future))
+            self._queue.put_nowait((queries, k, future))
         except asyncio.QueueFull:
             raise Overloaded from None
         return await future
@@ -325,19 +337,20 @@ class MicroBatcher:
                     break
                 batch.append(item)
                 size += len(item[0])
-            texts = [q for queries, _ in batch for q in queries]
+            texts = [q for queries, _, _ in batch for q in queries]
+            ks = [k for queries, k, _ in batch for _ in queries]
             try:
-                ranking = await loop.run_in_executor(self._pool, self._search, texts, sizes)
+                answers = await loop.run_in_executor(self._pool, self._answer, texts, ks, sizes)
             except Exception as e:  # noqa: BLE001 - each waiting request gets the error
-                for _, future in batch:
+                for _, _, future in batch:
                     if not future.done():
                         future.set_exception(e)
                 continue
             self.queries += len(texts)
             offset = 0
-            for queries, future in batch:
+            for queries, _, future in batch:
                 if not future.done():
-                    future.set_result(ranking[offset : offset + len(queries)])
+                    future.set_result(answers[offset : offset + len(queries)])
                 offset += len(queries)
 
     def _search(self, texts: list[str], sizes: list[int]) -> list[list[tuple[int, int, float]]]:
@@ -353,11 +366,17 @@ class MicroBatcher:
                 start += count
         return out
 
+    def _answer(self, texts: list[str], ks: list[int], sizes: list[int]):
+        """`_search`, cut to each query's k, with the passage texts: every use of the searcher stays in this
+        one worker thread (tokenizers and lazily loaded arrays are not shared across threads)."""
+        results = [r[:k] for r, k in zip(self._search(texts, sizes), ks)]
+        pids = [pid for r in results for pid, _, _ in r]
+        passages = iter(self.searcher.passages(pids) if pids else [])
+        return [(r, [next(passages) for _ in r]) for r in results]
+
 
 # -- the application -----------------------------------------------------------------------------------
-def _hits(searcher: Searcher, query: str, results: list[tuple[int, int, float]], k: int) -> SearchResponse:
-    results = results[:k]
-    texts = searcher.passages([pid for pid, _, _ in results]) if results else []
+def _hits(query: str, results: list[tuple[int, int, float]], texts: list[str]) -> SearchResponse:
     top = max((s for _, _, s in results), default=0.0)
     weights = [math.exp(s - top) for _, _, s in results]
     total = sum(weights) or 1.0
@@ -459,12 +478,12 @@ def create_app(
     async def answer(queries: list[str], k: int) -> list[SearchResponse] | JSONResponse:
         try:
             searcher._validate(queries)
-            results = await batcher.search(queries)
+            answers = await batcher.search(queries, k)
         except Overloaded:
             return _error(503, "server overloaded: too many queued requests, retry later")
         except QueryError as e:
             return _error(400, str(e))
-        return [_hits(searcher, q, r, k) for q, r in zip(queries, results)]
+        return [_hits(q, results, texts) for q, (results, texts) in zip(queries, answers)]
 
     @app.get("/api/search", response_model=SearchResponse, responses=ERRORS, summary="Search one query")
     async def get_search(query: Annotated[QueryText, Query()], k: Annotated[KValue, Query()] = DEFAULT_K):

@@ -474,7 +474,8 @@ def test_serve_opens_the_port_at_once_and_warms_up_behind_it(tiny_index, tmp_pat
             time.sleep(0.1)
         assert with_retry is not None and with_retry.json()["status"] == "warming"
         search = get(f"{url}/api/search", params={"query": "return the value", "k": 3}, timeout=300)
-        assert search.status_code == 200 and len(search.json()["topk"]) == 3  # waited, was answered
+        assert search.status_code == 200, search.text + "".join(lines)
+        assert len(search.json()["topk"]) == 3  # waited, was answered
         for _ in range(3000):  # bounded: 300 s
             health = get(f"{url}/health").json()
             if health["status"] == "ok":
