@@ -223,7 +223,16 @@ class Index:
         return [(label, e) for label, e in out if e]
 
     def _entry_path(self, name: str, entry: dict[str, Any]) -> Path:
-        return self.path / entry.get("path", name)
+        return self._inside(name, entry.get("path", name))
+
+    def _inside(self, label: str, relative: Any) -> Path:
+        """`self.path / relative`, refused unless it stays inside the index (no absolute path, no '..', no
+        symbolic link out): metadata.json must not make us read, or an update delete, anything else."""
+        rel = Path(str(relative))
+        where = self.path / rel
+        if rel.is_absolute() or ".." in rel.parts or not where.resolve().is_relative_to(self.path.resolve()):
+            raise CorruptIndexError(f"{self.path}: metadata.json puts '{label}' at {relative!r}, outside the index")
+        return where
 
     def _validate(self, verify: bool) -> None:
         listed = self.metadata.get("arrays", {})
@@ -249,7 +258,7 @@ class Index:
                     f"{self.path}: array '{label}' is corrupt (checksum mismatch: truncated or modified files)"
                 )
         for label, entry in self._field_files():
-            where = self.path / entry["path"]
+            where = self._inside(f"passage fields file {label}", entry["path"])
             if not where.is_file():
                 raise CorruptIndexError(f"{self.path}: passage fields file '{label}' is missing")
             if verify and file_checksum(where) != entry["sha256"]:

@@ -3,8 +3,10 @@
 A torch.save file (torch >= 1.6) is a zip: `<prefix>/data.pkl` is a pickle whose tensors refer, through
 "persistent ids", to raw little-endian storages `<prefix>/data/<key>`. We unpickle `data.pkl` with an
 unpickler whose `find_class` knows only a short allowlist (OrderedDict, the storage type names and the
-tensor-rebuild functions, each replaced by our own numpy implementation), so a malicious file cannot run
-code: any other global is refused with `UnsafeCheckpointError` before anything is called.
+tensor-rebuild functions, each replaced by our own numpy implementation), whose REDUCE calls only those and
+whose BUILD only sets an OrderedDict's attributes, so a malicious file cannot run code: any other global or
+object-building opcode is refused with `UnsafeCheckpointError` before anything is called. Anything else
+wrong with a file (truncated, corrupt, a zip bomb) is a `TorchFileError` naming it.
 """
 
 from __future__ import annotations
@@ -96,7 +98,21 @@ _ALLOWED: dict[tuple[str, str], Any] = {
 }
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
+_CALLABLE = {id(v) for v in _ALLOWED.values() if callable(v) and not isinstance(v, _StorageType)}
+
+
+class _RestrictedUnpickler(pickle._Unpickler):
+    """Python's own unpickler with the opcodes that call or mutate objects narrowed down.
+
+    GLOBAL/STACK_GLOBAL resolve only names of `_ALLOWED`; REDUCE calls only those; BUILD may only set
+    plain attributes of an OrderedDict (torch's `_metadata`), never those of the allowed functions and
+    types themselves (shared by every load); INST, OBJ, NEWOBJ, NEWOBJ_EX and the EXT opcodes, which
+    torch.save does not write, are refused. The pure-Python unpickler is used because only it lets an
+    opcode be replaced; a checkpoint's pickle is small (its tensors are separate records).
+    """
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
     def __init__(self, data: bytes, read_record, byteorder: str):
         super().__init__(io.BytesIO(data))
         self._read_record = read_record
@@ -108,10 +124,39 @@ class _RestrictedUnpickler(pickle.Unpickler):
             module = "builtins"
         try:
             return _ALLOWED[(module, name)]
-        except KeyError:
+        except (KeyError, TypeError):
             raise UnsafeCheckpointError(
                 f"refusing to load global '{module}.{name}': only tensors and plain containers are allowed"
             ) from None
+
+    def _load_reduce(self) -> None:
+        args = self.stack.pop()
+        func = self.stack[-1]
+        if id(func) not in _CALLABLE or not isinstance(args, tuple):
+            raise UnsafeCheckpointError(f"refusing to call {func!r}: not a tensor-rebuild function")
+        self.stack[-1] = func(*args)
+
+    def _load_build(self) -> None:
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        if type(inst) is not collections.OrderedDict or not isinstance(state, dict):
+            raise UnsafeCheckpointError(
+                f"refusing to set the state of a {type(inst).__name__}: only an OrderedDict's attributes may be set"
+            )
+        if not all(isinstance(k, str) and not k.startswith("__") for k in state):
+            raise UnsafeCheckpointError("refusing to set special attributes of an OrderedDict")
+        inst.__dict__.update(state)
+
+    def _refuse(self) -> None:
+        raise UnsafeCheckpointError(
+            "refusing a pickle opcode that builds arbitrary objects (torch.save never writes it)"
+        )
+
+    dispatch[pickle.REDUCE[0]] = _load_reduce
+    dispatch[pickle.BUILD[0]] = _load_build
+    for _op in (pickle.INST, pickle.OBJ, pickle.NEWOBJ, pickle.NEWOBJ_EX, pickle.EXT1, pickle.EXT2, pickle.EXT4):
+        dispatch[_op[0]] = _refuse
+    del _op
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
@@ -143,6 +188,13 @@ def load_torch_file(path: str | os.PathLike) -> Any:
     try:
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()
+            # torch.save stores its records uncompressed: an archive that expands far beyond its size is
+            # refused before anything is read (a zip bomb).
+            expanded, size = sum(i.file_size for i in zf.infolist()), os.path.getsize(path)
+            if expanded > 2 * size + (1 << 20):
+                raise TorchFileError(
+                    f"{path}: its entries expand to {expanded:,} bytes from {size:,}: not a torch.save archive"
+                )
             pkl = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
             if len(pkl) != 1:
                 raise TorchFileError(f"{path}: expected one '<prefix>/data.pkl' entry, found {len(pkl)}")
@@ -158,5 +210,8 @@ def load_torch_file(path: str | os.PathLike) -> Any:
                 return zf.read(name)
 
             return _RestrictedUnpickler(zf.read(pkl[0]), read_record, byteorder).load()
-    except (zipfile.BadZipFile, EOFError, pickle.UnpicklingError, zipfile.LargeZipFile) as e:
-        raise TorchFileError(f"{path}: corrupt torch.save file: {e}") from None
+    except TorchFileError:
+        raise
+    except (Exception, RecursionError) as e:  # noqa: BLE001 - whatever a damaged or hostile file makes
+        # zipfile, the unpickler or numpy raise, it is this file's fault: one error type, naming the file
+        raise TorchFileError(f"{path}: corrupt torch.save file: {type(e).__name__}: {e}") from None
