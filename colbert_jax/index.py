@@ -78,6 +78,7 @@ ARRAYS = (
     "ivf_lengths",
 )
 OPTIONAL_ARRAYS = ("texts", "text_offsets")  # an index built from a collection carries its passages
+BULK_TEXTS = 4096  # from this many passages on, `Index.texts` reads each texts array whole
 
 
 class CorruptIndexError(ValueError):
@@ -452,9 +453,15 @@ class Index:
             local = rows - self._layout.row_starts[src]
         else:
             src, local = np.zeros(len(positions), np.int64), positions
+        if len(positions) >= BULK_TEXTS:  # many passages (compaction): one read per source, not one per passage
+            whole = {int(j): np.asarray(sources[j][0].read().result()).tobytes() for j in np.unique(src)}
+            return [
+                whole[int(j)][int(sources[j][1][i]) : int(sources[j][1][i + 1])].decode("utf-8")
+                for j, i in zip(src, local)
+            ]
         reads = []
-        for s, i in zip(src, local):  # concurrent
-            store, offsets = sources[s]
+        for j, i in zip(src, local):  # concurrent
+            store, offsets = sources[j]
             reads.append(store[int(offsets[i]) : int(offsets[i + 1])].read())
         return [np.asarray(r.result()).tobytes().decode("utf-8") for r in reads]
 

@@ -28,6 +28,7 @@ import contextlib
 import errno
 import logging
 import math
+import os
 import re
 import socket
 import time
@@ -150,6 +151,7 @@ def _request_model(max_queries: int) -> type[BaseModel]:
             min_length=1, max_length=max_queries, description=f"1 to {max_queries} queries"
         )
         k: KValue = DEFAULT_K
+        pids: list[int] | None = Field(None, description="search only these passages (pids), for every query")
 
     return SearchRequest
 
@@ -268,6 +270,8 @@ class MicroBatcher:
     warming: bool = False
     warm_up_s: float | None = None
     warm_up_error: str | None = None
+    reloads: int = 0
+    _index_stat: tuple | None = field(default=None, repr=False)
     _queue: asyncio.Queue | None = field(default=None, repr=False)
     _task: asyncio.Task | None = field(default=None, repr=False)
     _pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1), repr=False)
@@ -366,9 +370,48 @@ class MicroBatcher:
                 start += count
         return out
 
+    def reload_if_updated(self) -> bool:
+        """Moves the searcher to the index's newest version when its metadata.json changed (an `Indexer.add`,
+        `delete` or `compact` committed). Runs in the worker between batches, so no request sees a half-moved
+        searcher; if the new version cannot be opened, the old one keeps answering."""
+        try:
+            st = os.stat(self.searcher.index.path / "metadata.json")
+        except OSError:
+            return False
+        seen = (st.st_mtime_ns, st.st_ino, st.st_size)
+        if self._index_stat is None or seen == self._index_stat:
+            self._index_stat = seen
+            return False
+        self._index_stat = seen
+        try:
+            moved = self.searcher.reload(verify=False)
+        except Exception as e:  # noqa: BLE001 - keep answering from the version in memory
+            log.warning(
+                "index changed but could not be reloaded (still serving version %s): %s: %s",
+                self.searcher.version,
+                type(e).__name__,
+                e,
+            )
+            return False
+        if moved:
+            self.reloads += 1
+            log.info("index updated: now serving version %s (%s)", self.searcher.version, self.searcher.index)
+        return moved
+
+    def filtered(self, queries: list[str], k: int, pids: list[int]):
+        """Search restricted to `pids` (not micro-batched: each request has its own set), with passage texts."""
+        self.reload_if_updated()
+        ranking = self.searcher.search_all(queries, k=min(SEARCH_K, self.searcher.index.num_passages), pids=pids)
+        results = [ranking[i][:k] for i in range(len(queries))]
+        hits = [pid for r in results for pid, _, _ in r]
+        passages = iter(self.searcher.passages(hits) if hits else [])
+        self.queries += len(queries)
+        return [(r, [next(passages) for _ in r]) for r in results]
+
     def _answer(self, texts: list[str], ks: list[int], sizes: list[int]):
         """`_search`, cut to each query's k, with the passage texts: every use of the searcher stays in this
         one worker thread (tokenizers and lazily loaded arrays are not shared across threads)."""
+        self.reload_if_updated()
         results = [r[:k] for r, k in zip(self._search(texts, sizes), ks)]
         pids = [pid for r in results for pid, _, _ in r]
         passages = iter(self.searcher.passages(pids) if pids else [])
@@ -475,26 +518,41 @@ def create_app(
         log.exception("error answering %s", request.url.path)
         return _error(500, f"internal error: {type(exc).__name__}: {exc}")
 
-    async def answer(queries: list[str], k: int) -> list[SearchResponse] | JSONResponse:
+    async def answer(queries: list[str], k: int, pids: list[int] | None = None) -> list[SearchResponse] | JSONResponse:
         try:
             searcher._validate(queries)
-            answers = await batcher.search(queries, k)
+            if pids is not None:
+                answers = await batcher.call(batcher.filtered, queries, k, pids)
+            else:
+                answers = await batcher.search(queries, k)
         except Overloaded:
             return _error(503, "server overloaded: too many queued requests, retry later")
         except QueryError as e:
             return _error(400, str(e))
+        except KeyError as e:  # a pid not in the index
+            return _error(400, str(e.args[0]) if e.args else "unknown pid")
         return [_hits(q, results, texts) for q, (results, texts) in zip(queries, answers)]
 
     @app.get("/api/search", response_model=SearchResponse, responses=ERRORS, summary="Search one query")
-    async def get_search(query: Annotated[QueryText, Query()], k: Annotated[KValue, Query()] = DEFAULT_K):
-        """colbert-ai's endpoint: the top k passages for `query`."""
-        out = await answer([query], k)
+    async def get_search(
+        query: Annotated[QueryText, Query()],
+        k: Annotated[KValue, Query()] = DEFAULT_K,
+        pids: Annotated[str | None, Query(description="comma-separated pids: search only these passages")] = None,
+    ):
+        """colbert-ai's endpoint: the top k passages for `query` (with `pids=1,2,3`: among those only)."""
+        allowed = None
+        if pids is not None:
+            try:
+                allowed = [int(p) for p in pids.split(",") if p.strip()]
+            except ValueError:
+                return _error(400, f"pids: expected comma-separated integers, got {pids[:50]!r}")
+        out = await answer([query], k, allowed)
         return out if isinstance(out, JSONResponse) else out[0]
 
     @app.post("/api/search", response_model=BatchResponse, responses=ERRORS, summary="Search a batch of queries")
     async def post_search(request: SearchRequest):
-        """The top k passages for each query."""
-        out = await answer(request.queries, request.k)
+        """The top k passages for each query (with `pids`: among those passages only)."""
+        out = await answer(request.queries, request.k, request.pids)
         return out if isinstance(out, JSONResponse) else BatchResponse(results=out)
 
     @app.get("/api/explain", response_model=ExplainResponse, responses=ERRORS, summary="Why a passage matches a query")

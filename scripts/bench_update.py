@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -58,6 +59,9 @@ def main() -> None:
     for f in (work / "arrays").iterdir():
         f.unlink()
     index_bytes = colbert_jax.Index.open(big, verify=False).nbytes()
+    print(f"{args.factor}x index (left unchanged, for scripts/bench_mmap.py): {big}", file=sys.stderr)
+    pristine, big = big, work / f"x{args.factor}-updated"
+    shutil.copytree(pristine, big)
     texts = Collection.load(collection).texts(range(len(base.pids)))
     count = int(round(args.share * n))
     new = [texts[i % len(texts)] for i in range(count)]

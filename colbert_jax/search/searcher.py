@@ -201,12 +201,12 @@ class Searcher:
     def __repr__(self) -> str:
         return f"Searcher({self.index!r}, exact={self.exact})"
 
-    def reload(self) -> bool:
+    def reload(self, verify: bool = True) -> bool:
         """Moves to the newest version of the index (after `Indexer.add` / `delete` / `compact`); until then a
         Searcher answers from the version it opened (updates never change a version's files; those a
-        compaction retires are removed one version later, so read passage texts before then). Returns whether
-        there was a newer version."""
-        latest = Index.open(self.index.path, mmap=self.mmap)
+        compaction retires are removed one version later, so read passage texts before then). verify: check the
+        new version's checksums (reads every file once). Returns whether there was a newer version."""
+        latest = Index.open(self.index.path, verify=verify, mmap=self.mmap)
         if latest.metadata.get("version", 0) == self.index.metadata.get("version", 0) and (
             latest.metadata.get("build") == self.index.metadata.get("build")
         ):
