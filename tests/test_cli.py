@@ -244,3 +244,37 @@ def test_bom_in_collection_and_queries(workdir, tmp_path):
     assert row["qid"] == 7
     first_pid = int(lines[0].split("\t")[0])
     assert first_pid in {hit["pid"] for hit in row["results"]}
+
+
+def test_serve_from_another_directory_answers_with_texts(workdir, elsewhere):
+    """The index was built in `workdir` with relative paths; the server starts elsewhere and answers 200."""
+    import threading
+
+    import httpx
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "colbert_jax.cli", "serve", "--index", str(workdir / "idx"), "--port", "0"],
+        cwd=elsewhere,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True).start()
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        url = None
+        while url is None and proc.poll() is None and time.monotonic() < deadline:
+            url = next((line.split(" at ")[1].split("/ ")[0] for line in lines if line.startswith("serving")), None)
+            time.sleep(0.1)
+        assert url, "".join(lines)
+        r = httpx.get(f"{url}/api/search", params={"query": "read a file", "k": 3}, timeout=TIMEOUT)
+        assert r.status_code == 200, r.text + "".join(lines)
+        hits = r.json()["topk"]
+        lines_by_pid = {int(line.split("\t")[0]): line for line in (workdir / "coll.tsv").read_text().splitlines()}
+        assert len(hits) == 3 and all(hit["text"] and hit["pid"] in lines_by_pid for hit in hits)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
+    assert "Traceback" not in "".join(lines)
