@@ -124,6 +124,9 @@ class ColBERTConfig(BaseModel):
         """Builds a config from a dict; unknown keys and bad values raise `ConfigError`."""
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a mapping of config keys, got {type(data).__name__}")
+        bad = [k for k in data if not isinstance(k, str)]
+        if bad:
+            raise ConfigError(f"{source}: config keys are names, got {bad[0]!r}")
         try:
             return cls(**data)
         except ConfigError as e:
@@ -176,10 +179,10 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    text = path.read_text()
     try:
+        text = path.read_text(encoding="utf-8")
         data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
-    except (yaml.YAMLError, json.JSONDecodeError) as e:
+    except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'}: {e}") from None
     if data is None:
         data = {}

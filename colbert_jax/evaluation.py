@@ -18,6 +18,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from colbert_jax.queries import text_lines
 from colbert_jax.search.ranking import Ranking
 
 __all__ = ["load_qrels", "evaluate"]
@@ -29,30 +30,29 @@ def load_qrels(path: str | os.PathLike) -> dict[str, dict[str, int]]:
     if not path.is_file():
         raise FileNotFoundError(f"qrels file not found: {path}")
     qrels: dict[str, dict[str, int]] = {}
-    with open(path, encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, 1):
-            fields = line.split()
-            if not fields:
-                continue
-            if lineno == 1 and fields[0] in ("query-id", "qid"):
-                continue  # BEIR header
-            if len(fields) == 4:
-                qid, _, pid, rel = fields
-            elif len(fields) == 3:
-                qid, pid, rel = fields
-            else:
-                raise ValueError(f"{path}:{lineno}: expected 'qid 0 pid rel' (MS MARCO) or 'qid pid rel' (BEIR)")
-            try:
-                value = float(rel)
-            except ValueError:
-                raise ValueError(f"{path}:{lineno}: relevance {rel!r} is not a number") from None
-            if not value.is_integer():
-                raise ValueError(
-                    f"{path}:{lineno}: relevance {rel!r} is not an integer label; this looks like a ranking "
-                    "('qid pid rank score'), not qrels"
-                )
-            relevance = int(value)
-            qrels.setdefault(qid, {})[pid] = relevance
+    for lineno, line in text_lines(path):
+        fields = line.split()
+        if not fields:
+            continue
+        if lineno == 1 and fields[0] in ("query-id", "qid"):
+            continue  # BEIR header
+        if len(fields) == 4:
+            qid, _, pid, rel = fields
+        elif len(fields) == 3:
+            qid, pid, rel = fields
+        else:
+            raise ValueError(f"{path}:{lineno}: expected 'qid 0 pid rel' (MS MARCO) or 'qid pid rel' (BEIR)")
+        try:
+            value = float(rel)
+        except ValueError:
+            raise ValueError(f"{path}:{lineno}: relevance {rel!r} is not a number") from None
+        if not value.is_integer():
+            raise ValueError(
+                f"{path}:{lineno}: relevance {rel!r} is not an integer label; this looks like a ranking "
+                "('qid pid rank score'), not qrels"
+            )
+        relevance = int(value)
+        qrels.setdefault(qid, {})[pid] = relevance
     if not qrels:
         raise ValueError(f"{path}: no judgements")
     return qrels

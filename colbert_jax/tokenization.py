@@ -72,6 +72,11 @@ def check_texts(texts: Sequence[str], what: str = "texts") -> list[str]:
     for i, t in enumerate(texts):
         if not isinstance(t, str):
             raise TypeError(f"{what}[{i}] must be a str, got {type(t).__name__}")
+        if not t.isascii():
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError as e:  # a lone surrogate (e.g. JSON's "\ud800"): the tokenizer cannot take it
+                raise ValueError(f"{what}[{i}] is not valid Unicode: lone surrogate at character {e.start}") from None
     return list(texts)
 
 

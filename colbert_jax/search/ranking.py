@@ -59,23 +59,27 @@ class Ranking:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"ranking file not found: {path}")
+        from colbert_jax.queries import INTEGER, text_lines
+
         rows: list[tuple[str, int, int, float]] = []
-        with open(path, encoding="utf-8-sig") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                fields = line.rstrip("\n").split("\t")
-                if len(fields) < 3:
-                    raise ValueError(f"{path}:{lineno}: expected 'qid<TAB>pid<TAB>rank[<TAB>score]'")
-                try:
-                    score = float(fields[3]) if len(fields) > 3 else 0.0
-                    rows.append((fields[0], int(fields[1]), int(fields[2]), score))
-                except ValueError:
-                    raise ValueError(f"{path}:{lineno}: pid and rank must be integers, score a number") from None
-        as_int = all(q.lstrip("-").isdigit() for q, *_ in rows)
+        for lineno, line in text_lines(path):
+            if not line.strip():
+                continue
+            fields = line.rstrip("\r\n").split("\t")
+            if len(fields) < 3:
+                raise ValueError(f"{path}:{lineno}: expected 'qid<TAB>pid<TAB>rank[<TAB>score]'")
+            try:
+                score = float(fields[3]) if len(fields) > 3 else 0.0
+                rows.append((fields[0], int(fields[1]), int(fields[2]), score))
+            except ValueError:
+                raise ValueError(f"{path}:{lineno}: pid and rank must be integers, score a number") from None
+        as_int = all(INTEGER.fullmatch(q) for q, *_ in rows)
         data: dict[Any, list[tuple[int, int, float]]] = {}
         for qid, pid, rank, score in rows:
             data.setdefault(int(qid) if as_int else qid, []).append((pid, rank, score))
         meta = path.with_name(path.name + ".meta")
-        provenance = json.loads(meta.read_text()) if meta.is_file() else {}
+        try:
+            provenance = json.loads(meta.read_text()) if meta.is_file() else {}
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{meta}: not valid JSON: {e}") from None
         return cls(data, provenance)
