@@ -206,11 +206,10 @@ def _serve(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     import json
 
-    from colbert_jax.evaluation import evaluate, load_qrels
-    from colbert_jax.search.ranking import Ranking
+    from colbert_jax.evaluation import evaluate, load_qrels, load_run
 
     metrics = evaluate(
-        Ranking.load(args.ranking), load_qrels(args.qrels), mrr_k=args.mrr_k, ndcg_k=args.ndcg_k, recall_ks=args.recall
+        load_run(args.ranking), load_qrels(args.qrels), mrr_k=args.mrr_k, ndcg_k=args.ndcg_k, recall_ks=args.recall
     )
     if args.json:
         print(json.dumps(metrics, indent=2))
@@ -491,12 +490,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "evaluate",
-        help="MRR, Recall and nDCG of a ranking against qrels",
-        description="Evaluate a ranking TSV (qid, pid, rank[, score]) against qrels in MS MARCO "
-        "('qid 0 pid rel') or BEIR ('query-id corpus-id score', with header) format.",
+        help="MRR, Recall and nDCG of a ranking against qrels (computed by ir-measures / trec_eval)",
+        description="Evaluate a ranking TSV (qid, pid, rank[, score]) or a TREC run file (qid Q0 docno rank "
+        "score tag) against qrels in TREC / MS MARCO ('qid 0 docno rel') or BEIR ('query-id corpus-id score', "
+        "with header) format. Metrics come from ir-measures (trec_eval), averaged over the judged queries "
+        "(a judged query missing from the ranking counts 0).",
     )
-    p.add_argument("--ranking", required=True, help="ranking TSV, as written by colbert-jax search --out")
-    p.add_argument("--qrels", required=True, help="relevance judgements")
+    p.add_argument("--ranking", required=True, help="ranking TSV (colbert-jax search --out) or TREC run file")
+    p.add_argument("--qrels", required=True, help="relevance judgements (TREC, MS MARCO or BEIR)")
     p.add_argument("--mrr-k", dest="mrr_k", type=int, default=10, help="MRR depth")
     p.add_argument("--ndcg-k", dest="ndcg_k", type=int, default=10, help="nDCG depth")
     p.add_argument("--recall", type=int, nargs="+", default=[10, 50, 100, 1000], help="Recall@k depths")
