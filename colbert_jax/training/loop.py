@@ -3,7 +3,8 @@
     out_dir/metrics.jsonl      one JSON object per step (step, loss, grad_norm, lr, examples/s, tokens/s, mfu)
     out_dir/checkpoints/<step> Orbax checkpoints: train state (params, optimizer, step, RNG), each host's data
                                position (Grain iterator state, one file per process)
-    out_dir/export/            the final model in the PyTorch ColBERTv2 layout (loads in colbert-ai)
+    out_dir/export/            the final model in the PyTorch ColBERTv2 layout (loads in colbert-ai), or in
+                               PyLate's layout when training started from a PyLate checkpoint
     out_dir/config.yaml        the resolved configuration
 
 `out_dir` must be absent, empty, or an earlier run's directory (which the run resumes, or with
@@ -12,8 +13,9 @@
 Where training starts from (in this order):
 1. the latest Orbax checkpoint in out_dir/checkpoints (a rerun after a kill resumes exactly: same
    parameters, optimizer state, step, dropout RNG and data position);
-2. otherwise `colbert.checkpoint`: a PyTorch ColBERTv2 / colbert-jax checkpoint, a plain BERT (a fresh
-   projection), or `default` (the packaged MiniLM model).
+2. otherwise `colbert.checkpoint`: a PyTorch ColBERTv2 / PyLate / colbert-jax checkpoint, a plain BERT (a
+   fresh projection), or `default` (the packaged MiniLM model). The model trains as it encodes: a PyLate
+   checkpoint keeps its Dense layers (`head`), text settings and [MASK]-padded query positions.
 
 Several processes (hosts) train together when COLBERT_JAX_COORDINATOR (host:port),
 COLBERT_JAX_NUM_PROCESSES and COLBERT_JAX_PROCESS_ID are set: call `colbert_jax.distributed.initialize()`
@@ -85,7 +87,10 @@ def _flops_per_step(model: ColBERTModel, n_queries: int, query_len: int, n_docs:
     h, f, layers = b.hidden_size, b.intermediate_size, b.num_hidden_layers
 
     def forward(seqs, length):
-        per_token = layers * (2 * 4 * h * h + 2 * 2 * h * f + 2 * 2 * length * h) + 2 * h * model.config.dim
+        head, width = 0, h
+        for features, _, _ in model.head or ((model.config.dim, False, "identity"),):
+            head, width = head + 2 * width * features, features
+        per_token = layers * (2 * 4 * h * h + 2 * 2 * h * f + 2 * 2 * length * h) + head
         return seqs * length * per_token
 
     return 3.0 * (forward(n_queries, query_len) + forward(n_docs, doc_len))
@@ -164,7 +169,7 @@ def train(
     if micro % data_size:
         raise ConfigError(f"bsize/accumsteps={micro} must be a multiple of the mesh's data axis ({data_size})")
     dtype = jnp.bfloat16 if c.compute_dtype == "bfloat16" else jnp.float32
-    module = ColBERTEncoder(model.bert_config, c.dim, dtype=dtype, remat=t.remat)
+    module = ColBERTEncoder(model.bert_config, c.dim, dtype=dtype, remat=t.remat, head=model.head)
     tx = make_optimizer(c, t)
     p_shard = param_shardings(module, mesh, t.logical_axis_rules)
     host_params = jax.device_get(model.params)
@@ -209,6 +214,10 @@ def train(
         ),
         rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated),
     )
+    # A run killed while Orbax deleted its oldest checkpoint leaves it (partly) behind, and a finished
+    # resume saves nothing that would delete it: keep only the newest `keep_checkpoints` here.
+    for old in sorted(manager.all_steps())[: -t.keep_checkpoints]:
+        manager.delete(old)
     latest = manager.latest_step()
     if latest is not None:
         # Each process restores its own data position (Grain writes one file per process); a checkpoint
@@ -249,6 +258,7 @@ def train(
             colbert=c,
             train=t,
             pad_id=model.doc_tokenizer.pad_id,
+            query_pad_id=model.query_pad_id,
             skiplist=jnp.asarray(model.doc_tokenizer.skiplist),
             distill=distill,
         ),
@@ -334,8 +344,13 @@ def train(
                 extras=model.extras,
                 tokenizer_files=model.tokenizer_files,
                 devices=jax.local_devices()[:1],
+                head=model.head,
+                text=model.text,
             )
-            exported.save(out / "export", overwrite=True)
+            # PyLate's Dense stack and text conventions have their own layout; colbert-ai's holds one projection.
+            exported.save(
+                out / "export", format="pylate" if model.text.pylate or model.head else "torch", overwrite=True
+            )
             if show_progress:
                 tqdm.write(f"[colbert-jax] {step} steps; model exported to {out / 'export'}")
     return out
@@ -385,8 +400,17 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drops logged steps after `step` (a resumed run logs them again)."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # the last line of a run killed while writing it
+            continue
+        if record["step"] <= step:
+            keep.append(line)
+    tmp = path.with_name(f".{path.name}.tmp")  # a kill while rewriting must not lose the logged steps
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
 
 
 def _tensorboard(out: Path):

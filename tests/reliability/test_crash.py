@@ -232,3 +232,63 @@ def test_full_disk_during_convert_keeps_the_old_checkpoint(crash, convert_case):
     shutil.copytree(prior, base / "full_copy" / "ckpt")
     assert tree_digest(root / "ckpt") == tree_digest(base / "full_copy" / "ckpt")
     assert sorted(os.listdir(root)) == ["ckpt"]
+
+
+# -- training checkpoints ------------------------------------------------------------------------------
+TRAIN_SETS = ["doc_maxlen=32", "query_maxlen=16", "bsize=8", "warmup=2", "lr=1e-3", "maxsteps=3"]
+TRAIN_SETS += ["train.save_every=1", "train.keep_checkpoints=2", "train.log_every=1"]
+
+
+def run_digest(out: Path) -> tuple:
+    """What a finished run leaves: the exported model (bit for bit, but for the export's date), the logged
+    losses and gradient norms per step, and the kept checkpoints."""
+    export = tree_digest(out / "export", skip=("artifact.metadata",))
+    meta = json.loads((out / "export" / "artifact.metadata").read_text())
+    meta["meta"].pop("current_datetime")
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [(r["step"], r["loss"], r["grad_norm"], r["lr"]) for r in logged]
+    meta = json.dumps(meta, sort_keys=True).replace(str(out.resolve()), "<run>")
+    return export, meta, losses, sorted(p.name for p in (out / "checkpoints").iterdir())
+
+
+def latest_checkpoint_step(out: Path) -> int | None:
+    """Restores the run's latest Orbax checkpoint (the state a rerun resumes from); its step."""
+    import orbax.checkpoint as ocp
+
+    manager = ocp.CheckpointManager((out / "checkpoints").resolve())
+    latest = manager.latest_step()
+    if latest is None:
+        return None
+    state = ocp.StandardCheckpointer().restore((out / "checkpoints" / str(latest) / "state").resolve())
+    assert int(state["step"] if isinstance(state, dict) else state[0]) == latest
+    return latest
+
+
+def test_training_killed_anywhere_resumes_to_the_same_model(crash, tmp_path_factory, tiny_checkpoint):
+    from colbert_jax.cli import main
+
+    base = tmp_path_factory.mktemp("crash_train")
+    config = str(REPO / "configs" / "tiny.yaml")
+
+    def argv(root: Path) -> list[str]:
+        sets = [f"checkpoint={tiny_checkpoint}", *TRAIN_SETS]
+        return ["train", "--config", config, "--out", str(root / "run"), *(a for s in sets for a in ("--set", s))]
+
+    runs = [crash.run("cli", {"argv": argv(base / name)}, base / name) for name in ("ref", "ref2")]
+    assert all(run["rc"] == 0 for run in runs), runs[0]["log"][-3000:]
+    expected = run_digest(base / "ref" / "run")
+    assert run_digest(base / "ref2" / "run") == expected and expected[3] == ["2", "3"]
+    # Only the files tell the saves apart (a timed kill mostly lands in a compilation or a step).
+    plan = [{"kill_at_event": k} for k in kill_points(runs[0]["events"], KILLS, seed=4)]
+    assert len(plan) == KILLS and runs[0]["events"] >= 4 * KILLS
+    resumed_from = set()
+    for i, kill in enumerate(plan):
+        root = base / f"kill{i}"
+        killed = crash.run("cli", {"argv": argv(root)}, root, **kill)
+        assert killed["signal"] == signal.SIGKILL, (kill, killed["log"][-3000:])
+        if (root / "run" / "checkpoints").is_dir():
+            resumed_from.add(latest_checkpoint_step(root / "run"))
+        assert main(argv(root)) == 0, kill
+        assert run_digest(root / "run") == expected, kill
+        shutil.rmtree(root)
+    assert resumed_from >= {1, 2, 3}  # kills fell between the saves and after the last one
