@@ -241,9 +241,11 @@ def _quickstart(args: argparse.Namespace) -> int:
 def _add(args: argparse.Namespace) -> int:
     import colbert_jax
 
-    indexer = colbert_jax.Indexer(args.checkpoint, show_progress=not args.quiet)
+    indexer = colbert_jax.Indexer(args.checkpoint, show_progress=False)  # the summary below says it all
     pids = indexer.add(args.index, args.collection, replace=args.replace)
     drift = indexer.stats["drift"]
+    if args.quiet:
+        return EXIT_OK
     print(
         f"added {len(pids):,} passages to {args.index} ({indexer.stats['replaced']:,} replaced); reconstruction "
         f"cosine {drift['last_add_cosine']:.4f}"
@@ -264,8 +266,9 @@ def _delete(args: argparse.Namespace) -> int:
         pids = [int(p) for p in text.replace(",", " ").split()]
     except ValueError:
         raise ValueError("pids must be integers, separated by commas or whitespace") from None
-    n = colbert_jax.Indexer(show_progress=not args.quiet).delete(args.index, pids)
-    print(f"deleted {n:,} passages from {args.index}", file=sys.stderr)
+    n = colbert_jax.Indexer(show_progress=False).delete(args.index, pids)
+    if not args.quiet:
+        print(f"deleted {n:,} passages from {args.index}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -370,14 +373,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--collection", required=True, help="passages to add (.tsv or .jsonl)")
     p.add_argument("--replace", action="store_true", help="replace passages whose ids are already in the index")
     p.add_argument("--checkpoint", help="checkpoint directory (default: the one the index records)")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--quiet", action="store_true", help="no summary line")
     p.set_defaults(func=_add)
 
     p = sub.add_parser("delete", help="delete passages from an index, in place (atomic)")
     p.add_argument("--index", required=True, help="index directory")
     p.add_argument("--pids", help="comma-separated pids, e.g. 3,17")
     p.add_argument("--pids-file", dest="pids_file", help="file of pids (one per line, or comma-separated)")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--quiet", action="store_true", help="no summary line")
     p.set_defaults(func=_delete)
 
     p = sub.add_parser(

@@ -311,11 +311,13 @@ def test_searcher_keeps_its_version_until_reload(index, tiny_model, pool):
 
 def test_cli_add_delete_compact(index, pool, capsys):
     tsv = write_tsv(index.parent / "new.tsv", {500: pool[500], 501: pool[501]})
-    assert cli.main(["add", "--index", str(index), "--collection", str(tsv), "--quiet"]) == 0
-    assert "added 2 passages" in capsys.readouterr().err
+    assert cli.main(["add", "--index", str(index), "--collection", str(tsv)]) == 0
+    err = capsys.readouterr().err
+    assert "added 2 passages" in err and "reconstruction cosine" in err and err.count("\n") == 1
     assert cli.main(["add", "--index", str(index), "--collection", str(tsv), "--quiet"]) == 2
     assert "--replace" in capsys.readouterr().err
     assert cli.main(["add", "--index", str(index), "--collection", str(tsv), "--replace", "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
     assert cli.main(["delete", "--index", str(index), "--pids", "3,17"]) == 0
     (index.parent / "gone.txt").write_text("500\n4\n")
     assert cli.main(["delete", "--index", str(index), "--pids-file", str(index.parent / "gone.txt")]) == 0
