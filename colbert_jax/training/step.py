@@ -77,8 +77,13 @@ def loss_fn(
     pad_id: int,
     skiplist: jax.Array,
     distill: bool,
+    query_pad_id: int | None = None,
 ) -> tuple[jax.Array, dict]:
-    """Loss of one micro-batch: q_ids/q_mask [b, Lq], d_ids/d_mask [b * nway, Ld], scores [b, nway]."""
+    """Loss of one micro-batch: q_ids/q_mask [b, Lq], d_ids/d_mask [b * nway, Ld], scores [b, nway].
+
+    `query_pad_id` (default `pad_id`) is the query id whose rows are zeroed: `ColBERTModel.query_pad_id`, -1 for
+    PyLate checkpoints (whose tokenizers may pad with [MASK], and whose queries keep every position).
+    """
     nway = colbert.nway
     deterministic = rng is None
     rq = rd = None
@@ -86,7 +91,13 @@ def loss_fn(
         rq, rd = jax.random.split(rng)
         rq, rd = {"dropout": rq}, {"dropout": rd}
     Q = embed_queries(
-        module, params, batch["q_ids"], batch["q_mask"], pad_id=pad_id, deterministic=deterministic, rngs=rq
+        module,
+        params,
+        batch["q_ids"],
+        batch["q_mask"],
+        pad_id=pad_id if query_pad_id is None else query_pad_id,
+        deterministic=deterministic,
+        rngs=rq,
     )
     D, D_mask = embed_docs(
         module, params, batch["d_ids"], batch["d_mask"], skiplist, pad_id=pad_id, deterministic=deterministic, rngs=rd
@@ -125,12 +136,21 @@ def train_step(
     pad_id: int,
     skiplist: jax.Array,
     distill: bool,
+    query_pad_id: int | None = None,
 ) -> tuple[TrainState, dict]:
     """One optimizer step over `accumsteps` micro-batches (arrays with a leading micro-batch axis)."""
     accum = colbert.accumsteps
     step_rng = jax.random.fold_in(state.rng, state.step)
     grad_fn = jax.value_and_grad(
-        functools.partial(loss_fn, module=module, colbert=colbert, pad_id=pad_id, skiplist=skiplist, distill=distill),
+        functools.partial(
+            loss_fn,
+            module=module,
+            colbert=colbert,
+            pad_id=pad_id,
+            query_pad_id=query_pad_id,
+            skiplist=skiplist,
+            distill=distill,
+        ),
         has_aux=True,
     )
 
