@@ -327,3 +327,24 @@ def test_cli_add_delete_compact(index, pool, capsys):
     ix = colbert_jax.Index.open(index)
     assert not ix.has_updates and sorted(ix.pids.tolist()) == sorted(set(range(BASE)) - {3, 4, 17} | {501})
     assert {name: ix._array(name).shape for name in ARRAYS}["pids"] == (BASE - 2,)
+
+
+def test_compact_recluster_equals_fresh_build(tmp_path, index, tiny_model, pool):
+    """recluster=True retrains the centroids on the current passages: the index becomes the one a fresh
+    build over them gives (same sample, same k-means), with the log folded in."""
+    indexer = colbert_jax.Indexer(tiny_model)
+    indexer.add(index, pool[300:340])
+    indexer.delete(index, [0, 5, 7])
+    expected = contents(index)
+    colbert_jax.Indexer(show_progress=False).compact(index, recluster=True)
+    got = colbert_jax.Index.open(index)
+    assert not got.has_updates and contents(index) == expected
+    assert json.loads((index / "metadata.json").read_text())["drift"] is None  # fits its own centroids again
+    fresh_path = tmp_path / "fresh"
+    colbert_jax.Indexer(tiny_model, nbits=2, show_progress=False).index(fresh_path, list(expected.values()))
+    fresh = colbert_jax.Index.open(fresh_path)
+    for name in ("codes", "residuals", "doclens"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(fresh, name), err_msg=name)
+    np.testing.assert_array_equal(got.codec.centroids, fresh.codec.centroids)
+    searcher = colbert_jax.Searcher(index, tiny_model)
+    assert searcher.search(QUERIES[0], k=3)[0][0] in expected
