@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
 from pathlib import Path
 
@@ -159,8 +160,14 @@ def _search(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     import colbert_jax
-    from colbert_jax.server import bind, serve
+    from colbert_jax.server import bind, check_exposure, serve
 
+    args.api_key = args.api_key or os.environ.get("COLBERT_JAX_API_KEY") or None
+    try:
+        check_exposure(args.host, args.api_key, args.insecure)
+    except ValueError as e:
+        print(f"colbert-jax serve: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     # Take the port first: a busy port is an error now, not after loading the index and compiling.
     try:
         sock = bind(args.host, args.port)
@@ -199,6 +206,10 @@ def _serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue,
+        api_key=args.api_key,
+        insecure=args.insecure,
+        max_body_bytes=args.max_body_bytes,
+        request_timeout_s=args.request_timeout_s,
     )
     return EXIT_OK
 
@@ -489,6 +500,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long the first queued request waits for others to batch with",
     )
     p.add_argument("--max-queue", dest="max_queue", type=int, default=256, help="queued requests before 503")
+    p.add_argument(
+        "--api-key",
+        dest="api_key",
+        help="require 'Authorization: Bearer KEY' on /api/ (default: $COLBERT_JAX_API_KEY, never printed)",
+    )
+    p.add_argument(
+        "--insecure", action="store_true", help="serve on a non-loopback --host without an API key (anyone can query)"
+    )
+    p.add_argument(
+        "--max-body-bytes", dest="max_body_bytes", type=int, default=1 << 20, help="larger request bodies get 413"
+    )
+    p.add_argument(
+        "--request-timeout-s", dest="request_timeout_s", type=float, default=60.0, help="slower requests get 503"
+    )
     p.set_defaults(func=_serve)
 
     p = sub.add_parser(

@@ -26,6 +26,8 @@ Compiled programs are cached on disk (`colbert_jax.runtime`), so a restart loads
 import asyncio
 import contextlib
 import errno
+import hmac
+import ipaddress
 import logging
 import math
 import os
@@ -48,12 +50,15 @@ from starlette.exceptions import HTTPException
 
 from colbert_jax.search.searcher import QueryError, Searcher
 
-__all__ = ["create_app", "serve", "bind", "warm_up", "MicroBatcher", "MAX_K", "MAX_QUERY_CHARS"]
+__all__ = ["create_app", "serve", "bind", "check_exposure", "warm_up", "MicroBatcher", "MAX_K", "MAX_QUERY_CHARS"]
 
 SEARCH_K = 100
 MAX_K = 100
 DEFAULT_K = 10
 MAX_QUERY_CHARS = 1000  # query_maxlen is 32 tokens; 1,000 characters leave room for any real query
+MAX_BODY_BYTES = 1 << 20  # a POST of max_batch queries of MAX_QUERY_CHARS is ~64 kB (~256 kB as \u escapes)
+REQUEST_TIMEOUT_S = 60.0
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 WEB = Path(__file__).parent / "web"
 log = logging.getLogger("colbert_jax.server")
 
@@ -455,8 +460,59 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+class _BodyTooLarge(BaseException):  # noqa: N818 - not an Exception: FastAPI turns those, while reading a body, into 400
+    """Raised from the body reader once a body passes the limit, caught by `_Guard`."""
+
+
+class _Guard:
+    """ASGI middleware in front of the application: bearer key on /api/ (when one is set), request body size
+    (413, whether or not Content-Length is given) and a time limit per request (503 with Retry-After)."""
+
+    def __init__(self, app, *, api_key: str | None, max_body_bytes: int, timeout_s: float):
+        self.app, self.max_body, self.timeout_s = app, max_body_bytes, timeout_s
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if self.expected is not None and scope["path"].startswith("/api/"):
+            if not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
+                response = _error(401, "missing or wrong API key: send 'Authorization: Bearer KEY'")
+                response.headers["WWW-Authenticate"] = "Bearer"
+                return await response(scope, receive, send)
+        length = headers.get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.max_body:
+            return await _error(413, f"request body over {self.max_body:,} bytes")(scope, receive, send)
+        received, started = 0, False
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body:  # a chunked body without Content-Length
+                raise _BodyTooLarge
+            return message
+
+        async def tracked_send(message):
+            nonlocal started
+            started = True
+            await send(message)
+
+        try:
+            await asyncio.wait_for(self.app(scope, limited_receive, tracked_send), self.timeout_s)
+        except _BodyTooLarge:
+            if not started:
+                await _error(413, f"request body over {self.max_body:,} bytes")(scope, receive, send)
+        except TimeoutError:
+            if not started:
+                await _error(503, f"request took over {self.timeout_s:g} s: retry later")(scope, receive, send)
+
+
 ERRORS = {
     400: {"model": ErrorBody, "description": "a bad parameter or body"},
+    401: {"model": ErrorBody, "description": "the server has an API key and the request lacks it"},
+    413: {"model": ErrorBody, "description": "the request body is over the server's limit"},
     503: {"model": ErrorBody, "description": "the request queue is full: retry after Retry-After seconds"},
 }
 
@@ -468,6 +524,9 @@ def create_app(
     max_wait_ms: float = 2.0,
     max_queue: int = 256,
     warm: bool = False,
+    api_key: str | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    request_timeout_s: float = REQUEST_TIMEOUT_S,
 ) -> FastAPI:
     """The FastAPI application serving `searcher`.
 
@@ -477,6 +536,9 @@ def create_app(
       max_wait_ms: how long the first queued request waits for others to batch with.
       max_queue: queued requests beyond which requests answer 503.
       warm: compile the search programs in the background after start-up (`/health` says "warming").
+      api_key: when set, every /api/ request needs `Authorization: Bearer <api_key>` (else 401).
+      max_body_bytes: larger request bodies answer 413.
+      request_timeout_s: a request not answered by then gets 503 with Retry-After.
     """
     batcher = MicroBatcher(searcher, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, warm=warm)
 
@@ -519,6 +581,8 @@ def create_app(
         return _error(500, f"internal error: {type(exc).__name__}: {exc}")
 
     async def answer(queries: list[str], k: int, pids: list[int] | None = None) -> list[SearchResponse] | JSONResponse:
+        if pids is not None and not all(_INT64_MIN <= p <= _INT64_MAX for p in pids):
+            return _error(400, "pids: a pid beyond 64-bit integers is not in the index")
         try:
             searcher._validate(queries)
             if pids is not None:
@@ -567,6 +631,8 @@ def create_app(
             return matches, text, doc_token_spans(searcher.model, text)
 
         try:
+            if not _INT64_MIN <= pid <= _INT64_MAX:  # numpy cannot even look it up
+                raise KeyError(pid)
             searcher.index.positions([pid])
         except KeyError:
             return _error(404, f"pid {pid} is not in the index")
@@ -630,6 +696,7 @@ def create_app(
         return app.openapi_schema
 
     app.openapi = openapi
+    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes, timeout_s=request_timeout_s)
     return app
 
 
@@ -657,6 +724,22 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def check_exposure(host: str, api_key: str | None, insecure: bool) -> None:
+    """Refuses (ValueError) to serve on an address other machines can reach without an API key, unless
+    `insecure`: an index's passages are whatever was indexed, and anyone on the network could read them."""
+    if api_key or insecure:
+        return
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)}
+    except socket.gaierror as e:
+        raise ValueError(f"cannot resolve host {host!r}: {e.strerror}") from None
+    if not all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses):
+        raise ValueError(
+            f"{host} is reachable from other machines: set an API key (--api-key KEY or COLBERT_JAX_API_KEY) "
+            "or pass --insecure to serve without one"
+        )
+
+
 def serve(
     searcher: Searcher,
     *,
@@ -664,12 +747,14 @@ def serve(
     port: int = 8893,
     sock: socket.socket | None = None,
     warm: bool = True,
+    insecure: bool = False,
     **kwargs,
 ) -> None:
     """Runs the server until interrupted (loopback unless `host` says otherwise). The port opens at once;
     the warm-up runs behind it. `sock`: an already bound socket (from `bind`); `kwargs` go to `create_app`."""
     import uvicorn
 
+    check_exposure(sock.getsockname()[0] if sock else host, kwargs.get("api_key"), insecure)
     sock = sock or bind(host, port)
     config = uvicorn.Config(create_app(searcher, warm=warm, **kwargs), log_level="info")
     uvicorn.Server(config).run(sockets=[sock])
