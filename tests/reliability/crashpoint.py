@@ -94,7 +94,19 @@ def _cli(args: dict) -> None:
         raise SystemExit(rc)
 
 
-JOBS = {"index": _index, "cli": _cli}
+def _update(args: dict) -> None:
+    import colbert_jax
+
+    indexer = colbert_jax.Indexer(colbert_jax.load_checkpoint(args["checkpoint"]), show_progress=False)
+    if args["op"] == "add":
+        indexer.add(args["index"], args["collection"])
+    elif args["op"] == "delete":
+        indexer.delete(args["index"], args["pids"])
+    else:
+        indexer.compact(args["index"])
+
+
+JOBS = {"index": _index, "cli": _cli, "update": _update}
 
 
 def _preload() -> None:

@@ -292,3 +292,75 @@ def test_training_killed_anywhere_resumes_to_the_same_model(crash, tmp_path_fact
         assert run_digest(root / "run") == expected, kill
         shutil.rmtree(root)
     assert resumed_from >= {1, 2, 3}  # kills fell between the saves and after the last one
+
+
+# -- index updates -------------------------------------------------------------------------------------
+def update_digest(path: Path) -> str:
+    """`index_digest` without what differs by design between two runs of an update: segment directories
+    are named `NNNNNN-<random>` (each attempt writes new files), and dates."""
+    import re
+
+    def strip(obj):
+        if isinstance(obj, dict):
+            return {k: strip(v) for k, v in obj.items() if k not in ("build", "created", "updated", "time")}
+        if isinstance(obj, list):
+            return [strip(v) for v in obj]
+        return obj
+
+    # Opening with verify=True checks every array metadata.json lists against its sha256, so metadata.json
+    # stands for the whole index (files it does not list, a killed attempt's, are not part of it).
+    index = Index.open(path, verify=True)
+    unnamed = re.sub(r"(\d{6})-[0-9a-f]{8}", r"\1-*", json.dumps(strip(index.metadata), sort_keys=True))
+    return hashlib.sha256(unnamed.encode()).hexdigest()
+
+
+@pytest.mark.parametrize("op", ["add", "delete", "compact"])
+def test_index_update_killed_anywhere_leaves_old_or_new(crash, index_case, tiny_model, op):
+    """add (40 new passages), delete (10 pids) and compact, each killed at 20 seeded filesystem events: the
+    index opens and verifies as the old one or the updated one; if old, the same call completes it."""
+    base, prior, args = index_case
+    start = base / f"{op}_start" / "idx"
+    if not start.exists():
+        shutil.copytree(prior, start)
+        if op == "compact":  # something to fold in
+            colbert_jax.Indexer(tiny_model, show_progress=False).delete(start, [100, 101, 102])
+    extra = lines_file(Path(args["collection"]), base / "extra.tsv", 0, 0)
+    extra.write_text(
+        "".join(
+            f"{1000 + i}\t{line.split(chr(9), 1)[1]}\n"
+            for i, line in enumerate(Path(args["collection"]).read_text().splitlines()[:40])
+        )
+    )
+    job = {"checkpoint": args["checkpoint"], "op": op, "collection": str(extra), "pids": list(range(110, 120))}
+
+    def fresh(name: str) -> Path:
+        root = base / f"{op}_{name}"
+        shutil.copytree(start, root / "idx")
+        return root
+
+    def rerun(path: Path) -> None:
+        indexer = colbert_jax.Indexer(tiny_model, show_progress=False)
+        {"add": lambda: indexer.add(path, extra), "delete": lambda: indexer.delete(path, job["pids"])}.get(
+            op, lambda: indexer.compact(path)
+        )()
+
+    before = update_digest(start)
+    runs = [crash.run("update", {**job, "index": str(fresh(n) / "idx")}, base / f"{op}_{n}") for n in ("ref", "ref2")]
+    assert all(r["rc"] == 0 for r in runs), runs[0]["log"][-2000:]
+    after = update_digest(base / f"{op}_ref" / "idx")
+    assert after != before and update_digest(base / f"{op}_ref2" / "idx") == after
+    points = kill_points(runs[0]["events"], KILLS, seed=6)
+    assert len(points) >= min(KILLS, runs[0]["events"])
+    outcomes = []
+    for i, k in enumerate(points):
+        root = fresh(f"kill{i}")
+        killed = crash.run("update", {**job, "index": str(root / "idx")}, root, kill_at_event=k)
+        assert killed["signal"] == signal.SIGKILL, (k, killed["log"][-2000:])
+        state = update_digest(root / "idx")
+        assert state in (before, after), k
+        outcomes.append(state == after)
+        if state == before:
+            rerun(root / "idx")
+            assert update_digest(root / "idx") == after, k
+        shutil.rmtree(root)
+    assert not all(outcomes)
