@@ -291,7 +291,7 @@ def test_kill_at_random_instants(tmp_path, base_index, tiny_checkpoint, pool):
         assert len(got) >= BASE
         for pid, text in got.items():
             assert text == pool[pid % 600], pid
-        colbert_jax.Indexer(show_progress=False).add(path, [pool[599]])  # still updatable after the kill
+        colbert_jax.Indexer(show_progress=False).add(path, [pool[599]], max_added_share=1.0)  # still updatable
         assert colbert_jax.Index.open(path).num_passages == len(got) + 1
 
 
