@@ -206,7 +206,17 @@ def test_ctrl_c_prints_one_line_and_the_build_resumes(workdir, tmp_path):
     shutil.copyfile(COLLECTIONS / "stdlib_2k.tsv", coll)
     args = ["index", "--checkpoint", str(workdir / "ckpt"), "--collection", str(coll), "--index", "idx",
             "--chunksize", "64"]  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-m", "colbert_jax.cli", *args], cwd=tmp_path, env=_env(),
+    # The CLI's own main(), with reading each piece's texts slowed down so that the signal surely lands while
+    # the sample is being encoded (an idle machine encodes this collection in about a second).
+    slowed = (
+        "import sys, time\n"
+        "from colbert_jax.indexing import collection\n"
+        "texts = collection.Collection.texts\n"
+        "collection.Collection.texts = lambda self, indices: (time.sleep(0.5), texts(self, indices))[1]\n"
+        "from colbert_jax.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", slowed, *args], cwd=tmp_path, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     piece = tmp_path / ".idx.partial" / "sample" / "0.json"
     deadline = time.monotonic() + TIMEOUT

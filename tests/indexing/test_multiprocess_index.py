@@ -35,8 +35,19 @@ def _env(devices: int) -> dict[str, str]:
     }
 
 
-def _command(processes: int, args: list[str]) -> list[str]:
-    cli = [sys.executable, "-m", "colbert_jax.cli", *args]
+# The CLI with reading each piece's texts slowed down, so that a kill surely lands mid-build.
+SLOWED = (
+    "import sys, time\n"
+    "from colbert_jax.indexing import collection\n"
+    "texts = collection.Collection.texts\n"
+    "collection.Collection.texts = lambda self, indices: (time.sleep(0.5), texts(self, indices))[1]\n"
+    "from colbert_jax.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+def _command(processes: int, args: list[str], slow: bool = False) -> list[str]:
+    cli = [sys.executable, *(["-c", SLOWED] if slow else ["-m", "colbert_jax.cli"]), *args]
     return ["bash", str(REPO / "scripts" / "launch_local.sh"), str(processes), *cli] if processes > 1 else cli
 
 
@@ -97,7 +108,7 @@ def test_killed_multiprocess_build_resumes(inputs, single):
     root, args = inputs
     work = root / ".killed.partial"
     proc = subprocess.Popen(
-        _command(2, ["index", *args, "--index", "killed"]),
+        _command(2, ["index", *args, "--index", "killed"], slow=True),
         cwd=root,
         env=_env(1),
         stdout=subprocess.DEVNULL,
