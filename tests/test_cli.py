@@ -208,8 +208,10 @@ def test_ctrl_c_prints_one_line_and_the_build_resumes(workdir, tmp_path):
             "--chunksize", "64"]  # fmt: skip
     # The CLI's own main(), with reading each piece's texts slowed down so that the signal surely lands while
     # the sample is being encoded (an idle machine encodes this collection in about a second).
+    # A shell that starts jobs in the background (CI may) leaves SIGINT ignored in them; a terminal does not.
     slowed = (
-        "import sys, time\n"
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "from colbert_jax.indexing import collection\n"
         "texts = collection.Collection.texts\n"
         "collection.Collection.texts = lambda self, indices: (time.sleep(0.5), texts(self, indices))[1]\n"
