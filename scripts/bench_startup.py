@@ -42,7 +42,16 @@ def start_once(index: str, cache: str, timeout: float = 600.0) -> dict[str, floa
             url = next((ln.split(" at ")[1].split("/ ")[0] for ln in lines if ln.startswith("serving")), None)
             time.sleep(0.01)
         port_open = time.perf_counter() - t0
-        r = httpx.get(f"{url}/api/search", params={"query": "read a file line by line", "k": 10}, timeout=timeout)
+        while True:  # the address is printed when bound; the first connections may come before it listens
+            try:
+                r = httpx.get(
+                    f"{url}/api/search", params={"query": "read a file line by line", "k": 10}, timeout=timeout
+                )
+                break
+            except httpx.ConnectError:
+                if time.perf_counter() - t0 > timeout:
+                    raise
+                time.sleep(0.01)
         r.raise_for_status()
         first_search = time.perf_counter() - t0
         while httpx.get(f"{url}/health", timeout=timeout).json()["status"] != "ok":
