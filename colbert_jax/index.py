@@ -38,6 +38,7 @@ import datetime
 import functools
 import hashlib
 import json
+import mmap
 import os
 import shutil
 from collections.abc import Iterable
@@ -94,10 +95,14 @@ def is_index_dir(path: str | os.PathLike) -> bool:
 
 
 class ChunkedMemmap:
-    """A zarr v3 array stored raw (the `bytes` codec, as colbert-jax writes them) read through memory maps of
-    its chunk files: rows are read from disk when indexed, and only the pages touched are resident.
+    """A zarr v3 array stored raw (the `bytes` codec, as colbert-jax writes them), read from its chunk files on
+    demand: nothing is held in memory but what an indexing returns.
 
-    Supports `len`, `shape`, `dtype`, slices and integer-array indexing of rows (each returns a numpy array).
+    Slices are read with `pread` into a new array; integer-array indexing (scattered rows) gathers through
+    memory maps of the chunk files and then drops the touched pages from the process's mappings
+    (`MADV_DONTNEED`; they stay in the page cache), so repeated gathers do not accumulate the file in the
+    process's resident set. Supports `len`, `shape`, `dtype`, `nbytes`, slices and integer-array indexing of
+    rows (each returns a numpy array).
     """
 
     def __init__(self, path: Path):
@@ -112,10 +117,13 @@ class ChunkedMemmap:
         self.rows = int(meta["chunk_grid"]["configuration"]["chunk_shape"][0])
         separator = meta.get("chunk_key_encoding", {}).get("configuration", {}).get("separator", "/")
         tail = separator.join(["0"] * (len(self.shape) - 1))
+        self._row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        self._files: list[Path | None] = []
         self._maps: list[np.ndarray | None] = []
         for c in range(-(-self.shape[0] // self.rows) if self.shape[0] else 0):
             f = path / f"c{separator}{c}{separator + tail if tail else ''}"
             # a chunk that was never written holds the fill value (0)
+            self._files.append(f if f.exists() else None)
             self._maps.append(np.memmap(f, self.dtype, "r", shape=(self.rows, *self.shape[1:])) if f.exists() else None)
 
     def __len__(self) -> int:
@@ -125,29 +133,61 @@ class ChunkedMemmap:
     def nbytes(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
 
-    def _chunk(self, c: int) -> np.ndarray:
-        m = self._maps[c]
-        return m if m is not None else np.zeros((self.rows, *self.shape[1:]), self.dtype)
+    def _read(self, c: int, lo: int, hi: int, out: np.ndarray) -> None:
+        """Rows lo:hi of chunk c (chunk-relative) into `out`, by pread (no mapped pages)."""
+        f = self._files[c]
+        if f is None:
+            out[...] = 0
+            return
+        with open(f, "rb", buffering=0) as fh:
+            fh.seek(lo * self._row_bytes)
+            view = memoryview(out.reshape(-1).view(np.uint8))
+            got = 0
+            while got < len(view):
+                n = fh.readinto(view[got:])
+                if not n:
+                    raise CorruptIndexError(f"{f}: chunk file is shorter than its array says")
+                got += n
 
     def __getitem__(self, index) -> np.ndarray:
         if isinstance(index, slice):
             start, stop, step = index.indices(self.shape[0])
             if step != 1:
                 return self[np.arange(start, stop, step)]
-            parts = []
-            for c in range(start // self.rows, -(-stop // self.rows)):
+            out = np.empty((max(stop - start, 0), *self.shape[1:]), self.dtype)
+            for c in range(start // self.rows, -(-stop // self.rows)) if stop > start else ():
                 lo, hi = max(start, c * self.rows), min(stop, (c + 1) * self.rows)
-                parts.append(np.asarray(self._chunk(c)[lo - c * self.rows : hi - c * self.rows]))
-            return np.concatenate(parts) if parts else np.zeros((0, *self.shape[1:]), self.dtype)
+                self._read(c, lo - c * self.rows, hi - c * self.rows, out[lo - start : hi - start])
+            return out
         index = np.asarray(index)
         if index.ndim == 0:
-            return np.asarray(self._chunk(int(index) // self.rows)[int(index) % self.rows])
+            return self[int(index) : int(index) + 1][0]
         out = np.empty((len(index), *self.shape[1:]), self.dtype)
         chunk, within = np.divmod(index.astype(np.int64), self.rows)
-        for c in np.unique(chunk):
+        for c in np.unique(chunk):  # a loop over chunk files (tens), not rows
             sel = chunk == c
-            out[sel] = self._chunk(int(c))[within[sel]]
+            m = self._maps[int(c)]
+            if m is None:
+                out[sel] = 0
+                continue
+            out[sel] = m[within[sel]]
+            # Touched pages of a mapping count in the process's RSS until unmapped: drop them (the page cache
+            # keeps them, so a later gather of the same rows does not go to disk).
+            m._mmap.madvise(mmap.MADV_DONTNEED)
         return out
+
+    def resident_bytes(self) -> int:
+        """Bytes of this array's chunk files now resident in this process's mappings (from /proc/self/smaps)."""
+        files = {os.path.realpath(f) for f in self._files if f is not None}
+        total, mine = 0, False
+        with open("/proc/self/smaps") as fh:
+            for line in fh:
+                parts = line.split()
+                if parts and not parts[0].endswith(":"):  # a mapping's header: address range, perms, ..., path
+                    mine = len(parts) >= 6 and parts[5] in files
+                elif mine and parts[0] == "Rss:":
+                    total += int(parts[1]) << 10
+        return total
 
     def __array__(self, dtype=None, copy=None):
         whole = self[0 : self.shape[0]]
@@ -156,7 +196,8 @@ class ChunkedMemmap:
 
 class Index:
     """An opened, validated index. Arrays are read on first use and kept in memory; with `mmap=True` codes
-    and residuals are memory-mapped instead (read from disk as rows are indexed)."""
+    and residuals are `ChunkedMemmap`s instead (read from disk as rows are indexed) and the IVF is read each
+    time it is asked for (search copies it to the device once)."""
 
     def __init__(self, path: Path, metadata: dict[str, Any], mmap: bool = False):
         self.path = path
@@ -379,8 +420,17 @@ class Index:
             return self._array("ivf"), self._array("ivf_lengths")
         return build_ivf(self.codes, self.doclens, self.num_partitions)
 
-    ivf = property(lambda self: self._ivf[0])
-    ivf_lengths = property(lambda self: self._ivf[1])
+    @property
+    def ivf(self) -> np.ndarray:
+        if self.mmap and not self.has_updates:  # read when asked, not kept: search copies it to the device
+            return self._array("ivf")
+        return self._ivf[0]
+
+    @property
+    def ivf_lengths(self) -> np.ndarray:
+        if self.mmap and not self.has_updates:
+            return self._array("ivf_lengths")
+        return self._ivf[1]
 
     def load(self) -> Index:
         """Reads the arrays search needs into memory now (a reader then no longer depends on the files)."""

@@ -507,6 +507,25 @@ def _exact_streamed(Q, S, survivors, a, chunk: int, nbits: int):
     return _stream(a["doclens"][survivors], a["offsets"][survivors], chunk, init, body)
 
 
+def survivors_streamed(S, cells, threshold, a, *, max_entries: int, ndocs: int, chunk: int):
+    """Stages 2-5 for one query (inside `shard_map`; codes only, no residuals): -> the local survivors
+    [ndocs // 4] (descending positions, then the shard's sentinel)."""
+    entries, _, _ = _candidates_one(cells, a, max_entries=max_entries)
+    cand = entries[::-1]  # the unique candidates, descending positions
+    table, kept = _tables(S, threshold)
+    # Stage 4 over all candidates with the pruned table; stage 5's full scores only for stage 4's ndocs
+    # (as the reference does): the candidates' embeddings are streamed once, not twice.
+    pruned = _approx_streamed(cand, jnp.where(kept[:, None], table, MASKED_SCORE), a, chunk)
+    cand4 = _compact(cand, _best(cand, pruned, a, ndocs), ndocs, a)
+    full = _approx_streamed(cand4, table, a, chunk)
+    return _compact(cand4, _best(cand4, full, a, ndocs // 4), ndocs // 4, a)
+
+
+def streamed_chunk(max_entries: int) -> int:
+    """`search_streamed`'s default candidate embeddings per step: twice the IVF entries, within 4,096..16,384."""
+    return min(max(2 * max_entries, 4096), 16384)
+
+
 def _search_one_streamed(Q, S, cells, real, threshold, a, *, max_entries, ndocs, k, nbits, clamp, chunk, exact_chunk):
     """Stages 2-6 for one query; a padding query (`real` False) skips the work. S None: recomputed here."""
     kk = min(k, ndocs // 4)
@@ -514,15 +533,7 @@ def _search_one_streamed(Q, S, cells, real, threshold, a, *, max_entries, ndocs,
     def run(Q, S):
         if S is None:
             S = _centroid_scores(Q, a, Q.shape[0])
-        entries, _, _ = _candidates_one(cells, a, max_entries=max_entries)
-        cand = entries[::-1]  # the unique candidates, descending positions
-        table, kept = _tables(S, threshold)
-        # Stage 4 over all candidates with the pruned table; stage 5's full scores only for stage 4's ndocs
-        # (as the reference does): the candidates' embeddings are streamed once, not twice.
-        pruned = _approx_streamed(cand, jnp.where(kept[:, None], table, MASKED_SCORE), a, chunk)
-        cand4 = _compact(cand, _best(cand, pruned, a, ndocs), ndocs, a)
-        full = _approx_streamed(cand4, table, a, chunk)
-        survivors = _compact(cand4, _best(cand4, full, a, ndocs // 4), ndocs // 4, a)
+        survivors = survivors_streamed(S, cells, threshold, a, max_entries=max_entries, ndocs=ndocs, chunk=chunk)
         return _top_k(_reduce(_exact_streamed(Q, S, survivors, a, exact_chunk, nbits), clamp), survivors, a, k)
 
     def skip(Q, S):
@@ -563,7 +574,7 @@ def search_streamed(
     faster at 16.5 M embeddings), smaller ones waste less padding when there are few.
     """
     if chunk is None:
-        chunk = min(max(2 * max_entries, 4096), 16384)
+        chunk = streamed_chunk(max_entries)
     fn = functools.partial(
         _search_one_streamed,
         max_entries=max_entries,

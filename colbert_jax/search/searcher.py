@@ -34,7 +34,7 @@ from colbert_jax.indexing.build import model_fingerprint
 from colbert_jax.indexing.ivf import build_ivf
 from colbert_jax.model import ColBERTModel
 from colbert_jax.runtime import enable_compilation_cache
-from colbert_jax.search import plaid
+from colbert_jax.search import plaid, streamed_mmap
 from colbert_jax.search.exact import exact_search
 from colbert_jax.search.ranking import Ranking
 
@@ -171,8 +171,8 @@ class Searcher:
         settings = {**index_config, **explicit, "checkpoint": model.config.checkpoint}
         self.config = model.config.replace(**settings)
         self.model = model if self.config == model.config else model.replace_config(**settings)
-        # load_index_with_mmap (colbert-ai's key): residuals stay on disk, memory-mapped; only the survivors'
-        # rows are read, per batch (see `_gather_survivors`). Codes stay in memory: every candidate needs them.
+        # load_index_with_mmap (colbert-ai's key): residuals stay on disk; only the survivors' rows are read, per
+        # batch (see `_gather_survivors`). Codes go to the device: every candidate needs them.
         self.mmap = bool(self.config.load_index_with_mmap)
         if self.mmap and not self.index.mmap:
             self.index = Index(self.index.path, self.index.metadata, mmap=True)
@@ -185,10 +185,6 @@ class Searcher:
         self._cpu = jax.default_backend() == "cpu"
         if self._auto:
             implementation = "streamed" if self._cpu else "pallas" if jax.default_backend() == "gpu" else "jnp"
-            if self.mmap and implementation == "streamed":
-                implementation = "jnp"  # the streamed path scores inside one program: residuals on the device
-        if self.mmap and implementation == "streamed":
-            raise ValueError("implementation='streamed' reads residuals on the device: not with load_index_with_mmap")
         self.implementation = implementation
         self._arrays: plaid.IndexArrays | None = None
         self._collection = None
@@ -591,6 +587,8 @@ class Searcher:
         n_entries = jax.device_get(n_entries)  # a host round trip for one size: the IVF entries to expand
         if streamed:
             real = np.arange(len(Q)) < (len(Q) if n_real is None else n_real)
+            if self.mmap:
+                return self._streamed_mmap(Q, S, cells, real, k, config, _pow2(n_entries.max()), allowed)
             return jax.device_get(self._streamed(Q, S, cells, real, k, config, _pow2(n_entries.max()), allowed))
         filtered = arrays if allowed is None else {**arrays, "allowed": allowed}
         entries, n_cand, n_emb = plaid.candidates(
@@ -648,50 +646,40 @@ class Searcher:
 
     def _gather_survivors(self, survivors: jax.Array) -> tuple[jax.Array, plaid.IndexArrays, np.ndarray]:
         """For a memory-mapped index: reads the survivors' rows (codes, residuals) from disk into small arrays
-        laid out like the index's, so `plaid.score` runs unchanged on them. Returns the survivors renumbered
-        into them, the arrays, and slot -> passage position (-1: padding) [D * (M + 1)].
-
-        Each shard's survivors [B, n] become slots 0..M-1 (M = B * n; slot M is the sentinel); a shard's
-        `first` is d * (M + 1), so a position `plaid.score` returns names its shard and slot."""
-        ix = self.index
+        laid out like the index's (`streamed_mmap.gather`), so stage 6 runs unchanged on them. Returns the
+        survivors renumbered into them, the arrays (on the mesh), and slot -> passage position [D * (M + 1)]."""
         surv = np.asarray(jax.device_get(survivors))  # [D, B, n] local positions, sentinel-padded
         firsts = np.asarray(jax.device_get(self.arrays["first"]))
-        sentinel = self.arrays["doclens"].shape[1] - 1
-        D, B, n = surv.shape
-        M = B * n
-        slots = np.full((D, M + 1), -1, np.int64)
-        per_shard = []
-        for d in range(D):
-            local = surv[d].reshape(-1)
-            valid = local < sentinel
-            glob = np.where(valid, local + firsts[d], 0)
-            lens = np.where(valid, ix.doclens[glob], 0).astype(np.int64)
-            rows = np.repeat(ix.offsets[glob] - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens) + np.arange(
-                lens.sum()
-            )
-            slots[d, :M] = np.where(valid, glob, -1)
-            per_shard.append((lens, rows))
-        e_max = _bucket(max(len(r) for _, r in per_shard))
-        P = ix.num_partitions
-        stacked = {k: [] for k in ("codes", "residuals", "inv_norms", "doclens", "offsets", "first", "count")}
-        for d, (lens, rows) in enumerate(per_shard):
-            codes, residuals = ix.codes[rows].astype(np.int32), ix.residuals[rows]
-            inv = 1.0 / np.maximum(ix.codec.norms(codes, residuals), 1e-12)
-            pad = e_max + 1 - len(rows)
-            stacked["codes"].append(np.concatenate([codes, np.full(pad, P, np.int32)]))
-            stacked["residuals"].append(np.concatenate([residuals, np.zeros((pad, residuals.shape[1]), np.uint8)]))
-            stacked["inv_norms"].append(np.concatenate([inv, np.zeros(pad)]).astype(np.float32))
-            doclens = np.concatenate([lens, [0]]).astype(np.int32)
-            stacked["doclens"].append(doclens)
-            stacked["offsets"].append(np.concatenate([[0], np.cumsum(doclens[:-1])]).astype(np.int32))
-            stacked["first"].append(np.int32(d * (M + 1)))
-            stacked["count"].append(np.int32(M))
+        renumbered, stacked, slots = streamed_mmap.gather(self.index, surv, firsts, self.arrays["doclens"].shape[1] - 1)
         sharded = NamedSharding(self.mesh, PartitionSpec(plaid.AXIS))
-        arrays = {k: jax.device_put(np.stack(v), sharded) for k, v in stacked.items()}
+        arrays = {k: jax.device_put(v, sharded) for k, v in stacked.items()}
         arrays["centroids"] = self.arrays["centroids"]
         arrays["bucket_weights"] = self.arrays["bucket_weights"]
-        renumbered = np.where(surv < sentinel, np.arange(M).reshape(1, B, n), M).astype(np.int32)
         return jax.device_put(renumbered, sharded), arrays, slots
+
+    def _streamed_mmap(self, Q, S, cells, real, k: int, config: ColBERTConfig, max_entries: int, allowed=None):
+        """The streamed path over a memory-mapped index: stages 2-5 on the device (codes only), the
+        survivors' rows read from disk, stage 6 on them (`streamed_mmap`). -> (positions, scores) on the host."""
+        _, threshold, ndocs = search_params(k, config)
+        surv = streamed_mmap.survivors(
+            Q,
+            S,
+            cells,
+            real,
+            np.float32(threshold),
+            self.arrays if allowed is None else {**self.arrays, "allowed": allowed},
+            mesh=self.mesh,
+            max_entries=max_entries,
+            ndocs=max(ndocs, 4),
+            chunk=plaid.streamed_chunk(max_entries),
+        )
+        survivors, gathered, slots = self._gather_survivors(surv)
+        pos, sc = jax.device_get(
+            streamed_mmap.exact(
+                Q, survivors, real, gathered, mesh=self.mesh, k=k, nbits=self.index.nbits, clamp=self.clamp_maxsim
+            )
+        )
+        return np.where(pos >= 0, slots[np.maximum(pos, 0)], -1), sc
 
     @staticmethod
     def _pass_scores(batch: int) -> bool:
@@ -756,7 +744,8 @@ class Searcher:
             )
             for max_entries in buckets:  # padding queries only: compiles, and runs no search work
                 padding = np.zeros(size, bool)
-                jax.block_until_ready(self._streamed(zeros, S, cells, padding, k, self.config, max_entries))
+                run = self._streamed_mmap if self.mmap else self._streamed
+                jax.block_until_ready(run(zeros, S, cells, padding, k, self.config, max_entries))
         return time.perf_counter() - t0
 
     def _chunk(self, sizes: dict, query_maxlen: int) -> int:

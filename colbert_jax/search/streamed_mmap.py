@@ -1,0 +1,165 @@
+"""PLAID search over a memory-mapped index (`load_index_with_mmap=True`), streamed like
+`plaid.search_streamed` but cut where the residuals are first needed, so that they stay on disk:
+
+1. `survivors` (stages 2-5, one program after `plaid.cells`): candidates, pruned and full approximate scores
+   over the codes (on the device) -> each query's ndocs // 4 survivors, per shard.
+2. `gather` (host): reads just the survivors' rows (codes, residuals) from the index's chunk files and
+   lays them out like a small index, one slot per (query, survivor), with their norms.
+3. `exact` (stage 6, one small program): decompress + MaxSim over the gathered rows -> global top k.
+
+The survivors are the ones `search_streamed` keeps (the same function selects them), and stage 6 computes
+the same numbers (a centroid's score is its row of C . Q^T, computed for the gathered codes only), so
+rankings equal the in-memory streamed path's. Working memory per batch: the codes on the device, one
+query's centroid scores at a time, and the survivors' rows.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from colbert_jax.index import Index
+from colbert_jax.scoring import MASKED_SCORE
+from colbert_jax.search.plaid import (
+    AXIS,
+    NEG_INF,
+    _centroid_scores,
+    _local,
+    _map_queries,
+    _reduce,
+    _specs,
+    _stream,
+    _top_k,
+    survivors_streamed,
+)
+from pallas_kernels.decompress import byte_table
+
+__all__ = ["survivors", "gather", "exact", "GATHER_KEYS", "MIN_GATHER_ROWS"]
+
+GATHER_KEYS = ("codes", "residuals", "inv_norms", "doclens", "offsets", "first", "count")
+MIN_GATHER_ROWS = 4096  # gathered rows per shard are padded to a power of two at least this: few programs
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "max_entries", "ndocs", "chunk"))
+def survivors(Q, S, cells, real, threshold, arrays, *, mesh: Mesh, max_entries: int, ndocs: int, chunk: int):
+    """Stages 2-5 after `plaid.cells`, one query at a time (codes only: `arrays` needs no residuals).
+
+    Q [B, Lq, dim]; S [B, P, Lq] or None (recomputed per query); cells [B, Lq * ncells]; real [B] bool
+    (False: padding, skipped) -> local survivors [D, B, ndocs // 4] (descending positions, then each shard's
+    sentinel position)."""
+
+    def one(Q, S, cells, real, threshold, a):
+        def run(Q, S):
+            S = _centroid_scores(Q, a, Q.shape[0]) if S is None else S
+            return survivors_streamed(S, cells, threshold, a, max_entries=max_entries, ndocs=ndocs, chunk=chunk)
+
+        def skip(Q, S):
+            return jnp.full((ndocs // 4,), a["doclens"].shape[0] - 1, jnp.int32)
+
+        return jax.lax.cond(real, run, skip, Q, S)
+
+    def shard(Q, S, cells, real, threshold, arrays):
+        local = _local(arrays)
+        return _map_queries(lambda x: one(*x, threshold, local), (Q, S, cells, real), 1)[None]
+
+    return jax.shard_map(
+        shard, mesh=mesh, in_specs=(P(), P(), P(), P(), P(), _specs(arrays)), out_specs=P(AXIS), check_vma=False
+    )(Q, S, cells, real, threshold, arrays)
+
+
+def gather(
+    index: Index, surv: np.ndarray, firsts: np.ndarray, sentinel: int, min_rows: int = MIN_GATHER_ROWS
+) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+    """Reads the survivors' rows from `index` (memory-mapped: only these rows are read) into arrays laid out
+    like the index's device arrays (`GATHER_KEYS`, each with a leading shard axis).
+
+    surv [D, B, n]: each shard's local survivor positions (`sentinel`: none); firsts [D]: each shard's first
+    global position. Each shard's survivors become slots 0..M-1 (M = B * n; slot M is the sentinel) and its
+    `first` is d * (M + 1), so a position that stage 6 returns names its shard and slot.
+    Returns (survivors renumbered into slots [D, B, n] int32, the arrays, slot -> passage position [D * (M + 1)]
+    (-1: none)). Rows per shard are padded to a power of two (at least `min_rows`)."""
+    D, B, n = surv.shape
+    M = B * n
+    valid = surv < sentinel
+    glob = np.where(valid, surv + firsts[:, None, None], 0).reshape(D, M)
+    lens = np.where(valid.reshape(D, M), index.doclens[glob], 0).astype(np.int64)  # [D, M]
+    totals = lens.sum(axis=1)
+    e_max = max(min_rows, 1 << int(max(int(totals.max()), 1) - 1).bit_length())
+    # Every shard's rows, concatenated: the index's rows of each slot's passage, in slot order.
+    flat = lens.reshape(-1)
+    starts = index.offsets[glob.reshape(-1)]
+    skip = starts - np.concatenate([[0], np.cumsum(flat)[:-1]])
+    rows = np.repeat(skip, flat) + np.arange(int(flat.sum()), dtype=np.int64)
+    codes = index.codes[rows].astype(np.int32)
+    residuals = index.residuals[rows]
+    inv = (1.0 / np.maximum(index.codec.norms(codes, residuals), 1e-12)).astype(np.float32)
+    out = {
+        "codes": np.full((D, e_max + 1), index.num_partitions, np.int32),
+        "residuals": np.zeros((D, e_max + 1, residuals.shape[1]), np.uint8),
+        "inv_norms": np.zeros((D, e_max + 1), np.float32),
+        "doclens": np.zeros((D, M + 1), np.int32),
+        "first": (np.arange(D) * (M + 1)).astype(np.int32),
+        "count": np.full(D, M, np.int32),
+    }
+    bounds = np.concatenate([[0], np.cumsum(totals)])
+    for d in range(D):  # a loop over shards
+        lo, hi = bounds[d], bounds[d + 1]
+        out["codes"][d, : hi - lo] = codes[lo:hi]
+        out["residuals"][d, : hi - lo] = residuals[lo:hi]
+        out["inv_norms"][d, : hi - lo] = inv[lo:hi]
+    out["doclens"][:, :M] = lens
+    out["offsets"] = np.concatenate([np.zeros((D, 1), np.int64), np.cumsum(out["doclens"][:, :-1], axis=1)], axis=1)
+    out["offsets"] = out["offsets"].astype(np.int32)
+    renumbered = np.where(valid, np.arange(M).reshape(1, B, n), M).astype(np.int32)
+    slots = np.concatenate([np.where(valid.reshape(D, M), glob, -1), np.full((D, 1), -1)], axis=1).reshape(-1)
+    return renumbered, out, slots
+
+
+def _exact_gathered(Q, survivors, a, chunk: int, nbits: int):
+    """Per-token MaxSim [n, Lq] of the survivors from the gathered rows, streamed `chunk` rows at a time:
+    (q . c + q . r) / ||c + r||, as `plaid._exact_streamed` computes it (q . c from the gathered codes'
+    centroid rows: the same values as the rows of the full C . Q^T)."""
+    table = byte_table(a["bucket_weights"], nbits)
+
+    def body(acc, seg, emb, valid):
+        rows = jnp.where(valid, emb, a["codes"].shape[0] - 1)
+        c = a["centroids"].at[a["codes"][rows]].get(mode="clip")
+        r = table[a["residuals"][rows]].reshape(rows.shape[0], -1)
+        sim = jnp.dot(c, Q.T, precision=jax.lax.Precision.HIGHEST) + jnp.dot(
+            r, Q.T, precision=jax.lax.Precision.HIGHEST
+        )
+        sim = jnp.where(valid[:, None], sim * a["inv_norms"][rows][:, None], MASKED_SCORE)
+        return acc.at[seg].max(sim, indices_are_sorted=True)
+
+    init = jnp.full((survivors.shape[0], Q.shape[0]), NEG_INF)
+    return _stream(a["doclens"][survivors], a["offsets"][survivors], chunk, init, body)
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "k", "nbits", "clamp", "chunk"))
+def exact(Q, survivors, real, arrays, *, mesh: Mesh, k: int, nbits: int, clamp: bool = False, chunk: int = 512):
+    """Stage 6 over gathered rows (`gather`), one query at a time: Q [B, Lq, dim], survivors [D, B, n] (slots),
+    real [B] -> (slot positions [B, min(k, n)] (-1: none), scores [B, ...] (-inf: none)), the global top k."""
+    n = survivors.shape[-1]
+    kk = min(k, n)
+
+    def one(Q, surv, real, a):
+        def run(Q):
+            return _top_k(_reduce(_exact_gathered(Q, surv, a, chunk, nbits), clamp), surv, a, k)
+
+        def skip(Q):
+            return jnp.full((kk,), -1, jnp.int32), jnp.full((kk,), NEG_INF, jnp.float32)
+
+        return jax.lax.cond(real, run, skip, Q)
+
+    def shard(Q, survivors, real, arrays):
+        local = _local(arrays)
+        return _map_queries(lambda x: one(*x, local), (Q, survivors[0], real), 1)
+
+    return jax.shard_map(
+        shard, mesh=mesh, in_specs=(P(), P(AXIS), P(), _specs(arrays)), out_specs=(P(), P()), check_vma=False
+    )(Q, survivors, real, arrays)
