@@ -6,7 +6,8 @@
 Starts `colbert-jax serve` on a free loopback port (the built-in corpus index unless --index, built on first
 use as the quickstart does), waits for /health to say "ok", then:
 1. soak: `--clients` concurrent clients search in a loop for `--minutes`; per minute: requests, errors,
-   p50 and p99 latency, the server's resident memory (RSS); RSS growth after the first minute (warm-up);
+   p50 and p99 latency, the server's resident memory (RSS) and the CPU other jobs on the machine took (a slow
+   minute from a noisy neighbour shows there); RSS growth after the first minute (warm-up);
 2. burst: `--max-queue` + 200 requests at once: those beyond the queue get 503 with Retry-After; then 20
    requests in a row must all succeed (the server recovered);
 3. SIGTERM with requests in flight: every one must be answered and the server exit (0, or -15: uvicorn
@@ -52,6 +53,16 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def busy_ticks(pid: int | None = None) -> int:
+    """CPU clock ticks spent so far: by the whole machine (`pid` None, from /proc/stat) or by one process."""
+    if pid is None:
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        return sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
 
 
 def start_server(index: str, max_queue: int, max_batch: int) -> tuple[subprocess.Popen, str]:
@@ -102,10 +113,18 @@ async def soak(url: str, pid: int, clients: int, seconds: float) -> list[dict]:
                     status = 0
                 records.append((start - t0, time.monotonic() - start, status))
 
+    others = []  # (t, cores busy with work other than the server and these clients), per sample interval
+    hz = os.sysconf("SC_CLK_TCK")
+
     async def sample_rss():
+        last = (time.monotonic(), busy_ticks(), busy_ticks(pid) + busy_ticks(os.getpid()))
         while time.monotonic() < stop:
             rss.append((time.monotonic() - t0, rss_mb(pid)))
             await asyncio.sleep(5)
+            now = (time.monotonic(), busy_ticks(), busy_ticks(pid) + busy_ticks(os.getpid()))
+            other = ((now[1] - last[1]) - (now[2] - last[2])) / hz / (now[0] - last[0])
+            others.append((now[0] - t0, max(other, 0.0)))
+            last = now
 
     await asyncio.gather(sample_rss(), *(client(i) for i in range(clients)))
     minutes = []
@@ -113,6 +132,7 @@ async def soak(url: str, pid: int, clients: int, seconds: float) -> list[dict]:
         rows = [(lat, st) for s, lat, st in records if m * 60 <= s < (m + 1) * 60]
         lat = np.array([lat for lat, st in rows if st == 200]) * 1000
         mem = [v for s, v in rss if m * 60 <= s < (m + 1) * 60]
+        busy = [v for s, v in others if m * 60 <= s < (m + 1) * 60]
         minutes.append(
             {
                 "minute": m + 1,
@@ -121,6 +141,7 @@ async def soak(url: str, pid: int, clients: int, seconds: float) -> list[dict]:
                 "p50_ms": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
                 "p99_ms": float(np.percentile(lat, 99)) if len(lat) else float("nan"),
                 "rss_mb": mem[-1] if mem else float("nan"),
+                "other_cores": float(np.mean(busy)) if busy else float("nan"),
             }
         )
     return minutes
@@ -175,11 +196,14 @@ def main() -> int:
         t = time.monotonic()
         minutes = asyncio.run(soak(url, proc.pid, args.clients, args.minutes * 60))
         print(f"soak: {args.clients} clients for {time.monotonic() - t:.0f} s against {url} ({index})")
-        print("| minute | requests | errors | p50 ms | p99 ms | server RSS MB |\n|---|---|---|---|---|---|")
+        print(
+            "| minute | requests | errors | p50 ms | p99 ms | server RSS MB | other jobs' CPU (cores) |\n"
+            "|---|---|---|---|---|---|---|"
+        )
         for m in minutes:
             print(
                 f"| {m['minute']} | {m['requests']} | {m['errors']} | {m['p50_ms']:.0f} | {m['p99_ms']:.0f} "
-                f"| {m['rss_mb']:.0f} |"
+                f"| {m['rss_mb']:.0f} | {m['other_cores']:.2f} |"
             )
         warm = minutes[0]["rss_mb"]
         growth = (minutes[-1]["rss_mb"] - warm) / warm
