@@ -453,6 +453,21 @@ class Index:
             avg_residual=float(self.metadata.get("avg_residual", 0.0)),
         )
 
+    def share_centroids(self, centroids) -> None:
+        """Makes the codec use `centroids` (the same values, e.g. a CPU device array's host buffer) instead of the
+        copy it read, which is then freed."""
+        codec = self.codec
+        shared = np.asarray(centroids)
+        if shared.shape != codec.centroids.shape or not np.array_equal(shared, codec.centroids):
+            raise ValueError("share_centroids: not the index's centroids")
+        new = dataclasses.replace(codec, centroids=shared)
+        import jax.numpy as jnp
+
+        # the codec's own device copies: the same centroids array
+        cutoffs, weights = (jnp.asarray(x, jnp.float32) for x in (codec.bucket_cutoffs, codec.bucket_weights))
+        new.__dict__["_device"] = (centroids, cutoffs, weights)
+        self.__dict__["codec"] = new
+
     @functools.cached_property
     def _position_of(self) -> dict[int, int] | None:
         if np.array_equal(self.pids, np.arange(self.num_passages)):

@@ -1,11 +1,17 @@
 """Peak memory and speed of search with the index in memory vs memory-mapped (`load_index_with_mmap`).
 
-    python scripts/bench_mmap.py --index DIR [--queries 200] [--collection TSV]
+    python scripts/bench_mmap.py --index DIR [--queries 200 | --queries-file TSV] [--batch-sizes 8 64]
+        [--modes streamed mmap] [--repeats 3]
 
-DIR: any colbert-jax index without pending updates, e.g. the 100x index `scripts/bench_update.py` leaves (or
-`scripts/bench_scale.py`'s). Each configuration runs in a fresh process: load the default checkpoint, note
-the RSS (the model's share), open a Searcher, search every query once (warm-up: compilation), then three
-timed batched passes (median) and 100 single queries (p50); peak RSS is the process's maximum resident set.
+DIR: any colbert-jax index without pending updates, e.g. `scripts/bench_scale.py --work W`'s W/ours100.
+Each run is a fresh process: load the default checkpoint and encode one query (its RSS is "model"), open the
+index (`verify=False`) and a Searcher, place the index (RSS "loaded"), search every query once (warm-up:
+compilation, or loading programs from the compilation cache), then three timed batched passes (median q/s)
+and 50 single queries (p50). Peak is the process's maximum resident set (VmHWM) over the whole run; "load
+peak" is its value right after placing the index. Modes: `streamed` (in memory, the CPU default), `mmap`
+(`load_index_with_mmap=True`: on the CPU the streamed path with residuals read per batch), `jnp` (in memory,
+staged). The runs of one repeat go back to back (mode by mode, batch size by batch size), so a shared machine's
+load hits them alike; the table gives the median over repeats and the min-max spread.
 """
 
 from __future__ import annotations
@@ -17,48 +23,61 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
 RUN = """
-import json, resource, sys, time
+import json, sys, time
 import numpy as np
 import colbert_jax
 from colbert_jax.default_model import default_checkpoint
 from colbert_jax.queries import load_queries
 
-def rss_mb():
+def status(key):
     with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) / 1024
+        return next(int(l.split()[1]) for l in f if l.startswith(key)) / 1024
 
-index, queries_path, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+index, queries_path, mode, batch = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 queries = load_queries(queries_path)
 model = colbert_jax.load_checkpoint(str(default_checkpoint()))
 model.encode_queries(["warm up the encoder"])
-model_mb = rss_mb()
+model_mb = status("VmRSS")
 t0 = time.perf_counter()
 kwargs = {"load_index_with_mmap": True} if mode == "mmap" else {"implementation": mode}
-s = colbert_jax.Searcher(index, model, allow_other_checkpoint=True, **kwargs)
-s.search_all(queries, k=10)
-first = time.perf_counter() - t0
+s = colbert_jax.Searcher(colbert_jax.Index.open(index, verify=False), model, allow_other_checkpoint=True, **kwargs)
+s.arrays
+loaded_mb, load_peak_mb, load_s = status("VmRSS"), status("VmHWM"), time.perf_counter() - t0
+s.search_all(queries, k=10, batch_size=batch)
 times = []
 for _ in range(3):
-    t = time.perf_counter(); s.search_all(queries, k=10); times.append(time.perf_counter() - t)
+    t = time.perf_counter(); s.search_all(queries, k=10, batch_size=batch); times.append(time.perf_counter() - t)
 lat = []
-for q in list(queries.values())[:100]:
+for q in list(queries.values())[:50]:
     t = time.perf_counter(); s.search(q, k=10); lat.append(time.perf_counter() - t)
-print("RESULT " + json.dumps({"mode": mode, "model_rss_mb": model_mb, "peak_rss_mb":
-    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "open_and_first_pass_s": first,
-    "batched_qps": len(queries) / float(np.median(times)), "single_p50_ms": 1000 * float(np.median(lat))}))
+print("RESULT " + json.dumps({"mode": mode, "batch": batch, "model_mb": model_mb, "loaded_mb": loaded_mb,
+    "load_peak_mb": load_peak_mb, "peak_mb": status("VmHWM"), "end_mb": status("VmRSS"), "load_s": load_s,
+    "qps": len(queries) / float(np.median(times)), "p50_ms": 1000 * float(np.median(lat))}))
 """
+
+COLUMNS = ("model_mb", "loaded_mb", "load_peak_mb", "peak_mb", "end_mb", "qps", "p50_ms")
+
+
+def _cell(values: list[float], digits: int) -> str:
+    med = f"{np.median(values):,.{digits}f}"
+    return med if len(values) == 1 else f"{med} ({min(values):,.{digits}f}-{max(values):,.{digits}f})"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--index", required=True)
     ap.add_argument("--queries", type=int, default=200)
+    ap.add_argument("--queries-file", help="queries TSV (default: --queries drawn from --collection)")
     ap.add_argument("--collection", help="TSV the queries are drawn from (default: the built-in corpus)")
-    ap.add_argument("--modes", nargs="+", default=["streamed", "jnp", "mmap"])
+    ap.add_argument("--modes", nargs="+", default=["streamed", "mmap"])
+    ap.add_argument("--batch-sizes", nargs="+", type=int, default=[8, 64])
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     from bench_index import run, write_builtin_collection
     from bench_search import write_queries
@@ -66,25 +85,39 @@ def main() -> None:
     import colbert_jax
 
     work = Path(tempfile.mkdtemp(prefix="bench-mmap-"))
-    collection = Path(args.collection) if args.collection else work / "stdlib.tsv"
-    if not args.collection:
-        write_builtin_collection(collection)
-    queries = work / "queries.tsv"
-    write_queries(collection, queries, args.queries)
+    if args.queries_file:
+        queries = Path(args.queries_file)
+    else:
+        collection = Path(args.collection) if args.collection else work / "stdlib.tsv"
+        if not args.collection:
+            write_builtin_collection(collection)
+        queries = work / "queries.tsv"
+        write_queries(collection, queries, args.queries)
+    n_queries = sum(1 for line in queries.read_text().splitlines() if line.strip())
     index = colbert_jax.Index.open(args.index, verify=False)
     size_mb = index.nbytes() / 2**20
-    rows = [
-        run([sys.executable, "-c", RUN, args.index, str(queries), m], env={"PYTHONPATH": str(REPO)}) for m in args.modes
-    ]
-    print(f"\n{index}: {size_mb:,.0f} MiB on disk; k=10, {args.queries} queries, {os.cpu_count()} CPUs\n")
-    print("| mode | peak RSS MiB | model MiB | peak - model | q/s (batched) | p50 ms (single) |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
+    rows: dict[tuple[str, int], list[dict]] = {}
+    for r in range(args.repeats):
+        for batch in args.batch_sizes:
+            for mode in args.modes:
+                cmd = [sys.executable, "-c", RUN, args.index, str(queries), mode, str(batch)]
+                result = run(cmd, env={"PYTHONPATH": str(REPO)})
+                print(f"repeat {r} {json.dumps(result)}", flush=True)
+                rows.setdefault((mode, batch), []).append(result)
+    goal = size_mb / 3
+    print(f"\n{index}: {size_mb:,.0f} MiB on disk (a third: {goal:,.0f} MiB); k=10, {n_queries} queries, ")
+    print(f"{os.cpu_count()} CPUs, {args.repeats} repeats: median (min-max)\n")
+    print("| mode | batch | model MiB | loaded MiB | load peak MiB | peak MiB | peak - model | q/s | p50 ms (single) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for (mode, batch), results in rows.items():
+        col = {c: [x[c] for x in results] for c in COLUMNS}
+        over = [x["peak_mb"] - x["model_mb"] for x in results]
         print(
-            f"| {r['mode']} | {r['peak_rss_mb']:,.0f} | {r['model_rss_mb']:,.0f} | "
-            f"{r['peak_rss_mb'] - r['model_rss_mb']:,.0f} | {r['batched_qps']:.1f} | {r['single_p50_ms']:.1f} |"
+            f"| {mode} | {batch} | {_cell(col['model_mb'], 0)} | {_cell(col['loaded_mb'], 0)} | "
+            f"{_cell(col['load_peak_mb'], 0)} | {_cell(col['peak_mb'], 0)} | {_cell(over, 0)} | "
+            f"{_cell(col['qps'], 1)} | {_cell(col['p50_ms'], 1)} |"
         )
-    print("RESULTS " + json.dumps(rows))
+    print("RESULTS " + json.dumps({f"{m}/{b}": v for (m, b), v in rows.items()}))
 
 
 if __name__ == "__main__":

@@ -176,6 +176,8 @@ class Searcher:
         self.mmap = bool(self.config.load_index_with_mmap)
         if self.mmap and not self.index.mmap:
             self.index = Index(self.index.path, self.index.metadata, mmap=True)
+        if self.mmap:  # a bounded resident set is the point: search's freed buffers go back to the system
+            streamed_mmap.return_freed_memory()
         self.exact = exact
         self.truncate = truncate
         self.clamp_maxsim = clamp_maxsim
@@ -650,7 +652,10 @@ class Searcher:
         survivors renumbered into them, the arrays (on the mesh), and slot -> passage position [D * (M + 1)]."""
         surv = np.asarray(jax.device_get(survivors))  # [D, B, n] local positions, sentinel-padded
         firsts = np.asarray(jax.device_get(self.arrays["first"]))
-        renumbered, stacked, slots = streamed_mmap.gather(self.index, surv, firsts, self.arrays["doclens"].shape[1] - 1)
+        sentinel = self.arrays["doclens"].shape[1] - 1
+        renumbered, stacked, slots = streamed_mmap.gather(
+            self.index, surv, firsts, sentinel, self.arrays["centroids"], self.arrays["bucket_weights"]
+        )
         sharded = NamedSharding(self.mesh, PartitionSpec(plaid.AXIS))
         arrays = {k: jax.device_put(v, sharded) for k, v in stacked.items()}
         arrays["centroids"] = self.arrays["centroids"]
@@ -661,6 +666,10 @@ class Searcher:
         """The streamed path over a memory-mapped index: stages 2-5 on the device (codes only), the
         survivors' rows read from disk, stage 6 on them (`streamed_mmap`). -> (positions, scores) on the host."""
         _, threshold, ndocs = search_params(k, config)
+        if self._cpu and self.index.codec.centroids.base is None:
+            # On the CPU a device array is host memory: let the codec read the device's centroids rather than
+            # keep its own copy (32 MiB at 65,536 centroids).
+            self.index.share_centroids(self.arrays["centroids"])
         surv = streamed_mmap.survivors(
             Q,
             S,

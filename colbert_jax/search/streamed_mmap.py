@@ -15,6 +15,7 @@ query's centroid scores at a time, and the survivors' rows.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 
 import jax
@@ -24,6 +25,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from colbert_jax.index import Index
+from colbert_jax.indexing.codec import COMPRESS_BATCH, _norms, _pad_to, _pow2
 from colbert_jax.scoring import MASKED_SCORE
 from colbert_jax.search.plaid import (
     AXIS,
@@ -39,10 +41,25 @@ from colbert_jax.search.plaid import (
 )
 from pallas_kernels.decompress import byte_table
 
-__all__ = ["survivors", "gather", "exact", "GATHER_KEYS", "MIN_GATHER_ROWS"]
+__all__ = ["survivors", "gather", "exact", "return_freed_memory", "GATHER_KEYS", "MIN_GATHER_ROWS"]
 
 GATHER_KEYS = ("codes", "residuals", "inv_norms", "doclens", "offsets", "first", "count")
 MIN_GATHER_ROWS = 4096  # gathered rows per shard are padded to a power of two at least this: few programs
+
+
+def return_freed_memory(threshold: int = 1 << 20) -> bool:
+    """Asks glibc's malloc to serve blocks of `threshold` bytes and more from their own mappings, returned to
+    the system when freed. By default glibc raises that threshold to the largest block freed so far (up to
+    32 MiB), so the per-query buffers of search (a query's centroid scores are 8 MiB at 65,536 centroids) are
+    kept in the heap after use and the resident set grows past what search needs at any moment. Returns
+    whether it was applied (glibc only)."""
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_MMAP_THRESHOLD = -3
+    return bool(mallopt(M_MMAP_THRESHOLD, int(threshold)))
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "max_entries", "ndocs", "chunk"))
@@ -73,14 +90,21 @@ def survivors(Q, S, cells, real, threshold, arrays, *, mesh: Mesh, max_entries: 
 
 
 def gather(
-    index: Index, surv: np.ndarray, firsts: np.ndarray, sentinel: int, min_rows: int = MIN_GATHER_ROWS
+    index: Index,
+    surv: np.ndarray,
+    firsts: np.ndarray,
+    sentinel: int,
+    centroids: jax.Array,
+    weights: jax.Array,
+    min_rows: int = MIN_GATHER_ROWS,
 ) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
     """Reads the survivors' rows from `index` (memory-mapped: only these rows are read) into arrays laid out
     like the index's device arrays (`GATHER_KEYS`, each with a leading shard axis).
 
     surv [D, B, n]: each shard's local survivor positions (`sentinel`: none); firsts [D]: each shard's first
-    global position. Each shard's survivors become slots 0..M-1 (M = B * n; slot M is the sentinel) and its
-    `first` is d * (M + 1), so a position that stage 6 returns names its shard and slot.
+    global position; centroids, weights: the codec's, on the device (for the rows' norms, computed as the
+    index's own are, by `codec._norms`). Each shard's survivors become slots 0..M-1 (M = B * n; slot M is the
+    sentinel) and its `first` is d * (M + 1), so a position that stage 6 returns names its shard and slot.
     Returns (survivors renumbered into slots [D, B, n] int32, the arrays, slot -> passage position [D * (M + 1)]
     (-1: none)). Rows per shard are padded to a power of two (at least `min_rows`)."""
     D, B, n = surv.shape
@@ -97,7 +121,14 @@ def gather(
     rows = np.repeat(skip, flat) + np.arange(int(flat.sum()), dtype=np.int64)
     codes = index.codes[rows].astype(np.int32)
     residuals = index.residuals[rows]
-    inv = (1.0 / np.maximum(index.codec.norms(codes, residuals), 1e-12)).astype(np.float32)
+    # In the blocks the index's own norms were computed in: a bounded working set, and the same values.
+    norms = np.zeros(len(rows), np.float32)
+    for lo in range(0, len(rows), COMPRESS_BATCH):
+        k, r = codes[lo : lo + COMPRESS_BATCH], residuals[lo : lo + COMPRESS_BATCH]
+        size = COMPRESS_BATCH if len(rows) > COMPRESS_BATCH else _pow2(len(k))
+        block = _norms(_pad_to(k, size), _pad_to(r, size), centroids, weights, nbits=index.nbits)
+        norms[lo : lo + len(k)] = np.asarray(block)[: len(k)]
+    inv = (1.0 / np.maximum(norms, 1e-12)).astype(np.float32)
     out = {
         "codes": np.full((D, e_max + 1), index.num_partitions, np.int32),
         "residuals": np.zeros((D, e_max + 1, residuals.shape[1]), np.uint8),
