@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+import colbert_jax.search.warp as warp
 from colbert_jax.checkpoint import load_checkpoint
 from colbert_jax.config import ColBERTConfig
 from colbert_jax.errors import needs_option
@@ -105,6 +106,10 @@ class Searcher:
       implementation: "auto" ("streamed" on CPU; "jnp" on TPU; "pallas" on GPU, where a kernel that fails
         to compile is replaced by its jnp twin, logged once; `COLBERT_JAX_STRICT_KERNELS=1` raises instead),
         "streamed", "jnp" or "pallas" (see `colbert_jax.search.plaid`; "pallas" never falls back).
+      engine: "plaid" (candidates, pruning, exact re-scoring; see `colbert_jax.search.plaid`) or "warp"
+        (WARP: each query token's `ncells` best clusters scored straight from the packed residuals, missing
+        tokens imputed; see `colbert_jax.search.warp`; ncells defaults to `warp.default_nprobe(k)`). Filtered
+        searches (`pids=`, `where=`) use PLAID either way.
       devices: devices to split the index's passages over (default: all local devices); results are the
         same for any number of devices.
       **overrides: config keys, e.g. `ncells=2, ndocs=512`.
@@ -121,6 +126,7 @@ class Searcher:
         allow_other_checkpoint: bool = False,
         clamp_maxsim: bool = False,
         implementation: str = "auto",
+        engine: str = "plaid",
         devices: Sequence[jax.Device] | None = None,
         **overrides,
     ):
@@ -188,6 +194,12 @@ class Searcher:
         if self._auto:
             implementation = "streamed" if self._cpu else "pallas" if jax.default_backend() == "gpu" else "jnp"
         self.implementation = implementation
+        if engine not in ("plaid", "warp"):
+            raise ValueError(f"engine must be 'plaid' or 'warp', got {engine!r}")
+        if engine == "warp" and self.mmap:
+            raise ValueError("engine='warp' scores the residuals in memory: not with load_index_with_mmap")
+        self.engine = engine
+        self._warp_arrays = None
         self._arrays: plaid.IndexArrays | None = None
         self._collection = None
         devices = list(devices) if devices is not None else jax.local_devices()
@@ -213,6 +225,7 @@ class Searcher:
             raise ValueError(f"{latest.path} now has dim {latest.dim}: open a new Searcher")
         self.index = latest
         self._arrays = None
+        self._warp_arrays = None
         self._exact_arrays = None
         self._collection = None
         self.mesh = Mesh(
@@ -285,6 +298,12 @@ class Searcher:
             # The kernels pad documents to power-of-two lengths (Triton blocks); padding here saves that copy.
             self._max_doclen = _pow2(longest) if self.implementation == "pallas" else -(-longest // 8) * 8
         return self._arrays
+
+    def _warp_index(self) -> warp.WarpArrays:
+        """The WARP engine's cluster-major arrays, built on first use."""
+        if self._warp_arrays is None:
+            self._warp_arrays = warp.build_arrays(self.index, self.mesh)
+        return self._warp_arrays
 
     def _max_entries(self, ncells: int, query_maxlen: int) -> int:
         """Static bound on the IVF entries of one query's cells in any shard: its longest Lq * ncells lists."""
@@ -411,13 +430,22 @@ class Searcher:
         if pids is not None:
             return self._search_filtered(queries, k, pids, exact, config, batch_size)
         if not exact:
-            _ = self.arrays  # load the index before any worker thread starts
+            _ = self._warp_index() if self.engine == "warp" else self.arrays  # before any worker thread starts
 
         def run(start: int) -> tuple[np.ndarray, np.ndarray]:
             chunk = self._encode(items[start : start + batch_size])
             size = min(_pow2(len(chunk)), batch_size)
             padded = np.concatenate([chunk, np.zeros((size - len(chunk), *chunk.shape[1:]), np.float32)])
-            pos, sc = self._exact(padded, k) if exact else self._plaid(padded, k, config, n_real=len(chunk))
+            if exact:
+                pos, sc = self._exact(padded, k)
+            elif self.engine == "warp":
+                nprobe = config.ncells if config.ncells is not None else warp.default_nprobe(k)
+                nbits = self.index.nbits
+                pos, sc = warp.rank(
+                    padded, self._warp_index(), mesh=self.mesh, nprobe=nprobe, k=k, nbits=nbits, n_real=len(chunk)
+                )
+            else:
+                pos, sc = self._plaid(padded, k, config, n_real=len(chunk))
             return pos[: len(chunk)], sc[: len(chunk)]
 
         starts = range(0, len(items), batch_size)
