@@ -1,12 +1,14 @@
 """Where colbert-jax's CPU search time goes: matmul speed, query encoding, and retrieval alone.
 
-    python scripts/bench_cpu_parts.py --index DIR [--index DIR ...] [--queries 200]
+    python scripts/bench_cpu_parts.py --index DIR [--index DIR ...] [--queries 200] [--engine plaid warp]
+        [--repeats 1]
 
 1. XLA:CPU GFLOP/s of the query encoder's largest product ([32, 384] x [384, 1536], float32 and bfloat16),
    and torch's on the same product when the reference venv is there (--ref-python).
 2. The query encoder (packaged MiniLM): ms per single query (32 tokens), tokenisation excluded.
 3. For each index: retrieval alone from pre-encoded queries (no encoding): batched queries/s of
-   `search_all` (median of 3 passes) and single-query p50 ms, at k=10 with the defaults.
+   `search_all` (median of 3 passes) and single-query p50 ms, at k=10 with the defaults, for each --engine
+   (run back to back, --repeats times: medians with the min-max spread over repeats).
 Indexes from `scripts/bench_search.py` (`DIR/ours`) or `scripts/bench_scale.py` (`ours1`, `ours10`, ...)
 fit; queries are drawn from the (first) index's collection as in those benchmarks. Prints a markdown table.
 """
@@ -66,6 +68,8 @@ def main() -> None:
     ap.add_argument("--index", action="append", required=True, help="a colbert-jax index (repeatable)")
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--ref-python", default=os.environ.get("REF_PYTHON", "/tmp/colbert-ref-venv/bin/python"))
+    ap.add_argument("--engine", nargs="+", default=["plaid"], help="search engines to time (plaid, warp)")
+    ap.add_argument("--repeats", type=int, default=1, help="timed rounds per engine (medians reported)")
     ap.add_argument("--collection", help="TSV the queries are drawn from (default: the first index's own)")
     args = ap.parse_args()
     import colbert_jax
@@ -94,20 +98,38 @@ def main() -> None:
     print(f"| query encoder, one query | {encode_ms:.2f} ms |")
 
     for index in args.index:
-        s = colbert_jax.Searcher(index, checkpoint=checkpoint, truncate=True, allow_other_checkpoint=True)
-        Q = s.encode(texts)
+        searchers = {
+            e: colbert_jax.Searcher(index, checkpoint=checkpoint, truncate=True, allow_other_checkpoint=True, engine=e)
+            for e in args.engine
+        }
+        Q = next(iter(searchers.values())).encode(texts)
         pre = dict(enumerate(Q))
-        batched = _median_s(functools.partial(s.search_all, pre, k=10), 3)
-        for q in Q[:20]:
-            s.search(q, k=10)
-        single = []
-        for q in Q[:100]:
-            t0 = time.perf_counter()
-            s.search(q, k=10)
-            single.append(time.perf_counter() - t0)
-        name = f"{Path(index).name} ({s.index.num_embeddings:,} embeddings)"
-        print(f"| retrieval only, {name}, batched | {len(Q) / batched:.1f} queries/s |")
-        print(f"| retrieval only, {name}, single p50 | {1000 * float(np.median(single)):.2f} ms |")
+        for s in searchers.values():  # compile and load before any timing
+            s.search_all(pre, k=10)
+            for q in Q[:20]:
+                s.search(q, k=10)
+        qps = {e: [] for e in args.engine}
+        p50 = {e: [] for e in args.engine}
+        for _ in range(args.repeats):  # engines back to back, so that a noisy spell hits them alike
+            for e, s in searchers.items():
+                qps[e].append(len(Q) / _median_s(functools.partial(s.search_all, pre, k=10), 3))
+                single = []
+                for q in Q[:100]:
+                    t0 = time.perf_counter()
+                    s.search(q, k=10)
+                    single.append(time.perf_counter() - t0)
+                p50[e].append(1000 * float(np.median(single)))
+        s = next(iter(searchers.values()))
+        for e in args.engine:
+            name = f"{Path(index).name} ({s.index.num_embeddings:,} embeddings), {e}"
+            print(f"| retrieval only, {name}, batched | {_spread(qps[e], '.1f')} queries/s |")
+            print(f"| retrieval only, {name}, single p50 | {_spread(p50[e], '.2f')} ms |")
+
+
+def _spread(values: list[float], fmt: str) -> str:
+    """The median, and the min-max range when there are several values."""
+    median = format(float(np.median(values)), fmt)
+    return median if len(values) == 1 else f"{median} ({format(min(values), fmt)}-{format(max(values), fmt)})"
 
 
 if __name__ == "__main__":

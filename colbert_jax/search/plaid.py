@@ -175,11 +175,12 @@ def cells(Q, arrays, *, mesh: Mesh, ncells: int, query_maxlen: int, query_chunk:
     def shard(Q, arrays):
         if not with_scores:  # S of a whole batch is B * P * Lq floats: skip it when the next stage redoes it
             c, n = _map_queries(lambda q: fn(q, _local(arrays))[1:], Q, query_chunk)
-            return None, c, n[None]
+            return None, c, jax.lax.all_gather(n, AXIS)
         S, c, n = _map_queries(lambda q: fn(q, _local(arrays)), Q, query_chunk)
-        return S, c, n[None]
+        return S, c, jax.lax.all_gather(n, AXIS)
 
-    out_specs = (P() if with_scores else None, P(), P(AXIS))
+    # The counts the host reads are gathered (replicated): over several processes each can read them.
+    out_specs = (P() if with_scores else None, P(), P())
     return jax.shard_map(shard, mesh=mesh, in_specs=(P(), _specs(arrays)), out_specs=out_specs, check_vma=False)(
         Q, arrays
     )
@@ -193,9 +194,10 @@ def candidates(cells, arrays, *, mesh: Mesh, max_entries: int, query_chunk: int 
 
     def shard(cells, arrays):
         entries, n_cand, n_emb = _map_queries(lambda c: fn(c, _local(arrays)), cells, query_chunk)
-        return entries[None], n_cand[None], n_emb[None]
+        return entries[None], jax.lax.all_gather(n_cand, AXIS), jax.lax.all_gather(n_emb, AXIS)
 
-    return jax.shard_map(shard, mesh=mesh, in_specs=(P(), _specs(arrays)), out_specs=(P(AXIS),) * 3, check_vma=False)(
+    out_specs = (P(AXIS), P(), P())  # the counts the host reads: replicated
+    return jax.shard_map(shard, mesh=mesh, in_specs=(P(), _specs(arrays)), out_specs=out_specs, check_vma=False)(
         cells, arrays
     )
 
@@ -393,10 +395,10 @@ def select(
     def shard(S, entries, threshold, arrays):
         local = _local(arrays)
         survivors, n_emb = _map_queries(lambda x: fn(*x, threshold, local), (S, entries[0]), query_chunk)
-        return survivors[None], n_emb[None]
+        return survivors[None], jax.lax.all_gather(n_emb, AXIS)
 
     return jax.shard_map(
-        shard, mesh=mesh, in_specs=(P(), P(AXIS), P(), _specs(arrays)), out_specs=(P(AXIS), P(AXIS)), check_vma=False
+        shard, mesh=mesh, in_specs=(P(), P(AXIS), P(), _specs(arrays)), out_specs=(P(AXIS), P()), check_vma=False
     )(S, entries, threshold, arrays)
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
 import colbert_jax.search.warp as warp
 from colbert_jax.checkpoint import load_checkpoint
@@ -32,10 +32,9 @@ from colbert_jax.config import ColBERTConfig
 from colbert_jax.errors import needs_option
 from colbert_jax.index import Index
 from colbert_jax.indexing.build import model_fingerprint
-from colbert_jax.indexing.ivf import build_ivf
 from colbert_jax.model import ColBERTModel
 from colbert_jax.runtime import enable_compilation_cache
-from colbert_jax.search import plaid, streamed_mmap
+from colbert_jax.search import placement, plaid, streamed_mmap
 from colbert_jax.search.exact import exact_search
 from colbert_jax.search.ranking import Ranking
 
@@ -130,7 +129,10 @@ class Searcher:
         devices: Sequence[jax.Device] | None = None,
         **overrides,
     ):
-        self.index = index if isinstance(index, Index) else Index.open(index)
+        if placement.multi_process():  # each process reads only its own shards: no checksum of whole arrays
+            self.index = placement.open_lazily(index if isinstance(index, Index) else Index.open(index, verify=False))
+        else:
+            self.index = index if isinstance(index, Index) else Index.open(index)
         explicit = {**(config.model_dump(exclude_unset=True) if config is not None else {}), **overrides}
         # colbert-ai precedence: checkpoint metadata < index config < user config.
         index_config = {k: v for k, v in self.index.config.to_dict().items() if k != "checkpoint"}
@@ -202,9 +204,10 @@ class Searcher:
         self._warp_arrays = None
         self._arrays: plaid.IndexArrays | None = None
         self._collection = None
-        devices = list(devices) if devices is not None else jax.local_devices()
-        self._devices = devices
-        self.mesh = Mesh(np.asarray(devices[: max(1, min(len(devices), self.index.num_passages))]), (plaid.AXIS,))
+        if self.mmap:
+            placement.require_single_process("load_index_with_mmap")
+        self._devices = list(devices) if devices is not None else None
+        self.mesh = placement.search_mesh(self._devices, self.index.num_passages)
         self._exact_arrays = None
         enable_compilation_cache()
 
@@ -216,7 +219,8 @@ class Searcher:
         Searcher answers from the version it opened (updates never change a version's files; those a
         compaction retires are removed one version later, so read passage texts before then). verify: check the
         new version's checksums (reads every file once). Returns whether there was a newer version."""
-        latest = Index.open(self.index.path, verify=verify, mmap=self.mmap)
+        latest = Index.open(self.index.path, verify=verify and not placement.multi_process(), mmap=self.mmap)
+        latest = placement.open_lazily(latest) if placement.multi_process() else latest
         if latest.metadata.get("version", 0) == self.index.metadata.get("version", 0) and (
             latest.metadata.get("build") == self.index.metadata.get("build")
         ):
@@ -228,9 +232,7 @@ class Searcher:
         self._warp_arrays = None
         self._exact_arrays = None
         self._collection = None
-        self.mesh = Mesh(
-            np.asarray(self._devices[: max(1, min(len(self._devices), latest.num_passages))]), (plaid.AXIS,)
-        )
+        self.mesh = placement.search_mesh(self._devices, latest.num_passages)
         return True
 
     @property
@@ -254,6 +256,7 @@ class Searcher:
         the scores summing to the passage's score. See `colbert_jax.search.explain`."""
         from colbert_jax.search.explain import explain
 
+        placement.require_single_process("explain")
         return explain(self, query, pid)
 
     def _open_collection(self, collection: str | os.PathLike | None):
@@ -293,7 +296,7 @@ class Searcher:
     @property
     def arrays(self) -> plaid.IndexArrays:
         if self._arrays is None:
-            self._arrays, self._entry_bounds = _device_arrays(self.index, self.mesh, residuals=not self.mmap)
+            self._arrays, self._entry_bounds = placement.place_index(self.index, self.mesh, residuals=not self.mmap)
             longest = int(self.index.doclens.max())
             # The kernels pad documents to power-of-two lengths (Triton blocks); padding here saves that copy.
             self._max_doclen = _pow2(longest) if self.implementation == "pallas" else -(-longest // 8) * 8
@@ -363,8 +366,9 @@ class Searcher:
                 q = np.asarray(q, np.float32)
                 out[i, : q.shape[0]] = q
         if text_rows:
-            out[text_rows] = self.model.encode_queries([queries[i] for i in text_rows])
-        return out
+            if jax.process_index() == 0:  # over several processes, process 0's queries are searched
+                out[text_rows] = self.model.encode_queries([queries[i] for i in text_rows])
+        return placement.broadcast_queries(out)
 
     # -- search -------------------------------------------------------------------------------------
     def search(self, query: str | np.ndarray, k: int = 10, **kwargs) -> list[tuple[int, int, float]]:
@@ -428,7 +432,12 @@ class Searcher:
             else:
                 pids = np.intersect1d(np.fromiter(map(int, pids), np.int64), matching)
         if pids is not None:
+            placement.require_single_process("filtered search (pids=, where=)")
             return self._search_filtered(queries, k, pids, exact, config, batch_size)
+        if exact:
+            placement.require_single_process("exact search")
+        elif self.engine == "warp":
+            placement.require_single_process("engine='warp'")
         if not exact:
             _ = self._warp_index() if self.engine == "warp" else self.arrays  # before any worker thread starts
 
@@ -449,9 +458,10 @@ class Searcher:
             return pos[: len(chunk)], sc[: len(chunk)]
 
         starts = range(0, len(items), batch_size)
-        if self._cpu and len(starts) > 1:
+        if self._cpu and len(starts) > 1 and not placement.multi_process():
             # Two batches in flight: one encodes (both cores) while the other's retrieval (mostly one core)
-            # runs, ~1.2x the throughput of one after the other on 2 cores.
+            # runs, ~1.2x the throughput of one after the other on 2 cores. (Not over several processes: each
+            # must run the shared programs in the same order.)
             with ThreadPoolExecutor(2) as pool:
                 results = list(pool.map(run, starts))
         else:
@@ -543,6 +553,7 @@ class Searcher:
         """`rerank` for many queries: `{qid: query}` and `{qid: [pid, ...]}` -> `Ranking`."""
         if k is not None and (not isinstance(k, int | np.integer) or k <= 0):
             raise ValueError(f"k must be a positive integer, got {k!r}")
+        placement.require_single_process("rerank")
         qids = list(queries)
         missing = [q for q in qids if q not in candidates]
         if missing:
@@ -804,67 +815,3 @@ class Searcher:
         pos, scores = exact_search(Q, embeddings, passage_of, num_passages=self.index.num_passages, k=k)
         return jax.device_get((pos, scores))
 
-
-def _device_arrays(index: Index, mesh: Mesh, residuals: bool = True) -> tuple[plaid.IndexArrays, list[np.ndarray]]:
-    """Splits the index's passages into one contiguous shard per device (balanced by embeddings) and
-    places each shard's arrays on its device (residuals and their norms only with `residuals`). Also
-    returns, per shard, the cumulative sums of its IVF list lengths sorted longest first (static bounds for
-    the streamed path)."""
-    n_shards = mesh.size
-    P, N = index.num_partitions, index.num_passages
-    cum = np.concatenate([[0], np.cumsum(index.doclens, dtype=np.int64)])
-    cuts = np.searchsorted(cum, np.linspace(0, cum[-1], n_shards + 1)[1:-1], side="left")
-    bounds = np.unique(np.clip(np.concatenate([[0], cuts, [N]]), 0, N))
-    while len(bounds) < n_shards + 1:  # tiny indexes: let trailing shards be empty
-        bounds = np.append(bounds, N)
-    shards = []
-    for s in range(n_shards):
-        lo, hi = int(bounds[s]), int(bounds[s + 1])
-        doclens = index.doclens[lo:hi]
-        codes = np.asarray(index.codes[cum[lo] : cum[hi]])
-        if n_shards == 1:  # the index's own lists (the same, built the same way): no sort of every code
-            ivf, lengths = index.ivf, index.ivf_lengths
-        else:
-            ivf, lengths = build_ivf(codes, doclens, P)
-        shards.append(
-            dict(
-                first=lo,
-                doclens=doclens,
-                codes=codes,
-                residuals=index.residuals[cum[lo] : cum[hi]] if residuals else None,
-                ivf=ivf,
-                ivf_lengths=lengths,
-            )
-        )
-    n_max = max(len(x["doclens"]) for x in shards)
-    e_max = max(len(x["codes"]) for x in shards)
-    i_max = max(max(len(x["ivf"]) for x in shards), 1)
-
-    def pad(a, size, value):
-        return np.concatenate([a, np.full((size - len(a), *a.shape[1:]), value, a.dtype)])
-
-    skip = {"allowed"} | (set() if residuals else {"residuals", "inv_norms"})
-    stacked = {k: [] for k in plaid.SHARDED_KEYS if k not in skip}
-    entry_bounds = []
-    for x in shards:
-        e = len(x["codes"])
-        stacked["doclens"].append(pad(x["doclens"].astype(np.int32), n_max + 1, 0))
-        stacked["offsets"].append(np.concatenate([[0], np.cumsum(stacked["doclens"][-1][:-1])]).astype(np.int32))
-        stacked["codes"].append(pad(x["codes"].astype(np.int32), e_max + 1, P))
-        if residuals:
-            stacked["residuals"].append(pad(x["residuals"], e_max + 1, 0))
-            norms = index.codec.norms(x["codes"], x["residuals"])
-            stacked["inv_norms"].append(pad(1.0 / np.maximum(norms, 1e-12), e_max + 1, 0.0).astype(np.float32))
-        stacked["ivf"].append(pad(x["ivf"], i_max, 0))
-        stacked["ivf_offsets"].append(np.concatenate([[0], np.cumsum(x["ivf_lengths"])]).astype(np.int32))
-        stacked["ivf_lengths"].append(np.concatenate([x["ivf_lengths"], [0]]).astype(np.int32))
-        stacked["first"].append(np.int32(x["first"]))
-        stacked["count"].append(np.int32(len(x["doclens"])))
-        entry_bounds.append(np.cumsum(np.sort(x["ivf_lengths"])[::-1]))
-        assert e <= e_max
-    sharded = NamedSharding(mesh, PartitionSpec(plaid.AXIS))
-    replicated = NamedSharding(mesh, PartitionSpec())
-    arrays = {k: jax.device_put(np.stack(v), sharded) for k, v in stacked.items()}
-    arrays["centroids"] = jax.device_put(index.codec.centroids, replicated)
-    arrays["bucket_weights"] = jax.device_put(index.codec.bucket_weights, replicated)
-    return arrays, entry_bounds
