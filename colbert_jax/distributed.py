@@ -19,7 +19,18 @@ import os
 
 import jax
 
-__all__ = ["initialize", "barrier", "ENV_COORDINATOR", "ENV_NUM_PROCESSES", "ENV_PROCESS_ID"]
+__all__ = [
+    "initialize",
+    "joined",
+    "shutdown",
+    "barrier",
+    "publish",
+    "receive",
+    "retract",
+    "ENV_COORDINATOR",
+    "ENV_NUM_PROCESSES",
+    "ENV_PROCESS_ID",
+]
 
 ENV_COORDINATOR = "COLBERT_JAX_COORDINATOR"
 ENV_NUM_PROCESSES = "COLBERT_JAX_NUM_PROCESSES"
@@ -71,6 +82,20 @@ def initialize() -> bool:
     return True
 
 
+def joined() -> bool:
+    """Whether `initialize` made this process one of several."""
+    return _initialized
+
+
+def shutdown() -> None:
+    """Leaves the multi-process runtime, waiting for every other process to leave too: process 0 hosts the
+    coordinator, and a process still connected when it goes is ended by the runtime (an abort)."""
+    global _initialized
+    if _initialized:
+        jax.distributed.shutdown()
+        _initialized = False
+
+
 def barrier(name: str, timeout_s: float = 600.0) -> None:
     """Waits until every process has reached the barrier `name` (use each name once); at once in one process.
 
@@ -80,6 +105,33 @@ def barrier(name: str, timeout_s: float = 600.0) -> None:
     """
     if jax.process_count() == 1:
         return
+    _client().wait_at_barrier(name, int(timeout_s * 1000))
+
+
+def _client():
     from jax._src import distributed as _distributed  # the coordination client has no public handle
 
-    _distributed.global_state.client.wait_at_barrier(name, int(timeout_s * 1000))
+    return _distributed.global_state.client
+
+
+def publish(key: str, value: str) -> None:
+    """Stores `value` under `key` (once) in the coordinator's key-value store, for `receive` on any process."""
+    _client().key_value_set(key, value)
+
+
+def receive(key: str, poll_s: float = 30.0) -> str:
+    """The value `publish` stored under `key`, waiting as long as it takes. It waits on the coordinator in
+    steps of `poll_s`, never in a device collective, which would time out: a server's other processes may
+    wait here for hours between requests. If process 0 (the coordinator) dies, the runtime ends this process."""
+    client = _client()
+    while True:
+        try:
+            return client.blocking_key_value_get(key, int(poll_s * 1000))
+        except Exception as e:  # noqa: BLE001 - jax.errors.JaxRuntimeError: only a time-out is retried
+            if "DEADLINE_EXCEEDED" not in str(e):
+                raise
+
+
+def retract(key: str) -> None:
+    """Deletes `key` from the coordinator's key-value store (once every process has received it)."""
+    _client().key_value_delete(key)

@@ -814,4 +814,3 @@ class Searcher:
         embeddings, passage_of = self._exact_arrays
         pos, scores = exact_search(Q, embeddings, passage_of, num_passages=self.index.num_passages, k=k)
         return jax.device_get((pos, scores))
-

@@ -1,0 +1,182 @@
+"""Where an index's passages live during search: one contiguous shard per device of the search mesh, over
+one process or many.
+
+Every process computes the same shard bounds from `doclens` (small: every process reads it) and reads from
+disk only the rows of the shards on its own devices (codes, residuals; the IVF is rebuilt from its own
+codes). Sizes that depend on other processes' shards (the longest IVF, the IVF-entry bounds) come from a
+small all-gather, so every process pads its shards to the same global shapes and runs the same programs.
+
+In a multi-process runtime (`colbert_jax.distributed`) every process must call the search in step with the
+same arguments; the query embeddings searched are process 0's (`broadcast_queries`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from colbert_jax.index import Index
+from colbert_jax.indexing.ivf import build_ivf
+from colbert_jax.search import plaid
+
+__all__ = [
+    "search_mesh",
+    "shard_bounds",
+    "place_index",
+    "open_lazily",
+    "broadcast_queries",
+    "multi_process",
+    "require_single_process",
+]
+
+
+def multi_process() -> bool:
+    """Whether this process is one of several in a JAX runtime (`colbert_jax.distributed.initialize`)."""
+    return jax.process_count() > 1
+
+
+def require_single_process(what: str) -> None:
+    """Raises ValueError naming `what` when several processes share the index (it reads other shards)."""
+    if multi_process():
+        raise ValueError(
+            f"{what} is not available when the index is split over {jax.process_count()} processes "
+            "(it reads passages from every shard): run it as one process"
+        )
+
+
+def search_mesh(devices: Sequence[jax.Device] | None, num_passages: int) -> Mesh:
+    """The 1-D mesh the index's passages are split over: `devices`, else all devices of all processes (ordered
+    by process, then local id). One process drops devices beyond one per passage; several processes keep
+    them all, since every process must own part of the mesh to take part (their surplus shards are empty)."""
+    if devices is None:
+        devices = jax.devices() if multi_process() else jax.local_devices()
+    devices = list(devices)
+    if not multi_process():
+        devices = devices[: max(1, min(len(devices), num_passages))]
+    return Mesh(np.asarray(devices), (plaid.AXIS,))
+
+
+def shard_bounds(doclens: np.ndarray, n_shards: int) -> np.ndarray:
+    """Passage bounds [n_shards + 1] of contiguous shards balanced by embeddings (trailing shards of a tiny
+    index may be empty)."""
+    N = len(doclens)
+    cum = np.concatenate([[0], np.cumsum(doclens, dtype=np.int64)])
+    cuts = np.searchsorted(cum, np.linspace(0, cum[-1], n_shards + 1)[1:-1], side="left")
+    bounds = np.unique(np.clip(np.concatenate([[0], cuts, [N]]), 0, N))
+    return np.concatenate([bounds, np.full(n_shards + 1 - len(bounds), N, bounds.dtype)]).astype(np.int64)
+
+
+def open_lazily(index: Index) -> Index:
+    """`index` with codes and residuals memory-mapped (read only where indexed), for a process that must read
+    only its own shards. An index with updates is read whole (its rows are a replay of its log): warned."""
+    if index.has_updates:
+        warnings.warn(
+            f"{index.path} has adds or deletes since it was built: every process reads all of its codes and "
+            "residuals (`colbert-jax compact` it so that each reads only its own shard)",
+            stacklevel=3,
+        )
+    return index if index.mmap else Index(index.path, index.metadata, mmap=True)
+
+
+def broadcast_queries(Q: np.ndarray) -> np.ndarray:
+    """Process 0's query embeddings on every process (unchanged in one process). The batch is padded to a
+    power of two for the transfer, so that it compiles a bounded number of programs."""
+    if not multi_process():
+        return Q
+    size = 1 << max(0, int(len(Q) - 1).bit_length())
+    padded = np.zeros((size, *Q.shape[1:]), Q.dtype)
+    padded[: len(Q)] = Q
+    return np.asarray(multihost_utils.broadcast_one_to_all(padded))[: len(Q)]
+
+
+def _global_max(local: np.ndarray) -> np.ndarray:
+    """The element-wise maximum of `local` over all processes (the same shape on each)."""
+    if not multi_process():
+        return local
+    return np.asarray(multihost_utils.process_allgather(local)).max(axis=0)
+
+
+def place_index(index: Index, mesh: Mesh, residuals: bool = True) -> tuple[plaid.IndexArrays, list[np.ndarray]]:
+    """Splits the index's passages into one contiguous shard per mesh device (balanced by embeddings) and
+    places each shard this process owns on its device (residuals and their norms only with `residuals`).
+
+    Returns the global arrays (`plaid.IndexArrays`, leading shard axis over the mesh) and, as a one-element
+    list, the element-wise maximum over shards of the cumulative IVF list lengths sorted longest first (static
+    bounds for the streamed path). Reads from disk only the rows of this process's shards.
+    """
+    devices = list(mesh.devices.flat)
+    n_shards = len(devices)
+    P = index.num_partitions
+    doclens_all = index.doclens
+    cum = np.concatenate([[0], np.cumsum(doclens_all, dtype=np.int64)])
+    bounds = shard_bounds(doclens_all, n_shards)
+    # Sizes every process knows from doclens alone; the IVF's depend on the codes, so they are gathered.
+    n_max = int(np.diff(bounds).max())
+    e_max = int(np.diff(cum[bounds]).max())
+    me = jax.process_index()
+    local = [s for s, d in enumerate(devices) if d.process_index == me]
+    if not local:
+        raise ValueError(f"process {me} has no device in the search mesh: every process must own a shard")
+    shards = {}
+    for s in local:
+        lo, hi = int(bounds[s]), int(bounds[s + 1])
+        doclens = doclens_all[lo:hi]
+        codes = np.asarray(index.codes[cum[lo] : cum[hi]])
+        if n_shards == 1:  # the index's own lists (the same, built the same way): no sort of every code
+            ivf, lengths = index.ivf, index.ivf_lengths
+        else:
+            ivf, lengths = build_ivf(codes, doclens, P)
+        shards[s] = dict(
+            first=lo,
+            doclens=doclens,
+            codes=codes,
+            residuals=np.asarray(index.residuals[cum[lo] : cum[hi]]) if residuals else None,
+            ivf=ivf,
+            ivf_lengths=lengths,
+        )
+    entry_bound = np.zeros(P, np.int64)
+    i_local = 1
+    for x in shards.values():
+        entry_bound = np.maximum(entry_bound, np.cumsum(np.sort(x["ivf_lengths"])[::-1]))
+        i_local = max(i_local, len(x["ivf"]))
+    # int32 for the gather (JAX's default integers); a bound past 2^31 entries is no usable static size anyway
+    local_sizes = np.minimum(np.concatenate([[i_local], entry_bound]), np.iinfo(np.int32).max).astype(np.int32)
+    gathered = _global_max(local_sizes).astype(np.int64)
+    i_max, entry_bound = int(gathered[0]), gathered[1:]
+
+    def pad(a, size, value):
+        return np.concatenate([a, np.full((size - len(a), *a.shape[1:]), value, a.dtype)])
+
+    skip = {"allowed"} | (set() if residuals else {"residuals", "inv_norms"})
+    per_shard: dict[str, dict[int, np.ndarray]] = {k: {} for k in plaid.SHARDED_KEYS if k not in skip}
+    for s, x in shards.items():
+        doclens = pad(x["doclens"].astype(np.int32), n_max + 1, 0)
+        per_shard["doclens"][s] = doclens
+        per_shard["offsets"][s] = np.concatenate([[0], np.cumsum(doclens[:-1])]).astype(np.int32)
+        per_shard["codes"][s] = pad(x["codes"].astype(np.int32), e_max + 1, P)
+        if residuals:
+            per_shard["residuals"][s] = pad(x["residuals"], e_max + 1, 0)
+            norms = index.codec.norms(x["codes"], x["residuals"])
+            per_shard["inv_norms"][s] = pad(1.0 / np.maximum(norms, 1e-12), e_max + 1, 0.0).astype(np.float32)
+        per_shard["ivf"][s] = pad(x["ivf"], i_max, 0)
+        per_shard["ivf_offsets"][s] = np.concatenate([[0], np.cumsum(x["ivf_lengths"])]).astype(np.int32)
+        per_shard["ivf_lengths"][s] = np.concatenate([x["ivf_lengths"], [0]]).astype(np.int32)
+        per_shard["first"][s] = np.int32(x["first"])
+        per_shard["count"][s] = np.int32(len(x["doclens"]))
+    sharded = NamedSharding(mesh, PartitionSpec(plaid.AXIS))
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def assemble(parts: dict[int, np.ndarray]) -> jax.Array:
+        first = np.asarray(next(iter(parts.values())))
+        pieces = [jax.device_put(np.asarray(parts[s])[None], devices[s]) for s in local]
+        return jax.make_array_from_single_device_arrays((n_shards, *first.shape), sharded, pieces)
+
+    arrays = {k: assemble(v) for k, v in per_shard.items()}
+    arrays["centroids"] = jax.device_put(index.codec.centroids, replicated)
+    arrays["bucket_weights"] = jax.device_put(index.codec.bucket_weights, replicated)
+    return arrays, [entry_bound]
