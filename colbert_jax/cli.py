@@ -92,6 +92,8 @@ def _search(args: argparse.Namespace) -> int:
     import json
     import time
 
+    import jax
+
     import colbert_jax
     from colbert_jax.queries import load_queries
 
@@ -119,6 +121,8 @@ def _search(args: argparse.Namespace) -> int:
     t1 = time.perf_counter()
     ranking = searcher.search_all(queries, k=args.k)
     t2 = time.perf_counter()
+    if jax.process_index() > 0:  # every process searched in step; process 0 writes the results
+        return EXIT_OK
     if args.show_text:
         pids = sorted({pid for results in ranking.data.values() for pid, _, _ in results})
         texts = dict(zip(pids, searcher.passages(pids)))
@@ -159,8 +163,19 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import jax
+
     import colbert_jax
-    from colbert_jax.server import bind, check_exposure, serve
+    from colbert_jax import distributed
+    from colbert_jax.server import Followers, bind, check_exposure, follow, serve
+
+    if jax.process_index() > 0:  # one of several processes: serves its shards for process 0's server
+        searcher = colbert_jax.Searcher(
+            args.index, checkpoint=args.checkpoint, truncate=True, allow_other_checkpoint=args.allow_other_checkpoint
+        )
+        distributed.barrier("colbert-jax serve: loaded")
+        follow(searcher, max_batch=args.max_batch)
+        return EXIT_OK
 
     args.api_key = args.api_key or os.environ.get("COLBERT_JAX_API_KEY") or None
     try:
@@ -189,6 +204,9 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"colbert-jax serve: error: cannot show passage texts: {message}", file=sys.stderr)
             sock.close()
             return EXIT_BAD_INPUT
+        # Over several processes: wait until every one has loaded its part (one that failed ends the job).
+        followers = Followers() if jax.process_count() > 1 else None
+        distributed.barrier("colbert-jax serve: loaded")
     except BaseException:
         sock.close()
         raise
@@ -210,6 +228,7 @@ def _serve(args: argparse.Namespace) -> int:
         insecure=args.insecure,
         max_body_bytes=args.max_body_bytes,
         request_timeout_s=args.request_timeout_s,
+        followers=followers,
     )
     return EXIT_OK
 
@@ -581,6 +600,29 @@ def _short_warnings(command: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs one command; returns its exit code. Of several processes, each leaves the runtime together with
+    the others when its command succeeds, and at once (os._exit) when it fails: the others may be waiting for
+    it in a collective, which an orderly shutdown would wait for in turn."""
+    from colbert_jax import distributed
+
+    try:
+        code = _main(argv)
+    except BaseException:
+        if not distributed.joined():
+            raise
+        import traceback
+
+        traceback.print_exc()
+        code = EXIT_FAILED
+    if code != EXIT_OK and distributed.joined():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    distributed.shutdown()
+    return code
+
+
+def _main(argv: list[str] | None = None) -> int:
     from colbert_jax.checkpoint import CheckpointError
     from colbert_jax.config import ConfigError
     from colbert_jax.errors import cli_message
@@ -592,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
     from colbert_jax.runtime import enable_compilation_cache
 
     try:
-        if args.command in ("index", "train"):  # jobs that run as several processes (COLBERT_JAX_* variables)
+        if args.command in ("index", "train", "search", "serve"):  # jobs that run as several processes
             distributed.initialize()
         enable_compilation_cache()
         return args.func(args)

@@ -86,6 +86,7 @@ class ColBERTModel:
         self.tokens_per_batch = tokens_per_batch
         replicated = NamedSharding(self.mesh, P())
         rows = NamedSharding(self.mesh, P("data"))
+        self._rows = rows
         self.params = jax.device_put(params, replicated)
         self._skiplist = jax.device_put(self.doc_tokenizer.skiplist, replicated)
         pad_id = self.doc_tokenizer.pad_id
@@ -127,10 +128,9 @@ class ColBERTModel:
         for start in range(0, len(ids), bsize):
             stop = min(start + bsize, len(ids))
             b = batch_bucket(stop - start, bsize, self.n_devices)
-            yield (
-                (start, stop),
-                self._query_fn(self.params, _pad_rows(ids[start:stop], b), _pad_rows(mask[start:stop], b)),
-            )
+            # placed explicitly: in a multi-process runtime jit refuses numpy inputs with a split sharding
+            batch = jax.device_put((_pad_rows(ids[start:stop], b), _pad_rows(mask[start:stop], b)), self._rows)
+            yield (start, stop), self._query_fn(self.params, *batch)
 
     # -- documents ----------------------------------------------------------------------------------
     def encode_docs(self, texts: Sequence[str], *, bsize: int | None = None) -> tuple[np.ndarray, np.ndarray]:

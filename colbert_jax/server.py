@@ -19,6 +19,12 @@ the request queue is full.
 Readiness: the port opens before the warm-up, which runs in the search worker between requests; a search
 that arrives meanwhile waits for at most the current warm-up step and then compiles what it needs itself.
 Compiled programs are cached on disk (`colbert_jax.runtime`), so a restart loads instead of compiling.
+
+Several processes (hosts; `colbert_jax.distributed`): the index is split over all their devices. Process 0
+serves HTTP; before each step that touches the index (a batch, a warm-up step) it announces the step
+(`Followers`), and the other processes, in `follow`, take it with it; its "stop", on shutdown, ends them.
+Filtered search (pids) and explain read passages from every shard: they answer 501 there, and the server
+keeps the index version it opened (a restart serves a newer one).
 """
 
 # No `from __future__ import annotations`: FastAPI reads endpoint annotations as objects, and the POST body
@@ -28,11 +34,14 @@ import contextlib
 import errno
 import hmac
 import ipaddress
+import json
 import logging
 import math
 import os
 import re
+import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -50,7 +59,18 @@ from starlette.exceptions import HTTPException
 
 from colbert_jax.search.searcher import QueryError, Searcher
 
-__all__ = ["create_app", "serve", "bind", "check_exposure", "warm_up", "MicroBatcher", "MAX_K", "MAX_QUERY_CHARS"]
+__all__ = [
+    "create_app",
+    "serve",
+    "bind",
+    "check_exposure",
+    "warm_up",
+    "MicroBatcher",
+    "Followers",
+    "follow",
+    "MAX_K",
+    "MAX_QUERY_CHARS",
+]
 
 SEARCH_K = 100
 MAX_K = 100
@@ -276,6 +296,7 @@ class MicroBatcher:
     warm_up_s: float | None = None
     warm_up_error: str | None = None
     reloads: int = 0
+    followers: "Followers | None" = None  # over several processes: announces each step to the others
     _index_stat: tuple | None = field(default=None, repr=False)
     _queue: asyncio.Queue | None = field(default=None, repr=False)
     _task: asyncio.Task | None = field(default=None, repr=False)
@@ -291,6 +312,8 @@ class MicroBatcher:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self.followers is not None:  # in the worker, after the step it may be running
+            await self.call(self.followers.stop)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     @property
@@ -311,9 +334,14 @@ class MicroBatcher:
         """Runs `fn(*args)` in the search worker (JAX work is serialised there)."""
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
+    def _next_warm_step(self, steps: Iterator[None]) -> bool:
+        if self.followers is not None:
+            self.followers.announce("warm")
+        return next(steps, StopIteration) is not StopIteration
+
     async def _warm_step(self, steps: Iterator[None], t0: float) -> None:
         try:
-            more = await self.call(lambda: next(steps, StopIteration) is not StopIteration)
+            more = await self.call(self._next_warm_step, steps)
         except Exception as e:  # noqa: BLE001 - serve anyway: searches compile what they need themselves
             log.warning("warm-up stopped: %s: %s", type(e).__name__, e)
             self.warm_up_error, more = f"{type(e).__name__}: {e}", False
@@ -369,6 +397,8 @@ class MicroBatcher:
         for size in sorted(sizes, reverse=True):
             count = (len(texts) - start) // size * size
             if count:
+                if self.followers is not None:
+                    self.followers.announce("search", n=count, k=k, batch_size=size)
                 ranking = self.searcher.search_all(texts[start : start + count], k=k, batch_size=size)
                 out += [ranking[i] for i in range(count)]
                 self.batches += 1
@@ -378,7 +408,10 @@ class MicroBatcher:
     def reload_if_updated(self) -> bool:
         """Moves the searcher to the index's newest version when its metadata.json changed (an `Indexer.add`,
         `delete` or `compact` committed). Runs in the worker between batches, so no request sees a half-moved
-        searcher; if the new version cannot be opened, the old one keeps answering."""
+        searcher; if the new version cannot be opened, the old one keeps answering. Not over several processes
+        (each would have to move at the same step): there the server keeps the version it opened."""
+        if self.followers is not None:
+            return False
         try:
             st = os.stat(self.searcher.index.path / "metadata.json")
         except OSError:
@@ -421,6 +454,75 @@ class MicroBatcher:
         pids = [pid for r in results for pid, _, _ in r]
         passages = iter(self.searcher.passages(pids) if pids else [])
         return [(r, [next(passages) for _ in r]) for r in results]
+
+
+# -- several processes ---------------------------------------------------------------------------------
+STEPS_KEY = "colbert-jax serve/step/{}"
+
+
+class Followers:
+    """Process 0's side of a server over several processes: announces, in order, each step the others must
+    take with it (`follow`), through the coordinator's key-value store. Thread-safe; after `stop` nothing
+    more is announced (a step then raises instead of waiting forever in a collective alone)."""
+
+    def __init__(self) -> None:
+        from colbert_jax import distributed
+
+        self._distributed = distributed
+        self._next = 0
+        self._collective_before = False
+        self._lock = threading.Lock()
+        self.stopped = False
+
+    def announce(self, op: str, **args: int) -> None:
+        """Announces step `op` ("search" with n, k, batch_size; "warm"; "stop"); call it right before taking it."""
+        with self._lock:
+            if self.stopped:
+                raise RuntimeError("the server is stopping: the other processes have left")
+            self._distributed.publish(STEPS_KEY.format(self._next), json.dumps({"op": op, **args}))
+            # The step before, if it was a search, ran collectives with every process: they have all read
+            # it, so its key can go. (Warm-up steps are a bounded few; some run no collective.)
+            if self._collective_before:
+                self._distributed.retract(STEPS_KEY.format(self._next - 1))
+            self._collective_before = op == "search"
+            self._next += 1
+            self.stopped = op == "stop"
+
+    def stop(self) -> None:
+        """Ends the other processes' `follow` (idempotent)."""
+        if not self.stopped:
+            self.announce("stop")
+
+
+def follow(searcher: Searcher, max_batch: int = 64, poll_s: float = 30.0) -> int:
+    """Processes 1..N-1 of a server over several processes: takes each step process 0 announces, in order, with
+    the same arguments (the queries searched are process 0's: `Searcher` broadcasts them), until "stop".
+    SIGTERM does not end it: process 0's stop does, so that no process leaves a step the others are in.
+    Returns the number of batches searched."""
+    import jax
+    import numpy as np
+
+    from colbert_jax import distributed
+
+    with contextlib.suppress(ValueError):  # not in the main thread (tests): no handler to install
+        signal.signal(signal.SIGTERM, lambda *_: log.info("SIGTERM: this process stops when process 0 stops"))
+    steps, warming, batches = warm_up_steps(searcher, max_batch), True, 0
+    blank = np.zeros((searcher.config.query_maxlen, searcher.config.dim), np.float32)
+    for step in range(1 << 62):
+        message = json.loads(distributed.receive(STEPS_KEY.format(step), poll_s))
+        if message["op"] == "stop":
+            log.info("process %d: process 0 stopped the server after %d batches", jax.process_index(), batches)
+            return batches
+        if message["op"] == "warm" and warming:
+            try:
+                warming = next(steps, StopIteration) is not StopIteration
+            except Exception as e:  # noqa: BLE001 - as process 0 does: the searches compile what they need
+                log.warning("warm-up stopped: %s: %s", type(e).__name__, e)
+                warming = False
+        elif message["op"] == "search":
+            searcher.search_all([blank] * message["n"], k=message["k"], batch_size=message["batch_size"])
+            batches += 1
+    return batches
 
 
 # -- the application -----------------------------------------------------------------------------------
@@ -527,6 +629,7 @@ def create_app(
     api_key: str | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
     request_timeout_s: float = REQUEST_TIMEOUT_S,
+    followers: Followers | None = None,
 ) -> FastAPI:
     """The FastAPI application serving `searcher`.
 
@@ -539,8 +642,12 @@ def create_app(
       api_key: when set, every /api/ request needs `Authorization: Bearer <api_key>` (else 401).
       max_body_bytes: larger request bodies answer 413.
       request_timeout_s: a request not answered by then gets 503 with Retry-After.
+      followers: over several processes (process 0), announces each step to the others (`follow`).
     """
-    batcher = MicroBatcher(searcher, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, warm=warm)
+    batcher = MicroBatcher(
+        searcher, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, warm=warm, followers=followers
+    )
+    several = "{} is not available: the index is split over several processes and it reads every shard"
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -583,6 +690,8 @@ def create_app(
     async def answer(queries: list[str], k: int, pids: list[int] | None = None) -> list[SearchResponse] | JSONResponse:
         if pids is not None and not all(_INT64_MIN <= p <= _INT64_MAX for p in pids):
             return _error(400, "pids: a pid beyond 64-bit integers is not in the index")
+        if pids is not None and followers is not None:
+            return _error(501, several.format("a pids filter"))
         try:
             searcher._validate(queries)
             if pids is not None:
@@ -630,6 +739,8 @@ def create_app(
             text = searcher.passages([pid])[0]
             return matches, text, doc_token_spans(searcher.model, text)
 
+        if followers is not None:
+            return _error(501, several.format("explain"))
         try:
             if not _INT64_MIN <= pid <= _INT64_MAX:  # numpy cannot even look it up
                 raise KeyError(pid)
@@ -757,4 +868,13 @@ def serve(
     check_exposure(sock.getsockname()[0] if sock else host, kwargs.get("api_key"), insecure)
     sock = sock or bind(host, port)
     config = uvicorn.Config(create_app(searcher, warm=warm, **kwargs), log_level="info")
-    uvicorn.Server(config).run(sockets=[sock])
+    if kwargs.get("followers") is not None:
+        # uvicorn raises the signal that stopped it again once stopped; over several processes that would end
+        # this one before the others leave the runtime with it (they would then be aborted)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: log.info("stopped: leaving with the other processes"))
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:  # (the application stops them on shutdown; this covers a server that never started)
+        if kwargs.get("followers") is not None:
+            kwargs["followers"].stop()
