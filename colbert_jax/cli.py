@@ -174,7 +174,11 @@ def _serve(args: argparse.Namespace) -> int:
             args.index, checkpoint=args.checkpoint, truncate=True, allow_other_checkpoint=args.allow_other_checkpoint
         )
         distributed.barrier("colbert-jax serve: loaded")
-        follow(searcher, max_batch=args.max_batch)
+        batches = follow(searcher, max_batch=args.max_batch)
+        print(
+            f"colbert-jax serve: process {jax.process_index()} stopped with process 0 after {batches} batches",
+            file=sys.stderr,
+        )
         return EXIT_OK
 
     args.api_key = args.api_key or os.environ.get("COLBERT_JAX_API_KEY") or None
