@@ -432,6 +432,19 @@ class Index:
             return self._array("ivf_lengths")
         return self._ivf[1]
 
+    @functools.cached_property
+    def ivf_bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """(lengths int64 [P + 1], offsets int64 [P + 1]) of the IVF lists (lengths[P] = 0: a padding cell)."""
+        lengths = np.asarray(self.ivf_lengths, np.int64)
+        return np.append(lengths, 0), np.concatenate([[0], np.cumsum(lengths)])
+
+    @functools.cached_property
+    def ivf_rows(self) -> np.ndarray | ChunkedMemmap:
+        """The IVF's entries, for reading some lists: a `ChunkedMemmap` of a memory-mapped index without updates."""
+        if self.mmap and not self.has_updates:
+            return ChunkedMemmap(self._entry_path("ivf", self.metadata["arrays"]["ivf"]))
+        return self.ivf
+
     def load(self) -> Index:
         """Reads the arrays search needs into memory now (a reader then no longer depends on the files)."""
         for name in ("codes", "residuals", "doclens", "pids", "codec", "offsets"):

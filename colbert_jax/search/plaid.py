@@ -154,11 +154,16 @@ def _cells_one(Q, a, *, ncells: int, query_maxlen: int):
 
 def _candidates_one(cells, a, *, max_entries: int):
     """The union of the cells' IVF lists: unique passage positions (ascending, then sentinels) and counts."""
-    sentinel = a["doclens"].shape[0] - 1
     _, src, valid = _expand(a["ivf_lengths"][cells], a["ivf_offsets"][cells], max_entries)
-    entries = a["ivf"][jnp.where(valid, src, 0)]
+    return unique_candidates(a["ivf"][jnp.where(valid, src, 0)], valid, a, max_entries=max_entries)
+
+
+def unique_candidates(entries, valid, a, *, max_entries: int):
+    """IVF entries [max_entries] (local positions where `valid`) -> the unique ones (ascending, then the
+    sentinel), their number and their embeddings' number."""
+    sentinel = a["doclens"].shape[0] - 1
     if "allowed" in a:  # a filter: passages outside it never become candidates
-        valid &= a["allowed"][entries]
+        valid &= a["allowed"][jnp.where(valid, entries, sentinel)]
     entries = jnp.sort(jnp.where(valid, entries, sentinel))
     first = jnp.concatenate([jnp.ones(1, bool), entries[1:] != entries[:-1]]) & (entries < sentinel)
     (slots,) = jnp.nonzero(first, size=max_entries, fill_value=max_entries - 1)
@@ -509,10 +514,9 @@ def _exact_streamed(Q, S, survivors, a, chunk: int, nbits: int):
     return _stream(a["doclens"][survivors], a["offsets"][survivors], chunk, init, body)
 
 
-def survivors_streamed(S, cells, threshold, a, *, max_entries: int, ndocs: int, chunk: int):
-    """Stages 2-5 for one query (inside `shard_map`; codes only, no residuals): -> the local survivors
-    [ndocs // 4] (descending positions, then the shard's sentinel)."""
-    entries, _, _ = _candidates_one(cells, a, max_entries=max_entries)
+def survivors_streamed(S, entries, threshold, a, *, ndocs: int, chunk: int):
+    """Stages 4-5 for one query (inside `shard_map`; codes only, no residuals): its unique candidates (stage 2's
+    `unique_candidates`) -> the local survivors [ndocs // 4] (descending positions, then the shard's sentinel)."""
     cand = entries[::-1]  # the unique candidates, descending positions
     table, kept = _tables(S, threshold)
     # Stage 4 over all candidates with the pruned table; stage 5's full scores only for stage 4's ndocs
@@ -535,7 +539,8 @@ def _search_one_streamed(Q, S, cells, real, threshold, a, *, max_entries, ndocs,
     def run(Q, S):
         if S is None:
             S = _centroid_scores(Q, a, Q.shape[0])
-        survivors = survivors_streamed(S, cells, threshold, a, max_entries=max_entries, ndocs=ndocs, chunk=chunk)
+        entries, _, _ = _candidates_one(cells, a, max_entries=max_entries)
+        survivors = survivors_streamed(S, entries, threshold, a, ndocs=ndocs, chunk=chunk)
         return _top_k(_reduce(_exact_streamed(Q, S, survivors, a, exact_chunk, nbits), clamp), survivors, a, k)
 
     def skip(Q, S):

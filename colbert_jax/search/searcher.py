@@ -709,17 +709,20 @@ class Searcher:
             # On the CPU a device array is host memory: let the codec read the device's centroids rather than
             # keep its own copy (32 MiB at 65,536 centroids).
             self.index.share_centroids(self.arrays["centroids"])
+        if "ivf" in self.arrays:  # stage 2 reads the probed IVF lists from disk (`expand_cells`) instead
+            # a new dict, not a deletion: another thread's batch may be reading the old one
+            self._arrays = {k: v for k, v in self._arrays.items() if k not in ("ivf", "ivf_offsets")}
+        entries = streamed_mmap.expand_cells(self.index, np.asarray(jax.device_get(cells)), real, max_entries)
         surv = streamed_mmap.survivors(
             Q,
             S,
-            cells,
+            entries,
             real,
             np.float32(threshold),
             self.arrays if allowed is None else {**self.arrays, "allowed": allowed},
             mesh=self.mesh,
-            max_entries=max_entries,
             ndocs=max(ndocs, 4),
-            chunk=plaid.streamed_chunk(max_entries),
+            chunk=plaid.streamed_chunk(entries.shape[1]),
         )
         survivors, gathered, slots = self._gather_survivors(surv)
         pos, sc = jax.device_get(

@@ -38,55 +38,79 @@ from colbert_jax.search.plaid import (
     _stream,
     _top_k,
     survivors_streamed,
+    unique_candidates,
 )
 from pallas_kernels.decompress import byte_table
 
-__all__ = ["survivors", "gather", "exact", "return_freed_memory", "GATHER_KEYS", "MIN_GATHER_ROWS"]
+__all__ = ["expand_cells", "survivors", "gather", "exact", "return_freed_memory", "GATHER_KEYS", "MIN_GATHER_ROWS"]
 
 GATHER_KEYS = ("codes", "residuals", "inv_norms", "doclens", "offsets", "first", "count")
 MIN_GATHER_ROWS = 4096  # gathered rows per shard are padded to a power of two at least this: few programs
 
 
-def return_freed_memory(threshold: int = 1 << 20) -> bool:
-    """Asks glibc's malloc to serve blocks of `threshold` bytes and more from their own mappings, returned to
-    the system when freed. By default glibc raises that threshold to the largest block freed so far (up to
-    32 MiB), so the per-query buffers of search (a query's centroid scores are 8 MiB at 65,536 centroids) are
-    kept in the heap after use and the resident set grows past what search needs at any moment. Returns
-    whether it was applied (glibc only)."""
+def return_freed_memory(threshold: int = 1 << 20, arenas: int = 2) -> bool:
+    """Asks glibc's malloc to give freed memory back to the system: blocks of `threshold` bytes and more get
+    their own mappings, unmapped when freed (by default glibc raises that threshold to the largest block freed
+    so far, up to 32 MiB, so search's per-query buffers, 8 MiB of centroid scores at 65,536 centroids, stay in
+    the heap after use), and at most `arenas` heaps serve all threads (each thread that searches a batch would
+    otherwise get a heap of its own that keeps what it freed). Process-wide; returns whether it applied (glibc
+    only)."""
     try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
-    M_MMAP_THRESHOLD = -3
-    return bool(mallopt(M_MMAP_THRESHOLD, int(threshold)))
+    M_ARENA_MAX, M_MMAP_THRESHOLD = -8, -3
+    return bool(mallopt(M_MMAP_THRESHOLD, int(threshold))) & bool(mallopt(M_ARENA_MAX, int(arenas)))
 
 
-@functools.partial(jax.jit, static_argnames=("mesh", "max_entries", "ndocs", "chunk"))
-def survivors(Q, S, cells, real, threshold, arrays, *, mesh: Mesh, max_entries: int, ndocs: int, chunk: int):
-    """Stages 2-5 after `plaid.cells`, one query at a time (codes only: `arrays` needs no residuals).
+def expand_cells(index: Index, cells: np.ndarray, real: np.ndarray, max_entries: int) -> np.ndarray:
+    """Stage 2's IVF lookup on the host, from the index's IVF on disk (only the probed lists are read): cells
+    [B, C] (padded with P) -> the entries of each real query's lists, global passage positions [B, W] (-1:
+    none; W = max_entries, or the next power of two that holds the longest query's entries)."""
+    lengths, offsets = index.ivf_bounds
+    L = np.where(np.asarray(real)[:, None], lengths[cells], 0)  # [B, C]
+    totals = L.sum(axis=1)
+    width = max(int(max_entries), 1 << int(max(int(totals.max()), 1) - 1).bit_length())
+    flat = L.reshape(-1)
+    total = int(flat.sum())
+    rows = np.repeat(offsets[cells].reshape(-1) - (np.cumsum(flat) - flat), flat) + np.arange(total)
+    query = np.repeat(np.arange(len(cells)), totals)
+    at = np.arange(total) - np.repeat(np.cumsum(totals) - totals, totals)  # the entry's slot in its query's row
+    out = np.full((len(cells), width), -1, np.int32)
+    out[query, at] = index.ivf_rows[rows]
+    return out
 
-    Q [B, Lq, dim]; S [B, P, Lq] or None (recomputed per query); cells [B, Lq * ncells]; real [B] bool
-    (False: padding, skipped) -> local survivors [D, B, ndocs // 4] (descending positions, then each shard's
-    sentinel position)."""
 
-    def one(Q, S, cells, real, threshold, a):
+@functools.partial(jax.jit, static_argnames=("mesh", "ndocs", "chunk"))
+def survivors(Q, S, entries, real, threshold, arrays, *, mesh: Mesh, ndocs: int, chunk: int):
+    """Stages 2-5 after `plaid.cells`, one query at a time (codes only: `arrays` needs neither residuals nor
+    the IVF).
+
+    Q [B, Lq, dim]; S [B, P, Lq] or None (recomputed per query); entries [B, W]: the IVF entries of each
+    query's cells (`expand_cells`); real [B] bool (False: padding, skipped) -> local survivors
+    [D, B, ndocs // 4] (descending positions, then each shard's sentinel position)."""
+    width = entries.shape[1]
+
+    def one(Q, S, entries, real, threshold, a):
         def run(Q, S):
             S = _centroid_scores(Q, a, Q.shape[0]) if S is None else S
-            return survivors_streamed(S, cells, threshold, a, max_entries=max_entries, ndocs=ndocs, chunk=chunk)
+            local = entries - a["first"]
+            valid = (entries >= 0) & (local >= 0) & (local < a["count"])
+            cand, _, _ = unique_candidates(jnp.where(valid, local, 0), valid, a, max_entries=width)
+            return survivors_streamed(S, cand, threshold, a, ndocs=ndocs, chunk=chunk)
 
         def skip(Q, S):
             return jnp.full((ndocs // 4,), a["doclens"].shape[0] - 1, jnp.int32)
 
         return jax.lax.cond(real, run, skip, Q, S)
 
-    def shard(Q, S, cells, real, threshold, arrays):
+    def shard(Q, S, entries, real, threshold, arrays):
         local = _local(arrays)
-        return _map_queries(lambda x: one(*x, threshold, local), (Q, S, cells, real), 1)[None]
+        return _map_queries(lambda x: one(*x, threshold, local), (Q, S, entries, real), 1)[None]
 
     return jax.shard_map(
         shard, mesh=mesh, in_specs=(P(), P(), P(), P(), P(), _specs(arrays)), out_specs=P(AXIS), check_vma=False
-    )(Q, S, cells, real, threshold, arrays)
+    )(Q, S, entries, real, threshold, arrays)
 
 
 def gather(

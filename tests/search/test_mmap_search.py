@@ -44,6 +44,7 @@ def test_mmap_streamed_equals_in_memory(searchers, k):
     mapped, in_memory = searchers
     assert "residuals" not in mapped.arrays and "inv_norms" not in mapped.arrays
     assert_same(mapped.search_all(QUERIES, k=k), in_memory.search_all(QUERIES, k=k))
+    assert "ivf" not in mapped.arrays  # read from disk, list by list
     assert_same(mapped.search_all(QUERIES[:1], k=k), in_memory.search_all(QUERIES[:1], k=k))  # batch 1: S passed
     allowed = in_memory.index.pids[::2]  # more than ndocs: a candidate filter inside stages 2-5
     assert_same(mapped.search_all(QUERIES, k=k, pids=allowed), in_memory.search_all(QUERIES, k=k, pids=allowed))
