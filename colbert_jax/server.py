@@ -497,15 +497,16 @@ class Followers:
 def follow(searcher: Searcher, max_batch: int = 64, poll_s: float = 30.0) -> int:
     """Processes 1..N-1 of a server over several processes: takes each step process 0 announces, in order, with
     the same arguments (the queries searched are process 0's: `Searcher` broadcasts them), until "stop".
-    SIGTERM does not end it: process 0's stop does, so that no process leaves a step the others are in.
-    Returns the number of batches searched."""
+    SIGTERM and SIGINT do not end it: process 0's stop does, so that no process leaves a step the others are
+    in (if process 0 dies instead, the runtime ends this process). Returns the number of batches searched."""
     import jax
     import numpy as np
 
     from colbert_jax import distributed
 
-    with contextlib.suppress(ValueError):  # not in the main thread (tests): no handler to install
-        signal.signal(signal.SIGTERM, lambda *_: log.info("SIGTERM: this process stops when process 0 stops"))
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(ValueError):  # not in the main thread (tests): no handler to install
+            signal.signal(sig, lambda *_: log.info("signalled: this process stops when process 0 stops"))
     steps, warming, batches = warm_up_steps(searcher, max_batch), True, 0
     blank = np.zeros((searcher.config.query_maxlen, searcher.config.dim), np.float32)
     for step in range(1 << 62):
