@@ -110,6 +110,7 @@ def _search(args: argparse.Namespace) -> int:
         exact=args.exact,
         truncate=args.truncate,
         allow_other_checkpoint=args.allow_other_checkpoint,
+        engine=args.engine,
         **overrides,
     )
     queries = load_queries(args.queries) if args.queries else dict(enumerate(args.query))
@@ -171,7 +172,11 @@ def _serve(args: argparse.Namespace) -> int:
 
     if jax.process_index() > 0:  # one of several processes: serves its shards for process 0's server
         searcher = colbert_jax.Searcher(
-            args.index, checkpoint=args.checkpoint, truncate=True, allow_other_checkpoint=args.allow_other_checkpoint
+            args.index,
+            checkpoint=args.checkpoint,
+            truncate=True,
+            allow_other_checkpoint=args.allow_other_checkpoint,
+            engine=args.engine,
         )
         distributed.barrier("colbert-jax serve: loaded")
         batches = follow(searcher, max_batch=args.max_batch)
@@ -199,6 +204,7 @@ def _serve(args: argparse.Namespace) -> int:
             checkpoint=args.checkpoint,
             truncate=True,
             allow_other_checkpoint=args.allow_other_checkpoint,
+            engine=args.engine,
         )
         # Every answer carries passage texts: refuse to start a server that could only answer 500.
         try:
@@ -474,6 +480,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--exact", action="store_true", help="brute-force MaxSim instead of PLAID")
     p.add_argument(
+        "--engine",
+        choices=("plaid", "warp"),
+        default="plaid",
+        help="plaid or warp: WARP's cluster-by-cluster scoring of the packed residuals",
+    )
+    p.add_argument(
         "--truncate",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -511,6 +523,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--collection", help="collection file for passage texts (default: the one the index records)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind")
+    p.add_argument(
+        "--engine",
+        choices=("plaid", "warp"),
+        default="plaid",
+        help="plaid or warp: WARP's cluster-by-cluster scoring of the packed residuals",
+    )
     p.add_argument("--port", type=int, default=8893, help="port (0: any free port, printed at start-up)")
     p.add_argument(
         "--max-batch", dest="max_batch", type=int, default=64, help="queries per search call, and per POST request"

@@ -770,7 +770,7 @@ class Searcher:
         sizes = sorted({min(1 << i, max_batch) for i in range(max(1, max_batch).bit_length() + 1)})
         for size in sizes:
             self.search_all([queries[i % len(queries)] for i in range(size)], k=k, batch_size=max_batch)
-        if self.implementation != "streamed":
+        if self.implementation != "streamed" or self.engine == "warp":  # no PLAID programs to compile
             return time.perf_counter() - t0
         ncells, _, _ = search_params(k, self.config)
         ncells = min(ncells, self.index.num_partitions)

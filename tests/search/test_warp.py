@@ -139,3 +139,16 @@ def test_warp_quality_at_least_plaids(nbits, real_indexes, minilm_model):
     exact = plaid.search_all({q: queries[q] for q in range(3)}, k=10, exact=True)
     for q in range(3):
         np.testing.assert_allclose([s for *_, s in every[q]], [s for *_, s in exact[q]], atol=1e-5)
+
+
+def test_cli_search_engine_warp(tiny_index, tiny_checkpoint, capsys):
+    """`colbert-jax search --engine warp` answers as Searcher(engine="warp")."""
+    from colbert_jax.cli import main
+
+    argv = ["search", "--index", str(tiny_index), "--checkpoint", str(tiny_checkpoint), "--format", "jsonl"]
+    assert main([*argv, "--engine", "warp", "--k", "5", QUERIES[0]]) == 0
+    got = [(r["pid"], r["score"]) for r in json.loads(capsys.readouterr().out.splitlines()[0])["results"]]
+    searcher = colbert_jax.Searcher(tiny_index, checkpoint=tiny_checkpoint, engine="warp", truncate=True)
+    want = [(p, s) for p, _, s in searcher.search(QUERIES[0], k=5)]
+    assert [p for p, _ in got] == [p for p, _ in want]
+    np.testing.assert_allclose([s for _, s in got], [s for _, s in want], rtol=1e-4)
