@@ -23,8 +23,8 @@ Compiled programs are cached on disk (`colbert_jax.runtime`), so a restart loads
 Several processes (hosts; `colbert_jax.distributed`): the index is split over all their devices. Process 0
 serves HTTP; before each step that touches the index (a batch, a warm-up step) it announces the step
 (`Followers`), and the other processes, in `follow`, take it with it; its "stop", on shutdown, ends them.
-Filtered search (pids) and explain read passages from every shard: they answer 501 there, and the server
-keeps the index version it opened (a restart serves a newer one).
+Filtered search (pids) and explain read passages from every shard: they answer 501 there. When the index
+is updated, process 0 notices and every process moves to the new version at the same step.
 """
 
 # No `from __future__ import annotations`: FastAPI reads endpoint annotations as objects, and the POST body
@@ -32,6 +32,7 @@ keeps the index version it opened (a restart serves a newer one).
 import asyncio
 import contextlib
 import errno
+import hashlib
 import hmac
 import ipaddress
 import json
@@ -408,10 +409,8 @@ class MicroBatcher:
     def reload_if_updated(self) -> bool:
         """Moves the searcher to the index's newest version when its metadata.json changed (an `Indexer.add`,
         `delete` or `compact` committed). Runs in the worker between batches, so no request sees a half-moved
-        searcher; if the new version cannot be opened, the old one keeps answering. Not over several processes
-        (each would have to move at the same step): there the server keeps the version it opened."""
-        if self.followers is not None:
-            return False
+        searcher; if the new version cannot be opened, the old one keeps answering. Over several processes the
+        others move with it, at the same step (`follow`)."""
         try:
             st = os.stat(self.searcher.index.path / "metadata.json")
         except OSError:
@@ -434,6 +433,8 @@ class MicroBatcher:
         if moved:
             self.reloads += 1
             log.info("index updated: now serving version %s (%s)", self.searcher.version, self.searcher.index)
+            if self.followers is not None:
+                self.followers.announce("reload", metadata=_metadata_digest(self.searcher.index))
         return moved
 
     def filtered(self, queries: list[str], k: int, pids: list[int]):
@@ -474,8 +475,9 @@ class Followers:
         self._lock = threading.Lock()
         self.stopped = False
 
-    def announce(self, op: str, **args: int) -> None:
-        """Announces step `op` ("search" with n, k, batch_size; "warm"; "stop"); call it right before taking it."""
+    def announce(self, op: str, **args: int | str) -> None:
+        """Announces step `op` ("search" with n, k, batch_size; "warm"; "reload" with the new version's metadata
+        digest; "stop"): right before taking it (a reload: right after)."""
         with self._lock:
             if self.stopped:
                 raise RuntimeError("the server is stopping: the other processes have left")
@@ -523,7 +525,30 @@ def follow(searcher: Searcher, max_batch: int = 64, poll_s: float = 30.0) -> int
         elif message["op"] == "search":
             searcher.search_all([blank] * message["n"], k=message["k"], batch_size=message["batch_size"])
             batches += 1
+        elif message["op"] == "reload":
+            _reload_to(searcher, message["metadata"])
     return batches
+
+
+def _metadata_digest(index) -> str:
+    """Names one version of an index: a digest of its metadata.json's contents."""
+    return hashlib.sha256(json.dumps(index.metadata, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _reload_to(searcher: Searcher, digest: str, wait_s: float = 60.0) -> None:
+    """Moves `searcher` to the index version process 0 moved to (named by `digest`), waiting up to `wait_s`
+    for a shared filesystem to show it; raises rather than serve another version than process 0."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        searcher.reload(verify=False)
+        if _metadata_digest(searcher.index) == digest:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"{searcher.index.path}: process 0 moved to another version of the index than this process sees "
+                f"after {wait_s:g} s (version {searcher.version} here): is it the same index on every host?"
+            )
+        time.sleep(0.5)
 
 
 # -- the application -----------------------------------------------------------------------------------

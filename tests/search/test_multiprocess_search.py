@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -171,11 +172,13 @@ def _free_port() -> int:
 
 
 def test_serve_over_two_processes_answers_as_one_ranks(inputs, single):
+    """... and after passages are added to the index, as one process ranks the updated index."""
     root, queries = inputs
+    shutil.copytree(root / "idx", root / "served")  # the other tests' index stays as it is
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     log = open(root / "serve.log", "w")  # noqa: SIM115 - read after the job ends
-    command = _command(2, ["serve", "--index", "idx", "--port", str(port), "--max-batch", "4"])
+    command = _command(2, ["serve", "--index", "served", "--port", str(port), "--max-batch", "4"])
     proc = subprocess.Popen(command, cwd=root, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + TIMEOUT_S
@@ -189,9 +192,9 @@ def test_serve_over_two_processes_answers_as_one_ranks(inputs, single):
         assert proc.poll() is None and time.monotonic() < deadline, (root / "serve.log").read_text()[-3000:]
         qids = list(queries)[:6]
 
-        def check(answer: dict, qid: str, k: int) -> None:
+        def check(answer: dict, qid: str, k: int, reference: dict = single) -> None:
             assert answer["query"] == queries[qid]
-            want = single[qid][:k]  # the server searches at k=100 and cuts
+            want = reference[qid][:k]  # the server searches at k=100 and cuts
             assert [h["pid"] for h in answer["topk"]] == [p for p, _ in want]
             np.testing.assert_allclose([h["score"] for h in answer["topk"]], [s for _, s in want], atol=1e-5)
 
@@ -209,6 +212,20 @@ def test_serve_over_two_processes_answers_as_one_ranks(inputs, single):
         for r in (explain, filtered):
             assert r.status_code == 501 and "split over several processes" in r.json()["error"], r.text
         assert httpx.get(f"{url}/health", timeout=5).json()["status"] == "ok"
+
+        # an update: every process moves to the new version at the next batch
+        added = (COLLECTIONS / "stdlib_2k.tsv").read_text().splitlines()[300:340]
+        (root / "added.tsv").write_text("\n".join(added) + "\n")
+        run(1, ["add", "--index", "served", "--collection", "added.tsv", "--quiet"], root)
+        args = ["search", "--index", "served", "--queries", "queries.tsv", "--k", str(K), "--out", "updated.tsv"]
+        run(1, args, root)
+        updated = ranking(root / "updated.tsv")
+        assert updated != single  # the added passages change some rankings
+        r = httpx.post(f"{url}/api/search", json={"queries": [queries[q] for q in qids[:4]], "k": 10}, timeout=120)
+        assert r.status_code == 200, r.text
+        for qid, answer in zip(qids[:4], r.json()["results"], strict=True):
+            check(answer, qid, 10, updated)
+        assert httpx.get(f"{url}/health", timeout=5).json()["passages"] == 340
     finally:
         os.kill(proc.pid, signal.SIGTERM)  # launch_local passes it on; process 0 stops the other one
         try:
