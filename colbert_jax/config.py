@@ -105,6 +105,8 @@ class ColBERTConfig(BaseModel):
 
     # colbert-jax only: dtype of the encoder's matmuls (parameters stay float32).
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    # colbert-jax only: "int8" encodes queries with int8 dense layers (`colbert_jax.modeling.quantize`).
+    query_quantization: Literal["none", "int8"] = "none"
 
     def __init__(self, **data: Any):
         try:
@@ -171,6 +173,7 @@ class ColBERTConfig(BaseModel):
         """The config in colbert-ai's flat `artifact.metadata` form (our own extras left out)."""
         d = self.to_dict()
         d.pop("compute_dtype")
+        d.pop("query_quantization")
         return d
 
 

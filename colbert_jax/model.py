@@ -27,6 +27,7 @@ from jax.sharding import PartitionSpec as P
 from colbert_jax.config import ColBERTConfig
 from colbert_jax.modeling.backbones import BackboneConfig
 from colbert_jax.modeling.colbert import ColBERTEncoder, embed_docs, embed_queries
+from colbert_jax.modeling.quantize import quantize_params, quantized_apply
 from colbert_jax.tokenization import DocTokenizer, QueryTokenizer, TextSettings
 
 __all__ = ["ColBERTModel", "LENGTH_BUCKET"]
@@ -92,11 +93,12 @@ class ColBERTModel:
         pad_id = self.doc_tokenizer.pad_id
         # PyLate pads queries with [MASK] and keeps every position: no id is "padding" there.
         self.query_pad_id = -1 if self.text.pylate else pad_id
-        self._query_fn = jax.jit(
-            functools.partial(embed_queries, self.module, pad_id=self.query_pad_id),
-            in_shardings=(replicated, rows, rows),
-            out_shardings=rows,
-        )
+        query_fn = functools.partial(embed_queries, self.module, pad_id=self.query_pad_id)
+        self._query_params = self.params
+        if config.query_quantization == "int8":
+            self._query_params = jax.device_put(quantize_params(params), replicated)
+            query_fn = quantized_apply(query_fn)
+        self._query_fn = jax.jit(query_fn, in_shardings=(replicated, rows, rows), out_shardings=rows)
         self._doc_fn = jax.jit(
             functools.partial(embed_docs, self.module, pad_id=pad_id),
             in_shardings=(replicated, rows, rows, replicated),
@@ -130,7 +132,7 @@ class ColBERTModel:
             b = batch_bucket(stop - start, bsize, self.n_devices)
             # placed explicitly: in a multi-process runtime jit refuses numpy inputs with a split sharding
             batch = jax.device_put((_pad_rows(ids[start:stop], b), _pad_rows(mask[start:stop], b)), self._rows)
-            yield (start, stop), self._query_fn(self.params, *batch)
+            yield (start, stop), self._query_fn(self._query_params, *batch)
 
     # -- documents ----------------------------------------------------------------------------------
     def encode_docs(self, texts: Sequence[str], *, bsize: int | None = None) -> tuple[np.ndarray, np.ndarray]:

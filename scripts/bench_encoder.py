@@ -1,0 +1,141 @@
+"""Query encoding speed on CPU: colbert-jax at float32, bfloat16 and int8 (`query_quantization="int8"`) against
+colbert-ai's encoder (torch), side by side, on the same checkpoint and query texts.
+
+    python scripts/bench_encoder.py [--queries 500] [--repeats 3] [--ref-python /work/refvenv/bin/python]
+                                    [--index DIR]
+
+Checkpoint: the packaged MiniLM (default model). Queries: the first 4-9 words of seeded random passages of the
+built-in corpus (as `scripts/bench_search.py` draws them). Each repeat runs every system in a fresh process,
+one after the other (a noisy machine slows neighbours alike); per system: single-query encoding p50 (one text
+at a time, tokenisation included) and batched ms per query (all queries in batches of 64, median of 3 passes).
+Prints medians over repeats with their min-max spread, ratios to colbert-ai, and (with --index, an index of
+the built-in corpus by the default model) PLAID's overlap@10 of each variant's rankings with float32's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+from bench_search import write_queries  # noqa: E402
+
+OURS = """
+import json, sys, time
+import numpy as np
+import colbert_jax
+from colbert_jax.default_model import default_checkpoint
+texts = [line.split("\\t", 1)[1] for line in open(sys.argv[1]).read().splitlines()]
+settings = json.loads(sys.argv[2])
+model = colbert_jax.load_checkpoint(str(default_checkpoint()))
+if settings:
+    model = model.replace_config(**settings)
+model.encode_queries(texts, bsize=64)  # compiles every batch shape used below
+model.encode_queries(texts[:1])
+single = []
+for t in texts[:200]:
+    t0 = time.perf_counter(); model.encode_queries([t]); single.append(time.perf_counter() - t0)
+batched = []
+for _ in range(3):
+    t0 = time.perf_counter(); model.encode_queries(texts, bsize=64); batched.append(time.perf_counter() - t0)
+print("RESULT " + json.dumps({"single_ms": 1000 * float(np.median(single)),
+                              "batched_ms": 1000 * float(np.median(batched)) / len(texts)}))
+"""
+
+REF = """
+import json, os, sys, time
+os.environ.setdefault("HF_HUB_OFFLINE", "1"); os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+import numpy as np, torch
+from colbert.infra import ColBERTConfig
+from colbert.modeling.checkpoint import Checkpoint
+texts = [line.split("\\t", 1)[1] for line in open(sys.argv[1]).read().splitlines()]
+ckpt = Checkpoint(sys.argv[2], colbert_config=ColBERTConfig())
+with torch.inference_mode():
+    ckpt.queryFromText(texts, bsize=64); ckpt.queryFromText(texts[:1])
+    single = []
+    for t in texts[:200]:
+        t0 = time.perf_counter(); ckpt.queryFromText([t]); single.append(time.perf_counter() - t0)
+    batched = []
+    for _ in range(3):
+        t0 = time.perf_counter(); ckpt.queryFromText(texts, bsize=64); batched.append(time.perf_counter() - t0)
+print("RESULT " + json.dumps({"single_ms": 1000 * float(np.median(single)),
+                              "batched_ms": 1000 * float(np.median(batched)) / len(texts)}))
+"""
+
+VARIANTS = {"float32": {}, "bfloat16": {"compute_dtype": "bfloat16"}, "int8": {"query_quantization": "int8"}}
+
+
+def run(cmd: list[str]) -> dict:
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    for line in out.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT ") :])
+    raise RuntimeError(f"{cmd[:3]} failed:\n{out.stderr[-3000:]}")
+
+
+def overlaps(index: str, queries: Path) -> dict[str, float]:
+    import colbert_jax
+    from colbert_jax.queries import load_queries
+
+    texts = list(load_queries(queries).values())
+    top = {}
+    for name, settings in VARIANTS.items():
+        ranking = colbert_jax.Searcher(index, truncate=True, **settings).search_all(texts, k=10).todict()
+        top[name] = {q: {p for p, _, _ in r} for q, r in ranking.items()}
+    base = top["float32"]
+    return {name: float(np.mean([len(base[q] & t[q]) / 10 for q in base])) for name, t in top.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--queries", type=int, default=500)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--ref-python", default=os.environ.get("REF_PYTHON", "/tmp/colbert-ref-venv/bin/python"))
+    ap.add_argument("--index", help="an index of the built-in corpus by the default model: also report overlap@10")
+    args = ap.parse_args()
+    from colbert_jax.default_model import default_checkpoint
+    from colbert_jax.quickstart import corpus_file
+
+    work = Path(tempfile.mkdtemp(prefix="bench-encoder-"))
+    queries = work / "queries.tsv"
+    write_queries(corpus_file(), queries, args.queries)
+    systems = {name: [sys.executable, "-c", OURS, str(queries), json.dumps(s)] for name, s in VARIANTS.items()}
+    if Path(args.ref_python).exists():
+        systems["colbert-ai"] = [args.ref_python, "-c", REF, str(queries), str(default_checkpoint())]
+    results: dict[str, list[dict]] = {name: [] for name in systems}
+    for _ in range(args.repeats):
+        for name, cmd in systems.items():
+            results[name].append(run(cmd))
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), "?")
+    print(f"{cpu}, {os.cpu_count()} CPUs, {platform.python_version()}; {args.queries} queries, {args.repeats} repeats")
+    print("| encoder | single query p50 ms | batched ms/query | vs colbert-ai (single, batched) |")
+    print("|---|---|---|---|")
+    ref = results.get("colbert-ai")
+    for name, rows in results.items():
+        cells = []
+        for key in ("single_ms", "batched_ms"):
+            v = [r[key] for r in rows]
+            cells.append(f"{np.median(v):.2f} ({min(v):.2f}-{max(v):.2f})")
+        ratio = ""
+        if ref:
+            ratio = ", ".join(
+                f"{np.median([r[key] for r in rows]) / np.median([r[key] for r in ref]):.2f}x"
+                for key in ("single_ms", "batched_ms")
+            )
+        print(f"| {name} | {cells[0]} | {cells[1]} | {ratio} |")
+    if args.index:
+        for name, value in overlaps(args.index, queries).items():
+            print(f"overlap@10 of {name}'s PLAID rankings with float32's: {value:.4f}")
+
+
+if __name__ == "__main__":
+    main()
