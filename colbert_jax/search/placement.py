@@ -40,12 +40,12 @@ def multi_process() -> bool:
     return jax.process_count() > 1
 
 
-def require_single_process(what: str) -> None:
-    """Raises ValueError naming `what` when several processes share the index (it reads other shards)."""
+def require_single_process(what: str, reason: str = "it reads passages from every shard") -> None:
+    """Raises ValueError naming `what` (and why) when several processes share the index."""
     if multi_process():
         raise ValueError(
             f"{what} is not available when the index is split over {jax.process_count()} processes "
-            "(it reads passages from every shard): run it as one process"
+            f"({reason}): run it as one process"
         )
 
 

@@ -205,7 +205,9 @@ class Searcher:
         self._arrays: plaid.IndexArrays | None = None
         self._collection = None
         if self.mmap:
-            placement.require_single_process("load_index_with_mmap")
+            placement.require_single_process("load_index_with_mmap", "it reads survivors' rows from every shard")
+        if self.engine == "warp":
+            placement.require_single_process("engine='warp'", "its cluster-major layout is built from the whole index")
         self._devices = list(devices) if devices is not None else None
         self.mesh = placement.search_mesh(self._devices, self.index.num_passages)
         self._exact_arrays = None
@@ -436,9 +438,7 @@ class Searcher:
             return self._search_filtered(queries, k, pids, exact, config, batch_size)
         if exact:
             placement.require_single_process("exact search")
-        elif self.engine == "warp":
-            placement.require_single_process("engine='warp'")
-        if not exact:
+        else:
             _ = self._warp_index() if self.engine == "warp" else self.arrays  # before any worker thread starts
 
         def run(start: int) -> tuple[np.ndarray, np.ndarray]:
