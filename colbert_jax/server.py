@@ -523,7 +523,10 @@ def follow(searcher: Searcher, max_batch: int = 64, poll_s: float = 30.0) -> int
                 log.warning("warm-up stopped: %s: %s", type(e).__name__, e)
                 warming = False
         elif message["op"] == "search":
-            searcher.search_all([blank] * message["n"], k=message["k"], batch_size=message["batch_size"])
+            try:
+                searcher.search_all([blank] * message["n"], k=message["k"], batch_size=message["batch_size"])
+            except Exception as e:  # noqa: BLE001 - process 0 met the same error at the same point and goes on
+                log.warning("search failed: %s: %s", type(e).__name__, e)
             batches += 1
         elif message["op"] == "reload":
             _reload_to(searcher, message["metadata"])
