@@ -54,6 +54,7 @@ print("RESULT " + json.dumps({"single_ms": 1000 * float(np.median(single)),
 REF = """
 import json, os, sys, time
 os.environ.setdefault("HF_HUB_OFFLINE", "1"); os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as scripts/reference/ref_search.py runs it
 import numpy as np, torch
 from colbert.infra import ColBERTConfig
 from colbert.modeling.checkpoint import Checkpoint
