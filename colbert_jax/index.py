@@ -387,7 +387,13 @@ class Index:
 
     def _array(self, name: str) -> np.ndarray:
         """A base array (the whole index when it has no updates)."""
-        return io.read_array(self._entry_path(name, self.metadata["arrays"][name]))
+        path = self._entry_path(name, self.metadata["arrays"][name])
+        if self.mmap:  # read straight into the array (TensorStore's read holds a second copy for a moment)
+            try:
+                return ChunkedMemmap(path)[:]
+            except ValueError:  # not stored raw
+                pass
+        return io.read_array(path)
 
     def _log_array(self, op: dict[str, Any], name: str) -> np.ndarray:
         return io.read_array(self.path / op["arrays"][name]["path"])

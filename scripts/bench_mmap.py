@@ -4,14 +4,15 @@
         [--modes streamed mmap] [--repeats 3]
 
 DIR: any colbert-jax index without pending updates, e.g. `scripts/bench_scale.py --work W`'s W/ours100.
-Each run is a fresh process: load the default checkpoint and encode one query (its RSS is "model"), open the
-index (`verify=False`) and a Searcher, place the index (RSS "loaded"), search every query once (warm-up:
-compilation, or loading programs from the compilation cache), then three timed batched passes (median q/s)
-and 50 single queries (p50). Peak is the process's maximum resident set (VmHWM) over the whole run; "load
-peak" is its value right after placing the index. Modes: `streamed` (in memory, the CPU default), `mmap`
-(`load_index_with_mmap=True`: on the CPU the streamed path with residuals read per batch), `jnp` (in memory,
-staged). The runs of one repeat go back to back (mode by mode, batch size by batch size), so a shared machine's
-load hits them alike; the table gives the median over repeats and the min-max spread.
+Each run is a fresh process: load the default checkpoint and encode one query (its RSS is "model", its
+VmHWM "its peak"), open the index (`verify=False`) and a Searcher, place the index (RSS "loaded"), search
+every query once (warm-up: compilation, or loading programs from the compilation cache), then three timed
+batched passes (median q/s) and 50 single queries (p50). Peak is the process's maximum resident set (VmHWM)
+over the whole run; "load peak" is its value right after placing the index. Modes: `streamed` (in memory,
+the CPU default), `mmap` (`load_index_with_mmap=True`: on the CPU the streamed path with residuals read per
+batch), `jnp` (in memory, staged). The runs of one repeat go back to back (mode by mode, batch size by batch
+size), so a shared machine's load hits them alike; the table gives the median over repeats and the min-max
+spread.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ index, queries_path, mode, batch = sys.argv[1], sys.argv[2], sys.argv[3], int(sy
 queries = load_queries(queries_path)
 model = colbert_jax.load_checkpoint(str(default_checkpoint()))
 model.encode_queries(["warm up the encoder"])
-model_mb = status("VmRSS")
+model_mb, model_peak_mb = status("VmRSS"), status("VmHWM")
 t0 = time.perf_counter()
 kwargs = {"load_index_with_mmap": True} if mode == "mmap" else {"implementation": mode}
 s = colbert_jax.Searcher(colbert_jax.Index.open(index, verify=False), model, allow_other_checkpoint=True, **kwargs)
@@ -56,12 +57,13 @@ for _ in range(3):
 lat = []
 for q in list(queries.values())[:50]:
     t = time.perf_counter(); s.search(q, k=10); lat.append(time.perf_counter() - t)
-print("RESULT " + json.dumps({"mode": mode, "batch": batch, "model_mb": model_mb, "loaded_mb": loaded_mb,
+print("RESULT " + json.dumps({"mode": mode, "batch": batch, "model_mb": model_mb,
+    "model_peak_mb": model_peak_mb, "loaded_mb": loaded_mb,
     "load_peak_mb": load_peak_mb, "peak_mb": status("VmHWM"), "end_mb": status("VmRSS"), "load_s": load_s,
     "qps": len(queries) / float(np.median(times)), "p50_ms": 1000 * float(np.median(lat))}))
 """
 
-COLUMNS = ("model_mb", "loaded_mb", "load_peak_mb", "peak_mb", "end_mb", "qps", "p50_ms")
+COLUMNS = ("model_mb", "model_peak_mb", "loaded_mb", "load_peak_mb", "peak_mb", "end_mb", "qps", "p50_ms")
 
 
 def _cell(values: list[float], digits: int) -> str:
@@ -107,13 +109,17 @@ def main() -> None:
     goal = size_mb / 3
     print(f"\n{index}: {size_mb:,.0f} MiB on disk (a third: {goal:,.0f} MiB); k=10, {n_queries} queries, ")
     print(f"{os.cpu_count()} CPUs, {args.repeats} repeats: median (min-max)\n")
-    print("| mode | batch | model MiB | loaded MiB | load peak MiB | peak MiB | peak - model | q/s | p50 ms (single) |")
+    print(
+        "| mode | batch | model MiB (its peak) | loaded MiB | load peak MiB | peak MiB | peak - model | q/s "
+        "| p50 ms (single) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for (mode, batch), results in rows.items():
         col = {c: [x[c] for x in results] for c in COLUMNS}
         over = [x["peak_mb"] - x["model_mb"] for x in results]
         print(
-            f"| {mode} | {batch} | {_cell(col['model_mb'], 0)} | {_cell(col['loaded_mb'], 0)} | "
+            f"| {mode} | {batch} | {_cell(col['model_mb'], 0)} ({np.median(col['model_peak_mb']):,.0f}) | "
+            f"{_cell(col['loaded_mb'], 0)} | "
             f"{_cell(col['load_peak_mb'], 0)} | {_cell(col['peak_mb'], 0)} | {_cell(over, 0)} | "
             f"{_cell(col['qps'], 1)} | {_cell(col['p50_ms'], 1)} |"
         )

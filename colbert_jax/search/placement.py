@@ -139,6 +139,7 @@ def place_index(index: Index, mesh: Mesh, residuals: bool = True) -> tuple[plaid
             ivf=ivf,
             ivf_lengths=lengths,
         )
+    del codes, ivf, lengths  # held by `shards` only, so that each is freed once padded
     entry_bound = np.zeros(P, np.int64)
     i_local = 1
     for x in shards.values():
@@ -158,7 +159,7 @@ def place_index(index: Index, mesh: Mesh, residuals: bool = True) -> tuple[plaid
         doclens = pad(x["doclens"].astype(np.int32), n_max + 1, 0)
         per_shard["doclens"][s] = doclens
         per_shard["offsets"][s] = np.concatenate([[0], np.cumsum(doclens[:-1])]).astype(np.int32)
-        per_shard["codes"][s] = pad(x["codes"].astype(np.int32), e_max + 1, P)
+        per_shard["codes"][s] = pad(x["codes"].astype(np.int32, copy=False), e_max + 1, P)
         if residuals:
             per_shard["residuals"][s] = pad(x["residuals"], e_max + 1, 0)
             norms = index.codec.norms(x["codes"], x["residuals"])
@@ -168,6 +169,7 @@ def place_index(index: Index, mesh: Mesh, residuals: bool = True) -> tuple[plaid
         per_shard["ivf_lengths"][s] = np.concatenate([x["ivf_lengths"], [0]]).astype(np.int32)
         per_shard["first"][s] = np.int32(x["first"])
         per_shard["count"][s] = np.int32(len(x["doclens"]))
+        x.clear()  # the shard's arrays as read: freed once padded (one host copy at a time, not two)
     sharded = NamedSharding(mesh, PartitionSpec(plaid.AXIS))
     replicated = NamedSharding(mesh, PartitionSpec())
 
@@ -176,7 +178,7 @@ def place_index(index: Index, mesh: Mesh, residuals: bool = True) -> tuple[plaid
         pieces = [jax.device_put(np.asarray(parts[s])[None], devices[s]) for s in local]
         return jax.make_array_from_single_device_arrays((n_shards, *first.shape), sharded, pieces)
 
-    arrays = {k: assemble(v) for k, v in per_shard.items()}
+    arrays = {k: assemble(per_shard.pop(k)) for k in list(per_shard)}  # each host copy freed once placed
     arrays["centroids"] = jax.device_put(index.codec.centroids, replicated)
     arrays["bucket_weights"] = jax.device_put(index.codec.bucket_weights, replicated)
     return arrays, [entry_bound]
