@@ -43,7 +43,8 @@ CHUNK_BYTES = 32 << 20
 
 
 def _spec(path: Path) -> dict[str, Any]:
-    return {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}
+    # absolute: TensorStore's file driver refuses paths with ".." components ("Invalid file path")
+    return {"driver": "zarr3", "kvstore": {"driver": "file", "path": os.path.abspath(path)}}
 
 
 def create_array(path: str | os.PathLike, shape: tuple[int, ...], dtype) -> ts.TensorStore:

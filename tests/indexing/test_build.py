@@ -166,6 +166,16 @@ def test_index_carries_its_passages(tmp_path, tiny_model, tiny_index, small_coll
     assert searcher.passages([1]) == [listed[1]]  # served from the index, whatever it was built from
 
 
+def test_index_path_with_dotdot(tmp_path, monkeypatch, tiny_model):
+    """A relative path through ".." (which TensorStore's file driver refuses as given) builds and opens."""
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    texts = ["one passage about cats", "another about dogs", "a third on birds"]
+    colbert_jax.Indexer(tiny_model, nbits=2, show_progress=False).index("../dotdot", texts)
+    assert colbert_jax.Index.open("../dotdot").texts([2]) == [texts[2]]
+    assert colbert_jax.Searcher("../dotdot", checkpoint=tiny_model).search("cats", k=1)
+
+
 def test_overwrite_never_replaces_what_is_not_an_index(tmp_path, tiny_model, tiny_index, small_collection):
     indexer = colbert_jax.Indexer(tiny_model, nbits=2, chunksize=64, show_progress=False)
     precious = tmp_path / "precious"
