@@ -60,6 +60,7 @@ def test_warp_scores_equal_brute_force(tiny_index, tiny_model, nprobe):
             np.testing.assert_allclose([rescored[p] for p, _, _ in ranking[i]], got, atol=1e-5)
 
 
+@pytest.mark.parametrize("tiny_index", [2], indirect=True)  # one nbits is enough here
 def test_warp_refuses_what_it_does_not_do(tiny_index, tiny_model):
     with pytest.raises(ValueError, match="engine must be 'plaid' or 'warp'"):
         colbert_jax.Searcher(tiny_index, checkpoint=tiny_model, engine="colbert")
@@ -67,6 +68,7 @@ def test_warp_refuses_what_it_does_not_do(tiny_index, tiny_model):
         colbert_jax.Searcher(tiny_index, checkpoint=tiny_model, engine="warp", load_index_with_mmap=True)
 
 
+@pytest.mark.parametrize("tiny_index", [2], indirect=True)  # one nbits is enough here
 def test_three_shards_equal_one(tiny_index, tiny_checkpoint, tmp_path):
     """The passages split over 3 (fake CPU) devices give the single device's rankings, at k beyond a shard's
     share of the passages too."""
@@ -142,6 +144,7 @@ def test_warp_quality_at_least_plaids(nbits, real_indexes, minilm_model):
         np.testing.assert_allclose([s for *_, s in every[q]], [s for *_, s in exact[q]], atol=1e-5)
 
 
+@pytest.mark.parametrize("tiny_index", [2], indirect=True)  # one nbits is enough here
 def test_cli_search_engine_warp(tiny_index, tiny_checkpoint, capsys):
     """`colbert-jax search --engine warp` answers as Searcher(engine="warp")."""
     from colbert_jax.cli import main
