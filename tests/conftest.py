@@ -106,6 +106,16 @@ def real_index(tmp_path_factory, minilm_model) -> Path:
 
 
 @pytest.fixture(scope="session")
+def real_index_nbits4(tmp_path_factory, minilm_model) -> Path:
+    """`real_index` at nbits=4."""
+    import colbert_jax
+
+    path = tmp_path_factory.mktemp("real4") / "stdlib_2k.nbits4"
+    colbert_jax.Indexer(minilm_model, nbits=4, show_progress=False).index(path, COLLECTIONS / "stdlib_2k.tsv")
+    return path
+
+
+@pytest.fixture(scope="session")
 def small_collection(tmp_path_factory) -> Path:
     """300 real passages (TSV) for fast index builds with the tiny model."""
     path = tmp_path_factory.mktemp("coll") / "stdlib_300.tsv"

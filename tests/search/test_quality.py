@@ -42,21 +42,14 @@ def exact_top10(minilm_model):
     return top
 
 
-@pytest.fixture(scope="module")
-def index_nbits4(tmp_path_factory, minilm_model):
-    path = tmp_path_factory.mktemp("q4") / "stdlib_2k.nbits4"
-    colbert_jax.Indexer(minilm_model, nbits=4, show_progress=False).index(path, COLLECTIONS / "stdlib_2k.tsv")
-    return path
-
-
 def test_our_exact_search_equals_the_references(exact_top10):
     agree = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact_top10, QUALITY["exact_top10"])])
     assert agree >= 0.99
 
 
 @pytest.mark.parametrize("nbits", [2, 4])
-def test_plaid_agrees_with_exact_at_least_as_well_as_colbert_ai(nbits, real_index, index_nbits4, exact_top10):
-    searcher = colbert_jax.Searcher(real_index if nbits == 2 else index_nbits4, truncate=True)
+def test_plaid_agrees_with_exact_at_least_as_well_as_colbert_ai(nbits, real_index, real_index_nbits4, exact_top10):
+    searcher = colbert_jax.Searcher(real_index if nbits == 2 else real_index_nbits4, truncate=True)
     queries = read_queries()
     ranking = searcher.search_all(queries, k=10)
     overlap = np.mean([len({p for p, _, _ in ranking[q]} & set(exact_top10[q])) / 10 for q in queries])

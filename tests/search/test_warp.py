@@ -109,10 +109,8 @@ def ndcg_at_10(ranked: list[int], relevant: int) -> float:
 
 
 @pytest.fixture(scope="module")
-def real_indexes(tmp_path_factory, minilm_model, real_index):
-    path = tmp_path_factory.mktemp("warp-q4") / "stdlib_2k.nbits4"
-    colbert_jax.Indexer(minilm_model, nbits=4, show_progress=False).index(path, COLLECTIONS / "stdlib_2k.tsv")
-    return {2: real_index, 4: path}
+def real_indexes(real_index, real_index_nbits4):
+    return {2: real_index, 4: real_index_nbits4}
 
 
 @pytest.mark.parametrize("nbits", [2, 4])
