@@ -101,9 +101,14 @@ def _global_max(local: np.ndarray) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(local)).max(axis=0)
 
 
-def place_index(index: Index, mesh: Mesh, residuals: bool = True) -> tuple[plaid.IndexArrays, list[np.ndarray]]:
+def place_index(
+    index: Index, mesh: Mesh, residuals: bool = True, codes_dtype: type = np.int32
+) -> tuple[plaid.IndexArrays, list[np.ndarray]]:
     """Splits the index's passages into one contiguous shard per mesh device (balanced by embeddings) and
     places each shard this process owns on its device (residuals and their norms only with `residuals`).
+    `codes_dtype` np.uint16 (at most 65,536 partitions) halves the codes for a reader that masks padding
+    rows rather than reading their code (`streamed_mmap.survivors`): the padding code is then P, or 0 when P
+    does not fit.
 
     Returns the global arrays (`plaid.IndexArrays`, leading shard axis over the mesh) and, as a one-element
     list, the element-wise maximum over shards of the cumulative IVF list lengths sorted longest first (static
@@ -153,13 +158,16 @@ def place_index(index: Index, mesh: Mesh, residuals: bool = True) -> tuple[plaid
     def pad(a, size, value):
         return np.concatenate([a, np.full((size - len(a), *a.shape[1:]), value, a.dtype)])
 
+    if np.dtype(codes_dtype) != np.int32 and P - 1 > np.iinfo(codes_dtype).max:
+        raise ValueError(f"codes_dtype {np.dtype(codes_dtype)} cannot hold the ids of {P} partitions")
+    pad_code = P if P <= np.iinfo(codes_dtype).max else 0
     skip = {"allowed"} | (set() if residuals else {"residuals", "inv_norms"})
     per_shard: dict[str, dict[int, np.ndarray]] = {k: {} for k in plaid.SHARDED_KEYS if k not in skip}
     for s, x in shards.items():
         doclens = pad(x["doclens"].astype(np.int32), n_max + 1, 0)
         per_shard["doclens"][s] = doclens
         per_shard["offsets"][s] = np.concatenate([[0], np.cumsum(doclens[:-1])]).astype(np.int32)
-        per_shard["codes"][s] = pad(x["codes"].astype(np.int32, copy=False), e_max + 1, P)
+        per_shard["codes"][s] = pad(x["codes"].astype(codes_dtype, copy=False), e_max + 1, pad_code)
         if residuals:
             per_shard["residuals"][s] = pad(x["residuals"], e_max + 1, 0)
             norms = index.codec.norms(x["codes"], x["residuals"])

@@ -492,7 +492,7 @@ def _approx_streamed(cand, table, a, chunk: int):
     num_centroids = a["centroids"].shape[0]
 
     def body(acc, seg, emb, valid):
-        codes = jnp.where(valid, a["codes"][jnp.where(valid, emb, 0)], num_centroids)
+        codes = jnp.where(valid, a["codes"][jnp.where(valid, emb, 0)].astype(jnp.int32), num_centroids)
         return acc.at[seg].max(table[codes], indices_are_sorted=True)
 
     init = jnp.full((cand.shape[0], table.shape[1]), NEG_INF)

@@ -298,7 +298,11 @@ class Searcher:
     @property
     def arrays(self) -> plaid.IndexArrays:
         if self._arrays is None:
-            self._arrays, self._entry_bounds = placement.place_index(self.index, self.mesh, residuals=not self.mmap)
+            # The memory-mapped streamed path masks padding rows before reading a code: uint16 codes fit it.
+            small = self.mmap and self.implementation == "streamed" and self.index.num_partitions <= 1 << 16
+            self._arrays, self._entry_bounds = placement.place_index(
+                self.index, self.mesh, residuals=not self.mmap, codes_dtype=np.uint16 if small else np.int32
+            )
             longest = int(self.index.doclens.max())
             # The kernels pad documents to power-of-two lengths (Triton blocks); padding here saves that copy.
             self._max_doclen = _pow2(longest) if self.implementation == "pallas" else -(-longest // 8) * 8

@@ -43,6 +43,7 @@ def assert_same(got, want):
 def test_mmap_streamed_equals_in_memory(searchers, k):
     mapped, in_memory = searchers
     assert "residuals" not in mapped.arrays and "inv_norms" not in mapped.arrays
+    assert mapped.arrays["codes"].dtype == np.uint16 and in_memory.arrays["codes"].dtype == np.int32
     assert_same(mapped.search_all(QUERIES, k=k), in_memory.search_all(QUERIES, k=k))
     assert "ivf" not in mapped.arrays  # read from disk, list by list
     assert_same(mapped.search_all(QUERIES[:1], k=k), in_memory.search_all(QUERIES[:1], k=k))  # batch 1: S passed
