@@ -689,16 +689,18 @@ class Searcher:
             positions[group], scores[group] = pos, sc
         return positions, scores
 
-    def _gather_survivors(self, survivors: jax.Array) -> tuple[jax.Array, plaid.IndexArrays, np.ndarray]:
+    def _gather_survivors(
+        self, survivors: jax.Array, norms: bool = True
+    ) -> tuple[jax.Array, plaid.IndexArrays, np.ndarray]:
         """For a memory-mapped index: reads the survivors' rows (codes, residuals) from disk into small arrays
-        laid out like the index's (`streamed_mmap.gather`), so stage 6 runs unchanged on them. Returns the
-        survivors renumbered into them, the arrays (on the mesh), and slot -> passage position [D * (M + 1)]."""
+        laid out like the index's (`streamed_mmap.gather`), so stage 6 runs unchanged on them (their norms
+        only with `norms`: `streamed_mmap.exact` computes its own). Returns the survivors renumbered into them,
+        the arrays (on the mesh), and slot -> passage position [D * (M + 1)]."""
         surv = np.asarray(jax.device_get(survivors))  # [D, B, n] local positions, sentinel-padded
         firsts = np.asarray(jax.device_get(self.arrays["first"]))
         sentinel = self.arrays["doclens"].shape[1] - 1
-        renumbered, stacked, slots = streamed_mmap.gather(
-            self.index, surv, firsts, sentinel, self.arrays["centroids"], self.arrays["bucket_weights"]
-        )
+        codec = (self.arrays["centroids"], self.arrays["bucket_weights"]) if norms else (None, None)
+        renumbered, stacked, slots = streamed_mmap.gather(self.index, surv, firsts, sentinel, *codec)
         sharded = NamedSharding(self.mesh, PartitionSpec(plaid.AXIS))
         arrays = {k: jax.device_put(v, sharded) for k, v in stacked.items()}
         arrays["centroids"] = self.arrays["centroids"]
@@ -728,7 +730,7 @@ class Searcher:
             ndocs=max(ndocs, 4),
             chunk=plaid.streamed_chunk(entries.shape[1]),
         )
-        survivors, gathered, slots = self._gather_survivors(surv)
+        survivors, gathered, slots = self._gather_survivors(surv, norms=False)
         pos, sc = jax.device_get(
             streamed_mmap.exact(
                 Q, survivors, real, gathered, mesh=self.mesh, k=k, nbits=self.index.nbits, clamp=self.clamp_maxsim

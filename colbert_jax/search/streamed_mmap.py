@@ -44,7 +44,7 @@ from pallas_kernels.decompress import byte_table
 
 __all__ = ["expand_cells", "survivors", "gather", "exact", "return_freed_memory", "GATHER_KEYS", "MIN_GATHER_ROWS"]
 
-GATHER_KEYS = ("codes", "residuals", "inv_norms", "doclens", "offsets", "first", "count")
+GATHER_KEYS = ("codes", "residuals", "doclens", "offsets", "first", "count")  # + "inv_norms" with centroids
 MIN_GATHER_ROWS = 4096  # gathered rows per shard are padded to a power of two at least this: few programs
 
 
@@ -118,8 +118,8 @@ def gather(
     surv: np.ndarray,
     firsts: np.ndarray,
     sentinel: int,
-    centroids: jax.Array,
-    weights: jax.Array,
+    centroids: jax.Array | None = None,
+    weights: jax.Array | None = None,
     min_rows: int = MIN_GATHER_ROWS,
 ) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
     """Reads the survivors' rows from `index` (memory-mapped: only these rows are read) into arrays laid out
@@ -145,28 +145,30 @@ def gather(
     rows = np.repeat(skip, flat) + np.arange(int(flat.sum()), dtype=np.int64)
     codes = index.codes[rows].astype(np.int32)
     residuals = index.residuals[rows]
-    # In the blocks the index's own norms were computed in: a bounded working set, and the same values.
-    norms = np.zeros(len(rows), np.float32)
-    for lo in range(0, len(rows), COMPRESS_BATCH):
-        k, r = codes[lo : lo + COMPRESS_BATCH], residuals[lo : lo + COMPRESS_BATCH]
-        size = COMPRESS_BATCH if len(rows) > COMPRESS_BATCH else _pow2(len(k))
-        block = _norms(_pad_to(k, size), _pad_to(r, size), centroids, weights, nbits=index.nbits)
-        norms[lo : lo + len(k)] = np.asarray(block)[: len(k)]
-    inv = (1.0 / np.maximum(norms, 1e-12)).astype(np.float32)
     out = {
         "codes": np.full((D, e_max + 1), index.num_partitions, np.int32),
         "residuals": np.zeros((D, e_max + 1, residuals.shape[1]), np.uint8),
-        "inv_norms": np.zeros((D, e_max + 1), np.float32),
         "doclens": np.zeros((D, M + 1), np.int32),
         "first": (np.arange(D) * (M + 1)).astype(np.int32),
         "count": np.full(D, M, np.int32),
     }
+    if centroids is not None:
+        # In the blocks the index's own norms were computed in: a bounded working set, and the same values.
+        norms = np.zeros(len(rows), np.float32)
+        for lo in range(0, len(rows), COMPRESS_BATCH):
+            k, r = codes[lo : lo + COMPRESS_BATCH], residuals[lo : lo + COMPRESS_BATCH]
+            size = COMPRESS_BATCH if len(rows) > COMPRESS_BATCH else _pow2(len(k))
+            block = _norms(_pad_to(k, size), _pad_to(r, size), centroids, weights, nbits=index.nbits)
+            norms[lo : lo + len(k)] = np.asarray(block)[: len(k)]
+        inv = (1.0 / np.maximum(norms, 1e-12)).astype(np.float32)
+        out["inv_norms"] = np.zeros((D, e_max + 1), np.float32)
     bounds = np.concatenate([[0], np.cumsum(totals)])
     for d in range(D):  # a loop over shards
         lo, hi = bounds[d], bounds[d + 1]
         out["codes"][d, : hi - lo] = codes[lo:hi]
         out["residuals"][d, : hi - lo] = residuals[lo:hi]
-        out["inv_norms"][d, : hi - lo] = inv[lo:hi]
+        if centroids is not None:
+            out["inv_norms"][d, : hi - lo] = inv[lo:hi]
     out["doclens"][:, :M] = lens
     out["offsets"] = np.concatenate([np.zeros((D, 1), np.int64), np.cumsum(out["doclens"][:, :-1], axis=1)], axis=1)
     out["offsets"] = out["offsets"].astype(np.int32)
@@ -188,7 +190,9 @@ def _exact_gathered(Q, survivors, a, chunk: int, nbits: int):
         sim = jnp.dot(c, Q.T, precision=jax.lax.Precision.HIGHEST) + jnp.dot(
             r, Q.T, precision=jax.lax.Precision.HIGHEST
         )
-        sim = jnp.where(valid[:, None], sim * a["inv_norms"][rows][:, None], MASKED_SCORE)
+        # ||c + r|| here, as `codec._norms` computes the index's own: no separate norms step per batch
+        inv = 1.0 / jnp.maximum(jnp.linalg.norm(c + r, axis=-1), 1e-12)
+        sim = jnp.where(valid[:, None], sim * inv[:, None], MASKED_SCORE)
         return acc.at[seg].max(sim, indices_are_sorted=True)
 
     init = jnp.full((survivors.shape[0], Q.shape[0]), NEG_INF)
