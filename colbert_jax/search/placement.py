@@ -24,6 +24,8 @@ from colbert_jax.index import Index
 from colbert_jax.indexing.ivf import build_ivf
 from colbert_jax.search import plaid
 
+CODES_BLOCK = 1 << 22  # codes read per step while placing (16 MiB as stored)
+
 __all__ = [
     "search_mesh",
     "shard_bounds",
@@ -102,13 +104,14 @@ def _global_max(local: np.ndarray) -> np.ndarray:
 
 
 def place_index(
-    index: Index, mesh: Mesh, residuals: bool = True, codes_dtype: type = np.int32
+    index: Index, mesh: Mesh, residuals: bool = True, codes_dtype: type = np.int32, ivf: bool = True
 ) -> tuple[plaid.IndexArrays, list[np.ndarray]]:
     """Splits the index's passages into one contiguous shard per mesh device (balanced by embeddings) and
     places each shard this process owns on its device (residuals and their norms only with `residuals`).
     `codes_dtype` np.uint16 (at most 65,536 partitions) halves the codes for a reader that masks padding
     rows rather than reading their code (`streamed_mmap.survivors`): the padding code is then P, or 0 when P
-    does not fit.
+    does not fit. `ivf` False leaves out the IVF's entries ("ivf", "ivf_offsets"; the lengths stay) for a
+    reader that reads the probed lists from disk (`streamed_mmap.expand_cells`).
 
     Returns the global arrays (`plaid.IndexArrays`, leading shard axis over the mesh) and, as a one-element
     list, the element-wise maximum over shards of the cumulative IVF list lengths sorted longest first (static
@@ -127,24 +130,34 @@ def place_index(
     local = [s for s, d in enumerate(devices) if d.process_index == me]
     if not local:
         raise ValueError(f"process {me} has no device in the search mesh: every process must own a shard")
+    if np.dtype(codes_dtype) != np.int32 and P - 1 > np.iinfo(codes_dtype).max:
+        raise ValueError(f"codes_dtype {np.dtype(codes_dtype)} cannot hold the ids of {P} partitions")
+    pad_code = P if P <= np.iinfo(codes_dtype).max else 0
     shards = {}
     for s in local:
         lo, hi = int(bounds[s]), int(bounds[s + 1])
         doclens = doclens_all[lo:hi]
-        codes = np.asarray(index.codes[cum[lo] : cum[hi]])
-        if n_shards == 1:  # the index's own lists (the same, built the same way): no sort of every code
-            ivf, lengths = index.ivf, index.ivf_lengths
+        # Read block by block into the padded array of the device's dtype: no whole copy as stored (int32).
+        padded = np.full(e_max + 1, pad_code, codes_dtype)
+        for at in range(cum[lo], cum[hi], CODES_BLOCK):
+            stop = min(at + CODES_BLOCK, cum[hi])
+            padded[at - cum[lo] : stop - cum[lo]] = index.codes[at:stop]
+        codes = padded[: cum[hi] - cum[lo]]
+        if n_shards == 1 and not ivf:  # only the lengths: the entries are not placed
+            ivf_rows, lengths = np.zeros(0, np.int32), index.ivf_lengths
+        elif n_shards == 1:  # the index's own lists (the same, built the same way): no sort of every code
+            ivf_rows, lengths = index.ivf, index.ivf_lengths
         else:
-            ivf, lengths = build_ivf(codes, doclens, P)
+            ivf_rows, lengths = build_ivf(codes, doclens, P)
         shards[s] = dict(
             first=lo,
             doclens=doclens,
-            codes=codes,
+            codes=padded,
             residuals=np.asarray(index.residuals[cum[lo] : cum[hi]]) if residuals else None,
-            ivf=ivf,
+            ivf=ivf_rows,
             ivf_lengths=lengths,
         )
-    del codes, ivf, lengths  # held by `shards` only, so that each is freed once padded
+    del codes, padded, ivf_rows, lengths  # held by `shards` only, so that each is freed once padded
     entry_bound = np.zeros(P, np.int64)
     i_local = 1
     for x in shards.values():
@@ -158,22 +171,22 @@ def place_index(
     def pad(a, size, value):
         return np.concatenate([a, np.full((size - len(a), *a.shape[1:]), value, a.dtype)])
 
-    if np.dtype(codes_dtype) != np.int32 and P - 1 > np.iinfo(codes_dtype).max:
-        raise ValueError(f"codes_dtype {np.dtype(codes_dtype)} cannot hold the ids of {P} partitions")
-    pad_code = P if P <= np.iinfo(codes_dtype).max else 0
-    skip = {"allowed"} | (set() if residuals else {"residuals", "inv_norms"})
+    skip = (
+        {"allowed"} | (set() if residuals else {"residuals", "inv_norms"}) | (set() if ivf else {"ivf", "ivf_offsets"})
+    )
     per_shard: dict[str, dict[int, np.ndarray]] = {k: {} for k in plaid.SHARDED_KEYS if k not in skip}
     for s, x in shards.items():
         doclens = pad(x["doclens"].astype(np.int32), n_max + 1, 0)
         per_shard["doclens"][s] = doclens
         per_shard["offsets"][s] = np.concatenate([[0], np.cumsum(doclens[:-1])]).astype(np.int32)
-        per_shard["codes"][s] = pad(x["codes"].astype(codes_dtype, copy=False), e_max + 1, pad_code)
+        per_shard["codes"][s] = x["codes"]  # padded as read
         if residuals:
             per_shard["residuals"][s] = pad(x["residuals"], e_max + 1, 0)
-            norms = index.codec.norms(x["codes"], x["residuals"])
+            norms = index.codec.norms(x["codes"][: len(x["residuals"])], x["residuals"])
             per_shard["inv_norms"][s] = pad(1.0 / np.maximum(norms, 1e-12), e_max + 1, 0.0).astype(np.float32)
-        per_shard["ivf"][s] = pad(x["ivf"], i_max, 0)
-        per_shard["ivf_offsets"][s] = np.concatenate([[0], np.cumsum(x["ivf_lengths"])]).astype(np.int32)
+        if ivf:
+            per_shard["ivf"][s] = pad(x["ivf"], i_max, 0)
+            per_shard["ivf_offsets"][s] = np.concatenate([[0], np.cumsum(x["ivf_lengths"])]).astype(np.int32)
         per_shard["ivf_lengths"][s] = np.concatenate([x["ivf_lengths"], [0]]).astype(np.int32)
         per_shard["first"][s] = np.int32(x["first"])
         per_shard["count"][s] = np.int32(len(x["doclens"]))

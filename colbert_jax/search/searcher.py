@@ -298,10 +298,16 @@ class Searcher:
     @property
     def arrays(self) -> plaid.IndexArrays:
         if self._arrays is None:
-            # The memory-mapped streamed path masks padding rows before reading a code: uint16 codes fit it.
-            small = self.mmap and self.implementation == "streamed" and self.index.num_partitions <= 1 << 16
+            # The memory-mapped streamed path masks padding rows before reading a code (uint16 codes fit it)
+            # and reads the probed IVF lists from disk (`streamed_mmap.expand_cells`): no IVF entries placed.
+            mapped = self.mmap and self.implementation == "streamed"
+            small = mapped and self.index.num_partitions <= 1 << 16
             self._arrays, self._entry_bounds = placement.place_index(
-                self.index, self.mesh, residuals=not self.mmap, codes_dtype=np.uint16 if small else np.int32
+                self.index,
+                self.mesh,
+                residuals=not self.mmap,
+                codes_dtype=np.uint16 if small else np.int32,
+                ivf=not mapped,
             )
             longest = int(self.index.doclens.max())
             # The kernels pad documents to power-of-two lengths (Triton blocks); padding here saves that copy.
@@ -715,9 +721,6 @@ class Searcher:
             # On the CPU a device array is host memory: let the codec read the device's centroids rather than
             # keep its own copy (32 MiB at 65,536 centroids).
             self.index.share_centroids(self.arrays["centroids"])
-        if "ivf" in self.arrays:  # stage 2 reads the probed IVF lists from disk (`expand_cells`) instead
-            # a new dict, not a deletion: another thread's batch may be reading the old one
-            self._arrays = {k: v for k, v in self._arrays.items() if k not in ("ivf", "ivf_offsets")}
         entries = streamed_mmap.expand_cells(self.index, np.asarray(jax.device_get(cells)), real, max_entries)
         surv = streamed_mmap.survivors(
             Q,

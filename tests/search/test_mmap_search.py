@@ -124,3 +124,25 @@ def test_three_shards_equal_one(real_index, minilm_checkpoint, searchers, tmp_pa
     for i, results in enumerate(sharded):
         assert [p for p, _ in results] == [p for p, _, _ in single[i]]
         np.testing.assert_allclose([x for _, x in results], [x for *_, x in single[i]], atol=1e-5)
+
+
+def test_place_index_small_codes_without_ivf(real_index):
+    """uint16 codes without the IVF's entries: the same codes and every other array as the default placement;
+    a dtype too small for the partition ids is refused."""
+    import jax
+
+    from colbert_jax.index import Index
+    from colbert_jax.search import placement, plaid
+
+    ix = Index.open(real_index, mmap=True)
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), (plaid.AXIS,))
+    full, full_bounds = placement.place_index(ix, mesh, residuals=False)
+    small, small_bounds = placement.place_index(ix, mesh, residuals=False, codes_dtype=np.uint16, ivf=False)
+    assert set(full) - set(small) == {"ivf", "ivf_offsets"}
+    assert small["codes"].dtype == np.uint16
+    np.testing.assert_array_equal(np.asarray(small["codes"]), np.asarray(full["codes"]))
+    for key in set(small) - {"codes"}:
+        np.testing.assert_array_equal(np.asarray(small[key]), np.asarray(full[key]), err_msg=key)
+    np.testing.assert_array_equal(small_bounds[0], full_bounds[0])
+    with pytest.raises(ValueError, match="cannot hold the ids"):
+        placement.place_index(ix, mesh, residuals=False, codes_dtype=np.uint8)
