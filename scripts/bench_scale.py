@@ -41,9 +41,12 @@ import json, sys, time
 import numpy as np
 import colbert_jax
 from colbert_jax.queries import load_queries
-index, queries_path, checkpoint, engine = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+index, queries_path, checkpoint, variant = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+engine, _, quantization = variant.partition("+")  # e.g. "plaid+int8": int8 query encoding
+settings = {"query_quantization": quantization} if quantization else {}
 queries = load_queries(queries_path)
-s = colbert_jax.Searcher(index, checkpoint=checkpoint, truncate=True, allow_other_checkpoint=True, engine=engine)
+s = colbert_jax.Searcher(index, checkpoint=checkpoint, truncate=True, allow_other_checkpoint=True, engine=engine,
+                         **settings)
 s.search_all(queries, k=10)
 for q in list(queries.values())[:100]:
     s.search(q, k=10)
@@ -112,7 +115,12 @@ def main() -> None:
     ap.add_argument("--ref-python", default=os.environ.get("REF_PYTHON", "/tmp/colbert-ref-venv/bin/python"))
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--work", help="keep and reuse the synthetic indexes in this directory")
-    ap.add_argument("--engine", nargs="+", default=["plaid"], help="our search engines to run (plaid, warp)")
+    ap.add_argument(
+        "--engine",
+        nargs="+",
+        default=["plaid"],
+        help="our engines (plaid, warp; ENGINE+int8: with int8 query encoding)",
+    )
     ap.add_argument("--repeats", type=int, default=1, help="runs of each system per factor (medians reported)")
     ap.add_argument("--build-only", action="store_true", help="only build the indexes (with --work)")
     ap.add_argument("--json", help="also write the results here")
