@@ -170,14 +170,17 @@ def _serve(args: argparse.Namespace) -> int:
     from colbert_jax import distributed
     from colbert_jax.server import Followers, bind, check_exposure, follow, serve
 
-    if jax.process_index() > 0:  # one of several processes: serves its shards for process 0's server
-        searcher = colbert_jax.Searcher(
+    def open_searcher() -> colbert_jax.Searcher:
+        return colbert_jax.Searcher(
             args.index,
             checkpoint=args.checkpoint,
             truncate=True,
             allow_other_checkpoint=args.allow_other_checkpoint,
             engine=args.engine,
         )
+
+    if jax.process_index() > 0:  # one of several processes: serves its shards for process 0's server
+        searcher = open_searcher()
         distributed.barrier("colbert-jax serve: loaded")
         batches = follow(searcher, max_batch=args.max_batch)
         print(
@@ -199,13 +202,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"colbert-jax serve: error: {e.strerror}; choose another port with --port", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
-        searcher = colbert_jax.Searcher(
-            args.index,
-            checkpoint=args.checkpoint,
-            truncate=True,
-            allow_other_checkpoint=args.allow_other_checkpoint,
-            engine=args.engine,
-        )
+        searcher = open_searcher()
         # Every answer carries passage texts: refuse to start a server that could only answer 500.
         try:
             searcher.passages([int(searcher.index.pids[0])], collection=args.collection)
