@@ -152,3 +152,32 @@ def test_sharded_training_step_lowers():
     run = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "training step lowers for cuda" in run.stdout and "training step lowers for tpu" in run.stdout
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_warp_engine_and_int8_query_encoder_lower(real_index, minilm_model, platform):
+    """The WARP engine's two stages, as `Searcher(engine="warp")` calls them, and the int8 query encoder."""
+    from colbert_jax.search import warp
+
+    calls: list = []
+    originals = {stage: getattr(warp, stage) for stage in ("probe", "search")}
+
+    def recorder(stage):
+        def run(*args, **kwargs):
+            calls.append((stage, args, dict(kwargs)))
+            return originals[stage](*args, **kwargs)
+
+        return run
+
+    with pytest.MonkeyPatch.context() as mp:
+        for stage in originals:
+            mp.setattr(warp, stage, recorder(stage))
+        searcher = colbert_jax.Searcher(real_index, checkpoint=minilm_model, engine="warp", truncate=True)
+        assert len(searcher.search_all(QUERIES, k=10).todict()) == len(QUERIES)
+    assert {stage for stage, _, _ in calls} == {"probe", "search"}
+    for stage, args, kwargs in calls:
+        fn = jax.jit(functools.partial(originals[stage], **kwargs))
+        lower(fn, *args, platform=platform, name=f"warp {stage}")
+    int8 = minilm_model.replace_config(query_quantization="int8")
+    ids, mask = int8.query_tokenizer.tensorize(QUERIES)
+    lower(int8._query_fn, int8._query_params, ids, mask, platform=platform, name="int8 query encoder")
