@@ -6,7 +6,8 @@
   lowered without a TPU, and these kernels are Triton's);
 - the query and document encoders (the document encoder and the codec's `compress` are the indexing encode
   step), for `cuda` and `tpu`;
-- the training step, sharded over a 2 x 2 (data, model) mesh of 4 (fake) devices, for `cuda` and `tpu`.
+- the training step, sharded over a 2 x 2 (data, model) mesh of 4 (fake) devices, for `cuda` and `tpu`;
+- the WARP engine's stages and the int8 query encoder, for `cuda` and `tpu`.
 """
 
 from __future__ import annotations
