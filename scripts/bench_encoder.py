@@ -2,14 +2,17 @@
 colbert-ai's encoder (torch), side by side, on the same checkpoint and query texts.
 
     python scripts/bench_encoder.py [--queries 500] [--repeats 3] [--ref-python /work/refvenv/bin/python]
-                                    [--index DIR]
+                                    [--index DIR [--index-queries TSV]]
 
 Checkpoint: the packaged MiniLM (default model). Queries: the first 4-9 words of seeded random passages of the
 built-in corpus (as `scripts/bench_search.py` draws them). Each repeat runs every system in a fresh process,
 one after the other (a noisy machine slows neighbours alike); per system: single-query encoding p50 (one text
 at a time, tokenisation included) and batched ms per query (all queries in batches of 64, median of 3 passes).
-Prints medians over repeats with their min-max spread, ratios to colbert-ai, and (with --index, an index of
-the built-in corpus by the default model) PLAID's overlap@10 of each variant's rankings with float32's.
+Prints medians over repeats with their min-max spread, ratios to colbert-ai, and, with --index (an index by
+the default model: of the built-in corpus for the bench queries, or of the collection --index-queries was
+written for, e.g. tests/fixtures/collections/stdlib_2k.tsv with queries_2k.tsv), each variant's worst query
+cosine to float32's embeddings and PLAID's overlap@10 of its rankings with float32's. Two rows give that
+metric's noise floor: colbert-ai's own float32 embeddings (torch), and ours at batch size 1 instead of 64.
 """
 
 from __future__ import annotations
@@ -61,6 +64,9 @@ from colbert.modeling.checkpoint import Checkpoint
 texts = [line.split("\\t", 1)[1] for line in open(sys.argv[1]).read().splitlines()]
 ckpt = Checkpoint(sys.argv[2], colbert_config=ColBERTConfig())
 with torch.inference_mode():
+    if len(sys.argv) > 3:  # its float32 embeddings of these queries, for the overlap's noise floor
+        np.save(sys.argv[3], ckpt.queryFromText(texts, bsize=64).float().numpy())
+        sys.exit(0)
     ckpt.queryFromText(texts, bsize=64); ckpt.queryFromText(texts[:1])
     single = []
     for t in texts[:200]:
@@ -72,7 +78,8 @@ print("RESULT " + json.dumps({"single_ms": 1000 * float(np.median(single)),
                               "batched_ms": 1000 * float(np.median(batched)) / len(texts)}))
 """
 
-VARIANTS = {"float32": {}, "bfloat16": {"compute_dtype": "bfloat16"}, "int8": {"query_quantization": "int8"}}
+_FLOAT = {"query_quantization": "none"}
+VARIANTS = {"float32": _FLOAT, "bfloat16": {**_FLOAT, "compute_dtype": "bfloat16"}, "int8": {"query_quantization": "int8"}}
 
 
 def run(cmd: list[str]) -> dict:
@@ -83,17 +90,28 @@ def run(cmd: list[str]) -> dict:
     raise RuntimeError(f"{cmd[:3]} failed:\n{out.stderr[-3000:]}")
 
 
-def overlaps(index: str, queries: Path) -> dict[str, float]:
+def overlaps(index: str, queries: Path, reference: np.ndarray | None) -> dict[str, tuple[float, float]]:
+    """{variant: (worst query cosine to float32's embeddings, PLAID overlap@10 with float32's rankings)}."""
     import colbert_jax
     from colbert_jax.queries import load_queries
 
     texts = list(load_queries(queries).values())
+    searcher = colbert_jax.Searcher(index, truncate=True)
+    embeddings = {name: searcher.model.replace_config(**s).encode_queries(texts) for name, s in VARIANTS.items()}
+    embeddings["float32, batch size 1"] = searcher.model.encode_queries(texts, bsize=1)
+    if reference is not None:
+        embeddings["colbert-ai float32"] = reference
+    base = embeddings["float32"].reshape(len(texts), -1)
+    out = {}
     top = {}
-    for name, settings in VARIANTS.items():
-        ranking = colbert_jax.Searcher(index, truncate=True, **settings).search_all(texts, k=10).todict()
-        top[name] = {q: {p for p, _, _ in r} for q, r in ranking.items()}
-    base = top["float32"]
-    return {name: float(np.mean([len(base[q] & t[q]) / 10 for q in base])) for name, t in top.items()}
+    for name, q in embeddings.items():
+        ranking = searcher.search_all(list(q), k=10).todict()
+        top[name] = [{p for p, _, _ in ranking[i]} for i in range(len(texts))]
+        flat = q.reshape(len(texts), -1)
+        cosine = (flat * base).sum(1) / (np.linalg.norm(flat, axis=1) * np.linalg.norm(base, axis=1))
+        overlap = np.mean([len(a & b) / 10 for a, b in zip(top["float32"], top[name])])
+        out[name] = (float(cosine.min()), float(overlap))
+    return out
 
 
 def main() -> None:
@@ -101,7 +119,8 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=500)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--ref-python", default=os.environ.get("REF_PYTHON", "/tmp/colbert-ref-venv/bin/python"))
-    ap.add_argument("--index", help="an index of the built-in corpus by the default model: also report overlap@10")
+    ap.add_argument("--index", help="an index by the default model: also report cosines and overlap@10")
+    ap.add_argument("--index-queries", help="queries TSV for the --index figures (default: the bench queries)")
     args = ap.parse_args()
     from colbert_jax.default_model import default_checkpoint
     from colbert_jax.quickstart import corpus_file
@@ -134,8 +153,15 @@ def main() -> None:
             )
         print(f"| {name} | {cells[0]} | {cells[1]} | {ratio} |")
     if args.index:
-        for name, value in overlaps(args.index, queries).items():
-            print(f"overlap@10 of {name}'s PLAID rankings with float32's: {value:.4f}")
+        quality = Path(args.index_queries) if args.index_queries else queries
+        reference = None
+        if Path(args.ref_python).exists():
+            dump = work / "colbert-ai.npy"
+            subprocess.run([args.ref_python, "-c", REF, str(quality), str(default_checkpoint()), str(dump)], check=True)
+            reference = np.load(dump)
+        print(f"against float32 on {quality.name}: | encoder | worst query cosine | PLAID overlap@10 |")
+        for name, (cosine, overlap) in overlaps(args.index, quality, reference).items():
+            print(f"| {name} | 1 - {1 - cosine:.1e} | {overlap:.4f} |")
 
 
 if __name__ == "__main__":

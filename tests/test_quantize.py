@@ -1,13 +1,13 @@
 """int8 query encoding (`query_quantization="int8"`, issue 14): on the packaged MiniLM checkpoint and the 1,000
 real test queries, every query's embedding stays within cosine 0.999 of float32's (the query matrix flattened,
-which is the mean of its tokens' cosines: rows are unit vectors), and PLAID rankings at k=10 overlap float32's.
-
-The overlap bar here is 0.95, not the issue's 0.99: these queries are docstring openings of a collection full of
-near-duplicates, so their top 10 are near ties that any perturbation reorders (bfloat16 encoding, cosine
-0.99997, overlaps float32 by 0.985 on them; int8 by 0.963). docs/benchmarks.md has the figures; int8 stays
-opt-in until it meets the issue's bar."""
+which is the mean of its tokens' cosines: rows are unit vectors), and PLAID rankings at k=10 overlap float32's
+by at least 0.99 -- the issue's bars. These queries are docstring openings of a collection full of
+near-duplicates, whose top 10 are near ties: bfloat16 encoding (cosine 1 - 6e-5) overlaps float32 by only 0.985
+on them, so the overlap bar needs the two-term int8 scheme's ~16-bit precision."""
 
 from __future__ import annotations
+
+from functools import partial
 
 import numpy as np
 import pytest
@@ -35,19 +35,25 @@ def test_int8_matmul_is_close_to_float_on_outlier_rows():
     x[..., 7] *= 30.0  # one outlier channel, as BERT's LayerNorm outputs have
     w = (rng.standard_normal((96, 384)) * 0.05).astype(np.float32)
     q = quantize_params({"encoder": {"dense": {"kernel": w, "bias": np.zeros(384, np.float32)}}})["encoder"]["dense"]
-    assert q["kernel"].dtype == np.int8 and q["kernel_scale"].shape == (384,)
-    got = np.asarray(_int8_matmul(x, q["kernel"], q["kernel_scale"]))
-    want = x @ w
-    assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()
+    assert q["kernel"].dtype == q["kernel_lo"].dtype == np.int8 and q["kernel_scale"].shape == (384,)
+    got = np.asarray(_int8_matmul(x, q["kernel"], q["kernel_lo"], q["kernel_scale"]))
+    want = x.astype(np.float64) @ w.astype(np.float64)
+    # the outlier leaves the other channels few high-term steps; their low terms carry them (measured: 2e-4)
+    assert np.abs(got - want).max() <= 5e-4 * np.abs(want).max()
+    one_term = q["kernel"].astype(np.float64) * q["kernel_scale"]
+    assert np.abs(got - want).max() < np.abs(x @ one_term - want).max() / 10  # the low terms do count
 
 
 def test_only_the_backbone_is_quantized(minilm_model):
     q = quantize_params(minilm_model.params)
     assert q["linear"]["kernel"].dtype == np.float32  # the projection head stays float32
-    kernels = {path: leaf for path, leaf in _leaves(q["bert"]) if path.endswith("kernel")}
-    down = "/encoder/layer/output/dense/kernel"  # the MLP's down-projection stays float32
-    assert kernels[down].dtype == np.float32 and f"{down}_scale" not in dict(_leaves(q["bert"]))
-    assert all(k.dtype == np.int8 for path, k in kernels.items() if path != down) and len(kernels) == 6
+    leaves = dict(_leaves(q["bert"]))
+    kernels = {path: leaf for path, leaf in leaves.items() if path.endswith("/kernel")}
+    # query/key/value fused into one qkv kernel, the attention output, the MLP up and down projections
+    assert len(kernels) == 4 and all(k.dtype == np.int8 for k in kernels.values())
+    assert "/encoder/layer/attention/self/qkv/kernel" in kernels
+    assert all(leaves[f"{path}_lo"].dtype == np.int8 for path in kernels)
+    assert leaves["/embeddings/word_embeddings/embedding"].dtype == np.float32
 
 
 def _leaves(tree, prefix=""):
@@ -58,6 +64,32 @@ def _leaves(tree, prefix=""):
             yield f"{prefix}/{k}", v
 
 
+def test_fused_qkv_matches_three_projections(tiny_model):
+    import jax
+
+    from colbert_jax.modeling.colbert import embed_queries
+    from colbert_jax.modeling.quantize import quantized_apply
+
+    fused = quantize_params(tiny_model.params)
+    attn = fused["bert"]["encoder"]["layer"]["attention"]["self"]
+    assert attn["qkv"]["kernel"].dtype == np.int8 and attn["qkv"]["kernel"].shape[-1] == 3 * 32  # tiny: hidden 32
+    assert all(attn[name] == {} for name in ("query", "key", "value"))
+    separate = jax.tree_util.tree_map(lambda a: a, fused)
+    self_ = separate["bert"]["encoder"]["layer"]["attention"]["self"]
+    qkv = self_.pop("qkv")
+    for i, name in enumerate(("query", "key", "value")):
+        self_[name] = {k: np.split(v, 3, axis=-1)[i] for k, v in qkv.items()}
+    texts = ["what does os.path.join do", "sort a list in place", "a"]
+    ids, mask = tiny_model.query_tokenizer.tensorize(texts)
+    encode = partial(embed_queries, tiny_model.module, pad_id=tiny_model.query_pad_id)
+    run = jax.jit(quantized_apply(encode))
+    a, b = np.asarray(run(fused, ids, mask)), np.asarray(run(separate, ids, mask))
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    full = np.asarray(encode(tiny_model.params, ids, mask))
+    cos = np.einsum("qtd,qtd->q", a, full) / np.einsum("qtd,qtd->q", full, full)  # rows are unit or zero
+    assert cos.min() >= 1 - 1e-4, cos  # and both are the float32 encoder's output, nearly
+
+
 def test_int8_query_embeddings_within_cosine_0999(minilm_model, int8_model, queries):
     full = minilm_model.encode_queries(queries)
     quantized = int8_model.encode_queries(queries)
@@ -65,6 +97,7 @@ def test_int8_query_embeddings_within_cosine_0999(minilm_model, int8_model, quer
         np.linalg.norm(full.reshape(len(full), -1), axis=1) * np.linalg.norm(quantized.reshape(len(full), -1), axis=1)
     )
     assert per_query.min() >= 0.999, f"worst query cosine {per_query.min():.5f}"
+    assert per_query.min() >= 1 - 1e-5, f"worst query cosine {per_query.min():.7f}"  # measured: 1 - 2e-6
     assert not np.array_equal(full, quantized)  # it did run quantized
 
 
@@ -74,7 +107,7 @@ def test_int8_rankings_overlap_float32s(real_index, minilm_model, queries):
     assert quantized.model.config.query_quantization == "int8"
     a, b = full.search_all(queries, k=10).todict(), quantized.search_all(queries, k=10).todict()
     overlap = np.mean([len({p for p, _, _ in a[q]} & {p for p, _, _ in b[q]}) / 10 for q in a])
-    assert overlap >= 0.95, f"overlap@10 {overlap:.4f}"
+    assert overlap >= 0.99, f"overlap@10 {overlap:.4f}"
 
 
 def test_unknown_quantization_is_a_config_error():
