@@ -716,6 +716,10 @@ class Searcher:
     def _streamed_mmap(self, Q, S, cells, real, k: int, config: ColBERTConfig, max_entries: int, allowed=None):
         """The streamed path over a memory-mapped index: stages 2-5 on the device (codes only), the
         survivors' rows read from disk, stage 6 on them (`streamed_mmap`). -> (positions, scores) on the host."""
+        with streamed_mmap.one_batch_at_a_time(len(Q)):  # the buffers below are freed before it trims
+            return self._streamed_mmap_stages(Q, S, cells, real, k, config, max_entries, allowed)
+
+    def _streamed_mmap_stages(self, Q, S, cells, real, k: int, config: ColBERTConfig, max_entries: int, allowed):
         _, threshold, ndocs = search_params(k, config)
         if self._cpu and self.index.codec.centroids.base is None:
             # On the CPU a device array is host memory: let the codec read the device's centroids rather than

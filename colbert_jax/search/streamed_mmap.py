@@ -15,8 +15,12 @@ query's centroid scores at a time, and the survivors' rows.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
+import os
+import threading
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -30,19 +34,29 @@ from colbert_jax.scoring import MASKED_SCORE
 from colbert_jax.search.plaid import (
     AXIS,
     NEG_INF,
+    _best,
     _centroid_scores,
+    _compact,
     _local,
     _map_queries,
     _reduce,
     _specs,
     _stream,
     _top_k,
-    survivors_streamed,
     unique_candidates,
 )
 from pallas_kernels.decompress import byte_table
 
-__all__ = ["expand_cells", "survivors", "gather", "exact", "return_freed_memory", "GATHER_KEYS", "MIN_GATHER_ROWS"]
+__all__ = [
+    "expand_cells",
+    "survivors",
+    "gather",
+    "exact",
+    "return_freed_memory",
+    "one_batch_at_a_time",
+    "GATHER_KEYS",
+    "MIN_GATHER_ROWS",
+]
 
 GATHER_KEYS = ("codes", "residuals", "doclens", "offsets", "first", "count")  # + "inv_norms" with centroids
 MIN_GATHER_ROWS = 4096  # gathered rows per shard are padded to a power of two at least this: few programs
@@ -63,6 +77,51 @@ def return_freed_memory(threshold: int = 1 << 20, arenas: int = 2) -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, int(threshold))) & bool(mallopt(M_ARENA_MAX, int(arenas)))
 
 
+_RUNNING = threading.Lock()
+
+
+@contextlib.contextmanager
+def one_batch_at_a_time(batch: int) -> Iterator[None]:
+    """Runs a batch's stages 2-6 alone in the process, then hands the heaps' free pages back to the system
+    (`malloc_trim`): after every batch of more than one query, and after a single query once the resident
+    set has grown `TRIM_GROWTH` since the last trim.
+
+    `Searcher.search_all` keeps two batches in flight on the CPU (one encodes while the other searches):
+    their search working sets (IVF entries, a query's centroid scores, the survivors' rows) would otherwise
+    peak together. The trim: buffers under the mmap threshold that a batch freed stay in glibc's heaps as
+    holes until something of their size reuses them. Not after every single query: the next one would
+    page-fault the same memory back in, and one query's time is where that shows."""
+    global _trimmed_at
+    with _RUNNING:
+        yield
+        if batch > 1 or _resident() > _trimmed_at + TRIM_GROWTH:
+            _malloc_trim()
+            _trimmed_at = _resident()
+
+
+TRIM_GROWTH = 16 << 20  # after single queries, trim once the resident set has grown this much since the last
+_trimmed_at = 0
+
+
+def _resident() -> int:
+    """The process's resident set in bytes (`/proc/self/statm`; 0 where there is none)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except OSError:
+        return 0
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _malloc_trim() -> bool:
+    try:
+        return bool(ctypes.CDLL(None).malloc_trim(0))
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
 def expand_cells(index: Index, cells: np.ndarray, real: np.ndarray, max_entries: int) -> np.ndarray:
     """Stage 2's IVF lookup on the host, from the index's IVF on disk (only the probed lists are read): cells
     [B, C] (padded with P) -> the entries of each real query's lists, global passage positions [B, W] (-1:
@@ -81,6 +140,31 @@ def expand_cells(index: Index, cells: np.ndarray, real: np.ndarray, max_entries:
     return out
 
 
+def _approx(cand, S, keep, a, chunk: int):
+    """Centroid-interaction scores of `cand` [n] (`plaid._approx_streamed`'s numbers), read from S [P, Lq]
+    itself rather than from a table with a padding row: a centroid outside `keep` [P] (None: all kept) or a
+    padding slot scores `MASKED_SCORE` in the gather. `plaid`'s tables are copies of S (8 MiB per query at
+    65,536 centroids), which the mmap path would page-fault in on every call (see `return_freed_memory`)."""
+
+    def body(acc, seg, emb, valid):
+        codes = a["codes"][jnp.where(valid, emb, 0)].astype(jnp.int32)
+        ok = valid if keep is None else valid & keep[codes]
+        values = jnp.where(ok[:, None], S.at[codes].get(mode="clip"), MASKED_SCORE)
+        return acc.at[seg].max(values, indices_are_sorted=True)
+
+    init = jnp.full((cand.shape[0], S.shape[1]), NEG_INF)
+    return _stream(a["doclens"][cand], a["offsets"][cand], chunk, init, body).sum(1)
+
+
+def _survivors_one(S, cand, threshold, a, *, ndocs: int, chunk: int):
+    """`plaid.survivors_streamed` without its lookup tables (`_approx`): the same survivors."""
+    cand = cand[::-1]  # the unique candidates, descending positions
+    pruned = _approx(cand, S, S.max(axis=1) >= threshold, a, chunk)
+    cand4 = _compact(cand, _best(cand, pruned, a, ndocs), ndocs, a)
+    full = _approx(cand4, S, None, a, chunk)
+    return _compact(cand4, _best(cand4, full, a, ndocs // 4), ndocs // 4, a)
+
+
 @functools.partial(jax.jit, static_argnames=("mesh", "ndocs", "chunk"))
 def survivors(Q, S, entries, real, threshold, arrays, *, mesh: Mesh, ndocs: int, chunk: int):
     """Stages 2-5 after `plaid.cells`, one query at a time (codes only: `arrays` needs neither residuals nor
@@ -97,7 +181,7 @@ def survivors(Q, S, entries, real, threshold, arrays, *, mesh: Mesh, ndocs: int,
             local = entries - a["first"]
             valid = (entries >= 0) & (local >= 0) & (local < a["count"])
             cand, _, _ = unique_candidates(jnp.where(valid, local, 0), valid, a, max_entries=width)
-            return survivors_streamed(S, cand, threshold, a, ndocs=ndocs, chunk=chunk)
+            return _survivors_one(S, cand, threshold, a, ndocs=ndocs, chunk=chunk)
 
         def skip(Q, S):
             return jnp.full((ndocs // 4,), a["doclens"].shape[0] - 1, jnp.int32)
