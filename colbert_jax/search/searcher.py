@@ -626,15 +626,18 @@ class Searcher:
         lq = config.query_maxlen
         chunk = 1 if self._cpu else 0
         streamed = self.implementation == "streamed"
-        S, cells, n_entries = plaid.cells(
-            Q,
-            arrays,
-            mesh=self.mesh,
-            ncells=min(ncells, self.index.num_partitions),
-            query_maxlen=lq,
-            query_chunk=chunk,
-            with_scores=not streamed or self._pass_scores(len(Q)),
-        )
+        if self.mmap and streamed and len(Q) == 1:  # S written into the last query's buffer
+            S, cells, n_entries = self._mmap_cells(Q, min(ncells, self.index.num_partitions), lq)
+        else:
+            S, cells, n_entries = plaid.cells(
+                Q,
+                arrays,
+                mesh=self.mesh,
+                ncells=min(ncells, self.index.num_partitions),
+                query_maxlen=lq,
+                query_chunk=chunk,
+                with_scores=not streamed or self._pass_scores(len(Q)),
+            )
         n_entries = jax.device_get(n_entries)  # a host round trip for one size: the IVF entries to expand
         if streamed:
             real = np.arange(len(Q)) < (len(Q) if n_real is None else n_real)
@@ -717,7 +720,20 @@ class Searcher:
         """The streamed path over a memory-mapped index: stages 2-5 on the device (codes only), the
         survivors' rows read from disk, stage 6 on them (`streamed_mmap`). -> (positions, scores) on the host."""
         with streamed_mmap.one_batch_at_a_time(len(Q)):  # the buffers below are freed before it trims
-            return self._streamed_mmap_stages(Q, S, cells, real, k, config, max_entries, allowed)
+            out = self._streamed_mmap_stages(Q, S, cells, real, k, config, max_entries, allowed)
+        if S is not None and len(Q) == 1:  # no longer read (the results are on the host): the next query's
+            self._mmap_scores = S
+        return out
+
+    def _mmap_cells(self, Q: np.ndarray, ncells: int, query_maxlen: int):
+        """Stage 1 of one query over a memory-mapped index (`streamed_mmap.cells_into`): its centroid scores
+        go into the buffer the last query's left (`_mmap_scores`, taken, so a concurrent query makes its
+        own), not into a fresh one."""
+        shape = (1, self.arrays["centroids"].shape[0], query_maxlen)
+        S, self._mmap_scores = getattr(self, "_mmap_scores", None), None
+        if S is None or S.shape != shape:
+            S = jax.device_put(np.zeros(shape, np.float32), NamedSharding(self.mesh, PartitionSpec()))
+        return streamed_mmap.cells_into(Q, S, self.arrays, mesh=self.mesh, ncells=ncells, query_maxlen=query_maxlen)
 
     def _streamed_mmap_stages(self, Q, S, cells, real, k: int, config: ColBERTConfig, max_entries: int, allowed):
         _, threshold, ndocs = search_params(k, config)

@@ -35,6 +35,7 @@ from colbert_jax.search.plaid import (
     AXIS,
     NEG_INF,
     _best,
+    _cells_one,
     _centroid_scores,
     _compact,
     _local,
@@ -48,6 +49,7 @@ from colbert_jax.search.plaid import (
 from pallas_kernels.decompress import byte_table
 
 __all__ = [
+    "cells_into",
     "expand_cells",
     "survivors",
     "gather",
@@ -120,6 +122,23 @@ def _malloc_trim() -> bool:
         return bool(ctypes.CDLL(None).malloc_trim(0))
     except (OSError, AttributeError):  # not glibc
         return False
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "ncells", "query_maxlen"), donate_argnums=(1,))
+def cells_into(Q, S, arrays, *, mesh: Mesh, ncells: int, query_maxlen: int):
+    """`plaid.cells(..., with_scores=True)` for one query, its centroid scores written into S [1, P, Lq]
+    (donated: XLA reuses the buffer for the output). The same numbers; what differs is where S lives: a
+    fresh 8 MiB output per query (at 65,536 centroids) is a fresh mapping under `return_freed_memory`,
+    page-faulted in on every call, while a buffer kept from the last query is already resident."""
+    fn = functools.partial(_cells_one, ncells=ncells, query_maxlen=query_maxlen)
+
+    def shard(Q, S, arrays):
+        new, c, n = _map_queries(lambda q: fn(q, _local(arrays)), Q, 1)
+        return S.at[:].set(new), c, jax.lax.all_gather(n, AXIS)
+
+    return jax.shard_map(
+        shard, mesh=mesh, in_specs=(P(), P(), _specs(arrays)), out_specs=(P(), P(), P()), check_vma=False
+    )(Q, S, arrays)
 
 
 def expand_cells(index: Index, cells: np.ndarray, real: np.ndarray, max_entries: int) -> np.ndarray:

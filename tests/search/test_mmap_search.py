@@ -146,3 +146,41 @@ def test_place_index_small_codes_without_ivf(real_index):
     np.testing.assert_array_equal(small_bounds[0], full_bounds[0])
     with pytest.raises(ValueError, match="cannot hold the ids"):
         placement.place_index(ix, mesh, residuals=False, codes_dtype=np.uint8)
+
+
+def test_single_queries_reuse_one_scores_buffer(searchers):
+    """One query at a time, stage 1 writes its centroid scores into the buffer the previous query left
+    (donated): the same buffer every time, and each ranking still equal to in-memory search's."""
+    mapped, in_memory = searchers
+    pointers = []
+    for query in QUERIES[:3]:
+        assert_same(mapped.search_all([query], k=10), in_memory.search_all([query], k=10))
+        pointers.append(mapped._mmap_scores.unsafe_buffer_pointer())
+    assert pointers[1] == pointers[2]
+
+
+def test_one_batch_at_a_time():
+    """Stages 2-6 of two batches never overlap in a process (`search_all` keeps two batches in flight)."""
+    import threading
+    import time
+
+    from colbert_jax.search import streamed_mmap
+
+    inside, most = [0], [0]
+    lock = threading.Lock()
+
+    def work(batch):
+        with streamed_mmap.one_batch_at_a_time(batch):
+            with lock:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+            time.sleep(0.02)
+            with lock:
+                inside[0] -= 1
+
+    threads = [threading.Thread(target=work, args=(b,)) for b in (1, 8, 1, 64)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most[0] == 1
