@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from functools import partial
 
+import jax
 import numpy as np
 import pytest
 
 import colbert_jax
 from colbert_jax.config import ColBERTConfig, ConfigError
-from colbert_jax.modeling.quantize import _int8_matmul, quantize_params
+from colbert_jax.modeling.colbert import embed_queries
+from colbert_jax.modeling.quantize import _int8_matmul, quantize_params, quantized_apply
 from colbert_jax.queries import load_queries
 from tests.conftest import COLLECTIONS
 
@@ -35,8 +37,8 @@ def test_int8_matmul_is_close_to_float_on_outlier_rows():
     x[..., 7] *= 30.0  # one outlier channel, as BERT's LayerNorm outputs have
     w = (rng.standard_normal((96, 384)) * 0.05).astype(np.float32)
     q = quantize_params({"encoder": {"dense": {"kernel": w, "bias": np.zeros(384, np.float32)}}})["encoder"]["dense"]
-    assert q["kernel"].dtype == q["kernel_lo"].dtype == np.int8 and q["kernel_scale"].shape == (384,)
-    got = np.asarray(_int8_matmul(x, q["kernel"], q["kernel_lo"], q["kernel_scale"]))
+    assert q["kernel"].dtype == q["kernel_cross"].dtype == np.int8 and q["kernel_scale"].shape == (384,)
+    got = np.asarray(_int8_matmul(x, q["kernel"], q["kernel_cross"], q["kernel_scale"]))
     want = x.astype(np.float64) @ w.astype(np.float64)
     # the outlier leaves the other channels few high-term steps; their low terms carry them (measured: 2e-4)
     assert np.abs(got - want).max() <= 5e-4 * np.abs(want).max()
@@ -52,7 +54,7 @@ def test_only_the_backbone_is_quantized(minilm_model):
     # query/key/value fused into one qkv kernel, the attention output, the MLP up and down projections
     assert len(kernels) == 4 and all(k.dtype == np.int8 for k in kernels.values())
     assert "/encoder/layer/attention/self/qkv/kernel" in kernels
-    assert all(leaves[f"{path}_lo"].dtype == np.int8 for path in kernels)
+    assert all(leaves[f"{path}_cross"].dtype == np.int8 for path in kernels)
     assert leaves["/embeddings/word_embeddings/embedding"].dtype == np.float32
 
 
@@ -65,20 +67,12 @@ def _leaves(tree, prefix=""):
 
 
 def test_fused_qkv_matches_three_projections(tiny_model):
-    import jax
-
-    from colbert_jax.modeling.colbert import embed_queries
-    from colbert_jax.modeling.quantize import quantized_apply
-
     fused = quantize_params(tiny_model.params)
     attn = fused["bert"]["encoder"]["layer"]["attention"]["self"]
     assert attn["qkv"]["kernel"].dtype == np.int8 and attn["qkv"]["kernel"].shape[-1] == 3 * 32  # tiny: hidden 32
     assert all(attn[name] == {} for name in ("query", "key", "value"))
-    separate = jax.tree_util.tree_map(lambda a: a, fused)
-    self_ = separate["bert"]["encoder"]["layer"]["attention"]["self"]
-    qkv = self_.pop("qkv")
-    for i, name in enumerate(("query", "key", "value")):
-        self_[name] = {k: np.split(v, 3, axis=-1)[i] for k, v in qkv.items()}
+    separate = quantize_params(tiny_model.params, fuse_qkv=False)
+    assert "qkv" not in separate["bert"]["encoder"]["layer"]["attention"]["self"]
     texts = ["what does os.path.join do", "sort a list in place", "a"]
     ids, mask = tiny_model.query_tokenizer.tensorize(texts)
     encode = partial(embed_queries, tiny_model.module, pad_id=tiny_model.query_pad_id)

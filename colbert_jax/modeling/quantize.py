@@ -17,14 +17,15 @@ passages. XLA:CPU runs int8 products several times faster per operation than flo
 float32 (`scripts/bench_encoder.py` measures it against float32 and colbert-ai).
 
 The module code is untouched: `quantize_params` rewrites the parameter tree (`kernel` becomes w_hi, next to
-it `kernel_lo` and `kernel_scale`, whose presence marks the layer) and `int8_dense` is a Flax method
-interceptor that computes the quantized product for a marked `nn.Dense` and leaves every other module call
-alone. The projection head stays float32 (it is small and sets the final embedding directly).
+it `kernel_cross` = [w_lo; w_hi], stored concatenated so that no call copies weights, and `kernel_scale`,
+whose presence marks the layer) and `int8_dense` is a Flax method interceptor that computes the quantized
+product for a marked `nn.Dense` and leaves every other module call alone. The projection head stays float32
+(it is small and sets the final embedding directly).
 
 Attention's query, key and value projections read the same input: `quantize_params` stores them fused, as one
 `qkv` kernel [in, 3 * out] beside them, and the interceptor runs one product (and one activation split) when
-`query` is called, keeping the key and value slices for the two calls that follow with the same input. XLA
-does not merge the three products itself (the optimized HLO has three dots); fused, one query encodes faster.
+`query` is called, keeping the key and value slices for the two calls that follow with the same input (XLA
+does not merge the three products itself: the optimized HLO has three dots).
 """
 
 from __future__ import annotations
@@ -42,28 +43,31 @@ __all__ = ["QUANTIZATIONS", "quantize_params", "int8_dense", "quantized_apply"]
 
 QUANTIZATIONS = ("none", "int8")
 SCALE = "kernel_scale"
-LOW = "kernel_lo"
+CROSS = "kernel_cross"
 _LOW_STEPS = 254.0  # the low term's step is the high term's / 254: a half-step error maps onto [-127, 127]
 _QKV = ("query", "key", "value")
 _HEADS = ("linear",)  # top-level head modules kept in float32 (PyLate heads are `dense_N`: also kept)
 
 
 def _quantize_kernel(kernel: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """kernel [..., in, out] -> (int8 high, int8 low, float32 scale [..., out]), per output channel."""
+    """kernel [..., in, out] -> (int8 high [..., in, out], int8 [low; high] [..., 2 * in, out], float32 scale
+    [..., out]), per output channel."""
     kernel = np.asarray(kernel, np.float32)
     scale = np.abs(kernel).max(axis=-2) / 127.0
     scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
     steps = kernel / scale[..., None, :]
     high = np.clip(np.rint(steps), -127, 127)
     low = np.clip(np.rint((steps - high) * _LOW_STEPS), -127, 127)
-    return high.astype(np.int8), low.astype(np.int8), scale
+    high = high.astype(np.int8)
+    return high, np.concatenate([low.astype(np.int8), high], axis=-2), scale
 
 
-def quantize_params(params: Mapping[str, Any]) -> dict[str, Any]:
+def quantize_params(params: Mapping[str, Any], *, fuse_qkv: bool = True) -> dict[str, Any]:
     """The encoder's params with every backbone dense kernel as two int8 terms plus their `kernel_scale`.
 
     Only the backbone (the top-level entry that is not a projection head) is quantized; embeddings and
-    LayerNorms stay as they are.
+    LayerNorms stay as they are. fuse_qkv: store attention's query/key/value kernels as one `qkv` kernel
+    (the same products, one matmul; False keeps three, for comparison).
     """
 
     def walk(tree):
@@ -72,10 +76,12 @@ def quantize_params(params: Mapping[str, Any]) -> dict[str, Any]:
         out = {k: walk(v) for k, v in tree.items()}
         kernel = tree.get("kernel")
         if kernel is not None and getattr(kernel, "ndim", 0) >= 2:
-            out["kernel"], out[LOW], out[SCALE] = _quantize_kernel(np.asarray(jax.device_get(kernel)))
-        if all(SCALE in out.get(name, {}) and "bias" in out[name] for name in _QKV):
+            out["kernel"], out[CROSS], out[SCALE] = _quantize_kernel(np.asarray(jax.device_get(kernel)))
+        if fuse_qkv and all(SCALE in out.get(name, {}) and "bias" in out[name] for name in _QKV):
             # one [.., in, 3 * out] kernel: the three projections read the same input
-            out["qkv"] = {k: np.concatenate([out[n][k] for n in _QKV], axis=-1) for k in ("kernel", LOW, SCALE, "bias")}
+            out["qkv"] = {
+                k: np.concatenate([out[n][k] for n in _QKV], axis=-1) for k in ("kernel", CROSS, SCALE, "bias")
+            }
             for name in _QKV:
                 out[name] = {}
         return out
@@ -93,19 +99,16 @@ def _split_rows(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     return high.astype(jnp.int8), low.astype(jnp.int8), scale
 
 
-def _int8_matmul(x: jax.Array, high: jax.Array, low: jax.Array, scale: jax.Array) -> jax.Array:
-    """x float [..., in] times the two-term int8 kernel ([in, out] each, `scale` [out]) -> float32 [..., out]."""
+def _int8_matmul(x: jax.Array, high: jax.Array, cross: jax.Array, scale: jax.Array) -> jax.Array:
+    """x float [..., in] times the two-term int8 kernel (high [in, out], cross = [low; high] [2 * in, out],
+    `scale` [out]) -> float32 [..., out]."""
     x_hi, x_lo, x_scale = _split_rows(x.astype(jnp.float32))
     dims = (((x.ndim - 1,), (0,)), ((), ()))
     main = jax.lax.dot_general(x_hi, high, dims, preferred_element_type=jnp.int32)
     # x_hi . w_lo + x_lo . w_hi as one product over the concatenated inputs (int32 cannot overflow:
     # 2 * in * 127 * 127 < 2**31 for in < 66,000)
-    cross = jax.lax.dot_general(
-        jnp.concatenate([x_hi, x_lo], axis=-1),
-        jnp.concatenate([low, high], axis=0),
-        dims,
-        preferred_element_type=jnp.int32,
-    )
+    both = jnp.concatenate([x_hi, x_lo], axis=-1)
+    cross = jax.lax.dot_general(both, cross, dims, preferred_element_type=jnp.int32)
     acc = main.astype(jnp.float32) + cross.astype(jnp.float32) * (1.0 / _LOW_STEPS)
     return acc * (x_scale * scale)
 
@@ -128,7 +131,7 @@ def _fused_projection(module: nn.Dense, x: jax.Array) -> jax.Array:
             del pending[key]
         return out
     p = parent.variables["params"]["qkv"]
-    y = _int8_matmul(x, p["kernel"], p[LOW], p[SCALE]) + p["bias"]
+    y = _int8_matmul(x, p["kernel"], p[CROSS], p[SCALE]) + p["bias"]
     parts = dict(enumerate(jnp.split(y, 3, axis=-1)))
     out = parts.pop(index)
     pending[key] = (x, parts)  # the sibling projections are called next with this same x
@@ -147,7 +150,7 @@ def int8_dense(next_fun, args, kwargs, context):
     if not module.has_variable("params", SCALE):
         return next_fun(*args, **kwargs)
     get = lambda name: module.get_variable("params", name)  # noqa: E731
-    y = _int8_matmul(x, get("kernel"), get(LOW), get(SCALE))
+    y = _int8_matmul(x, get("kernel"), get(CROSS), get(SCALE))
     if module.use_bias:
         y = y + get("bias")
     return y.astype(module.dtype or jnp.float32)
