@@ -13,6 +13,11 @@ the CPU default), `mmap` (`load_index_with_mmap=True`: on the CPU the streamed p
 batch), `jnp` (in memory, staged). The runs of one repeat go back to back (mode by mode, batch size by batch
 size), so a shared machine's load hits them alike; the table gives the median over repeats and the min-max
 spread.
+
+`--interleaved N` then times N single queries in both modes at once: two warm processes (the warm-up above,
+then 20 single queries) take turns query by query (alternating which goes first), so that a shared
+machine's changing load falls on both alike; it prints each mode's p50 and the median of the per-query
+ratios mmap / streamed.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -63,6 +69,64 @@ print("RESULT " + json.dumps({"mode": mode, "batch": batch, "model_mb": model_mb
     "qps": len(queries) / float(np.median(times)), "p50_ms": 1000 * float(np.median(lat))}))
 """
 
+WORKER = """
+import sys, time
+import colbert_jax
+from colbert_jax.default_model import default_checkpoint
+from colbert_jax.queries import load_queries
+
+index, queries_path, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+queries = list(load_queries(queries_path).values())
+model = colbert_jax.load_checkpoint(str(default_checkpoint()))
+kwargs = {"load_index_with_mmap": True} if mode == "mmap" else {"implementation": mode}
+s = colbert_jax.Searcher(colbert_jax.Index.open(index, verify=False), model, allow_other_checkpoint=True, **kwargs)
+s.search_all(queries, k=10, batch_size=8)
+for q in queries[:20]:
+    s.search(q, k=10)
+print("ready", flush=True)
+for line in sys.stdin:
+    q = queries[int(line) % len(queries)]
+    t = time.perf_counter(); s.search(q, k=10); print(time.perf_counter() - t, flush=True)
+"""
+
+
+def interleaved(index: str, queries: Path, n: int, modes: tuple[str, str] = ("mmap", "streamed")) -> dict:
+    """Single-query seconds of two modes, taking turns query by query in two warm processes -> p50s (ms) and
+    the median per-query ratio modes[0] / modes[1]."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs = {
+        m: subprocess.Popen(
+            [sys.executable, "-c", WORKER, index, str(queries), m],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for m in modes
+    }
+    try:
+        for m, p in procs.items():
+            if p.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"the {m} worker did not start (exit status {p.wait()})")
+        times: dict[str, list[float]] = {m: [] for m in modes}
+        for i in range(n):
+            for m in modes if i % 2 == 0 else modes[::-1]:
+                procs[m].stdin.write(f"{i}\n")
+                procs[m].stdin.flush()
+                times[m].append(float(procs[m].stdout.readline()))
+    finally:
+        for p in procs.values():
+            p.stdin.close()
+            p.wait()
+    a, b = (np.asarray(times[m]) for m in modes)
+    return {
+        "n": n,
+        f"{modes[0]}_p50_ms": round(1000 * float(np.median(a)), 1),
+        f"{modes[1]}_p50_ms": round(1000 * float(np.median(b)), 1),
+        "median_ratio": round(float(np.median(a / b)), 3),
+    }
+
+
 COLUMNS = ("model_mb", "model_peak_mb", "loaded_mb", "load_peak_mb", "peak_mb", "end_mb", "qps", "p50_ms")
 
 
@@ -80,6 +144,7 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", default=["streamed", "mmap"])
     ap.add_argument("--batch-sizes", nargs="+", type=int, default=[8, 64])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--interleaved", type=int, default=0, metavar="N", help="then N single queries, both modes in turn")
     args = ap.parse_args()
     from bench_index import run, write_builtin_collection
     from bench_search import write_queries
@@ -124,6 +189,8 @@ def main() -> None:
             f"{_cell(col['qps'], 1)} | {_cell(col['p50_ms'], 1)} |"
         )
     print("RESULTS " + json.dumps({f"{m}/{b}": v for (m, b), v in rows.items()}))
+    if args.interleaved:
+        print("INTERLEAVED " + json.dumps(interleaved(args.index, queries, args.interleaved)))
 
 
 if __name__ == "__main__":

@@ -186,6 +186,7 @@ class Searcher:
             self.index = Index(self.index.path, self.index.metadata, mmap=True)
         if self.mmap:  # a bounded resident set is the point: search's freed buffers go back to the system
             streamed_mmap.return_freed_memory()
+        self._mmap_scores: jax.Array | None = None  # a single query's centroid scores, reused (`_mmap_cells`)
         self.exact = exact
         self.truncate = truncate
         self.clamp_maxsim = clamp_maxsim
@@ -730,7 +731,7 @@ class Searcher:
         go into the buffer the last query's left (`_mmap_scores`, taken, so a concurrent query makes its
         own), not into a fresh one."""
         shape = (1, self.arrays["centroids"].shape[0], query_maxlen)
-        S, self._mmap_scores = getattr(self, "_mmap_scores", None), None
+        S, self._mmap_scores = self._mmap_scores, None
         if S is None or S.shape != shape:
             S = jax.device_put(np.zeros(shape, np.float32), NamedSharding(self.mesh, PartitionSpec()))
         return streamed_mmap.cells_into(Q, S, self.arrays, mesh=self.mesh, ncells=ncells, query_maxlen=query_maxlen)
