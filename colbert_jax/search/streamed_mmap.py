@@ -7,10 +7,13 @@
    lays them out like a small index, one slot per (query, survivor), with their norms.
 3. `exact` (stage 6, one small program): decompress + MaxSim over the gathered rows -> global top k.
 
-The survivors are the ones `search_streamed` keeps (the same function selects them), and stage 6 computes
-the same numbers (a centroid's score is its row of C . Q^T, computed for the gathered codes only), so
-rankings equal the in-memory streamed path's. Working memory per batch: the codes on the device, one
-query's centroid scores at a time, and the survivors' rows.
+The survivors are the ones `search_streamed` keeps (the same selection over the same numbers, read from
+the centroid scores S directly rather than from copies of them), and stage 6 computes the same numbers (a
+centroid's score is its row of C . Q^T, computed for the gathered codes only), so rankings equal the
+in-memory streamed path's. Working memory per batch: the codes on the device, one query's centroid scores
+at a time, and the survivors' rows; one batch at a time per process (`one_batch_at_a_time`). A single
+query's stage 1 writes S into the previous query's buffer (`cells_into`): under `return_freed_memory` a
+fresh 8 MiB buffer would be page-faulted in on every call.
 """
 
 from __future__ import annotations
