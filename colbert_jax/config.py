@@ -105,8 +105,11 @@ class ColBERTConfig(BaseModel):
 
     # colbert-jax only: dtype of the encoder's matmuls (parameters stay float32).
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
-    # colbert-jax only: "int8" encodes queries with int8 dense layers (`colbert_jax.modeling.quantize`).
-    query_quantization: Literal["none", "int8"] = "none"
+    # colbert-jax only: "int8" encodes queries with two-term int8 dense layers (`colbert_jax.modeling.quantize`),
+    # "none" in float32 (colbert-ai's numbers), "auto" int8 on CPU devices and float32 on accelerators. "none" is
+    # the default: int8's activation rounding turns XLA:CPU's shape-dependent ulp differences (small batches)
+    # into 1/254-step flips, so a query's int8 embedding depends on its batch size by up to ~2e-4.
+    query_quantization: Literal["auto", "none", "int8"] = "none"
 
     def __init__(self, **data: Any):
         try:

@@ -95,7 +95,12 @@ class ColBERTModel:
         self.query_pad_id = -1 if self.text.pylate else pad_id
         query_fn = functools.partial(embed_queries, self.module, pad_id=self.query_pad_id)
         self._query_params = self.params
-        if config.query_quantization == "int8":
+        # On CPU the two-term int8 encoder is faster and keeps query embeddings within cosine 1e-5 of float32's;
+        # accelerators' float32 (or bfloat16) matmuls are fast already.
+        self.query_quantization = config.query_quantization
+        if self.query_quantization == "auto":
+            self.query_quantization = "int8" if self.mesh.devices.flat[0].platform == "cpu" else "none"
+        if self.query_quantization == "int8":
             self._query_params = jax.device_put(quantize_params(params), replicated)
             query_fn = quantized_apply(query_fn)
         self._query_fn = jax.jit(query_fn, in_shardings=(replicated, rows, rows), out_shardings=rows)

@@ -16,7 +16,8 @@ def max_err(a, b):
 
 @pytest.fixture(scope="module")
 def ref_model(reference_checkpoint):
-    return colbert_jax.load_checkpoint(reference_checkpoint)
+    # float32 queries, pinned: the parity bar is colbert-ai's own numbers ("auto" would encode them in int8 on CPU)
+    return colbert_jax.load_checkpoint(reference_checkpoint, query_quantization="none")
 
 
 def test_reference_saved_tensors_are_rebuilt_exactly(reference_checkpoint, manifest):
@@ -57,8 +58,21 @@ def test_scores_match_reference(ref_model, texts, ref_embeddings):
 def test_default_model_equals_reference_built_checkpoint(minilm_model, ref_model, texts):
     """Our MiniLM builder and colbert-ai's save give the same model."""
     np.testing.assert_array_equal(
-        minilm_model.encode_queries(texts["queries"][:3]), ref_model.encode_queries(texts["queries"][:3])
+        minilm_model.replace_config(query_quantization="none").encode_queries(texts["queries"][:3]),
+        ref_model.encode_queries(texts["queries"][:3]),
     )
+
+
+def test_auto_encodes_queries_in_int8_on_cpu_close_to_reference(reference_checkpoint, texts, ref_embeddings):
+    """On CPU, "auto" picks the two-term int8 encoder: every query embedding within cosine 1e-5 of colbert-ai's
+    float32 one, and really not float32's numbers. The default stays float32."""
+    assert colbert_jax.load_checkpoint(reference_checkpoint).query_quantization == "none"
+    model = colbert_jax.load_checkpoint(reference_checkpoint, query_quantization="auto")
+    assert model.config.query_quantization == "auto" and model.query_quantization == "int8"
+    Q = model.encode_queries(texts["queries"])
+    cosine = (Q * ref_embeddings["Q"]).sum(-1)
+    assert cosine.min() >= 1 - 1e-5
+    assert max_err(Q, ref_embeddings["Q"]) > FP32_TOL
 
 
 def test_bfloat16_compute_is_close(ref_model, texts, ref_embeddings):

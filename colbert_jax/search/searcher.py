@@ -135,7 +135,11 @@ class Searcher:
             self.index = index if isinstance(index, Index) else Index.open(index)
         explicit = {**(config.model_dump(exclude_unset=True) if config is not None else {}), **overrides}
         # colbert-ai precedence: checkpoint metadata < index config < user config.
-        index_config = {k: v for k, v in self.index.config.to_dict().items() if k != "checkpoint"}
+        # How queries are encoded is the searcher's choice, not the index's (its passages are float32 either way):
+        # an index records the query_quantization it was built with, which would otherwise pin its searches.
+        index_config = {
+            k: v for k, v in self.index.config.to_dict().items() if k not in ("checkpoint", "query_quantization")
+        }
         if checkpoint is None:
             checkpoint = self.index.metadata.get("checkpoint", {}).get("path") or self.index.config.checkpoint
             if not checkpoint:
