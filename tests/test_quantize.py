@@ -119,3 +119,12 @@ def test_int8_rankings_overlap_float32s(real_index, minilm_model, queries):
 def test_unknown_quantization_is_a_config_error():
     with pytest.raises(ConfigError, match="query_quantization"):
         ColBERTConfig(query_quantization="int4")
+
+
+def test_searcher_not_index_chooses_query_quantization(real_index, minilm_model):
+    """An index records the query_quantization it was built with; the searcher's own setting decides."""
+    index = colbert_jax.Index.open(real_index)
+    index.config = index.config.model_copy(update={"query_quantization": "int8"})  # as if built with int8
+    assert colbert_jax.Searcher(index, minilm_model).model.query_quantization == "none"
+    auto = colbert_jax.Searcher(index, minilm_model, query_quantization="auto").model
+    assert auto.config.query_quantization == "auto" and auto.query_quantization == "int8"  # CPU devices
