@@ -217,12 +217,6 @@ def warm_up_steps(searcher: Searcher, max_batch: int = 64) -> Iterator[None]:
     """Compiles, one step per `next()`, what the server's searches need: each of `batch_sizes`, and on the
     streamed path each IVF-entry bucket from half to twice what sample queries need, capped by what the
     index can produce (as `Searcher.warm_up` does, for the server's sizes only). Batch size 1 comes first."""
-    import jax
-    import numpy as np
-
-    from colbert_jax.search import plaid
-    from colbert_jax.search.searcher import _pow2, search_params
-
     sizes = batch_sizes(searcher, max_batch)
     queries = _sample_queries(searcher, 2 * max(sizes))
     k = min(SEARCH_K, searcher.index.num_passages)
@@ -232,44 +226,15 @@ def warm_up_steps(searcher: Searcher, max_batch: int = 64) -> Iterator[None]:
         searcher.search_all([queries[j % len(queries)] for j in range(size)], k=k, batch_size=size)
         yield
         if i == 0 and searcher.implementation == "streamed":  # after batch size 1: first requests need it
-            ncells = min(search_params(k, searcher.config)[0], searcher.index.num_partitions)
+            engine, params = searcher._plaid_engine(), searcher._params(k, searcher.config)
             lq = searcher.config.query_maxlen
             m = max(sizes)  # in chunks of a served batch size: no program the server would never use
-            n_entries = []
-            for j in range(0, len(queries), m):
-                Q = searcher.encode(queries[j : j + m])
-                _, _, n = plaid.cells(
-                    Q,
-                    searcher.arrays,
-                    mesh=searcher.mesh,
-                    ncells=ncells,
-                    query_maxlen=lq,
-                    query_chunk=1,
-                    with_scores=searcher._pass_scores(len(Q)),  # as search_all calls it: the same program
-                )
-                n_entries.append(jax.device_get(n).max(axis=0))  # per query, the most of any shard
-            n_entries = np.concatenate(n_entries)
-            # From half the fewest to twice the most entries the samples reach (real queries stray both ways),
-            # never more than the index has.
-            lo = max(_pow2(n_entries.min()) // 2, 1)
-            hi = min(2 * _pow2(n_entries.max()), searcher._max_entries(ncells, lq))
-            buckets = [1 << b for b in range(lo.bit_length() - 1, hi.bit_length())]
+            batches = [searcher.encode(queries[j : j + m]) for j in range(0, len(queries), m)]
+            # From half the fewest to twice the most entries the samples reach (real queries stray both ways).
+            buckets = engine.entry_buckets(batches, params, lq, below=2)
             yield
-        if not buckets:
-            continue
-        zeros = np.zeros((size, *Q.shape[1:]), np.float32)
-        S, cells, _ = plaid.cells(
-            zeros,
-            searcher.arrays,
-            mesh=searcher.mesh,
-            ncells=ncells,
-            query_maxlen=lq,
-            query_chunk=1,
-            with_scores=searcher._pass_scores(size),
-        )
         for max_entries in buckets:  # padding queries only: compiles, and runs no search work
-            padding = np.zeros(size, bool)
-            jax.block_until_ready(searcher._streamed(zeros, S, cells, padding, k, searcher.config, max_entries))
+            engine.compile_streamed(size, params, lq, [max_entries])
             yield
 
 

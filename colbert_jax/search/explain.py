@@ -9,15 +9,29 @@ none, so embedding row j is the j-th kept position of `DocTokenizer.keep_mask`, 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import numpy as np
 
 if TYPE_CHECKING:
+    from colbert_jax.index import Index
     from colbert_jax.model import ColBERTModel
-    from colbert_jax.search.searcher import Searcher
 
 __all__ = ["Match", "explain", "doc_token_spans"]
+
+
+class _Searcher(Protocol):
+    """What `explain` reads of a `colbert_jax.Searcher` (a protocol: this module does not import searcher.py,
+    which calls it)."""
+
+    model: ColBERTModel
+    index: Index
+    clamp_maxsim: bool
+
+    def encode(self, queries: Sequence[str | np.ndarray]) -> np.ndarray: ...
+
+    def passages(self, pids: Sequence[int]) -> list[str]: ...
 
 
 class Match(NamedTuple):
@@ -29,7 +43,7 @@ class Match(NamedTuple):
     score: float
 
 
-def explain(searcher: Searcher, query: str, pid: int) -> list[Match]:
+def explain(searcher: _Searcher, query: str, pid: int) -> list[Match]:
     """The MaxSim alignment of `query` with passage `pid`: one `Match` per query token (query_maxlen of
     them, the [MASK] padding included, as every query vector counts in the score).
 

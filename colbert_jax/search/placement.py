@@ -22,9 +22,21 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from colbert_jax.index import Index
 from colbert_jax.indexing.ivf import build_ivf
-from colbert_jax.search import plaid
+from colbert_jax.search.arrays import AXIS, IndexArrays
 
 CODES_BLOCK = 1 << 22  # codes read per step while placing (16 MiB as stored)
+SHARDED = (
+    "codes",
+    "residuals",
+    "inv_norms",
+    "doclens",
+    "offsets",
+    "ivf",
+    "ivf_offsets",
+    "ivf_lengths",
+    "first",
+    "count",
+)
 
 __all__ = [
     "search_mesh",
@@ -60,7 +72,7 @@ def search_mesh(devices: Sequence[jax.Device] | None, num_passages: int) -> Mesh
     devices = list(devices)
     if not multi_process():
         devices = devices[: max(1, min(len(devices), num_passages))]
-    return Mesh(np.asarray(devices), (plaid.AXIS,))
+    return Mesh(np.asarray(devices), (AXIS,))
 
 
 def shard_bounds(doclens: np.ndarray, n_shards: int) -> np.ndarray:
@@ -105,15 +117,15 @@ def _global_max(local: np.ndarray) -> np.ndarray:
 
 def place_index(
     index: Index, mesh: Mesh, residuals: bool = True, codes_dtype: type = np.int32, ivf: bool = True
-) -> tuple[plaid.IndexArrays, list[np.ndarray]]:
+) -> tuple[IndexArrays, list[np.ndarray]]:
     """Splits the index's passages into one contiguous shard per mesh device (balanced by embeddings) and
     places each shard this process owns on its device (residuals and their norms only with `residuals`).
     `codes_dtype` np.uint16 (at most 65,536 partitions) halves the codes for a reader that masks padding
-    rows rather than reading their code (`streamed_mmap.survivors`): the padding code is then P, or 0 when P
+    rows rather than reading their code (`pruning.row_codes`): the padding code is then P, or 0 when P
     does not fit. `ivf` False leaves out the IVF's entries ("ivf", "ivf_offsets"; the lengths stay) for a
-    reader that reads the probed lists from disk (`streamed_mmap.expand_cells`).
+    reader that reads the probed lists from disk (`streamed_mmap.expand_cells`); the fields left out are None.
 
-    Returns the global arrays (`plaid.IndexArrays`, leading shard axis over the mesh) and, as a one-element
+    Returns the global arrays (`IndexArrays`, leading shard axis over the mesh) and, as a one-element
     list, the element-wise maximum over shards of the cumulative IVF list lengths sorted longest first (static
     bounds for the streamed path). Reads from disk only the rows of this process's shards.
     """
@@ -171,10 +183,8 @@ def place_index(
     def pad(a, size, value):
         return np.concatenate([a, np.full((size - len(a), *a.shape[1:]), value, a.dtype)])
 
-    skip = (
-        {"allowed"} | (set() if residuals else {"residuals", "inv_norms"}) | (set() if ivf else {"ivf", "ivf_offsets"})
-    )
-    per_shard: dict[str, dict[int, np.ndarray]] = {k: {} for k in plaid.SHARDED_KEYS if k not in skip}
+    skip = (set() if residuals else {"residuals", "inv_norms"}) | (set() if ivf else {"ivf", "ivf_offsets"})
+    per_shard: dict[str, dict[int, np.ndarray]] = {k: {} for k in SHARDED if k not in skip}
     for s, x in shards.items():
         doclens = pad(x["doclens"].astype(np.int32), n_max + 1, 0)
         per_shard["doclens"][s] = doclens
@@ -191,7 +201,7 @@ def place_index(
         per_shard["first"][s] = np.int32(x["first"])
         per_shard["count"][s] = np.int32(len(x["doclens"]))
         x.clear()  # the shard's arrays as read: freed once padded (one host copy at a time, not two)
-    sharded = NamedSharding(mesh, PartitionSpec(plaid.AXIS))
+    sharded = NamedSharding(mesh, PartitionSpec(AXIS))
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def assemble(parts: dict[int, np.ndarray]) -> jax.Array:
@@ -199,7 +209,10 @@ def place_index(
         pieces = [jax.device_put(np.asarray(parts[s])[None], devices[s]) for s in local]
         return jax.make_array_from_single_device_arrays((n_shards, *first.shape), sharded, pieces)
 
-    arrays = {k: assemble(per_shard.pop(k)) for k in list(per_shard)}  # each host copy freed once placed
-    arrays["centroids"] = jax.device_put(index.codec.centroids, replicated)
-    arrays["bucket_weights"] = jax.device_put(index.codec.bucket_weights, replicated)
+    placed = {k: assemble(per_shard.pop(k)) for k in list(per_shard)}  # each host copy freed once placed
+    arrays = IndexArrays(
+        centroids=jax.device_put(index.codec.centroids, replicated),
+        bucket_weights=jax.device_put(index.codec.bucket_weights, replicated),
+        **placed,
+    )
     return arrays, [entry_bound]

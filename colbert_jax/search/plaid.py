@@ -1,554 +1,122 @@
-"""PLAID retrieval as two jitted stages of pure array functions, batched over queries and sharded over
-devices.
+"""The PLAID engine: its stages composed into the programs `Searcher` runs, batched over queries and sharded
+over devices (the `shard` mesh axis, `arrays.py`).
 
-Mirrors colbert-ai 0.2.22 `colbert/search/{candidate_generation,index_storage}.py` and `filter_pids.cpp`:
+The stages, one module each (mirroring colbert-ai 0.2.22 `colbert/search/`):
+  1-2 `candidates`     Q -> centroid scores S -> probed cells -> unique candidate passages
+  4-5 `pruning`        centroid interaction over the candidates' codes -> ndocs, then ndocs // 4 survivors
+  6   `exact_scoring`  decompress + MaxSim of the survivors -> top k
+Each shard ranks its own passages; every selection is global over the shards (all_gather of the local
+winners), so results equal a single device's: one code path for 1..N devices.
 
-`candidates` (stages 1-2):
-  S = C . Q[:query_maxlen]^T                      centroid scores [P, Lq]
-  cells = top-`ncells` centroids of each query token; the candidates are the union of their IVF lists.
-  The lists are expanded into `max_entries` slots (an upper bound computed from the IVF), sorted and
-  deduplicated;
-  the stage also counts distinct candidates and their embeddings, so that the host can pick the
-  (power-of-two) static sizes of the next stage.
-`select` (stages 4-5) and `score` (stage 6), with a host round trip between them to size stage 6:
-  pruned approximate score: sum_q max over the document's codes c with max_q' S[c, q'] >= threshold of
-  S[c, q] (-9999 when none) -> keep the top `ndocs`;
-  full approximate score over all codes -> keep the top `ndocs // 4`;
-  exact MaxSim with the decompressed embeddings (all query tokens) -> top k.
-Ties in the approximate stages favour the larger passage position, like the reference's heap.
-
-Sharding: the index's passages are split into contiguous shards, one per device (`shard` mesh axis).
-Each shard ranks its own candidates; every selection (top ndocs, top ndocs/4, top k) is made globally
-from the shards' local winners (all_gather), so results equal a single device's. One code path for
-1..N devices.
-
-Three implementations of stages 2-6:
-- "streamed" (`search_streamed`, the CPU default): one call after `cells`, one query at a time, the
-  candidates' and survivors' embeddings streamed in fixed chunks with dynamic trip counts. Its static
-  shapes depend only on the batch bucket, k and the bucketed IVF entry count, so a server's stream of
-  batches of all sizes compiles a handful of programs, and a padding query costs nothing.
-- "jnp" (`candidates`, `select`, `score`): staged, with host-chosen bucketed sizes, embeddings packed
-  (no per-document padding), vmapped over queries on accelerators.
-- "pallas": staged, each document padded to the longest one, with the centroid-interaction and fused
-  decompress+MaxSim kernels (GPUs); `kernels` is their `implementation` ("pallas", or "auto" to fall back
-  to their jnp twins where a kernel does not compile, see `pallas_kernels.dispatch`).
-`clamp=True` reproduces colbert-ai's CPU scoring (its `segmented_maxsim` starts each query token's
-maximum at 0, so negative maxima count as 0); the default is its GPU semantics.
+Two ways to run stages 2-6 after `candidates.cells`:
+- staged (`candidates.candidates`, `pruning.select`, `exact_scoring.score`): host round trips between the
+  stages carry only sizes, so that each stage gets bucketed static shapes; embeddings packed ("jnp", vmapped
+  over queries on accelerators) or each document padded for the Pallas kernels ("pallas", GPUs).
+- streamed (the CPU default, below): one query at a time, the candidates' and survivors' embeddings streamed
+  in fixed chunks with dynamic trip counts. Its static shapes depend only on the batch bucket, k and the
+  bucketed IVF entry count, so a server's stream of batches of all sizes compiles a handful of programs, and
+  a padding query costs nothing. `search_streamed` runs stages 2-6 as one program; over a memory-mapped
+  index, `streamed_survivors` stops at stage 5 and `streamed_exact` scores the survivors' rows the host read
+  from disk (`streamed_mmap`), with the same per-query functions.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from colbert_jax.scoring import MASKED_SCORE
-from pallas_kernels import centroid_interaction, maxsim
-from pallas_kernels.decompress import byte_table
+from colbert_jax.index import Index
+from colbert_jax.search import placement, streamed_mmap
+from colbert_jax.search.arrays import AXIS, NEG_INF, IndexArrays, bucket, if_real, map_queries, pow2, run_sharded
+from colbert_jax.search.candidates import candidates, candidates_one, cells, centroid_scores, unique_candidates
+from colbert_jax.search.exact_scoring import exact_streamed, reduce, score, top_k
+from colbert_jax.search.pruning import select, survivors_streamed
 
 __all__ = [
-    "IndexArrays",
     "cells",
     "candidates",
     "select",
     "score",
     "search_streamed",
+    "streamed_survivors",
+    "streamed_exact",
+    "streamed_chunk",
     "working_set_per_query",
-    "SHARDED_KEYS",
+    "Params",
+    "PlaidEngine",
 ]
-
-NEG_INF = -jnp.inf
-AXIS = "shard"
-
-# Device arrays of an index: a plain dict (a pytree). Per-shard arrays have a leading shard axis and
-# are split over the mesh; positions inside a shard are local (add `first` for the global position).
-#   centroids f32 [P, dim], bucket_weights f32 [K]                                  (replicated)
-#   codes i32 [D, E + 1] (last: sentinel P); residuals u8 [D, E + 1, dim*nbits/8];
-#   inv_norms f32 [D, E + 1]: 1 / ||centroid + residual|| of each embedding (for exact scoring);
-#   doclens i32 [D, N + 1] (0 past the shard's passages); offsets i32 [D, N + 1];
-#   ivf i32 [D, I]; ivf_offsets i32 [D, P + 1]; ivf_lengths i32 [D, P + 1] (last: 0);
-#   first i32 [D] (global position of the shard's first passage); count i32 [D] (its passages).
-#   allowed bool [D, N + 1] (optional): a search filter, the passages that may be candidates.
-IndexArrays = dict
-SHARDED_KEYS = (
-    "allowed",
-    "codes",
-    "residuals",
-    "inv_norms",
-    "doclens",
-    "offsets",
-    "ivf",
-    "ivf_offsets",
-    "ivf_lengths",
-    "first",
-    "count",
-)
-
-
-def _specs(arrays):
-    return {k: P(AXIS) if k in SHARDED_KEYS else P() for k in arrays}
-
-
-def _local(arrays):
-    """Inside shard_map: drop the (size 1) shard axis of per-shard arrays."""
-    return {k: (v[0] if k in SHARDED_KEYS else v) for k, v in arrays.items()}
-
-
-def _expand(lengths: jax.Array, starts: jax.Array, total: int):
-    """Packed expansion of variable-length segments into `total` slots.
-
-    Returns (segment id per slot, position in the source per slot, valid mask per slot).
-    """
-    seg = jnp.repeat(jnp.arange(lengths.shape[0]), lengths, total_repeat_length=total)
-    first = jnp.cumsum(lengths) - lengths
-    slot = jnp.arange(total)
-    valid = slot < lengths.sum()
-    return seg, starts[seg] + slot - first[seg], valid
-
-
-def _map_queries(fn, xs, query_chunk: int):
-    """vmap over queries, or a sequential map over chunks of `query_chunk` queries. On CPU, one query at a
-    time is several times faster (XLA:CPU lowers batched gathers poorly); elsewhere chunks bound memory."""
-    batch = jax.tree.leaves(xs)[0].shape[0]
-    if 0 < query_chunk < batch:
-        return jax.lax.map(fn, xs, batch_size=query_chunk)
-    return jax.vmap(fn)(xs)
-
-
-# -- stage 1-2 ------------------------------------------------------------------------------------
-CELL_BLOCK = 128
-
-
-def top_cells(S: jax.Array, n: int) -> jax.Array:
-    """The n best centroids of each query token: S [P, Lq] -> ids [Lq, n], the set `top_k(S.T, n)` gives.
-
-    Two levels, because XLA:CPU's top_k over all P centroids costs 2-3x the matmul that produced S: the n
-    best scores lie in the n blocks of CELL_BLOCK centroids with the best maxima, so only those are ranked.
-    """
-    num_centroids, lq = S.shape
-    blocks_total = num_centroids // CELL_BLOCK
-    if num_centroids % CELL_BLOCK or blocks_total < 2 * n:
-        return jax.lax.top_k(S.T, n)[1]
-    blocked = S.reshape(blocks_total, CELL_BLOCK, lq)
-    blocks = jax.lax.top_k(blocked.max(axis=1).T, n)[1]  # [Lq, n]
-    values = blocked[blocks, :, jnp.arange(lq)[:, None]].reshape(lq, n * CELL_BLOCK)
-    best = jax.lax.top_k(values, n)[1]
-    return jnp.take_along_axis(blocks, best // CELL_BLOCK, axis=1) * CELL_BLOCK + best % CELL_BLOCK
-
-
-def _centroid_scores(Q, a, query_maxlen: int):
-    return jnp.dot(a["centroids"], Q[:query_maxlen].T, precision=jax.lax.Precision.HIGHEST)  # [P, Lq]
-
-
-def _cells_one(Q, a, *, ncells: int, query_maxlen: int):
-    """Centroid scores S [P, Lq], the probed cells (unique, padded with P) and their IVF entries count."""
-    num_centroids = a["centroids"].shape[0]
-    S = _centroid_scores(Q, a, query_maxlen)
-    cells = top_cells(S, ncells).reshape(-1)  # [Lq * ncells]
-    cells = jnp.unique(cells, size=cells.shape[0], fill_value=num_centroids)
-    return S, cells, a["ivf_lengths"][cells].sum()
-
-
-def _candidates_one(cells, a, *, max_entries: int):
-    """The union of the cells' IVF lists: unique passage positions (ascending, then sentinels) and counts."""
-    _, src, valid = _expand(a["ivf_lengths"][cells], a["ivf_offsets"][cells], max_entries)
-    return unique_candidates(a["ivf"][jnp.where(valid, src, 0)], valid, a, max_entries=max_entries)
-
-
-def unique_candidates(entries, valid, a, *, max_entries: int):
-    """IVF entries [max_entries] (local positions where `valid`) -> the unique ones (ascending, then the
-    sentinel), their number and their embeddings' number."""
-    sentinel = a["doclens"].shape[0] - 1
-    if "allowed" in a:  # a filter: passages outside it never become candidates
-        valid &= a["allowed"][jnp.where(valid, entries, sentinel)]
-    entries = jnp.sort(jnp.where(valid, entries, sentinel))
-    first = jnp.concatenate([jnp.ones(1, bool), entries[1:] != entries[:-1]]) & (entries < sentinel)
-    (slots,) = jnp.nonzero(first, size=max_entries, fill_value=max_entries - 1)
-    unique = jnp.where(jnp.arange(max_entries) < first.sum(), entries[slots], sentinel)
-    return unique, first.sum(), jnp.where(first, a["doclens"][entries], 0).sum()
-
-
-@functools.partial(jax.jit, static_argnames=("mesh", "ncells", "query_maxlen", "query_chunk", "with_scores"))
-def cells(Q, arrays, *, mesh: Mesh, ncells: int, query_maxlen: int, query_chunk: int = 0, with_scores: bool = True):
-    """Stage 1: Q [B, Lq, dim] -> (S [B, P, Lq] (None unless with_scores), cells [B, Lq * ncells], IVF
-    entries to expand [D, B])."""
-    fn = functools.partial(_cells_one, ncells=ncells, query_maxlen=query_maxlen)
-
-    def shard(Q, arrays):
-        if not with_scores:  # S of a whole batch is B * P * Lq floats: skip it when the next stage redoes it
-            c, n = _map_queries(lambda q: fn(q, _local(arrays))[1:], Q, query_chunk)
-            return None, c, jax.lax.all_gather(n, AXIS)
-        S, c, n = _map_queries(lambda q: fn(q, _local(arrays)), Q, query_chunk)
-        return S, c, jax.lax.all_gather(n, AXIS)
-
-    # The counts the host reads are gathered (replicated): over several processes each can read them.
-    out_specs = (P() if with_scores else None, P(), P())
-    return jax.shard_map(shard, mesh=mesh, in_specs=(P(), _specs(arrays)), out_specs=out_specs, check_vma=False)(
-        Q, arrays
-    )
-
-
-@functools.partial(jax.jit, static_argnames=("mesh", "max_entries", "query_chunk"))
-def candidates(cells, arrays, *, mesh: Mesh, max_entries: int, query_chunk: int = 0):
-    """Stage 2: cells [B, Lq * ncells] -> (local candidates [D, B, max_entries] (unique, ascending, then the
-    shard's sentinel position), #candidates [D, B], #candidate embeddings [D, B])."""
-    fn = functools.partial(_candidates_one, max_entries=max_entries)
-
-    def shard(cells, arrays):
-        entries, n_cand, n_emb = _map_queries(lambda c: fn(c, _local(arrays)), cells, query_chunk)
-        return entries[None], jax.lax.all_gather(n_cand, AXIS), jax.lax.all_gather(n_emb, AXIS)
-
-    out_specs = (P(AXIS), P(), P())  # the counts the host reads: replicated
-    return jax.shard_map(shard, mesh=mesh, in_specs=(P(), _specs(arrays)), out_specs=out_specs, check_vma=False)(
-        cells, arrays
-    )
-
-
-# -- stages 4-6 -----------------------------------------------------------------------------------
-def _segment_max(values, seg, num_segments):
-    return jax.ops.segment_max(values, seg, num_segments=num_segments, indices_are_sorted=True)
-
-
-def _global_top(values: jax.Array, ids: jax.Array, n: int) -> jax.Array:
-    """The ids of the n best values over all shards. Each shard's `ids` are descending global positions,
-    shards are concatenated last-first, so ties go to the larger position, as on one device."""
-    n_local = min(n, values.shape[0])
-    best_v, best = jax.lax.top_k(values, n_local)
-    all_v = jax.lax.all_gather(best_v, AXIS)[::-1].reshape(-1)
-    all_ids = jax.lax.all_gather(ids[best], AXIS)[::-1].reshape(-1)
-    chosen_v, chosen = jax.lax.top_k(all_v, min(n, all_v.shape[0]))
-    return jnp.where(chosen_v > NEG_INF, all_ids[chosen], -1)
-
-
-def _tables(S, threshold):
-    """Centroid-score lookup table with a sentinel row for padding codes, and the kept-centroid mask."""
-    keep = S.max(axis=1) >= threshold
-    table = jnp.concatenate([S, jnp.full((1, S.shape[1]), MASKED_SCORE, S.dtype)])
-    return table, jnp.concatenate([keep, jnp.zeros(1, bool)])
-
-
-def _approx_packed(cand, table, kept, a, max_embeddings):
-    """(pruned, full) centroid-interaction scores of `cand`, their embeddings laid out packed."""
-    num_centroids = a["centroids"].shape[0]
-    seg, emb, valid = _expand(a["doclens"][cand], a["offsets"][cand], max_embeddings)
-    codes = jnp.where(valid, a["codes"][jnp.where(valid, emb, 0)], num_centroids)
-    values = table[codes]  # one gather serves both stages
-    n = cand.shape[0]
-    pruned = _segment_max(jnp.where(kept[codes][:, None], values, MASKED_SCORE), seg, n).sum(1)
-    return pruned, _segment_max(values, seg, n).sum(1)
-
-
-def _approx_padded(cand, table, kept, a, max_doclen, kernels):
-    """(pruned, full) with the Pallas centroid-interaction kernel, each document padded to max_doclen."""
-    num_centroids = a["centroids"].shape[0]
-    rows = a["offsets"][cand][:, None] + jnp.arange(max_doclen)
-    present = jnp.arange(max_doclen) < a["doclens"][cand][:, None]
-    codes = jnp.where(present, a["codes"][jnp.where(present, rows, a["codes"].shape[0] - 1)], num_centroids)
-    pruned_table = jnp.where(kept[:, None], table, MASKED_SCORE)
-    return (
-        centroid_interaction(pruned_table, codes, implementation=kernels),
-        centroid_interaction(table, codes, implementation=kernels),
-    )
-
-
-def _best(cand, values, a, n: int):
-    """Mask of the local candidates among the n best values over all shards (never the sentinels)."""
-    real = cand < a["doclens"].shape[0] - 1
-    gpos = jnp.where(real, cand + a["first"], -1)
-    return jnp.isin(gpos, _global_top(jnp.where(real, values, NEG_INF), gpos, n)) & real
-
-
-def _compact(cand, mask, n: int, a):
-    """The first n candidates where mask holds, order kept, sentinel-padded."""
-    (slots,) = jnp.nonzero(mask, size=n, fill_value=0)
-    return jnp.where(jnp.arange(n) < mask.sum(), cand[slots], a["doclens"].shape[0] - 1)
-
-
-def _survivors(cand, pruned, full, a, ndocs: int):
-    """Stages 4-5 selections (global over shards): the local survivors [ndocs // 4], sentinel-padded."""
-    stage4 = _best(cand, pruned, a, ndocs)
-    stage5 = _best(cand, jnp.where(stage4, full, NEG_INF), a, ndocs // 4) & stage4
-    return _compact(cand, stage5, ndocs // 4, a)
-
-
-def _exact_packed(Q, S, survivors, a, max_embeddings, nbits):
-    """Per-token MaxSim [n2, Lq] of the survivors, their embeddings packed (only real rows are touched).
-
-    q . normalize(c + r) = (q . c + q . r) / ||c + r||: q . c is the centroid score S[code, q] already
-    computed for candidate generation and ||c + r|| is precomputed per embedding (`inv_norms`), so only
-    the residual r is expanded here, not the centroid rows.
-    """
-    seg, emb, valid = _expand(a["doclens"][survivors], a["offsets"][survivors], max_embeddings)
-    rows = jnp.where(valid, emb, a["codes"].shape[0] - 1)
-    r = byte_table(a["bucket_weights"], nbits)[a["residuals"][rows]].reshape(rows.shape[0], -1)  # [T, dim]
-    centroid_part = S.at[a["codes"][rows]].get(mode="clip")  # [T, Lq]
-    sim = (centroid_part + jnp.dot(r, Q.T, precision=jax.lax.Precision.HIGHEST)) * a["inv_norms"][rows][:, None]
-    return _segment_max(jnp.where(valid[:, None], sim, MASKED_SCORE), seg, survivors.shape[0])
-
-
-def _top_k(scores, survivors, a, k: int):
-    """The global top k over shards of the survivors' exact scores."""
-    sentinel = a["doclens"].shape[0] - 1
-    scores = jnp.where(survivors < sentinel, scores, NEG_INF)
-    kk = min(k, survivors.shape[0])
-    local_scores, local_best = jax.lax.top_k(scores, kk)
-    all_scores = jax.lax.all_gather(local_scores, AXIS).reshape(-1)
-    all_pos = jax.lax.all_gather(survivors[local_best] + a["first"], AXIS).reshape(-1)
-    best_scores, best = jax.lax.top_k(all_scores, kk)
-    return jnp.where(best_scores > NEG_INF, all_pos[best], -1), best_scores
-
-
-def _reduce(per_token, clamp: bool):
-    per_token = jnp.maximum(per_token, MASKED_SCORE)  # a document with no rows: -9999 per token
-    return (jnp.maximum(per_token, 0.0) if clamp else per_token).sum(axis=1)
-
-
-def _select_one(
-    S,
-    entries,
-    threshold,
-    a,
-    *,
-    ndocs: int,
-    max_candidates: int,
-    max_embeddings: int,
-    max_doclen: int,
-    implementation: str,
-    kernels: str,
-):
-    """Stages 4-5 (staged path): -> (local survivors [ndocs // 4], their total number of embeddings)."""
-    cand = entries[:max_candidates][::-1]  # the unique candidates, descending positions
-    table, kept = _tables(S, threshold)
-    if implementation == "pallas":
-        pruned, full = _approx_padded(cand, table, kept, a, max_doclen, kernels)
-    else:
-        pruned, full = _approx_packed(cand, table, kept, a, max_embeddings)
-    survivors = _survivors(cand, pruned, full, a, ndocs)
-    return survivors, a["doclens"][survivors].sum()
-
-
-def _score_one(
-    Q,
-    S,
-    survivors,
-    a,
-    *,
-    max_embeddings: int,
-    max_doclen: int,
-    k: int,
-    nbits: int,
-    clamp: bool,
-    implementation: str,
-    kernels: str,
-):
-    """Stage 6 (staged path): exact MaxSim of the local survivors, then the global top k."""
-    if implementation == "pallas":
-        lens = a["doclens"][survivors]
-        rows = a["offsets"][survivors][:, None] + jnp.arange(max_doclen)
-        rows = jnp.where(jnp.arange(max_doclen) < lens[:, None], rows, a["codes"].shape[0] - 1)
-        centroid_rows = a["centroids"].at[a["codes"][rows]].get(mode="clip")
-        residuals = a["residuals"][rows]
-        weights = a["bucket_weights"]
-        scores = maxsim(Q, centroid_rows, residuals, weights, lens, nbits=nbits, clamp=clamp, implementation=kernels)
-    else:
-        scores = _reduce(_exact_packed(Q, S, survivors, a, max_embeddings, nbits), clamp)
-    return _top_k(scores, survivors, a, k)
-
-
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "mesh",
-        "ndocs",
-        "max_candidates",
-        "max_embeddings",
-        "max_doclen",
-        "implementation",
-        "kernels",
-        "query_chunk",
-    ),
-)
-def select(
-    S,
-    entries,
-    threshold,
-    arrays,
-    *,
-    mesh: Mesh,
-    ndocs: int,
-    max_candidates: int,
-    max_embeddings: int,
-    max_doclen: int,
-    implementation: str = "jnp",
-    kernels: str = "pallas",
-    query_chunk: int = 0,
-):
-    """Stages 4-5 -> (local survivors [D, B, ndocs // 4], their embedding counts [D, B])."""
-    fn = functools.partial(
-        _select_one,
-        ndocs=ndocs,
-        max_candidates=max_candidates,
-        max_embeddings=max_embeddings,
-        max_doclen=max_doclen,
-        implementation=implementation,
-        kernels=kernels,
-    )
-
-    def shard(S, entries, threshold, arrays):
-        local = _local(arrays)
-        survivors, n_emb = _map_queries(lambda x: fn(*x, threshold, local), (S, entries[0]), query_chunk)
-        return survivors[None], jax.lax.all_gather(n_emb, AXIS)
-
-    return jax.shard_map(
-        shard, mesh=mesh, in_specs=(P(), P(AXIS), P(), _specs(arrays)), out_specs=(P(AXIS), P()), check_vma=False
-    )(S, entries, threshold, arrays)
-
-
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "mesh",
-        "max_embeddings",
-        "max_doclen",
-        "k",
-        "nbits",
-        "clamp",
-        "implementation",
-        "kernels",
-        "query_chunk",
-    ),
-)
-def score(
-    Q,
-    S,
-    survivors,
-    arrays,
-    *,
-    mesh: Mesh,
-    max_embeddings: int,
-    max_doclen: int,
-    k: int,
-    nbits: int,
-    clamp: bool = False,
-    implementation: str = "jnp",
-    kernels: str = "pallas",
-    query_chunk: int = 0,
-):
-    """Stage 6 -> (global passage positions [B, min(k, ndocs//4)] (-1: none), scores [B, ...] (-inf: none))."""
-    fn = functools.partial(
-        _score_one,
-        max_embeddings=max_embeddings,
-        max_doclen=max_doclen,
-        k=k,
-        nbits=nbits,
-        clamp=clamp,
-        implementation=implementation,
-        kernels=kernels,
-    )
-
-    def shard(Q, S, survivors, arrays):
-        local = _local(arrays)
-        return _map_queries(lambda x: fn(*x, local), (Q, S, survivors[0]), query_chunk)
-
-    return jax.shard_map(
-        shard, mesh=mesh, in_specs=(P(), P(), P(AXIS), _specs(arrays)), out_specs=(P(), P()), check_vma=False
-    )(Q, S, survivors, arrays)
 
 
 def working_set_per_query(*, max_candidates: int, max_embeddings: int, dim: int, query_maxlen: int) -> int:
-    """Rough peak bytes of `select` or `score` for one query (for choosing `query_chunk`)."""
+    """Rough peak bytes of `pruning.select` or `exact_scoring.score` for one query (for choosing `query_chunk`)."""
     return 4 * (3 * max_embeddings * max(query_maxlen, dim) + 8 * max_candidates)
 
 
-# -- the streaming path (CPU): one program per (batch bucket, k), no host round trips -----------------
-def _stream(lengths, starts, chunk: int, init, body):
-    """Runs `body(carry, seg, src, valid)` over the packed slots of variable-length segments, `chunk` slots
-    at a time, for as many chunks as the actual total needs (a dynamic trip count: no padding to a bucket).
-    Segments are visited in order, so `seg` is sorted within every chunk."""
-    ends = jnp.cumsum(lengths)
-    first = ends - lengths
-    total = ends[-1]
-
-    def step(i, carry):
-        lo = i * chunk
-        slot = lo + jnp.arange(chunk)
-        # The segment of each slot: one binary search for the chunk's first slot, then a +1 at every later
-        # segment start (empty segments stack) and a running sum: half the cost of a search per slot.
-        inside = (first > lo) & (first < lo + chunk)
-        starts_here = jnp.zeros(chunk, jnp.int32).at[jnp.where(inside, first - lo, chunk)].add(1, mode="drop")
-        seg = jnp.searchsorted(ends, lo, side="right") + jnp.cumsum(starts_here)
-        seg = jnp.minimum(seg, lengths.shape[0] - 1)
-        return body(carry, seg, starts[seg] + slot - first[seg], slot < total)
-
-    return jax.lax.fori_loop(0, (total + chunk - 1) // chunk, step, init)
-
-
-def _approx_streamed(cand, table, a, chunk: int):
-    """Centroid-interaction scores of `cand` from `table` [P + 1, Lq], their embeddings streamed `chunk` at
-    a time."""
-    num_centroids = a["centroids"].shape[0]
-
-    def body(acc, seg, emb, valid):
-        codes = jnp.where(valid, a["codes"][jnp.where(valid, emb, 0)].astype(jnp.int32), num_centroids)
-        return acc.at[seg].max(table[codes], indices_are_sorted=True)
-
-    init = jnp.full((cand.shape[0], table.shape[1]), NEG_INF)
-    return _stream(a["doclens"][cand], a["offsets"][cand], chunk, init, body).sum(1)
-
-
-def _exact_streamed(Q, S, survivors, a, chunk: int, nbits: int):
-    """Per-token MaxSim like `_exact_packed`, the survivors' embeddings streamed `chunk` at a time."""
-    table = byte_table(a["bucket_weights"], nbits)
-
-    def body(acc, seg, emb, valid):
-        rows = jnp.where(valid, emb, a["codes"].shape[0] - 1)
-        r = table[a["residuals"][rows]].reshape(rows.shape[0], -1)
-        sim = S.at[a["codes"][rows]].get(mode="clip") + jnp.dot(r, Q.T, precision=jax.lax.Precision.HIGHEST)
-        sim = jnp.where(valid[:, None], sim * a["inv_norms"][rows][:, None], MASKED_SCORE)
-        return acc.at[seg].max(sim, indices_are_sorted=True)
-
-    init = jnp.full((survivors.shape[0], Q.shape[0]), NEG_INF)
-    return _stream(a["doclens"][survivors], a["offsets"][survivors], chunk, init, body)
-
-
-def survivors_streamed(S, entries, threshold, a, *, ndocs: int, chunk: int):
-    """Stages 4-5 for one query (inside `shard_map`; codes only, no residuals): its unique candidates (stage 2's
-    `unique_candidates`) -> the local survivors [ndocs // 4] (descending positions, then the shard's sentinel)."""
-    cand = entries[::-1]  # the unique candidates, descending positions
-    table, kept = _tables(S, threshold)
-    # Stage 4 over all candidates with the pruned table; stage 5's full scores only for stage 4's ndocs
-    # (as the reference does): the candidates' embeddings are streamed once, not twice.
-    pruned = _approx_streamed(cand, jnp.where(kept[:, None], table, MASKED_SCORE), a, chunk)
-    cand4 = _compact(cand, _best(cand, pruned, a, ndocs), ndocs, a)
-    full = _approx_streamed(cand4, table, a, chunk)
-    return _compact(cand4, _best(cand4, full, a, ndocs // 4), ndocs // 4, a)
-
-
 def streamed_chunk(max_entries: int) -> int:
-    """`search_streamed`'s default candidate embeddings per step: twice the IVF entries, within 4,096..16,384."""
+    """The streamed path's default candidate embeddings per step: twice the IVF entries, within 4,096..16,384:
+    bigger steps pay off when there are many candidates, smaller ones waste less padding when there are few."""
     return min(max(2 * max_entries, 4096), 16384)
 
 
-def _search_one_streamed(Q, S, cells, real, threshold, a, *, max_entries, ndocs, k, nbits, clamp, chunk, exact_chunk):
-    """Stages 2-6 for one query; a padding query (`real` False) skips the work. S None: recomputed here."""
-    kk = min(k, ndocs // 4)
-
-    def run(Q, S):
-        if S is None:
-            S = _centroid_scores(Q, a, Q.shape[0])
-        entries, _, _ = _candidates_one(cells, a, max_entries=max_entries)
-        survivors = survivors_streamed(S, entries, threshold, a, ndocs=ndocs, chunk=chunk)
-        return _top_k(_reduce(_exact_streamed(Q, S, survivors, a, exact_chunk, nbits), clamp), survivors, a, k)
-
-    def skip(Q, S):
-        return jnp.full((kk,), -1, jnp.int32), jnp.full((kk,), NEG_INF, jnp.float32)
-
-    return jax.lax.cond(real, run, skip, Q, S)
+# -- one query ------------------------------------------------------------------------------------
+def _unique_candidates(source, a: IndexArrays, width: int) -> jax.Array:
+    """Stage 2 for one query: its unique local candidates [width]. `source` is its probed cells when the IVF's
+    entries are on the device, else the entries of its cells as the host read them from disk (global
+    positions, -1: none; `streamed_mmap.expand_cells`)."""
+    if a.ivf is not None:
+        return candidates_one(source, a, max_entries=width)[0]
+    local = source - a.first
+    valid = (source >= 0) & (local >= 0) & (local < a.count)
+    return unique_candidates(jnp.where(valid, local, 0), valid, a, max_entries=width)[0]
 
 
+def _survivors_one(Q, S, source, threshold, a: IndexArrays, *, width: int, ndocs: int, chunk: int):
+    """Stages 2-5 for one query -> (S, local survivors [ndocs // 4]). S None: recomputed here."""
+    S = centroid_scores(Q, a, Q.shape[0]) if S is None else S
+    entries = _unique_candidates(source, a, width)
+    return S, survivors_streamed(S, entries, threshold, a, ndocs=ndocs, chunk=chunk)
+
+
+def _exact_one(Q, S, survivors, a: IndexArrays, *, k: int, nbits: int, clamp: bool, chunk: int):
+    """Stage 6 for one query: the global top k of its survivors (S None: rows gathered from disk)."""
+    return top_k(reduce(exact_streamed(Q, S, survivors, a, chunk, nbits), clamp), survivors, a, k)
+
+
+def _no_ranking(kk: int) -> Callable:
+    """What a padding query returns from stage 6: no positions (-1), no scores (-inf), kk of each."""
+    return lambda a: (jnp.full((kk,), -1, jnp.int32), jnp.full((kk,), NEG_INF, jnp.float32))
+
+
+def _each_query(
+    one: Callable, skipped: Callable, mesh: Mesh, batched: tuple, specs: tuple, real, shared: tuple, arrays, out_specs
+):
+    """`one(*query's slice of batched, *shared, local arrays)` for each real query of the batch, one at a time,
+    `skipped(local arrays)` for padding queries. A batched input with spec P(AXIS) has a leading shard axis
+    (dropped inside the shard); outputs with spec P(AXIS) get one."""
+    n = len(batched)
+
+    def shard(*args):
+        *args, a = args
+        xs = tuple(x[0] if spec == P(AXIS) else x for x, spec in zip(args[:n], specs))
+
+        def query(x):
+            *qx, r = x
+            return if_real(r, lambda *y: one(*y, *args[n + 1 :], a), skipped(a), *qx)
+
+        out = map_queries(query, (*xs, args[n]), 1)
+        return out[None] if out_specs == P(AXIS) else out
+
+    return run_sharded(shard, mesh, (*batched, real, *shared), arrays, (*specs, P(), *(P(),) * len(shared)), out_specs)
+
+
+# -- the streamed programs ------------------------------------------------------------------------
 @functools.partial(
     jax.jit,
     static_argnames=("mesh", "max_entries", "ndocs", "k", "nbits", "clamp", "chunk", "exact_chunk"),
@@ -559,7 +127,7 @@ def search_streamed(
     cells,
     real,
     threshold,
-    arrays,
+    arrays: IndexArrays,
     *,
     mesh: Mesh,
     max_entries: int,
@@ -570,33 +138,315 @@ def search_streamed(
     chunk: int | None = None,
     exact_chunk: int = 512,
 ):
-    """Stages 2-6 in one call after `cells`, one query at a time, the candidates' and survivors' embeddings
-    streamed in chunks with dynamic trip counts: the static shapes depend only on the batch bucket, k and
-    the bucketed number of IVF entries, so a stream of batches compiles a handful of programs (the CPU path).
+    """Stages 2-6 in one call after `candidates.cells`, one query at a time.
 
-    S [B, P, Lq] from `cells`, or None to recompute it per query (a batch's S can be large: 512 MB for 64
-    queries at 65,536 centroids). real [B] bool (False: padding) -> (global positions [B, min(k, ndocs//4)]
-    (-1: none), scores (-inf: none)). `chunk` (candidate embeddings per step) defaults to twice the IVF
-    entries, within 4,096..16,384: bigger steps pay off when there are many candidates (measured 1.3x
-    faster at 16.5 M embeddings), smaller ones waste less padding when there are few.
+    Q [B, Lq, dim]; S [B, P, Lq] from `cells`, or None to recompute it per query (a batch's S can be large:
+    512 MB for 64 queries at 65,536 centroids); cells [B, Lq * ncells]; real [B] bool (False: padding) ->
+    (global positions [B, min(k, ndocs//4)] (-1: none), scores (-inf: none)). `chunk`: candidate embeddings
+    per step (default `streamed_chunk(max_entries)`).
     """
-    if chunk is None:
-        chunk = streamed_chunk(max_entries)
-    fn = functools.partial(
-        _search_one_streamed,
-        max_entries=max_entries,
-        ndocs=ndocs,
-        k=k,
-        nbits=nbits,
-        clamp=clamp,
-        chunk=chunk,
-        exact_chunk=exact_chunk,
+    chunk = streamed_chunk(max_entries) if chunk is None else chunk
+
+    def one(Q, S, cells, threshold, a):
+        S, survivors = _survivors_one(Q, S, cells, threshold, a, width=max_entries, ndocs=ndocs, chunk=chunk)
+        return _exact_one(Q, S, survivors, a, k=k, nbits=nbits, clamp=clamp, chunk=exact_chunk)
+
+    return _each_query(
+        one,
+        _no_ranking(min(k, ndocs // 4)),
+        mesh,
+        (Q, S, cells),
+        (P(), P(), P()),
+        real,
+        (threshold,),
+        arrays,
+        (P(), P()),
     )
 
-    def shard(Q, S, cells, real, threshold, arrays):
-        local = _local(arrays)
-        return _map_queries(lambda x: fn(*x, threshold, local), (Q, S, cells, real), 1)
 
-    return jax.shard_map(
-        shard, mesh=mesh, in_specs=(P(), P(), P(), P(), P(), _specs(arrays)), out_specs=(P(), P()), check_vma=False
-    )(Q, S, cells, real, threshold, arrays)
+@functools.partial(jax.jit, static_argnames=("mesh", "ndocs", "chunk"))
+def streamed_survivors(Q, S, entries, real, threshold, arrays: IndexArrays, *, mesh: Mesh, ndocs: int, chunk: int):
+    """Stages 2-5 after `candidates.cells`, one query at a time, from the codes alone (`arrays` needs neither
+    residuals nor the IVF's entries).
+
+    Q [B, Lq, dim]; S [B, P, Lq] or None (recomputed per query); entries [B, W]: the IVF entries of each
+    query's cells (`streamed_mmap.expand_cells`); real [B] bool (False: padding, skipped) -> local survivors
+    [D, B, ndocs // 4] (descending positions, then each shard's sentinel position)."""
+    width = entries.shape[1]
+
+    def one(Q, S, entries, threshold, a):
+        return _survivors_one(Q, S, entries, threshold, a, width=width, ndocs=ndocs, chunk=chunk)[1]
+
+    def skipped(a):
+        return jnp.full((ndocs // 4,), a.sentinel, jnp.int32)
+
+    return _each_query(one, skipped, mesh, (Q, S, entries), (P(), P(), P()), real, (threshold,), arrays, P(AXIS))
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "k", "nbits", "clamp", "chunk"))
+def streamed_exact(
+    Q, survivors, real, arrays: IndexArrays, *, mesh: Mesh, k: int, nbits: int, clamp: bool = False, chunk: int = 512
+):
+    """Stage 6 over rows gathered from disk (`streamed_mmap.gather`), one query at a time: Q [B, Lq, dim],
+    survivors [D, B, n] (slots), real [B] -> (slot positions [B, min(k, n)] (-1: none), scores (-inf: none))."""
+
+    def one(Q, survivors, a):
+        return _exact_one(Q, None, survivors, a, k=k, nbits=nbits, clamp=clamp, chunk=chunk)
+
+    return _each_query(
+        one,
+        _no_ranking(min(k, survivors.shape[-1])),
+        mesh,
+        (Q, survivors),
+        (P(), P(AXIS)),
+        real,
+        (),
+        arrays,
+        (P(), P()),
+    )
+
+
+# -- the host driver ------------------------------------------------------------------------------
+RANK_MEMORY_BUDGET = 256 << 20  # bytes of per-device working set for one batch of the staged select/score
+GROUPS = 4  # size-sorted groups per batch for the staged select/score
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    """One search's PLAID parameters (`searcher.search_params`)."""
+
+    k: int
+    ncells: int
+    threshold: float
+    ndocs: int
+
+
+class PlaidEngine:
+    """PLAID over one index placed on a mesh: queries -> (global passage positions, scores), by the staged or
+    the streamed path, over the index in memory or memory-mapped (residuals read per batch from disk).
+
+    Args:
+      index: the `Index` (memory-mapped with `mmap`).
+      mesh: the search mesh (`placement.search_mesh`).
+      implementation: "streamed", "jnp" or "pallas" (module docstring).
+      kernels: the Pallas kernels' `implementation` ("pallas", or "auto" to fall back to their jnp twins).
+      on_cpu: one query at a time in the staged maps (XLA:CPU lowers batched gathers poorly).
+      clamp: colbert-ai's CPU scoring (`exact_scoring`).
+      mmap: leave the residuals on disk.
+    """
+
+    def __init__(
+        self, index: Index, mesh: Mesh, *, implementation: str, kernels: str, on_cpu: bool, clamp: bool, mmap: bool
+    ):
+        self.index, self.mesh = index, mesh
+        self.implementation, self.kernels, self.on_cpu, self.clamp, self.mmap = (
+            implementation,
+            kernels,
+            on_cpu,
+            clamp,
+            mmap,
+        )
+        # The memory-mapped streamed path masks padding rows before reading a code (uint16 codes fit it) and
+        # reads the probed IVF lists from disk (`streamed_mmap.expand_cells`): no IVF entries placed.
+        mapped = mmap and implementation == "streamed"
+        small = mapped and index.num_partitions <= 1 << 16
+        self.arrays, self._entry_bounds = placement.place_index(
+            index, mesh, residuals=not mmap, codes_dtype=np.uint16 if small else np.int32, ivf=not mapped
+        )
+        longest = int(index.doclens.max())
+        # The kernels pad documents to power-of-two lengths (Triton blocks); padding here saves that copy.
+        self.max_doclen = pow2(longest) if implementation == "pallas" else -(-longest // 8) * 8
+
+    def max_entries(self, ncells: int, query_maxlen: int) -> int:
+        """Static bound on the IVF entries of one query's cells in any shard: its longest Lq * ncells lists."""
+        bounds = [b[min(query_maxlen * ncells, len(b)) - 1] for b in self._entry_bounds]
+        return pow2(max(int(max(bounds)), 1))
+
+    def allowed_mask(self, positions: np.ndarray) -> jax.Array:
+        """A filter as the sharded device mask stage 2 reads: bool [D, N_shard + 1] (the sentinel: False)."""
+        first, count = (np.asarray(x) for x in jax.device_get((self.arrays.first, self.arrays.count)))
+        mask = np.zeros(self.arrays.doclens.shape, bool)
+        for s in range(len(first)):  # a loop over shards
+            local = positions[(positions >= first[s]) & (positions < first[s] + count[s])] - first[s]
+            mask[s, local] = True
+        return jax.device_put(mask, NamedSharding(self.mesh, P(AXIS)))
+
+    @staticmethod
+    def pass_scores(batch: int) -> bool:
+        """Whether the streamed path reuses stage 1's centroid scores rather than recomputing them per query.
+        Measured on 2 cores at 65,536 centroids: one query is faster reusing them; batches (even of 16) are
+        faster recomputing, since a batch's S (8 MB per query) leaves the cache between the stages."""
+        return batch == 1
+
+    def cells(self, Q, params: Params, query_maxlen: int, with_scores: bool):
+        """Stage 1 as the search runs it: (S or None, cells, IVF entries per shard and query, on the host)."""
+        S, c, n_entries = cells(
+            Q,
+            self.arrays,
+            mesh=self.mesh,
+            ncells=min(params.ncells, self.index.num_partitions),
+            query_maxlen=query_maxlen,
+            query_chunk=1 if self.on_cpu else 0,
+            with_scores=with_scores,
+        )
+        return S, c, jax.device_get(n_entries)  # a host round trip for one size: the IVF entries to expand
+
+    def rank(
+        self, Q: np.ndarray, params: Params, query_maxlen: int, real: np.ndarray, allowed: jax.Array | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Q [B, Lq, dim], real [B] (False: padding) -> (global positions [B, min(k, ndocs // 4)] (-1: none),
+        scores (-inf: none)) on the host. `allowed`: a filter mask (`allowed_mask`), applied at stage 2."""
+        streamed = self.implementation == "streamed"
+        S, c, n_entries = self.cells(Q, params, query_maxlen, not streamed or self.pass_scores(len(Q)))
+        if streamed:
+            return self.streamed(Q, S, c, real, params, pow2(n_entries.max()), allowed)
+        return self._staged(Q, S, c, n_entries, params, query_maxlen, allowed)
+
+    def streamed(self, Q, S, c, real, params: Params, max_entries: int, allowed=None):
+        """Stages 2-6 by the streamed programs: in one program in memory; over a memory-mapped index, stages
+        2-5 (codes only), the survivors' rows read from disk, then stage 6 on them. -> (positions, scores)."""
+        threshold, ndocs, nbits = np.float32(params.threshold), max(params.ndocs, 4), self.index.nbits
+        arrays = self.arrays.filtered(allowed)
+        if not self.mmap:
+            return jax.device_get(
+                search_streamed(
+                    Q,
+                    S,
+                    c,
+                    real,
+                    threshold,
+                    arrays,
+                    mesh=self.mesh,
+                    max_entries=max_entries,
+                    ndocs=ndocs,
+                    k=params.k,
+                    nbits=nbits,
+                    clamp=self.clamp,
+                )
+            )
+        with streamed_mmap.one_batch_at_a_time(len(Q)):  # the buffers below are freed before it trims
+            return self._streamed_mmap(Q, S, c, real, params, max_entries, arrays)
+
+    def _streamed_mmap(self, Q, S, c, real, params: Params, max_entries: int, arrays: IndexArrays):
+        """`streamed` over a memory-mapped index: stages 2-5, the survivors' rows read from disk, stage 6."""
+        threshold, ndocs, nbits = np.float32(params.threshold), max(params.ndocs, 4), self.index.nbits
+        if self.on_cpu and self.index.codec.centroids.base is None:
+            # On the CPU a device array is host memory: let the codec read the device's centroids rather than
+            # keep its own copy (32 MiB at 65,536 centroids).
+            self.index.share_centroids(self.arrays.centroids)
+        entries = streamed_mmap.expand_cells(self.index, np.asarray(jax.device_get(c)), real, max_entries)
+        surv = streamed_survivors(
+            Q, S, entries, real, threshold, arrays, mesh=self.mesh, ndocs=ndocs, chunk=streamed_chunk(entries.shape[1])
+        )
+        survivors, gathered, slots = self._gather_survivors(surv, norms=False)
+        pos, sc = jax.device_get(
+            streamed_exact(Q, survivors, real, gathered, mesh=self.mesh, k=params.k, nbits=nbits, clamp=self.clamp)
+        )
+        return np.where(pos >= 0, slots[np.maximum(pos, 0)], -1), sc
+
+    def _staged(self, Q, S, c, n_entries, params: Params, query_maxlen: int, allowed=None):
+        """Stages 2-6 by the staged programs. Host round trips carry only sizes: each stage gets static shapes
+        that fit its queries. Queries are sorted by size and ranked in groups, so that a few large queries do
+        not pad all the others."""
+        ndocs = max(params.ndocs, 4)
+        entries, n_cand, n_emb = candidates(
+            c,
+            self.arrays.filtered(allowed),
+            mesh=self.mesh,
+            max_entries=bucket(n_entries.max()),
+            query_chunk=1 if self.on_cpu else 0,
+        )
+        n_cand, n_emb = jax.device_get((n_cand, n_emb))
+        common = dict(mesh=self.mesh, max_doclen=self.max_doclen, implementation=self.implementation)
+        if self.implementation == "pallas":
+            common["kernels"] = self.kernels
+        kk = min(params.k, ndocs // 4)
+        positions = np.full((len(Q), kk), -1, np.int64)
+        scores = np.full((len(Q), kk), -np.inf, np.float32)
+        for group in _size_groups(n_emb.max(axis=0), GROUPS if len(Q) >= 2 * GROUPS else 1):
+            whole = len(group) == len(Q)  # then group is arange(len(Q))
+            S_g = S if whole else S[group]
+            entries_g = entries if whole else entries[:, group]
+            Q_g = Q if whole else Q[group]
+            sizes = dict(max_candidates=bucket(n_cand[:, group].max()), max_embeddings=bucket(n_emb[:, group].max()))
+            survivors, n_surv = select(
+                S_g,
+                entries_g,
+                np.float32(params.threshold),
+                self.arrays,
+                ndocs=ndocs,
+                **sizes,
+                **common,
+                query_chunk=self._query_chunk(sizes, query_maxlen),
+            )
+            surv_emb = bucket(jax.device_get(n_surv).max())
+            scored, slots = self.arrays, None
+            if self.mmap:
+                survivors, scored, slots = self._gather_survivors(survivors)
+            pos, sc = jax.device_get(
+                score(
+                    Q_g,
+                    S_g,
+                    survivors,
+                    scored,
+                    max_embeddings=surv_emb,
+                    k=params.k,
+                    nbits=self.index.nbits,
+                    clamp=self.clamp,
+                    **common,
+                    query_chunk=self._query_chunk(
+                        dict(max_candidates=ndocs // 4, max_embeddings=surv_emb), query_maxlen
+                    ),
+                )
+            )
+            if slots is not None:  # compact slots -> passage positions
+                pos = np.where(pos >= 0, slots.reshape(-1)[np.maximum(pos, 0)], -1)
+            positions[group], scores[group] = pos, sc
+        return positions, scores
+
+    def _gather_survivors(self, survivors: jax.Array, norms: bool = True) -> tuple[jax.Array, IndexArrays, np.ndarray]:
+        """For a memory-mapped index: reads the survivors' rows (codes, residuals) from disk into small arrays
+        laid out like the index's (`streamed_mmap.gather`), so stage 6 runs unchanged on them (their norms
+        only with `norms`: `streamed_exact` computes its own). Returns the survivors renumbered into them,
+        the arrays (on the mesh), and slot -> passage position [D * (M + 1)]."""
+        surv = np.asarray(jax.device_get(survivors))  # [D, B, n] local positions, sentinel-padded
+        firsts = np.asarray(jax.device_get(self.arrays.first))
+        codec = (self.arrays.centroids, self.arrays.bucket_weights) if norms else (None, None)
+        renumbered, stacked, slots = streamed_mmap.gather(self.index, surv, firsts, self.arrays.sentinel, *codec)
+        sharded = NamedSharding(self.mesh, P(AXIS))
+        placed = {k: jax.device_put(v, sharded) for k, v in stacked.items()}
+        arrays = IndexArrays(centroids=self.arrays.centroids, bucket_weights=self.arrays.bucket_weights, **placed)
+        return jax.device_put(renumbered, sharded), arrays, slots
+
+    def _query_chunk(self, sizes: dict, query_maxlen: int) -> int:
+        """Queries per step of the select/score maps: 1 on CPU, else as many as the memory budget allows."""
+        if self.on_cpu:
+            return 1
+        per_query = working_set_per_query(**sizes, dim=self.index.dim, query_maxlen=query_maxlen)
+        return pow2(max(1, RANK_MEMORY_BUDGET // per_query) + 1) // 2
+
+    def entry_buckets(self, batches: list[np.ndarray], params: Params, query_maxlen: int, below: int = 1) -> list[int]:
+        """The streamed path's IVF-entry buckets for queries like `batches` (each a batch the search runs): powers
+        of two from the fewest entries they need (divided by `below`) to twice the most, never past what the
+        index can produce."""
+        counts = [self.cells(Q, params, query_maxlen, self.pass_scores(len(Q)))[2].max(axis=0) for Q in batches]
+        n_entries = np.concatenate(counts)  # per query, the most of any shard
+        lo = max(pow2(n_entries.min()) // below, 1)
+        hi = min(2 * pow2(n_entries.max()), self.max_entries(params.ncells, query_maxlen))
+        return [1 << b for b in range(lo.bit_length() - 1, hi.bit_length())]
+
+    def compile_streamed(self, size: int, params: Params, query_maxlen: int, buckets: list[int]) -> None:
+        """Compiles the streamed programs for batches of `size` at each IVF-entry bucket, by running padding
+        queries only (no search work)."""
+        zeros = np.zeros((size, query_maxlen, self.index.dim), np.float32)
+        S, c, _ = self.cells(zeros, params, query_maxlen, self.pass_scores(size))
+        for max_entries in buckets:
+            jax.block_until_ready(self.streamed(zeros, S, c, np.zeros(size, bool), params, max_entries))
+
+
+def _size_groups(sizes: np.ndarray, groups: int) -> list[np.ndarray]:
+    """Query indices sorted by size, split into `groups` equal parts (one group: the batch in order)."""
+    if groups <= 1:
+        return [np.arange(len(sizes))]
+    order = np.argsort(sizes, kind="stable")
+    return [g for g in np.array_split(order, groups) if len(g)]

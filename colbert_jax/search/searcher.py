@@ -24,7 +24,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 import colbert_jax.search.warp as warp
 from colbert_jax.checkpoint import load_checkpoint
@@ -34,15 +33,14 @@ from colbert_jax.index import Index
 from colbert_jax.indexing.build import model_fingerprint
 from colbert_jax.model import ColBERTModel
 from colbert_jax.runtime import enable_compilation_cache
-from colbert_jax.search import placement, plaid, streamed_mmap
+from colbert_jax.search import explain, placement, plaid, streamed_mmap
+from colbert_jax.search.arrays import IndexArrays, pow2
 from colbert_jax.search.exact import exact_search
 from colbert_jax.search.ranking import Ranking
 
 __all__ = ["Searcher", "search_params", "QueryError", "QueryTruncatedWarning"]
 
 MAX_BATCH = 64
-RANK_MEMORY_BUDGET = 256 << 20  # bytes of per-device working set for one batch of the rank stage
-GROUPS = 4  # size-sorted groups per batch for the select/score stages
 
 
 class QueryError(ValueError):
@@ -67,26 +65,10 @@ def search_params(k: int, config: ColBERTConfig) -> tuple[int, float, int]:
     return ncells, threshold, ndocs
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, int(n - 1).bit_length())
-
-
-def _size_groups(sizes: np.ndarray, groups: int) -> list[np.ndarray]:
-    """Query indices sorted by size, split into `groups` equal parts (one group: the batch in order)."""
-    if groups <= 1:
-        return [np.arange(len(sizes))]
-    order = np.argsort(sizes, kind="stable")
-    return [g for g in np.array_split(order, groups) if len(g)]
-
-
-def _bucket(n: int) -> int:
-    """Round up to a quarter-octave step (8, 10, 12, 14, 16, 20, ...): few distinct compiled shapes, <= 25%
-    padding."""
-    n = max(int(n), 1)
-    if n <= 8:
-        return _pow2(n)
-    step = _pow2(n) // 8
-    return -(-n // step) * step
+def _pad_batch(Q: np.ndarray, batch_size: int) -> np.ndarray:
+    """Q padded with zero queries to a power of two (at most batch_size): few compiled batch shapes."""
+    size = min(pow2(len(Q)), batch_size)
+    return np.concatenate([Q, np.zeros((size - len(Q), *Q.shape[1:]), np.float32)])
 
 
 class Searcher:
@@ -190,7 +172,6 @@ class Searcher:
             self.index = Index(self.index.path, self.index.metadata, mmap=True)
         if self.mmap:  # a bounded resident set is the point: search's freed buffers go back to the system
             streamed_mmap.return_freed_memory()
-        self._mmap_scores: jax.Array | None = None  # a single query's centroid scores, reused (`_mmap_cells`)
         self.exact = exact
         self.truncate = truncate
         self.clamp_maxsim = clamp_maxsim
@@ -207,7 +188,7 @@ class Searcher:
             raise ValueError("engine='warp' scores the residuals in memory: not with load_index_with_mmap")
         self.engine = engine
         self._warp_arrays = None
-        self._arrays: plaid.IndexArrays | None = None
+        self._plaid: plaid.PlaidEngine | None = None
         self._collection = None
         if self.mmap:
             placement.require_single_process("load_index_with_mmap", "it reads survivors' rows from every shard")
@@ -235,7 +216,7 @@ class Searcher:
         if latest.dim != self.index.dim:
             raise ValueError(f"{latest.path} now has dim {latest.dim}: open a new Searcher")
         self.index = latest
-        self._arrays = None
+        self._plaid = None
         self._warp_arrays = None
         self._exact_arrays = None
         self._collection = None
@@ -261,10 +242,8 @@ class Searcher:
         """Why passage `pid` scores as it does for `query`: for each query token, the passage token it
         matched best (MaxSim), `[(query_token, doc_token, doc_position, score), ...]` (`explain.Match`),
         the scores summing to the passage's score. See `colbert_jax.search.explain`."""
-        from colbert_jax.search.explain import explain
-
         placement.require_single_process("explain")
-        return explain(self, query, pid)
+        return explain.explain(self, query, pid)
 
     def _open_collection(self, collection: str | os.PathLike | None):
         """The collection file the index was built from (or `collection`), refused if its contents differ."""
@@ -301,34 +280,31 @@ class Searcher:
 
     # -- device state -------------------------------------------------------------------------------
     @property
-    def arrays(self) -> plaid.IndexArrays:
-        if self._arrays is None:
-            # The memory-mapped streamed path masks padding rows before reading a code (uint16 codes fit it)
-            # and reads the probed IVF lists from disk (`streamed_mmap.expand_cells`): no IVF entries placed.
-            mapped = self.mmap and self.implementation == "streamed"
-            small = mapped and self.index.num_partitions <= 1 << 16
-            self._arrays, self._entry_bounds = placement.place_index(
+    def arrays(self) -> IndexArrays:
+        """The index's arrays on the search mesh (placed on first use)."""
+        return self._plaid_engine().arrays
+
+    def _plaid_engine(self) -> plaid.PlaidEngine:
+        """The PLAID engine over this index, its arrays placed on first use."""
+        if self._plaid is None:
+            self._plaid = plaid.PlaidEngine(
                 self.index,
                 self.mesh,
-                residuals=not self.mmap,
-                codes_dtype=np.uint16 if small else np.int32,
-                ivf=not mapped,
+                implementation=self.implementation,
+                # "auto" lets each kernel fall back to its jnp twin (logged) if it does not compile on this
+                # device; an explicit "pallas" raises instead.
+                kernels="auto" if self._auto else "pallas",
+                on_cpu=self._cpu,
+                clamp=self.clamp_maxsim,
+                mmap=self.mmap,
             )
-            longest = int(self.index.doclens.max())
-            # The kernels pad documents to power-of-two lengths (Triton blocks); padding here saves that copy.
-            self._max_doclen = _pow2(longest) if self.implementation == "pallas" else -(-longest // 8) * 8
-        return self._arrays
+        return self._plaid
 
     def _warp_index(self) -> warp.WarpArrays:
         """The WARP engine's cluster-major arrays, built on first use."""
         if self._warp_arrays is None:
             self._warp_arrays = warp.build_arrays(self.index, self.mesh)
         return self._warp_arrays
-
-    def _max_entries(self, ncells: int, query_maxlen: int) -> int:
-        """Static bound on the IVF entries of one query's cells in any shard: its longest Lq * ncells lists."""
-        bounds = [b[min(query_maxlen * ncells, len(b)) - 1] for b in self._entry_bounds]
-        return _pow2(max(int(max(bounds)), 1))
 
     # -- queries ------------------------------------------------------------------------------------
     def encode(self, queries: Sequence[str | np.ndarray]) -> np.ndarray:
@@ -458,8 +434,7 @@ class Searcher:
 
         def run(start: int) -> tuple[np.ndarray, np.ndarray]:
             chunk = self._encode(items[start : start + batch_size])
-            size = min(_pow2(len(chunk)), batch_size)
-            padded = np.concatenate([chunk, np.zeros((size - len(chunk), *chunk.shape[1:]), np.float32)])
+            padded = _pad_batch(chunk, batch_size)
             if exact:
                 pos, sc = self._exact(padded, k)
             elif self.engine == "warp":
@@ -469,7 +444,7 @@ class Searcher:
                     padded, self._warp_index(), mesh=self.mesh, nprobe=nprobe, k=k, nbits=nbits, n_real=len(chunk)
                 )
             else:
-                pos, sc = self._plaid(padded, k, config, n_real=len(chunk))
+                pos, sc = self._rank_plaid(padded, k, config, n_real=len(chunk))
             return pos[: len(chunk)], sc[: len(chunk)]
 
         starts = range(0, len(items), batch_size)
@@ -483,19 +458,25 @@ class Searcher:
             results = [run(start) for start in starts]
         positions = np.concatenate([p for p, _ in results])
         scores = np.concatenate([sc for _, sc in results])
-        data = {}
-        for qid, pos, sc in zip(qids, positions, scores):
-            ok = np.isfinite(sc) & (pos >= 0) & (pos < self.index.num_passages)
-            pids = self.index.pids[pos[ok]]
-            data[qid] = [(int(p), r, float(s)) for r, (p, s) in enumerate(zip(pids, sc[ok]), 1)]
-        provenance = {
+        data = {qid: self._hits(pos, sc) for qid, pos, sc in zip(qids, positions, scores)}
+        return Ranking(data, self._provenance(k, exact, config))
+
+    def _hits(self, positions: np.ndarray, scores: np.ndarray) -> list[tuple[int, int, float]]:
+        """One query's (positions, scores), best first -> `[(pid, rank, score), ...]` (the empty slots dropped)."""
+        ok = np.isfinite(scores) & (positions >= 0) & (positions < self.index.num_passages)
+        pids = self.index.pids[positions[ok]]
+        return [(int(p), r, float(x)) for r, (p, x) in enumerate(zip(pids, scores[ok]), 1)]
+
+    def _provenance(self, k: int, exact: bool, config: ColBERTConfig, **extra) -> dict:
+        """A `Ranking`'s provenance: this search's source, index, k and parameters."""
+        return {
             "source": "colbert_jax.Searcher.search_all",
             "index": str(self.index.path),
             "k": k,
             "exact": exact,
+            **extra,
             "params": dict(zip(("ncells", "centroid_score_threshold", "ndocs"), search_params(k, config))),
         }
-        return Ranking(data, provenance)
 
     # -- filtered search ----------------------------------------------------------------------------
     def _search_filtered(self, queries: Mapping, k: int, pids, exact: bool, config, batch_size: int) -> Ranking:
@@ -529,29 +510,17 @@ class Searcher:
             if exact or len(positions) <= ndocs:
                 pos, sc = self._score_positions(self._encode(items), positions, k)
             else:
-                mask = self._allowed_mask(positions)
+                mask = self._plaid_engine().allowed_mask(positions)
                 parts = []
                 for start in range(0, len(items), batch_size):
                     chunk = self._encode(items[start : start + batch_size])
-                    size = min(_pow2(len(chunk)), batch_size)
-                    padded = np.concatenate([chunk, np.zeros((size - len(chunk), *chunk.shape[1:]), np.float32)])
-                    p, s = self._plaid(padded, min(k, len(positions)), config, n_real=len(chunk), allowed=mask)
+                    padded = _pad_batch(chunk, batch_size)
+                    p, s = self._rank_plaid(padded, min(k, len(positions)), config, n_real=len(chunk), allowed=mask)
                     parts.append((p[: len(chunk)], s[: len(chunk)]))
                 pos = np.concatenate([p for p, _ in parts])
                 sc = np.concatenate([s for _, s in parts])
-            for q, p, s in zip(members, pos, sc):
-                ok = np.isfinite(s) & (p >= 0) & (p < self.index.num_passages)
-                found = self.index.pids[p[ok]]
-                data[q] = [(int(x), r, float(y)) for r, (x, y) in enumerate(zip(found, s[ok]), 1)]
-        provenance = {
-            "source": "colbert_jax.Searcher.search_all",
-            "index": str(self.index.path),
-            "k": k,
-            "exact": exact,
-            "filtered": True,
-            "params": dict(zip(("ncells", "centroid_score_threshold", "ndocs"), search_params(k, config))),
-        }
-        return Ranking({q: data[q] for q in qids}, provenance)
+            data.update({q: self._hits(p, s) for q, p, s in zip(members, pos, sc)})
+        return Ranking({q: data[q] for q in qids}, self._provenance(k, exact, config, filtered=True))
 
     # -- reranking ----------------------------------------------------------------------------------
     def rerank(
@@ -613,182 +582,16 @@ class Searcher:
             best_sc = np.take_along_axis(best_sc, order, 1)
         return best_pos, best_sc
 
-    def _allowed_mask(self, positions: np.ndarray) -> jax.Array:
-        """A filter as the sharded device mask `plaid` reads: bool [D, N_shard + 1] (the sentinel: False)."""
-        arrays = self.arrays
-        first, count = (np.asarray(x) for x in jax.device_get((arrays["first"], arrays["count"])))
-        mask = np.zeros(arrays["doclens"].shape, bool)
-        for s in range(len(first)):
-            local = positions[(positions >= first[s]) & (positions < first[s] + count[s])] - first[s]
-            mask[s, local] = True
-        return jax.device_put(mask, NamedSharding(self.mesh, PartitionSpec(plaid.AXIS)))
-
-    def _plaid(self, Q: np.ndarray, k: int, config: ColBERTConfig, n_real: int | None = None, allowed=None):
-        """`allowed`: a device filter mask (`_allowed_mask`), applied when candidates are generated."""
-        ncells, threshold, ndocs = search_params(k, config)
-        ndocs = max(ndocs, 4)
-        arrays = self.arrays
-        lq = config.query_maxlen
-        chunk = 1 if self._cpu else 0
-        streamed = self.implementation == "streamed"
-        if self.mmap and streamed and len(Q) == 1:  # S written into the last query's buffer
-            S, cells, n_entries = self._mmap_cells(Q, min(ncells, self.index.num_partitions), lq)
-        else:
-            S, cells, n_entries = plaid.cells(
-                Q,
-                arrays,
-                mesh=self.mesh,
-                ncells=min(ncells, self.index.num_partitions),
-                query_maxlen=lq,
-                query_chunk=chunk,
-                with_scores=not streamed or self._pass_scores(len(Q)),
-            )
-        n_entries = jax.device_get(n_entries)  # a host round trip for one size: the IVF entries to expand
-        if streamed:
-            real = np.arange(len(Q)) < (len(Q) if n_real is None else n_real)
-            if self.mmap:
-                return self._streamed_mmap(Q, S, cells, real, k, config, _pow2(n_entries.max()), allowed)
-            return jax.device_get(self._streamed(Q, S, cells, real, k, config, _pow2(n_entries.max()), allowed))
-        filtered = arrays if allowed is None else {**arrays, "allowed": allowed}
-        entries, n_cand, n_emb = plaid.candidates(
-            cells, filtered, mesh=self.mesh, max_entries=_bucket(n_entries.max()), query_chunk=chunk
-        )
-        # Host round trips carry only sizes: each stage gets static shapes that fit its queries. Queries are
-        # sorted by size and ranked in groups, so that a few large queries do not pad all the others.
-        n_cand, n_emb = jax.device_get((n_cand, n_emb))
-        # "auto" lets each kernel fall back to its jnp twin (logged) if it does not compile on this device;
-        # an explicit "pallas" raises instead.
-        common = dict(mesh=self.mesh, max_doclen=self._max_doclen, implementation=self.implementation)
-        if self.implementation == "pallas":
-            common["kernels"] = "auto" if self._auto else "pallas"
-        kk = min(k, ndocs // 4)
-        positions = np.full((len(Q), kk), -1, np.int64)
-        scores = np.full((len(Q), kk), -np.inf, np.float32)
-        for group in _size_groups(n_emb.max(axis=0), GROUPS if len(Q) >= 2 * GROUPS else 1):
-            whole = len(group) == len(Q)  # then group is arange(len(Q))
-            S_g = S if whole else S[group]
-            entries_g = entries if whole else entries[:, group]
-            Q_g = Q if whole else Q[group]
-            sizes = dict(max_candidates=_bucket(n_cand[:, group].max()), max_embeddings=_bucket(n_emb[:, group].max()))
-            survivors, n_surv = plaid.select(
-                S_g,
-                entries_g,
-                np.float32(threshold),
-                arrays,
-                ndocs=ndocs,
-                **sizes,
-                **common,
-                query_chunk=self._chunk(sizes, lq),
-            )
-            surv_emb = _bucket(jax.device_get(n_surv).max())
-            scored, slots = arrays, None
-            if self.mmap:
-                survivors, scored, slots = self._gather_survivors(survivors)
-            pos, sc = jax.device_get(
-                plaid.score(
-                    Q_g,
-                    S_g,
-                    survivors,
-                    scored,
-                    max_embeddings=surv_emb,
-                    k=k,
-                    nbits=self.index.nbits,
-                    clamp=self.clamp_maxsim,
-                    **common,
-                    query_chunk=self._chunk(dict(max_candidates=ndocs // 4, max_embeddings=surv_emb), lq),
-                )
-            )
-            if slots is not None:  # compact slots -> passage positions
-                pos = np.where(pos >= 0, slots.reshape(-1)[np.maximum(pos, 0)], -1)
-            positions[group], scores[group] = pos, sc
-        return positions, scores
-
-    def _gather_survivors(
-        self, survivors: jax.Array, norms: bool = True
-    ) -> tuple[jax.Array, plaid.IndexArrays, np.ndarray]:
-        """For a memory-mapped index: reads the survivors' rows (codes, residuals) from disk into small arrays
-        laid out like the index's (`streamed_mmap.gather`), so stage 6 runs unchanged on them (their norms
-        only with `norms`: `streamed_mmap.exact` computes its own). Returns the survivors renumbered into them,
-        the arrays (on the mesh), and slot -> passage position [D * (M + 1)]."""
-        surv = np.asarray(jax.device_get(survivors))  # [D, B, n] local positions, sentinel-padded
-        firsts = np.asarray(jax.device_get(self.arrays["first"]))
-        sentinel = self.arrays["doclens"].shape[1] - 1
-        codec = (self.arrays["centroids"], self.arrays["bucket_weights"]) if norms else (None, None)
-        renumbered, stacked, slots = streamed_mmap.gather(self.index, surv, firsts, sentinel, *codec)
-        sharded = NamedSharding(self.mesh, PartitionSpec(plaid.AXIS))
-        arrays = {k: jax.device_put(v, sharded) for k, v in stacked.items()}
-        arrays["centroids"] = self.arrays["centroids"]
-        arrays["bucket_weights"] = self.arrays["bucket_weights"]
-        return jax.device_put(renumbered, sharded), arrays, slots
-
-    def _streamed_mmap(self, Q, S, cells, real, k: int, config: ColBERTConfig, max_entries: int, allowed=None):
-        """The streamed path over a memory-mapped index: stages 2-5 on the device (codes only), the
-        survivors' rows read from disk, stage 6 on them (`streamed_mmap`). -> (positions, scores) on the host."""
-        with streamed_mmap.one_batch_at_a_time(len(Q)):  # the buffers below are freed before it trims
-            out = self._streamed_mmap_stages(Q, S, cells, real, k, config, max_entries, allowed)
-        if S is not None and len(Q) == 1:  # no longer read (the results are on the host): the next query's
-            self._mmap_scores = S
-        return out
-
-    def _mmap_cells(self, Q: np.ndarray, ncells: int, query_maxlen: int):
-        """Stage 1 of one query over a memory-mapped index (`streamed_mmap.cells_into`): its centroid scores
-        go into the buffer the last query's left (`_mmap_scores`, taken, so a concurrent query makes its
-        own), not into a fresh one."""
-        shape = (1, self.arrays["centroids"].shape[0], query_maxlen)
-        S, self._mmap_scores = self._mmap_scores, None
-        if S is None or S.shape != shape:
-            S = jax.device_put(np.zeros(shape, np.float32), NamedSharding(self.mesh, PartitionSpec()))
-        return streamed_mmap.cells_into(Q, S, self.arrays, mesh=self.mesh, ncells=ncells, query_maxlen=query_maxlen)
-
-    def _streamed_mmap_stages(self, Q, S, cells, real, k: int, config: ColBERTConfig, max_entries: int, allowed):
-        _, threshold, ndocs = search_params(k, config)
-        if self._cpu and self.index.codec.centroids.base is None:
-            # On the CPU a device array is host memory: let the codec read the device's centroids rather than
-            # keep its own copy (32 MiB at 65,536 centroids).
-            self.index.share_centroids(self.arrays["centroids"])
-        entries = streamed_mmap.expand_cells(self.index, np.asarray(jax.device_get(cells)), real, max_entries)
-        surv = streamed_mmap.survivors(
-            Q,
-            S,
-            entries,
-            real,
-            np.float32(threshold),
-            self.arrays if allowed is None else {**self.arrays, "allowed": allowed},
-            mesh=self.mesh,
-            ndocs=max(ndocs, 4),
-            chunk=plaid.streamed_chunk(entries.shape[1]),
-        )
-        survivors, gathered, slots = self._gather_survivors(surv, norms=False)
-        pos, sc = jax.device_get(
-            streamed_mmap.exact(
-                Q, survivors, real, gathered, mesh=self.mesh, k=k, nbits=self.index.nbits, clamp=self.clamp_maxsim
-            )
-        )
-        return np.where(pos >= 0, slots[np.maximum(pos, 0)], -1), sc
-
     @staticmethod
-    def _pass_scores(batch: int) -> bool:
-        """Whether the streamed path reuses stage 1's centroid scores rather than recomputing them per query.
-        Measured on 2 cores at 65,536 centroids: one query is 4 ms faster reusing them; batches (even of
-        16) are faster recomputing, since a batch's S (8 MB per query) leaves the cache between the stages."""
-        return batch == 1
+    def _params(k: int, config: ColBERTConfig) -> plaid.Params:
+        ncells, threshold, ndocs = search_params(k, config)
+        return plaid.Params(k=k, ncells=ncells, threshold=threshold, ndocs=ndocs)
 
-    def _streamed(self, Q, S, cells, real, k: int, config: ColBERTConfig, max_entries: int, allowed=None):
-        _, threshold, ndocs = search_params(k, config)
-        return plaid.search_streamed(
-            Q,
-            S,
-            cells,
-            real,
-            np.float32(threshold),
-            self.arrays if allowed is None else {**self.arrays, "allowed": allowed},
-            mesh=self.mesh,
-            max_entries=max_entries,
-            ndocs=max(ndocs, 4),
-            k=k,
-            nbits=self.index.nbits,
-            clamp=self.clamp_maxsim,
-        )
+    def _rank_plaid(self, Q: np.ndarray, k: int, config: ColBERTConfig, n_real: int | None = None, allowed=None):
+        """PLAID over a padded batch (rows past `n_real`: padding) -> (positions, scores) on the host.
+        `allowed`: a device filter mask (`PlaidEngine.allowed_mask`), applied when candidates are generated."""
+        real = np.arange(len(Q)) < (len(Q) if n_real is None else n_real)
+        return self._plaid_engine().rank(Q, self._params(k, config), config.query_maxlen, real, allowed)
 
     def warm_up(self, queries: Sequence[str], k: int = 10, *, max_batch: int = MAX_BATCH) -> float:
         """Compiles ahead what searching at k in batches of up to `max_batch` queries like these needs, so
@@ -806,39 +609,11 @@ class Searcher:
             self.search_all([queries[i % len(queries)] for i in range(size)], k=k, batch_size=max_batch)
         if self.implementation != "streamed" or self.engine == "warp":  # no PLAID programs to compile
             return time.perf_counter() - t0
-        ncells, _, _ = search_params(k, self.config)
-        ncells = min(ncells, self.index.num_partitions)
-        lq = self.config.query_maxlen
-        Q = self.encode(queries[:max_batch])
-        _, _, n_entries = plaid.cells(
-            Q, self.arrays, mesh=self.mesh, ncells=ncells, query_maxlen=lq, query_chunk=1, with_scores=False
-        )
-        n_entries = jax.device_get(n_entries).max(axis=0)
-        lo, hi = _pow2(n_entries.min()), min(2 * _pow2(n_entries.max()), self._max_entries(ncells, lq))
-        buckets = [1 << i for i in range(lo.bit_length() - 1, hi.bit_length())]
+        engine, params, lq = self._plaid_engine(), self._params(k, self.config), self.config.query_maxlen
+        buckets = engine.entry_buckets([self.encode(queries[:max_batch])], params, lq)
         for size in sizes:
-            zeros = np.zeros((size, *Q.shape[1:]), np.float32)
-            S, cells, _ = plaid.cells(
-                zeros,
-                self.arrays,
-                mesh=self.mesh,
-                ncells=ncells,
-                query_maxlen=lq,
-                query_chunk=1,
-                with_scores=self._pass_scores(size),
-            )
-            for max_entries in buckets:  # padding queries only: compiles, and runs no search work
-                padding = np.zeros(size, bool)
-                run = self._streamed_mmap if self.mmap else self._streamed
-                jax.block_until_ready(run(zeros, S, cells, padding, k, self.config, max_entries))
+            engine.compile_streamed(size, params, lq, buckets)
         return time.perf_counter() - t0
-
-    def _chunk(self, sizes: dict, query_maxlen: int) -> int:
-        """Queries per step of the select/score maps: 1 on CPU, else as many as the memory budget allows."""
-        if self._cpu:
-            return 1
-        per_query = plaid.working_set_per_query(**sizes, dim=self.index.dim, query_maxlen=query_maxlen)
-        return _pow2(max(1, RANK_MEMORY_BUDGET // per_query) + 1) // 2
 
     def _exact(self, Q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if self.mmap:  # in blocks of passages: never the whole index in memory

@@ -1,62 +1,38 @@
-"""PLAID search over a memory-mapped index (`load_index_with_mmap=True`), streamed like
-`plaid.search_streamed` but cut where the residuals are first needed, so that they stay on disk:
+"""PLAID search over a memory-mapped index (`load_index_with_mmap=True`): the host side, which reads from
+the index's files only what a batch needs, so that the residuals stay on disk.
 
-1. `survivors` (stages 2-5, one program after `plaid.cells`): candidates, pruned and full approximate scores
-   over the codes (on the device) -> each query's ndocs // 4 survivors, per shard.
+The streamed path (`plaid`) is cut where the residuals are first needed:
+1. `expand_cells` (host): the IVF entries of each query's probed cells, read list by list from disk;
+   `plaid.streamed_survivors` (stages 2-5 on the device, codes only) -> each query's ndocs // 4 survivors.
 2. `gather` (host): reads just the survivors' rows (codes, residuals) from the index's chunk files and
    lays them out like a small index, one slot per (query, survivor), with their norms.
-3. `exact` (stage 6, one small program): decompress + MaxSim over the gathered rows -> global top k.
+3. `plaid.streamed_exact` (stage 6, one small program): decompress + MaxSim over the gathered rows.
 
-The survivors are the ones `search_streamed` keeps (the same selection over the same numbers, read from
-the centroid scores S directly rather than from copies of them), and stage 6 computes the same numbers (a
-centroid's score is its row of C . Q^T, computed for the gathered codes only), so rankings equal the
-in-memory streamed path's. Working memory per batch: the codes on the device, one query's centroid scores
-at a time, and the survivors' rows; one batch at a time per process (`one_batch_at_a_time`). A single
-query's stage 1 writes S into the previous query's buffer (`cells_into`): under `return_freed_memory` a
-fresh 8 MiB buffer would be page-faulted in on every call.
+The survivors are the ones `plaid.search_streamed` keeps (the same functions select them), and stage 6
+computes the same numbers (a centroid's score is its row of C . Q^T, computed for the gathered codes only), so
+rankings equal the in-memory streamed path's. Working memory per batch: the codes on the device, one query's
+centroid scores at a time, and the survivors' rows; one batch at a time per process (`one_batch_at_a_time`).
+A single query's stage 1 writes S into the previous query's buffer (`candidates.cells_into`): under
+`return_freed_memory` a fresh 8 MiB buffer would be page-faulted in on every call.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import functools
 import os
 import threading
 from collections.abc import Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
-from jax.sharding import PartitionSpec as P
 
 from colbert_jax.index import Index
 from colbert_jax.indexing.codec import COMPRESS_BATCH, _norms, _pad_to, _pow2
-from colbert_jax.scoring import MASKED_SCORE
-from colbert_jax.search.plaid import (
-    AXIS,
-    NEG_INF,
-    _best,
-    _cells_one,
-    _centroid_scores,
-    _compact,
-    _local,
-    _map_queries,
-    _reduce,
-    _specs,
-    _stream,
-    _top_k,
-    unique_candidates,
-)
-from pallas_kernels.decompress import byte_table
 
 __all__ = [
-    "cells_into",
     "expand_cells",
-    "survivors",
     "gather",
-    "exact",
     "return_freed_memory",
     "one_batch_at_a_time",
     "GATHER_KEYS",
@@ -127,23 +103,6 @@ def _malloc_trim() -> bool:
         return False
 
 
-@functools.partial(jax.jit, static_argnames=("mesh", "ncells", "query_maxlen"), donate_argnums=(1,))
-def cells_into(Q, S, arrays, *, mesh: Mesh, ncells: int, query_maxlen: int):
-    """`plaid.cells(..., with_scores=True)` for one query, its centroid scores written into S [1, P, Lq]
-    (donated: XLA reuses the buffer for the output). The same numbers; what differs is where S lives: a
-    fresh 8 MiB output per query (at 65,536 centroids) is a fresh mapping under `return_freed_memory`,
-    page-faulted in on every call, while a buffer kept from the last query is already resident."""
-    fn = functools.partial(_cells_one, ncells=ncells, query_maxlen=query_maxlen)
-
-    def shard(Q, S, arrays):
-        new, c, n = _map_queries(lambda q: fn(q, _local(arrays)), Q, 1)
-        return S.at[:].set(new), c, jax.lax.all_gather(n, AXIS)
-
-    return jax.shard_map(
-        shard, mesh=mesh, in_specs=(P(), P(), _specs(arrays)), out_specs=(P(), P(), P()), check_vma=False
-    )(Q, S, arrays)
-
-
 def expand_cells(index: Index, cells: np.ndarray, real: np.ndarray, max_entries: int) -> np.ndarray:
     """Stage 2's IVF lookup on the host, from the index's IVF on disk (only the probed lists are read): cells
     [B, C] (padded with P) -> the entries of each real query's lists, global passage positions [B, W] (-1:
@@ -160,63 +119,6 @@ def expand_cells(index: Index, cells: np.ndarray, real: np.ndarray, max_entries:
     out = np.full((len(cells), width), -1, np.int32)
     out[query, at] = index.ivf_rows[rows]
     return out
-
-
-def _approx(cand, S, keep, a, chunk: int):
-    """Centroid-interaction scores of `cand` [n] (`plaid._approx_streamed`'s numbers), read from S [P, Lq]
-    itself rather than from a table with a padding row: a centroid outside `keep` [P] (None: all kept) or a
-    padding slot scores `MASKED_SCORE` in the gather. `plaid`'s tables are copies of S (8 MiB per query at
-    65,536 centroids), which the mmap path would page-fault in on every call (see `return_freed_memory`)."""
-
-    def body(acc, seg, emb, valid):
-        codes = a["codes"][jnp.where(valid, emb, 0)].astype(jnp.int32)
-        ok = valid if keep is None else valid & keep[codes]
-        values = jnp.where(ok[:, None], S.at[codes].get(mode="clip"), MASKED_SCORE)
-        return acc.at[seg].max(values, indices_are_sorted=True)
-
-    init = jnp.full((cand.shape[0], S.shape[1]), NEG_INF)
-    return _stream(a["doclens"][cand], a["offsets"][cand], chunk, init, body).sum(1)
-
-
-def _survivors_one(S, cand, threshold, a, *, ndocs: int, chunk: int):
-    """`plaid.survivors_streamed` without its lookup tables (`_approx`): the same survivors."""
-    cand = cand[::-1]  # the unique candidates, descending positions
-    pruned = _approx(cand, S, S.max(axis=1) >= threshold, a, chunk)
-    cand4 = _compact(cand, _best(cand, pruned, a, ndocs), ndocs, a)
-    full = _approx(cand4, S, None, a, chunk)
-    return _compact(cand4, _best(cand4, full, a, ndocs // 4), ndocs // 4, a)
-
-
-@functools.partial(jax.jit, static_argnames=("mesh", "ndocs", "chunk"))
-def survivors(Q, S, entries, real, threshold, arrays, *, mesh: Mesh, ndocs: int, chunk: int):
-    """Stages 2-5 after `plaid.cells`, one query at a time (codes only: `arrays` needs neither residuals nor
-    the IVF).
-
-    Q [B, Lq, dim]; S [B, P, Lq] or None (recomputed per query); entries [B, W]: the IVF entries of each
-    query's cells (`expand_cells`); real [B] bool (False: padding, skipped) -> local survivors
-    [D, B, ndocs // 4] (descending positions, then each shard's sentinel position)."""
-    width = entries.shape[1]
-
-    def one(Q, S, entries, real, threshold, a):
-        def run(Q, S):
-            S = _centroid_scores(Q, a, Q.shape[0]) if S is None else S
-            local = entries - a["first"]
-            valid = (entries >= 0) & (local >= 0) & (local < a["count"])
-            cand, _, _ = unique_candidates(jnp.where(valid, local, 0), valid, a, max_entries=width)
-            return _survivors_one(S, cand, threshold, a, ndocs=ndocs, chunk=chunk)
-
-        def skip(Q, S):
-            return jnp.full((ndocs // 4,), a["doclens"].shape[0] - 1, jnp.int32)
-
-        return jax.lax.cond(real, run, skip, Q, S)
-
-    def shard(Q, S, entries, real, threshold, arrays):
-        local = _local(arrays)
-        return _map_queries(lambda x: one(*x, threshold, local), (Q, S, entries, real), 1)[None]
-
-    return jax.shard_map(
-        shard, mesh=mesh, in_specs=(P(), P(), P(), P(), P(), _specs(arrays)), out_specs=P(AXIS), check_vma=False
-    )(Q, S, entries, real, threshold, arrays)
 
 
 def gather(
@@ -281,50 +183,3 @@ def gather(
     renumbered = np.where(valid, np.arange(M).reshape(1, B, n), M).astype(np.int32)
     slots = np.concatenate([np.where(valid.reshape(D, M), glob, -1), np.full((D, 1), -1)], axis=1).reshape(-1)
     return renumbered, out, slots
-
-
-def _exact_gathered(Q, survivors, a, chunk: int, nbits: int):
-    """Per-token MaxSim [n, Lq] of the survivors from the gathered rows, streamed `chunk` rows at a time:
-    (q . c + q . r) / ||c + r||, as `plaid._exact_streamed` computes it (q . c from the gathered codes'
-    centroid rows: the same values as the rows of the full C . Q^T)."""
-    table = byte_table(a["bucket_weights"], nbits)
-
-    def body(acc, seg, emb, valid):
-        rows = jnp.where(valid, emb, a["codes"].shape[0] - 1)
-        c = a["centroids"].at[a["codes"][rows]].get(mode="clip")
-        r = table[a["residuals"][rows]].reshape(rows.shape[0], -1)
-        sim = jnp.dot(c, Q.T, precision=jax.lax.Precision.HIGHEST) + jnp.dot(
-            r, Q.T, precision=jax.lax.Precision.HIGHEST
-        )
-        # ||c + r|| here, as `codec._norms` computes the index's own: no separate norms step per batch
-        inv = 1.0 / jnp.maximum(jnp.linalg.norm(c + r, axis=-1), 1e-12)
-        sim = jnp.where(valid[:, None], sim * inv[:, None], MASKED_SCORE)
-        return acc.at[seg].max(sim, indices_are_sorted=True)
-
-    init = jnp.full((survivors.shape[0], Q.shape[0]), NEG_INF)
-    return _stream(a["doclens"][survivors], a["offsets"][survivors], chunk, init, body)
-
-
-@functools.partial(jax.jit, static_argnames=("mesh", "k", "nbits", "clamp", "chunk"))
-def exact(Q, survivors, real, arrays, *, mesh: Mesh, k: int, nbits: int, clamp: bool = False, chunk: int = 512):
-    """Stage 6 over gathered rows (`gather`), one query at a time: Q [B, Lq, dim], survivors [D, B, n] (slots),
-    real [B] -> (slot positions [B, min(k, n)] (-1: none), scores [B, ...] (-inf: none)), the global top k."""
-    n = survivors.shape[-1]
-    kk = min(k, n)
-
-    def one(Q, surv, real, a):
-        def run(Q):
-            return _top_k(_reduce(_exact_gathered(Q, surv, a, chunk, nbits), clamp), surv, a, k)
-
-        def skip(Q):
-            return jnp.full((kk,), -1, jnp.int32), jnp.full((kk,), NEG_INF, jnp.float32)
-
-        return jax.lax.cond(real, run, skip, Q)
-
-    def shard(Q, survivors, real, arrays):
-        local = _local(arrays)
-        return _map_queries(lambda x: one(*x, local), (Q, survivors[0], real), 1)
-
-    return jax.shard_map(
-        shard, mesh=mesh, in_specs=(P(), P(AXIS), P(), _specs(arrays)), out_specs=(P(), P()), check_vma=False
-    )(Q, survivors, real, arrays)

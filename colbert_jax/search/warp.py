@@ -23,7 +23,7 @@ packed residual bytes and 1/||c + r||. Reduction: a pass over the probed embeddi
 candidates (a dense [N] mask: no sort), the candidates get dense slots, and a second pass scores and
 max-reduces each (slot, token) with one scatter. Static shapes: the host sizes the candidate slots and
 embedding streams with power-of-two buckets from a first, cheap call (`probe`); the streams run with
-dynamic trip counts (`plaid._stream`).
+dynamic trip counts (`segments.stream`).
 
 Sharding: like `plaid`, passages are split into contiguous shards over the `shard` mesh axis; each shard
 scores its own passages (imputation depends only on the replicated centroids, so a passage's score is the
@@ -41,12 +41,12 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from colbert_jax.search.plaid import AXIS, _stream, top_cells
+from colbert_jax.search.arrays import AXIS, NEG_INF
+from colbert_jax.search.candidates import top_cells
+from colbert_jax.search.segments import stream
 from pallas_kernels.decompress import byte_table
 
 __all__ = ["WarpArrays", "build_arrays", "probe", "search", "rank", "default_nprobe"]
-
-NEG_INF = -jnp.inf
 
 
 def default_nprobe(k: int) -> int:
@@ -228,7 +228,7 @@ def _search_one(
         def mark(seen, seg, row, valid):
             return seen.at[jnp.where(valid, a.passage[row], num_slots - 1)].set(True)
 
-        seen = _stream(a.cluster_sizes[unique], a.cluster_offsets[unique], chunk, jnp.zeros(num_slots, bool), mark)
+        seen = stream(a.cluster_sizes[unique], a.cluster_offsets[unique], chunk, jnp.zeros(num_slots, bool), mark)
         seen = seen.at[-1].set(False)
         slot_of = jnp.cumsum(seen, dtype=jnp.int32) - 1  # candidate slot of each marked passage
         (cand,) = jnp.nonzero(seen, size=max_candidates, fill_value=num_slots - 1)
@@ -246,7 +246,7 @@ def _search_one(
             flat = jnp.where(valid, slot_of[a.passage[row]] * lq + token, max_candidates * lq)
             return best.at[flat].max(sim, mode="drop")
 
-        pairs = _stream(
+        pairs = stream(
             a.cluster_sizes[clusters],
             a.cluster_offsets[clusters],
             chunk,

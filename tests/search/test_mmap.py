@@ -26,7 +26,7 @@ def index(tmp_path_factory, tiny_model, small_collection):
 def test_mmap_search_equals_in_memory(index, tiny_model):
     mapped = colbert_jax.Searcher(index, tiny_model, load_index_with_mmap=True)
     assert isinstance(mapped.index.residuals, ChunkedMemmap) and len(mapped.index.residuals._maps) == 3
-    assert "residuals" not in mapped.arrays and "inv_norms" not in mapped.arrays  # nothing per embedding but codes
+    assert mapped.arrays.residuals is None and mapped.arrays.inv_norms is None  # nothing per embedding but codes
     in_memory = colbert_jax.Searcher(index, tiny_model, implementation="jnp")
     plain = colbert_jax.Index.open(index)
     np.testing.assert_array_equal(np.asarray(mapped.index.residuals), plain.residuals)

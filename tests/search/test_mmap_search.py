@@ -42,10 +42,10 @@ def assert_same(got, want):
 @pytest.mark.parametrize("k", [10, 100])
 def test_mmap_streamed_equals_in_memory(searchers, k):
     mapped, in_memory = searchers
-    assert "residuals" not in mapped.arrays and "inv_norms" not in mapped.arrays
-    assert mapped.arrays["codes"].dtype == np.uint16 and in_memory.arrays["codes"].dtype == np.int32
+    assert mapped.arrays.residuals is None and mapped.arrays.inv_norms is None
+    assert mapped.arrays.codes.dtype == np.uint16 and in_memory.arrays.codes.dtype == np.int32
     assert_same(mapped.search_all(QUERIES, k=k), in_memory.search_all(QUERIES, k=k))
-    assert "ivf" not in mapped.arrays  # read from disk, list by list
+    assert mapped.arrays.ivf is None  # read from disk, list by list
     assert_same(mapped.search_all(QUERIES[:1], k=k), in_memory.search_all(QUERIES[:1], k=k))  # batch 1: S passed
     allowed = in_memory.index.pids[::2]  # more than ndocs: a candidate filter inside stages 2-5
     assert_same(mapped.search_all(QUERIES, k=k, pids=allowed), in_memory.search_all(QUERIES, k=k, pids=allowed))
@@ -132,17 +132,19 @@ def test_place_index_small_codes_without_ivf(real_index):
     import jax
 
     from colbert_jax.index import Index
-    from colbert_jax.search import placement, plaid
+    from colbert_jax.search import placement
+    from colbert_jax.search.arrays import AXIS
 
     ix = Index.open(real_index, mmap=True)
-    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), (plaid.AXIS,))
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), (AXIS,))
     full, full_bounds = placement.place_index(ix, mesh, residuals=False)
     small, small_bounds = placement.place_index(ix, mesh, residuals=False, codes_dtype=np.uint16, ivf=False)
-    assert set(full) - set(small) == {"ivf", "ivf_offsets"}
-    assert small["codes"].dtype == np.uint16
-    np.testing.assert_array_equal(np.asarray(small["codes"]), np.asarray(full["codes"]))
-    for key in set(small) - {"codes"}:
-        np.testing.assert_array_equal(np.asarray(small[key]), np.asarray(full[key]), err_msg=key)
+    present = {name for name, value in small.fields() if value is not None}
+    assert {name for name, value in full.fields() if value is not None} - present == {"ivf", "ivf_offsets"}
+    assert small.codes.dtype == np.uint16
+    np.testing.assert_array_equal(np.asarray(small.codes), np.asarray(full.codes))
+    for key in present - {"codes"}:
+        np.testing.assert_array_equal(np.asarray(getattr(small, key)), np.asarray(getattr(full, key)), err_msg=key)
     np.testing.assert_array_equal(small_bounds[0], full_bounds[0])
     with pytest.raises(ValueError, match="cannot hold the ids"):
         placement.place_index(ix, mesh, residuals=False, codes_dtype=np.uint8)

@@ -171,7 +171,7 @@ def test_top_cells_equals_top_k(num_centroids, n):
     sizes that take the fallback (not a multiple of the block, or too few blocks)."""
     import jax
 
-    from colbert_jax.search.plaid import top_cells
+    from colbert_jax.search.candidates import top_cells
 
     rng = np.random.default_rng(num_centroids + n)
     S = rng.standard_normal((num_centroids, 32)).astype(np.float32)

@@ -1,0 +1,123 @@
+"""The device arrays of an index for PLAID search (`IndexArrays`) and how a stage runs over them: once per
+shard of the `shard` mesh axis (`run_sharded`), once per query inside a shard (`map_queries`).
+
+Per-shard fields have a leading shard axis, split over the mesh; inside `run_sharded` a stage sees its
+shard's slice (`IndexArrays.local`). Passage positions inside a shard are local: add `first` for the global
+position. Every shard's passages end with one sentinel position (`sentinel`), whose doclen is 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+__all__ = ["AXIS", "NEG_INF", "IndexArrays", "run_sharded", "map_queries", "if_real", "pow2", "bucket"]
+
+AXIS = "shard"
+NEG_INF = -jnp.inf
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class IndexArrays:
+    """An index's arrays on the devices (`placement.place_index`). Optional fields are None where the reader
+    does not need them: a memory-mapped index leaves residuals on disk, the mmap streamed path reads the IVF
+    lists from disk, and `allowed` is set only for a filtered search."""
+
+    centroids: jax.Array  # f32 [P, dim] (replicated)
+    bucket_weights: jax.Array  # f32 [2^nbits] (replicated)
+    codes: jax.Array  # i32 (or u16) [D, E + 1] (last: a padding row, code P)
+    doclens: jax.Array  # i32 [D, N + 1] (0 past the shard's passages)
+    offsets: jax.Array  # i32 [D, N + 1]: first row of each passage
+    first: jax.Array  # i32 [D]: global position of the shard's first passage
+    count: jax.Array  # i32 [D]: the shard's passages
+    ivf_lengths: jax.Array | None = None  # i32 [D, P + 1] (last: 0)
+    residuals: jax.Array | None = None  # u8 [D, E + 1, dim * nbits / 8]
+    inv_norms: jax.Array | None = None  # f32 [D, E + 1]: 1 / ||centroid + residual|| of each row
+    ivf: jax.Array | None = None  # i32 [D, I]: local passage positions, list after list
+    ivf_offsets: jax.Array | None = None  # i32 [D, P + 1]
+    allowed: jax.Array | None = None  # bool [D, N + 1]: a search filter, the passages that may be candidates
+
+    @property
+    def sentinel(self) -> int:
+        """The (local) sentinel position: one past a shard's last passage slot."""
+        return self.doclens.shape[-1] - 1
+
+    @property
+    def padding_row(self) -> int:
+        """The last row of `codes` (and `residuals`): padding, never part of a passage."""
+        return self.codes.shape[-1] - 1
+
+    def specs(self) -> IndexArrays:
+        """The partition specs of the fields (`shard_map`'s in_specs), None where a field is None."""
+        return dataclasses.replace(self, **{name: _spec(name) for name, value in self.fields() if value is not None})
+
+    def local(self) -> IndexArrays:
+        """Inside `shard_map`: drop the (size 1) shard axis of the per-shard fields."""
+        return dataclasses.replace(
+            self, **{name: value[0] for name, value in self.fields() if value is not None and name not in _REPLICATED}
+        )
+
+    def fields(self) -> list[tuple[str, jax.Array | None]]:
+        """(name, value) of every field, None ones included."""
+        return [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)]
+
+    def filtered(self, allowed: jax.Array | None) -> IndexArrays:
+        """These arrays with the search filter `allowed` (None: none)."""
+        return self if allowed is None else dataclasses.replace(self, allowed=allowed)
+
+
+_REPLICATED = ("centroids", "bucket_weights")
+
+
+def _spec(name: str) -> P:
+    return P() if name in _REPLICATED else P(AXIS)
+
+
+def run_sharded(
+    fn: Callable, mesh: Mesh, args: Sequence, arrays: IndexArrays, in_specs: Sequence, out_specs
+) -> jax.Array | tuple:
+    """`fn(*args, local arrays)` on every shard of `mesh` (`shard_map`), `args` split by `in_specs`."""
+
+    def shard(*xs):
+        *xs, a = xs
+        return fn(*xs, a.local())
+
+    return jax.shard_map(shard, mesh=mesh, in_specs=(*in_specs, arrays.specs()), out_specs=out_specs, check_vma=False)(
+        *args, arrays
+    )
+
+
+def map_queries(fn: Callable, xs, query_chunk: int):
+    """vmap over queries, or a sequential map over chunks of `query_chunk` queries. On CPU, one query at a
+    time is several times faster (XLA:CPU lowers batched gathers poorly); elsewhere chunks bound memory."""
+    batch = jax.tree.leaves(xs)[0].shape[0]
+    if 0 < query_chunk < batch:
+        return jax.lax.map(fn, xs, batch_size=query_chunk)
+    return jax.vmap(fn)(xs)
+
+
+def if_real(real: jax.Array, run: Callable, skipped, *operands):
+    """`run(*operands)` for a real query, `skipped` (arrays of the same shapes) for a padding one: a padding
+    query of a batch bucket costs nothing."""
+    return jax.lax.cond(real, run, lambda *_: skipped, *operands)
+
+
+def pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1): a static size that compiles few programs."""
+    return 1 << max(0, int(n - 1).bit_length())
+
+
+def bucket(n: int) -> int:
+    """Round up to a quarter-octave step (8, 10, 12, 14, 16, 20, ...): few distinct compiled shapes, <= 25%
+    padding."""
+    n = max(int(n), 1)
+    if n <= 8:
+        return pow2(n)
+    step = pow2(n) // 8
+    return -(-n // step) * step

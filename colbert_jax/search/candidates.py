@@ -1,0 +1,116 @@
+"""PLAID stages 1-2: query embeddings -> centroid scores -> probed cells -> candidate passages.
+
+  S = C . Q[:query_maxlen]^T                      centroid scores [P, Lq]
+  cells = top-`ncells` centroids of each query token; the candidates are the union of their IVF lists,
+  expanded into `max_entries` slots (an upper bound from the IVF), sorted and deduplicated.
+The stages also count IVF entries, distinct candidates and their embeddings, so that the host can pick the
+(power-of-two) static sizes of the next stage. Mirrors colbert-ai 0.2.22
+`colbert/search/candidate_generation.py`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from colbert_jax.search.arrays import AXIS, IndexArrays, map_queries, run_sharded
+from colbert_jax.search.segments import expand
+
+__all__ = ["CELL_BLOCK", "top_cells", "centroid_scores", "cells", "candidates", "candidates_one", "unique_candidates"]
+
+CELL_BLOCK = 128
+
+
+def top_cells(S: jax.Array, n: int) -> jax.Array:
+    """The n best centroids of each query token: S [P, Lq] -> ids [Lq, n], the set `top_k(S.T, n)` gives.
+
+    Two levels, because XLA:CPU's top_k over all P centroids costs 2-3x the matmul that produced S: the n
+    best scores lie in the n blocks of CELL_BLOCK centroids with the best maxima, so only those are ranked.
+    """
+    num_centroids, lq = S.shape
+    blocks_total = num_centroids // CELL_BLOCK
+    if num_centroids % CELL_BLOCK or blocks_total < 2 * n:
+        return jax.lax.top_k(S.T, n)[1]
+    blocked = S.reshape(blocks_total, CELL_BLOCK, lq)
+    blocks = jax.lax.top_k(blocked.max(axis=1).T, n)[1]  # [Lq, n]
+    values = blocked[blocks, :, jnp.arange(lq)[:, None]].reshape(lq, n * CELL_BLOCK)
+    best = jax.lax.top_k(values, n)[1]
+    return jnp.take_along_axis(blocks, best // CELL_BLOCK, axis=1) * CELL_BLOCK + best % CELL_BLOCK
+
+
+def centroid_scores(Q: jax.Array, a: IndexArrays, query_maxlen: int) -> jax.Array:
+    """S = C . Q[:query_maxlen]^T [P, Lq]."""
+    return jnp.dot(a.centroids, Q[:query_maxlen].T, precision=jax.lax.Precision.HIGHEST)
+
+
+def _cells_one(Q, a: IndexArrays, *, ncells: int, query_maxlen: int):
+    """Centroid scores S [P, Lq], the probed cells (unique, padded with P) and their IVF entries count."""
+    num_centroids = a.centroids.shape[0]
+    S = centroid_scores(Q, a, query_maxlen)
+    cells = top_cells(S, ncells).reshape(-1)  # [Lq * ncells]
+    cells = jnp.unique(cells, size=cells.shape[0], fill_value=num_centroids)
+    return S, cells, a.ivf_lengths[cells].sum()
+
+
+def candidates_one(cells: jax.Array, a: IndexArrays, *, max_entries: int):
+    """The union of the cells' IVF lists: unique passage positions (ascending, then sentinels) and counts."""
+    _, src, valid = expand(a.ivf_lengths[cells], a.ivf_offsets[cells], max_entries)
+    return unique_candidates(a.ivf[jnp.where(valid, src, 0)], valid, a, max_entries=max_entries)
+
+
+def unique_candidates(entries: jax.Array, valid: jax.Array, a: IndexArrays, *, max_entries: int):
+    """IVF entries [max_entries] (local positions where `valid`) -> the unique ones (ascending, then the
+    sentinel), their number and their embeddings' number."""
+    sentinel = a.sentinel
+    if a.allowed is not None:  # a filter: passages outside it never become candidates
+        valid &= a.allowed[jnp.where(valid, entries, sentinel)]
+    entries = jnp.sort(jnp.where(valid, entries, sentinel))
+    first = jnp.concatenate([jnp.ones(1, bool), entries[1:] != entries[:-1]]) & (entries < sentinel)
+    (slots,) = jnp.nonzero(first, size=max_entries, fill_value=max_entries - 1)
+    unique = jnp.where(jnp.arange(max_entries) < first.sum(), entries[slots], sentinel)
+    return unique, first.sum(), jnp.where(first, a.doclens[entries], 0).sum()
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "ncells", "query_maxlen", "query_chunk", "with_scores"))
+def cells(
+    Q: jax.Array,
+    arrays: IndexArrays,
+    *,
+    mesh: Mesh,
+    ncells: int,
+    query_maxlen: int,
+    query_chunk: int = 0,
+    with_scores: bool = True,
+):
+    """Stage 1: Q [B, Lq, dim] -> (S [B, P, Lq] (None unless with_scores), cells [B, Lq * ncells], IVF
+    entries to expand [D, B])."""
+    fn = functools.partial(_cells_one, ncells=ncells, query_maxlen=query_maxlen)
+
+    def shard(Q, a):
+        if not with_scores:  # S of a whole batch is B * P * Lq floats: skip it when the next stage redoes it
+            c, n = map_queries(lambda q: fn(q, a)[1:], Q, query_chunk)
+            return None, c, jax.lax.all_gather(n, AXIS)
+        S, c, n = map_queries(lambda q: fn(q, a), Q, query_chunk)
+        return S, c, jax.lax.all_gather(n, AXIS)
+
+    # The counts the host reads are gathered (replicated): over several processes each can read them.
+    out_specs = (P() if with_scores else None, P(), P())
+    return run_sharded(shard, mesh, (Q,), arrays, (P(),), out_specs)
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "max_entries", "query_chunk"))
+def candidates(cells: jax.Array, arrays: IndexArrays, *, mesh: Mesh, max_entries: int, query_chunk: int = 0):
+    """Stage 2: cells [B, Lq * ncells] -> (local candidates [D, B, max_entries] (unique, ascending, then the
+    shard's sentinel position), #candidates [D, B], #candidate embeddings [D, B])."""
+    fn = functools.partial(candidates_one, max_entries=max_entries)
+
+    def shard(cells, a):
+        entries, n_cand, n_emb = map_queries(lambda c: fn(c, a), cells, query_chunk)
+        return entries[None], jax.lax.all_gather(n_cand, AXIS), jax.lax.all_gather(n_emb, AXIS)
+
+    out_specs = (P(AXIS), P(), P())  # the counts the host reads: replicated
+    return run_sharded(shard, mesh, (cells,), arrays, (P(),), out_specs)
