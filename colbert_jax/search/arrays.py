@@ -16,15 +16,41 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-__all__ = ["AXIS", "NEG_INF", "IndexArrays", "run_sharded", "map_queries", "if_real", "pow2", "bucket"]
+__all__ = ["AXIS", "NEG_INF", "ShardedArrays", "IndexArrays", "run_sharded", "map_queries", "if_real", "pow2", "bucket"]
 
 AXIS = "shard"
 NEG_INF = -jnp.inf
 
 
+class ShardedArrays:
+    """Methods of an engine's device arrays (a frozen, registered dataclass): the codec's `centroids` and
+    `bucket_weights` are replicated, every other array field has a leading shard axis; fields marked static
+    are sizes, not arrays."""
+
+    def fields(self) -> list[tuple[str, jax.Array | None]]:
+        """(name, value) of every array field, None ones included."""
+        return [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self) if not f.metadata.get("static")]
+
+    def specs(self):
+        """The partition specs of the fields (`shard_map`'s in_specs), None where a field is None."""
+        return dataclasses.replace(
+            self,
+            **{name: P() if name in _REPLICATED else P(AXIS) for name, value in self.fields() if value is not None},
+        )
+
+    def local(self):
+        """Inside `shard_map`: drop the (size 1) shard axis of the per-shard fields."""
+        return dataclasses.replace(
+            self, **{name: value[0] for name, value in self.fields() if value is not None and name not in _REPLICATED}
+        )
+
+
+_REPLICATED = ("centroids", "bucket_weights")
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class IndexArrays:
+class IndexArrays(ShardedArrays):
     """An index's arrays on the devices (`placement.place_index`). Optional fields are None where the reader
     does not need them: a memory-mapped index leaves residuals on disk, the mmap streamed path reads the IVF
     lists from disk, and `allowed` is set only for a filtered search."""
@@ -53,30 +79,9 @@ class IndexArrays:
         """The last row of `codes` (and `residuals`): padding, never part of a passage."""
         return self.codes.shape[-1] - 1
 
-    def specs(self) -> IndexArrays:
-        """The partition specs of the fields (`shard_map`'s in_specs), None where a field is None."""
-        return dataclasses.replace(self, **{name: _spec(name) for name, value in self.fields() if value is not None})
-
-    def local(self) -> IndexArrays:
-        """Inside `shard_map`: drop the (size 1) shard axis of the per-shard fields."""
-        return dataclasses.replace(
-            self, **{name: value[0] for name, value in self.fields() if value is not None and name not in _REPLICATED}
-        )
-
-    def fields(self) -> list[tuple[str, jax.Array | None]]:
-        """(name, value) of every field, None ones included."""
-        return [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)]
-
     def filtered(self, allowed: jax.Array | None) -> IndexArrays:
         """These arrays with the search filter `allowed` (None: none)."""
         return self if allowed is None else dataclasses.replace(self, allowed=allowed)
-
-
-_REPLICATED = ("centroids", "bucket_weights")
-
-
-def _spec(name: str) -> P:
-    return P() if name in _REPLICATED else P(AXIS)
 
 
 def run_sharded(

@@ -95,7 +95,16 @@ def _no_ranking(kk: int) -> Callable:
 
 
 def _each_query(
-    one: Callable, skipped: Callable, mesh: Mesh, batched: tuple, specs: tuple, real, shared: tuple, arrays, out_specs
+    one: Callable,
+    skipped: Callable,
+    arrays: IndexArrays,
+    *,
+    mesh: Mesh,
+    batched: tuple,
+    specs: tuple,
+    real,
+    shared: tuple = (),
+    out_specs,
 ):
     """`one(*query's slice of batched, *shared, local arrays)` for each real query of the batch, one at a time,
     `skipped(local arrays)` for padding queries. A batched input with spec P(AXIS) has a leading shard axis
@@ -151,16 +160,17 @@ def search_streamed(
         S, survivors = _survivors_one(Q, S, cells, threshold, a, width=max_entries, ndocs=ndocs, chunk=chunk)
         return _exact_one(Q, S, survivors, a, k=k, nbits=nbits, clamp=clamp, chunk=exact_chunk)
 
+    skipped = _no_ranking(min(k, ndocs // 4))
     return _each_query(
         one,
-        _no_ranking(min(k, ndocs // 4)),
-        mesh,
-        (Q, S, cells),
-        (P(), P(), P()),
-        real,
-        (threshold,),
+        skipped,
         arrays,
-        (P(), P()),
+        mesh=mesh,
+        batched=(Q, S, cells),
+        specs=(P(),) * 3,
+        real=real,
+        shared=(threshold,),
+        out_specs=(P(), P()),
     )
 
 
@@ -180,7 +190,17 @@ def streamed_survivors(Q, S, entries, real, threshold, arrays: IndexArrays, *, m
     def skipped(a):
         return jnp.full((ndocs // 4,), a.sentinel, jnp.int32)
 
-    return _each_query(one, skipped, mesh, (Q, S, entries), (P(), P(), P()), real, (threshold,), arrays, P(AXIS))
+    return _each_query(
+        one,
+        skipped,
+        arrays,
+        mesh=mesh,
+        batched=(Q, S, entries),
+        specs=(P(),) * 3,
+        real=real,
+        shared=(threshold,),
+        out_specs=P(AXIS),
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "k", "nbits", "clamp", "chunk"))
@@ -193,16 +213,9 @@ def streamed_exact(
     def one(Q, survivors, a):
         return _exact_one(Q, None, survivors, a, k=k, nbits=nbits, clamp=clamp, chunk=chunk)
 
+    skipped = _no_ranking(min(k, survivors.shape[-1]))
     return _each_query(
-        one,
-        _no_ranking(min(k, survivors.shape[-1])),
-        mesh,
-        (Q, survivors),
-        (P(), P(AXIS)),
-        real,
-        (),
-        arrays,
-        (P(), P()),
+        one, skipped, arrays, mesh=mesh, batched=(Q, survivors), specs=(P(), P(AXIS)), real=real, out_specs=(P(), P())
     )
 
 
@@ -238,14 +251,13 @@ class PlaidEngine:
     def __init__(
         self, index: Index, mesh: Mesh, *, implementation: str, kernels: str, on_cpu: bool, clamp: bool, mmap: bool
     ):
-        self.index, self.mesh = index, mesh
-        self.implementation, self.kernels, self.on_cpu, self.clamp, self.mmap = (
-            implementation,
-            kernels,
-            on_cpu,
-            clamp,
-            mmap,
-        )
+        self.index = index
+        self.mesh = mesh
+        self.implementation = implementation
+        self.kernels = kernels
+        self.on_cpu = on_cpu
+        self.clamp = clamp
+        self.mmap = mmap
         # The memory-mapped streamed path masks padding rows before reading a code (uint16 codes fit it) and
         # reads the probed IVF lists from disk (`streamed_mmap.expand_cells`): no IVF entries placed.
         mapped = mmap and implementation == "streamed"

@@ -41,7 +41,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from colbert_jax.search.arrays import AXIS, NEG_INF
+from colbert_jax.search.arrays import AXIS, NEG_INF, ShardedArrays
 from colbert_jax.search.candidates import top_cells
 from colbert_jax.search.segments import stream
 from pallas_kernels.decompress import byte_table
@@ -58,7 +58,7 @@ def default_nprobe(k: int) -> int:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class WarpArrays:
+class WarpArrays(ShardedArrays):
     """Device arrays of the WARP engine. Per-shard fields have a leading shard axis split over the mesh;
     passage positions in a shard are local (add `first` for the global position)."""
 
@@ -74,31 +74,6 @@ class WarpArrays:
     count: jax.Array  # i32 [D]: the shard's passages
     # N, the most passages in a shard (static: it sizes the candidate mask)
     passages: int = dataclasses.field(metadata=dict(static=True))
-
-
-_SHARDED = (
-    "residuals",
-    "passage",
-    "inv_norms",
-    "cluster_offsets",
-    "cluster_sizes",
-    "cluster_passages",
-    "first",
-    "count",
-)
-
-
-def _specs(a: WarpArrays) -> WarpArrays:
-    return dataclasses.replace(a, **{f.name: P(AXIS) if f.name in _SHARDED else P() for f in _data_fields()})
-
-
-def _data_fields():
-    return [f for f in dataclasses.fields(WarpArrays) if f.name != "passages"]
-
-
-def _local(a: WarpArrays) -> WarpArrays:
-    """Inside shard_map: drop the (size 1) shard axis of per-shard fields."""
-    return dataclasses.replace(a, **{name: getattr(a, name)[0] for name in _SHARDED})
 
 
 def build_arrays(index, mesh: Mesh) -> WarpArrays:
@@ -190,7 +165,7 @@ def probe(Q, arrays: WarpArrays, *, mesh: Mesh, nprobe: int):
     a shard's counts for the host to size `search`."""
 
     def shard(Q, a):
-        a = _local(a)
+        a = a.local()
         out = jax.lax.map(lambda q: _select_one(q, a, nprobe), Q)
         _, clusters, _, unique, _ = out
         n_rows = a.cluster_sizes[clusters].sum(1)
@@ -200,7 +175,7 @@ def probe(Q, arrays: WarpArrays, *, mesh: Mesh, nprobe: int):
     return jax.shard_map(
         shard,
         mesh=mesh,
-        in_specs=(P(), _specs(arrays)),
+        in_specs=(P(), arrays.specs()),
         out_specs=(P(), P(), P(), P(), P(), P(AXIS), P(AXIS)),
         check_vma=False,
     )(Q, arrays)
@@ -288,7 +263,7 @@ def search(
     fn = functools.partial(_search_one, max_candidates=max_candidates, k=k, nbits=nbits, chunk=chunk)
 
     def shard(Q, tokens, clusters, centroid_scores, unique, imputed, real, a):
-        a = _local(a)
+        a = a.local()
         pos, sc = jax.lax.map(lambda x: fn(*x, a), (Q, tokens, clusters, centroid_scores, unique, imputed, real))
         # Shards in order: ties go to the lower position, as on one device.
         all_sc = jax.lax.all_gather(sc, AXIS, axis=1).reshape(sc.shape[0], -1)
@@ -299,7 +274,7 @@ def search(
     return jax.shard_map(
         shard,
         mesh=mesh,
-        in_specs=(P(),) * 7 + (_specs(arrays),),
+        in_specs=(P(),) * 7 + (arrays.specs(),),
         out_specs=(P(), P()),
         check_vma=False,
     )(Q, tokens, clusters, centroid_scores, unique, imputed, real, arrays)
