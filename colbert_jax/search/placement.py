@@ -121,7 +121,7 @@ def place_index(
     """Splits the index's passages into one contiguous shard per mesh device (balanced by embeddings) and
     places each shard this process owns on its device (residuals and their norms only with `residuals`).
     `codes_dtype` np.uint16 (at most 65,536 partitions) halves the codes for a reader that masks padding
-    rows rather than reading their code (`pruning.row_codes`): the padding code is then P, or 0 when P
+    rows rather than reading their code (`pruning.approx_streamed`): the padding code is then P, or 0 when P
     does not fit. `ivf` False leaves out the IVF's entries ("ivf", "ivf_offsets"; the lengths stay) for a
     reader that reads the probed lists from disk (`streamed_mmap.expand_cells`); the fields left out are None.
 

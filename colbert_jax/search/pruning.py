@@ -73,14 +73,19 @@ def approx_padded(cand, table, kept, a: IndexArrays, max_doclen: int, kernels: s
     )
 
 
-def approx_streamed(cand, table, a: IndexArrays, chunk: int):
-    """Centroid-interaction scores of `cand` from `table` [P + 1, Lq], their embeddings streamed `chunk` at
-    a time."""
+def approx_streamed(cand, S, keep, a: IndexArrays, chunk: int):
+    """Centroid-interaction scores of `cand`, their embeddings streamed `chunk` at a time, read from the
+    centroid scores S [P, Lq] themselves: a code outside `keep` [P] (None: all kept) or a padding slot scores
+    MASKED_SCORE in the gather. No lookup table with a padding row: that would be a copy of S per query (8 MiB
+    at 65,536 centroids and 32 query tokens)."""
 
     def body(acc, seg, emb, valid):
-        return acc.at[seg].max(table[row_codes(a, emb, valid)], indices_are_sorted=True)
+        codes = a.codes[jnp.where(valid, emb, 0)].astype(jnp.int32)
+        ok = valid if keep is None else valid & keep[codes]
+        values = jnp.where(ok[:, None], S.at[codes].get(mode="clip"), MASKED_SCORE)
+        return acc.at[seg].max(values, indices_are_sorted=True)
 
-    init = jnp.full((cand.shape[0], table.shape[1]), NEG_INF)
+    init = jnp.full((cand.shape[0], S.shape[1]), NEG_INF)
     return stream(a.doclens[cand], a.offsets[cand], chunk, init, body).sum(1)
 
 
@@ -164,10 +169,9 @@ def survivors_streamed(S, entries, threshold, a: IndexArrays, *, ndocs: int, chu
     (`candidates.unique_candidates`) -> the local survivors [ndocs // 4] (descending positions, then the
     shard's sentinel)."""
     cand = entries[::-1]  # the unique candidates, descending positions
-    table, kept = tables(S, threshold)
-    # Stage 4 over all candidates with the pruned table; stage 5's full scores only for stage 4's ndocs
+    # Stage 4 over all candidates with the kept centroids only; stage 5's full scores only for stage 4's ndocs
     # (as the reference does): the candidates' embeddings are streamed once, not twice.
-    pruned = approx_streamed(cand, jnp.where(kept[:, None], table, MASKED_SCORE), a, chunk)
+    pruned = approx_streamed(cand, S, S.max(axis=1) >= threshold, a, chunk)
     cand4 = compact(cand, best(cand, pruned, a, ndocs), ndocs, a)
-    full = approx_streamed(cand4, table, a, chunk)
+    full = approx_streamed(cand4, S, None, a, chunk)
     return compact(cand4, best(cand4, full, a, ndocs // 4), ndocs // 4, a)
