@@ -317,7 +317,6 @@ class PlaidEngine:
     def streamed(self, Q, S, c, real, params: Params, max_entries: int, allowed=None):
         """Stages 2-6 by the streamed programs: in one program in memory; over a memory-mapped index, stages
         2-5 (codes only), the survivors' rows read from disk, then stage 6 on them. -> (positions, scores)."""
-        threshold, ndocs, nbits = np.float32(params.threshold), max(params.ndocs, 4), self.index.nbits
         arrays = self.arrays.filtered(allowed)
         if not self.mmap:
             return jax.device_get(
@@ -326,13 +325,13 @@ class PlaidEngine:
                     S,
                     c,
                     real,
-                    threshold,
+                    np.float32(params.threshold),
                     arrays,
                     mesh=self.mesh,
                     max_entries=max_entries,
-                    ndocs=ndocs,
+                    ndocs=max(params.ndocs, 4),
                     k=params.k,
-                    nbits=nbits,
+                    nbits=self.index.nbits,
                     clamp=self.clamp,
                 )
             )
