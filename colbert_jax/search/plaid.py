@@ -98,31 +98,34 @@ def _each_query(
     one: Callable,
     skipped: Callable,
     arrays: IndexArrays,
-    *,
     mesh: Mesh,
     batched: tuple,
-    specs: tuple,
     real,
     shared: tuple = (),
-    out_specs,
+    *,
+    sharded_in: tuple[int, ...] = (),
+    sharded_out: bool = False,
 ):
     """`one(*query's slice of batched, *shared, local arrays)` for each real query of the batch, one at a time,
-    `skipped(local arrays)` for padding queries. A batched input with spec P(AXIS) has a leading shard axis
-    (dropped inside the shard); outputs with spec P(AXIS) get one."""
+    `skipped(local arrays)` for padding queries. The batched inputs numbered in `sharded_in` have a leading
+    shard axis (split over the mesh, dropped inside the shard); with `sharded_out` the output gets one (else
+    it is replicated)."""
     n = len(batched)
 
     def shard(*args):
         *args, a = args
-        xs = tuple(x[0] if spec == P(AXIS) else x for x, spec in zip(args[:n], specs))
+        xs = tuple(x[0] if i in sharded_in else x for i, x in enumerate(args[:n]))
 
         def query(x):
             *qx, r = x
             return if_real(r, lambda *y: one(*y, *args[n + 1 :], a), skipped(a), *qx)
 
         out = map_queries(query, (*xs, args[n]), 1)
-        return out[None] if out_specs == P(AXIS) else out
+        return out[None] if sharded_out else out
 
-    return run_sharded(shard, mesh, (*batched, real, *shared), arrays, (*specs, P(), *(P(),) * len(shared)), out_specs)
+    specs = tuple(P(AXIS) if i in sharded_in else P() for i in range(n)) + (P(),) * (1 + len(shared))
+    out_specs = P(AXIS) if sharded_out else P()
+    return run_sharded(shard, mesh, (*batched, real, *shared), arrays, specs, out_specs)
 
 
 # -- the streamed programs ------------------------------------------------------------------------
@@ -160,18 +163,7 @@ def search_streamed(
         S, survivors = _survivors_one(Q, S, cells, threshold, a, width=max_entries, ndocs=ndocs, chunk=chunk)
         return _exact_one(Q, S, survivors, a, k=k, nbits=nbits, clamp=clamp, chunk=exact_chunk)
 
-    skipped = _no_ranking(min(k, ndocs // 4))
-    return _each_query(
-        one,
-        skipped,
-        arrays,
-        mesh=mesh,
-        batched=(Q, S, cells),
-        specs=(P(),) * 3,
-        real=real,
-        shared=(threshold,),
-        out_specs=(P(), P()),
-    )
+    return _each_query(one, _no_ranking(min(k, ndocs // 4)), arrays, mesh, (Q, S, cells), real, (threshold,))
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "ndocs", "chunk"))
@@ -190,17 +182,7 @@ def streamed_survivors(Q, S, entries, real, threshold, arrays: IndexArrays, *, m
     def skipped(a):
         return jnp.full((ndocs // 4,), a.sentinel, jnp.int32)
 
-    return _each_query(
-        one,
-        skipped,
-        arrays,
-        mesh=mesh,
-        batched=(Q, S, entries),
-        specs=(P(),) * 3,
-        real=real,
-        shared=(threshold,),
-        out_specs=P(AXIS),
-    )
+    return _each_query(one, skipped, arrays, mesh, (Q, S, entries), real, (threshold,), sharded_out=True)
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "k", "nbits", "clamp", "chunk"))
@@ -214,9 +196,7 @@ def streamed_exact(
         return _exact_one(Q, None, survivors, a, k=k, nbits=nbits, clamp=clamp, chunk=chunk)
 
     skipped = _no_ranking(min(k, survivors.shape[-1]))
-    return _each_query(
-        one, skipped, arrays, mesh=mesh, batched=(Q, survivors), specs=(P(), P(AXIS)), real=real, out_specs=(P(), P())
-    )
+    return _each_query(one, skipped, arrays, mesh, (Q, survivors), real, sharded_in=(1,))
 
 
 # -- the host driver ------------------------------------------------------------------------------
@@ -234,6 +214,7 @@ class Params:
     ndocs: int
 
 
+@dataclasses.dataclass(eq=False)
 class PlaidEngine:
     """PLAID over one index placed on a mesh: queries -> (global passage positions, scores), by the staged or
     the streamed path, over the index in memory or memory-mapped (residuals read per batch from disk).
@@ -248,22 +229,22 @@ class PlaidEngine:
       mmap: leave the residuals on disk.
     """
 
-    def __init__(
-        self, index: Index, mesh: Mesh, *, implementation: str, kernels: str, on_cpu: bool, clamp: bool, mmap: bool
-    ):
-        self.index = index
-        self.mesh = mesh
-        self.implementation = implementation
-        self.kernels = kernels
-        self.on_cpu = on_cpu
-        self.clamp = clamp
-        self.mmap = mmap
+    index: Index
+    mesh: Mesh
+    implementation: str
+    kernels: str
+    on_cpu: bool
+    clamp: bool
+    mmap: bool
+
+    def __post_init__(self):
+        index, mmap, implementation = self.index, self.mmap, self.implementation
         # The memory-mapped streamed path masks padding rows before reading a code (uint16 codes fit it) and
         # reads the probed IVF lists from disk (`streamed_mmap.expand_cells`): no IVF entries placed.
         mapped = mmap and implementation == "streamed"
         small = mapped and index.num_partitions <= 1 << 16
         self.arrays, self._entry_bounds = placement.place_index(
-            index, mesh, residuals=not mmap, codes_dtype=np.uint16 if small else np.int32, ivf=not mapped
+            index, self.mesh, residuals=not mmap, codes_dtype=np.uint16 if small else np.int32, ivf=not mapped
         )
         longest = int(index.doclens.max())
         # The kernels pad documents to power-of-two lengths (Triton blocks); padding here saves that copy.
