@@ -20,7 +20,16 @@ from jax.sharding import PartitionSpec as P
 from colbert_jax.search.arrays import AXIS, IndexArrays, map_queries, run_sharded
 from colbert_jax.search.segments import expand
 
-__all__ = ["CELL_BLOCK", "top_cells", "centroid_scores", "cells", "candidates", "candidates_one", "unique_candidates"]
+__all__ = [
+    "CELL_BLOCK",
+    "top_cells",
+    "centroid_scores",
+    "cells",
+    "cells_into",
+    "candidates",
+    "candidates_one",
+    "unique_candidates",
+]
 
 CELL_BLOCK = 128
 
@@ -75,6 +84,16 @@ def unique_candidates(entries: jax.Array, valid: jax.Array, a: IndexArrays, *, m
     return unique, first.sum(), jnp.where(first, a.doclens[entries], 0).sum()
 
 
+def _cells_batch(Q, a: IndexArrays, *, ncells: int, query_maxlen: int, query_chunk: int, with_scores: bool):
+    """Stage 1 of a batch in one shard: (S or None, cells, IVF entries gathered over the shards)."""
+    fn = functools.partial(_cells_one, ncells=ncells, query_maxlen=query_maxlen)
+    if not with_scores:  # S of a whole batch is B * P * Lq floats: skip it when the next stage redoes it
+        c, n = map_queries(lambda q: fn(q, a)[1:], Q, query_chunk)
+        return None, c, jax.lax.all_gather(n, AXIS)
+    S, c, n = map_queries(lambda q: fn(q, a), Q, query_chunk)
+    return S, c, jax.lax.all_gather(n, AXIS)
+
+
 @functools.partial(jax.jit, static_argnames=("mesh", "ncells", "query_maxlen", "query_chunk", "with_scores"))
 def cells(
     Q: jax.Array,
@@ -88,18 +107,24 @@ def cells(
 ):
     """Stage 1: Q [B, Lq, dim] -> (S [B, P, Lq] (None unless with_scores), cells [B, Lq * ncells], IVF
     entries to expand [D, B])."""
-    fn = functools.partial(_cells_one, ncells=ncells, query_maxlen=query_maxlen)
-
-    def shard(Q, a):
-        if not with_scores:  # S of a whole batch is B * P * Lq floats: skip it when the next stage redoes it
-            c, n = map_queries(lambda q: fn(q, a)[1:], Q, query_chunk)
-            return None, c, jax.lax.all_gather(n, AXIS)
-        S, c, n = map_queries(lambda q: fn(q, a), Q, query_chunk)
-        return S, c, jax.lax.all_gather(n, AXIS)
-
+    statics = dict(ncells=ncells, query_maxlen=query_maxlen, query_chunk=query_chunk, with_scores=with_scores)
     # The counts the host reads are gathered (replicated): over several processes each can read them.
     out_specs = (P() if with_scores else None, P(), P())
-    return run_sharded(shard, mesh, (Q,), arrays, (P(),), out_specs)
+    return run_sharded(lambda Q, a: _cells_batch(Q, a, **statics), mesh, (Q,), arrays, (P(),), out_specs)
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "ncells", "query_maxlen"), donate_argnums=(1,))
+def cells_into(Q: jax.Array, S: jax.Array, arrays: IndexArrays, *, mesh: Mesh, ncells: int, query_maxlen: int):
+    """`cells(..., with_scores=True)` for one query, its centroid scores written into S [1, P, Lq] (donated: XLA
+    reuses the buffer for the output). The same numbers; what differs is where S lives: a fresh 8 MiB output
+    per query (at 65,536 centroids) is a fresh mapping under `streamed_mmap.return_freed_memory`, page-faulted
+    in on every call, while a buffer kept from the last query is already resident."""
+
+    def shard(Q, S, a):
+        new, c, n = _cells_batch(Q, a, ncells=ncells, query_maxlen=query_maxlen, query_chunk=1, with_scores=True)
+        return S.at[:].set(new), c, n
+
+    return run_sharded(shard, mesh, (Q, S), arrays, (P(), P()), (P(), P(), P()))
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "max_entries", "query_chunk"))

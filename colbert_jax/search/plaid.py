@@ -35,7 +35,14 @@ from jax.sharding import PartitionSpec as P
 from colbert_jax.index import Index
 from colbert_jax.search import placement, streamed_mmap
 from colbert_jax.search.arrays import AXIS, NEG_INF, IndexArrays, bucket, if_real, map_queries, pow2, run_sharded
-from colbert_jax.search.candidates import candidates, candidates_one, cells, centroid_scores, unique_candidates
+from colbert_jax.search.candidates import (
+    candidates,
+    candidates_one,
+    cells,
+    cells_into,
+    centroid_scores,
+    unique_candidates,
+)
 from colbert_jax.search.exact_scoring import exact_streamed, reduce, score, top_k
 from colbert_jax.search.pruning import select, survivors_streamed
 
@@ -249,6 +256,7 @@ class PlaidEngine:
         longest = int(index.doclens.max())
         # The kernels pad documents to power-of-two lengths (Triton blocks); padding here saves that copy.
         self.max_doclen = pow2(longest) if implementation == "pallas" else -(-longest // 8) * 8
+        self._mmap_scores: jax.Array | None = None  # the last single query's centroid scores (`_mmap_cells`)
 
     def max_entries(self, ncells: int, query_maxlen: int) -> int:
         """Static bound on the IVF entries of one query's cells in any shard: its longest Lq * ncells lists."""
@@ -290,7 +298,10 @@ class PlaidEngine:
         """Q [B, Lq, dim], real [B] (False: padding) -> (global positions [B, min(k, ndocs // 4)] (-1: none),
         scores (-inf: none)) on the host. `allowed`: a filter mask (`allowed_mask`), applied at stage 2."""
         streamed = self.implementation == "streamed"
-        S, c, n_entries = self.cells(Q, params, query_maxlen, not streamed or self.pass_scores(len(Q)))
+        if self.mmap and streamed and len(Q) == 1:  # S written into the last query's buffer
+            S, c, n_entries = self._mmap_cells(Q, params, query_maxlen)
+        else:
+            S, c, n_entries = self.cells(Q, params, query_maxlen, not streamed or self.pass_scores(len(Q)))
         if streamed:
             return self.streamed(Q, S, c, real, params, pow2(n_entries.max()), allowed)
         return self._staged(Q, S, c, n_entries, params, query_maxlen, allowed)
@@ -317,7 +328,22 @@ class PlaidEngine:
                 )
             )
         with streamed_mmap.one_batch_at_a_time(len(Q)):  # the buffers below are freed before it trims
-            return self._streamed_mmap(Q, S, c, real, params, max_entries, arrays)
+            out = self._streamed_mmap(Q, S, c, real, params, max_entries, arrays)
+        if S is not None and len(Q) == 1:  # no longer read (the results are on the host): the next query's
+            self._mmap_scores = S
+        return out
+
+    def _mmap_cells(self, Q: np.ndarray, params: Params, query_maxlen: int):
+        """Stage 1 of one query over a memory-mapped index (`candidates.cells_into`): its centroid scores go
+        into the buffer the last query's left (`_mmap_scores`, taken, so a concurrent query makes its own), not
+        into a fresh one."""
+        shape = (1, self.arrays.centroids.shape[0], query_maxlen)
+        S, self._mmap_scores = self._mmap_scores, None
+        if S is None or S.shape != shape:
+            S = jax.device_put(np.zeros(shape, np.float32), NamedSharding(self.mesh, P()))
+        ncells = min(params.ncells, self.index.num_partitions)
+        S, c, n_entries = cells_into(Q, S, self.arrays, mesh=self.mesh, ncells=ncells, query_maxlen=query_maxlen)
+        return S, c, jax.device_get(n_entries)
 
     def _streamed_mmap(self, Q, S, c, real, params: Params, max_entries: int, arrays: IndexArrays):
         """`streamed` over a memory-mapped index: stages 2-5, the survivors' rows read from disk, stage 6."""

@@ -157,7 +157,7 @@ def test_single_queries_reuse_one_scores_buffer(searchers):
     pointers = []
     for query in QUERIES[:3]:
         assert_same(mapped.search_all([query], k=10), in_memory.search_all([query], k=10))
-        pointers.append(mapped._mmap_scores.unsafe_buffer_pointer())
+        pointers.append(mapped._plaid_engine()._mmap_scores.unsafe_buffer_pointer())
     assert pointers[1] == pointers[2]
 
 
