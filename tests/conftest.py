@@ -17,7 +17,14 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from colbert_jax.runtime import disable_compilation_cache  # noqa: E402
 from tests.helpers import FIXTURES, write_tiny_checkpoint  # noqa: E402
+
+# This process compiles hundreds of programs that no later process loads; writing each to the on-disk cache
+# means serializing it, and once a CI run died inside XLA:CPU's executable serialization (SIGSEGV). The
+# processes that tests start (CLI, servers, several hosts) still use the cache, and tests/test_runtime.py
+# checks that it writes and loads.
+disable_compilation_cache()
 
 
 def pytest_configure(config):
