@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from colbert_jax.modeling.backbones import BackboneConfig, backbone_module
+from colbert_jax.modeling.invariant import padded
 
 __all__ = ["ColBERTEncoder", "HEAD_ACTIVATIONS", "l2_normalize", "embed_queries", "embed_docs", "logical_axes"]
 
@@ -60,7 +61,7 @@ class ColBERTEncoder(nn.Module):
                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("proj",)),
                 name=f"dense_{i}" if self.head else "linear",
             )
-            h = HEAD_ACTIVATIONS[activation](dense(h))
+            h = padded(lambda x, dense=dense, activation=activation: HEAD_ACTIVATIONS[activation](dense(x)), h)
         return h.astype(jnp.float32)
 
 
@@ -86,7 +87,7 @@ def embed_queries(
     """Query embeddings [B, Lq, dim], L2-normalised (rows with id == pad are zero)."""
     q = module.apply({"params": params}, ids, mask, deterministic, rngs=rngs)
     keep = (ids != pad_id)[..., None]
-    return l2_normalize(q * keep)
+    return padded(l2_normalize, q * keep)
 
 
 def embed_docs(

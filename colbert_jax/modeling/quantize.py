@@ -109,8 +109,13 @@ def _int8_matmul(x: jax.Array, high: jax.Array, cross: jax.Array, scale: jax.Arr
     # 2 * in * 127 * 127 < 2**31 for in < 66,000)
     both = jnp.concatenate([x_hi, x_lo], axis=-1)
     cross = jax.lax.dot_general(both, cross, dims, preferred_element_type=jnp.int32)
-    acc = main.astype(jnp.float32) + cross.astype(jnp.float32) * (1.0 / _LOW_STEPS)
-    return acc * (x_scale * scale)
+    # Scaled by dividing by runtime values, not multiplying: XLA:CPU contracts a product that feeds an addition
+    # (here or in the caller's bias or residual add) into one FMA only when both land in the same fusion, which
+    # depends on the batch shape and on SPMD partitioning; a quotient is never contracted, so every compiled
+    # program rounds these sums alike.
+    inv_x = 1.0 / x_scale
+    main = main.astype(jnp.float32) / (inv_x * (1.0 / scale))
+    return main + cross.astype(jnp.float32) / (inv_x * (_LOW_STEPS / scale))
 
 
 _pending = threading.local()  # trace-time only: the fused key and value outputs awaiting their calls
