@@ -89,7 +89,7 @@ def test_fused_qkv_matches_three_projections(tiny_model):
 def test_int8_runs_every_backbone(name):
     """Fused QKV where the backbone has separate query/key/value layers (RoBERTa, ELECTRA), a plain quantized
     dense layer where it has one (ModernBERT's Wqkv): either way close to float32, and really quantized."""
-    model = colbert_jax.load_checkpoint(BACKBONE_FIXTURES / name / "checkpoint")
+    model = colbert_jax.load_checkpoint(BACKBONE_FIXTURES / name / "checkpoint", query_quantization="none")
     texts = ["what does os.path.join do", "sort a list in place", "a"]
     full = model.encode_queries(texts)
     quantized = model.replace_config(query_quantization="int8").encode_queries(texts)
@@ -97,7 +97,7 @@ def test_int8_runs_every_backbone(name):
 
 
 def test_int8_query_embeddings_within_cosine_0999(minilm_model, int8_model, queries):
-    full = minilm_model.encode_queries(queries)
+    full = minilm_model.replace_config(query_quantization="none").encode_queries(queries)
     quantized = int8_model.encode_queries(queries)
     per_query = np.einsum("qtd,qtd->q", full, quantized) / (
         np.linalg.norm(full.reshape(len(full), -1), axis=1) * np.linalg.norm(quantized.reshape(len(full), -1), axis=1)
@@ -108,7 +108,7 @@ def test_int8_query_embeddings_within_cosine_0999(minilm_model, int8_model, quer
 
 
 def test_int8_rankings_overlap_float32s(real_index, minilm_model, queries):
-    full = colbert_jax.Searcher(real_index, minilm_model)
+    full = colbert_jax.Searcher(real_index, minilm_model, query_quantization="none")
     quantized = colbert_jax.Searcher(real_index, minilm_model, query_quantization="int8")
     assert quantized.model.config.query_quantization == "int8"
     a, b = full.search_all(queries, k=10).todict(), quantized.search_all(queries, k=10).todict()
@@ -124,10 +124,11 @@ def test_unknown_quantization_is_a_config_error():
 def test_searcher_not_index_chooses_query_quantization(real_index, minilm_model):
     """An index records the query_quantization it was built with; the searcher's own setting decides."""
     index = colbert_jax.Index.open(real_index)
-    index.config = index.config.model_copy(update={"query_quantization": "int8"})  # as if built with int8
-    assert colbert_jax.Searcher(index, minilm_model).model.query_quantization == "none"
-    auto = colbert_jax.Searcher(index, minilm_model, query_quantization="auto").model
+    index.config = index.config.model_copy(update={"query_quantization": "none"})  # as if built with float32
+    auto = colbert_jax.Searcher(index, minilm_model).model  # the default, "auto"
     assert auto.config.query_quantization == "auto" and auto.query_quantization == "int8"  # CPU devices
+    index.config = index.config.model_copy(update={"query_quantization": "int8"})  # as if built with int8
+    assert colbert_jax.Searcher(index, minilm_model, query_quantization="none").model.query_quantization == "none"
 
 
 @pytest.mark.parametrize("name", ["tiny", "roberta", "electra"])

@@ -159,7 +159,8 @@ class _SelfAttention(nn.Module):
             probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
             return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
 
-        ctx = padded(attend, heads("query"), heads("key"), heads("value"), bias)  # bias: [batch, 1, 1, length]
+        # bias: [batch, 1, 1, length]; a size-1 batch changes the einsums' layout: pad a single query to 2
+        ctx = padded(attend, heads("query"), heads("key"), heads("value"), bias, min_rows=2)
         return ctx.reshape(batch, length, cfg.hidden_size)
 
 

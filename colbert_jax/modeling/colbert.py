@@ -61,7 +61,8 @@ class ColBERTEncoder(nn.Module):
                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("proj",)),
                 name=f"dense_{i}" if self.head else "linear",
             )
-            h = padded(lambda x, dense=dense, activation=activation: HEAD_ACTIVATIONS[activation](dense(x)), h)
+            # float32: XLA:CPU's dot takes another kernel for one query's rows than for two or more
+            h = padded(lambda x, d=dense, a=activation: HEAD_ACTIVATIONS[a](d(x)), h, min_rows=2)
         return h.astype(jnp.float32)
 
 

@@ -8,8 +8,8 @@ arithmetic, but each one rounds its input rows to int8 steps (`quantize._split_r
 last-bit differences into whole-step flips (1e-4 in the embeddings, where float32 shows 1e-7).
 
 `padded(fn, *xs)` runs `fn` on its inputs padded with zero rows along the batch axis, within each device's
-block of rows, up to a floor of `MIN_ROWS` rows and `MIN_ELEMENTS` elements of the first input, and slices the
-result back: XLA then compiles the shapes it compiles for a large batch, whose rows do not depend on the batch
+block of rows, up to a floor of rows and of `MIN_ELEMENTS` elements of the first input, and slices the result
+back: XLA then compiles the shapes it compiles for a large batch, whose rows do not depend on the batch
 size. It pads only while `batch_invariant(...)` is tracing (the int8 query encoder); elsewhere it is a plain
 call, and batches at or above the floor are not padded. The backbones call it around those float ops (BERT,
 RoBERTa, XLM-RoBERTa and ELECTRA, which share `bert._Encoder`; ModernBERT's int8 encoder is not
@@ -26,10 +26,10 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-__all__ = ["MIN_ROWS", "MIN_ELEMENTS", "batch_invariant", "padded"]
+__all__ = ["MIN_ELEMENTS", "batch_invariant", "padded"]
 
-MIN_ROWS = 2  # no size-1 batch dimension
-MIN_ELEMENTS = 1 << 14  # per shard: small models' arrays (hidden 32, 16 tokens) need 16 rows, MiniLM's 2
+MIN_ELEMENTS = 1 << 13  # per shard, of the first input: the tiny test models (hidden 32, 16 tokens) pad to 16
+# rows, MiniLM's LayerNorm (32 x 384 per query) is never padded
 
 _state = threading.local()  # trace-time only: the number of batch shards while batch_invariant is active
 
@@ -55,19 +55,20 @@ def batch_invariant(fn: Callable, shards: int = 1) -> Callable:
     return wrapped
 
 
-def _rows_needed(x: jax.Array) -> int:
+def _rows_needed(x: jax.Array, min_rows: int) -> int:
     per_row = max(1, x.size // max(1, x.shape[0]))
-    rows = MIN_ROWS
+    rows = min_rows
     while rows * per_row < MIN_ELEMENTS:
         rows *= 2
     return rows
 
 
-def padded(fn: Callable[..., jax.Array], *xs: jax.Array) -> jax.Array:
+def padded(fn: Callable[..., jax.Array], *xs: jax.Array, min_rows: int = 1) -> jax.Array:
     """`fn(*xs)`, with every x padded along axis 0 (per shard) while `batch_invariant` is active.
 
-    All xs share their batch axis; `fn` maps rows to rows (its output keeps axis 0 as the batch). The first x's
-    row size sets the floor.
+    All xs share their batch axis; `fn` maps rows to rows (its output keeps axis 0 as the batch). Each shard is
+    padded to at least `min_rows` rows (2 where a size-1 batch changes the kernel: attention's einsums, the
+    float32 projection) and to `MIN_ELEMENTS` elements of the first x.
     """
     shards = getattr(_state, "shards", None)
     if shards is None:
@@ -76,7 +77,7 @@ def padded(fn: Callable[..., jax.Array], *xs: jax.Array) -> jax.Array:
     if batch % shards:
         raise ValueError(f"a batch of {batch} rows does not split into {shards} equal shards")
     rows = batch // shards
-    floor = _rows_needed(xs[0])
+    floor = _rows_needed(xs[0], min_rows)
     if rows >= floor:
         return fn(*xs)
 
