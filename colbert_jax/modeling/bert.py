@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from colbert_jax.modeling.invariant import padded
+from colbert_jax.modeling.invariant import active, padded
 
 __all__ = ["BertConfig", "BertModel"]
 
@@ -159,8 +159,19 @@ class _SelfAttention(nn.Module):
             probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
             return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
 
-        # bias: [batch, 1, 1, length]; a size-1 batch changes the einsums' layout: pad a single query to 2
-        ctx = padded(attend, heads("query"), heads("key"), heads("value"), bias, min_rows=2)
+        def attend_merged(q, k, v, bias):
+            # the same products with batch and heads as one leading axis, which a single query does not make
+            # size 1: XLA:CPU lays the einsums out alike at every batch size (the int8 query encoder's path)
+            b, n, h, d = q.shape
+            merged = lambda t: t.transpose(0, 2, 1, 3).reshape(b * h, n, d)  # noqa: E731
+            scores = jnp.einsum("xqd,xkd->xqk", merged(q), merged(k), preferred_element_type=jnp.float32)
+            scores = scores.reshape(b, h, n, n) / jnp.sqrt(jnp.float32(cfg.head_dim)) + bias
+            probs = jax.nn.softmax(scores, axis=-1).reshape(b * h, n, n)
+            ctx = jnp.einsum("xqk,xkd->xqd", probs.astype(self.dtype), merged(v))
+            return ctx.reshape(b, h, n, d).transpose(0, 2, 1, 3)
+
+        # bias: [batch, 1, 1, length]
+        ctx = padded(attend_merged if active() else attend, heads("query"), heads("key"), heads("value"), bias)
         return ctx.reshape(batch, length, cfg.hidden_size)
 
 

@@ -26,7 +26,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-__all__ = ["MIN_ELEMENTS", "batch_invariant", "padded"]
+__all__ = ["MIN_ELEMENTS", "active", "batch_invariant", "padded"]
 
 MIN_ELEMENTS = 1 << 13  # per shard, of the first input: the tiny test models (hidden 32, 16 tokens) pad to 16
 # rows, MiniLM's LayerNorm (32 x 384 per query) is never padded
@@ -53,6 +53,11 @@ def batch_invariant(fn: Callable, shards: int = 1) -> Callable:
             return fn(*args, **kwargs)
 
     return wrapped
+
+
+def active() -> bool:
+    """Whether `batch_invariant` is tracing (the int8 query encoder)."""
+    return getattr(_state, "shards", None) is not None
 
 
 def _rows_needed(x: jax.Array, min_rows: int) -> int:
