@@ -13,7 +13,8 @@ back: XLA then compiles the shapes it compiles for a large batch, whose rows do 
 size. It pads only while `batch_invariant(...)` is tracing (the int8 query encoder); elsewhere it is a plain
 call, and batches at or above the floor are not padded. The backbones call it around those float ops (BERT,
 RoBERTa, XLM-RoBERTa and ELECTRA, which share `bert._Encoder`; ModernBERT's int8 encoder is not
-batch-invariant yet). The other half of the invariance is in `quantize._int8_matmul`'s epilogue, which avoids
+batch-invariant yet), and attention runs with batch and heads merged into one einsum axis there, which no
+batch size makes 1. The rest of the invariance is in `quantize._int8_matmul`'s epilogue, which avoids
 products that XLA may or may not contract into FMAs depending on its fusion decisions.
 """
 
@@ -72,8 +73,8 @@ def padded(fn: Callable[..., jax.Array], *xs: jax.Array, min_rows: int = 1) -> j
     """`fn(*xs)`, with every x padded along axis 0 (per shard) while `batch_invariant` is active.
 
     All xs share their batch axis; `fn` maps rows to rows (its output keeps axis 0 as the batch). Each shard is
-    padded to at least `min_rows` rows (2 where a size-1 batch changes the kernel: attention's einsums, the
-    float32 projection) and to `MIN_ELEMENTS` elements of the first x.
+    padded to at least `min_rows` rows (2 where one query's rows take another kernel than two queries': the
+    float32 projection head's dot) and to `MIN_ELEMENTS` elements of the first x.
     """
     shards = getattr(_state, "shards", None)
     if shards is None:
