@@ -106,10 +106,10 @@ class ColBERTConfig(BaseModel):
     # colbert-jax only: dtype of the encoder's matmuls (parameters stay float32).
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     # colbert-jax only: "int8" encodes queries with two-term int8 dense layers (`colbert_jax.modeling.quantize`),
-    # "none" in float32 (colbert-ai's numbers), "auto" int8 on CPU devices and float32 on accelerators. "none" is
-    # the default: int8's activation rounding turns XLA:CPU's shape-dependent ulp differences (small batches)
-    # into 1/254-step flips, so a query's int8 embedding depends on its batch size by up to ~2e-4.
-    query_quantization: Literal["auto", "none", "int8"] = "none"
+    # "none" in float32 (colbert-ai's numbers), "auto" (the default) int8 on CPU devices for backbones whose int8
+    # encoder is batch-invariant (BERT, RoBERTa, XLM-RoBERTa, ELECTRA: a query's embedding is the same bits at
+    # every batch size and device count) and float32 otherwise (accelerators, ModernBERT).
+    query_quantization: Literal["auto", "none", "int8"] = "auto"
 
     def __init__(self, **data: Any):
         try:

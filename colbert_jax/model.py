@@ -27,6 +27,7 @@ from jax.sharding import PartitionSpec as P
 from colbert_jax.config import ColBERTConfig
 from colbert_jax.modeling.backbones import BackboneConfig
 from colbert_jax.modeling.colbert import ColBERTEncoder, embed_docs, embed_queries
+from colbert_jax.modeling.invariant import batch_invariant
 from colbert_jax.modeling.quantize import quantize_params, quantized_apply
 from colbert_jax.tokenization import DocTokenizer, QueryTokenizer, TextSettings
 
@@ -96,13 +97,17 @@ class ColBERTModel:
         query_fn = functools.partial(embed_queries, self.module, pad_id=self.query_pad_id)
         self._query_params = self.params
         # On CPU the two-term int8 encoder is faster and keeps query embeddings within cosine 1e-5 of float32's;
-        # accelerators' float32 (or bfloat16) matmuls are fast already.
+        # accelerators' float32 (or bfloat16) matmuls are fast already. "auto" takes int8 only where its
+        # embeddings do not depend on the batch size (`int8_batch_invariant`: not ModernBERT's yet).
         self.query_quantization = config.query_quantization
         if self.query_quantization == "auto":
-            self.query_quantization = "int8" if self.mesh.devices.flat[0].platform == "cpu" else "none"
+            cpu = self.mesh.devices.flat[0].platform == "cpu"
+            self.query_quantization = "int8" if cpu and bert_config.int8_batch_invariant else "none"
         if self.query_quantization == "int8":
             self._query_params = jax.device_put(quantize_params(params), replicated)
-            query_fn = quantized_apply(query_fn)
+            # int8 rounds each dense layer's input rows: the float ops between run at large-batch shapes so that
+            # a query's embedding does not depend on the batch it is encoded in
+            query_fn = quantized_apply(batch_invariant(query_fn, self.n_devices))
         self._query_fn = jax.jit(query_fn, in_shardings=(replicated, rows, rows), out_shardings=rows)
         self._doc_fn = jax.jit(
             functools.partial(embed_docs, self.module, pad_id=pad_id),

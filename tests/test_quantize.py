@@ -89,7 +89,7 @@ def test_fused_qkv_matches_three_projections(tiny_model):
 def test_int8_runs_every_backbone(name):
     """Fused QKV where the backbone has separate query/key/value layers (RoBERTa, ELECTRA), a plain quantized
     dense layer where it has one (ModernBERT's Wqkv): either way close to float32, and really quantized."""
-    model = colbert_jax.load_checkpoint(BACKBONE_FIXTURES / name / "checkpoint")
+    model = colbert_jax.load_checkpoint(BACKBONE_FIXTURES / name / "checkpoint", query_quantization="none")
     texts = ["what does os.path.join do", "sort a list in place", "a"]
     full = model.encode_queries(texts)
     quantized = model.replace_config(query_quantization="int8").encode_queries(texts)
@@ -97,7 +97,7 @@ def test_int8_runs_every_backbone(name):
 
 
 def test_int8_query_embeddings_within_cosine_0999(minilm_model, int8_model, queries):
-    full = minilm_model.encode_queries(queries)
+    full = minilm_model.replace_config(query_quantization="none").encode_queries(queries)
     quantized = int8_model.encode_queries(queries)
     per_query = np.einsum("qtd,qtd->q", full, quantized) / (
         np.linalg.norm(full.reshape(len(full), -1), axis=1) * np.linalg.norm(quantized.reshape(len(full), -1), axis=1)
@@ -108,7 +108,7 @@ def test_int8_query_embeddings_within_cosine_0999(minilm_model, int8_model, quer
 
 
 def test_int8_rankings_overlap_float32s(real_index, minilm_model, queries):
-    full = colbert_jax.Searcher(real_index, minilm_model)
+    full = colbert_jax.Searcher(real_index, minilm_model, query_quantization="none")
     quantized = colbert_jax.Searcher(real_index, minilm_model, query_quantization="int8")
     assert quantized.model.config.query_quantization == "int8"
     a, b = full.search_all(queries, k=10).todict(), quantized.search_all(queries, k=10).todict()
@@ -124,7 +124,44 @@ def test_unknown_quantization_is_a_config_error():
 def test_searcher_not_index_chooses_query_quantization(real_index, minilm_model):
     """An index records the query_quantization it was built with; the searcher's own setting decides."""
     index = colbert_jax.Index.open(real_index)
-    index.config = index.config.model_copy(update={"query_quantization": "int8"})  # as if built with int8
-    assert colbert_jax.Searcher(index, minilm_model).model.query_quantization == "none"
-    auto = colbert_jax.Searcher(index, minilm_model, query_quantization="auto").model
+    index.config = index.config.model_copy(update={"query_quantization": "none"})  # as if built with float32
+    auto = colbert_jax.Searcher(index, minilm_model).model  # the default, "auto"
     assert auto.config.query_quantization == "auto" and auto.query_quantization == "int8"  # CPU devices
+    index.config = index.config.model_copy(update={"query_quantization": "int8"})  # as if built with int8
+    assert colbert_jax.Searcher(index, minilm_model, query_quantization="none").model.query_quantization == "none"
+
+
+@pytest.mark.parametrize("name", ["tiny", "roberta", "electra"])
+def test_int8_query_embeddings_do_not_depend_on_the_batch_size(tiny_checkpoint, queries, name):
+    """int8 rounds every dense layer's input rows, so the float ops between them must round alike at every
+    batch size: XLA:CPU compiles small batches differently, which int8 turned into whole-step flips (5e-5 on the
+    tiny model at batch sizes 1-4). `modeling/invariant.py` runs them at large-batch shapes (measured: 0)."""
+    path = tiny_checkpoint if name == "tiny" else BACKBONE_FIXTURES / name / "checkpoint"
+    model = colbert_jax.load_checkpoint(path).replace_config(query_quantization="int8")
+    texts = queries[:32]
+    want = model.encode_queries(texts, bsize=32)
+    for bsize in (1, 3, 8):
+        got = model.encode_queries(texts, bsize=bsize)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6, err_msg=f"bsize={bsize}")
+    full = model.replace_config(query_quantization="none").encode_queries(texts, bsize=32)
+    assert np.abs(full - want).max() > 1e-6  # it did run in int8
+
+
+def test_padded_rows_stay_on_their_shard():
+    """`padded` pads each shard's block of rows separately and returns exactly fn's rows."""
+    from colbert_jax.modeling.invariant import _floor, padded
+
+    x = np.arange(1, 4 * 3 * 5 + 1, dtype=np.float32).reshape(4, 3, 5)  # 2 shards of 2 rows, no zeros
+    seen = []
+
+    def fn(t):
+        seen.append(np.asarray(t))
+        return t * 2.0 + t.sum(axis=-1, keepdims=True)
+
+    with _floor(shards=2):
+        got = np.asarray(padded(fn, jax.numpy.asarray(x)))
+    np.testing.assert_array_equal(got, x * 2.0 + x.sum(axis=-1, keepdims=True))
+    blocks = seen[0].reshape(2, -1, 3, 5)  # [shards, floor, ...]: each shard's rows first, then its zero rows
+    assert blocks.shape[1] > 2
+    np.testing.assert_array_equal(blocks[:, :2], x.reshape(2, 2, 3, 5))
+    assert not blocks[:, 2:].any()

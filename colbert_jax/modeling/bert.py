@@ -18,6 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from colbert_jax.modeling.invariant import active, padded
+
 __all__ = ["BertConfig", "BertModel"]
 
 _ACTIVATIONS = {
@@ -34,6 +36,8 @@ class BertConfig:
 
     model_types: ClassVar[tuple[str, ...]] = ("bert",)
     torch_prefix: ClassVar[str] = "bert"  # the backbone's attribute in colbert-ai's HF_ColBERT (base_model_prefix)
+    # the int8 query encoder gives the same bits at every batch size (`modeling/invariant.py`): "auto" may use it
+    int8_batch_invariant: ClassVar[bool] = True
 
     vocab_size: int = 30522
     hidden_size: int = 768
@@ -131,7 +135,7 @@ class _Embeddings(nn.Module):
         x = table(cfg.vocab_size, ("vocab", "embed"), "word_embeddings")(input_ids)
         x = x + table(cfg.max_position_embeddings, (None, "embed"), "position_embeddings")(jnp.arange(seq_len))[None]
         x = x + table(cfg.type_vocab_size, (None, "embed"), "token_type_embeddings")(jnp.zeros_like(input_ids))
-        x = _layer_norm(cfg, self.dtype)(x)
+        x = padded(_layer_norm(cfg, self.dtype), x)
         return nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
 
 
@@ -148,12 +152,26 @@ class _SelfAttention(nn.Module):
             h = _dense(cfg, cfg.hidden_size, ("embed", "heads"), self.dtype, name)(x)
             return h.reshape(batch, length, cfg.num_attention_heads, cfg.head_dim)
 
-        q, k, v = heads("query"), heads("key"), heads("value")
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-        scores = scores / jnp.sqrt(jnp.float32(cfg.head_dim)) + bias
-        probs = jax.nn.softmax(scores, axis=-1)
-        probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
-        ctx = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
+        def attend(q, k, v, bias):
+            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+            scores = scores / jnp.sqrt(jnp.float32(cfg.head_dim)) + bias
+            probs = jax.nn.softmax(scores, axis=-1)
+            probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
+            return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
+
+        def attend_merged(q, k, v, bias):
+            # the same products with batch and heads as one leading axis, which a single query does not make
+            # size 1: XLA:CPU lays the einsums out alike at every batch size (the int8 query encoder's path)
+            b, n, h, d = q.shape
+            merged = lambda t: t.transpose(0, 2, 1, 3).reshape(b * h, n, d)  # noqa: E731
+            scores = jnp.einsum("xqd,xkd->xqk", merged(q), merged(k), preferred_element_type=jnp.float32)
+            scores = scores.reshape(b, h, n, n) / jnp.sqrt(jnp.float32(cfg.head_dim)) + bias
+            probs = jax.nn.softmax(scores, axis=-1).reshape(b * h, n, n)
+            ctx = jnp.einsum("xqk,xkd->xqd", probs.astype(self.dtype), merged(v))
+            return ctx.reshape(b, h, n, d).transpose(0, 2, 1, 3)
+
+        # bias: [batch, 1, 1, length]
+        ctx = padded(attend_merged if active() else attend, heads("query"), heads("key"), heads("value"), bias)
         return ctx.reshape(batch, length, cfg.hidden_size)
 
 
@@ -169,7 +187,7 @@ class _Output(nn.Module):
         cfg = self.config
         h = _dense(cfg, cfg.hidden_size, self.in_names, self.dtype, "dense")(h)
         h = nn.Dropout(cfg.hidden_dropout_prob)(h, deterministic=deterministic)
-        return _layer_norm(cfg, self.dtype)(h + residual)
+        return padded(_layer_norm(cfg, self.dtype), h + residual)
 
 
 class _Attention(nn.Module):

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from colbert_jax.modeling.backbones import BackboneConfig, backbone_module
+from colbert_jax.modeling.invariant import padded
 
 __all__ = ["ColBERTEncoder", "HEAD_ACTIVATIONS", "l2_normalize", "embed_queries", "embed_docs", "logical_axes"]
 
@@ -60,7 +61,8 @@ class ColBERTEncoder(nn.Module):
                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("proj",)),
                 name=f"dense_{i}" if self.head else "linear",
             )
-            h = HEAD_ACTIVATIONS[activation](dense(h))
+            # float32: XLA:CPU's dot takes another kernel for one query's rows than for two or more
+            h = padded(lambda x, d=dense, a=activation: HEAD_ACTIVATIONS[a](d(x)), h, min_rows=2)
         return h.astype(jnp.float32)
 
 
@@ -86,7 +88,7 @@ def embed_queries(
     """Query embeddings [B, Lq, dim], L2-normalised (rows with id == pad are zero)."""
     q = module.apply({"params": params}, ids, mask, deterministic, rngs=rngs)
     keep = (ids != pad_id)[..., None]
-    return l2_normalize(q * keep)
+    return padded(l2_normalize, q * keep)
 
 
 def embed_docs(

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from colbert_jax.modeling.bert import BertConfig, _dense, _Encoder, _init, _key_bias
+from colbert_jax.modeling.invariant import padded
 
 __all__ = ["ElectraConfig", "ElectraModel"]
 
@@ -51,7 +52,7 @@ class _Embeddings(nn.Module):
         x = table(cfg.vocab_size, "vocab", "word_embeddings")(input_ids)
         x = x + table(cfg.max_position_embeddings, None, "position_embeddings")(jnp.arange(seq_len))[None]
         x = x + table(cfg.type_vocab_size, None, "token_type_embeddings")(jnp.zeros_like(input_ids))
-        x = nn.LayerNorm(
+        norm = nn.LayerNorm(
             epsilon=cfg.layer_norm_eps,
             dtype=self.dtype,
             param_dtype=jnp.float32,
@@ -59,7 +60,8 @@ class _Embeddings(nn.Module):
             scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (names,)),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (names,)),
             name="LayerNorm",
-        )(x)
+        )
+        x = padded(norm, x)
         return nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
 
 

@@ -37,6 +37,8 @@ class ModernBertConfig:
 
     model_types: ClassVar[tuple[str, ...]] = ("modernbert",)
     torch_prefix: ClassVar[str] = "model"
+    # its int8 query embeddings still depend on the batch size (at batch sizes 1-4): "auto" keeps it float32
+    int8_batch_invariant: ClassVar[bool] = False
 
     vocab_size: int = 50368
     hidden_size: int = 768

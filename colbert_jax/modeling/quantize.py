@@ -109,8 +109,13 @@ def _int8_matmul(x: jax.Array, high: jax.Array, cross: jax.Array, scale: jax.Arr
     # 2 * in * 127 * 127 < 2**31 for in < 66,000)
     both = jnp.concatenate([x_hi, x_lo], axis=-1)
     cross = jax.lax.dot_general(both, cross, dims, preferred_element_type=jnp.int32)
-    acc = main.astype(jnp.float32) + cross.astype(jnp.float32) * (1.0 / _LOW_STEPS)
-    return acc * (x_scale * scale)
+    # XLA:CPU contracts a product that feeds an addition (here, or the caller's bias or residual add) into one
+    # FMA only when both land in the same fusion, which depends on the batch shape and on SPMD partitioning: the
+    # rounding would depend on the batch. A select between them (its predicate is always true: scales are
+    # never 0, and NaN or inf still pass) keeps every product rounded on its own in every compiled program.
+    keep = x_scale != 0
+    acc = main.astype(jnp.float32) + jnp.where(keep, cross.astype(jnp.float32) * (1.0 / _LOW_STEPS), 0.0)
+    return acc / ((1.0 / x_scale) * (1.0 / scale))
 
 
 _pending = threading.local()  # trace-time only: the fused key and value outputs awaiting their calls

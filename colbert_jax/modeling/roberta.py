@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from colbert_jax.modeling.bert import BertConfig, _Encoder, _init, _key_bias, _layer_norm
+from colbert_jax.modeling.invariant import padded
 
 __all__ = ["RobertaConfig", "RobertaModel"]
 
@@ -56,7 +57,7 @@ class _Embeddings(nn.Module):
         x = table(cfg.vocab_size, ("vocab", "embed"), "word_embeddings")(input_ids)
         x = x + table(cfg.type_vocab_size, (None, "embed"), "token_type_embeddings")(jnp.zeros_like(input_ids))
         x = x + table(cfg.max_position_embeddings, (None, "embed"), "position_embeddings")(positions)
-        x = _layer_norm(cfg, self.dtype)(x)
+        x = padded(_layer_norm(cfg, self.dtype), x)
         return nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
 
 
