@@ -17,18 +17,27 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from colbert_jax.runtime import disable_compilation_cache  # noqa: E402
 from tests.helpers import FIXTURES, write_tiny_checkpoint  # noqa: E402
-
-# This process compiles hundreds of programs that no later process loads; writing each to the on-disk cache
-# means serializing it, and once a CI run died inside XLA:CPU's executable serialization (SIGSEGV). The
-# processes that tests start (CLI, servers, several hosts) still use the cache, and tests/test_runtime.py
-# checks that it writes and loads.
-disable_compilation_cache()
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a GPU (run on a lent device, not in CI)")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """Drops JAX's compiled programs after each test module. Each XLA:CPU executable holds a few memory
+    mappings, and the whole suite in one process compiled enough of them to reach the kernel's limit
+    (vm.max_map_count, 65,530), where XLA:CPU's next compilation dies with SIGSEGV (seen in CI, in
+    tests/training; reproduced by filling the map table before that test). A program a later module needs
+    is compiled again."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(scope="session")

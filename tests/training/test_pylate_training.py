@@ -28,7 +28,9 @@ def ce_loss(Q, D, mask) -> float:
 
 
 def test_pylate_checkpoint_trains_as_it_encodes_and_exports_as_pylate(tmp_path):
-    source = colbert_jax.load_checkpoint(SOURCE)
+    # float32 queries ("none"): the training loss is computed from float32 embeddings, and CPU's default
+    # ("auto") encodes queries in int8
+    source = colbert_jax.load_checkpoint(SOURCE, query_quantization="none")
     # What the fixture exercises: a Dense stack, and [MASK] query expansion with [MASK] as the pad token.
     assert source.head == ((24, True, "identity"), (16, False, "identity")) and source.text.pylate
     assert source.query_pad_id == -1 and source.doc_tokenizer.pad_id == source.doc_tokenizer.mask_id
@@ -69,7 +71,7 @@ def test_pylate_checkpoint_trains_as_it_encodes_and_exports_as_pylate(tmp_path):
     # as the trained parameters (the final Orbax checkpoint's) do.
     export = out / "export"
     assert (export / "modules.json").is_file() and (export / "2_Dense" / "model.safetensors").is_file()
-    exported = colbert_jax.load_checkpoint(export)
+    exported = colbert_jax.load_checkpoint(export, query_quantization="none")
     assert exported.head == source.head and exported.text == source.text
     assert (exported.config.query_maxlen, exported.config.doc_maxlen) == (16, 64)
     state = ocp.CheckpointManager(out.resolve() / "checkpoints").restore(

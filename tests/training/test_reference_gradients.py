@@ -20,7 +20,8 @@ CASES = json.loads((FIXTURES.parent / "training" / "gradients.json").read_text()
 def model(reference_checkpoint):
     import colbert_jax
 
-    return colbert_jax.load_checkpoint(reference_checkpoint, doc_maxlen=64, query_maxlen=32)
+    # float32 queries, as colbert-ai's (CPU's default "auto" encodes queries in int8)
+    return colbert_jax.load_checkpoint(reference_checkpoint, doc_maxlen=64, query_maxlen=32, query_quantization="none")
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
