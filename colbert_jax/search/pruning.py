@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from colbert_jax import native
 from colbert_jax.scoring import MASKED_SCORE
 from colbert_jax.search.arrays import AXIS, NEG_INF, IndexArrays, map_queries, run_sharded
 from colbert_jax.search.segments import expand, segment_max, stream
@@ -73,11 +74,30 @@ def approx_padded(cand, table, kept, a: IndexArrays, max_doclen: int, kernels: s
     )
 
 
-def approx_streamed(cand, S, keep, a: IndexArrays, chunk: int):
-    """Centroid-interaction scores of `cand`, their embeddings streamed `chunk` at a time, read from the
-    centroid scores S [P, Lq] themselves: a code outside `keep` [P] (None: all kept) or a padding slot scores
-    MASKED_SCORE in the gather. No lookup table with a padding row: that would be a copy of S per query (8 MiB
-    at 65,536 centroids and 32 query tokens)."""
+def approx_streamed(cand, S, threshold, a: IndexArrays, chunk: int):
+    """Centroid-interaction scores of `cand`, read from the centroid scores S [P, Lq] themselves: a code whose
+    best score over the query tokens is below `threshold` (None: every code kept) or a padding slot scores
+    MASKED_SCORE. No lookup table with a padding row: that would be a copy of S per query (8 MiB at 65,536
+    centroids and 32 query tokens).
+
+    On the CPU, with the native kernels built (`colbert_jax.native`), one loop over each candidate's rows;
+    elsewhere the embeddings are streamed `chunk` at a time through a gather and a scatter-max."""
+    if not native.enabled():
+        return _approx_chunks(cand, S, threshold, a, chunk)
+    lowest = jnp.float32(-jnp.inf) if threshold is None else threshold
+
+    def on_cpu(cand, S, lowest):
+        return native.centroid_interaction(S, a.codes, lowest, a.offsets[cand], a.doclens[cand])
+
+    def elsewhere(cand, S, lowest):
+        return _approx_chunks(cand, S, threshold, a, chunk)
+
+    return jax.lax.platform_dependent(cand, S, lowest, cpu=on_cpu, default=elsewhere)
+
+
+def _approx_chunks(cand, S, threshold, a: IndexArrays, chunk: int):
+    """`approx_streamed` in jnp: the candidates' embeddings streamed `chunk` at a time."""
+    keep = None if threshold is None else S.max(axis=1) >= threshold
 
     def body(acc, seg, emb, valid):
         codes = a.codes[jnp.where(valid, emb, 0)].astype(jnp.int32)
@@ -171,7 +191,7 @@ def survivors_streamed(S, entries, threshold, a: IndexArrays, *, ndocs: int, chu
     cand = entries[::-1]  # the unique candidates, descending positions
     # Stage 4 over all candidates with the kept centroids only; stage 5's full scores only for stage 4's ndocs
     # (as the reference does): the candidates' embeddings are streamed once, not twice.
-    pruned = approx_streamed(cand, S, S.max(axis=1) >= threshold, a, chunk)
+    pruned = approx_streamed(cand, S, threshold, a, chunk)
     cand4 = compact(cand, best(cand, pruned, a, ndocs), ndocs, a)
     full = approx_streamed(cand4, S, None, a, chunk)
     return compact(cand4, best(cand4, full, a, ndocs // 4), ndocs // 4, a)

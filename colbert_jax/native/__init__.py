@@ -1,0 +1,165 @@
+"""Native CPU kernels: C++ called from inside XLA programs through the XLA FFI.
+
+XLA:CPU lowers PLAID's centroid interaction (a gather of one row of centroid scores per candidate embedding,
+then a running maximum per document) as materialised gathers and a scatter-max, at several times the memory
+traffic of a plain loop. `plaid_cpu.cc` is that loop. It is compiled on first use with the machine's C++
+compiler (`$CXX`, else `g++`) for this CPU (`-march=native`) against jaxlib's FFI headers, cached under
+$COLBERT_JAX_CACHE/native (keyed by the source, compiler, flags, jaxlib and CPU), and registered with XLA.
+
+`COLBERT_JAX_NATIVE` chooses: unset or "auto" uses the kernel when it builds (else warns once and the jnp
+path runs: the same numbers, slower); "0" never uses it; "1" requires it (a build failure is an error).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import threading
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["ENV", "NativeBuildError", "NativeKernelWarning", "enabled", "library", "centroid_interaction"]
+
+logger = logging.getLogger("colbert_jax.native")
+
+ENV = "COLBERT_JAX_NATIVE"
+SOURCE = Path(__file__).with_name("plaid_cpu.cc")
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+_TARGETS = {np.dtype(np.int32): "colbert_jax_centroid_interaction_s32", np.dtype(np.uint16): "colbert_jax_centroid_interaction_u16"}
+_SYMBOLS = {
+    "colbert_jax_centroid_interaction_s32": "ColbertJaxCentroidInteractionS32",
+    "colbert_jax_centroid_interaction_u16": "ColbertJaxCentroidInteractionU16",
+}
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "lib": the loaded library, "error": why it is not there
+
+
+class NativeBuildError(RuntimeError):
+    """The native kernels could not be compiled or loaded (and `COLBERT_JAX_NATIVE=1` requires them)."""
+
+
+class NativeKernelWarning(UserWarning):
+    """The native kernels are unavailable; the slower jnp path runs instead (same results)."""
+
+
+def _mode() -> str:
+    value = os.environ.get(ENV, "auto").strip().lower()
+    if value in ("0", "off", "false", "no"):
+        return "off"
+    if value in ("1", "on", "true", "yes", "require"):
+        return "require"
+    return "auto"
+
+
+def _cpu_features() -> str:
+    """What -march=native compiles for: the CPU's flags (a shared cache must not serve another CPU's build)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _build() -> Path:
+    """Compiles `plaid_cpu.cc` into the cache (once per key) and returns the shared library's path."""
+    from colbert_jax.default_model import cache_dir
+
+    compiler = os.environ.get("CXX", "g++")
+    exe = shutil.which(compiler)
+    if exe is None:
+        raise NativeBuildError(f"no C++ compiler: {compiler!r} is not on PATH (set CXX, or {ENV}=0)")
+    version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+    include = jax.ffi.include_dir()
+    key = hashlib.sha256(
+        "\0".join([SOURCE.read_text(), exe, *version, *FLAGS, jax.__version__, _jaxlib_version(), _cpu_features()]).encode()
+    ).hexdigest()[:16]
+    out_dir = cache_dir() / "native"
+    path = out_dir / f"plaid_cpu-{key}.so"
+    if path.is_file():
+        return path
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f".{path.name}.tmp{os.getpid()}.{threading.get_ident()}"
+    cmd = [exe, *FLAGS, "-I", include, str(SOURCE), "-o", str(tmp)]
+    logger.info("compiling the native CPU kernels: %s", " ".join(cmd))
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise NativeBuildError(f"{' '.join(cmd)} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+    os.replace(tmp, path)  # atomic: a concurrent process sees no file or the whole one
+    return path
+
+
+def _jaxlib_version() -> str:
+    import jaxlib
+
+    return getattr(jaxlib, "__version__", "")
+
+
+def library() -> ctypes.CDLL | None:
+    """The built, loaded and registered kernels; None when disabled or unavailable ("auto": warned once).
+    Raises `NativeBuildError` when `COLBERT_JAX_NATIVE=1` and they cannot be built."""
+    mode = _mode()
+    if mode == "off":
+        return None
+    with _lock:
+        if "lib" not in _state and "error" not in _state:
+            try:
+                lib = ctypes.CDLL(str(_build()))
+                for target, symbol in _SYMBOLS.items():
+                    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+                _state["lib"] = lib
+            except (NativeBuildError, OSError, AttributeError, subprocess.SubprocessError) as e:
+                _state["error"] = e
+                if mode == "auto":
+                    warnings.warn(
+                        f"colbert-jax's native CPU kernels are unavailable, using the slower jnp path: {e}",
+                        NativeKernelWarning,
+                        stacklevel=3,
+                    )
+    if "error" in _state and mode == "require":
+        err = _state["error"]
+        raise err if isinstance(err, NativeBuildError) else NativeBuildError(str(err))
+    return _state.get("lib")  # type: ignore[return-value]
+
+
+def enabled() -> bool:
+    """Whether CPU programs traced now call the native kernels (building them on first call)."""
+    return library() is not None
+
+
+def centroid_interaction(S: jax.Array, codes: jax.Array, threshold, starts: jax.Array, lens: jax.Array) -> jax.Array:
+    """PLAID's centroid-interaction scores of documents, on the CPU (see `plaid_cpu.cc`).
+
+    S [P, Lq] f32 centroid scores; codes [R] int32 or uint16 (the index's rows); threshold: a scalar (a
+    centroid counts only where its best score over the query tokens is >= threshold; -inf: all count);
+    starts, lens [n] int32: each document's first row and row count (0: an empty slot, scored -inf) ->
+    [n] f32: sum over query tokens of the best kept row's score (MASKED_SCORE for a token when none is kept).
+    Call only where `enabled()`; vmaps over queries (a leading batch axis on any operand but codes)."""
+    if library() is None:
+        raise NativeBuildError(f"the native CPU kernels are off or unavailable ({ENV}); check `enabled()` first")
+    codes = jnp.asarray(codes)
+    target = _TARGETS.get(np.dtype(codes.dtype))
+    if target is None:
+        raise TypeError(f"codes must be int32 or uint16, got {codes.dtype}")
+    if S.ndim != 2 or codes.ndim != 1 or starts.shape != lens.shape or starts.ndim != 1:
+        raise ValueError(f"shapes: S {S.shape} needs [P, Lq], codes {codes.shape} [R], starts/lens {starts.shape} [n]")
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(starts.shape, jnp.float32), vmap_method="expand_dims")
+    return call(
+        S.astype(jnp.float32),
+        codes,
+        jnp.asarray(threshold, jnp.float32).reshape(1),
+        starts.astype(jnp.int32),
+        lens.astype(jnp.int32),
+    )
+
