@@ -34,7 +34,10 @@ logger = logging.getLogger("colbert_jax.native")
 ENV = "COLBERT_JAX_NATIVE"
 SOURCE = Path(__file__).with_name("plaid_cpu.cc")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
-_TARGETS = {np.dtype(np.int32): "colbert_jax_centroid_interaction_s32", np.dtype(np.uint16): "colbert_jax_centroid_interaction_u16"}
+_TARGETS = {
+    np.dtype(np.int32): "colbert_jax_centroid_interaction_s32",
+    np.dtype(np.uint16): "colbert_jax_centroid_interaction_u16",
+}
 _SYMBOLS = {
     "colbert_jax_centroid_interaction_s32": "ColbertJaxCentroidInteractionS32",
     "colbert_jax_centroid_interaction_u16": "ColbertJaxCentroidInteractionU16",
@@ -82,7 +85,9 @@ def _build() -> Path:
     version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
     include = jax.ffi.include_dir()
     key = hashlib.sha256(
-        "\0".join([SOURCE.read_text(), exe, *version, *FLAGS, jax.__version__, _jaxlib_version(), _cpu_features()]).encode()
+        "\0".join(
+            [SOURCE.read_text(), exe, *version, *FLAGS, jax.__version__, _jaxlib_version(), _cpu_features()]
+        ).encode()
     ).hexdigest()[:16]
     out_dir = cache_dir() / "native"
     path = out_dir / f"plaid_cpu-{key}.so"
@@ -162,4 +167,3 @@ def centroid_interaction(S: jax.Array, codes: jax.Array, threshold, starts: jax.
         starts.astype(jnp.int32),
         lens.astype(jnp.int32),
     )
-

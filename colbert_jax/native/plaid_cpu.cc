@@ -9,7 +9,7 @@
 // gather + scatter-max over materialised [chunk, Lq] blocks.
 //
 // Operands carry an optional leading batch axis (vmap with `expand_dims`): S [B|1, P, Lq], codes [B|1, R],
-// threshold [B|1], starts/lens [B, n] -> scores [B, n].
+// threshold [B|1], starts and lens [B|1, n] -> scores [B, n].
 
 #include <algorithm>
 #include <atomic>
@@ -115,15 +115,16 @@ ffi::Error CentroidInteraction(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> S, ff
   const int64_t num_rows = c_dims[c_dims.size() - 1];
   const int64_t n = n_dims[n_dims.size() - 1];
   if (lq > kMaxQueryTokens) return ffi::Error::InvalidArgument("centroid_interaction: more than 1024 query tokens");
-  if (lens.element_count() != starts.element_count()) {
-    return ffi::Error::InvalidArgument("centroid_interaction: starts and lens differ in size");
-  }
   const int64_t batch = n > 0 ? out->element_count() / n : 0;
   const int64_t s_batch = S.element_count() / std::max<int64_t>(num_centroids * lq, 1);
   const int64_t c_batch = codes.element_count() / std::max<int64_t>(num_rows, 1);
   const int64_t t_batch = threshold.element_count();
-  const int64_t d_batch = n > 0 ? starts.element_count() / n : 0;
-  for (int64_t b_size : {s_batch, c_batch, t_batch, d_batch}) {
+  const int64_t st_batch = n > 0 ? starts.element_count() / n : 0;
+  const int64_t ln_batch = n > 0 ? lens.element_count() / n : 0;
+  if (lens.dimensions().back() != n) {
+    return ffi::Error::InvalidArgument("centroid_interaction: starts and lens differ in length");
+  }
+  for (int64_t b_size : {s_batch, c_batch, t_batch, st_batch, ln_batch}) {
     if (b_size != 1 && b_size != batch) {
       return ffi::Error::InvalidArgument("centroid_interaction: the operands' batch axes differ");
     }
@@ -136,8 +137,8 @@ ffi::Error CentroidInteraction(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> S, ff
   float* o = out->typed_data();
 
   int64_t rows = 0;
-  for (int64_t i = 0; i < d_batch * n; ++i) rows += std::max<int32_t>(ln[i], 0);
-  if (d_batch == 1) rows *= batch;
+  for (int64_t i = 0; i < ln_batch * n; ++i) rows += std::max<int32_t>(ln[i], 0);
+  if (ln_batch == 1) rows *= batch;
   const int64_t per_query_tasks = (n + kDocsPerTask - 1) / kDocsPerTask;
   const int64_t tasks = batch * per_query_tasks;
   const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
@@ -147,8 +148,8 @@ ffi::Error CentroidInteraction(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> S, ff
     const int64_t lo = (t % per_query_tasks) * kDocsPerTask;
     const int64_t hi = std::min<int64_t>(lo + kDocsPerTask, n);
     ScoreDocs<Code>(s_data + (s_batch == 1 ? 0 : b) * num_centroids * lq, num_centroids, lq,
-                    c_data + (c_batch == 1 ? 0 : b) * num_rows, num_rows, st + (d_batch == 1 ? 0 : b) * n,
-                    ln + (d_batch == 1 ? 0 : b) * n,
+                    c_data + (c_batch == 1 ? 0 : b) * num_rows, num_rows, st + (st_batch == 1 ? 0 : b) * n,
+                    ln + (ln_batch == 1 ? 0 : b) * n,
                     t_data[t_batch == 1 ? 0 : b], o + b * n, lo, hi);
   };
   if (helpers <= 0) {

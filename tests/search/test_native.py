@@ -1,0 +1,165 @@
+"""The native CPU kernel for PLAID's centroid interaction (`colbert_jax.native`, stages 4-5 of the streamed
+path): equal to a brute-force loop over the documents' codes, to itself one query at a time when vmapped,
+and the search it serves equal to the jnp path's (in memory: int32 codes; memory-mapped: uint16 codes).
+Programs lowered for accelerators do not call it; without a compiler the search warns and runs jnp."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import colbert_jax
+from colbert_jax import native
+from colbert_jax.scoring import MASKED_SCORE
+from colbert_jax.search import pruning
+from colbert_jax.search.arrays import IndexArrays
+from tests.kernels.lowering import lower
+
+TARGET = "colbert_jax_centroid_interaction"
+QUERIES_TSV = Path(__file__).parents[1] / "fixtures" / "collections" / "queries_2k.tsv"
+QUERY_TEXTS = [line.split("\t")[1] for line in QUERIES_TSV.read_text().splitlines()[:64]]
+
+
+def brute_force(S, codes, threshold, starts, lens) -> np.ndarray:
+    """Each document's centroid-interaction score, one row at a time."""
+    keep = S.max(axis=1) >= threshold
+    out = np.empty(len(starts), np.float32)
+    for d, (start, n) in enumerate(zip(starts, lens)):
+        if n == 0:
+            out[d] = -np.inf
+            continue
+        acc = np.full(S.shape[1], MASKED_SCORE, np.float32)
+        for code in codes[start : start + n]:
+            if keep[code]:
+                acc = np.maximum(acc, S[code])
+        out[d] = acc.sum()
+    return out
+
+
+def random_problem(seed: int, num_docs: int = 3000, num_rows: int = 120_000):
+    rng = np.random.default_rng(seed)
+    S = (0.35 * rng.standard_normal((4096, 32))).astype(np.float32)
+    codes = rng.integers(0, S.shape[0], num_rows).astype(np.int32)
+    lens = rng.integers(1, 90, num_docs).astype(np.int32)
+    lens[rng.choice(num_docs, 50, replace=False)] = 0  # empty slots (a shard's sentinel candidate)
+    starts = rng.integers(0, num_rows - 90, num_docs).astype(np.int32)
+    return S, codes, starts, lens
+
+
+@pytest.mark.parametrize("code_dtype", [np.int32, np.uint16])
+@pytest.mark.parametrize("threshold", [0.5, 0.9, -np.inf])
+def test_kernel_equals_brute_force(code_dtype, threshold):
+    # 120,000 rows: enough that the kernel splits the documents over XLA's thread pool.
+    S, codes, starts, lens = random_problem(0)
+    want = brute_force(S, codes, threshold, starts, lens)
+    got = np.asarray(jax.jit(native.centroid_interaction)(S, codes.astype(code_dtype), threshold, starts, lens))
+    empty = lens == 0
+    assert np.isneginf(got[empty]).all()
+    np.testing.assert_allclose(got[~empty], want[~empty], rtol=0, atol=2e-5)  # only the sum's order differs
+    if threshold > 0.5:  # some documents keep no code: MASKED_SCORE for every token
+        masked = np.isclose(want, 32 * MASKED_SCORE)
+        assert masked.any() and np.array_equal(got[masked], want[masked])
+
+
+def test_vmapped_queries_equal_one_at_a_time():
+    S, codes, starts, lens = random_problem(1, num_docs=500)
+    Sb = np.stack([S, 0.5 * S, S[::-1]])
+    thresholds = np.array([0.5, 0.2, -np.inf], np.float32)
+    startsb = np.stack([starts, starts[::-1], starts])
+    batched = jax.vmap(native.centroid_interaction, in_axes=(0, None, 0, 0, None))(Sb, codes, thresholds, startsb, lens)
+    for i in range(3):
+        one = native.centroid_interaction(Sb[i], codes, thresholds[i], startsb[i], lens)
+        np.testing.assert_array_equal(np.asarray(batched[i]), np.asarray(one))
+
+
+def test_equals_the_jnp_path():
+    """The kernel and the jnp streaming it replaces, over the same IndexArrays (the sums' order may differ)."""
+    S, codes, starts, lens = random_problem(2, num_docs=400, num_rows=30_000)
+    n = len(lens)
+    # One passage per document slot, laid out as an index's arrays with a sentinel (doclen 0) at the end.
+    arrays = IndexArrays(
+        centroids=jnp.zeros((S.shape[0], 8)),
+        bucket_weights=jnp.zeros(4),
+        codes=jnp.asarray(np.append(codes, S.shape[0]).astype(np.int32)),
+        doclens=jnp.asarray(np.append(lens, 0)),
+        offsets=jnp.asarray(np.append(starts, len(codes))),
+        first=jnp.zeros((), jnp.int32),
+        count=jnp.asarray(n, jnp.int32),
+    )
+    cand = jnp.asarray(np.r_[[n, n], np.arange(n)[::-1]].astype(np.int32))  # as stage 4 reads them: sentinels first
+    for threshold in (None, jnp.float32(0.5)):
+        got = np.asarray(jax.jit(pruning.approx_streamed, static_argnums=4)(cand, S, threshold, arrays, 4096))
+        want = np.asarray(jax.jit(pruning._approx_chunks, static_argnums=4)(cand, S, threshold, arrays, 4096))
+        assert np.array_equal(np.isneginf(got), np.isneginf(want)) and np.isneginf(got[:2]).all()
+        np.testing.assert_allclose(got[2:], want[2:], rtol=0, atol=2e-5)
+
+
+def _rankings(searcher, Q, k):
+    ranking = searcher.search_all(list(Q), k=k).todict()
+    return [ranking[i] for i in range(len(Q))]
+
+
+@pytest.mark.parametrize("mmap", [False, True], ids=["in_memory", "mmap"])
+def test_search_equals_the_jnp_path(real_index, minilm_model, monkeypatch, mmap):
+    """Rankings with the kernel equal those of the jnp path (COLBERT_JAX_NATIVE=0), at k=10 and 100."""
+    searcher = colbert_jax.Searcher(real_index, minilm_model, truncate=True, load_index_with_mmap=mmap)
+    Q = searcher.encode(QUERY_TEXTS)
+    assert native.enabled()
+    jax.clear_caches()
+    with_kernel = {k: _rankings(searcher, Q, k) for k in (10, 100)} | {1: [searcher.search(q, k=10) for q in Q[:5]]}
+    monkeypatch.setenv(native.ENV, "0")
+    assert not native.enabled()
+    jax.clear_caches()  # the programs above called the kernel: trace again without it
+    without = {k: _rankings(searcher, Q, k) for k in (10, 100)} | {1: [searcher.search(q, k=10) for q in Q[:5]]}
+    jax.clear_caches()
+    for k in with_kernel:
+        for a, b in zip(with_kernel[k], without[k]):
+            assert [pid for pid, _, _ in a] == [pid for pid, _, _ in b]
+            np.testing.assert_allclose([s for *_, s in a], [s for *_, s in b], rtol=0, atol=1e-5)
+
+
+def _approx_program():
+    arrays = IndexArrays(
+        centroids=jnp.zeros((64, 8)),
+        bucket_weights=jnp.zeros(4),
+        codes=jnp.zeros(101, jnp.int32),
+        doclens=jnp.full(11, 10, jnp.int32),
+        offsets=jnp.arange(0, 110, 10, dtype=jnp.int32),
+        first=jnp.zeros((), jnp.int32),
+        count=jnp.asarray(10, jnp.int32),
+    )
+    fn = jax.jit(lambda cand, S, t: pruning.approx_streamed(cand, S, t, arrays, 4096))
+    return fn, (jnp.arange(10, dtype=jnp.int32), jnp.zeros((64, 32)), jnp.float32(0.5))
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_accelerator_programs_do_not_call_the_kernel(platform):
+    fn, args = _approx_program()
+    assert TARGET in fn.lower(*args).as_text()  # the CPU program calls it
+    assert TARGET not in lower(fn, *args, platform=platform, name="centroid interaction")
+
+
+def test_without_a_compiler_the_search_warns_and_runs_jnp(real_index, minilm_model, monkeypatch, tmp_path):
+    searcher = colbert_jax.Searcher(real_index, minilm_model, truncate=True)
+    Q = searcher.encode(QUERY_TEXTS[:4])
+    want = _rankings(searcher, Q, 10)
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("COLBERT_JAX_CACHE", str(tmp_path))  # no kernel built here yet
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv(native.ENV, "1")
+    with pytest.raises(native.NativeBuildError, match="no-such-compiler"):
+        native.library()
+    monkeypatch.delenv(native.ENV)
+    monkeypatch.setattr(native, "_state", {})  # the default ("auto") warns at the first failure
+    jax.clear_caches()
+    with pytest.warns(native.NativeKernelWarning, match="no C\\+\\+ compiler"):
+        got = _rankings(searcher, Q, 10)
+    assert not native.enabled()
+    jax.clear_caches()
+    for a, b in zip(got, want):
+        assert [pid for pid, _, _ in a] == [pid for pid, _, _ in b]
+    assert not (tmp_path / "native").exists()
