@@ -2,7 +2,8 @@
 
 XLA:CPU lowers PLAID's centroid interaction (a gather of one row of centroid scores per candidate embedding,
 then a running maximum per document) as materialised gathers and a scatter-max, at several times the memory
-traffic of a plain loop. `plaid_cpu.cc` is that loop. It is compiled on first use with the machine's C++
+traffic of a plain loop, and its exact MaxSim over a few thousand rows as a loop of small ops whose fixed costs
+outweigh the arithmetic. `plaid_cpu.cc` holds both as plain loops. It is compiled on first use with the machine's C++
 compiler (`$CXX`, else `g++`) for this CPU (`-march=native`) against jaxlib's FFI headers, cached under
 $COLBERT_JAX_CACHE/native (keyed by the source, compiler, flags, jaxlib and CPU), and registered with XLA.
 
@@ -27,20 +28,36 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["ENV", "NativeBuildError", "NativeKernelWarning", "enabled", "library", "centroid_interaction"]
+__all__ = [
+    "ENV",
+    "NativeBuildError",
+    "NativeKernelWarning",
+    "enabled",
+    "library",
+    "centroid_interaction",
+    "exact_maxsim",
+]
 
 logger = logging.getLogger("colbert_jax.native")
 
 ENV = "COLBERT_JAX_NATIVE"
 SOURCE = Path(__file__).with_name("plaid_cpu.cc")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+# GCC vectorises with 256-bit registers on AVX-512 CPUs unless told otherwise: the MaxSim loop is FMA-bound.
+X86_FLAGS = ("-mprefer-vector-width=512",)
 _TARGETS = {
     np.dtype(np.int32): "colbert_jax_centroid_interaction_s32",
     np.dtype(np.uint16): "colbert_jax_centroid_interaction_u16",
 }
+_MAXSIM_TARGETS = {
+    np.dtype(np.int32): "colbert_jax_exact_maxsim_s32",
+    np.dtype(np.uint16): "colbert_jax_exact_maxsim_u16",
+}
 _SYMBOLS = {
     "colbert_jax_centroid_interaction_s32": "ColbertJaxCentroidInteractionS32",
     "colbert_jax_centroid_interaction_u16": "ColbertJaxCentroidInteractionU16",
+    "colbert_jax_exact_maxsim_s32": "ColbertJaxExactMaxSimS32",
+    "colbert_jax_exact_maxsim_u16": "ColbertJaxExactMaxSimU16",
 }
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "lib": the loaded library, "error": why it is not there
@@ -84,9 +101,10 @@ def _build() -> Path:
         raise NativeBuildError(f"no C++ compiler: {compiler!r} is not on PATH (set CXX, or {ENV}=0)")
     version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
     include = jax.ffi.include_dir()
+    flags = FLAGS + (X86_FLAGS if platform.machine().lower() in ("x86_64", "amd64") else ())
     key = hashlib.sha256(
         "\0".join(
-            [SOURCE.read_text(), exe, *version, *FLAGS, jax.__version__, _jaxlib_version(), _cpu_features()]
+            [SOURCE.read_text(), exe, *version, *flags, jax.__version__, _jaxlib_version(), _cpu_features()]
         ).encode()
     ).hexdigest()[:16]
     out_dir = cache_dir() / "native"
@@ -95,7 +113,7 @@ def _build() -> Path:
         return path
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / f".{path.name}.tmp{os.getpid()}.{threading.get_ident()}"
-    cmd = [exe, *FLAGS, "-I", include, str(SOURCE), "-o", str(tmp)]
+    cmd = [exe, *flags, "-I", include, str(SOURCE), "-o", str(tmp)]
     logger.info("compiling the native CPU kernels: %s", " ".join(cmd))
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
@@ -138,6 +156,10 @@ def library() -> ctypes.CDLL | None:
     return _state.get("lib")  # type: ignore[return-value]
 
 
+def _why_not() -> str:
+    return f"{ENV}=0" if _mode() == "off" else str(_state.get("error", "not built"))
+
+
 def enabled() -> bool:
     """Whether CPU programs traced now call the native kernels (building them on first call)."""
     return library() is not None
@@ -152,7 +174,7 @@ def centroid_interaction(S: jax.Array, codes: jax.Array, threshold, starts: jax.
     [n] f32: sum over query tokens of the best kept row's score (MASKED_SCORE for a token when none is kept).
     Call only where `enabled()`; vmaps over queries (a leading batch axis on any operand but codes)."""
     if library() is None:
-        raise NativeBuildError(f"the native CPU kernels are off or unavailable ({ENV}); check `enabled()` first")
+        raise NativeBuildError(f"the native CPU kernels are off or unavailable ({_why_not()}); check `enabled()` first")
     codes = jnp.asarray(codes)
     target = _TARGETS.get(np.dtype(codes.dtype))
     if target is None:
@@ -164,6 +186,44 @@ def centroid_interaction(S: jax.Array, codes: jax.Array, threshold, starts: jax.
         S.astype(jnp.float32),
         codes,
         jnp.asarray(threshold, jnp.float32).reshape(1),
+        starts.astype(jnp.int32),
+        lens.astype(jnp.int32),
+    )
+
+
+def exact_maxsim(
+    Q: jax.Array,
+    S: jax.Array,
+    codes: jax.Array,
+    residuals: jax.Array,
+    inv_norms: jax.Array,
+    table: jax.Array,
+    starts: jax.Array,
+    lens: jax.Array,
+) -> jax.Array:
+    """PLAID's stage 6 on the CPU: per-token MaxSim [n, Lq] of documents over their decompressed embeddings.
+
+    Q [Lq, dim]; S [P, Lq] centroid scores (q . c); codes [R] int32 or uint16, residuals uint8 [R, dim * nbits
+    / 8], inv_norms [R] (1 / ||c + r||) of the index's rows; table [256, 8 / nbits] (`byte_table`); starts, lens
+    [n] int32 -> [n, Lq] f32, each token's best (S[c, q] + r . q) * inv_norm over the document's rows (-inf
+    for an empty document). Call only where `enabled()`; vmapped, it runs once per query."""
+    if library() is None:
+        raise NativeBuildError(f"the native CPU kernels are off or unavailable ({_why_not()}); check `enabled()` first")
+    target = _MAXSIM_TARGETS.get(np.dtype(codes.dtype))
+    if target is None:
+        raise TypeError(f"codes must be int32 or uint16, got {codes.dtype}")
+    if Q.ndim != 2 or S.shape[1:] != Q.shape[:1] or residuals.shape[0] != codes.shape[0]:
+        raise ValueError(f"shapes: Q {Q.shape} [Lq, dim], S {S.shape} [P, Lq], residuals {residuals.shape} [R, B]")
+    # Under vmap (the searcher maps queries one at a time, in batches of 1), a loop over the batch.
+    out = jax.ShapeDtypeStruct((starts.shape[0], Q.shape[0]), jnp.float32)
+    call = jax.ffi.ffi_call(target, out, vmap_method="sequential")
+    return call(
+        Q.astype(jnp.float32),
+        S.astype(jnp.float32),
+        codes,
+        residuals,
+        inv_norms.astype(jnp.float32),
+        table.astype(jnp.float32),
         starts.astype(jnp.int32),
         lens.astype(jnp.int32),
     )

@@ -1,5 +1,7 @@
-// PLAID's centroid interaction (stages 4-5) on the CPU, called from XLA programs through the XLA FFI.
+// PLAID's centroid interaction (stages 4-5) and exact MaxSim (stage 6) on the CPU, called from XLA programs
+// through the XLA FFI.
 //
+// Centroid interaction:
 // For each candidate document d (rows starts[d] .. starts[d] + lens[d] of the index):
 //   acc[q] = max over its rows r whose centroid c = codes[r] is kept (max_q' S[c, q'] >= threshold)
 //            of S[c, q], and MASKED_SCORE when none is kept;
@@ -16,9 +18,13 @@
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <functional>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <mutex>
 
 #include "xla/ffi/api/ffi.h"
@@ -31,12 +37,69 @@ constexpr float kMasked = -9999.0f;  // colbert_jax.scoring.MASKED_SCORE
 constexpr int64_t kMaxQueryTokens = 1024;
 constexpr int64_t kDocsPerTask = 64;
 constexpr int64_t kRowsPerThread = 32768;  // below this many rows per thread, one thread does it all
-constexpr int kPrefetch = 8;
+constexpr int64_t kMaxDim = 1024;
+constexpr int64_t kMaxSimRowsPerThread = 2048;  // rows cost far more here than in the interaction
 
-template <typename Code>
-void ScoreDocs(const float* S, int64_t num_centroids, int64_t lq, const Code* codes, int64_t num_rows,
+// 16 floats as one vector (GCC/Clang vector extensions: AVX-512 registers where the CPU has them, split
+// into narrower ones elsewhere). Elementwise `a > b ? a : b` is the maximum the compiler vectorises;
+// std::max's reference-returning form compiles to a compare and branch per element.
+typedef float Vec16 __attribute__((vector_size(64)));
+typedef int32_t Vec16Mask __attribute__((vector_size(64)));  // a comparison's lanes: all ones or zero
+constexpr int kLanes = 16;
+
+inline Vec16 Load(const float* p) {
+  Vec16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void Store(float* p, Vec16 v) { std::memcpy(p, &v, sizeof v); }
+
+inline Vec16 Max(Vec16 a, Vec16 b) { return a > b ? a : b; }
+
+inline float Max(float a, float b) { return a > b ? a : b; }
+
+// acc[q] = max(acc[q], row[q]) for q < n.
+inline void MaxInto(float* acc, const float* row, int64_t n) {
+  int64_t q = 0;
+  for (; q + kLanes <= n; q += kLanes) Store(acc + q, Max(Load(acc + q), Load(row + q)));
+  for (; q < n; ++q) acc[q] = Max(acc[q], row[q]);
+}
+
+// Whether any of a row's n scores is >= threshold (that is, its largest one).
+inline bool AnyAtLeast(const float* row, int64_t n, float threshold) {
+  int64_t q = 0;
+#if defined(__AVX512F__)
+  const __m512 t = _mm512_set1_ps(threshold);
+  __mmask16 any = 0;
+  for (; q + kLanes <= n; q += kLanes) any |= _mm512_cmp_ps_mask(_mm512_loadu_ps(row + q), t, _CMP_GE_OQ);
+  if (any) return true;
+#endif
+  for (; q < n; ++q) {
+    if (row[q] >= threshold) return true;
+  }
+  return false;
+}
+
+// acc[q] = max(acc[q], row[q]) for q < n when the row's largest score is >= threshold, else the row counts as
+// MASKED_SCORE (which acc, starting there, already holds). Without a branch: whether a row is kept is
+// data-dependent, and mispredicted branches cost more than the selects.
+inline void MaxIntoIfKept(float* acc, const float* row, int64_t n, float threshold) {
+  const bool keep = AnyAtLeast(row, n, threshold);
+  const Vec16Mask kept = Vec16Mask{} - (keep ? 1 : 0);  // all lanes true (-1) or all false
+  const Vec16 masked = Vec16{} + kMasked;
+  int64_t q = 0;
+  for (; q + kLanes <= n; q += kLanes) Store(acc + q, Max(Load(acc + q), kept ? Load(row + q) : masked));
+  for (; q < n; ++q) acc[q] = Max(acc[q], keep ? row[q] : kMasked);
+}
+
+// kLq: the number of query tokens when known at compile time (0: `lq`, at run time). Known, the per-token
+// arrays below live in vector registers.
+template <typename Code, int kLq>
+void ScoreDocs(const float* S, int64_t num_centroids, int64_t lq_runtime, const Code* codes, int64_t num_rows,
                const int32_t* starts, const int32_t* lens, float threshold, float* out, int64_t lo, int64_t hi) {
-  alignas(64) float acc[kMaxQueryTokens];
+  const int64_t lq = kLq > 0 ? kLq : lq_runtime;
+  alignas(64) float acc[kLq > 0 ? kLq : kMaxQueryTokens];
   const bool prune = threshold > -std::numeric_limits<float>::infinity();
   for (int64_t d = lo; d < hi; ++d) {
     const int64_t len = lens[d];
@@ -48,19 +111,14 @@ void ScoreDocs(const float* S, int64_t num_centroids, int64_t lq, const Code* co
     std::fill(acc, acc + lq, kMasked);
     const Code* c = codes + start;
     for (int64_t r = 0; r < len; ++r) {
-      if (r + kPrefetch < len) {
-        const int64_t ahead = static_cast<int64_t>(c[r + kPrefetch]);
-        if (ahead < num_centroids) __builtin_prefetch(S + ahead * lq);
-      }
       const int64_t code = static_cast<int64_t>(c[r]);
       if (code < 0 || code >= num_centroids) continue;  // padding: never part of a document
       const float* row = S + code * lq;
       if (prune) {
-        float m = row[0];
-        for (int64_t q = 1; q < lq; ++q) m = std::max(m, row[q]);
-        if (!(m >= threshold)) continue;
+        MaxIntoIfKept(acc, row, lq, threshold);
+      } else {
+        MaxInto(acc, row, lq);
       }
-      for (int64_t q = 0; q < lq; ++q) acc[q] = std::max(acc[q], row[q]);
     }
     float sum = 0.0f;
     for (int64_t q = 0; q < lq; ++q) sum += acc[q];
@@ -147,11 +205,116 @@ ffi::Error CentroidInteraction(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> S, ff
     const int64_t b = t / per_query_tasks;
     const int64_t lo = (t % per_query_tasks) * kDocsPerTask;
     const int64_t hi = std::min<int64_t>(lo + kDocsPerTask, n);
-    ScoreDocs<Code>(s_data + (s_batch == 1 ? 0 : b) * num_centroids * lq, num_centroids, lq,
-                    c_data + (c_batch == 1 ? 0 : b) * num_rows, num_rows, st + (st_batch == 1 ? 0 : b) * n,
-                    ln + (ln_batch == 1 ? 0 : b) * n,
-                    t_data[t_batch == 1 ? 0 : b], o + b * n, lo, hi);
+    auto run = lq == 32 ? ScoreDocs<Code, 32> : ScoreDocs<Code, 0>;
+    run(s_data + (s_batch == 1 ? 0 : b) * num_centroids * lq, num_centroids, lq,
+        c_data + (c_batch == 1 ? 0 : b) * num_rows, num_rows, st + (st_batch == 1 ? 0 : b) * n,
+        ln + (ln_batch == 1 ? 0 : b) * n, t_data[t_batch == 1 ? 0 : b], o + b * n, lo, hi);
   };
+  if (helpers <= 0) {
+    for (int64_t t = 0; t < tasks; ++t) task(t);
+  } else {
+    RunTasks(pool, tasks, helpers, task);
+  }
+  return ffi::Error::Success();
+}
+
+
+// Exact MaxSim (stage 6): for each document d, per query token q, the best over its rows r of
+//   (S[codes[r], q] + residual(r) . Q[q]) * inv_norms[r],
+// residual(r) unpacked from its bytes through `table` [256, 8 / nbits] (the values one byte holds, first
+// dimension first): the same terms, in the same order, as `exact_scoring.similarities`. -inf for a token of an
+// empty document. The products run over the dimensions in the outer loop and the query tokens in the inner
+// one, against Q transposed: the inner loop is elementwise and vectorises.
+template <typename Code, int kLq>
+void MaxSimDocs(const float* qt, int64_t lq_runtime, int64_t dim, const float* S, int64_t num_centroids,
+                const Code* codes, const uint8_t* residuals, int64_t bytes_per_row, const float* inv_norms,
+                int64_t num_rows, const float* table, int64_t per_byte, const int32_t* starts, const int32_t* lens,
+                float* out, int64_t lo, int64_t hi) {
+  const int64_t lq = kLq > 0 ? kLq : lq_runtime;
+  alignas(64) float acc[kLq > 0 ? kLq : kMaxQueryTokens];
+  alignas(64) float dot[kLq > 0 ? kLq : kMaxQueryTokens];
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  for (int64_t d = lo; d < hi; ++d) {
+    std::fill(acc, acc + lq, neg_inf);
+    const int64_t len = lens[d];
+    const int64_t start = starts[d];
+    if (len > 0 && start >= 0 && start + len <= num_rows) {
+      for (int64_t row = start; row < start + len; ++row) {
+        const int64_t code = static_cast<int64_t>(codes[row]);
+        if (code < 0 || code >= num_centroids) continue;
+        const uint8_t* packed = residuals + row * bytes_per_row;
+        std::fill(dot, dot + lq, 0.0f);
+        const float* col = qt;
+        for (int64_t b = 0; b < bytes_per_row; ++b) {  // each byte: per_byte dimensions, first one first
+          const float* values = table + static_cast<int64_t>(packed[b]) * per_byte;
+          for (int64_t k = 0; k < per_byte; ++k, col += lq) {
+            const float rj = values[k];
+            for (int64_t q = 0; q < lq; ++q) dot[q] += rj * col[q];
+          }
+        }
+        const float* base = S + code * lq;
+        const float inv = inv_norms[row];
+        for (int64_t q = 0; q < lq; ++q) dot[q] = (base[q] + dot[q]) * inv;
+        MaxInto(acc, dot, lq);
+      }
+    }
+    std::copy(acc, acc + lq, out + d * lq);
+  }
+}
+
+template <ffi::DataType CodeType>
+ffi::Error ExactMaxSim(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> Q, ffi::Buffer<ffi::F32> S,
+                       ffi::Buffer<CodeType> codes, ffi::Buffer<ffi::U8> residuals, ffi::Buffer<ffi::F32> inv_norms,
+                       ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::S32> starts, ffi::Buffer<ffi::S32> lens,
+                       ffi::ResultBuffer<ffi::F32> out) {
+  using Code = ffi::NativeType<CodeType>;
+  auto q_dims = Q.dimensions();
+  auto s_dims = S.dimensions();
+  auto r_dims = residuals.dimensions();
+  auto t_dims = table.dimensions();
+  if (q_dims.size() != 2 || s_dims.size() != 2 || r_dims.size() != 2 || t_dims.size() != 2 ||
+      codes.dimensions().size() != 1 || inv_norms.dimensions().size() != 1 || starts.dimensions().size() != 1 ||
+      lens.dimensions().size() != 1) {
+    return ffi::Error::InvalidArgument(
+        "exact_maxsim: needs Q [Lq, dim], S [P, Lq], codes [R], residuals [R, B], inv_norms [R], table [256, k], "
+        "starts and lens [n] (no batch axis)");
+  }
+  const int64_t lq = q_dims[0], dim = q_dims[1];
+  const int64_t num_centroids = s_dims[0];
+  const int64_t num_rows = codes.element_count();
+  const int64_t bytes_per_row = r_dims[1];
+  const int64_t per_byte = t_dims[1];
+  const int64_t n = starts.element_count();
+  if (lq > kMaxQueryTokens || dim > kMaxDim || s_dims[1] != lq || r_dims[0] != num_rows ||
+      inv_norms.element_count() != num_rows || t_dims[0] != 256 || bytes_per_row * per_byte != dim ||
+      lens.element_count() != n || out->element_count() != n * lq) {
+    return ffi::Error::InvalidArgument("exact_maxsim: operand shapes do not fit together");
+  }
+  std::unique_ptr<float[]> qt(new float[dim * lq]);
+  const float* qd = Q.typed_data();
+  for (int64_t q = 0; q < lq; ++q)
+    for (int64_t j = 0; j < dim; ++j) qt[j * lq + q] = qd[q * dim + j];
+  const int32_t* st = starts.typed_data();
+  const int32_t* ln = lens.typed_data();
+  int64_t rows = 0;
+  for (int64_t i = 0; i < n; ++i) rows += std::max<int32_t>(ln[i], 0);
+  const float* qtp = qt.get();
+  const float* s_data = S.typed_data();
+  const Code* c_data = codes.typed_data();
+  const uint8_t* r_data = residuals.typed_data();
+  const float* inv = inv_norms.typed_data();
+  const float* tab = table.typed_data();
+  float* o = out->typed_data();
+  constexpr int64_t kDocs = 4;
+  const int64_t tasks = (n + kDocs - 1) / kDocs;
+  auto task = [=](int64_t t) {
+    const int64_t lo = t * kDocs;
+    auto run = lq == 32 ? MaxSimDocs<Code, 32> : MaxSimDocs<Code, 0>;
+    run(qtp, lq, dim, s_data, num_centroids, c_data, r_data, bytes_per_row, inv, num_rows, tab, per_byte, st, ln, o,
+        lo, std::min<int64_t>(lo + kDocs, n));
+  };
+  const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
+  const int64_t helpers = std::min<int64_t>({threads - 1, rows / kMaxSimRowsPerThread, tasks - 1});
   if (helpers <= 0) {
     for (int64_t t = 0; t < tasks; ++t) task(t);
   } else {
@@ -176,3 +339,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ColbertJaxCentroidInteractionS32, CentroidInteract
                               COLBERT_JAX_BIND(ffi::S32));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ColbertJaxCentroidInteractionU16, CentroidInteraction<ffi::U16>,
                               COLBERT_JAX_BIND(ffi::U16));
+
+#define COLBERT_JAX_BIND_MAXSIM(CODE)           \
+  ffi::Ffi::Bind()                              \
+      .Ctx<ffi::ThreadPool>()                   \
+      .Arg<ffi::Buffer<ffi::F32>>()             \
+      .Arg<ffi::Buffer<ffi::F32>>()             \
+      .Arg<ffi::Buffer<CODE>>()                 \
+      .Arg<ffi::Buffer<ffi::U8>>()              \
+      .Arg<ffi::Buffer<ffi::F32>>()             \
+      .Arg<ffi::Buffer<ffi::F32>>()             \
+      .Arg<ffi::Buffer<ffi::S32>>()             \
+      .Arg<ffi::Buffer<ffi::S32>>()             \
+      .Ret<ffi::Buffer<ffi::F32>>()
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ColbertJaxExactMaxSimS32, ExactMaxSim<ffi::S32>, COLBERT_JAX_BIND_MAXSIM(ffi::S32));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ColbertJaxExactMaxSimU16, ExactMaxSim<ffi::U16>, COLBERT_JAX_BIND_MAXSIM(ffi::U16));

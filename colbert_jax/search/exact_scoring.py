@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from colbert_jax import native
 from colbert_jax.scoring import MASKED_SCORE
 from colbert_jax.search.arrays import AXIS, NEG_INF, IndexArrays, map_queries, run_sharded
 from colbert_jax.search.segments import expand, segment_max, stream
@@ -52,8 +53,25 @@ def exact_packed(Q, S, survivors, a: IndexArrays, max_embeddings: int, nbits: in
 
 
 def exact_streamed(Q, S, survivors, a: IndexArrays, chunk: int, nbits: int) -> jax.Array:
-    """Per-token MaxSim [n, Lq] of the survivors, their embeddings streamed `chunk` at a time."""
+    """Per-token MaxSim [n, Lq] of the survivors. On the CPU, with the native kernels built and the rows'
+    centroid scores S and norms at hand, one loop over their rows (`colbert_jax.native`); else their embeddings
+    streamed `chunk` at a time."""
     table = byte_table(a.bucket_weights, nbits)
+    if S is None or a.inv_norms is None or not native.enabled():
+        return _exact_chunks(Q, S, survivors, a, chunk, table)
+
+    def on_cpu(Q, S, survivors):
+        lens, starts = a.doclens[survivors], a.offsets[survivors]
+        return native.exact_maxsim(Q, S, a.codes, a.residuals, a.inv_norms, table, starts, lens)
+
+    def elsewhere(Q, S, survivors):
+        return _exact_chunks(Q, S, survivors, a, chunk, table)
+
+    return jax.lax.platform_dependent(Q, S, survivors, cpu=on_cpu, default=elsewhere)
+
+
+def _exact_chunks(Q, S, survivors, a: IndexArrays, chunk: int, table) -> jax.Array:
+    """`exact_streamed` in jnp: the survivors' embeddings streamed `chunk` at a time."""
 
     def body(acc, seg, emb, valid):
         return acc.at[seg].max(similarities(Q, S, emb, valid, a, table), indices_are_sorted=True)
