@@ -1,7 +1,8 @@
-"""The native CPU kernel for PLAID's centroid interaction (`colbert_jax.native`, stages 4-5 of the streamed
-path): equal to a brute-force loop over the documents' codes, to itself one query at a time when vmapped,
-and the search it serves equal to the jnp path's (in memory: int32 codes; memory-mapped: uint16 codes).
-Programs lowered for accelerators do not call it; without a compiler the search warns and runs jnp."""
+"""The native CPU kernels (`colbert_jax.native`) of the streamed PLAID path: the centroid interaction (stages
+4-5) and exact MaxSim (stage 6), each equal to a brute-force computation (the interaction also to itself one
+query at a time when vmapped, and to the jnp streaming it replaces), and the search they serve equal to the jnp
+path's (in memory: int32 codes; memory-mapped: uint16 codes). Programs lowered for accelerators do not call
+them; without a compiler the search warns and runs jnp."""
 
 from __future__ import annotations
 
@@ -15,11 +16,11 @@ import pytest
 import colbert_jax
 from colbert_jax import native
 from colbert_jax.scoring import MASKED_SCORE
-from colbert_jax.search import pruning
+from colbert_jax.search import exact_scoring, pruning
 from colbert_jax.search.arrays import IndexArrays
+from pallas_kernels.decompress import byte_table
 from tests.kernels.lowering import lower
 
-TARGET = "colbert_jax_centroid_interaction"
 QUERIES_TSV = Path(__file__).parents[1] / "fixtures" / "collections" / "queries_2k.tsv"
 QUERY_TEXTS = [line.split("\t")[1] for line in QUERIES_TSV.read_text().splitlines()[:64]]
 
@@ -98,6 +99,35 @@ def test_equals_the_jnp_path():
         np.testing.assert_allclose(got[2:], want[2:], rtol=0, atol=2e-5)
 
 
+@pytest.mark.parametrize("code_dtype", [np.int32, np.uint16])
+@pytest.mark.parametrize("nbits", [2, 4])
+def test_exact_maxsim_equals_brute_force(code_dtype, nbits):
+    """Stage 6's kernel: each token's best (q . c + q . r) / ||c + r|| over a document's rows, from packed bytes."""
+    rng = np.random.default_rng(nbits)
+    dim, lq, num_rows, num_docs = 64, 32, 6000, 120
+    Q = rng.standard_normal((lq, dim)).astype(np.float32)
+    centroids = rng.standard_normal((300, dim)).astype(np.float32)
+    S = centroids @ Q.T
+    codes = rng.integers(0, len(centroids), num_rows)
+    residuals = rng.integers(0, 256, (num_rows, dim * nbits // 8)).astype(np.uint8)
+    weights = np.sort(rng.standard_normal(1 << nbits)).astype(np.float32) * 0.1
+    table = np.asarray(byte_table(jnp.asarray(weights), nbits))
+    r = table[residuals].reshape(num_rows, dim)
+    inv_norms = (1.0 / np.linalg.norm(centroids[codes] + r, axis=1)).astype(np.float32)
+    lens = rng.integers(0, 100, num_docs).astype(np.int32)
+    lens[:3] = 0
+    starts = rng.integers(0, num_rows - 100, num_docs).astype(np.int32)
+    got = np.asarray(
+        jax.jit(native.exact_maxsim)(Q, S, codes.astype(code_dtype), residuals, inv_norms, table, starts, lens)
+    )
+    sims = (S[codes] + r @ Q.T) * inv_norms[:, None]  # [rows, Lq]
+    for d, (start, n) in enumerate(zip(starts, lens)):
+        if n == 0:
+            assert np.isneginf(got[d]).all()
+        else:
+            np.testing.assert_allclose(got[d], sims[start : start + n].max(axis=0), rtol=0, atol=1e-5)
+
+
 def _rankings(searcher, Q, k):
     ranking = searcher.search_all(list(Q), k=k).todict()
     return [ranking[i] for i in range(len(Q))]
@@ -122,7 +152,8 @@ def test_search_equals_the_jnp_path(real_index, minilm_model, monkeypatch, mmap)
             np.testing.assert_allclose([s for *_, s in a], [s for *_, s in b], rtol=0, atol=1e-5)
 
 
-def _approx_program():
+def _programs():
+    """Jitted stage 4 (centroid interaction) and stage 6 (exact MaxSim) over a small IndexArrays, with inputs."""
     arrays = IndexArrays(
         centroids=jnp.zeros((64, 8)),
         bucket_weights=jnp.zeros(4),
@@ -131,16 +162,23 @@ def _approx_program():
         offsets=jnp.arange(0, 110, 10, dtype=jnp.int32),
         first=jnp.zeros((), jnp.int32),
         count=jnp.asarray(10, jnp.int32),
+        residuals=jnp.zeros((101, 2), jnp.uint8),
+        inv_norms=jnp.ones(101),
     )
-    fn = jax.jit(lambda cand, S, t: pruning.approx_streamed(cand, S, t, arrays, 4096))
-    return fn, (jnp.arange(10, dtype=jnp.int32), jnp.zeros((64, 32)), jnp.float32(0.5))
+    cand, S = jnp.arange(10, dtype=jnp.int32), jnp.zeros((64, 32))
+    approx = jax.jit(lambda cand, S, t: pruning.approx_streamed(cand, S, t, arrays, 4096))
+    exact = jax.jit(lambda Q, S, cand: exact_scoring.exact_streamed(Q, S, cand, arrays, 512, 2))
+    return [
+        (approx, (cand, S, jnp.float32(0.5)), "colbert_jax_centroid_interaction"),
+        (exact, (jnp.zeros((32, 8)), S, cand), "colbert_jax_exact_maxsim"),
+    ]
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
-def test_accelerator_programs_do_not_call_the_kernel(platform):
-    fn, args = _approx_program()
-    assert TARGET in fn.lower(*args).as_text()  # the CPU program calls it
-    assert TARGET not in lower(fn, *args, platform=platform, name="centroid interaction")
+def test_accelerator_programs_do_not_call_the_kernels(platform):
+    for fn, args, target in _programs():
+        assert target in fn.lower(*args).as_text()  # the CPU program calls it
+        assert target not in lower(fn, *args, platform=platform, name=target)
 
 
 def test_without_a_compiler_the_search_warns_and_runs_jnp(real_index, minilm_model, monkeypatch, tmp_path):
