@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from colbert_jax.config import ColBERTConfig
-from colbert_jax.modeling.backbones import BackboneConfig
+from colbert_jax.modeling.backbones import BackboneConfig, supports_unstacked, unstacked_params
 from colbert_jax.modeling.colbert import ColBERTEncoder, embed_docs, embed_queries
 from colbert_jax.modeling.invariant import batch_invariant
 from colbert_jax.modeling.quantize import quantize_params, quantized_apply
@@ -94,17 +94,24 @@ class ColBERTModel:
         pad_id = self.doc_tokenizer.pad_id
         # PyLate pads queries with [MASK] and keeps every position: no id is "padding" there.
         self.query_pad_id = -1 if self.text.pylate else pad_id
-        query_fn = functools.partial(embed_queries, self.module, pad_id=self.query_pad_id)
-        self._query_params = self.params
+        cpu = self.mesh.devices.flat[0].platform == "cpu"
+        # On CPU the query encoder runs one module per layer: a scanned layer copies its weights out of the
+        # stack on every call (`bert._Encoder`), which costs more than one query's products.
+        query_params = params
+        query_module = self.module
+        if cpu and supports_unstacked(bert_config):
+            query_params = unstacked_params(bert_config, jax.device_get(params))
+            query_module = self.module.clone(unstacked=True)
+        query_fn = functools.partial(embed_queries, query_module, pad_id=self.query_pad_id)
+        self._query_params = self.params if query_params is params else jax.device_put(query_params, replicated)
         # On CPU the two-term int8 encoder is faster and keeps query embeddings within cosine 1e-5 of float32's;
         # accelerators' float32 (or bfloat16) matmuls are fast already. "auto" takes int8 only where its
         # embeddings do not depend on the batch size (`int8_batch_invariant`: not ModernBERT's yet).
         self.query_quantization = config.query_quantization
         if self.query_quantization == "auto":
-            cpu = self.mesh.devices.flat[0].platform == "cpu"
             self.query_quantization = "int8" if cpu and bert_config.int8_batch_invariant else "none"
         if self.query_quantization == "int8":
-            self._query_params = jax.device_put(quantize_params(params), replicated)
+            self._query_params = jax.device_put(quantize_params(query_params), replicated)
             # int8 rounds each dense layer's input rows: the float ops between run at large-batch shapes so that
             # a query's embedding does not depend on the batch it is encoded in
             query_fn = quantized_apply(batch_invariant(query_fn, self.n_devices))

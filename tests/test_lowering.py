@@ -113,7 +113,7 @@ def test_pallas_search_does_not_lower_for_tpu(search_calls):
 def test_encoders_and_indexing_step_lower(minilm_model, real_index, platform):
     model = minilm_model
     ids, mask = model.query_tokenizer.tensorize(QUERIES)
-    lower(model._query_fn, model.params, ids, mask, platform=platform, name="query encoder")
+    lower(model._query_fn, model._query_params, ids, mask, platform=platform, name="query encoder")
     ids, mask = model.doc_tokenizer.tensorize(["a passage " * 60] * 32)
     skiplist = model._skiplist
     lower(model._doc_fn, model.params, ids, mask, skiplist, platform=platform, name="document encoder")

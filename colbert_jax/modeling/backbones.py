@@ -7,14 +7,22 @@ Flax tree mirrors. Configs that need remote code (`auto_map`) are refused: we ca
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
-from colbert_jax.modeling.bert import BertConfig, BertModel
+from colbert_jax.modeling.bert import BertConfig, BertModel, unstack_layers
 from colbert_jax.modeling.electra import ElectraConfig, ElectraModel
 from colbert_jax.modeling.modernbert import ModernBertConfig, ModernBertModel
 from colbert_jax.modeling.roberta import RobertaConfig, RobertaModel
 
-__all__ = ["BackboneConfig", "SUPPORTED_MODEL_TYPES", "backbone_config_from_hf", "backbone_module"]
+__all__ = [
+    "BackboneConfig",
+    "SUPPORTED_MODEL_TYPES",
+    "backbone_config_from_hf",
+    "backbone_module",
+    "supports_unstacked",
+    "unstacked_params",
+]
 
 BackboneConfig = BertConfig | RobertaConfig | ElectraConfig | ModernBertConfig
 
@@ -46,6 +54,22 @@ def backbone_config_from_hf(d: dict[str, Any], *, source: str = "config.json") -
     return cls.from_hf_dict(d, source=source)
 
 
-def backbone_module(config: BackboneConfig, dtype, remat: bool = False):
-    """The Flax module for `config`, named by the reference's attribute (`config.torch_prefix`)."""
-    return _MODULES[type(config)](config, dtype, remat, name=config.torch_prefix)
+def supports_unstacked(config: BackboneConfig) -> bool:
+    """Whether the backbone can run with one module per layer (`bert._Encoder`; not ModernBERT)."""
+    return "unstacked" in {f.name for f in dataclasses.fields(_MODULES[type(config)])}
+
+
+def unstacked_params(config: BackboneConfig, params: dict) -> dict:
+    """An encoder's parameters (the backbone under `config.torch_prefix`, the head beside it) in the layout of
+    `backbone_module(..., unstacked=True)`."""
+    return {**params, config.torch_prefix: unstack_layers(params[config.torch_prefix])}
+
+
+def backbone_module(config: BackboneConfig, dtype, remat: bool = False, unstacked: bool = False):
+    """The Flax module for `config`, named by the reference's attribute (`config.torch_prefix`); `unstacked`:
+    one module per layer (inference; `supports_unstacked`)."""
+    if not unstacked:
+        return _MODULES[type(config)](config, dtype, remat, name=config.torch_prefix)
+    if not supports_unstacked(config):
+        raise ValueError(f"{type(config).__name__}: this backbone's layers cannot be unstacked")
+    return _MODULES[type(config)](config, dtype, remat, unstacked=True, name=config.torch_prefix)

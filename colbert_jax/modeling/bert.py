@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from colbert_jax.modeling.invariant import active, padded
 
@@ -226,14 +227,24 @@ class _Layer(nn.Module):
 
 
 class _Encoder(nn.Module):
+    """The layers: an `nn.scan` over parameters stacked on a leading axis (`layer`), or with `unstacked`, one
+    module per layer (`layer_0`, `layer_1`, ...; `unstack_layers` converts the parameters). Inference on
+    XLA:CPU takes the second: a scan step slices its layer's weights out of the stack, a copy of every
+    weight on every call that costs as much as a small batch's products."""
+
     config: BertConfig
     dtype: Any
     deterministic: bool
     remat: bool = False
+    unstacked: bool = False
 
     @nn.compact
     def __call__(self, x, bias):
         layer_cls = nn.remat(_Layer) if self.remat else _Layer
+        if self.unstacked:
+            for i in range(self.config.num_hidden_layers):
+                x, _ = layer_cls(self.config, self.dtype, self.deterministic, name=f"layer_{i}")(x, bias)
+            return x
         layers = nn.scan(
             layer_cls,
             variable_axes={"params": 0},
@@ -258,9 +269,22 @@ class BertModel(nn.Module):
     config: BertConfig
     dtype: Any = jnp.float32
     remat: bool = False
+    unstacked: bool = False
 
     @nn.compact
     def __call__(self, input_ids, attention_mask, deterministic: bool = True):
         x = _Embeddings(self.config, self.dtype, name="embeddings")(input_ids, deterministic)
         bias = _key_bias(attention_mask)
-        return _Encoder(self.config, self.dtype, deterministic, self.remat, name="encoder")(x, bias)
+        encoder = _Encoder(self.config, self.dtype, deterministic, self.remat, self.unstacked, name="encoder")
+        return encoder(x, bias)
+
+
+def unstack_layers(backbone_params: dict) -> dict:
+    """A BERT-family backbone's parameters with the stacked `encoder/layer` subtree split into `layer_0`,
+    `layer_1`, ... (the layout of `_Encoder(unstacked=True)`); host arrays."""
+    encoder = dict(backbone_params["encoder"])
+    stacked = encoder.pop("layer")
+    count = jax.tree.leaves(stacked)[0].shape[0]
+    for i in range(count):
+        encoder[f"layer_{i}"] = jax.tree.map(lambda x, i=i: np.asarray(x[i]), stacked)
+    return {**backbone_params, "encoder": encoder}

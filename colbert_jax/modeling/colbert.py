@@ -42,10 +42,11 @@ class ColBERTEncoder(nn.Module):
     dtype: Any = jnp.float32
     remat: bool = False
     head: tuple[tuple[int, bool, str], ...] = ()
+    unstacked: bool = False  # the backbone's layers as one module each (`backbones.unstacked_params`)
 
     @nn.compact
     def __call__(self, input_ids, attention_mask, deterministic: bool = True):
-        backbone = backbone_module(self.bert_config, self.dtype, self.remat)
+        backbone = backbone_module(self.bert_config, self.dtype, self.remat, self.unstacked)
         h = backbone(input_ids, attention_mask, deterministic)
         layers = self.head or ((self.dim, False, "identity"),)
         for i, (features, bias, activation) in enumerate(layers, start=1):

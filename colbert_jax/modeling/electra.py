@@ -71,6 +71,7 @@ class ElectraModel(nn.Module):
     config: ElectraConfig
     dtype: Any = jnp.float32
     remat: bool = False
+    unstacked: bool = False  # one module per layer (`bert._Encoder`)
 
     @nn.compact
     def __call__(self, input_ids, attention_mask, deterministic: bool = True):
@@ -79,4 +80,5 @@ class ElectraModel(nn.Module):
         if cfg.projects_embeddings:
             x = _dense(cfg, cfg.hidden_size, (None, "embed"), self.dtype, "embeddings_project")(x)
         bias = _key_bias(attention_mask)
-        return _Encoder(cfg, self.dtype, deterministic, self.remat, name="encoder")(x, bias)
+        encoder = _Encoder(cfg, self.dtype, deterministic, self.remat, self.unstacked, name="encoder")
+        return encoder(x, bias)

@@ -67,9 +67,11 @@ class RobertaModel(nn.Module):
     config: RobertaConfig
     dtype: Any = jnp.float32
     remat: bool = False
+    unstacked: bool = False  # one module per layer (`bert._Encoder`)
 
     @nn.compact
     def __call__(self, input_ids, attention_mask, deterministic: bool = True):
         x = _Embeddings(self.config, self.dtype, name="embeddings")(input_ids, deterministic)
         bias = _key_bias(attention_mask)
-        return _Encoder(self.config, self.dtype, deterministic, self.remat, name="encoder")(x, bias)
+        encoder = _Encoder(self.config, self.dtype, deterministic, self.remat, self.unstacked, name="encoder")
+        return encoder(x, bias)
