@@ -126,9 +126,10 @@ void ScoreDocs(const float* S, int64_t num_centroids, int64_t lq_runtime, const 
   }
 }
 
-// Runs fn(task) for task in [0, tasks) on the calling thread and up to `helpers` pool threads. Tasks are
-// claimed from a shared counter, so the caller finishes everything itself if the pool is busy; state lives
-// on the heap because a pool thread may start after the caller has returned.
+// Runs fn(task) for task in [0, tasks) on the calling thread and, when there are `rows` rows to process, one
+// pool thread per `rows_per_thread` of them (up to the pool's size). Tasks are claimed from a shared counter,
+// so the caller finishes everything itself if the pool is busy; state lives on the heap because a pool thread
+// may start after the caller has returned.
 struct Work {
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
@@ -138,7 +139,13 @@ struct Work {
 };
 
 template <typename Fn>
-void RunTasks(ffi::ThreadPool& pool, int64_t tasks, int64_t helpers, Fn fn) {
+void RunTasks(ffi::ThreadPool& pool, int64_t tasks, int64_t rows, int64_t rows_per_thread, Fn fn) {
+  const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
+  const int64_t helpers = std::min<int64_t>({threads - 1, rows / rows_per_thread, tasks - 1});
+  if (helpers <= 0) {
+    for (int64_t t = 0; t < tasks; ++t) fn(t);
+    return;
+  }
   auto work = std::make_shared<Work>();
   work->tasks = tasks;
   auto drain = [work, fn]() {
@@ -199,8 +206,7 @@ ffi::Error CentroidInteraction(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> S, ff
   if (ln_batch == 1) rows *= batch;
   const int64_t per_query_tasks = (n + kDocsPerTask - 1) / kDocsPerTask;
   const int64_t tasks = batch * per_query_tasks;
-  const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
-  const int64_t helpers = std::min<int64_t>({threads - 1, rows / kRowsPerThread, tasks - 1});
+
   auto task = [=](int64_t t) {
     const int64_t b = t / per_query_tasks;
     const int64_t lo = (t % per_query_tasks) * kDocsPerTask;
@@ -210,11 +216,7 @@ ffi::Error CentroidInteraction(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> S, ff
         c_data + (c_batch == 1 ? 0 : b) * num_rows, num_rows, st + (st_batch == 1 ? 0 : b) * n,
         ln + (ln_batch == 1 ? 0 : b) * n, t_data[t_batch == 1 ? 0 : b], o + b * n, lo, hi);
   };
-  if (helpers <= 0) {
-    for (int64_t t = 0; t < tasks; ++t) task(t);
-  } else {
-    RunTasks(pool, tasks, helpers, task);
-  }
+  RunTasks(pool, tasks, rows, kRowsPerThread, task);
   return ffi::Error::Success();
 }
 
@@ -313,13 +315,8 @@ ffi::Error ExactMaxSim(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> Q, ffi::Buffe
     run(qtp, lq, dim, s_data, num_centroids, c_data, r_data, bytes_per_row, inv, num_rows, tab, per_byte, st, ln, o,
         lo, std::min<int64_t>(lo + kDocs, n));
   };
-  const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
-  const int64_t helpers = std::min<int64_t>({threads - 1, rows / kMaxSimRowsPerThread, tasks - 1});
-  if (helpers <= 0) {
-    for (int64_t t = 0; t < tasks; ++t) task(t);
-  } else {
-    RunTasks(pool, tasks, helpers, task);
-  }
+
+  RunTasks(pool, tasks, rows, kMaxSimRowsPerThread, task);
   return ffi::Error::Success();
 }
 
