@@ -282,13 +282,22 @@ def test_training_killed_anywhere_resumes_to_the_same_model(crash, tmp_path_fact
     assert all(run["rc"] == 0 for run in runs), runs[0]["log"][-3000:]
     expected = run_digest(base / "ref" / "run")
     assert run_digest(base / "ref2" / "run") == expected and expected[3] == ["2", "3"]
-    # Only the files tell the saves apart (a timed kill mostly lands in a compilation or a step).
-    plan = [{"kill_at_event": k} for k in kill_points(runs[0]["events"], KILLS, seed=4)]
-    assert len(plan) == KILLS and runs[0]["events"] >= 4 * KILLS
-    resumed_from = set()
+    # Only the files tell the saves apart (a timed kill mostly lands in a compilation or a step). A run's count
+    # of file events varies by a few: Orbax removes an old checkpoint's OCDBT data files, and how many files
+    # its asynchronous writes made depends on timing. So the points lie within the shorter reference run, and
+    # a run that still ends before its point (it made fewer events) must simply equal the reference.
+    events = min(run["events"] for run in runs)
+    plan = [{"kill_at_event": k} for k in kill_points(events, KILLS, seed=4)]
+    assert len(plan) == KILLS and events >= 4 * KILLS
+    resumed_from, finished = set(), 0
     for i, kill in enumerate(plan):
         root = base / f"kill{i}"
         killed = crash.run("cli", {"argv": argv(root)}, root, **kill)
+        if killed["signal"] is None and killed["rc"] == 0 and killed["events"] < kill["kill_at_event"]:
+            finished += 1
+            assert run_digest(root / "run") == expected, kill
+            shutil.rmtree(root)
+            continue
         assert killed["signal"] == signal.SIGKILL, (kill, killed["log"][-3000:])
         if (root / "run" / "checkpoints").is_dir():
             resumed_from.add(latest_checkpoint_step(root / "run"))
@@ -296,6 +305,7 @@ def test_training_killed_anywhere_resumes_to_the_same_model(crash, tmp_path_fact
         assert run_digest(root / "run") == expected, kill
         shutil.rmtree(root)
     assert resumed_from >= {1, 2, 3}  # kills fell between the saves and after the last one
+    assert finished <= 2, f"{finished} of {KILLS} runs ended before their kill point"
 
 
 # -- index updates -------------------------------------------------------------------------------------
