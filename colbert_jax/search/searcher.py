@@ -402,17 +402,12 @@ class Searcher:
         if k > self.index.num_passages:
             raise ValueError(f"k={k} exceeds the number of passages in the index ({self.index.num_passages})")
         exact = self.exact if exact is None else exact
-        config = self.config.replace(
-            **{
-                key: v
-                for key, v in (
-                    ("ncells", ncells),
-                    ("ndocs", ndocs),
-                    ("centroid_score_threshold", centroid_score_threshold),
-                )
-                if v is not None
-            }
-        )
+        overrides = {
+            key: v
+            for key, v in (("ncells", ncells), ("ndocs", ndocs), ("centroid_score_threshold", centroid_score_threshold))
+            if v is not None
+        }
+        config = self.config.replace(**overrides) if overrides else self.config  # validating a copy costs 0.1 ms
         qids = list(queries)
         items = [queries[q] for q in qids]
         self._validate(items)
