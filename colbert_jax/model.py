@@ -24,6 +24,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from colbert_jax import native
 from colbert_jax.config import ColBERTConfig
 from colbert_jax.modeling.backbones import BackboneConfig, supports_unstacked, unstacked_params
 from colbert_jax.modeling.colbert import ColBERTEncoder, embed_docs, embed_queries
@@ -110,8 +111,11 @@ class ColBERTModel:
         self.query_quantization = config.query_quantization
         if self.query_quantization == "auto":
             self.query_quantization = "int8" if cpu and bert_config.int8_batch_invariant else "none"
+        # where the CPU has AMX-INT8, each int8 dense layer runs as one native kernel (`native.int8_dense`)
+        self.int8_products = "amx" if self.query_quantization == "int8" and cpu and native.amx_available() else "xla"
         if self.query_quantization == "int8":
-            self._query_params = jax.device_put(quantize_params(query_params), replicated)
+            packed = self.int8_products == "amx"
+            self._query_params = jax.device_put(quantize_params(query_params, packed=packed), replicated)
             # int8 rounds each dense layer's input rows: the float ops between run at large-batch shapes so that
             # a query's embedding does not depend on the batch it is encoded in
             query_fn = quantized_apply(batch_invariant(query_fn, self.n_devices))

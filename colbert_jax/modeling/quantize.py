@@ -22,6 +22,13 @@ whose presence marks the layer) and `int8_dense` is a Flax method interceptor th
 product for a marked `nn.Dense` and leaves every other module call alone. The projection head stays float32
 (it is small and sets the final embedding directly).
 
+On CPUs with AMX-INT8 (`colbert_jax.native.amx_available()`), `quantize_params(..., packed=True)` stores the two
+terms in the tile layout of `colbert_jax.native.int8_dense` (`packed_hi`, `packed_lo` instead of `kernel` and
+`kernel_cross`) and the product runs as one native kernel with the same numbers, bit for bit: XLA:CPU spends
+most of the int8 encoder's time around its products (the activation split, a concatenation, the epilogue), and
+its small-batch int8 products run well below the tile unit's rate. Programs lowered for other platforms
+unpack the layout and run the XLA product (`lax.platform_dependent`).
+
 Attention's query, key and value projections read the same input: `quantize_params` stores them fused, as one
 `qkv` kernel [in, 3 * out] beside them, and the interceptor runs one product (and one activation split) when
 `query` is called, keeping the key and value slices for the two calls that follow with the same input (XLA
@@ -39,11 +46,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["QUANTIZATIONS", "quantize_params", "int8_dense", "quantized_apply"]
+from colbert_jax import native
+
+__all__ = ["QUANTIZATIONS", "IMPLEMENTATIONS", "quantize_params", "int8_dense", "quantized_apply"]
 
 QUANTIZATIONS = ("none", "int8")
 SCALE = "kernel_scale"
 CROSS = "kernel_cross"
+PACKED = ("packed_hi", "packed_lo")  # the two terms in `native.int8_dense`'s layout
+IMPLEMENTATIONS = native.DENSE_IMPLEMENTATIONS  # which native path runs packed params on the CPU
 _LOW_STEPS = 254.0  # the low term's step is the high term's / 254: a half-step error maps onto [-127, 127]
 _QKV = ("query", "key", "value")
 _HEADS = ("linear",)  # top-level head modules kept in float32 (PyLate heads are `dense_N`: also kept)
@@ -62,12 +73,14 @@ def _quantize_kernel(kernel: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
     return high, np.concatenate([low.astype(np.int8), high], axis=-2), scale
 
 
-def quantize_params(params: Mapping[str, Any], *, fuse_qkv: bool = True) -> dict[str, Any]:
+def quantize_params(params: Mapping[str, Any], *, fuse_qkv: bool = True, packed: bool = False) -> dict[str, Any]:
     """The encoder's params with every backbone dense kernel as two int8 terms plus their `kernel_scale`.
 
     Only the backbone (the top-level entry that is not a projection head) is quantized; embeddings and
     LayerNorms stay as they are. fuse_qkv: store attention's query/key/value kernels as one `qkv` kernel
-    (the same products, one matmul; False keeps three, for comparison).
+    (the same products, one matmul; False keeps three, for comparison). packed: the terms in the native
+    kernel's layout (`native.pack_dense`) instead of `kernel` and `kernel_cross` (for `quantized_apply`'s
+    "amx" and "portable" implementations; same numbers).
     """
 
     def walk(tree):
@@ -86,7 +99,17 @@ def quantize_params(params: Mapping[str, Any], *, fuse_qkv: bool = True) -> dict
                 out[name] = {}
         return out
 
-    return {k: (v if k in _HEADS or k.startswith("dense_") else walk(v)) for k, v in params.items()}
+    def pack(tree):
+        if not isinstance(tree, Mapping):
+            return tree
+        out = {k: pack(v) for k, v in tree.items()}
+        if CROSS in out:
+            high, cross = out.pop("kernel"), out.pop(CROSS)
+            out[PACKED[0]], out[PACKED[1]] = native.pack_dense(high, cross[..., : high.shape[-2], :])
+        return out
+
+    quantized = {k: (v if k in _HEADS or k.startswith("dense_") else walk(v)) for k, v in params.items()}
+    return pack(quantized) if packed else quantized
 
 
 def _split_rows(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -118,7 +141,34 @@ def _int8_matmul(x: jax.Array, high: jax.Array, cross: jax.Array, scale: jax.Arr
     return acc / ((1.0 / x_scale) * (1.0 / scale))
 
 
+def _unpack(packed: jax.Array, k: int, n: int) -> jax.Array:
+    """A term in `native.pack_dense`'s layout [Nb, Kp / 4, 64] -> [k, n] (for programs without the kernel)."""
+    nb, quads = packed.shape[0], packed.shape[1]
+    w = packed.reshape(nb, quads, 16, 4).transpose(1, 3, 0, 2).reshape(quads * 4, nb * 16)
+    return w[:k, :n]
+
+
+def _product(x: jax.Array, p: Mapping[str, jax.Array]) -> jax.Array:
+    """x times a quantized dense layer's kernel (params `p`: either layout), float32 [..., out]."""
+    scale = p[SCALE]
+    if PACKED[0] not in p:
+        return _int8_matmul(x, p["kernel"], p[CROSS], scale)
+    high, low = p[PACKED[0]], p[PACKED[1]]
+    implementation = getattr(_trace, "implementation", None) or "amx"
+
+    def xla(x):
+        k, n = x.shape[-1], scale.shape[-1]
+        w_hi, w_lo = _unpack(high, k, n), _unpack(low, k, n)
+        return _int8_matmul(x, w_hi, jnp.concatenate([w_lo, w_hi], axis=0), scale)
+
+    def kernel(x):
+        return native.int8_dense(x, high, low, scale, implementation=implementation)
+
+    return jax.lax.platform_dependent(x, cpu=kernel, default=xla)
+
+
 _pending = threading.local()  # trace-time only: the fused key and value outputs awaiting their calls
+_trace = threading.local()  # trace-time only: `quantized_apply`'s implementation
 
 
 def _fused_projection(module: nn.Dense, x: jax.Array) -> jax.Array:
@@ -136,7 +186,7 @@ def _fused_projection(module: nn.Dense, x: jax.Array) -> jax.Array:
             del pending[key]
         return out
     p = parent.variables["params"]["qkv"]
-    y = _int8_matmul(x, p["kernel"], p[CROSS], p[SCALE]) + p["bias"]
+    y = _product(x, p) + p["bias"]
     parts = dict(enumerate(jnp.split(y, 3, axis=-1)))
     out = parts.pop(index)
     pending[key] = (x, parts)  # the sibling projections are called next with this same x
@@ -154,18 +204,29 @@ def int8_dense(next_fun, args, kwargs, context):
         return _fused_projection(module, x).astype(module.dtype or jnp.float32)
     if not module.has_variable("params", SCALE):
         return next_fun(*args, **kwargs)
-    get = lambda name: module.get_variable("params", name)  # noqa: E731
-    y = _int8_matmul(x, get("kernel"), get(CROSS), get(SCALE))
+    p = module.variables["params"]
+    y = _product(x, p)
     if module.use_bias:
-        y = y + get("bias")
+        y = y + p["bias"]
     return y.astype(module.dtype or jnp.float32)
 
 
-def quantized_apply(fn):
-    """Wraps `fn` (which calls `module.apply`) so that marked dense layers run in int8."""
+def quantized_apply(fn, implementation: str = "amx"):
+    """Wraps `fn` (which calls `module.apply`) so that marked dense layers run in int8.
+
+    implementation: which path of the native kernel runs layers whose params are packed
+    (`quantize_params(..., packed=True)`) in CPU programs: "amx" (the tile unit: `native.amx_available()`) or
+    "portable" (plain loops); unpacked params run XLA's products."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
 
     def wrapped(*args, **kwargs):
-        with nn.intercept_methods(int8_dense):
-            return fn(*args, **kwargs)
+        previous = getattr(_trace, "implementation", None)
+        _trace.implementation = implementation
+        try:
+            with nn.intercept_methods(int8_dense):
+                return fn(*args, **kwargs)
+        finally:
+            _trace.implementation = previous
 
     return wrapped

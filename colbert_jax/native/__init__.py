@@ -36,12 +36,16 @@ __all__ = [
     "library",
     "centroid_interaction",
     "exact_maxsim",
+    "amx_available",
+    "pack_dense",
+    "int8_dense",
 ]
 
 logger = logging.getLogger("colbert_jax.native")
 
 ENV = "COLBERT_JAX_NATIVE"
-SOURCE = Path(__file__).with_name("plaid_cpu.cc")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("plaid_cpu.cc", "dense_int8.cc"))
+HEADERS = tuple(Path(__file__).with_name(name) for name in ("tasks.h",))
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 # GCC vectorises with 256-bit registers on AVX-512 CPUs unless told otherwise: the MaxSim loop is FMA-bound.
 X86_FLAGS = ("-mprefer-vector-width=512",)
@@ -58,6 +62,7 @@ _SYMBOLS = {
     "colbert_jax_centroid_interaction_u16": "ColbertJaxCentroidInteractionU16",
     "colbert_jax_exact_maxsim_s32": "ColbertJaxExactMaxSimS32",
     "colbert_jax_exact_maxsim_u16": "ColbertJaxExactMaxSimU16",
+    "colbert_jax_int8_dense": "ColbertJaxInt8Dense",
 }
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "lib": the loaded library, "error": why it is not there
@@ -92,7 +97,7 @@ def _cpu_features() -> str:
 
 
 def _build() -> Path:
-    """Compiles `plaid_cpu.cc` into the cache (once per key) and returns the shared library's path."""
+    """Compiles the kernels' sources into the cache (once per key) and returns the shared library's path."""
     from colbert_jax.default_model import cache_dir
 
     compiler = os.environ.get("CXX", "g++")
@@ -104,7 +109,15 @@ def _build() -> Path:
     flags = FLAGS + (X86_FLAGS if platform.machine().lower() in ("x86_64", "amd64") else ())
     key = hashlib.sha256(
         "\0".join(
-            [SOURCE.read_text(), exe, *version, *flags, jax.__version__, _jaxlib_version(), _cpu_features()]
+            [
+                *(p.read_text() for p in SOURCES + HEADERS),
+                exe,
+                *version,
+                *flags,
+                jax.__version__,
+                _jaxlib_version(),
+                _cpu_features(),
+            ]
         ).encode()
     ).hexdigest()[:16]
     out_dir = cache_dir() / "native"
@@ -113,7 +126,7 @@ def _build() -> Path:
         return path
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / f".{path.name}.tmp{os.getpid()}.{threading.get_ident()}"
-    cmd = [exe, *flags, "-I", include, str(SOURCE), "-o", str(tmp)]
+    cmd = [exe, *flags, "-I", include, *map(str, SOURCES), "-o", str(tmp)]
     logger.info("compiling the native CPU kernels: %s", " ".join(cmd))
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
@@ -227,3 +240,68 @@ def exact_maxsim(
         starts.astype(jnp.int32),
         lens.astype(jnp.int32),
     )
+
+
+# -- the int8 query encoder's dense layer (dense_int8.cc) -----------------------------------------------------
+
+DENSE_IMPLEMENTATIONS = ("amx", "portable")
+
+
+def amx_available() -> bool:
+    """Whether the kernels are enabled and this CPU and OS run AMX-INT8 tiles (the fast `int8_dense`)."""
+    lib = library()
+    return lib is not None and bool(lib.colbert_jax_amx_ready())
+
+
+def pack_dense(high: np.ndarray, low: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Two int8 weight terms [..., K, N] -> each packed [..., Nb, Kp / 4, 64] for `int8_dense`: Kp = K rounded
+    up to 64, Nb = N rounded up to 32 in blocks of 16 columns, four consecutive k of a column adjacent (zero
+    padding). Host arrays; leading (stacked layer) axes are kept."""
+
+    def pack(w: np.ndarray) -> np.ndarray:
+        w = np.asarray(w)
+        if w.dtype != np.int8 or w.ndim < 2:
+            raise ValueError(f"pack_dense: int8 [..., K, N] weights, got {w.dtype} {w.shape}")
+        *lead, k, n = w.shape
+        kp, nb = -(-k // 64) * 64, -(-n // 32) * 2
+        padded = np.zeros((*lead, kp, nb * 16), np.int8)
+        padded[..., :k, :n] = w
+        # [..., Kp/4, 4, Nb, 16] -> [..., Nb, Kp/4, 16, 4]
+        blocks = padded.reshape(*lead, kp // 4, 4, nb, 16)
+        axes = tuple(range(len(lead)))
+        packed = blocks.transpose(*axes, len(lead) + 2, len(lead), len(lead) + 3, len(lead) + 1)
+        return np.ascontiguousarray(packed).reshape(*lead, nb, kp // 4, 64)
+
+    if np.shape(high) != np.shape(low):
+        raise ValueError(f"pack_dense: the two terms differ in shape: {np.shape(high)} and {np.shape(low)}")
+    return pack(high), pack(low)
+
+
+def int8_dense(
+    x: jax.Array, high: jax.Array, low: jax.Array, scale: jax.Array, *, implementation: str = "amx"
+) -> jax.Array:
+    """x float [..., K] times the two-term int8 kernel packed by `pack_dense` (high, low [Nb, Kp / 4, 64]; scale
+    [N] per output column) -> float32 [..., N]: `quantize._int8_matmul`'s numbers, bit for bit (see
+    `dense_int8.cc`). implementation: "amx" (CPUs with AMX-INT8: check `amx_available()`) or "portable" (plain
+    loops, any CPU: slow; the reference the AMX path is tested against). CPU programs only."""
+    if implementation not in DENSE_IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {DENSE_IMPLEMENTATIONS}, got {implementation!r}")
+    if library() is None:
+        raise NativeBuildError(f"the native CPU kernels are off or unavailable ({_why_not()}); check `enabled()` first")
+    if implementation == "amx" and not amx_available():
+        raise NativeBuildError("int8_dense(implementation='amx'): this CPU or OS has no AMX-INT8")
+    n = scale.shape[-1]
+    k = x.shape[-1]
+    if high.ndim != 3 or high.shape[-1] != 64 or low.shape != high.shape or scale.ndim != 1:
+        raise ValueError(
+            f"int8_dense: packed weights [Nb, Kp/4, 64] and scale [N], got {high.shape}, {low.shape}, {scale.shape}"
+        )
+    nb, kp = high.shape[0], high.shape[1] * 4
+    if kp != -(-k // 64) * 64 or nb != -(-n // 32) * 2:
+        raise ValueError(f"int8_dense: weights packed for K={kp}, N<={nb * 16} do not fit x [..., {k}] and N={n}")
+    lead = x.shape[:-1]
+    rows = int(np.prod(lead, dtype=np.int64))
+    padded_scale = jnp.pad(scale.astype(jnp.float32), (0, nb * 16 - n), constant_values=1.0)
+    call = jax.ffi.ffi_call("colbert_jax_int8_dense", jax.ShapeDtypeStruct((rows, n), jnp.float32))
+    out = call(x.reshape(rows, k).astype(jnp.float32), high, low, padded_scale, amx=np.int32(implementation == "amx"))
+    return out.reshape(*lead, n)

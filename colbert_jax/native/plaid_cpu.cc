@@ -28,10 +28,13 @@
 #include <mutex>
 
 #include "xla/ffi/api/ffi.h"
+#include "tasks.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
+
+using colbert_jax_native::RunTasks;
 
 constexpr float kMasked = -9999.0f;  // colbert_jax.scoring.MASKED_SCORE
 constexpr int64_t kMaxQueryTokens = 1024;
@@ -124,44 +127,6 @@ void ScoreDocs(const float* S, int64_t num_centroids, int64_t lq_runtime, const 
     for (int64_t q = 0; q < lq; ++q) sum += acc[q];
     out[d] = sum;
   }
-}
-
-// Runs fn(task) for task in [0, tasks) on the calling thread and, when there are `rows` rows to process, one
-// pool thread per `rows_per_thread` of them (up to the pool's size). Tasks are claimed from a shared counter,
-// so the caller finishes everything itself if the pool is busy; state lives on the heap because a pool thread
-// may start after the caller has returned.
-struct Work {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  int64_t tasks = 0;
-  std::mutex mu;
-  std::condition_variable cv;
-};
-
-template <typename Fn>
-void RunTasks(ffi::ThreadPool& pool, int64_t tasks, int64_t rows, int64_t rows_per_thread, Fn fn) {
-  const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
-  const int64_t helpers = std::min<int64_t>({threads - 1, rows / rows_per_thread, tasks - 1});
-  if (helpers <= 0) {
-    for (int64_t t = 0; t < tasks; ++t) fn(t);
-    return;
-  }
-  auto work = std::make_shared<Work>();
-  work->tasks = tasks;
-  auto drain = [work, fn]() {
-    int64_t t;
-    while ((t = work->next.fetch_add(1)) < work->tasks) {
-      fn(t);
-      if (work->done.fetch_add(1) + 1 == work->tasks) {
-        std::lock_guard<std::mutex> lock(work->mu);
-        work->cv.notify_all();
-      }
-    }
-  };
-  for (int64_t h = 0; h < helpers; ++h) pool.Schedule(std::function<void()>(drain));
-  drain();
-  std::unique_lock<std::mutex> lock(work->mu);
-  work->cv.wait(lock, [&] { return work->done.load() == work->tasks; });
 }
 
 template <ffi::DataType CodeType>

@@ -1,0 +1,301 @@
+// The int8 query encoder's dense layer on the CPU (`colbert_jax.modeling.quantize`), called from XLA programs
+// through the XLA FFI: one kernel for what XLA:CPU runs as a dozen ops (the activation split, two int8
+// products, their float epilogue).
+//
+// For each row x [K] of the input (one token's features):
+//   s = max|x| * (1 / 127) (1 where that is 0); steps = x * (1 / s);
+//   hi = clip(round_half_even(steps), -127, 127); lo = clip(round_half_even((steps - hi) * 254), -127, 127);
+//   main[n] = hi . w_hi[:, n];  cross[n] = hi . w_lo[:, n] + lo . w_hi[:, n]   (exact, int32);
+//   out[n] = (float(main) + float(cross) * (1 / 254)) / ((1 / s) * (1 / w_scale[n])).
+// Each float operation is the one XLA:CPU compiles `quantize._int8_matmul` into (it turns the divisions by 127
+// and by s into products with reciprocals), in the same order and without FMA contraction, so the output
+// matches the XLA path bit for bit; and each row's result depends on that row
+// alone, whatever the batch (the int8 query encoder's batch invariance).
+//
+// Weights arrive pre-packed (`colbert_jax.native.pack_dense`): w_hi and w_lo each as [Nb, Kp / 4, 16, 4] int8,
+// Nb = ceil(N / 32) * 2 blocks of 16 output columns, Kp = ceil(K / 64) * 64 (zero padding), four consecutive
+// k of one column adjacent: the layout of an AMX B tile, so one tile load reads 1 KiB contiguously.
+// w_scale is [Nb * 16] (padding 1). On CPUs with AMX-INT8 the products run on the tile unit (16 x 16 int32
+// blocks, 64 k per instruction); elsewhere a portable loop computes the same integers.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) && (defined(__clang__) || __GNUC__ >= 11)
+#define COLBERT_JAX_AMX 1
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+#include "tasks.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using colbert_jax_native::RunTasks;
+
+constexpr float kLowSteps = 254.0f;  // quantize._LOW_STEPS
+constexpr int64_t kRowBlock = 16;
+constexpr int64_t kRowsPerGroup = 64;     // rows one task runs against a chunk of columns (B reused from cache)
+constexpr int64_t kMacsPerThread = 1 << 22;  // below this much work per thread, fewer threads
+
+// The split of one row (scalar: the reference the vector version must equal).
+void QuantizeRowScalar(const float* x, int64_t k, int64_t kp, int8_t* hi, int8_t* lo, float* scale) {
+  float m = 0.0f;
+  for (int64_t i = 0; i < k; ++i) m = std::max(m, std::fabs(x[i]));
+  float s = m * (1.0f / 127.0f);
+  if (!(s > 0.0f)) s = 1.0f;
+  *scale = s;
+  const float inv = 1.0f / s;
+  for (int64_t i = 0; i < k; ++i) {
+    const float steps = x[i] * inv;
+    const float h = std::min(127.0f, std::max(-127.0f, std::nearbyint(steps)));
+    const float l = std::min(127.0f, std::max(-127.0f, std::nearbyint((steps - h) * kLowSteps)));
+    hi[i] = static_cast<int8_t>(h);
+    lo[i] = static_cast<int8_t>(l);
+  }
+  std::memset(hi + k, 0, kp - k);
+  std::memset(lo + k, 0, kp - k);
+}
+
+inline float Epilogue(int32_t main, int32_t cross, float inv_x, float inv_w) {
+  const float acc = static_cast<float>(main) + static_cast<float>(cross) * (1.0f / kLowSteps);
+  return acc / (inv_x * inv_w);
+}
+
+// Rows [r0, r1) x column blocks [b0, b1) with plain loops over the packed weights.
+void ProductsPortable(const int8_t* ahi, const int8_t* alo, const float* xs, int64_t r0, int64_t r1, int64_t kp,
+                      const int8_t* whi, const int8_t* wlo, const float* inv_w, int64_t b0, int64_t b1, int64_t n,
+                      float* out) {
+  const int64_t block_bytes = kp * 16;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int8_t* h = ahi + r * kp;
+    const int8_t* l = alo + r * kp;
+    const float inv_x = 1.0f / xs[r];
+    for (int64_t b = b0; b < b1; ++b) {
+      int32_t main[16] = {0}, cross[16] = {0};
+      const int8_t* bh = whi + b * block_bytes;
+      const int8_t* bl = wlo + b * block_bytes;
+      for (int64_t q = 0; q < kp / 4; ++q) {
+        for (int j = 0; j < 16; ++j) {
+          for (int t = 0; t < 4; ++t) {
+            const int32_t xh = h[q * 4 + t], xl = l[q * 4 + t];
+            const int32_t wh = bh[(q * 16 + j) * 4 + t], wl = bl[(q * 16 + j) * 4 + t];
+            main[j] += xh * wh;
+            cross[j] += xh * wl + xl * wh;
+          }
+        }
+      }
+      for (int j = 0; j < 16 && b * 16 + j < n; ++j) {
+        out[r * n + b * 16 + j] = Epilogue(main[j], cross[j], inv_x, inv_w[b * 16 + j]);
+      }
+    }
+  }
+}
+
+#if COLBERT_JAX_AMX
+#define COLBERT_JAX_AMX_TARGET __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl")))
+
+struct TileConfig {
+  uint8_t palette;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// Rows [r0, r1) (whole blocks of 16 in the padded activation buffers) x column block pairs [b0, b1).
+// Tiles: 0-3 accumulate main and cross for two column blocks, 4-5 hold the rows' hi and lo bytes for 64 k,
+// 6-7 the weights' hi and lo for one column block.
+COLBERT_JAX_AMX_TARGET void ProductsAmx(const int8_t* ahi, const int8_t* alo, const float* xs, int64_t r0,
+                                        int64_t r1, int64_t m, int64_t kp, const int8_t* whi, const int8_t* wlo,
+                                        const float* inv_w, int64_t b0, int64_t b1, int64_t n, float* out) {
+  TileConfig cfg{};
+  cfg.palette = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+  alignas(64) int32_t c[4][16 * 16];
+  const int64_t block_bytes = kp * 16;
+  const __m512 inv_steps = _mm512_set1_ps(1.0f / kLowSteps);
+  for (int64_t b = b0; b < b1; b += 2) {
+    const int8_t* bh0 = whi + b * block_bytes;
+    const int8_t* bl0 = wlo + b * block_bytes;
+    const int8_t* bh1 = bh0 + block_bytes;
+    const int8_t* bl1 = bl0 + block_bytes;
+    for (int64_t r = r0; r < r1; r += kRowBlock) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      const int8_t* h = ahi + r * kp;
+      const int8_t* l = alo + r * kp;
+      for (int64_t k = 0; k < kp; k += 64) {
+        _tile_loadd(4, h + k, kp);
+        _tile_loadd(5, l + k, kp);
+        _tile_loadd(6, bh0 + k * 16, 64);
+        _tile_loadd(7, bl0 + k * 16, 64);
+        _tile_dpbssd(0, 4, 6);
+        _tile_dpbssd(1, 4, 7);
+        _tile_dpbssd(1, 5, 6);
+        _tile_loadd(6, bh1 + k * 16, 64);
+        _tile_loadd(7, bl1 + k * 16, 64);
+        _tile_dpbssd(2, 4, 6);
+        _tile_dpbssd(3, 4, 7);
+        _tile_dpbssd(3, 5, 6);
+      }
+      _tile_stored(0, c[0], 64);
+      _tile_stored(1, c[1], 64);
+      _tile_stored(2, c[2], 64);
+      _tile_stored(3, c[3], 64);
+      const int64_t rows = std::min<int64_t>(kRowBlock, m - r);
+      for (int half = 0; half < 2; ++half) {
+        const int64_t col = (b + half) * 16;
+        if (col >= n) break;
+        const __m512 iw = _mm512_loadu_ps(inv_w + col);
+        const __mmask16 keep = n - col >= 16 ? 0xffff : static_cast<__mmask16>((1u << (n - col)) - 1);
+        for (int64_t i = 0; i < rows; ++i) {
+          const __m512 main = _mm512_cvtepi32_ps(_mm512_load_si512(c[2 * half] + i * 16));
+          const __m512 cross = _mm512_cvtepi32_ps(_mm512_load_si512(c[2 * half + 1] + i * 16));
+          const __m512 acc = _mm512_add_ps(main, _mm512_mul_ps(cross, inv_steps));
+          const __m512 den = _mm512_mul_ps(_mm512_set1_ps(1.0f / xs[r + i]), iw);
+          _mm512_mask_storeu_ps(out + (r + i) * n + col, keep, _mm512_div_ps(acc, den));
+        }
+      }
+    }
+  }
+  _tile_release();
+}
+
+// The vector twin of QuantizeRowScalar (the same operations on 16 lanes).
+COLBERT_JAX_AMX_TARGET void QuantizeRowAvx512(const float* x, int64_t k, int64_t kp, int8_t* hi, int8_t* lo,
+                                              float* scale) {
+  const __m512 top = _mm512_set1_ps(127.0f), bottom = _mm512_set1_ps(-127.0f), steps_lo = _mm512_set1_ps(kLowSteps);
+  __m512 m = _mm512_setzero_ps();
+  for (int64_t i = 0; i < k; i += 16) {
+    const __mmask16 keep = k - i >= 16 ? 0xffff : static_cast<__mmask16>((1u << (k - i)) - 1);
+    m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_maskz_loadu_ps(keep, x + i)));
+  }
+  float s = _mm512_reduce_max_ps(m) * (1.0f / 127.0f);
+  if (!(s > 0.0f)) s = 1.0f;
+  *scale = s;
+  const __m512 inv = _mm512_set1_ps(1.0f / s);
+  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  for (int64_t i = 0; i < k; i += 16) {
+    const __mmask16 keep = k - i >= 16 ? 0xffff : static_cast<__mmask16>((1u << (k - i)) - 1);
+    const __m512 steps = _mm512_mul_ps(_mm512_maskz_loadu_ps(keep, x + i), inv);
+    const __m512 h = _mm512_min_ps(top, _mm512_max_ps(bottom, _mm512_roundscale_ps(steps, kRound)));
+    const __m512 rest = _mm512_mul_ps(_mm512_sub_ps(steps, h), steps_lo);
+    const __m512 l = _mm512_min_ps(top, _mm512_max_ps(bottom, _mm512_roundscale_ps(rest, kRound)));
+    _mm_mask_storeu_epi8(hi + i, keep, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(h)));
+    _mm_mask_storeu_epi8(lo + i, keep, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(l)));
+  }
+  std::memset(hi + k, 0, kp - k);
+  std::memset(lo + k, 0, kp - k);
+}
+#endif
+
+bool AmxReady() {
+#if COLBERT_JAX_AMX
+  static const bool ready = [] {
+    unsigned int a, b, c, d;
+    __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(0));
+    const bool tile = (d >> 24) & 1, int8 = (d >> 25) & 1, avx512 = ((b >> 16) & 1) && ((b >> 30) & 1);
+    if (!tile || !int8 || !avx512) return false;
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;  // Linux: ask for the tile state
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ready;
+#else
+  return false;
+#endif
+}
+
+ffi::Error Int8Dense(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w_hi,
+                     ffi::Buffer<ffi::S8> w_lo, ffi::Buffer<ffi::F32> w_scale, ffi::ResultBuffer<ffi::F32> out,
+                     int32_t amx) {
+  auto x_dims = x.dimensions();
+  auto w_dims = w_hi.dimensions();
+  auto o_dims = out->dimensions();
+  if (x_dims.size() != 2 || w_dims.size() != 3 || o_dims.size() != 2 || w_dims[2] != 64) {
+    return ffi::Error::InvalidArgument("int8_dense: x needs [M, K], packed weights [Nb, Kp / 4, 64], out [M, N]");
+  }
+  const int64_t m = x_dims[0], k = x_dims[1], n = o_dims[1];
+  const int64_t blocks = w_dims[0], kp = w_dims[1] * 4;
+  if (o_dims[0] != m || kp % 64 || kp < k || kp >= k + 64 || blocks % 2 || blocks * 16 < n ||
+      blocks * 16 >= n + 32 || w_lo.element_count() != w_hi.element_count() || w_scale.element_count() != blocks * 16) {
+    return ffi::Error::InvalidArgument("int8_dense: the packed weights do not fit x [M, K] and out [M, N]");
+  }
+  const bool use_amx = amx != 0;
+  if (use_amx && !AmxReady()) return ffi::Error::InvalidArgument("int8_dense: this CPU or OS has no AMX-INT8");
+  if (m == 0) return ffi::Error::Success();
+
+  const int64_t m_pad = (m + kRowBlock - 1) / kRowBlock * kRowBlock;
+  std::vector<int8_t> ahi(m_pad * kp, 0), alo(m_pad * kp, 0);
+  std::vector<float> xs(m_pad, 1.0f), inv_w(blocks * 16);
+  const float* ws = w_scale.typed_data();
+  for (int64_t i = 0; i < blocks * 16; ++i) inv_w[i] = 1.0f / ws[i];
+  const float* xd = x.typed_data();
+
+  // 1. the activation split, a block of rows per task
+  const int64_t row_blocks = m_pad / kRowBlock;
+  const int64_t macs = m * kp * blocks * 16 * 3;
+  const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
+  RunTasks(pool, row_blocks, macs / kMacsPerThread, 1, [&](int64_t t) {
+    for (int64_t r = t * kRowBlock; r < std::min<int64_t>((t + 1) * kRowBlock, m); ++r) {
+#if COLBERT_JAX_AMX
+      if (use_amx) {
+        QuantizeRowAvx512(xd + r * k, k, kp, ahi.data() + r * kp, alo.data() + r * kp, xs.data() + r);
+        continue;
+      }
+#endif
+      QuantizeRowScalar(xd + r * k, k, kp, ahi.data() + r * kp, alo.data() + r * kp, xs.data() + r);
+    }
+  });
+
+  // 2. the products: groups of rows x chunks of column-block pairs, enough tasks for every thread
+  const int64_t row_groups = (m_pad + kRowsPerGroup - 1) / kRowsPerGroup;
+  const int64_t pairs = blocks / 2;
+  const int64_t chunks = std::min<int64_t>(pairs, std::max<int64_t>(1, (2 * threads + row_groups - 1) / row_groups));
+  const int64_t pairs_per_chunk = (pairs + chunks - 1) / chunks;
+  const int64_t tasks = row_groups * chunks;
+  float* o = out->typed_data();
+  RunTasks(pool, tasks, macs / kMacsPerThread, 1, [&](int64_t t) {
+    const int64_t g = t / chunks, c = t % chunks;
+    const int64_t r0 = g * kRowsPerGroup, r1 = std::min<int64_t>(r0 + kRowsPerGroup, m_pad);
+    const int64_t b0 = c * pairs_per_chunk * 2, b1 = std::min<int64_t>(b0 + pairs_per_chunk * 2, blocks);
+    if (b0 >= b1) return;
+#if COLBERT_JAX_AMX
+    if (use_amx) {
+      ProductsAmx(ahi.data(), alo.data(), xs.data(), r0, r1, m, kp, w_hi.typed_data(), w_lo.typed_data(),
+                  inv_w.data(), b0, b1, n, o);
+      return;
+    }
+#endif
+    ProductsPortable(ahi.data(), alo.data(), xs.data(), r0, std::min(r1, m), kp, w_hi.typed_data(),
+                     w_lo.typed_data(), inv_w.data(), b0, b1, n, o);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+extern "C" int colbert_jax_amx_ready() { return AmxReady() ? 1 : 0; }
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ColbertJaxInt8Dense, Int8Dense,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("amx"));

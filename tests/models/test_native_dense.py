@@ -1,0 +1,128 @@
+"""The native int8 dense layer (`colbert_jax.native.int8_dense`, `dense_int8.cc`): the same float32 numbers as
+the XLA product it replaces (`quantize._int8_matmul`), bit for bit, on both of its paths (the AMX tiles where
+the CPU has them, the portable loops everywhere); the packed weight layout round-trips; the int8 query encoder
+on packed params gives the XLA encoder's embeddings exactly and still lowers for accelerators; bad shapes are
+errors."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from colbert_jax import native
+from colbert_jax.modeling.colbert import embed_queries
+from colbert_jax.modeling.quantize import _int8_matmul, _quantize_kernel, _unpack, quantize_params, quantized_apply
+from tests.kernels.lowering import lower
+
+SHAPES = [(1, 32, 37), (5, 64, 16), (17, 100, 64), (33, 384, 1152), (70, 1536, 384), (0, 64, 32)]
+
+
+def _problem(m: int, k: int, n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    if m > 2:
+        x[0, k // 2] = 40.0  # an outlier feature: its row's other steps are coarse, the low term matters
+        x[1] = 0.0  # a zero row: scale 1, all terms 0
+    w = (0.05 * rng.standard_normal((k, n))).astype(np.float32)
+    high, cross, scale = _quantize_kernel(w)
+    return x, high, cross, scale
+
+
+def _native(implementation: str):
+    return jax.jit(functools.partial(native.int8_dense, implementation=implementation))
+
+
+@pytest.mark.parametrize("implementation", native.DENSE_IMPLEMENTATIONS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_kernel_equals_the_xla_product_bit_for_bit(implementation, shape):
+    x, high, cross, scale = _problem(*shape)
+    packed = native.pack_dense(high, cross[: shape[1]])
+    if implementation == "amx" and not native.amx_available():
+        with pytest.raises(native.NativeBuildError, match="AMX"):
+            _native(implementation)(x, *packed, scale)
+        return
+    got = np.asarray(_native(implementation)(x, *packed, scale))
+    want = np.asarray(jax.jit(_int8_matmul)(x, high, cross, scale))
+    assert got.shape == want.shape == (shape[0], shape[2])
+    np.testing.assert_array_equal(got, want)
+
+
+def test_threaded_sizes_and_leading_axes():
+    # 600 rows x 1536 columns: split over XLA's thread pool; a [B, L, K] input keeps its leading axes
+    x, high, cross, scale = _problem(600, 384, 1536, seed=1)
+    packed = native.pack_dense(high, cross[:384])
+    want = np.asarray(jax.jit(_int8_matmul)(x, high, cross, scale))
+    implementation = "amx" if native.amx_available() else "portable"
+    got = np.asarray(_native(implementation)(x.reshape(20, 30, 384), *packed, scale))
+    np.testing.assert_array_equal(got.reshape(600, 1536), want)
+
+
+def test_packed_layout_round_trips():
+    rng = np.random.default_rng(2)
+    for k, n in [(32, 37), (64, 32), (100, 200), (384, 1152)]:
+        high = rng.integers(-127, 128, (3, k, n)).astype(np.int8)  # stacked layers keep their leading axis
+        low = rng.integers(-127, 128, (3, k, n)).astype(np.int8)
+        packed_hi, packed_lo = native.pack_dense(high, low)
+        assert packed_hi.shape == (3, -(-n // 32) * 2, -(-k // 64) * 16, 64)
+        for i in range(3):
+            np.testing.assert_array_equal(np.asarray(_unpack(jnp.asarray(packed_hi[i]), k, n)), high[i])
+            np.testing.assert_array_equal(np.asarray(_unpack(jnp.asarray(packed_lo[i]), k, n)), low[i])
+
+
+def test_bad_shapes_are_errors():
+    x, high, cross, scale = _problem(4, 64, 32)
+    packed = native.pack_dense(high, cross[:64])
+    with pytest.raises(ValueError, match="implementation"):
+        native.int8_dense(x, *packed, scale, implementation="vnni")
+    with pytest.raises(ValueError, match="do not fit"):
+        native.int8_dense(np.concatenate([x, x], 1), *packed, scale, implementation="portable")
+    with pytest.raises(ValueError, match="do not fit"):
+        native.int8_dense(x, *packed, jnp.ones(100), implementation="portable")
+    with pytest.raises(ValueError, match="int8"):
+        native.pack_dense(high.astype(np.int16), high.astype(np.int16))
+    with pytest.raises(ValueError, match="differ"):
+        native.pack_dense(high, high[:32])
+
+
+@pytest.mark.parametrize("implementation", native.DENSE_IMPLEMENTATIONS)
+def test_packed_encoder_equals_the_xla_encoder(implementation, tiny_model):
+    model = tiny_model
+    ids, mask = model.query_tokenizer.tensorize(["what is a tiny model", "queries, in a batch of two"])
+    fn = functools.partial(embed_queries, model.module, pad_id=model.query_pad_id)
+    plain = quantize_params(jax.device_get(model.params))
+    packed = quantize_params(jax.device_get(model.params), packed=True)
+    assert "packed_hi" in str(jax.tree_util.tree_structure(packed)) and "kernel_cross" not in str(
+        jax.tree_util.tree_structure(packed)
+    )
+    want = np.asarray(jax.jit(quantized_apply(fn))(plain, ids, mask))
+    if implementation == "amx" and not native.amx_available():
+        with pytest.raises(native.NativeBuildError, match="AMX"):
+            jax.jit(quantized_apply(fn, implementation))(packed, ids, mask)
+        return
+    got = np.asarray(jax.jit(quantized_apply(fn, implementation))(packed, ids, mask))
+    np.testing.assert_array_equal(got, want)
+    # and on the CPU, packed params do call the kernel
+    assert "colbert_jax_int8_dense" in jax.jit(quantized_apply(fn, implementation)).lower(packed, ids, mask).as_text()
+
+
+def test_model_runs_packed_products_where_the_cpu_has_amx(minilm_model):
+    assert minilm_model.query_quantization == "int8"
+    assert minilm_model.int8_products == ("amx" if native.amx_available() else "xla")
+    leaves = jax.tree_util.tree_leaves_with_path(minilm_model._query_params)
+    names = {str(path[-1]) for path, _ in leaves}
+    assert ("['packed_hi']" in names) == native.amx_available()
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_packed_encoder_lowers_for_accelerators_without_the_kernel(platform, tiny_model):
+    # the same packed params on another platform: the XLA product on unpacked weights, no native call
+    model = tiny_model
+    ids, mask = model.query_tokenizer.tensorize(["a query"])
+    fn = functools.partial(embed_queries, model.module, pad_id=model.query_pad_id)
+    packed = quantize_params(jax.device_get(model.params), packed=True)
+    text = lower(jax.jit(quantized_apply(fn)), packed, ids, mask, platform=platform, name="packed int8 encoder")
+    assert "colbert_jax_int8_dense" not in text
