@@ -383,7 +383,12 @@ def test_warm_up_compiles_what_served_batches_need(tiny_index, tiny_model):
     batcher = server.MicroBatcher(searcher, max_batch=8)
 
     def programs():
-        return plaid.cells._cache_size(), plaid.search_streamed._cache_size(), searcher.model._query_fn._cache_size()
+        return (
+            plaid.cells._cache_size(),
+            plaid.search_streamed._cache_size(),
+            plaid.search_fused._cache_size(),
+            searcher.model._query_fn._cache_size(),
+        )
 
     before = programs()
     rng = np.random.default_rng(0)

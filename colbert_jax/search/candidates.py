@@ -25,6 +25,7 @@ __all__ = [
     "top_cells",
     "centroid_scores",
     "cells",
+    "cells_one",
     "cells_into",
     "candidates",
     "candidates_one",
@@ -56,7 +57,7 @@ def centroid_scores(Q: jax.Array, a: IndexArrays, query_maxlen: int) -> jax.Arra
     return jnp.dot(a.centroids, Q[:query_maxlen].T, precision=jax.lax.Precision.HIGHEST)
 
 
-def _cells_one(Q, a: IndexArrays, *, ncells: int, query_maxlen: int):
+def cells_one(Q, a: IndexArrays, *, ncells: int, query_maxlen: int):
     """Centroid scores S [P, Lq], the probed cells (unique, padded with P) and their IVF entries count."""
     num_centroids = a.centroids.shape[0]
     S = centroid_scores(Q, a, query_maxlen)
@@ -86,7 +87,7 @@ def unique_candidates(entries: jax.Array, valid: jax.Array, a: IndexArrays, *, m
 
 def _cells_batch(Q, a: IndexArrays, *, ncells: int, query_maxlen: int, query_chunk: int, with_scores: bool):
     """Stage 1 of a batch in one shard: (S or None, cells, IVF entries gathered over the shards)."""
-    fn = functools.partial(_cells_one, ncells=ncells, query_maxlen=query_maxlen)
+    fn = functools.partial(cells_one, ncells=ncells, query_maxlen=query_maxlen)
     if not with_scores:  # S of a whole batch is B * P * Lq floats: skip it when the next stage redoes it
         c, n = map_queries(lambda q: fn(q, a)[1:], Q, query_chunk)
         return None, c, jax.lax.all_gather(n, AXIS)

@@ -40,6 +40,7 @@ from colbert_jax.search.candidates import (
     candidates_one,
     cells,
     cells_into,
+    cells_one,
     centroid_scores,
     unique_candidates,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "working_set_per_query",
     "Params",
     "PlaidEngine",
+    "search_fused",
 ]
 
 
@@ -173,6 +175,51 @@ def search_streamed(
     return _each_query(one, _no_ranking(min(k, ndocs // 4)), arrays, mesh, (Q, S, cells), real, (threshold,))
 
 
+@functools.partial(
+    jax.jit,
+    static_argnames=("mesh", "ncells", "max_entries", "ndocs", "k", "nbits", "clamp", "chunk", "exact_chunk"),
+)
+def search_fused(
+    Q,
+    real,
+    threshold,
+    arrays: IndexArrays,
+    *,
+    mesh: Mesh,
+    ncells: int,
+    max_entries: int,
+    ndocs: int,
+    k: int,
+    nbits: int,
+    clamp: bool = False,
+    chunk: int | None = None,
+    exact_chunk: int = 512,
+):
+    """Stages 1-6 in one call, one query at a time: `cells` and `search_streamed` without the host round trip
+    between them, and with each query's centroid scores computed once (the two programs compute a batch's
+    twice, as S of a whole batch would not stay in the cache between them).
+
+    `max_entries` is a guess (the IVF entries of a query's cells are known only after stage 1): Q [B, Lq, dim],
+    real [B] -> (global positions [B, min(k, ndocs//4)], scores, IVF entries [B, D] per query and shard). A
+    query whose entries exceed max_entries in some shard was ranked from a truncated candidate list: the caller
+    reruns it (`PlaidEngine.rank`); every other query's ranking is the two programs'."""
+    chunk = streamed_chunk(max_entries) if chunk is None else chunk
+    lq = Q.shape[1]
+    shards = mesh.shape[AXIS]
+
+    def one(Q, threshold, a):
+        S, c, n = cells_one(Q, a, ncells=ncells, query_maxlen=lq)
+        S, survivors = _survivors_one(Q, S, c, threshold, a, width=max_entries, ndocs=ndocs, chunk=chunk)
+        pos, scores = _exact_one(Q, S, survivors, a, k=k, nbits=nbits, clamp=clamp, chunk=exact_chunk)
+        return pos, scores, jax.lax.all_gather(n, AXIS)
+
+    def skipped(a):
+        pos, scores = _no_ranking(min(k, ndocs // 4))(a)
+        return pos, scores, jnp.zeros((shards,), jnp.int32)
+
+    return _each_query(one, skipped, arrays, mesh, (Q,), real, (threshold,))
+
+
 @functools.partial(jax.jit, static_argnames=("mesh", "ndocs", "chunk"))
 def streamed_survivors(Q, S, entries, real, threshold, arrays: IndexArrays, *, mesh: Mesh, ndocs: int, chunk: int):
     """Stages 2-5 after `candidates.cells`, one query at a time, from the codes alone (`arrays` needs neither
@@ -257,6 +304,8 @@ class PlaidEngine:
         # The kernels pad documents to power-of-two lengths (Triton blocks); padding here saves that copy.
         self.max_doclen = pow2(longest) if implementation == "pallas" else -(-longest // 8) * 8
         self._mmap_scores: jax.Array | None = None  # the last single query's centroid scores (`_mmap_cells`)
+        # (ncells, query_maxlen) -> the IVF-entry bucket the last batch needed: `search_fused`'s guess for the next
+        self._entries_guess: dict[tuple[int, int], int] = {}
 
     def max_entries(self, ncells: int, query_maxlen: int) -> int:
         """Static bound on the IVF entries of one query's cells in any shard: its longest Lq * ncells lists."""
@@ -298,13 +347,60 @@ class PlaidEngine:
         """Q [B, Lq, dim], real [B] (False: padding) -> (global positions [B, min(k, ndocs // 4)] (-1: none),
         scores (-inf: none)) on the host. `allowed`: a filter mask (`allowed_mask`), applied at stage 2."""
         streamed = self.implementation == "streamed"
+        guess = self._entries_guess.get((min(params.ncells, self.index.num_partitions), query_maxlen))
+        if streamed and not self.mmap and not self.pass_scores(len(Q)) and guess is not None:
+            return self.fused(Q, real, params, guess, allowed)
         if self.mmap and streamed and len(Q) == 1:  # S written into the last query's buffer
             S, c, n_entries = self._mmap_cells(Q, params, query_maxlen)
         else:
             S, c, n_entries = self.cells(Q, params, query_maxlen, not streamed or self.pass_scores(len(Q)))
         if streamed:
+            if not self.mmap and len(Q) > 1:
+                self._guess_entries(params, query_maxlen, n_entries.max(axis=0)[real])
             return self.streamed(Q, S, c, real, params, pow2(n_entries.max()), allowed)
         return self._staged(Q, S, c, n_entries, params, query_maxlen, allowed)
+
+    def _guess_entries(self, params: Params, query_maxlen: int, needed: np.ndarray) -> None:
+        """Records the IVF-entry bucket that nine in ten of a batch's queries fit (`needed`: each query's entries,
+        the most of any shard): `search_fused`'s width for the next batch. Sized for most queries rather than
+        the largest, since every query of a batch pays for the width; the few larger ones are reranked."""
+        if needed.size:
+            key = (min(params.ncells, self.index.num_partitions), query_maxlen)
+            self._entries_guess[key] = pow2(int(np.quantile(needed, 0.9, method="higher")))
+
+    def fused(self, Q, real, params: Params, max_entries: int, allowed=None) -> tuple[np.ndarray, np.ndarray]:
+        """A batch by `search_fused` (stages 1-6 in one program), its IVF entries guessed from earlier batches
+        (`_guess_entries`): the queries whose entries did not fit are ranked again, by the two programs that
+        size the entries first."""
+        query_maxlen = Q.shape[1]
+        pos, scores, n_entries = jax.device_get(
+            search_fused(
+                Q,
+                real,
+                np.float32(params.threshold),
+                self.arrays.filtered(allowed),
+                mesh=self.mesh,
+                ncells=min(params.ncells, self.index.num_partitions),
+                max_entries=max_entries,
+                ndocs=max(params.ndocs, 4),
+                k=params.k,
+                nbits=self.index.nbits,
+                clamp=self.clamp,
+            )
+        )
+        needed = n_entries.max(axis=1)
+        self._guess_entries(params, query_maxlen, needed[real])
+        again = np.nonzero(real & (needed > max_entries))[0]
+        if len(again):
+            size = pow2(len(again))  # a batch bucket: padding queries cost nothing
+            Q_again = np.zeros((size, *Q.shape[1:]), Q.dtype)
+            Q_again[: len(again)] = Q[again]
+            real_again = np.arange(size) < len(again)
+            S, c, n = self.cells(Q_again, params, query_maxlen, self.pass_scores(size))
+            p2, s2 = self.streamed(Q_again, S, c, real_again, params, pow2(n.max()), allowed)
+            pos, scores = np.array(pos), np.array(scores)
+            pos[again], scores[again] = p2[: len(again)], s2[: len(again)]
+        return pos, scores
 
     def streamed(self, Q, S, c, real, params: Params, max_entries: int, allowed=None):
         """Stages 2-6 by the streamed programs: in one program in memory; over a memory-mapped index, stages
@@ -454,12 +550,14 @@ class PlaidEngine:
         return [1 << b for b in range(lo.bit_length() - 1, hi.bit_length())]
 
     def compile_streamed(self, size: int, params: Params, query_maxlen: int, buckets: list[int]) -> None:
-        """Compiles the streamed programs for batches of `size` at each IVF-entry bucket, by running padding
-        queries only (no search work)."""
+        """Compiles the streamed programs (`search_streamed`, and `search_fused` for batches) for batches of
+        `size` at each IVF-entry bucket, by running padding queries only (no search work)."""
         zeros = np.zeros((size, query_maxlen, self.index.dim), np.float32)
         S, c, _ = self.cells(zeros, params, query_maxlen, self.pass_scores(size))
         for max_entries in buckets:
             jax.block_until_ready(self.streamed(zeros, S, c, np.zeros(size, bool), params, max_entries))
+            if not self.mmap and not self.pass_scores(size):  # batches run `search_fused` once a guess exists
+                self.fused(zeros, np.zeros(size, bool), params, max_entries)
 
 
 def _size_groups(sizes: np.ndarray, groups: int) -> list[np.ndarray]:

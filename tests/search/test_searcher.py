@@ -151,15 +151,18 @@ def test_eight_shards_equal_one(real_index, searcher, minilm_checkpoint, tmp_pat
         assert len(jax.devices()) == 8
         s = colbert_jax.Searcher({str(real_index)!r}, checkpoint={str(minilm_checkpoint)!r}, truncate=True)
         assert s.mesh.size == 8
-        result = {{k: [[(p, s_) for p, _, s_ in r] for r in s.search_all({QUERIES!r}, k=k).data.values()]
-                  for k in (10, 100)}}
+        from colbert_jax.search import plaid
+        # each k twice: the first batch by the two programs, the second by search_fused (stages 1-6 in one)
+        result = {{f"{{k}}-{{i}}": [[(p, s_) for p, _, s_ in r] for r in s.search_all({QUERIES!r}, k=k).data.values()]
+                  for k in (10, 100) for i in range(2)}}
+        assert plaid.search_fused._cache_size() > 0
         json.dump(result, open({str(out)!r}, "w"))
     """)
     subprocess.run([sys.executable, "-c", script], check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     sharded = json.loads(out.read_text())
-    for k in (10, 100):
+    for k, run in [(10, 0), (10, 1), (100, 0), (100, 1)]:
         single = searcher.search_all(QUERIES, k=k)
-        for i, results in enumerate(sharded[str(k)]):
+        for i, results in enumerate(sharded[f"{k}-{run}"]):
             assert [p for p, _ in results] == [p for p, _, _ in single[i]]
             np.testing.assert_allclose([s for _, s in results], [s for *_, s in single[i]], atol=1e-4)
 
@@ -187,7 +190,12 @@ def test_warm_up_compiles_every_program_later_batches_need(real_index, minilm_mo
 
     searcher = colbert_jax.Searcher(real_index, checkpoint=minilm_model, truncate=True)
     searcher.warm_up(QUERIES[:8], k=100, max_batch=8)
-    programs = plaid.cells._cache_size(), plaid.search_streamed._cache_size(), minilm_model._query_fn._cache_size()
+    programs = (
+        plaid.cells._cache_size(),
+        plaid.search_streamed._cache_size(),
+        plaid.search_fused._cache_size(),
+        minilm_model._query_fn._cache_size(),
+    )
     rng = np.random.default_rng(0)
     for size in (1, 2, 3, 5, 8, 1, 4, 7):
         batch = [QUERIES[i] for i in rng.choice(np.arange(8, len(QUERIES)), size, replace=False)]
@@ -195,6 +203,7 @@ def test_warm_up_compiles_every_program_later_batches_need(real_index, minilm_mo
     assert (
         plaid.cells._cache_size(),
         plaid.search_streamed._cache_size(),
+        plaid.search_fused._cache_size(),
         minilm_model._query_fn._cache_size(),
     ) == programs
     with pytest.raises(QueryError, match="at least one query"):
