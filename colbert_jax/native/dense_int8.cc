@@ -110,9 +110,10 @@ struct TileConfig {
   uint8_t rows[16];
 };
 
-// Rows [r0, r1) (whole blocks of 16 in the padded activation buffers) x column block pairs [b0, b1).
-// Tiles: 0-3 accumulate main and cross for two column blocks, 4-5 hold the rows' hi and lo bytes for 64 k,
-// 6-7 the weights' hi and lo for one column block.
+// Rows [r0, r1) (whole pairs of 16-row blocks in the padded activation buffers) x column blocks [b0, b1).
+// Tiles: 0-3 accumulate main and cross for two row blocks of one column block, 4-5 hold a row block's hi and
+// lo bytes for 64 k (loaded for one row block, then the other), 6-7 the column block's weights: each weight
+// tile is used for 32 rows.
 COLBERT_JAX_AMX_TARGET void ProductsAmx(const int8_t* ahi, const int8_t* alo, const float* xs, int64_t r0,
                                         int64_t r1, int64_t m, int64_t kp, const int8_t* whi, const int8_t* wlo,
                                         const float* inv_w, int64_t b0, int64_t b1, int64_t n, float* out) {
@@ -126,28 +127,32 @@ COLBERT_JAX_AMX_TARGET void ProductsAmx(const int8_t* ahi, const int8_t* alo, co
   alignas(64) int32_t c[4][16 * 16];
   const int64_t block_bytes = kp * 16;
   const __m512 inv_steps = _mm512_set1_ps(1.0f / kLowSteps);
-  for (int64_t b = b0; b < b1; b += 2) {
-    const int8_t* bh0 = whi + b * block_bytes;
-    const int8_t* bl0 = wlo + b * block_bytes;
-    const int8_t* bh1 = bh0 + block_bytes;
-    const int8_t* bl1 = bl0 + block_bytes;
-    for (int64_t r = r0; r < r1; r += kRowBlock) {
+  for (int64_t b = b0; b < b1; ++b) {
+    const int8_t* bh = whi + b * block_bytes;
+    const int8_t* bl = wlo + b * block_bytes;
+    const int64_t col = b * 16;
+    if (col >= n) break;
+    const __m512 iw = _mm512_loadu_ps(inv_w + col);
+    const __mmask16 keep = n - col >= 16 ? 0xffff : static_cast<__mmask16>((1u << (n - col)) - 1);
+    for (int64_t r = r0; r < r1; r += 2 * kRowBlock) {
       _tile_zero(0);
       _tile_zero(1);
       _tile_zero(2);
       _tile_zero(3);
-      const int8_t* h = ahi + r * kp;
-      const int8_t* l = alo + r * kp;
+      const int8_t* h0 = ahi + r * kp;
+      const int8_t* l0 = alo + r * kp;
+      const int8_t* h1 = h0 + kRowBlock * kp;
+      const int8_t* l1 = l0 + kRowBlock * kp;
       for (int64_t k = 0; k < kp; k += 64) {
-        _tile_loadd(4, h + k, kp);
-        _tile_loadd(5, l + k, kp);
-        _tile_loadd(6, bh0 + k * 16, 64);
-        _tile_loadd(7, bl0 + k * 16, 64);
+        _tile_loadd(6, bh + k * 16, 64);
+        _tile_loadd(7, bl + k * 16, 64);
+        _tile_loadd(4, h0 + k, kp);
+        _tile_loadd(5, l0 + k, kp);
         _tile_dpbssd(0, 4, 6);
         _tile_dpbssd(1, 4, 7);
         _tile_dpbssd(1, 5, 6);
-        _tile_loadd(6, bh1 + k * 16, 64);
-        _tile_loadd(7, bl1 + k * 16, 64);
+        _tile_loadd(4, h1 + k, kp);
+        _tile_loadd(5, l1 + k, kp);
         _tile_dpbssd(2, 4, 6);
         _tile_dpbssd(3, 4, 7);
         _tile_dpbssd(3, 5, 6);
@@ -156,19 +161,15 @@ COLBERT_JAX_AMX_TARGET void ProductsAmx(const int8_t* ahi, const int8_t* alo, co
       _tile_stored(1, c[1], 64);
       _tile_stored(2, c[2], 64);
       _tile_stored(3, c[3], 64);
-      const int64_t rows = std::min<int64_t>(kRowBlock, m - r);
-      for (int half = 0; half < 2; ++half) {
-        const int64_t col = (b + half) * 16;
-        if (col >= n) break;
-        const __m512 iw = _mm512_loadu_ps(inv_w + col);
-        const __mmask16 keep = n - col >= 16 ? 0xffff : static_cast<__mmask16>((1u << (n - col)) - 1);
-        for (int64_t i = 0; i < rows; ++i) {
-          const __m512 main = _mm512_cvtepi32_ps(_mm512_load_si512(c[2 * half] + i * 16));
-          const __m512 cross = _mm512_cvtepi32_ps(_mm512_load_si512(c[2 * half + 1] + i * 16));
-          const __m512 acc = _mm512_add_ps(main, _mm512_mul_ps(cross, inv_steps));
-          const __m512 den = _mm512_mul_ps(_mm512_set1_ps(1.0f / xs[r + i]), iw);
-          _mm512_mask_storeu_ps(out + (r + i) * n + col, keep, _mm512_div_ps(acc, den));
-        }
+      const int64_t rows = std::min<int64_t>(2 * kRowBlock, m - r);
+      for (int64_t i = 0; i < rows; ++i) {
+        const int half = i < kRowBlock ? 0 : 1;
+        const int64_t row = i - half * kRowBlock;
+        const __m512 main = _mm512_cvtepi32_ps(_mm512_load_si512(c[2 * half] + row * 16));
+        const __m512 cross = _mm512_cvtepi32_ps(_mm512_load_si512(c[2 * half + 1] + row * 16));
+        const __m512 acc = _mm512_add_ps(main, _mm512_mul_ps(cross, inv_steps));
+        const __m512 den = _mm512_mul_ps(_mm512_set1_ps(1.0f / xs[r + i]), iw);
+        _mm512_mask_storeu_ps(out + (r + i) * n + col, keep, _mm512_div_ps(acc, den));
       }
     }
   }
@@ -238,7 +239,7 @@ ffi::Error Int8Dense(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   if (use_amx && !AmxReady()) return ffi::Error::InvalidArgument("int8_dense: this CPU or OS has no AMX-INT8");
   if (m == 0) return ffi::Error::Success();
 
-  const int64_t m_pad = (m + kRowBlock - 1) / kRowBlock * kRowBlock;
+  const int64_t m_pad = (m + 2 * kRowBlock - 1) / (2 * kRowBlock) * (2 * kRowBlock);  // pairs of row blocks
   std::vector<int8_t> ahi(m_pad * kp, 0), alo(m_pad * kp, 0);
   std::vector<float> xs(m_pad, 1.0f), inv_w(blocks * 16);
   const float* ws = w_scale.typed_data();
