@@ -6,10 +6,10 @@
 //   s = max|x| * (1 / 127) (1 where that is 0); steps = x * (1 / s);
 //   hi = clip(round_half_even(steps), -127, 127); lo = clip(round_half_even((steps - hi) * 254), -127, 127);
 //   main[n] = hi . w_hi[:, n];  cross[n] = hi . w_lo[:, n] + lo . w_hi[:, n]   (exact, int32);
-//   out[n] = (float(main) + float(cross) * (1 / 254)) / ((1 / s) * (1 / w_scale[n])).
+//   out[n] = fma(float(cross), 1 / 254, float(main)) / ((1 / s) * (1 / w_scale[n])).
 // Each float operation is the one XLA:CPU compiles `quantize._int8_matmul` into (it turns the divisions by 127
-// and by s into products with reciprocals), in the same order and without FMA contraction, so the output
-// matches the XLA path bit for bit; and each row's result depends on that row
+// and by s into products with reciprocals, and the epilogue's product and sum into an FMA), in the same
+// order, so the output matches the XLA path bit for bit; and each row's result depends on that row
 // alone, whatever the batch (the int8 query encoder's batch invariance).
 //
 // Weights arrive pre-packed (`colbert_jax.native.pack_dense`): w_hi and w_lo each as [Nb, Kp / 4, 16, 4] int8,
@@ -64,8 +64,10 @@ void QuantizeRowScalar(const float* x, int64_t k, int64_t kp, int8_t* hi, int8_t
   std::memset(lo + k, 0, kp - k);
 }
 
+// XLA:CPU contracts the epilogue's product and sum into one fused multiply-add: so does this kernel, explicitly
+// (whatever the compiler's contraction setting).
 inline float Epilogue(int32_t main, int32_t cross, float inv_x, float inv_w) {
-  const float acc = static_cast<float>(main) + static_cast<float>(cross) * (1.0f / kLowSteps);
+  const float acc = std::fma(static_cast<float>(cross), 1.0f / kLowSteps, static_cast<float>(main));
   return acc / (inv_x * inv_w);
 }
 
@@ -167,7 +169,7 @@ COLBERT_JAX_AMX_TARGET void ProductsAmx(const int8_t* ahi, const int8_t* alo, co
         const int64_t row = i - half * kRowBlock;
         const __m512 main = _mm512_cvtepi32_ps(_mm512_load_si512(c[2 * half] + row * 16));
         const __m512 cross = _mm512_cvtepi32_ps(_mm512_load_si512(c[2 * half + 1] + row * 16));
-        const __m512 acc = _mm512_add_ps(main, _mm512_mul_ps(cross, inv_steps));
+        const __m512 acc = _mm512_fmadd_ps(cross, inv_steps, main);  // as Epilogue
         const __m512 den = _mm512_mul_ps(_mm512_set1_ps(1.0f / xs[r + i]), iw);
         _mm512_mask_storeu_ps(out + (r + i) * n + col, keep, _mm512_div_ps(acc, den));
       }
