@@ -1,14 +1,16 @@
 """Where colbert-jax's CPU search time goes: matmul speed, query encoding, and retrieval alone.
 
     python scripts/bench_cpu_parts.py --index DIR [--index DIR ...] [--queries 200] [--engine plaid warp]
-        [--repeats 1]
+        [--repeats 1] [--two-programs]
 
 1. XLA:CPU GFLOP/s of the query encoder's largest product ([32, 384] x [384, 1536], float32 and bfloat16),
    and torch's on the same product when the reference venv is there (--ref-python).
 2. The query encoder (packaged MiniLM): ms per single query (32 tokens), tokenisation excluded.
 3. For each index: retrieval alone from pre-encoded queries (no encoding): batched queries/s of
    `search_all` (median of 3 passes) and single-query p50 ms, at k=10 with the defaults, for each --engine
-   (run back to back, --repeats times: medians with the min-max spread over repeats).
+   (run back to back, --repeats times: medians with the min-max spread over repeats). With --two-programs,
+   also PLAID's batched retrieval without `plaid.search_fused` (each batch by `cells` + `search_streamed`, as
+   before that program), timed back to back with the others.
 Indexes from `scripts/bench_search.py` (`DIR/ours`) or `scripts/bench_scale.py` (`ours1`, `ours10`, ...)
 fit; queries are drawn from the (first) index's collection as in those benchmarks. Prints a markdown table.
 """
@@ -71,6 +73,7 @@ def main() -> None:
     ap.add_argument("--engine", nargs="+", default=["plaid"], help="search engines to time (plaid, warp)")
     ap.add_argument("--repeats", type=int, default=1, help="timed rounds per engine (medians reported)")
     ap.add_argument("--collection", help="TSV the queries are drawn from (default: the first index's own)")
+    ap.add_argument("--two-programs", action="store_true", help="also time PLAID batches without search_fused")
     args = ap.parse_args()
     import colbert_jax
     from colbert_jax.default_model import default_checkpoint
@@ -110,7 +113,10 @@ def main() -> None:
                 s.search(q, k=10)
         qps = {e: [] for e in args.engine}
         p50 = {e: [] for e in args.engine}
+        two = [] if args.two_programs and "plaid" in searchers else None
         for _ in range(args.repeats):  # engines back to back, so that a noisy spell hits them alike
+            if two is not None:
+                two.append(len(Q) / _median_s(functools.partial(_two_programs, searchers["plaid"], pre), 3))
             for e, s in searchers.items():
                 qps[e].append(len(Q) / _median_s(functools.partial(s.search_all, pre, k=10), 3))
                 single = []
@@ -124,6 +130,20 @@ def main() -> None:
             name = f"{Path(index).name} ({s.index.num_embeddings:,} embeddings), {e}"
             print(f"| retrieval only, {name}, batched | {_spread(qps[e], '.1f')} queries/s |")
             print(f"| retrieval only, {name}, single p50 | {_spread(p50[e], '.2f')} ms |")
+        if two is not None:
+            name = f"{Path(index).name} ({s.index.num_embeddings:,} embeddings), plaid without search_fused"
+            print(f"| retrieval only, {name}, batched | {_spread(two, '.1f')} queries/s |")
+
+
+def _two_programs(searcher, queries):
+    """`search_all` at k=10 with no IVF-entry guess recorded: every batch by `cells` + `search_streamed`."""
+    engine = searcher._plaid_engine()
+    engine._guess_entries = lambda *args, **kwargs: None  # the instance's: the class keeps its own
+    engine._entries_guess.clear()
+    try:
+        return searcher.search_all(queries, k=10)
+    finally:
+        del engine._guess_entries
 
 
 def _spread(values: list[float], fmt: str) -> str:
