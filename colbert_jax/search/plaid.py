@@ -98,6 +98,12 @@ def _exact_one(Q, S, survivors, a: IndexArrays, *, k: int, nbits: int, clamp: bo
     return top_k(reduce(exact_streamed(Q, S, survivors, a, chunk, nbits), clamp), survivors, a, k)
 
 
+def _rank_one(Q, S, source, threshold, a: IndexArrays, *, width, ndocs, chunk, k, nbits, clamp, exact_chunk):
+    """Stages 2-6 for one query (S None: recomputed) -> (global positions, scores)."""
+    S, survivors = _survivors_one(Q, S, source, threshold, a, width=width, ndocs=ndocs, chunk=chunk)
+    return _exact_one(Q, S, survivors, a, k=k, nbits=nbits, clamp=clamp, chunk=exact_chunk)
+
+
 def _no_ranking(kk: int) -> Callable:
     """What a padding query returns from stage 6: no positions (-1), no scores (-inf), kk of each."""
     return lambda a: (jnp.full((kk,), -1, jnp.int32), jnp.full((kk,), NEG_INF, jnp.float32))
@@ -167,12 +173,10 @@ def search_streamed(
     per step (default `streamed_chunk(max_entries)`).
     """
     chunk = streamed_chunk(max_entries) if chunk is None else chunk
-
-    def one(Q, S, cells, threshold, a):
-        S, survivors = _survivors_one(Q, S, cells, threshold, a, width=max_entries, ndocs=ndocs, chunk=chunk)
-        return _exact_one(Q, S, survivors, a, k=k, nbits=nbits, clamp=clamp, chunk=exact_chunk)
-
-    return _each_query(one, _no_ranking(min(k, ndocs // 4)), arrays, mesh, (Q, S, cells), real, (threshold,))
+    rank = functools.partial(
+        _rank_one, width=max_entries, ndocs=ndocs, chunk=chunk, k=k, nbits=nbits, clamp=clamp, exact_chunk=exact_chunk
+    )
+    return _each_query(rank, _no_ranking(min(k, ndocs // 4)), arrays, mesh, (Q, S, cells), real, (threshold,))
 
 
 @functools.partial(
@@ -207,11 +211,13 @@ def search_fused(
     lq = Q.shape[1]
     shards = mesh.shape[AXIS]
 
+    rank = functools.partial(
+        _rank_one, width=max_entries, ndocs=ndocs, chunk=chunk, k=k, nbits=nbits, clamp=clamp, exact_chunk=exact_chunk
+    )
+
     def one(Q, threshold, a):
         S, c, n = cells_one(Q, a, ncells=ncells, query_maxlen=lq)
-        S, survivors = _survivors_one(Q, S, c, threshold, a, width=max_entries, ndocs=ndocs, chunk=chunk)
-        pos, scores = _exact_one(Q, S, survivors, a, k=k, nbits=nbits, clamp=clamp, chunk=exact_chunk)
-        return pos, scores, jax.lax.all_gather(n, AXIS)
+        return (*rank(Q, S, c, threshold, a), jax.lax.all_gather(n, AXIS))
 
     def skipped(a):
         pos, scores = _no_ranking(min(k, ndocs // 4))(a)

@@ -1,9 +1,12 @@
 """Batched CPU search by `plaid.search_fused` (stages 1-6 in one program, each query's centroid scores computed
 once, its IVF-entry width guessed from earlier batches): the same rankings and scores as the two programs
 (`cells`, then `search_streamed`), whether every query fits the guessed width, none does (each is ranked again
-by the two programs), or some do; filtered searches too."""
+by the two programs), or some do; filtered searches too. Lowered for cuda/tpu, it runs without the native
+kernels."""
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import pytest
@@ -11,6 +14,7 @@ import pytest
 import colbert_jax
 from colbert_jax.search import plaid
 from tests.conftest import COLLECTIONS
+from tests.kernels.lowering import lower
 
 QUERIES = [line.split("\t")[1] for line in (COLLECTIONS / "queries_2k.tsv").read_text().splitlines()[:96]]
 
@@ -103,3 +107,16 @@ def test_filtered_search_through_the_fused_program(searcher):
     assert len(calls) == 2
     _assert_same(got, want)
     assert all(pid % 3 == 0 for ranking in got.values() for pid, _, _ in ranking)
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_fused_program_lowers_for_accelerators_without_the_native_kernels(searcher, platform):
+    engine = searcher._plaid_engine()
+    params = searcher._params(10, searcher.config)
+    Q = searcher.encode(QUERIES[:4])
+    args = (Q, np.ones(4, bool), np.float32(params.threshold), engine.arrays)
+    statics = dict(mesh=engine.mesh, ncells=params.ncells, max_entries=1024, ndocs=params.ndocs, k=10, nbits=2)
+    program = plaid.search_fused.lower(*args, **statics).as_text()
+    assert "colbert_jax_centroid_interaction" in program and "colbert_jax_exact_maxsim" in program  # on the CPU
+    text = lower(functools.partial(plaid.search_fused, **statics), *args, platform=platform, name="search_fused")
+    assert "colbert_jax_" not in text
