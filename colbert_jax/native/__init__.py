@@ -3,7 +3,9 @@
 XLA:CPU lowers PLAID's centroid interaction (a gather of one row of centroid scores per candidate embedding,
 then a running maximum per document) as materialised gathers and a scatter-max, at several times the memory
 traffic of a plain loop, and its exact MaxSim over a few thousand rows as a loop of small ops whose fixed costs
-outweigh the arithmetic. `plaid_cpu.cc` holds both as plain loops. It is compiled on first use with the machine's C++
+outweigh the arithmetic. `plaid_cpu.cc` holds both as plain loops. On CPUs with AMX tiles two more run on the
+tile unit: the int8 query encoder's dense layers (`dense_int8.cc`) and stage 1's centroid scores as three
+bfloat16 products (`centroid_scores.cc`). The sources are compiled on first use with the machine's C++
 compiler (`$CXX`, else `g++`) for this CPU (`-march=native`) against jaxlib's FFI headers, cached under
 $COLBERT_JAX_CACHE/native (keyed by the source, compiler, flags, jaxlib and CPU), and registered with XLA.
 
@@ -39,12 +41,16 @@ __all__ = [
     "amx_available",
     "pack_dense",
     "int8_dense",
+    "amx_bf16_available",
+    "split_centroids",
+    "centroid_scores",
+    "SCORES_IMPLEMENTATIONS",
 ]
 
 logger = logging.getLogger("colbert_jax.native")
 
 ENV = "COLBERT_JAX_NATIVE"
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("plaid_cpu.cc", "dense_int8.cc"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("plaid_cpu.cc", "dense_int8.cc", "centroid_scores.cc"))
 HEADERS = tuple(Path(__file__).with_name(name) for name in ("tasks.h",))
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 # GCC vectorises with 256-bit registers on AVX-512 CPUs unless told otherwise: the MaxSim loop is FMA-bound.
@@ -63,6 +69,7 @@ _SYMBOLS = {
     "colbert_jax_exact_maxsim_s32": "ColbertJaxExactMaxSimS32",
     "colbert_jax_exact_maxsim_u16": "ColbertJaxExactMaxSimU16",
     "colbert_jax_int8_dense": "ColbertJaxInt8Dense",
+    "colbert_jax_centroid_scores": "ColbertJaxCentroidScores",
 }
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "lib": the loaded library, "error": why it is not there
@@ -305,3 +312,55 @@ def int8_dense(
     call = jax.ffi.ffi_call("colbert_jax_int8_dense", jax.ShapeDtypeStruct((rows, n), jnp.float32))
     out = call(x.reshape(rows, k).astype(jnp.float32), high, low, padded_scale, amx=np.int32(implementation == "amx"))
     return out.reshape(*lead, n)
+
+
+# -- PLAID's stage 1 product on the tile unit (centroid_scores.cc) -------------------------------------------
+
+SCORES_IMPLEMENTATIONS = ("amx", "portable")
+
+
+def amx_bf16_available() -> bool:
+    """Whether the kernels are enabled and this CPU and OS run AMX-BF16 tiles (the fast `centroid_scores`)."""
+    lib = library()
+    return lib is not None and bool(lib.colbert_jax_amx_bf16_ready())
+
+
+def split_centroids(centroids: np.ndarray) -> np.ndarray:
+    """Centroids float32 [P, dim] -> their two bfloat16 terms [2, Pp, Kp] for `centroid_scores`: hi = bf16(c),
+    lo = bf16(c - hi) (round to nearest even), Pp = P rounded up to 16, Kp = dim rounded up to 32 (zeros)."""
+    c = np.asarray(centroids, np.float32)
+    if c.ndim != 2:
+        raise ValueError(f"split_centroids: float [P, dim] centroids, got {c.shape}")
+    p, dim = c.shape
+    out = np.zeros((2, -(-p // 16) * 16, -(-dim // 32) * 32), jnp.bfloat16)
+    hi = c.astype(jnp.bfloat16)
+    out[0, :p, :dim] = hi
+    out[1, :p, :dim] = (c - hi.astype(np.float32)).astype(jnp.bfloat16)
+    return out
+
+
+def centroid_scores(split: jax.Array, Q: jax.Array, num_centroids: int, *, implementation: str = "amx") -> jax.Array:
+    """S = C . Q^T [num_centroids, Lq] float32 from the split centroids (`split_centroids`, [2, Pp, Kp]) and Q
+    [Lq, dim], as three bfloat16 products accumulated in float32 (see `centroid_scores.cc`: float32-class
+    accuracy, not float32's bits). implementation: "amx" (CPUs with AMX-BF16: check `amx_bf16_available()`) or
+    "portable" (plain loops, any CPU: slow; the reference the AMX path is tested against). CPU programs only;
+    vmapped, it runs once per query."""
+    if implementation not in SCORES_IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {SCORES_IMPLEMENTATIONS}, got {implementation!r}")
+    if library() is None:
+        raise NativeBuildError(f"the native CPU kernels are off or unavailable ({_why_not()}); check `enabled()` first")
+    if implementation == "amx" and not amx_bf16_available():
+        raise NativeBuildError("centroid_scores(implementation='amx'): this CPU or OS has no AMX-BF16")
+    if split.ndim != 3 or split.shape[0] != 2 or split.dtype != jnp.bfloat16 or Q.ndim != 2:
+        raise ValueError(
+            f"centroid_scores: split bfloat16 [2, Pp, Kp] and Q [Lq, dim], got {split.shape} "
+            f"{split.dtype} and {Q.shape}"
+        )
+    pp, kp = split.shape[1:]
+    if pp != -(-num_centroids // 16) * 16 or kp != -(-Q.shape[1] // 32) * 32:
+        raise ValueError(
+            f"centroid_scores: centroids split as [2, {pp}, {kp}] do not fit P={num_centroids}, dim={Q.shape[1]}"
+        )
+    out = jax.ShapeDtypeStruct((num_centroids, Q.shape[0]), jnp.float32)
+    call = jax.ffi.ffi_call("colbert_jax_centroid_scores", out, vmap_method="sequential")
+    return call(split, Q.astype(jnp.float32), amx=np.int32(implementation == "amx"))

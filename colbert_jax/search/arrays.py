@@ -45,7 +45,7 @@ class ShardedArrays:
         )
 
 
-_REPLICATED = ("centroids", "bucket_weights")
+_REPLICATED = ("centroids", "bucket_weights", "centroids_split")
 
 
 @jax.tree_util.register_dataclass
@@ -53,7 +53,7 @@ _REPLICATED = ("centroids", "bucket_weights")
 class IndexArrays(ShardedArrays):
     """An index's arrays on the devices (`placement.place_index`). Optional fields are None where the reader
     does not need them: a memory-mapped index leaves residuals on disk, the mmap streamed path reads the IVF
-    lists from disk, and `allowed` is set only for a filtered search."""
+    lists from disk, `allowed` is set only for a filtered search, and `centroids_split` only on CPUs with AMX-BF16."""
 
     centroids: jax.Array  # f32 [P, dim] (replicated)
     bucket_weights: jax.Array  # f32 [2^nbits] (replicated)
@@ -68,6 +68,9 @@ class IndexArrays(ShardedArrays):
     ivf: jax.Array | None = None  # i32 [D, I]: local passage positions, list after list
     ivf_offsets: jax.Array | None = None  # i32 [D, P + 1]
     allowed: jax.Array | None = None  # bool [D, N + 1]: a search filter, the passages that may be candidates
+    # bf16 [2, Pp, Kp] (replicated): the centroids' two bfloat16 terms, where the centroid scores are computed
+    # on the CPU's tile unit (`candidates.centroid_scores`); None: by an XLA float32 product
+    centroids_split: jax.Array | None = None
 
     @property
     def sentinel(self) -> int:

@@ -1,6 +1,7 @@
 """PLAID stages 1-2: query embeddings -> centroid scores -> probed cells -> candidate passages.
 
-  S = C . Q[:query_maxlen]^T                      centroid scores [P, Lq]
+  S = C . Q[:query_maxlen]^T                      centroid scores [P, Lq] (on the tile unit of CPUs with
+                                                  AMX-BF16: three bfloat16 products, `native.centroid_scores`)
   cells = top-`ncells` centroids of each query token; the candidates are the union of their IVF lists,
   expanded into `max_entries` slots (an upper bound from the IVF), sorted and deduplicated.
 The stages also count IVF entries, distinct candidates and their embeddings, so that the host can pick the
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from colbert_jax import native
 from colbert_jax.search.arrays import AXIS, IndexArrays, map_queries, run_sharded
 from colbert_jax.search.segments import expand
 
@@ -24,6 +26,7 @@ __all__ = [
     "CELL_BLOCK",
     "top_cells",
     "centroid_scores",
+    "row_scores",
     "cells",
     "cells_one",
     "cells_into",
@@ -33,6 +36,7 @@ __all__ = [
 ]
 
 CELL_BLOCK = 128
+HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def top_cells(S: jax.Array, n: int) -> jax.Array:
@@ -53,8 +57,42 @@ def top_cells(S: jax.Array, n: int) -> jax.Array:
 
 
 def centroid_scores(Q: jax.Array, a: IndexArrays, query_maxlen: int) -> jax.Array:
-    """S = C . Q[:query_maxlen]^T [P, Lq]."""
-    return jnp.dot(a.centroids, Q[:query_maxlen].T, precision=jax.lax.Precision.HIGHEST)
+    """S = C . Q[:query_maxlen]^T [P, Lq]: a float32 product, or, where the arrays carry the centroids' bfloat16
+    terms (`a.centroids_split`: CPUs with AMX-BF16), three bfloat16 products on the tile unit
+    (`native.centroid_scores`)."""
+    Q = Q[:query_maxlen]
+    if a.centroids_split is None:
+        return jnp.dot(a.centroids, Q.T, precision=HIGHEST)
+    return _split_product(a.centroids_split, Q, a.centroids.shape[0], lambda: a.centroids)
+
+
+def row_scores(c: jax.Array, Q: jax.Array, a: IndexArrays) -> jax.Array:
+    """q . c [n, Lq] of centroid rows c [n, dim] gathered from `a.centroids`, by the product `centroid_scores`
+    uses (each row's scores equal its row of S): stage 6 over rows read from disk, which has no S."""
+    if a.centroids_split is None:
+        return jnp.dot(c, Q.T, precision=HIGHEST)
+    n, dim = c.shape
+    hi = c.astype(jnp.bfloat16)
+    lo = (c - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+    pad = ((0, 0), (0, -n % 16), (0, -dim % 32))
+    return _split_product(jnp.pad(jnp.stack([hi, lo]), pad), Q, n, lambda: c)
+
+
+def _split_product(split: jax.Array, Q: jax.Array, n: int, rows) -> jax.Array:
+    """[n, Lq] from bfloat16 terms [2, Pp, Kp] of n rows: on the tile unit where the kernels are built, else
+    the same three products in XLA (the same numbers up to float32 rounding). Programs lowered for other
+    platforms take the float32 product of `rows()`."""
+
+    def cpu(Q):
+        if native.enabled():
+            return native.centroid_scores(split, Q, n)
+        hi, lo = (x[:n, : Q.shape[1]].astype(jnp.float32) for x in split)
+        q_hi = Q.astype(jnp.bfloat16).astype(jnp.float32)
+        q_lo = (Q - q_hi).astype(jnp.bfloat16).astype(jnp.float32)
+        main = jnp.dot(hi, q_hi.T, precision=HIGHEST)
+        return main + (jnp.dot(hi, q_lo.T, precision=HIGHEST) + jnp.dot(lo, q_hi.T, precision=HIGHEST))
+
+    return jax.lax.platform_dependent(Q, cpu=cpu, default=lambda Q: jnp.dot(rows(), Q.T, precision=HIGHEST))
 
 
 def cells_one(Q, a: IndexArrays, *, ncells: int, query_maxlen: int):

@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 from colbert_jax import native
 from colbert_jax.scoring import MASKED_SCORE
 from colbert_jax.search.arrays import AXIS, NEG_INF, IndexArrays, map_queries, run_sharded
+from colbert_jax.search.candidates import row_scores
 from colbert_jax.search.segments import expand, segment_max, stream
 from pallas_kernels import maxsim
 from pallas_kernels.decompress import byte_table
@@ -39,7 +40,7 @@ def similarities(Q, S, emb, valid, a: IndexArrays, table) -> jax.Array:
     rows = jnp.where(valid, emb, a.padding_row)
     r = table[a.residuals[rows]].reshape(rows.shape[0], -1)  # [T, dim]
     c = a.centroids.at[a.codes[rows]].get(mode="clip") if S is None or a.inv_norms is None else None
-    centroid_part = jnp.dot(c, Q.T, precision=HIGHEST) if S is None else S.at[a.codes[rows]].get(mode="clip")
+    centroid_part = row_scores(c, Q, a) if S is None else S.at[a.codes[rows]].get(mode="clip")
     sim = centroid_part + jnp.dot(r, Q.T, precision=HIGHEST)
     inv = a.inv_norms[rows] if a.inv_norms is not None else 1.0 / jnp.maximum(jnp.linalg.norm(c + r, axis=-1), 1e-12)
     return jnp.where(valid[:, None], sim * inv[:, None], MASKED_SCORE)

@@ -20,6 +20,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from colbert_jax import native
 from colbert_jax.index import Index
 from colbert_jax.indexing.ivf import build_ivf
 from colbert_jax.search.arrays import AXIS, IndexArrays
@@ -116,7 +117,12 @@ def _global_max(local: np.ndarray) -> np.ndarray:
 
 
 def place_index(
-    index: Index, mesh: Mesh, residuals: bool = True, codes_dtype: type = np.int32, ivf: bool = True
+    index: Index,
+    mesh: Mesh,
+    residuals: bool = True,
+    codes_dtype: type = np.int32,
+    ivf: bool = True,
+    split_centroids: bool = False,
 ) -> tuple[IndexArrays, list[np.ndarray]]:
     """Splits the index's passages into one contiguous shard per mesh device (balanced by embeddings) and
     places each shard this process owns on its device (residuals and their norms only with `residuals`).
@@ -124,6 +130,8 @@ def place_index(
     rows rather than reading their code (`pruning.approx_streamed`): the padding code is then P, or 0 when P
     does not fit. `ivf` False leaves out the IVF's entries ("ivf", "ivf_offsets"; the lengths stay) for a
     reader that reads the probed lists from disk (`streamed_mmap.expand_cells`); the fields left out are None.
+    `split_centroids` also places the centroids' two bfloat16 terms (`native.split_centroids`), for the centroid
+    scores on the tile unit (CPUs with AMX-BF16: `candidates.centroid_scores`).
 
     Returns the global arrays (`IndexArrays`, leading shard axis over the mesh) and, as a one-element
     list, the element-wise maximum over shards of the cumulative IVF list lengths sorted longest first (static
@@ -210,9 +218,11 @@ def place_index(
         return jax.make_array_from_single_device_arrays((n_shards, *first.shape), sharded, pieces)
 
     placed = {k: assemble(per_shard.pop(k)) for k in list(per_shard)}  # each host copy freed once placed
+    split = native.split_centroids(index.codec.centroids) if split_centroids else None
     arrays = IndexArrays(
         centroids=jax.device_put(index.codec.centroids, replicated),
         bucket_weights=jax.device_put(index.codec.bucket_weights, replicated),
+        centroids_split=None if split is None else jax.device_put(split, replicated),
         **placed,
     )
     return arrays, [entry_bound]

@@ -32,6 +32,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from colbert_jax import native
 from colbert_jax.index import Index
 from colbert_jax.search import placement, streamed_mmap
 from colbert_jax.search.arrays import AXIS, NEG_INF, IndexArrays, bucket, if_real, map_queries, pow2, run_sharded
@@ -304,7 +305,12 @@ class PlaidEngine:
         mapped = mmap and implementation == "streamed"
         small = mapped and index.num_partitions <= 1 << 16
         self.arrays, self._entry_bounds = placement.place_index(
-            index, self.mesh, residuals=not mmap, codes_dtype=np.uint16 if small else np.int32, ivf=not mapped
+            index,
+            self.mesh,
+            residuals=not mmap,
+            codes_dtype=np.uint16 if small else np.int32,
+            ivf=not mapped,
+            split_centroids=self.on_cpu and native.amx_bf16_available(),
         )
         longest = int(index.doclens.max())
         # The kernels pad documents to power-of-two lengths (Triton blocks); padding here saves that copy.
@@ -535,7 +541,12 @@ class PlaidEngine:
         renumbered, stacked, slots = streamed_mmap.gather(self.index, surv, firsts, self.arrays.sentinel, *codec)
         sharded = NamedSharding(self.mesh, P(AXIS))
         placed = {k: jax.device_put(v, sharded) for k, v in stacked.items()}
-        arrays = IndexArrays(centroids=self.arrays.centroids, bucket_weights=self.arrays.bucket_weights, **placed)
+        arrays = IndexArrays(
+            centroids=self.arrays.centroids,
+            bucket_weights=self.arrays.bucket_weights,
+            centroids_split=self.arrays.centroids_split,
+            **placed,
+        )
         return jax.device_put(renumbered, sharded), arrays, slots
 
     def _query_chunk(self, sizes: dict, query_maxlen: int) -> int:
