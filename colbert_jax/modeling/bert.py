@@ -12,6 +12,8 @@ Numerics follow the reference: token_type ids all 0, positions 0..L-1, additive 
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -174,6 +176,25 @@ class _SelfAttention(nn.Module):
         # bias: [batch, 1, 1, length]
         ctx = padded(attend_merged if active() else attend, heads("query"), heads("key"), heads("value"), bias)
         return ctx.reshape(batch, length, cfg.hidden_size)
+
+    def qkv_attention(self) -> tuple[int, Callable]:
+        """For the int8 encoder's native attention (`quantize.int8_dense`), which stands in for this module's
+        call when its fused qkv params are packed: the number of heads, and this attention as a function of the
+        fused projections (qkv [B, L, 3 * hidden] + bias, key_bias [B, L]), for programs lowered elsewhere."""
+        return self.config.num_attention_heads, functools.partial(
+            attention_from_qkv, heads=self.config.num_attention_heads
+        )
+
+
+def attention_from_qkv(qkv: jax.Array, key_bias: jax.Array, heads: int) -> jax.Array:
+    """`_SelfAttention`'s output from its fused projections: qkv [B, L, 3 * H * D], key_bias [B, L] -> [B, L, H * D]
+    (inference: no dropout)."""
+    b, n, width = qkv.shape
+    q, k, v = (t.reshape(b, n, heads, width // (3 * heads)) for t in jnp.split(qkv, 3, axis=-1))
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    scores = scores / jnp.sqrt(jnp.float32(q.shape[-1])) + key_bias[:, None, None, :]
+    probs = jax.nn.softmax(scores, axis=-1)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, n, width // 3)
 
 
 class _Output(nn.Module):

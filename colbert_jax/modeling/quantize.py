@@ -27,7 +27,11 @@ terms in the tile layout of `colbert_jax.native.int8_dense` (`packed_hi`, `packe
 `kernel_cross`) and the product runs as one native kernel with the same numbers, bit for bit: XLA:CPU spends
 most of the int8 encoder's time around its products (the activation split, a concatenation, the epilogue), and
 its small-batch int8 products run well below the tile unit's rate. Programs lowered for other platforms
-unpack the layout and run the XLA product (`lax.platform_dependent`).
+unpack the layout and run the XLA product (`lax.platform_dependent`). With packed params, a self-attention
+module that offers `qkv_attention()` (BERT's) is replaced at inference by the fused qkv product and one native
+attention kernel (`colbert_jax.native.attention`), instead of XLA:CPU's transposes, batched products and
+softmax: float32-accurate but not XLA's bits, so these embeddings differ from the XLA int8 path's by up to a
+few 1e-4 (an int8 rounding step of a later layer's input flips), still batch-invariant.
 
 Attention's query, key and value projections read the same input: `quantize_params` stores them fused, as one
 `qkv` kernel [in, 3 * out] beside them, and the interceptor runs one product (and one activation split) when
@@ -193,10 +197,34 @@ def _fused_projection(module: nn.Dense, x: jax.Array) -> jax.Array:
     return out
 
 
+def _native_attention(module: nn.Module, x: jax.Array, bias: jax.Array, deterministic: bool) -> jax.Array | None:
+    """A self-attention module whose fused qkv params are packed (`qkv_attention()`: BERT's), at inference: the
+    fused product, then attention as one native kernel (`native.attention`) in CPU programs; None otherwise
+    (the module runs as written)."""
+    p = module.variables.get("params", {}).get("qkv")
+    if not deterministic or p is None or PACKED[0] not in p:
+        return None
+    heads, reference = module.qkv_attention()
+    qkv = _product(x, p)
+    key_bias = bias.reshape(bias.shape[0], bias.shape[-1])  # [B, 1, 1, L]: one row per batch row
+
+    def kernel(qkv, key_bias):
+        return native.attention(qkv, p["bias"], key_bias, heads)
+
+    def xla(qkv, key_bias):
+        return reference(qkv + p["bias"], key_bias)
+
+    out = jax.lax.platform_dependent(qkv, key_bias, cpu=kernel, default=xla)
+    return out.astype(module.dtype or jnp.float32)
+
+
 def int8_dense(next_fun, args, kwargs, context):
     """Flax interceptor: a marked `nn.Dense` (its params hold `kernel_scale`) runs the int8 product; query,
     key and value projections whose parent holds a fused `qkv` kernel run it once for the three."""
     module = context.module
+    if context.method_name == "__call__" and hasattr(module, "qkv_attention"):
+        out = _native_attention(module, *args, **kwargs)
+        return next_fun(*args, **kwargs) if out is None else out
     if not isinstance(module, nn.Dense) or context.method_name != "__call__":
         return next_fun(*args, **kwargs)
     (x,) = args

@@ -45,12 +45,15 @@ __all__ = [
     "split_centroids",
     "centroid_scores",
     "SCORES_IMPLEMENTATIONS",
+    "attention",
 ]
 
 logger = logging.getLogger("colbert_jax.native")
 
 ENV = "COLBERT_JAX_NATIVE"
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("plaid_cpu.cc", "dense_int8.cc", "centroid_scores.cc"))
+SOURCES = tuple(
+    Path(__file__).with_name(name) for name in ("plaid_cpu.cc", "dense_int8.cc", "centroid_scores.cc", "attention.cc")
+)
 HEADERS = tuple(Path(__file__).with_name(name) for name in ("tasks.h",))
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 # GCC vectorises with 256-bit registers on AVX-512 CPUs unless told otherwise: the MaxSim loop is FMA-bound.
@@ -70,6 +73,7 @@ _SYMBOLS = {
     "colbert_jax_exact_maxsim_u16": "ColbertJaxExactMaxSimU16",
     "colbert_jax_int8_dense": "ColbertJaxInt8Dense",
     "colbert_jax_centroid_scores": "ColbertJaxCentroidScores",
+    "colbert_jax_attention": "ColbertJaxAttention",
 }
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "lib": the loaded library, "error": why it is not there
@@ -364,3 +368,23 @@ def centroid_scores(split: jax.Array, Q: jax.Array, num_centroids: int, *, imple
     out = jax.ShapeDtypeStruct((num_centroids, Q.shape[0]), jnp.float32)
     call = jax.ffi.ffi_call("colbert_jax_centroid_scores", out, vmap_method="sequential")
     return call(split, Q.astype(jnp.float32), amx=np.int32(implementation == "amx"))
+
+
+# -- the int8 query encoder's self-attention (attention.cc) --------------------------------------------------
+
+
+def attention(qkv: jax.Array, qkv_bias: jax.Array, key_bias: jax.Array, heads: int) -> jax.Array:
+    """Self-attention from the fused projections: qkv [B, L, 3 * H * D] (queries, keys, values, head after
+    head) plus qkv_bias [3 * H * D], key_bias [B, L] (added to every score of that key: 0, or a large negative
+    number to mask it) -> ctx [B, L, H * D], softmax(q . k / sqrt(D) + key_bias) . v per batch row and head (see
+    `attention.cc`: float32-accurate, XLA's exp, not XLA's bits). CPU programs only."""
+    if library() is None:
+        raise NativeBuildError(f"the native CPU kernels are off or unavailable ({_why_not()}); check `enabled()` first")
+    if qkv.ndim != 3 or qkv.shape[-1] % (3 * heads) or key_bias.shape != qkv.shape[:2]:
+        raise ValueError(f"attention: qkv [B, L, 3 * {heads} * D], key_bias [B, L]; got {qkv.shape}, {key_bias.shape}")
+    if qkv_bias.shape != qkv.shape[-1:]:
+        raise ValueError(f"attention: qkv_bias [{qkv.shape[-1]}], got {qkv_bias.shape}")
+    b, n, width = qkv.shape
+    call = jax.ffi.ffi_call("colbert_jax_attention", jax.ShapeDtypeStruct((b, n, width // 3), jnp.float32))
+    f32 = jnp.float32
+    return call(qkv.astype(f32), qkv_bias.astype(f32), key_bias.astype(f32), heads=np.int32(heads))

@@ -1,8 +1,8 @@
 """The native int8 dense layer (`colbert_jax.native.int8_dense`, `dense_int8.cc`): the same float32 numbers as
 the XLA product it replaces (`quantize._int8_matmul`), bit for bit, on both of its paths (the AMX tiles where
 the CPU has them, the portable loops everywhere); the packed weight layout round-trips; the int8 query encoder
-on packed params gives the XLA encoder's embeddings exactly and still lowers for accelerators; bad shapes are
-errors."""
+on packed params (its products by the kernel, attention by `native.attention`) gives the XLA encoder's
+embeddings to float32 accuracy and still lowers for accelerators; bad shapes are errors."""
 
 from __future__ import annotations
 
@@ -104,9 +104,14 @@ def test_packed_encoder_equals_the_xla_encoder(implementation, tiny_model):
             jax.jit(quantized_apply(fn, implementation))(packed, ids, mask)
         return
     got = np.asarray(jax.jit(quantized_apply(fn, implementation))(packed, ids, mask))
-    np.testing.assert_array_equal(got, want)
-    # and on the CPU, packed params do call the kernel
-    assert "colbert_jax_int8_dense" in jax.jit(quantized_apply(fn, implementation)).lower(packed, ids, mask).as_text()
+    # the products are the XLA path's bits; attention is the native kernel's float32 (`native.attention`), whose
+    # last-bit differences can move an int8 step of the next layer's input
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-3)
+    cosine = (got * want).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(want, axis=-1)
+    assert cosine.min() > 1 - 1e-5
+    # and on the CPU, packed params do call the kernels
+    text = jax.jit(quantized_apply(fn, implementation)).lower(packed, ids, mask).as_text()
+    assert "colbert_jax_int8_dense" in text and "colbert_jax_attention" in text
 
 
 def test_model_runs_packed_products_where_the_cpu_has_amx(minilm_model):
@@ -125,4 +130,4 @@ def test_packed_encoder_lowers_for_accelerators_without_the_kernel(platform, tin
     fn = functools.partial(embed_queries, model.module, pad_id=model.query_pad_id)
     packed = quantize_params(jax.device_get(model.params), packed=True)
     text = lower(jax.jit(quantized_apply(fn)), packed, ids, mask, platform=platform, name="packed int8 encoder")
-    assert "colbert_jax_int8_dense" not in text
+    assert "colbert_jax_int8_dense" not in text and "colbert_jax_attention" not in text

@@ -1,0 +1,263 @@
+// Self-attention of the int8 query encoder on the CPU (`colbert_jax.native.attention`), called from XLA programs
+// through the XLA FFI: one kernel for what XLA:CPU runs as three transposes of the fused query/key/value
+// projection, the batched score and context products, the softmax and a transpose back.
+//
+// qkv [B, L, 3 * H * D] (queries, then keys, then values, head after head) and its bias [3 * H * D] (added as
+// each value is read), key_bias [B, L] (0, or a large negative number for a key that is not attended) ->
+// ctx [B, L, H * D]:
+//   s[i, j] = q_i . k_j / sqrt(D) + key_bias[j];  p[i, :] = softmax(s[i, :]);  ctx_i = sum_j p[i, j] v_j
+// for each batch row and head, as `bert._SelfAttention` computes it; exp is XLA:CPU's expansion, the sums are
+// float32 in this kernel's order (not XLA's bits, but float32-accurate). Each output row depends on its batch
+// row alone (batch invariance).
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include "tasks.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using colbert_jax_native::RunTasks;
+
+constexpr int64_t kMaxLength = 512;
+constexpr int64_t kMaxHeadDim = 256;
+
+inline float Bits(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// XLA:CPU's exp for float32 (its expansion, with the FMAs its machine code has).
+inline float XlaExp(float x) {
+  x = x >= -87.8f ? x : -87.8f;
+  x = x <= 88.8f ? x : 88.8f;
+  float fx = std::floor(std::fma(x, Bits(0x3FB8AA3B), 0.5f));
+  fx = fx >= -127.0f ? fx : -127.0f;
+  fx = fx <= 127.0f ? fx : 127.0f;
+  float r = std::fma(-Bits(0x3F318000), fx, x);
+  r = std::fma(-Bits(0xB95E8083), fx, r);
+  float e = std::fma(r, Bits(0x39506967), Bits(0x3AB743CE));
+  e = std::fma(e, r, Bits(0x3C088908));
+  e = std::fma(e, r, Bits(0x3D2AA9C1));
+  e = std::fma(e, r, Bits(0x3E2AAAAA));
+  e = std::fma(e, r, 0.5f);
+  const float t = 1.0f + std::fma(e, r * r, r);
+  return t * Bits(static_cast<uint32_t>(static_cast<int32_t>(fx) + 127) << 23);
+}
+
+// One batch row and head: q, k, v rows `stride` floats apart; ctx rows `out_stride` apart.
+void AttendHead(const float* q, const float* k, const float* v, const float* bq, const float* bk, const float* bv,
+                int64_t stride, const float* key_bias, int64_t len, int64_t dim, float* ctx, int64_t out_stride) {
+  thread_local std::vector<float> keys;  // transposed: [dim, len]
+  if (keys.size() < static_cast<size_t>(dim * len)) keys.resize(dim * len);
+  float* kt = keys.data();
+  alignas(64) float s[kMaxLength];
+  alignas(64) float acc[kMaxHeadDim];
+  for (int64_t j = 0; j < len; ++j) {
+    for (int64_t d = 0; d < dim; ++d) kt[d * len + j] = k[j * stride + d] + bk[d];
+  }
+  const float root = std::sqrt(static_cast<float>(dim));
+  for (int64_t i = 0; i < len; ++i) {
+    const float* qi = q + i * stride;
+    std::fill(s, s + len, 0.0f);
+    for (int64_t d = 0; d < dim; ++d) {
+      const float x = qi[d] + bq[d];
+      const float* row = kt + d * len;
+      for (int64_t j = 0; j < len; ++j) s[j] = std::fma(x, row[j], s[j]);
+    }
+    float top = -INFINITY;
+    for (int64_t j = 0; j < len; ++j) {
+      s[j] = s[j] / root + key_bias[j];
+      top = std::max(top, s[j]);
+    }
+    float total = 0.0f;
+    for (int64_t j = 0; j < len; ++j) {
+      s[j] = XlaExp(s[j] - top);
+      total += s[j];
+    }
+    std::fill(acc, acc + dim, 0.0f);
+    for (int64_t j = 0; j < len; ++j) {
+      const float p = s[j] / total;
+      const float* vj = v + j * stride;
+      for (int64_t d = 0; d < dim; ++d) acc[d] = std::fma(p, vj[d] + bv[d], acc[d]);
+    }
+    std::copy(acc, acc + dim, ctx + i * out_stride);
+  }
+}
+
+#if defined(__x86_64__)
+#define COLBERT_JAX_ATTENTION_TARGET __attribute__((target("avx512f")))
+
+// XlaExp on 16 lanes.
+COLBERT_JAX_ATTENTION_TARGET inline __m512 XlaExp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_set1_ps(88.8f), _mm512_max_ps(_mm512_set1_ps(-87.8f), x));
+  __m512 fx = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(Bits(0x3FB8AA3B)), _mm512_set1_ps(0.5f)),
+                                   _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  fx = _mm512_min_ps(_mm512_set1_ps(127.0f), _mm512_max_ps(_mm512_set1_ps(-127.0f), fx));
+  __m512 r = _mm512_fnmadd_ps(_mm512_set1_ps(Bits(0x3F318000)), fx, x);
+  r = _mm512_fnmadd_ps(_mm512_set1_ps(Bits(0xB95E8083)), fx, r);
+  __m512 e = _mm512_fmadd_ps(r, _mm512_set1_ps(Bits(0x39506967)), _mm512_set1_ps(Bits(0x3AB743CE)));
+  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(Bits(0x3C088908)));
+  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(Bits(0x3D2AA9C1)));
+  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(Bits(0x3E2AAAAA)));
+  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(0.5f));
+  const __m512 t = _mm512_add_ps(_mm512_set1_ps(1.0f), _mm512_fmadd_ps(e, _mm512_mul_ps(r, r), r));
+  const __m512i pow2 = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(fx), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(t, _mm512_castsi512_ps(pow2));
+}
+
+// AttendHead for len and dim multiples of 16, at most 64: four query rows at a time, so that the products'
+// accumulators are independent chains.
+template <int kJ, int kD>
+COLBERT_JAX_ATTENTION_TARGET void AttendHead16(const float* q, const float* k, const float* v, const float* bq,
+                                               const float* bk, const float* bv, int64_t stride,
+                                               const float* key_bias, float* ctx, int64_t out_stride) {
+  constexpr int len = 16 * kJ, dim = 16 * kD, kRows = 4;
+  alignas(64) float kt[dim * len];  // keys transposed: [dim, len]
+  for (int j = 0; j < len; ++j) {
+    for (int d = 0; d < dim; ++d) kt[d * len + j] = k[j * stride + d] + bk[d];
+  }
+  const __m512 root = _mm512_set1_ps(std::sqrt(static_cast<float>(dim)));
+  __m512 bias[kJ];
+  for (int jb = 0; jb < kJ; ++jb) bias[jb] = _mm512_loadu_ps(key_bias + 16 * jb);
+  alignas(64) float p[kRows][len];
+  for (int i0 = 0; i0 < len; i0 += kRows) {
+    __m512 s[kRows][kJ];
+    for (int r = 0; r < kRows; ++r)
+      for (int jb = 0; jb < kJ; ++jb) s[r][jb] = _mm512_setzero_ps();
+    for (int d = 0; d < dim; ++d) {
+      __m512 col[kJ];
+      for (int jb = 0; jb < kJ; ++jb) col[jb] = _mm512_load_ps(kt + d * len + 16 * jb);
+      for (int r = 0; r < kRows; ++r) {
+        const __m512 x = _mm512_set1_ps(q[(i0 + r) * stride + d] + bq[d]);
+        for (int jb = 0; jb < kJ; ++jb) s[r][jb] = _mm512_fmadd_ps(x, col[jb], s[r][jb]);
+      }
+    }
+    for (int r = 0; r < kRows; ++r) {
+      __m512 top = _mm512_set1_ps(-INFINITY);
+      for (int jb = 0; jb < kJ; ++jb) {
+        s[r][jb] = _mm512_add_ps(_mm512_div_ps(s[r][jb], root), bias[jb]);
+        top = _mm512_max_ps(top, s[r][jb]);
+      }
+      const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+      __m512 sum = _mm512_setzero_ps();
+      for (int jb = 0; jb < kJ; ++jb) {
+        s[r][jb] = XlaExp16(_mm512_sub_ps(s[r][jb], m));
+        sum = _mm512_add_ps(sum, s[r][jb]);
+      }
+      const __m512 total = _mm512_set1_ps(_mm512_reduce_add_ps(sum));
+      for (int jb = 0; jb < kJ; ++jb) _mm512_store_ps(p[r] + 16 * jb, _mm512_div_ps(s[r][jb], total));
+    }
+    __m512 acc[kRows][kD];
+    for (int r = 0; r < kRows; ++r)
+      for (int db = 0; db < kD; ++db) acc[r][db] = _mm512_setzero_ps();
+    __m512 bias_v[kD];
+    for (int db = 0; db < kD; ++db) bias_v[db] = _mm512_loadu_ps(bv + 16 * db);
+    for (int j = 0; j < len; ++j) {
+      __m512 vj[kD];
+      for (int db = 0; db < kD; ++db) vj[db] = _mm512_add_ps(_mm512_loadu_ps(v + j * stride + 16 * db), bias_v[db]);
+      for (int r = 0; r < kRows; ++r) {
+        const __m512 w = _mm512_set1_ps(p[r][j]);
+        for (int db = 0; db < kD; ++db) acc[r][db] = _mm512_fmadd_ps(w, vj[db], acc[r][db]);
+      }
+    }
+    for (int r = 0; r < kRows; ++r)
+      for (int db = 0; db < kD; ++db) _mm512_storeu_ps(ctx + (i0 + r) * out_stride + 16 * db, acc[r][db]);
+  }
+}
+
+using HeadFn = void (*)(const float*, const float*, const float*, const float*, const float*, const float*, int64_t,
+                        const float*, float*, int64_t);
+
+template <int kJ>
+HeadFn PickDim(int64_t dim) {
+  switch (dim) {
+    case 16: return AttendHead16<kJ, 1>;
+    case 32: return AttendHead16<kJ, 2>;
+    case 48: return AttendHead16<kJ, 3>;
+    case 64: return AttendHead16<kJ, 4>;
+    default: return nullptr;
+  }
+}
+
+// The vector version for these sizes, if there is one (and the CPU has AVX-512).
+HeadFn VectorHead(int64_t len, int64_t dim) {
+  if (!__builtin_cpu_supports("avx512f")) return nullptr;
+  switch (len) {
+    case 16: return PickDim<1>(dim);
+    case 32: return PickDim<2>(dim);
+    case 48: return PickDim<3>(dim);
+    case 64: return PickDim<4>(dim);
+    default: return nullptr;
+  }
+}
+#else
+using HeadFn = void (*)(const float*, const float*, const float*, const float*, const float*, const float*, int64_t,
+                        const float*, float*, int64_t);
+HeadFn VectorHead(int64_t, int64_t) { return nullptr; }
+#endif
+
+ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> qkv_bias,
+                     ffi::Buffer<ffi::F32> key_bias, ffi::ResultBuffer<ffi::F32> ctx, int32_t heads) {
+  auto dims = qkv.dimensions();
+  auto b_dims = key_bias.dimensions();
+  auto o_dims = ctx->dimensions();
+  if (dims.size() != 3 || b_dims.size() != 2 || o_dims.size() != 3 || heads <= 0) {
+    return ffi::Error::InvalidArgument("attention: needs qkv [B, L, 3 * H * D], key_bias [B, L], ctx [B, L, H * D]");
+  }
+  const int64_t batch = dims[0], len = dims[1], width = dims[2];
+  const int64_t hidden = width / 3, dim = hidden / heads;
+  if (width % 3 || hidden % heads || b_dims[0] != batch || b_dims[1] != len || o_dims[0] != batch ||
+      o_dims[1] != len || o_dims[2] != hidden || len > kMaxLength || dim > kMaxHeadDim ||
+      qkv_bias.element_count() != width) {
+    return ffi::Error::InvalidArgument("attention: operand shapes do not fit together (or L > 512, D > 256)");
+  }
+  const float* x = qkv.typed_data();
+  const float* bias = key_bias.typed_data();
+  const float* pb = qkv_bias.typed_data();
+  float* out = ctx->typed_data();
+  const int64_t tasks = batch * heads;
+  const HeadFn vector = VectorHead(len, dim);
+  RunTasks(pool, tasks, tasks * len * len * dim / 64, 1 << 14, [=](int64_t t) {
+#if defined(__x86_64__)
+    const unsigned int saved = _mm_getcsr();
+    _mm_setcsr(saved | 0x8040);  // XLA:CPU's flush-to-zero and denormals-are-zero
+#endif
+    const int64_t b = t / heads, h = t % heads;
+    const float* base = x + b * len * width + h * dim;
+    const float* hb = pb + h * dim;
+    if (vector != nullptr) {
+      vector(base, base + hidden, base + 2 * hidden, hb, hb + hidden, hb + 2 * hidden, width, bias + b * len,
+             out + b * len * hidden + h * dim, hidden);
+    } else {
+      AttendHead(base, base + hidden, base + 2 * hidden, hb, hb + hidden, hb + 2 * hidden, width, bias + b * len, len,
+                 dim, out + b * len * hidden + h * dim, hidden);
+    }
+#if defined(__x86_64__)
+    _mm_setcsr(saved);
+#endif
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ColbertJaxAttention, Attention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("heads"));
