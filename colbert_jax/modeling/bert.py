@@ -233,6 +233,11 @@ class _Intermediate(nn.Module):
             _dense(cfg, cfg.intermediate_size, ("embed", "mlp"), self.dtype, "dense")(x)
         )
 
+    def fused_activation(self) -> str | None:
+        """The activation after this module's dense layer, where the int8 encoder's native kernels apply it
+        (`quantize.int8_dense`, packed params): the exact GELU only."""
+        return "gelu" if self.config.hidden_act == "gelu" else None
+
 
 class _Layer(nn.Module):
     config: BertConfig

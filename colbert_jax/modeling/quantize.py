@@ -31,7 +31,10 @@ unpack the layout and run the XLA product (`lax.platform_dependent`). With packe
 module that offers `qkv_attention()` (BERT's) is replaced at inference by the fused qkv product and one native
 attention kernel (`colbert_jax.native.attention`), instead of XLA:CPU's transposes, batched products and
 softmax: float32-accurate but not XLA's bits, so these embeddings differ from the XLA int8 path's by up to a
-few 1e-4 (an int8 rounding step of a later layer's input flips), still batch-invariant.
+few 1e-4 (an int8 rounding step of a later layer's input flips), still batch-invariant. A module that is one
+dense layer then the exact GELU (`fused_activation()`: BERT's intermediate layer) gets its bias and GELU from one
+native kernel (`colbert_jax.native.gelu`) with XLA's bits, which computes the costly erfc branch only for the
+elements that select it (XLA computes every branch for every element).
 
 Attention's query, key and value projections read the same input: `quantize_params` stores them fused, as one
 `qkv` kernel [in, 3 * out] beside them, and the interceptor runs one product (and one activation split) when
@@ -218,12 +221,33 @@ def _native_attention(module: nn.Module, x: jax.Array, bias: jax.Array, determin
     return out.astype(module.dtype or jnp.float32)
 
 
+def _native_activation(module: nn.Module, x: jax.Array) -> jax.Array | None:
+    """A module that is one dense layer then an activation (`fused_activation()`: BERT's intermediate layer,
+    "gelu") with packed params: the product, then bias and GELU by one native kernel (`native.gelu`: XLA's
+    bits, its expensive branch computed only where selected) in CPU programs; None otherwise."""
+    p = module.variables.get("params", {}).get("dense")
+    if module.fused_activation() != "gelu" or p is None or PACKED[0] not in p or "bias" not in p:
+        return None
+    y = _product(x, p)
+
+    def kernel(y):
+        return native.gelu(y, p["bias"])
+
+    def xla(y):
+        return jax.nn.gelu(y + p["bias"], approximate=False)
+
+    return jax.lax.platform_dependent(y, cpu=kernel, default=xla).astype(module.dtype or jnp.float32)
+
+
 def int8_dense(next_fun, args, kwargs, context):
     """Flax interceptor: a marked `nn.Dense` (its params hold `kernel_scale`) runs the int8 product; query,
     key and value projections whose parent holds a fused `qkv` kernel run it once for the three."""
     module = context.module
     if context.method_name == "__call__" and hasattr(module, "qkv_attention"):
         out = _native_attention(module, *args, **kwargs)
+        return next_fun(*args, **kwargs) if out is None else out
+    if context.method_name == "__call__" and hasattr(module, "fused_activation"):
+        out = _native_activation(module, *args)
         return next_fun(*args, **kwargs) if out is None else out
     if not isinstance(module, nn.Dense) or context.method_name != "__call__":
         return next_fun(*args, **kwargs)

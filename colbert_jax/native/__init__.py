@@ -5,7 +5,8 @@ then a running maximum per document) as materialised gathers and a scatter-max, 
 traffic of a plain loop, and its exact MaxSim over a few thousand rows as a loop of small ops whose fixed costs
 outweigh the arithmetic. `plaid_cpu.cc` holds both as plain loops. On CPUs with AMX tiles two more run on the
 tile unit: the int8 query encoder's dense layers (`dense_int8.cc`) and stage 1's centroid scores as three
-bfloat16 products (`centroid_scores.cc`). The sources are compiled on first use with the machine's C++
+bfloat16 products (`centroid_scores.cc`); that encoder's self-attention (`attention.cc`) and GELU (`gelu.cc`)
+run beside its dense kernel. The sources are compiled on first use with the machine's C++
 compiler (`$CXX`, else `g++`) for this CPU (`-march=native`) against jaxlib's FFI headers, cached under
 $COLBERT_JAX_CACHE/native (keyed by the source, compiler, flags, jaxlib and CPU), and registered with XLA.
 
@@ -46,13 +47,15 @@ __all__ = [
     "centroid_scores",
     "SCORES_IMPLEMENTATIONS",
     "attention",
+    "gelu",
 ]
 
 logger = logging.getLogger("colbert_jax.native")
 
 ENV = "COLBERT_JAX_NATIVE"
 SOURCES = tuple(
-    Path(__file__).with_name(name) for name in ("plaid_cpu.cc", "dense_int8.cc", "centroid_scores.cc", "attention.cc")
+    Path(__file__).with_name(name)
+    for name in ("plaid_cpu.cc", "dense_int8.cc", "centroid_scores.cc", "attention.cc", "gelu.cc")
 )
 HEADERS = tuple(Path(__file__).with_name(name) for name in ("tasks.h",))
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
@@ -74,6 +77,7 @@ _SYMBOLS = {
     "colbert_jax_int8_dense": "ColbertJaxInt8Dense",
     "colbert_jax_centroid_scores": "ColbertJaxCentroidScores",
     "colbert_jax_attention": "ColbertJaxAttention",
+    "colbert_jax_gelu": "ColbertJaxGelu",
 }
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "lib": the loaded library, "error": why it is not there
@@ -388,3 +392,16 @@ def attention(qkv: jax.Array, qkv_bias: jax.Array, key_bias: jax.Array, heads: i
     call = jax.ffi.ffi_call("colbert_jax_attention", jax.ShapeDtypeStruct((b, n, width // 3), jnp.float32))
     f32 = jnp.float32
     return call(qkv.astype(f32), qkv_bias.astype(f32), key_bias.astype(f32), heads=np.int32(heads))
+
+
+def gelu(y: jax.Array, bias: jax.Array) -> jax.Array:
+    """`jax.nn.gelu(y + bias, approximate=False)` with XLA:CPU's bits, computing each element's expensive erfc
+    branch only where it selects it (see `gelu.cc`): y float32 [..., N], bias [N]. CPU programs only."""
+    if library() is None:
+        raise NativeBuildError(f"the native CPU kernels are off or unavailable ({_why_not()}); check `enabled()` first")
+    if y.ndim < 1 or bias.shape != y.shape[-1:]:
+        raise ValueError(f"gelu: y [..., N] and bias [N], got {y.shape} and {bias.shape}")
+    n = y.shape[-1]
+    rows = int(np.prod(y.shape[:-1], dtype=np.int64))
+    call = jax.ffi.ffi_call("colbert_jax_gelu", jax.ShapeDtypeStruct((rows, n), jnp.float32))
+    return call(y.reshape(rows, n).astype(jnp.float32), bias.astype(jnp.float32)).reshape(y.shape)
