@@ -211,11 +211,6 @@ class _Output(nn.Module):
         h = nn.Dropout(cfg.hidden_dropout_prob)(h, deterministic=deterministic)
         return padded(_layer_norm(cfg, self.dtype), h + residual)
 
-    def fused_layer_norm(self) -> float:
-        """The LayerNorm's epsilon, for the int8 encoder's native kernel that adds the dense layer's bias and the
-        residual and normalizes in one pass (`quantize.int8_dense`, packed params)."""
-        return self.config.layer_norm_eps
-
 
 class _Attention(nn.Module):
     config: BertConfig

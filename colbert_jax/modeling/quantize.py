@@ -34,9 +34,7 @@ softmax: float32-accurate but not XLA's bits, so these embeddings differ from th
 few 1e-4 (an int8 rounding step of a later layer's input flips), still batch-invariant. A module that is one
 dense layer then the exact GELU (`fused_activation()`: BERT's intermediate layer) gets its bias and GELU from one
 native kernel (`colbert_jax.native.gelu`) with XLA's bits, which computes the costly erfc branch only for the
-elements that select it (XLA computes every branch for every element). A dense -> residual -> LayerNorm block
-(`fused_layer_norm()`: BERT's outputs) gets its bias, residual and LayerNorm from one native pass per row
-(`colbert_jax.native.add_layer_norm`: float32-accurate, not XLA's bits).
+elements that select it (XLA computes every branch for every element).
 
 Attention's query, key and value projections read the same input: `quantize_params` stores them fused, as one
 `qkv` kernel [in, 3 * out] beside them, and the interceptor runs one product (and one activation split) when
@@ -241,39 +239,12 @@ def _native_activation(module: nn.Module, x: jax.Array) -> jax.Array | None:
     return jax.lax.platform_dependent(y, cpu=kernel, default=xla).astype(module.dtype or jnp.float32)
 
 
-def _native_output(module: nn.Module, h: jax.Array, residual: jax.Array, deterministic: bool) -> jax.Array | None:
-    """A dense -> residual add -> LayerNorm block (`fused_layer_norm()`: BERT's outputs) with packed params, at
-    inference: the product, then bias, residual and LayerNorm by one native kernel (`native.add_layer_norm`:
-    float32-accurate, not XLA's bits) in CPU programs; None otherwise."""
-    params = module.variables.get("params", {})
-    dense, norm = params.get("dense"), params.get("LayerNorm")
-    if not deterministic or dense is None or norm is None or PACKED[0] not in dense or "bias" not in dense:
-        return None
-    eps = module.fused_layer_norm()
-    y = _product(h, dense)
-
-    def kernel(y, residual):
-        return native.add_layer_norm(y, dense["bias"], residual, norm["scale"], norm["bias"], eps)
-
-    def xla(y, residual):
-        x = (y + dense["bias"]) + residual
-        centered = x - x.mean(-1, keepdims=True)
-        inv = jax.lax.rsqrt(jnp.square(centered).mean(-1, keepdims=True) + eps)
-        return centered * (norm["scale"] * inv) + norm["bias"]
-
-    out = jax.lax.platform_dependent(y, residual, cpu=kernel, default=xla)
-    return out.astype(module.dtype or jnp.float32)
-
-
 def int8_dense(next_fun, args, kwargs, context):
     """Flax interceptor: a marked `nn.Dense` (its params hold `kernel_scale`) runs the int8 product; query,
     key and value projections whose parent holds a fused `qkv` kernel run it once for the three."""
     module = context.module
     if context.method_name == "__call__" and hasattr(module, "qkv_attention"):
         out = _native_attention(module, *args, **kwargs)
-        return next_fun(*args, **kwargs) if out is None else out
-    if context.method_name == "__call__" and hasattr(module, "fused_layer_norm"):
-        out = _native_output(module, *args, **kwargs)
         return next_fun(*args, **kwargs) if out is None else out
     if context.method_name == "__call__" and hasattr(module, "fused_activation"):
         out = _native_activation(module, *args)

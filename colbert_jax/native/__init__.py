@@ -48,7 +48,6 @@ __all__ = [
     "SCORES_IMPLEMENTATIONS",
     "attention",
     "gelu",
-    "add_layer_norm",
 ]
 
 logger = logging.getLogger("colbert_jax.native")
@@ -56,7 +55,7 @@ logger = logging.getLogger("colbert_jax.native")
 ENV = "COLBERT_JAX_NATIVE"
 SOURCES = tuple(
     Path(__file__).with_name(name)
-    for name in ("plaid_cpu.cc", "dense_int8.cc", "centroid_scores.cc", "attention.cc", "gelu.cc", "layer_norm.cc")
+    for name in ("plaid_cpu.cc", "dense_int8.cc", "centroid_scores.cc", "attention.cc", "gelu.cc")
 )
 HEADERS = tuple(Path(__file__).with_name(name) for name in ("tasks.h",))
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
@@ -79,7 +78,6 @@ _SYMBOLS = {
     "colbert_jax_centroid_scores": "ColbertJaxCentroidScores",
     "colbert_jax_attention": "ColbertJaxAttention",
     "colbert_jax_gelu": "ColbertJaxGelu",
-    "colbert_jax_add_layer_norm": "ColbertJaxAddLayerNorm",
 }
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "lib": the loaded library, "error": why it is not there
@@ -407,24 +405,3 @@ def gelu(y: jax.Array, bias: jax.Array) -> jax.Array:
     rows = int(np.prod(y.shape[:-1], dtype=np.int64))
     call = jax.ffi.ffi_call("colbert_jax_gelu", jax.ShapeDtypeStruct((rows, n), jnp.float32))
     return call(y.reshape(rows, n).astype(jnp.float32), bias.astype(jnp.float32)).reshape(y.shape)
-
-
-def add_layer_norm(
-    h: jax.Array, h_bias: jax.Array, residual: jax.Array, scale: jax.Array, bias: jax.Array, eps: float
-) -> jax.Array:
-    """LayerNorm((h + h_bias) + residual) * scale + bias over the last axis (two-pass variance, as torch), in
-    one pass per row (see `layer_norm.cc`: float32-accurate, not XLA's bits): h, residual [..., N]; h_bias,
-    scale, bias [N]. CPU programs only."""
-    if library() is None:
-        raise NativeBuildError(f"the native CPU kernels are off or unavailable ({_why_not()}); check `enabled()` first")
-    n = h.shape[-1]
-    if residual.shape != h.shape or any(v.shape != (n,) for v in (h_bias, scale, bias)):
-        raise ValueError(
-            f"add_layer_norm: h and residual [..., N], the rest [N]; got {h.shape}, {residual.shape}, "
-            f"{h_bias.shape}, {scale.shape}, {bias.shape}"
-        )
-    rows = int(np.prod(h.shape[:-1], dtype=np.int64))
-    call = jax.ffi.ffi_call("colbert_jax_add_layer_norm", jax.ShapeDtypeStruct((rows, n), jnp.float32))
-    f32 = jnp.float32
-    flat = (h.reshape(rows, n).astype(f32), h_bias.astype(f32), residual.reshape(rows, n).astype(f32))
-    return call(*flat, scale.astype(f32), bias.astype(f32), eps=np.float32(eps)).reshape(h.shape)
