@@ -21,40 +21,24 @@
 #endif
 
 #include "tasks.h"
+#include "xla_math.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
+using colbert_jax_native::Bits;
 using colbert_jax_native::RunTasks;
+using colbert_jax_native::XlaExp;
+#if defined(__x86_64__)
+using colbert_jax_native::XlaExp16;
+#endif
 
 constexpr int64_t kMaxLength = 512;
 constexpr int64_t kMaxHeadDim = 256;
 
-inline float Bits(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
 
-// XLA:CPU's exp for float32 (its expansion, with the FMAs its machine code has).
-inline float XlaExp(float x) {
-  x = x >= -87.8f ? x : -87.8f;
-  x = x <= 88.8f ? x : 88.8f;
-  float fx = std::floor(std::fma(x, Bits(0x3FB8AA3B), 0.5f));
-  fx = fx >= -127.0f ? fx : -127.0f;
-  fx = fx <= 127.0f ? fx : 127.0f;
-  float r = std::fma(-Bits(0x3F318000), fx, x);
-  r = std::fma(-Bits(0xB95E8083), fx, r);
-  float e = std::fma(r, Bits(0x39506967), Bits(0x3AB743CE));
-  e = std::fma(e, r, Bits(0x3C088908));
-  e = std::fma(e, r, Bits(0x3D2AA9C1));
-  e = std::fma(e, r, Bits(0x3E2AAAAA));
-  e = std::fma(e, r, 0.5f);
-  const float t = 1.0f + std::fma(e, r * r, r);
-  return t * Bits(static_cast<uint32_t>(static_cast<int32_t>(fx) + 127) << 23);
-}
 
 // One batch row and head: q, k, v rows `stride` floats apart; ctx rows `out_stride` apart.
 void AttendHead(const float* q, const float* k, const float* v, const float* bq, const float* bk, const float* bv,
@@ -99,23 +83,6 @@ void AttendHead(const float* q, const float* k, const float* v, const float* bq,
 #if defined(__x86_64__)
 #define COLBERT_JAX_ATTENTION_TARGET __attribute__((target("avx512f")))
 
-// XlaExp on 16 lanes.
-COLBERT_JAX_ATTENTION_TARGET inline __m512 XlaExp16(__m512 x) {
-  x = _mm512_min_ps(_mm512_set1_ps(88.8f), _mm512_max_ps(_mm512_set1_ps(-87.8f), x));
-  __m512 fx = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(Bits(0x3FB8AA3B)), _mm512_set1_ps(0.5f)),
-                                   _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  fx = _mm512_min_ps(_mm512_set1_ps(127.0f), _mm512_max_ps(_mm512_set1_ps(-127.0f), fx));
-  __m512 r = _mm512_fnmadd_ps(_mm512_set1_ps(Bits(0x3F318000)), fx, x);
-  r = _mm512_fnmadd_ps(_mm512_set1_ps(Bits(0xB95E8083)), fx, r);
-  __m512 e = _mm512_fmadd_ps(r, _mm512_set1_ps(Bits(0x39506967)), _mm512_set1_ps(Bits(0x3AB743CE)));
-  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(Bits(0x3C088908)));
-  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(Bits(0x3D2AA9C1)));
-  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(Bits(0x3E2AAAAA)));
-  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(0.5f));
-  const __m512 t = _mm512_add_ps(_mm512_set1_ps(1.0f), _mm512_fmadd_ps(e, _mm512_mul_ps(r, r), r));
-  const __m512i pow2 = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(fx), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(t, _mm512_castsi512_ps(pow2));
-}
 
 // AttendHead for len and dim multiples of 16, at most 64: four query rows at a time, so that the products'
 // accumulators are independent chains.

@@ -18,21 +18,22 @@
 #endif
 
 #include "tasks.h"
+#include "xla_math.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
+using colbert_jax_native::Bits;
 using colbert_jax_native::RunTasks;
+using colbert_jax_native::XlaExp;
+#if defined(__x86_64__)
+using colbert_jax_native::XlaExp16;
+#endif
 
 constexpr int64_t kRowsPerTask = 16;
 
-inline float Bits(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
 
 // jax's erfc expansion (float32 coefficients): |z| < 1, then the tails for 1 <= |z| < 2 and |z| >= 2.
 constexpr float kErfSmall[7] = {7.85386146e-05f, -0.000801019371f, 0.00518832775f, -0.0268538129f,
@@ -42,23 +43,6 @@ constexpr float kErfcMid[9] = {0.0232682f,    -0.138703942f, 0.368742466f,  -0.5
 constexpr float kErfcLarge[8] = {-10.477664f,  12.9772f,    -7.49551868f,  2.92101908f,
                                  -1.01526523f, 0.42184633f, -0.282076746f, 0.564189494f};
 
-// XLA:CPU's exp for float32.
-inline float XlaExp(float x) {
-  x = x >= -87.8f ? x : -87.8f;
-  x = x <= 88.8f ? x : 88.8f;
-  float fx = std::floor(std::fma(x, Bits(0x3FB8AA3B), 0.5f));
-  fx = fx >= -127.0f ? fx : -127.0f;
-  fx = fx <= 127.0f ? fx : 127.0f;
-  float r = std::fma(-Bits(0x3F318000), fx, x);
-  r = std::fma(-Bits(0xB95E8083), fx, r);
-  float e = std::fma(r, Bits(0x39506967), Bits(0x3AB743CE));
-  e = std::fma(e, r, Bits(0x3C088908));
-  e = std::fma(e, r, Bits(0x3D2AA9C1));
-  e = std::fma(e, r, Bits(0x3E2AAAAA));
-  e = std::fma(e, r, 0.5f);
-  const float t = 1.0f + std::fma(e, r * r, r);
-  return t * Bits(static_cast<uint32_t>(static_cast<int32_t>(fx) + 127) << 23);
-}
 
 // The exact GELU of a, all branches (the reference the vector path equals).
 inline float GeluScalar(float a) {
@@ -98,20 +82,7 @@ COLBERT_JAX_GELU_TARGET inline __m512 GeluTail(__m512 a) {
   __m512 q2 = _mm512_fmadd_ps(w, _mm512_set1_ps(kErfcLarge[0]), _mm512_set1_ps(kErfcLarge[1]));
   for (int i = 2; i < 8; ++i) q2 = _mm512_fmadd_ps(q2, w, _mm512_set1_ps(kErfcLarge[i]));
   const __m512 nz2 = _mm512_sub_ps(zero, z2);
-  const __m512 x = _mm512_min_ps(_mm512_set1_ps(88.8f), _mm512_max_ps(_mm512_set1_ps(-87.8f), nz2));
-  __m512 fx = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(Bits(0x3FB8AA3B)), _mm512_set1_ps(0.5f)),
-                                   _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  fx = _mm512_min_ps(_mm512_set1_ps(127.0f), _mm512_max_ps(_mm512_set1_ps(-127.0f), fx));
-  __m512 r = _mm512_fnmadd_ps(_mm512_set1_ps(Bits(0x3F318000)), fx, x);
-  r = _mm512_fnmadd_ps(_mm512_set1_ps(Bits(0xB95E8083)), fx, r);
-  __m512 e = _mm512_fmadd_ps(r, _mm512_set1_ps(Bits(0x39506967)), _mm512_set1_ps(Bits(0x3AB743CE)));
-  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(Bits(0x3C088908)));
-  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(Bits(0x3D2AA9C1)));
-  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(Bits(0x3E2AAAAA)));
-  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(0.5f));
-  const __m512 t = _mm512_add_ps(one, _mm512_fmadd_ps(e, _mm512_mul_ps(r, r), r));
-  const __m512i pow2 = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(fx), _mm512_set1_epi32(127)), 23);
-  const __m512 ex = _mm512_mul_ps(t, _mm512_castsi512_ps(pow2));
+  const __m512 ex = XlaExp16(nz2);
   __m512 big = _mm512_mul_ps(_mm512_mul_ps(ex, _mm512_div_ps(one, az)), _mm512_mask_blend_ps(mid, q2, q1));
   big = _mm512_mask_mov_ps(big, _mm512_cmp_ps_mask(nz2, _mm512_set1_ps(-88.7228394f), _CMP_LT_OQ), zero);
   const __mmask16 negative = _mm512_cmp_ps_mask(z, zero, _CMP_LT_OQ);
