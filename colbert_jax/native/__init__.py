@@ -48,6 +48,7 @@ __all__ = [
     "SCORES_IMPLEMENTATIONS",
     "attention",
     "gelu",
+    "GELU_IMPLEMENTATIONS",
 ]
 
 logger = logging.getLogger("colbert_jax.native")
@@ -394,9 +395,16 @@ def attention(qkv: jax.Array, qkv_bias: jax.Array, key_bias: jax.Array, heads: i
     return call(qkv.astype(f32), qkv_bias.astype(f32), key_bias.astype(f32), heads=np.int32(heads))
 
 
-def gelu(y: jax.Array, bias: jax.Array) -> jax.Array:
+GELU_IMPLEMENTATIONS = ("vector", "scalar")
+
+
+def gelu(y: jax.Array, bias: jax.Array, *, implementation: str = "vector") -> jax.Array:
     """`jax.nn.gelu(y + bias, approximate=False)` with XLA:CPU's bits, computing each element's expensive erfc
-    branch only where it selects it (see `gelu.cc`): y float32 [..., N], bias [N]. CPU programs only."""
+    branch only where it selects it (see `gelu.cc`): y float32 [..., N], bias [N]. implementation: "vector"
+    (AVX-512 where the CPU has it, else as "scalar") or "scalar" (every branch, one element at a time: the
+    reference). CPU programs only."""
+    if implementation not in GELU_IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {GELU_IMPLEMENTATIONS}, got {implementation!r}")
     if library() is None:
         raise NativeBuildError(f"the native CPU kernels are off or unavailable ({_why_not()}); check `enabled()` first")
     if y.ndim < 1 or bias.shape != y.shape[-1:]:
@@ -404,4 +412,7 @@ def gelu(y: jax.Array, bias: jax.Array) -> jax.Array:
     n = y.shape[-1]
     rows = int(np.prod(y.shape[:-1], dtype=np.int64))
     call = jax.ffi.ffi_call("colbert_jax_gelu", jax.ShapeDtypeStruct((rows, n), jnp.float32))
-    return call(y.reshape(rows, n).astype(jnp.float32), bias.astype(jnp.float32)).reshape(y.shape)
+    vectorized = np.int32(implementation == "vector")
+    return call(y.reshape(rows, n).astype(jnp.float32), bias.astype(jnp.float32), vectorized=vectorized).reshape(
+        y.shape
+    )

@@ -132,7 +132,7 @@ COLBERT_JAX_GELU_TARGET void RowsAvx512(const float* y, const float* bias, float
 #endif
 
 ffi::Error Gelu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::F32> bias,
-                ffi::ResultBuffer<ffi::F32> out) {
+                ffi::ResultBuffer<ffi::F32> out, int32_t vectorized) {
   auto dims = y.dimensions();
   if (dims.size() != 2 || bias.element_count() != dims[1] || out->element_count() != y.element_count()) {
     return ffi::Error::InvalidArgument("gelu: needs y [M, N], bias [N], out [M, N]");
@@ -143,7 +143,7 @@ ffi::Error Gelu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::
   const float* b = bias.typed_data();
   float* o = out->typed_data();
 #if defined(__x86_64__)
-  const bool vector = __builtin_cpu_supports("avx512f");
+  const bool vector = vectorized != 0 && __builtin_cpu_supports("avx512f");
 #else
   const bool vector = false;
 #endif
@@ -173,4 +173,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ColbertJaxGelu, Gelu,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("vectorized"));

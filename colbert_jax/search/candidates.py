@@ -84,8 +84,9 @@ def _split_product(split: jax.Array, Q: jax.Array, n: int, rows) -> jax.Array:
     platforms take the float32 product of `rows()`."""
 
     def cpu(Q):
-        if native.enabled():
-            return native.centroid_scores(split, Q, n)
+        if native.enabled():  # the placed split implies AMX-BF16; arrays built by hand may run the portable loops
+            implementation = "amx" if native.amx_bf16_available() else "portable"
+            return native.centroid_scores(split, Q, n, implementation=implementation)
         hi, lo = (x[:n, : Q.shape[1]].astype(jnp.float32) for x in split)
         q_hi = Q.astype(jnp.bfloat16).astype(jnp.float32)
         q_lo = (Q - q_hi).astype(jnp.bfloat16).astype(jnp.float32)
