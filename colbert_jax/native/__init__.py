@@ -58,7 +58,7 @@ SOURCES = tuple(
     Path(__file__).with_name(name)
     for name in ("plaid_cpu.cc", "dense_int8.cc", "centroid_scores.cc", "attention.cc", "gelu.cc")
 )
-HEADERS = tuple(Path(__file__).with_name(name) for name in ("tasks.h", "xla_math.h"))
+HEADERS = tuple(Path(__file__).with_name(name) for name in ("amx.h", "tasks.h", "xla_math.h"))
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 # GCC vectorises with 256-bit registers on AVX-512 CPUs unless told otherwise: the MaxSim loop is FMA-bound.
 X86_FLAGS = ("-mprefer-vector-width=512",)

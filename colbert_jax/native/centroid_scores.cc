@@ -20,13 +20,7 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__x86_64__) && (defined(__clang__) || __GNUC__ >= 11)
-#define COLBERT_JAX_AMX_BF16 1
-#include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-#endif
-
+#include "amx.h"
 #include "tasks.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -92,29 +86,16 @@ void ScoresPortable(const uint16_t* c_hi, const uint16_t* c_lo, const uint16_t* 
   }
 }
 
-#if COLBERT_JAX_AMX_BF16
+#if COLBERT_JAX_HAS_AMX
 #define COLBERT_JAX_AMX_BF16_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f")))
 
-struct TileConfig {
-  uint8_t palette;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
 
 // Row blocks [b0, b1), two column blocks (32 tokens) at a time. Tiles: 0-1 the main product of the two column
 // blocks, 2-3 their cross terms, 4-5 the centroids' hi and lo for 32 k, 6-7 one column block's query hi and lo.
 COLBERT_JAX_AMX_BF16_TARGET void ScoresAmx(const uint16_t* c_hi, const uint16_t* c_lo, const uint16_t* q_hi,
                                             const uint16_t* q_lo, int64_t kp, int64_t nb, int64_t p, int64_t lq,
                                             int64_t b0, int64_t b1, float* s) {
-  TileConfig cfg{};
-  cfg.palette = 1;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
-  _tile_loadconfig(&cfg);
+  colbert_jax_native::ConfigureTiles();
   alignas(64) float c[4][kBlock * kBlock];
   const int64_t stride = kp * 2;  // bytes per centroid row
   const int64_t q_tile = kPairsPerTile * 2 * kBlock;  // bfloat16 per B tile
@@ -165,19 +146,8 @@ COLBERT_JAX_AMX_BF16_TARGET void ScoresAmx(const uint16_t* c_hi, const uint16_t*
 #endif
 
 bool AmxBf16Ready() {
-#if COLBERT_JAX_AMX_BF16
-  static const bool ready = [] {
-    unsigned int a, b, c, d;
-    __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(0));
-    const bool tile = (d >> 24) & 1, bf16 = (d >> 22) & 1, avx512 = (b >> 16) & 1;
-    if (!tile || !bf16 || !avx512) return false;
-    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;  // Linux: ask for the tile state
-    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
-  }();
+  static const bool ready = colbert_jax_native::AmxReady(colbert_jax_native::AmxProducts::kBf16);
   return ready;
-#else
-  return false;
-#endif
 }
 
 ffi::Error CentroidScores(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> split, ffi::Buffer<ffi::F32> q,
@@ -205,7 +175,7 @@ ffi::Error CentroidScores(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> split, ff
   const int64_t tasks = (blocks + kBlocksPerTask - 1) / kBlocksPerTask;
   RunTasks(pool, tasks, p, kRowsPerThread, [&](int64_t t) {
     const int64_t b0 = t * kBlocksPerTask, b1 = std::min(b0 + kBlocksPerTask, blocks);
-#if COLBERT_JAX_AMX_BF16
+#if COLBERT_JAX_HAS_AMX
     if (use_amx) {
       ScoresAmx(c_hi, c_lo, q_hi.data(), q_lo.data(), kp, nb, p, lq, b0, b1, out);
       return;

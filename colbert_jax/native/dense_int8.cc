@@ -24,13 +24,7 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__x86_64__) && (defined(__clang__) || __GNUC__ >= 11)
-#define COLBERT_JAX_AMX 1
-#include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-#endif
-
+#include "amx.h"
 #include "tasks.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -101,16 +95,9 @@ void ProductsPortable(const int8_t* ahi, const int8_t* alo, const float* xs, int
   }
 }
 
-#if COLBERT_JAX_AMX
+#if COLBERT_JAX_HAS_AMX
 #define COLBERT_JAX_AMX_TARGET __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl")))
 
-struct TileConfig {
-  uint8_t palette;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
 
 // Rows [r0, r1) (whole pairs of 16-row blocks in the padded activation buffers) x column blocks [b0, b1).
 // Tiles: 0-3 accumulate main and cross for two row blocks of one column block, 4-5 hold a row block's hi and
@@ -119,13 +106,7 @@ struct TileConfig {
 COLBERT_JAX_AMX_TARGET void ProductsAmx(const int8_t* ahi, const int8_t* alo, const float* xs, int64_t r0,
                                         int64_t r1, int64_t m, int64_t kp, const int8_t* whi, const int8_t* wlo,
                                         const float* inv_w, int64_t b0, int64_t b1, int64_t n, float* out) {
-  TileConfig cfg{};
-  cfg.palette = 1;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
-  _tile_loadconfig(&cfg);
+  colbert_jax_native::ConfigureTiles();
   alignas(64) int32_t c[4][16 * 16];
   const int64_t block_bytes = kp * 16;
   const __m512 inv_steps = _mm512_set1_ps(1.0f / kLowSteps);
@@ -207,19 +188,8 @@ COLBERT_JAX_AMX_TARGET void QuantizeRowAvx512(const float* x, int64_t k, int64_t
 #endif
 
 bool AmxReady() {
-#if COLBERT_JAX_AMX
-  static const bool ready = [] {
-    unsigned int a, b, c, d;
-    __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(0));
-    const bool tile = (d >> 24) & 1, int8 = (d >> 25) & 1, avx512 = ((b >> 16) & 1) && ((b >> 30) & 1);
-    if (!tile || !int8 || !avx512) return false;
-    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;  // Linux: ask for the tile state
-    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
-  }();
+  static const bool ready = colbert_jax_native::AmxReady(colbert_jax_native::AmxProducts::kInt8);
   return ready;
-#else
-  return false;
-#endif
 }
 
 ffi::Error Int8Dense(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w_hi,
@@ -254,7 +224,7 @@ ffi::Error Int8Dense(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
   RunTasks(pool, row_blocks, macs / kMacsPerThread, 1, [&](int64_t t) {
     for (int64_t r = t * kRowBlock; r < std::min<int64_t>((t + 1) * kRowBlock, m); ++r) {
-#if COLBERT_JAX_AMX
+#if COLBERT_JAX_HAS_AMX
       if (use_amx) {
         QuantizeRowAvx512(xd + r * k, k, kp, ahi.data() + r * kp, alo.data() + r * kp, xs.data() + r);
         continue;
@@ -276,7 +246,7 @@ ffi::Error Int8Dense(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
     const int64_t r0 = g * kRowsPerGroup, r1 = std::min<int64_t>(r0 + kRowsPerGroup, m_pad);
     const int64_t b0 = c * pairs_per_chunk * 2, b1 = std::min<int64_t>(b0 + pairs_per_chunk * 2, blocks);
     if (b0 >= b1) return;
-#if COLBERT_JAX_AMX
+#if COLBERT_JAX_HAS_AMX
     if (use_amx) {
       ProductsAmx(ahi.data(), alo.data(), xs.data(), r0, r1, m, kp, w_hi.typed_data(), w_lo.typed_data(),
                   inv_w.data(), b0, b1, n, o);

@@ -1,0 +1,54 @@
+// What the AMX kernels share (dense_int8.cc, centroid_scores.cc): whether this CPU and OS run the tile unit, and
+// the tile configuration they all use (8 tiles of 16 rows x 64 bytes).
+#pragma once
+
+#include <cstdint>
+
+#if defined(__x86_64__) && (defined(__clang__) || __GNUC__ >= 11)
+#define COLBERT_JAX_HAS_AMX 1
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+namespace colbert_jax_native {
+
+enum class AmxProducts { kInt8, kBf16 };
+
+// Whether the CPU has tiles with `products` (and the AVX-512 the kernels' epilogues use) and Linux grants this
+// process the tile state. Each kernel asks once and keeps the answer.
+inline bool AmxReady(AmxProducts products) {
+#if COLBERT_JAX_HAS_AMX
+  unsigned int a, b, c, d;
+  __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(0));
+  const bool tile = (d >> 24) & 1, int8 = (d >> 25) & 1, bf16 = (d >> 22) & 1;
+  const bool avx512f = (b >> 16) & 1, avx512bw = (b >> 30) & 1;
+  const bool has = products == AmxProducts::kInt8 ? int8 && avx512bw : bf16;
+  if (!tile || !avx512f || !has) return false;
+  constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;  // Linux: ask for the tile state
+  return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
+
+#if COLBERT_JAX_HAS_AMX
+// Loads the configuration: palette 1, tiles 0-7 each 16 rows of 64 bytes.
+__attribute__((target("amx-tile"))) inline void ConfigureTiles() {
+  struct {
+    uint8_t palette;
+    uint8_t start_row;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+  } cfg{};
+  cfg.palette = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+#endif
+
+}  // namespace colbert_jax_native
