@@ -2,7 +2,10 @@
 // the tile configuration they all use (8 tiles of 16 rows x 64 bytes).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
+#include <new>
+#include <vector>
 
 #if defined(__x86_64__) && (defined(__clang__) || __GNUC__ >= 11)
 #define COLBERT_JAX_HAS_AMX 1
@@ -14,6 +17,27 @@
 namespace colbert_jax_native {
 
 enum class AmxProducts { kInt8, kBf16 };
+
+// Allocates on 64-byte boundaries. A tile row is 64 bytes: from a buffer off that boundary (malloc's 16) every
+// row of a tile load straddles two cache lines, and the kernels ran at about half speed.
+template <typename T>
+struct CacheLineAllocator {
+  using value_type = T;
+  static constexpr std::align_val_t kAlign{64};
+  CacheLineAllocator() = default;
+  template <typename U>
+  CacheLineAllocator(const CacheLineAllocator<U>&) {}
+  T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), kAlign)); }
+  void deallocate(T* p, std::size_t) { ::operator delete(p, kAlign); }
+  template <typename U>
+  bool operator==(const CacheLineAllocator<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const CacheLineAllocator<U>&) const { return false; }
+};
+
+// The buffers the kernels load tiles from.
+template <typename T>
+using TileBuffer = std::vector<T, CacheLineAllocator<T>>;
 
 // Whether the CPU has tiles with `products` (and the AVX-512 the kernels' epilogues use) and Linux grants this
 // process the tile state. Each kernel asks once and keeps the answer.

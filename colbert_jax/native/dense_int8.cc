@@ -212,7 +212,7 @@ ffi::Error Int8Dense(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   if (m == 0) return ffi::Error::Success();
 
   const int64_t m_pad = (m + 2 * kRowBlock - 1) / (2 * kRowBlock) * (2 * kRowBlock);  // pairs of row blocks
-  std::vector<int8_t> ahi(m_pad * kp, 0), alo(m_pad * kp, 0);
+  colbert_jax_native::TileBuffer<int8_t> ahi(m_pad * kp, 0), alo(m_pad * kp, 0);
   std::vector<float> xs(m_pad, 1.0f), inv_w(blocks * 16);
   const float* ws = w_scale.typed_data();
   for (int64_t i = 0; i < blocks * 16; ++i) inv_w[i] = 1.0f / ws[i];

@@ -41,6 +41,7 @@ from colbert_jax.search.ranking import Ranking
 __all__ = ["Searcher", "search_params", "QueryError", "QueryTruncatedWarning"]
 
 MAX_BATCH = 64
+_BATCHES_IN_FLIGHT = 3  # search_all on the CPU
 
 
 class QueryError(ValueError):
@@ -444,10 +445,11 @@ class Searcher:
 
         starts = range(0, len(items), batch_size)
         if self._cpu and len(starts) > 1 and not placement.multi_process():
-            # Two batches in flight: one encodes (both cores) while the other's retrieval (mostly one core)
-            # runs, ~1.2x the throughput of one after the other on 2 cores. (Not over several processes: each
-            # must run the shared programs in the same order.)
-            with ThreadPoolExecutor(2) as pool:
+            # Batches in flight: one encodes (every core) while the others' retrieval (partly serial: host
+            # work, one-core stages) fills the gaps; a third keeps the cores busy where two still leave idle
+            # spells (docs/benchmarks.md). (Not over several processes: each must run the shared programs
+            # in the same order.)
+            with ThreadPoolExecutor(_BATCHES_IN_FLIGHT) as pool:
                 results = list(pool.map(run, starts))
         else:
             results = [run(start) for start in starts]
