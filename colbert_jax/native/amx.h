@@ -5,6 +5,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <new>
+#include <utility>
 #include <vector>
 
 #if defined(__x86_64__) && (defined(__clang__) || __GNUC__ >= 11)
@@ -19,7 +20,8 @@ namespace colbert_jax_native {
 enum class AmxProducts { kInt8, kBf16 };
 
 // Allocates on 64-byte boundaries. A tile row is 64 bytes: from a buffer off that boundary (malloc's 16) every
-// row of a tile load straddles two cache lines, and the kernels ran at about half speed.
+// row of a tile load straddles two cache lines, and the kernels ran at about half speed. `TileBuffer<T>(n)`
+// leaves its elements uninitialised (buffers the kernel overwrites; `TileBuffer<T>(n, 0)` zeroes).
 template <typename T>
 struct CacheLineAllocator {
   using value_type = T;
@@ -29,6 +31,14 @@ struct CacheLineAllocator {
   CacheLineAllocator(const CacheLineAllocator<U>&) {}
   T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), kAlign)); }
   void deallocate(T* p, std::size_t) { ::operator delete(p, kAlign); }
+  template <typename U>
+  void construct(U* p) {
+    ::new (static_cast<void*>(p)) U;  // default-initialised: no zero fill of a buffer about to be overwritten
+  }
+  template <typename U, typename... Args>
+  void construct(U* p, Args&&... args) {
+    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
   template <typename U>
   bool operator==(const CacheLineAllocator<U>&) const { return true; }
   template <typename U>

@@ -166,7 +166,7 @@ ffi::Error CentroidScores(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> split, ff
   if (use_amx && !AmxBf16Ready()) return ffi::Error::InvalidArgument("centroid_scores: this CPU or OS has no AMX-BF16");
   if (p == 0 || lq == 0) return ffi::Error::Success();
   const int64_t nb = (lq + kBlock - 1) / kBlock;
-  colbert_jax_native::TileBuffer<uint16_t> q_hi(kp * nb * kBlock), q_lo(kp * nb * kBlock);
+  colbert_jax_native::TileBuffer<uint16_t> q_hi(kp * nb * kBlock, 0), q_lo(kp * nb * kBlock, 0);
   SplitQuery(q.typed_data(), lq, dim, kp, nb, q_hi.data(), q_lo.data());
   const auto* c_hi = reinterpret_cast<const uint16_t*>(split.typed_data());
   const uint16_t* c_lo = c_hi + pp * kp;

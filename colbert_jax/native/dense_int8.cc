@@ -99,67 +99,97 @@ void ProductsPortable(const int8_t* ahi, const int8_t* alo, const float* xs, int
 #define COLBERT_JAX_AMX_TARGET __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl")))
 
 
-// Rows [r0, r1) (whole pairs of 16-row blocks in the padded activation buffers) x column blocks [b0, b1).
-// Tiles: 0-3 accumulate main and cross for two row blocks of one column block, 4-5 hold a row block's hi and
-// lo bytes for 64 k (loaded for one row block, then the other), 6-7 the column block's weights: each weight
-// tile is used for 32 rows.
+// One finished 32 x 16 block of main and cross products (tile stores), waiting for its float epilogue.
+struct PendingBlock {
+  const int32_t* c = nullptr;  // main, cross of rows 0-15, then of rows 16-31: 16 x 16 int32 each
+  int64_t row = 0, col = 0, rows = 0, done = 0;
+  __m512 inv_w;
+  __mmask16 keep;
+};
+
+// The epilogue of the pending block's rows [done, upto) (as Epilogue, 16 columns at a time).
+COLBERT_JAX_AMX_TARGET inline void FinishRows(PendingBlock& p, int64_t upto, const float* xs, int64_t n,
+                                              float* out) {
+  const __m512 inv_steps = _mm512_set1_ps(1.0f / kLowSteps);
+  const int64_t stop = std::min(upto, p.rows);
+  for (int64_t i = p.done; i < stop; ++i) {
+    const int64_t half = i < kRowBlock ? 0 : 1, row = i - half * kRowBlock;
+    const __m512 main = _mm512_cvtepi32_ps(_mm512_load_si512(p.c + (2 * half) * 256 + row * 16));
+    const __m512 cross = _mm512_cvtepi32_ps(_mm512_load_si512(p.c + (2 * half + 1) * 256 + row * 16));
+    const __m512 acc = _mm512_fmadd_ps(cross, inv_steps, main);
+    const __m512 den = _mm512_mul_ps(_mm512_set1_ps(1.0f / xs[p.row + i]), p.inv_w);
+    _mm512_mask_storeu_ps(out + (p.row + i) * n + p.col, p.keep, _mm512_div_ps(acc, den));
+  }
+  p.done = std::max(p.done, stop);
+}
+
+// Rows [r0, r1) (whole pairs of 16-row blocks of the tiled activation buffers, see QuantizeRowAvx512) x column
+// blocks [b0, b1). Tiles: 0-3 accumulate main and cross for two row blocks of one column block, 4-5 hold a
+// row block's hi and lo bytes for 64 k (loaded for one row block, then the other), 6-7 the column block's
+// weights: each weight tile is used for 32 rows. The float epilogue of each block runs interleaved with the
+// next block's products (the tile unit works while the vector unit divides) rather than between them.
 COLBERT_JAX_AMX_TARGET void ProductsAmx(const int8_t* ahi, const int8_t* alo, const float* xs, int64_t r0,
                                         int64_t r1, int64_t m, int64_t kp, const int8_t* whi, const int8_t* wlo,
                                         const float* inv_w, int64_t b0, int64_t b1, int64_t n, float* out) {
   colbert_jax_native::ConfigureTiles();
-  alignas(64) int32_t c[4][16 * 16];
-  const int64_t block_bytes = kp * 16;
-  const __m512 inv_steps = _mm512_set1_ps(1.0f / kLowSteps);
+  alignas(64) int32_t c[2][4 * 16 * 16];  // this block's products, and the pending block's
+  int which = 0;
+  PendingBlock pending;
+  const int64_t block_bytes = kp * 16, steps = kp / 64;
   for (int64_t b = b0; b < b1; ++b) {
     const int8_t* bh = whi + b * block_bytes;
     const int8_t* bl = wlo + b * block_bytes;
     const int64_t col = b * 16;
     if (col >= n) break;
-    const __m512 iw = _mm512_loadu_ps(inv_w + col);
-    const __mmask16 keep = n - col >= 16 ? 0xffff : static_cast<__mmask16>((1u << (n - col)) - 1);
     for (int64_t r = r0; r < r1; r += 2 * kRowBlock) {
       _tile_zero(0);
       _tile_zero(1);
       _tile_zero(2);
       _tile_zero(3);
-      const int8_t* h0 = ahi + r * kp;
+      const int8_t* h0 = ahi + r * kp;  // row block r / 16: its (kp / 64) tiles of 16 x 64 bytes, one after another
       const int8_t* l0 = alo + r * kp;
       const int8_t* h1 = h0 + kRowBlock * kp;
       const int8_t* l1 = l0 + kRowBlock * kp;
-      for (int64_t k = 0; k < kp; k += 64) {
-        _tile_loadd(6, bh + k * 16, 64);
-        _tile_loadd(7, bl + k * 16, 64);
-        _tile_loadd(4, h0 + k, kp);
-        _tile_loadd(5, l0 + k, kp);
+      const int64_t per_step = (pending.rows + steps - 1) / steps;
+      for (int64_t s = 0; s < steps; ++s) {
+        const int64_t at = s * 1024;
+        _tile_loadd(6, bh + at, 64);
+        _tile_loadd(7, bl + at, 64);
+        _tile_loadd(4, h0 + at, 64);
+        _tile_loadd(5, l0 + at, 64);
         _tile_dpbssd(0, 4, 6);
         _tile_dpbssd(1, 4, 7);
         _tile_dpbssd(1, 5, 6);
-        _tile_loadd(4, h1 + k, kp);
-        _tile_loadd(5, l1 + k, kp);
+        _tile_loadd(4, h1 + at, 64);
+        _tile_loadd(5, l1 + at, 64);
         _tile_dpbssd(2, 4, 6);
         _tile_dpbssd(3, 4, 7);
         _tile_dpbssd(3, 5, 6);
+        if (pending.c != nullptr) FinishRows(pending, (s + 1) * per_step, xs, n, out);
       }
-      _tile_stored(0, c[0], 64);
-      _tile_stored(1, c[1], 64);
-      _tile_stored(2, c[2], 64);
-      _tile_stored(3, c[3], 64);
-      const int64_t rows = std::min<int64_t>(2 * kRowBlock, m - r);
-      for (int64_t i = 0; i < rows; ++i) {
-        const int half = i < kRowBlock ? 0 : 1;
-        const int64_t row = i - half * kRowBlock;
-        const __m512 main = _mm512_cvtepi32_ps(_mm512_load_si512(c[2 * half] + row * 16));
-        const __m512 cross = _mm512_cvtepi32_ps(_mm512_load_si512(c[2 * half + 1] + row * 16));
-        const __m512 acc = _mm512_fmadd_ps(cross, inv_steps, main);  // as Epilogue
-        const __m512 den = _mm512_mul_ps(_mm512_set1_ps(1.0f / xs[r + i]), iw);
-        _mm512_mask_storeu_ps(out + (r + i) * n + col, keep, _mm512_div_ps(acc, den));
-      }
+      if (pending.c != nullptr) FinishRows(pending, pending.rows, xs, n, out);
+      int32_t* done = c[which];
+      which ^= 1;
+      _tile_stored(0, done, 64);
+      _tile_stored(1, done + 256, 64);
+      _tile_stored(2, done + 512, 64);
+      _tile_stored(3, done + 768, 64);
+      pending.c = done;
+      pending.row = r;
+      pending.col = col;
+      pending.rows = std::min<int64_t>(2 * kRowBlock, m - r);
+      pending.done = 0;
+      pending.inv_w = _mm512_loadu_ps(inv_w + col);
+      pending.keep = n - col >= 16 ? 0xffff : static_cast<__mmask16>((1u << (n - col)) - 1);
     }
   }
+  if (pending.c != nullptr) FinishRows(pending, pending.rows, xs, n, out);
   _tile_release();
 }
 
-// The vector twin of QuantizeRowScalar (the same operations on 16 lanes).
+// The vector twin of QuantizeRowScalar (the same operations on 16 lanes), writing the row into the tiled
+// layout the tile loads read contiguously: row r's bytes k..k+63 at ((r / 16) * (kp / 64) + k / 64) * 1024 +
+// (r % 16) * 64; hi and lo point at the row's first chunk, ((r / 16) * (kp / 64)) * 1024 + (r % 16) * 64.
 COLBERT_JAX_AMX_TARGET void QuantizeRowAvx512(const float* x, int64_t k, int64_t kp, int8_t* hi, int8_t* lo,
                                               float* scale) {
   const __m512 top = _mm512_set1_ps(127.0f), bottom = _mm512_set1_ps(-127.0f), steps_lo = _mm512_set1_ps(kLowSteps);
@@ -173,17 +203,16 @@ COLBERT_JAX_AMX_TARGET void QuantizeRowAvx512(const float* x, int64_t k, int64_t
   *scale = s;
   const __m512 inv = _mm512_set1_ps(1.0f / s);
   constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-  for (int64_t i = 0; i < k; i += 16) {
-    const __mmask16 keep = k - i >= 16 ? 0xffff : static_cast<__mmask16>((1u << (k - i)) - 1);
+  for (int64_t i = 0; i < kp; i += 16) {  // padding lanes load 0 and store 0
+    const __mmask16 keep = k - i >= 16 ? 0xffff : k > i ? static_cast<__mmask16>((1u << (k - i)) - 1) : 0;
     const __m512 steps = _mm512_mul_ps(_mm512_maskz_loadu_ps(keep, x + i), inv);
     const __m512 h = _mm512_min_ps(top, _mm512_max_ps(bottom, _mm512_roundscale_ps(steps, kRound)));
     const __m512 rest = _mm512_mul_ps(_mm512_sub_ps(steps, h), steps_lo);
     const __m512 l = _mm512_min_ps(top, _mm512_max_ps(bottom, _mm512_roundscale_ps(rest, kRound)));
-    _mm_mask_storeu_epi8(hi + i, keep, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(h)));
-    _mm_mask_storeu_epi8(lo + i, keep, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(l)));
+    const int64_t at = (i / 64) * 1024 + i % 64;
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(hi + at), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(h)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + at), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(l)));
   }
-  std::memset(hi + k, 0, kp - k);
-  std::memset(lo + k, 0, kp - k);
 }
 #endif
 
@@ -212,7 +241,8 @@ ffi::Error Int8Dense(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   if (m == 0) return ffi::Error::Success();
 
   const int64_t m_pad = (m + 2 * kRowBlock - 1) / (2 * kRowBlock) * (2 * kRowBlock);  // pairs of row blocks
-  colbert_jax_native::TileBuffer<int8_t> ahi(m_pad * kp, 0), alo(m_pad * kp, 0);
+  // Uninitialised: every real row is written below; the padding rows' products are computed and discarded.
+  colbert_jax_native::TileBuffer<int8_t> ahi(m_pad * kp), alo(m_pad * kp);
   std::vector<float> xs(m_pad, 1.0f), inv_w(blocks * 16);
   const float* ws = w_scale.typed_data();
   for (int64_t i = 0; i < blocks * 16; ++i) inv_w[i] = 1.0f / ws[i];
@@ -226,7 +256,8 @@ ffi::Error Int8Dense(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
     for (int64_t r = t * kRowBlock; r < std::min<int64_t>((t + 1) * kRowBlock, m); ++r) {
 #if COLBERT_JAX_HAS_AMX
       if (use_amx) {
-        QuantizeRowAvx512(xd + r * k, k, kp, ahi.data() + r * kp, alo.data() + r * kp, xs.data() + r);
+        const int64_t at = (r / kRowBlock) * kRowBlock * kp + (r % kRowBlock) * 64;
+        QuantizeRowAvx512(xd + r * k, k, kp, ahi.data() + at, alo.data() + at, xs.data() + r);
         continue;
       }
 #endif
