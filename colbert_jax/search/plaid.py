@@ -22,8 +22,10 @@ Two ways to run stages 2-6 after `candidates.cells`:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
+import threading
 from collections.abc import Callable
 
 import jax
@@ -263,6 +265,7 @@ def streamed_exact(
 # -- the host driver ------------------------------------------------------------------------------
 RANK_MEMORY_BUDGET = 256 << 20  # bytes of per-device working set for one batch of the staged select/score
 GROUPS = 4  # size-sorted groups per batch for the staged select/score
+_GUESS_HISTORY = 256  # queries whose IVF-entry needs size `search_fused`'s width
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,8 +319,10 @@ class PlaidEngine:
         # The kernels pad documents to power-of-two lengths (Triton blocks); padding here saves that copy.
         self.max_doclen = pow2(longest) if implementation == "pallas" else -(-longest // 8) * 8
         self._mmap_scores: jax.Array | None = None  # the last single query's centroid scores (`_mmap_cells`)
-        # (ncells, query_maxlen) -> the IVF-entry bucket the last batch needed: `search_fused`'s guess for the next
+        # (ncells, query_maxlen) -> the IVF entries the latest queries needed, and `search_fused`'s width from them
+        self._entries_needed: dict[tuple[int, int], collections.deque] = {}
         self._entries_guess: dict[tuple[int, int], int] = {}
+        self._guess_lock = threading.Lock()
 
     def max_entries(self, ncells: int, query_maxlen: int) -> int:
         """Static bound on the IVF entries of one query's cells in any shard: its longest Lq * ncells lists."""
@@ -372,13 +377,24 @@ class PlaidEngine:
             return self.streamed(Q, S, c, real, params, pow2(n_entries.max()), allowed)
         return self._staged(Q, S, c, n_entries, params, query_maxlen, allowed)
 
+    def entries_sized(self, params: Params, query_maxlen: int) -> bool:
+        """Whether earlier queries have sized `search_fused`'s width for these parameters (`_guess_entries`)."""
+        return (min(params.ncells, self.index.num_partitions), query_maxlen) in self._entries_guess
+
     def _guess_entries(self, params: Params, query_maxlen: int, needed: np.ndarray) -> None:
-        """Records the IVF-entry bucket that nine in ten of a batch's queries fit (`needed`: each query's entries,
-        the most of any shard): `search_fused`'s width for the next batch. Sized for most queries rather than
-        the largest, since every query of a batch pays for the width; the few larger ones are reranked."""
+        """Records what these queries needed (`needed`: each query's IVF entries, the most of any shard) and sets
+        `search_fused`'s width for the next batches: the bucket that nine in ten of the latest `_GUESS_HISTORY`
+        queries fit. Sized for most queries rather than the largest, since every query of a batch pays for the
+        width; the few larger ones are reranked. Over a history rather than the last batch, so that the width
+        (a compiled shape) stays put whatever the batch sizes: a single query alone would set it to its own
+        needs, and the next query, needing more, would be ranked twice."""
         if needed.size:
             key = (min(params.ncells, self.index.num_partitions), query_maxlen)
-            self._entries_guess[key] = pow2(int(np.quantile(needed, 0.9, method="higher")))
+            with self._guess_lock:  # batches in flight on several threads
+                history = self._entries_needed.setdefault(key, collections.deque(maxlen=_GUESS_HISTORY))
+                history.extend(int(n) for n in needed)
+                latest = np.fromiter(history, np.int64, len(history))
+            self._entries_guess[key] = pow2(int(np.quantile(latest, 0.9, method="higher")))
 
     def fused(self, Q, real, params: Params, max_entries: int, allowed=None) -> tuple[np.ndarray, np.ndarray]:
         """A batch by `search_fused` (stages 1-6 in one program), its IVF entries guessed from earlier batches

@@ -443,14 +443,19 @@ class Searcher:
                 pos, sc = self._rank_plaid(padded, k, config, n_real=len(chunk))
             return pos[: len(chunk)], sc[: len(chunk)]
 
-        starts = range(0, len(items), batch_size)
+        starts = list(range(0, len(items), batch_size))
+        results = []
         if self._cpu and len(starts) > 1 and not placement.multi_process():
+            if not exact and self.engine == "plaid" and self.implementation == "streamed" and not self.mmap:
+                engine = self._plaid_engine()
+                if not engine.entries_sized(self._params(k, config), config.query_maxlen):
+                    results.append(run(starts.pop(0)))  # sizes the fused program for the batches in flight
             # Batches in flight: one encodes (every core) while the others' retrieval (partly serial: host
             # work, one-core stages) fills the gaps; a third keeps the cores busy where two still leave idle
             # spells (docs/benchmarks.md). (Not over several processes: each must run the shared programs
             # in the same order.)
             with ThreadPoolExecutor(_BATCHES_IN_FLIGHT) as pool:
-                results = list(pool.map(run, starts))
+                results += pool.map(run, starts)
         else:
             results = [run(start) for start in starts]
         positions = np.concatenate([p for p, _ in results])

@@ -109,6 +109,53 @@ def test_filtered_search_through_the_fused_program(searcher):
     assert all(pid % 3 == 0 for ranking in got.values() for pid, _, _ in ranking)
 
 
+def _forget_widths(searcher, k=10):
+    """Clears the width guess and the needs it is computed from; returns the guess's key."""
+    engine = searcher._plaid_engine()
+    key = (min(searcher._params(k, searcher.config).ncells, searcher.index.num_partitions), 32)
+    engine._entries_guess.pop(key, None)
+    engine._entries_needed.pop(key, None)
+    return key
+
+
+def test_a_single_query_does_not_reset_the_width_batches_use(searcher):
+    """The width comes from the latest queries' needs, not from the last call's: one query alone used to set it
+    to its own needs, so the next batch compiled a new width and ranked most of its queries twice."""
+    engine = searcher._plaid_engine()
+    params = searcher._params(10, searcher.config)
+    key = _forget_widths(searcher)
+    _, _, n_entries = engine.cells(searcher.encode(QUERIES[:64]), params, 32, False)
+    needs = n_entries.max(axis=0)
+    searcher.search_all(QUERIES[:64], k=10, batch_size=64)
+    width = engine._entries_guess[key]
+    assert width == plaid.pow2(int(np.quantile(needs, 0.9, method="higher")))
+    smallest = int(np.argmin(needs))
+    assert plaid.pow2(int(needs[smallest])) < width  # what the old rule would have set
+    searcher.search(QUERIES[smallest], k=10)
+    assert engine._entries_guess[key] == width
+    _forget_widths(searcher)
+
+
+def test_the_first_search_all_sizes_the_width_before_batches_run_in_flight(searcher):
+    """With no width recorded, the first batch runs alone (by the two programs) and records one; the batches
+    after it, in flight together, all go through the fused program, with the same rankings."""
+    want = _two_programs(searcher, QUERIES, 10, batch_size=16)
+    _forget_widths(searcher)
+    calls = []
+    original = plaid.PlaidEngine.fused
+
+    def spy(self, Q, real, params, max_entries, allowed=None):
+        calls.append(int(real.sum()))
+        return original(self, Q, real, params, max_entries, allowed)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(plaid.PlaidEngine, "fused", spy)
+        got = searcher.search_all(QUERIES, k=10, batch_size=16).todict()
+    assert sorted(calls) == [16] * (len(QUERIES) // 16 - 1)
+    _assert_same(got, want)
+    _forget_widths(searcher)
+
+
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
 def test_fused_program_lowers_for_accelerators_without_the_native_kernels(searcher, platform):
     engine = searcher._plaid_engine()
