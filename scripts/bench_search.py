@@ -1,15 +1,18 @@
 """Search speed and quality: colbert-jax vs colbert-ai on the same collection, checkpoint, nbits and queries.
 
     python scripts/bench_search.py [--nbits 2] [--queries 500] [--ref-python /tmp/colbert-ref-venv/bin/python]
+                                   [--collection TSV [--queries-file TSV]] [--checkpoint DIR]
 
-Builds (or reuses, with --ours-index / --ref-index) one index per system of the built-in corpus (Python
-standard-library docstrings, ~3,900 passages), then for k = 10 and 100 measures, each system in a fresh
+Builds (or reuses, with --ours-index / --ref-index) one index per system of the collection (default: the
+built-in corpus, Python standard-library docstrings, ~3,900 passages; or any `pid \t text [\t title]` TSV)
+with the checkpoint (default: the packaged MiniLM), then for k = 10 and 100 measures, each system in a fresh
 process after a warm-up pass over all queries:
 - batched: queries/s of `search_all` over all queries (median of 3 passes, query encoding included);
 - one at a time: p50 / p95 latency of single queries (encode + retrieve, also reported apart);
 - quality: overlap@10 of PLAID with exact MaxSim over the uncompressed embeddings (computed once, by our
   encoder, which matches colbert-ai's within 1e-4).
-Queries are the first 4-9 words of seeded random passages. Prints markdown tables and ratios.
+Queries: --queries-file (`qid \t text`), or the first 4-9 words of --queries seeded random passages. Prints
+markdown tables and ratios.
 """
 
 from __future__ import annotations
@@ -97,8 +100,11 @@ def main() -> None:
     ap.add_argument("--nbits", type=int, default=2)
     ap.add_argument("--queries", type=int, default=500, help="number of queries")
     ap.add_argument("--single", type=int, default=200, help="queries timed one at a time")
-    ap.add_argument("--ours-index", help="reuse this colbert-jax index of the built-in corpus")
-    ap.add_argument("--ref-index", help="reuse this colbert-ai index of the built-in corpus")
+    ap.add_argument("--collection", help="TSV collection: pid, text[, title] (default: the built-in corpus)")
+    ap.add_argument("--queries-file", help="TSV queries: qid, text (default: --queries passage openings)")
+    ap.add_argument("--checkpoint", help="checkpoint directory (default: the packaged MiniLM)")
+    ap.add_argument("--ours-index", help="reuse this colbert-jax index of the collection")
+    ap.add_argument("--ref-index", help="reuse this colbert-ai index of the collection")
     ap.add_argument("--ref-python", default=os.environ.get("REF_PYTHON", "/tmp/colbert-ref-venv/bin/python"))
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--json", help="also write the results here")
@@ -107,10 +113,21 @@ def main() -> None:
     from colbert_jax.default_model import default_checkpoint
 
     work = Path(tempfile.mkdtemp(prefix="bench-search-"))
-    collection, queries = work / "stdlib.tsv", work / "queries.tsv"
-    n = write_builtin_collection(collection)
-    write_queries(collection, queries, args.queries)
-    checkpoint = str(default_checkpoint())
+    if args.collection:
+        collection = Path(args.collection).resolve()
+        n = sum(1 for line in collection.read_text().splitlines() if line.strip())
+        name = collection.name
+    else:
+        collection = work / "stdlib.tsv"
+        n = write_builtin_collection(collection)
+        name = "built-in corpus"
+    if args.queries_file:
+        queries = Path(args.queries_file).resolve()
+    else:
+        queries = work / "queries.tsv"
+        write_queries(collection, queries, args.queries)
+    n_queries = sum(1 for line in queries.read_text().splitlines() if line.strip())
+    checkpoint = str(Path(args.checkpoint).resolve()) if args.checkpoint else str(default_checkpoint())
     env = {"PYTHONPATH": str(REPO)}
     ks = "10,100"
 
@@ -176,7 +193,7 @@ def main() -> None:
 
     cpu = platform.processor() or platform.machine()
     print(
-        f"\nbuilt-in corpus: {n} passages, {args.queries} queries, nbits={args.nbits}, {cpu}, {os.cpu_count()} CPUs\n"
+        f"\n{name}: {n} passages, {n_queries} queries, nbits={args.nbits}, {cpu}, {os.cpu_count()} CPUs\n"
     )
     print("| system | k | batched queries/s | single p50 ms | single p95 ms | encode p50 ms | retrieve p50 ms |")
     print("|---|---|---|---|---|---|---|")
