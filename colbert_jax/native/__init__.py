@@ -54,6 +54,7 @@ __all__ = [
 logger = logging.getLogger("colbert_jax.native")
 
 ENV = "COLBERT_JAX_NATIVE"
+AMX_ENV = "COLBERT_JAX_AMX"
 SOURCES = tuple(
     Path(__file__).with_name(name)
     for name in ("plaid_cpu.cc", "dense_int8.cc", "centroid_scores.cc", "attention.cc", "gelu.cc")
@@ -263,10 +264,17 @@ def exact_maxsim(
 DENSE_IMPLEMENTATIONS = ("amx", "portable")
 
 
+def _amx_off() -> bool:
+    """`COLBERT_JAX_AMX=0`: run as on a CPU without the tile unit (the AVX-512/portable paths), e.g. to measure
+    them on a CPU that has it."""
+    return os.environ.get(AMX_ENV, "auto").strip().lower() in ("0", "off", "false", "no")
+
+
 def amx_available() -> bool:
-    """Whether the kernels are enabled and this CPU and OS run AMX-INT8 tiles (the fast `int8_dense`)."""
+    """Whether the kernels are enabled and this CPU and OS run AMX-INT8 tiles (the fast `int8_dense`), and
+    `COLBERT_JAX_AMX=0` does not turn them off."""
     lib = library()
-    return lib is not None and bool(lib.colbert_jax_amx_ready())
+    return lib is not None and not _amx_off() and bool(lib.colbert_jax_amx_ready())
 
 
 def pack_dense(high: np.ndarray, low: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -305,7 +313,9 @@ def int8_dense(
     if library() is None:
         raise NativeBuildError(f"the native CPU kernels are off or unavailable ({_why_not()}); check `enabled()` first")
     if implementation == "amx" and not amx_available():
-        raise NativeBuildError("int8_dense(implementation='amx'): this CPU or OS has no AMX-INT8")
+        raise NativeBuildError(
+            f"int8_dense(implementation='amx'): no AMX-INT8 here (not on this CPU or OS, or {AMX_ENV}=0)"
+        )
     n = scale.shape[-1]
     k = x.shape[-1]
     if high.ndim != 3 or high.shape[-1] != 64 or low.shape != high.shape or scale.ndim != 1:
@@ -329,9 +339,10 @@ SCORES_IMPLEMENTATIONS = ("amx", "portable")
 
 
 def amx_bf16_available() -> bool:
-    """Whether the kernels are enabled and this CPU and OS run AMX-BF16 tiles (the fast `centroid_scores`)."""
+    """Whether the kernels are enabled and this CPU and OS run AMX-BF16 tiles (the fast `centroid_scores`), and
+    `COLBERT_JAX_AMX=0` does not turn them off."""
     lib = library()
-    return lib is not None and bool(lib.colbert_jax_amx_bf16_ready())
+    return lib is not None and not _amx_off() and bool(lib.colbert_jax_amx_bf16_ready())
 
 
 def split_centroids(centroids: np.ndarray) -> np.ndarray:
@@ -359,7 +370,9 @@ def centroid_scores(split: jax.Array, Q: jax.Array, num_centroids: int, *, imple
     if library() is None:
         raise NativeBuildError(f"the native CPU kernels are off or unavailable ({_why_not()}); check `enabled()` first")
     if implementation == "amx" and not amx_bf16_available():
-        raise NativeBuildError("centroid_scores(implementation='amx'): this CPU or OS has no AMX-BF16")
+        raise NativeBuildError(
+            f"centroid_scores(implementation='amx'): no AMX-BF16 here (not on this CPU or OS, or {AMX_ENV}=0)"
+        )
     if split.ndim != 3 or split.shape[0] != 2 or split.dtype != jnp.bfloat16 or Q.ndim != 2:
         raise ValueError(
             f"centroid_scores: split bfloat16 [2, Pp, Kp] and Q [Lq, dim], got {split.shape} "

@@ -122,6 +122,21 @@ def test_model_runs_packed_products_where_the_cpu_has_amx(minilm_model):
     assert ("['packed_hi']" in names) == native.amx_available()
 
 
+def test_amx_turned_off_runs_the_paths_of_cpus_without_it(monkeypatch, minilm_checkpoint):
+    """COLBERT_JAX_AMX=0: no tile-unit kernel is chosen or accepted, as on a CPU without AMX (how the other
+    paths are measured on a CPU that has it)."""
+    import colbert_jax
+
+    monkeypatch.setenv(native.AMX_ENV, "0")
+    assert not native.amx_available() and not native.amx_bf16_available()
+    x, high, cross, scale = _problem(4, 64, 32)
+    with pytest.raises(native.NativeBuildError, match="no AMX"):
+        packed = native.pack_dense(high, cross[:64])
+        native.int8_dense(jnp.asarray(x), *packed, jnp.asarray(scale), implementation="amx")
+    model = colbert_jax.load_checkpoint(minilm_checkpoint)
+    assert model.query_quantization == "int8" and model.int8_products == "xla"
+
+
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
 def test_packed_encoder_lowers_for_accelerators_without_the_kernel(platform, tiny_model):
     # the same packed params on another platform: the XLA product on unpacked weights, no native call
