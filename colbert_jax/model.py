@@ -105,12 +105,14 @@ class ColBERTModel:
             query_module = self.module.clone(unstacked=True)
         query_fn = functools.partial(embed_queries, query_module, pad_id=self.query_pad_id)
         self._query_params = self.params if query_params is params else jax.device_put(query_params, replicated)
-        # On CPU the two-term int8 encoder is faster and keeps query embeddings within cosine 1e-5 of float32's;
-        # accelerators' float32 (or bfloat16) matmuls are fast already. "auto" takes int8 only where its
-        # embeddings do not depend on the batch size (`int8_batch_invariant`: not ModernBERT's yet).
+        # On CPUs whose int8 products run on AMX tiles the two-term int8 encoder is faster and keeps query
+        # embeddings within cosine 1e-5 of float32's; elsewhere its three int8 products per weight cost more than
+        # float32's one, and accelerators' float32 (or bfloat16) matmuls are fast already. "auto" takes int8 only
+        # where its embeddings do not depend on the batch size (`int8_batch_invariant`: not ModernBERT's yet).
         self.query_quantization = config.query_quantization
         if self.query_quantization == "auto":
-            self.query_quantization = "int8" if cpu and bert_config.int8_batch_invariant else "none"
+            fast = cpu and bert_config.int8_batch_invariant and native.int8_tiles()
+            self.query_quantization = "int8" if fast else "none"
         # where the CPU has AMX-INT8, each int8 dense layer runs as one native kernel (`native.int8_dense`)
         self.int8_products = "amx" if self.query_quantization == "int8" and cpu and native.amx_available() else "xla"
         if self.query_quantization == "int8":

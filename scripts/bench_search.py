@@ -192,9 +192,7 @@ def main() -> None:
     exact = exact_top10(checkpoint, collection, queries)
 
     cpu = platform.processor() or platform.machine()
-    print(
-        f"\n{name}: {n} passages, {n_queries} queries, nbits={args.nbits}, {cpu}, {os.cpu_count()} CPUs\n"
-    )
+    print(f"\n{name}: {n} passages, {n_queries} queries, nbits={args.nbits}, {cpu}, {os.cpu_count()} CPUs\n")
     print("| system | k | batched queries/s | single p50 ms | single p95 ms | encode p50 ms | retrieve p50 ms |")
     print("|---|---|---|---|---|---|---|")
     for name, r in results.items():

@@ -40,6 +40,7 @@ __all__ = [
     "centroid_interaction",
     "exact_maxsim",
     "amx_available",
+    "int8_tiles",
     "pack_dense",
     "int8_dense",
     "amx_bf16_available",
@@ -275,6 +276,29 @@ def amx_available() -> bool:
     `COLBERT_JAX_AMX=0` does not turn them off."""
     lib = library()
     return lib is not None and not _amx_off() and bool(lib.colbert_jax_amx_ready())
+
+
+_tiles_granted: list[bool] = []  # the OS's answer, asked once
+
+
+def int8_tiles() -> bool:
+    """Whether int8 products run on AMX tiles here, in any library (XLA's own int8 products too, not only our
+    kernels): the CPU has AMX-INT8, Linux grants this process the tile state, and `COLBERT_JAX_AMX=0` does not
+    say otherwise. Without them XLA:CPU's int8 products run no faster per operation than its float32 ones, so
+    the two-term int8 query encoder (three products per weight) is the slower choice."""
+    if _amx_off():
+        return False
+    if not _tiles_granted:
+        flags = _cpu_features().split()
+        granted = False
+        if platform.machine().lower() in ("x86_64", "amd64") and "amx_int8" in flags and "amx_tile" in flags:
+            arch_prctl, req_xcomp_perm, xtiledata = 158, 0x1023, 18
+            try:
+                granted = ctypes.CDLL(None, use_errno=True).syscall(arch_prctl, req_xcomp_perm, xtiledata) == 0
+            except (OSError, AttributeError):
+                granted = False
+        _tiles_granted.append(granted)
+    return _tiles_granted[0]
 
 
 def pack_dense(high: np.ndarray, low: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

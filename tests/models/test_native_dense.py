@@ -115,9 +115,10 @@ def test_packed_encoder_equals_the_xla_encoder(implementation, tiny_model):
 
 
 def test_model_runs_packed_products_where_the_cpu_has_amx(minilm_model):
-    assert minilm_model.query_quantization == "int8"
-    assert minilm_model.int8_products == ("amx" if native.amx_available() else "xla")
-    leaves = jax.tree_util.tree_leaves_with_path(minilm_model._query_params)
+    model = minilm_model.replace_config(query_quantization="int8")
+    assert model.query_quantization == "int8"
+    assert model.int8_products == ("amx" if native.amx_available() else "xla")
+    leaves = jax.tree_util.tree_leaves_with_path(model._query_params)
     names = {str(path[-1]) for path, _ in leaves}
     assert ("['packed_hi']" in names) == native.amx_available()
 
@@ -133,7 +134,9 @@ def test_amx_turned_off_runs_the_paths_of_cpus_without_it(monkeypatch, minilm_ch
     with pytest.raises(native.NativeBuildError, match="no AMX"):
         packed = native.pack_dense(high, cross[:64])
         native.int8_dense(jnp.asarray(x), *packed, jnp.asarray(scale), implementation="amx")
-    model = colbert_jax.load_checkpoint(minilm_checkpoint)
+    assert not native.int8_tiles()
+    assert colbert_jax.load_checkpoint(minilm_checkpoint).query_quantization == "none"  # "auto": float32 there
+    model = colbert_jax.load_checkpoint(minilm_checkpoint, query_quantization="int8")
     assert model.query_quantization == "int8" and model.int8_products == "xla"
 
 
@@ -144,5 +147,26 @@ def test_packed_encoder_lowers_for_accelerators_without_the_kernel(platform, tin
     ids, mask = model.query_tokenizer.tensorize(["a query"])
     fn = functools.partial(embed_queries, model.module, pad_id=model.query_pad_id)
     packed = quantize_params(jax.device_get(model.params), packed=True)
-    text = lower(jax.jit(quantized_apply(fn)), packed, ids, mask, platform=platform, name="packed int8 encoder")
+    # (the CPU branch is traced too: on a CPU without AMX, with the kernel's portable path)
+    implementation = "amx" if native.amx_available() else "portable"
+    apply = quantized_apply(fn, implementation)
+    text = lower(jax.jit(apply), packed, ids, mask, platform=platform, name="packed int8 encoder")
     assert all(f"colbert_jax_{kernel}" not in text for kernel in ("int8_dense", "attention", "gelu"))
+
+
+def test_without_amx_script_refuses_every_library_the_tile_state():
+    """`scripts/without_amx.py` (how a CPU without AMX is measured on one with it): its command is refused Linux's
+    tile-state permission by the filter (EPERM, where a kernel or CPU without AMX answers EINVAL or grants it), so
+    XLA's, oneDNN's and our kernels' checks all see no AMX."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    probe = (
+        "import ctypes; libc = ctypes.CDLL(None, use_errno=True); r = libc.syscall(158, 0x1023, 18); "
+        "print(r, ctypes.get_errno()); from colbert_jax import native; print(native.int8_tiles())"
+    )
+    script = Path(__file__).resolve().parents[2] / "scripts" / "without_amx.py"
+    out = subprocess.run([sys.executable, str(script), sys.executable, "-c", probe], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["-1", "1", "False"]
