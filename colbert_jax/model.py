@@ -29,7 +29,7 @@ from colbert_jax.config import ColBERTConfig
 from colbert_jax.modeling.backbones import BackboneConfig, supports_unstacked, unstacked_params
 from colbert_jax.modeling.colbert import ColBERTEncoder, embed_docs, embed_queries
 from colbert_jax.modeling.invariant import batch_invariant
-from colbert_jax.modeling.quantize import quantize_params, quantized_apply
+from colbert_jax.modeling.quantize import fuse_float_params, quantize_params, quantized_apply
 from colbert_jax.tokenization import DocTokenizer, QueryTokenizer, TextSettings
 
 __all__ = ["ColBERTModel", "LENGTH_BUCKET"]
@@ -121,6 +121,20 @@ class ColBERTModel:
             # int8 rounds each dense layer's input rows: the float ops between run at large-batch shapes so that
             # a query's embedding does not depend on the batch it is encoded in
             query_fn = quantized_apply(batch_invariant(query_fn, self.n_devices))
+        # float32 on the CPU, BERT-family backbones (their per-layer modules): the dense products (split across
+        # threads: XLA:CPU runs a query's small products on one core), attention on the fused projections and
+        # the intermediate GELU as native kernels (float32-accurate, not XLA's bits)
+        self.native_float_encoder = (
+            self.query_quantization == "none"
+            and cpu
+            and config.compute_dtype == "float32"
+            and query_module is not self.module
+            and native.enabled()
+        )
+        if self.native_float_encoder:
+            fused = fuse_float_params(query_params, packed=native.dense_f32_vectorized())
+            self._query_params = jax.device_put(fused, replicated)
+            query_fn = quantized_apply(query_fn)
         self._query_fn = jax.jit(query_fn, in_shardings=(replicated, rows, rows), out_shardings=rows)
         self._doc_fn = jax.jit(
             functools.partial(embed_docs, self.module, pad_id=pad_id),

@@ -55,12 +55,13 @@ import numpy as np
 
 from colbert_jax import native
 
-__all__ = ["QUANTIZATIONS", "IMPLEMENTATIONS", "quantize_params", "int8_dense", "quantized_apply"]
+__all__ = ["QUANTIZATIONS", "IMPLEMENTATIONS", "quantize_params", "fuse_float_params", "int8_dense", "quantized_apply"]
 
 QUANTIZATIONS = ("none", "int8")
 SCALE = "kernel_scale"
 CROSS = "kernel_cross"
 PACKED = ("packed_hi", "packed_lo")  # the two terms in `native.int8_dense`'s layout
+PACKED_F32 = "packed_f32"  # a float32 kernel in `native.dense_f32`'s layout
 IMPLEMENTATIONS = native.DENSE_IMPLEMENTATIONS  # which native path runs packed params on the CPU
 _LOW_STEPS = 254.0  # the low term's step is the high term's / 254: a half-step error maps onto [-127, 127]
 _QKV = ("query", "key", "value")
@@ -119,6 +120,37 @@ def quantize_params(params: Mapping[str, Any], *, fuse_qkv: bool = True, packed:
     return pack(quantized) if packed else quantized
 
 
+def fuse_float_params(params: Mapping[str, Any], *, packed: bool = False) -> dict[str, Any]:
+    """The float32 encoder's params for the native CPU kernels (`quantized_apply` on float params): each
+    attention's query/key/value kernels and biases concatenated into one `qkv` dense layer (one product, then
+    `native.attention`), and the intermediate layer's bias and exact GELU run as `native.gelu` after the
+    product. packed: every backbone dense kernel with a bias in `native.dense_f32`'s layout (`packed_f32`
+    instead of `kernel`: its products run as that kernel in CPU programs); else XLA runs the products."""
+
+    def walk(tree):
+        if not isinstance(tree, Mapping):
+            return tree
+        out = {k: walk(v) for k, v in tree.items()}
+        parts = [tree.get(name) for name in _QKV]  # as given: `walk` packs their kernels
+        if all(isinstance(q, Mapping) and SCALE not in q and {"kernel", "bias"} <= set(q) for q in parts):
+            host = [jax.device_get(q) for q in parts]
+            out["qkv"] = walk_dense(
+                {k: np.concatenate([np.asarray(q[k]) for q in host], axis=-1) for k in ("kernel", "bias")}
+            )
+            for name in _QKV:
+                out[name] = {}
+        return walk_dense(out)
+
+    def walk_dense(p):
+        kernel = p.get("kernel")
+        if packed and kernel is not None and getattr(kernel, "ndim", 0) >= 2 and "bias" in p and SCALE not in p:
+            p = {k: v for k, v in p.items() if k != "kernel"}
+            p[PACKED_F32] = native.pack_dense_f32(np.asarray(jax.device_get(kernel), np.float32))
+        return p
+
+    return {k: (v if k in _HEADS or k.startswith("dense_") else walk(v)) for k, v in params.items()}
+
+
 def _split_rows(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """x float [..., n] -> (int8 high, int8 low, float32 scale [..., 1]): x ~ scale * (high + low / 254)."""
     scale = jnp.max(jnp.abs(x), axis=-1, keepdims=True) / 127.0
@@ -156,7 +188,17 @@ def _unpack(packed: jax.Array, k: int, n: int) -> jax.Array:
 
 
 def _product(x: jax.Array, p: Mapping[str, jax.Array]) -> jax.Array:
-    """x times a quantized dense layer's kernel (params `p`: either layout), float32 [..., out]."""
+    """x times a dense layer's kernel (params `p`: float32, or quantized in either layout), float32 [..., out]."""
+    if PACKED_F32 in p:
+        packed, n = p[PACKED_F32], p["bias"].shape[-1]
+
+        def unpacked(x):  # programs for other platforms: [P, K, 48] -> [K, N]
+            w = jnp.swapaxes(packed, 0, 1).reshape(packed.shape[1], -1)[:, :n]
+            return jnp.matmul(x.astype(jnp.float32), w)
+
+        return jax.lax.platform_dependent(x, cpu=lambda x: native.dense_f32(x, packed, n), default=unpacked)
+    if SCALE not in p:
+        return jnp.matmul(x.astype(jnp.float32), p["kernel"].astype(jnp.float32))
     scale = p[SCALE]
     if PACKED[0] not in p:
         return _int8_matmul(x, p["kernel"], p[CROSS], scale)
@@ -200,12 +242,17 @@ def _fused_projection(module: nn.Dense, x: jax.Array) -> jax.Array:
     return out
 
 
+def _unpacked_int8(p: Mapping[str, Any]) -> bool:
+    """Quantized params in XLA's layout (`quantize_params(packed=False)`): the path without native kernels."""
+    return SCALE in p and PACKED[0] not in p
+
+
 def _native_attention(module: nn.Module, x: jax.Array, bias: jax.Array, deterministic: bool) -> jax.Array | None:
-    """A self-attention module whose fused qkv params are packed (`qkv_attention()`: BERT's), at inference: the
-    fused product, then attention as one native kernel (`native.attention`) in CPU programs; None otherwise
-    (the module runs as written)."""
+    """A self-attention module whose fused qkv params are packed or float32 (`qkv_attention()`: BERT's), at
+    inference: the fused product, then attention as one native kernel (`native.attention`) in CPU programs; None
+    otherwise (the module runs as written)."""
     p = module.variables.get("params", {}).get("qkv")
-    if not deterministic or p is None or PACKED[0] not in p:
+    if not deterministic or p is None or _unpacked_int8(p):
         return None
     heads, reference = module.qkv_attention()
     qkv = _product(x, p)
@@ -223,10 +270,10 @@ def _native_attention(module: nn.Module, x: jax.Array, bias: jax.Array, determin
 
 def _native_activation(module: nn.Module, x: jax.Array) -> jax.Array | None:
     """A module that is one dense layer then an activation (`fused_activation()`: BERT's intermediate layer,
-    "gelu") with packed params: the product, then bias and GELU by one native kernel (`native.gelu`: XLA's
-    bits, its expensive branch computed only where selected) in CPU programs; None otherwise."""
+    "gelu") with packed or float32 params: the product, then bias and GELU by one native kernel (`native.gelu`:
+    XLA's bits, its expensive branch computed only where selected) in CPU programs; None otherwise."""
     p = module.variables.get("params", {}).get("dense")
-    if module.fused_activation() != "gelu" or p is None or PACKED[0] not in p or "bias" not in p:
+    if module.fused_activation() != "gelu" or p is None or _unpacked_int8(p) or "bias" not in p:
         return None
     y = _product(x, p)
 
@@ -254,7 +301,7 @@ def int8_dense(next_fun, args, kwargs, context):
     (x,) = args
     if module.name in _QKV and module.parent is not None and "qkv" in module.parent.variables.get("params", {}):
         return _fused_projection(module, x).astype(module.dtype or jnp.float32)
-    if not module.has_variable("params", SCALE):
+    if not module.has_variable("params", SCALE) and not module.has_variable("params", PACKED_F32):
         return next_fun(*args, **kwargs)
     p = module.variables["params"]
     y = _product(x, p)
@@ -264,7 +311,8 @@ def int8_dense(next_fun, args, kwargs, context):
 
 
 def quantized_apply(fn, implementation: str = "amx"):
-    """Wraps `fn` (which calls `module.apply`) so that marked dense layers run in int8.
+    """Wraps `fn` (which calls `module.apply`) so that marked dense layers run in int8, and attention and GELU
+    run as native kernels where the params are packed or float32-fused (`fuse_float_params`).
 
     implementation: which path of the native kernel runs layers whose params are packed
     (`quantize_params(..., packed=True)`) in CPU programs: "amx" (the tile unit: `native.amx_available()`) or

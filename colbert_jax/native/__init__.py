@@ -50,6 +50,11 @@ __all__ = [
     "attention",
     "gelu",
     "GELU_IMPLEMENTATIONS",
+    "F32_PANEL",
+    "pack_dense_f32",
+    "dense_f32",
+    "DENSE_F32_IMPLEMENTATIONS",
+    "dense_f32_vectorized",
 ]
 
 logger = logging.getLogger("colbert_jax.native")
@@ -58,7 +63,7 @@ ENV = "COLBERT_JAX_NATIVE"
 AMX_ENV = "COLBERT_JAX_AMX"
 SOURCES = tuple(
     Path(__file__).with_name(name)
-    for name in ("plaid_cpu.cc", "dense_int8.cc", "centroid_scores.cc", "attention.cc", "gelu.cc")
+    for name in ("plaid_cpu.cc", "dense_int8.cc", "centroid_scores.cc", "attention.cc", "gelu.cc", "dense_f32.cc")
 )
 HEADERS = tuple(Path(__file__).with_name(name) for name in ("amx.h", "tasks.h", "xla_math.h"))
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
@@ -81,6 +86,7 @@ _SYMBOLS = {
     "colbert_jax_centroid_scores": "ColbertJaxCentroidScores",
     "colbert_jax_attention": "ColbertJaxAttention",
     "colbert_jax_gelu": "ColbertJaxGelu",
+    "colbert_jax_dense_f32": "ColbertJaxDenseF32",
 }
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "lib": the loaded library, "error": why it is not there
@@ -453,3 +459,51 @@ def gelu(y: jax.Array, bias: jax.Array, *, implementation: str = "vector") -> ja
     return call(y.reshape(rows, n).astype(jnp.float32), bias.astype(jnp.float32), vectorized=vectorized).reshape(
         y.shape
     )
+
+
+# -- the float32 query encoder's dense layer (dense_f32.cc) ---------------------------------------------------
+
+F32_PANEL = 48  # columns per packed panel
+DENSE_F32_IMPLEMENTATIONS = ("vector", "scalar")
+
+
+def dense_f32_vectorized() -> bool:
+    """Whether `dense_f32`'s vector path is compiled here (AVX-512): elsewhere XLA's product is the faster one."""
+    return platform.machine().lower() in ("x86_64", "amd64") and "avx512f" in _cpu_features().split()
+
+
+def pack_dense_f32(w: np.ndarray) -> np.ndarray:
+    """float32 weights [..., K, N] -> [..., ceil(N / 48), K, 48] for `dense_f32` (zero padding past N). Host
+    arrays; leading (stacked layer) axes are kept."""
+    w = np.asarray(w, np.float32)
+    if w.ndim < 2:
+        raise ValueError(f"pack_dense_f32: weights [..., K, N], got {w.shape}")
+    *lead, k, n = w.shape
+    panels = -(-n // F32_PANEL)
+    padded = np.zeros((*lead, k, panels * F32_PANEL), np.float32)
+    padded[..., :n] = w
+    blocks = padded.reshape(*lead, k, panels, F32_PANEL)
+    return np.ascontiguousarray(np.moveaxis(blocks, -2, -3))
+
+
+def dense_f32(x: jax.Array, packed: jax.Array, n: int, *, implementation: str = "vector") -> jax.Array:
+    """x float32 [..., K] times weights packed by `pack_dense_f32` ([ceil(N / 48), K, 48]) -> float32 [..., N]
+    (see `dense_f32.cc`: float32 accumulation in k order, the columns split across the pool's threads; not
+    XLA's bits). implementation: "vector" (AVX-512 where compiled, else as "scalar") or "scalar" (plain
+    loops). CPU programs only."""
+    if implementation not in DENSE_F32_IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {DENSE_F32_IMPLEMENTATIONS}, got {implementation!r}")
+    if library() is None:
+        raise NativeBuildError(f"the native CPU kernels are off or unavailable ({_why_not()}); check `enabled()` first")
+    k = x.shape[-1]
+    if packed.ndim != 3 or packed.shape[1:] != (k, F32_PANEL) or not 0 < n <= packed.shape[0] * F32_PANEL < n + 48:
+        raise ValueError(f"dense_f32: weights packed as {packed.shape} do not fit x [..., {k}] and N={n}")
+    lead = x.shape[:-1]
+    rows = int(np.prod(lead, dtype=np.int64))
+    call = jax.ffi.ffi_call("colbert_jax_dense_f32", jax.ShapeDtypeStruct((rows, n), jnp.float32))
+    out = call(
+        x.reshape(rows, k).astype(jnp.float32),
+        packed.astype(jnp.float32),
+        vectorized=np.int32(implementation == "vector"),
+    )
+    return out.reshape(*lead, n)

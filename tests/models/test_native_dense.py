@@ -170,3 +170,62 @@ def test_without_amx_script_refuses_every_library_the_tile_state():
     out = subprocess.run([sys.executable, str(script), sys.executable, "-c", probe], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["-1", "1", "False"]
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("fixture", ["tiny_model", "minilm_model"])
+def test_float32_encoder_runs_attention_and_gelu_natively_to_float32_tolerance(request, fixture, packed):
+    """float32 on the CPU: attention on the fused projections and the intermediate GELU as native kernels
+    (`fuse_float_params`), the products XLA's or (packed) `native.dense_f32`'s, equal to the module as written
+    to float32 tolerance."""
+    from colbert_jax.modeling.quantize import fuse_float_params
+
+    model = request.getfixturevalue(fixture)
+    texts = ["what is a tiny model", "queries, in a batch of two, the second one a little longer than the first"]
+    ids, mask = model.query_tokenizer.tensorize(texts)
+    fn = functools.partial(embed_queries, model.module, pad_id=model.query_pad_id)
+    params = jax.device_get(model.params)
+    fused = fuse_float_params(params, packed=packed)
+    structure = str(jax.tree_util.tree_structure(fused))
+    assert "qkv" in structure and "kernel_scale" not in structure and ("packed_f32" in structure) == packed
+    want = np.asarray(jax.jit(fn)(params, ids, mask))
+    got = np.asarray(jax.jit(quantized_apply(fn))(fused, ids, mask))
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
+    text = jax.jit(quantized_apply(fn)).lower(fused, ids, mask).as_text()
+    assert "colbert_jax_attention" in text and "colbert_jax_gelu" in text
+    assert ("colbert_jax_dense_f32" in text) == packed
+    # the model takes that path for float32 queries on the CPU, and its embeddings are the module's
+    f32 = model.replace_config(query_quantization="none")
+    assert f32.native_float_encoder == native.enabled()
+    np.testing.assert_allclose(f32.encode_queries(texts), want, rtol=0, atol=2e-5)
+    assert not model.replace_config(query_quantization="none", compute_dtype="bfloat16").native_float_encoder
+
+
+@pytest.mark.parametrize("implementation", native.DENSE_F32_IMPLEMENTATIONS)
+@pytest.mark.parametrize("m, k, n", [(32, 384, 1152), (5, 384, 100), (33, 1536, 384), (1, 64, 48), (70, 200, 97)])
+def test_float32_dense_kernel_is_the_product_to_float32_rounding(implementation, m, k, n):
+    rng = np.random.default_rng(m + k + n)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    packed = jnp.asarray(native.pack_dense_f32(w))
+    assert packed.shape == (-(-n // 48), k, 48)
+    got = np.asarray(jax.jit(lambda x, p: native.dense_f32(x, p, n, implementation=implementation))(x, packed))
+    want = x.astype(np.float64) @ w.astype(np.float64)
+    bound = 4 * k * np.finfo(np.float32).eps * (np.abs(x).astype(np.float64) @ np.abs(w).astype(np.float64))
+    assert np.all(np.abs(got - want) <= bound)
+    # leading axes are kept, and the packed layout unpacks to the weights
+    got3 = np.asarray(native.dense_f32(jnp.asarray(x.reshape(1, m, k)), packed, n, implementation=implementation))
+    np.testing.assert_array_equal(got3.reshape(m, n), got)
+    np.testing.assert_array_equal(np.swapaxes(np.asarray(packed), 0, 1).reshape(k, -1)[:, :n], w)
+
+
+def test_float32_dense_kernel_names_bad_shapes():
+    w = native.pack_dense_f32(np.ones((64, 100), np.float32))
+    with pytest.raises(ValueError, match="do not fit"):
+        native.dense_f32(jnp.ones((3, 65)), jnp.asarray(w), 100)
+    with pytest.raises(ValueError, match="do not fit"):
+        native.dense_f32(jnp.ones((3, 64)), jnp.asarray(w), 200)
+    with pytest.raises(ValueError, match="implementation"):
+        native.dense_f32(jnp.ones((3, 64)), jnp.asarray(w), 100, implementation="amx")
+    with pytest.raises(ValueError, match="K, N"):
+        native.pack_dense_f32(np.ones(5, np.float32))

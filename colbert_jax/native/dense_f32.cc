@@ -1,0 +1,147 @@
+// The float32 query encoder's dense layers on the CPU (`colbert_jax.native.dense_f32`), called from XLA programs
+// through the XLA FFI: out [M, N] = x [M, K] . w [K, N], float32 accumulation in k order.
+//
+// XLA:CPU runs a query's small products (tens of rows) on one core; this kernel splits the columns across the
+// intra-op pool's threads. Weights arrive pre-packed (`colbert_jax.native.pack_dense_f32`) as panels of 48
+// columns, [N / 48][K][48] (zero padding past N): a panel's k-th row is three contiguous vectors, so the inner
+// loop is 3 vector loads, up to 8 broadcasts and 24 FMAs into registers (8 rows x 48 columns) per k.
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include "tasks.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using colbert_jax_native::RunTasks;
+
+constexpr int64_t kPanel = 48;               // columns per packed panel
+constexpr int64_t kRows = 8;                 // rows per register block
+constexpr int64_t kRowsPerTask = 256;        // rows one task runs against its panels (they stay in cache)
+constexpr int64_t kDepth = 128;              // k per pass over a task's rows: 24 KiB of the panel stays in L1
+constexpr int64_t kFlopsPerThread = 1 << 21;  // below this much work per thread, fewer threads
+
+// Rows [r0, r1) x one panel, scalar (any CPU; also the reference order: k ascending, one FMA-free sum each).
+void PanelScalar(const float* x, int64_t r0, int64_t r1, int64_t k, const float* panel, int64_t col, int64_t n,
+                 float* out) {
+  const int64_t width = std::min(kPanel, n - col);
+  for (int64_t r = r0; r < r1; ++r) {
+    float acc[kPanel] = {0};
+    const float* xr = x + r * k;
+    for (int64_t i = 0; i < k; ++i) {
+      for (int64_t j = 0; j < kPanel; ++j) acc[j] += xr[i] * panel[i * kPanel + j];
+    }
+    std::memcpy(out + r * n + col, acc, width * sizeof(float));
+  }
+}
+
+#if defined(__AVX512F__)
+// R rows (R <= 8) starting at row r x one panel, over k in [k0, k1): 3R accumulators in registers, starting from
+// the partial sums in `out` unless k0 is 0 (the same chain of FMAs, in the same order, as one pass over k).
+template <int R>
+inline void BlockAvx512(const float* x, int64_t r, int64_t k, int64_t k0, int64_t k1, const float* panel,
+                        int64_t col, int64_t n, float* out) {
+  __m512 acc[R][3];
+  const int64_t width = std::min(kPanel, n - col);
+  __mmask16 keep[3];
+  for (int v = 0; v < 3; ++v) {
+    const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, width - 16 * v));
+    keep[v] = left >= 16 ? 0xffff : static_cast<__mmask16>((1u << left) - 1);
+  }
+  for (int j = 0; j < R; ++j) {
+    for (int v = 0; v < 3; ++v) {
+      acc[j][v] = k0 == 0 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(keep[v], out + (r + j) * n + col + 16 * v);
+    }
+  }
+  const float* xr = x + r * k;
+  for (int64_t i = k0; i < k1; ++i) {
+    const __m512 b0 = _mm512_loadu_ps(panel + i * kPanel);
+    const __m512 b1 = _mm512_loadu_ps(panel + i * kPanel + 16);
+    const __m512 b2 = _mm512_loadu_ps(panel + i * kPanel + 32);
+    for (int j = 0; j < R; ++j) {
+      const __m512 a = _mm512_set1_ps(xr[j * k + i]);
+      acc[j][0] = _mm512_fmadd_ps(a, b0, acc[j][0]);
+      acc[j][1] = _mm512_fmadd_ps(a, b1, acc[j][1]);
+      acc[j][2] = _mm512_fmadd_ps(a, b2, acc[j][2]);
+    }
+  }
+  for (int v = 0; v < 3; ++v) {
+    for (int j = 0; j < R; ++j) _mm512_mask_storeu_ps(out + (r + j) * n + col + 16 * v, keep[v], acc[j][v]);
+  }
+}
+
+void PanelAvx512(const float* x, int64_t r0, int64_t r1, int64_t k, const float* panel, int64_t col, int64_t n,
+                 float* out) {
+  for (int64_t k0 = 0; k0 < k; k0 += kDepth) {
+    const int64_t k1 = std::min(k0 + kDepth, k);
+    int64_t r = r0;
+    for (; r + kRows <= r1; r += kRows) BlockAvx512<kRows>(x, r, k, k0, k1, panel, col, n, out);
+    switch (r1 - r) {
+      case 7: BlockAvx512<7>(x, r, k, k0, k1, panel, col, n, out); break;
+      case 6: BlockAvx512<6>(x, r, k, k0, k1, panel, col, n, out); break;
+      case 5: BlockAvx512<5>(x, r, k, k0, k1, panel, col, n, out); break;
+      case 4: BlockAvx512<4>(x, r, k, k0, k1, panel, col, n, out); break;
+      case 3: BlockAvx512<3>(x, r, k, k0, k1, panel, col, n, out); break;
+      case 2: BlockAvx512<2>(x, r, k, k0, k1, panel, col, n, out); break;
+      case 1: BlockAvx512<1>(x, r, k, k0, k1, panel, col, n, out); break;
+      default: break;
+    }
+  }
+}
+#endif
+
+ffi::Error DenseF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                    ffi::ResultBuffer<ffi::F32> out, int32_t vectorized) {
+  auto x_dims = x.dimensions();
+  auto w_dims = w.dimensions();
+  auto o_dims = out->dimensions();
+  if (x_dims.size() != 2 || w_dims.size() != 3 || o_dims.size() != 2 || w_dims[2] != kPanel) {
+    return ffi::Error::InvalidArgument("dense_f32: x needs [M, K], packed weights [N / 48, K, 48], out [M, N]");
+  }
+  const int64_t m = x_dims[0], k = x_dims[1], n = o_dims[1], panels = w_dims[0];
+  if (o_dims[0] != m || w_dims[1] != k || panels * kPanel < n || panels * kPanel >= n + kPanel) {
+    return ffi::Error::InvalidArgument("dense_f32: the packed weights do not fit x [M, K] and out [M, N]");
+  }
+  if (m == 0) return ffi::Error::Success();
+  const float* xd = x.typed_data();
+  const float* wd = w.typed_data();
+  float* o = out->typed_data();
+  const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
+  const int64_t row_groups = (m + kRowsPerTask - 1) / kRowsPerTask;
+  const int64_t chunks = std::min<int64_t>(panels, std::max<int64_t>(1, (2 * threads + row_groups - 1) / row_groups));
+  const int64_t per_chunk = (panels + chunks - 1) / chunks;
+  const int64_t flops = 2 * m * k * n;
+  RunTasks(pool, row_groups * chunks, flops / kFlopsPerThread, 1, [&](int64_t t) {
+    const int64_t g = t / chunks, c = t % chunks;
+    const int64_t r0 = g * kRowsPerTask, r1 = std::min(r0 + kRowsPerTask, m);
+    for (int64_t p = c * per_chunk; p < std::min((c + 1) * per_chunk, panels); ++p) {
+      const float* panel = wd + p * k * kPanel;
+#if defined(__AVX512F__)
+      if (vectorized) {
+        PanelAvx512(xd, r0, r1, k, panel, p * kPanel, n, o);
+        continue;
+      }
+#endif
+      PanelScalar(xd, r0, r1, k, panel, p * kPanel, n, o);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ColbertJaxDenseF32, DenseF32,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("vectorized"));
