@@ -500,7 +500,8 @@ def dense_f32(x: jax.Array, packed: jax.Array, n: int, *, implementation: str = 
         raise ValueError(f"dense_f32: weights packed as {packed.shape} do not fit x [..., {k}] and N={n}")
     lead = x.shape[:-1]
     rows = int(np.prod(lead, dtype=np.int64))
-    call = jax.ffi.ffi_call("colbert_jax_dense_f32", jax.ShapeDtypeStruct((rows, n), jnp.float32))
+    out_type = jax.ShapeDtypeStruct((rows, n), jnp.float32)
+    call = jax.ffi.ffi_call("colbert_jax_dense_f32", out_type, vmap_method="sequential")
     out = call(
         x.reshape(rows, k).astype(jnp.float32),
         packed.astype(jnp.float32),

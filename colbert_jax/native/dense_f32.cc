@@ -44,56 +44,67 @@ void PanelScalar(const float* x, int64_t r0, int64_t r1, int64_t k, const float*
 }
 
 #if defined(__AVX512F__)
-// R rows (R <= 8) starting at row r x one panel, over k in [k0, k1): 3R accumulators in registers, starting from
-// the partial sums in `out` unless k0 is 0 (the same chain of FMAs, in the same order, as one pass over k).
-template <int R>
+// R rows (R <= 8) starting at row r x the first 16V columns of one panel, over k in [k0, k1): RV accumulators in
+// registers, starting from the partial sums in `out` unless k0 is 0 (the same chain of FMAs, in the same
+// order, as one pass over k). V < 3 for a last panel of at most 32 columns (queries' 32 tokens: stage 1).
+template <int R, int V>
 inline void BlockAvx512(const float* x, int64_t r, int64_t k, int64_t k0, int64_t k1, const float* panel,
                         int64_t col, int64_t n, float* out) {
-  __m512 acc[R][3];
+  __m512 acc[R][V];
   const int64_t width = std::min(kPanel, n - col);
-  __mmask16 keep[3];
-  for (int v = 0; v < 3; ++v) {
+  __mmask16 keep[V];
+  for (int v = 0; v < V; ++v) {
     const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, width - 16 * v));
     keep[v] = left >= 16 ? 0xffff : static_cast<__mmask16>((1u << left) - 1);
   }
   for (int j = 0; j < R; ++j) {
-    for (int v = 0; v < 3; ++v) {
+    for (int v = 0; v < V; ++v) {
       acc[j][v] = k0 == 0 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(keep[v], out + (r + j) * n + col + 16 * v);
     }
   }
   const float* xr = x + r * k;
   for (int64_t i = k0; i < k1; ++i) {
-    const __m512 b0 = _mm512_loadu_ps(panel + i * kPanel);
-    const __m512 b1 = _mm512_loadu_ps(panel + i * kPanel + 16);
-    const __m512 b2 = _mm512_loadu_ps(panel + i * kPanel + 32);
+    __m512 b[V];
+    for (int v = 0; v < V; ++v) b[v] = _mm512_loadu_ps(panel + i * kPanel + 16 * v);
     for (int j = 0; j < R; ++j) {
       const __m512 a = _mm512_set1_ps(xr[j * k + i]);
-      acc[j][0] = _mm512_fmadd_ps(a, b0, acc[j][0]);
-      acc[j][1] = _mm512_fmadd_ps(a, b1, acc[j][1]);
-      acc[j][2] = _mm512_fmadd_ps(a, b2, acc[j][2]);
+      for (int v = 0; v < V; ++v) acc[j][v] = _mm512_fmadd_ps(a, b[v], acc[j][v]);
     }
   }
-  for (int v = 0; v < 3; ++v) {
+  for (int v = 0; v < V; ++v) {
     for (int j = 0; j < R; ++j) _mm512_mask_storeu_ps(out + (r + j) * n + col + 16 * v, keep[v], acc[j][v]);
+  }
+}
+
+template <int V>
+void PanelRows(const float* x, int64_t r0, int64_t r1, int64_t k, const float* panel, int64_t col, int64_t n,
+               float* out) {
+  for (int64_t k0 = 0; k0 < k; k0 += kDepth) {
+    const int64_t k1 = std::min(k0 + kDepth, k);
+    int64_t r = r0;
+    for (; r + kRows <= r1; r += kRows) BlockAvx512<kRows, V>(x, r, k, k0, k1, panel, col, n, out);
+    switch (r1 - r) {
+      case 7: BlockAvx512<7, V>(x, r, k, k0, k1, panel, col, n, out); break;
+      case 6: BlockAvx512<6, V>(x, r, k, k0, k1, panel, col, n, out); break;
+      case 5: BlockAvx512<5, V>(x, r, k, k0, k1, panel, col, n, out); break;
+      case 4: BlockAvx512<4, V>(x, r, k, k0, k1, panel, col, n, out); break;
+      case 3: BlockAvx512<3, V>(x, r, k, k0, k1, panel, col, n, out); break;
+      case 2: BlockAvx512<2, V>(x, r, k, k0, k1, panel, col, n, out); break;
+      case 1: BlockAvx512<1, V>(x, r, k, k0, k1, panel, col, n, out); break;
+      default: break;
+    }
   }
 }
 
 void PanelAvx512(const float* x, int64_t r0, int64_t r1, int64_t k, const float* panel, int64_t col, int64_t n,
                  float* out) {
-  for (int64_t k0 = 0; k0 < k; k0 += kDepth) {
-    const int64_t k1 = std::min(k0 + kDepth, k);
-    int64_t r = r0;
-    for (; r + kRows <= r1; r += kRows) BlockAvx512<kRows>(x, r, k, k0, k1, panel, col, n, out);
-    switch (r1 - r) {
-      case 7: BlockAvx512<7>(x, r, k, k0, k1, panel, col, n, out); break;
-      case 6: BlockAvx512<6>(x, r, k, k0, k1, panel, col, n, out); break;
-      case 5: BlockAvx512<5>(x, r, k, k0, k1, panel, col, n, out); break;
-      case 4: BlockAvx512<4>(x, r, k, k0, k1, panel, col, n, out); break;
-      case 3: BlockAvx512<3>(x, r, k, k0, k1, panel, col, n, out); break;
-      case 2: BlockAvx512<2>(x, r, k, k0, k1, panel, col, n, out); break;
-      case 1: BlockAvx512<1>(x, r, k, k0, k1, panel, col, n, out); break;
-      default: break;
-    }
+  const int64_t width = std::min(kPanel, n - col);
+  if (width <= 16) {
+    PanelRows<1>(x, r0, r1, k, panel, col, n, out);
+  } else if (width <= 32) {
+    PanelRows<2>(x, r0, r1, k, panel, col, n, out);
+  } else {
+    PanelRows<3>(x, r0, r1, k, panel, col, n, out);
   }
 }
 #endif

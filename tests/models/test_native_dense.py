@@ -202,7 +202,10 @@ def test_float32_encoder_runs_attention_and_gelu_natively_to_float32_tolerance(r
 
 
 @pytest.mark.parametrize("implementation", native.DENSE_F32_IMPLEMENTATIONS)
-@pytest.mark.parametrize("m, k, n", [(32, 384, 1152), (5, 384, 100), (33, 1536, 384), (1, 64, 48), (70, 200, 97)])
+@pytest.mark.parametrize(
+    "m, k, n",
+    [(32, 384, 1152), (5, 384, 100), (33, 1536, 384), (1, 64, 48), (70, 200, 97), (300, 128, 32), (9, 16, 80)],
+)
 def test_float32_dense_kernel_is_the_product_to_float32_rounding(implementation, m, k, n):
     rng = np.random.default_rng(m + k + n)
     x = rng.standard_normal((m, k)).astype(np.float32)
