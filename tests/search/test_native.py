@@ -148,8 +148,21 @@ def test_search_equals_the_jnp_path(real_index, minilm_model, monkeypatch, mmap)
     jax.clear_caches()
     for k in with_kernel:
         for a, b in zip(with_kernel[k], without[k]):
-            assert [pid for pid, _, _ in a] == [pid for pid, _, _ in b]
-            np.testing.assert_allclose([s for *_, s in a], [s for *_, s in b], rtol=0, atol=1e-5)
+            assert_same_ranking_up_to_ties(a, b, atol=1e-5)
+
+
+def assert_same_ranking_up_to_ties(a, b, atol: float) -> None:
+    """Two rankings [(pid, rank, score)] are the same but for the order of passages whose scores differ by at
+    most float32 summation order (the kernels sum in another order than XLA)."""
+    np.testing.assert_allclose([s for *_, s in a], [s for *_, s in b], rtol=0, atol=atol)
+    score_a, score_b = {p: s for p, _, s in a}, {p: s for p, _, s in b}
+    for pid, score in score_a.items():
+        if pid in score_b:
+            assert abs(score_b[pid] - score) <= atol, (pid, score, score_b[pid])
+        else:  # cut at k: a tie with the other ranking's last passage
+            assert abs(score - b[-1][2]) <= atol, (pid, score, b[-1])
+    for (pa, _, sa), (pb, _, sb) in zip(a, b):
+        assert pa == pb or abs(score_a[pa] - score_a.get(pb, sb)) <= 2 * atol, (pa, pb, sa, sb)
 
 
 def _programs():
@@ -199,5 +212,5 @@ def test_without_a_compiler_the_search_warns_and_runs_jnp(real_index, minilm_mod
     assert not native.enabled()
     jax.clear_caches()
     for a, b in zip(got, want):
-        assert [pid for pid, _, _ in a] == [pid for pid, _, _ in b]
+        assert_same_ranking_up_to_ties(a, b, atol=1e-5)
     assert not (tmp_path / "native").exists()
