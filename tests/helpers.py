@@ -79,3 +79,18 @@ def write_tiny_checkpoint(
     for f in TOKENIZER_FILES:
         shutil.copyfile(minilm_dir() / f, path / f)
     return path
+
+
+def assert_same_ranking_up_to_ties(a, b, atol: float) -> None:
+    """Two rankings [(pid, rank, score)] are the same but for the order of passages whose scores differ by
+    float summation order (two paths, e.g. a native kernel and XLA, sum in different orders: a near-tie
+    may swap), scores within atol."""
+    np.testing.assert_allclose([s for *_, s in a], [s for *_, s in b], rtol=0, atol=atol)
+    score_a, score_b = {p: s for p, _, s in a}, {p: s for p, _, s in b}
+    for pid, score in score_a.items():
+        if pid in score_b:
+            assert abs(score_b[pid] - score) <= atol, (pid, score, score_b[pid])
+        else:  # cut at k: a tie with the other ranking's last passage
+            assert abs(score - b[-1][2]) <= atol, (pid, score, b[-1])
+    for (pa, _, sa), (pb, _, sb) in zip(a, b):
+        assert pa == pb or abs(score_a[pa] - score_a.get(pb, sb)) <= 2 * atol, (pa, pb, sa, sb)

@@ -6,9 +6,11 @@ traffic of a plain loop, and its exact MaxSim over a few thousand rows as a loop
 outweigh the arithmetic. `plaid_cpu.cc` holds both as plain loops. On CPUs with AMX tiles two more run on the
 tile unit: the int8 query encoder's dense layers (`dense_int8.cc`) and stage 1's centroid scores as three
 bfloat16 products (`centroid_scores.cc`); that encoder's self-attention (`attention.cc`) and GELU (`gelu.cc`)
-run beside its dense kernel. The sources are compiled on first use with the machine's C++
-compiler (`$CXX`, else `g++`) for this CPU (`-march=native`) against jaxlib's FFI headers, cached under
-$COLBERT_JAX_CACHE/native (keyed by the source, compiler, flags, jaxlib and CPU), and registered with XLA.
+run beside its dense kernel, and beside XLA's or `dense_f32.cc`'s float32 products (the float32 query encoder on
+AVX-512 CPUs: a query's small products split across threads, which XLA:CPU runs on one core). The sources are
+compiled on first use with the machine's C++ compiler (`$CXX`, else `g++`) for this CPU (`-march=native`)
+against jaxlib's FFI headers, cached under $COLBERT_JAX_CACHE/native (keyed by the source, compiler, flags,
+jaxlib and CPU), and registered with XLA.
 
 `COLBERT_JAX_NATIVE` chooses: unset or "auto" uses the kernel when it builds (else warns once and the jnp
 path runs: the same numbers, slower); "0" never uses it; "1" requires it (a build failure is an error).

@@ -19,6 +19,7 @@ from colbert_jax.scoring import MASKED_SCORE
 from colbert_jax.search import exact_scoring, pruning
 from colbert_jax.search.arrays import IndexArrays
 from pallas_kernels.decompress import byte_table
+from tests.helpers import assert_same_ranking_up_to_ties
 from tests.kernels.lowering import lower
 
 QUERIES_TSV = Path(__file__).parents[1] / "fixtures" / "collections" / "queries_2k.tsv"
@@ -149,20 +150,6 @@ def test_search_equals_the_jnp_path(real_index, minilm_model, monkeypatch, mmap)
     for k in with_kernel:
         for a, b in zip(with_kernel[k], without[k]):
             assert_same_ranking_up_to_ties(a, b, atol=1e-5)
-
-
-def assert_same_ranking_up_to_ties(a, b, atol: float) -> None:
-    """Two rankings [(pid, rank, score)] are the same but for the order of passages whose scores differ by at
-    most float32 summation order (the kernels sum in another order than XLA)."""
-    np.testing.assert_allclose([s for *_, s in a], [s for *_, s in b], rtol=0, atol=atol)
-    score_a, score_b = {p: s for p, _, s in a}, {p: s for p, _, s in b}
-    for pid, score in score_a.items():
-        if pid in score_b:
-            assert abs(score_b[pid] - score) <= atol, (pid, score, score_b[pid])
-        else:  # cut at k: a tie with the other ranking's last passage
-            assert abs(score - b[-1][2]) <= atol, (pid, score, b[-1])
-    for (pa, _, sa), (pb, _, sb) in zip(a, b):
-        assert pa == pb or abs(score_a[pa] - score_a.get(pb, sb)) <= 2 * atol, (pa, pb, sa, sb)
 
 
 def _programs():
