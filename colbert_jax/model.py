@@ -121,9 +121,9 @@ class ColBERTModel:
             # int8 rounds each dense layer's input rows: the float ops between run at large-batch shapes so that
             # a query's embedding does not depend on the batch it is encoded in
             query_fn = quantized_apply(batch_invariant(query_fn, self.n_devices))
-        # float32 on the CPU, BERT-family backbones (their per-layer modules): the dense products (split across
-        # threads: XLA:CPU runs a query's small products on one core), attention on the fused projections and
-        # the intermediate GELU as native kernels (float32-accurate, not XLA's bits)
+        # float32 on the CPU, BERT-family backbones (their per-layer modules): attention on the fused projections
+        # and the intermediate GELU as native kernels, and a few queries' products too (split across threads:
+        # XLA:CPU runs a query's small products on one core); float32-accurate, not XLA's bits
         self.native_float_encoder = (
             self.query_quantization == "none"
             and cpu

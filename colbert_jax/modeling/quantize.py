@@ -62,6 +62,9 @@ SCALE = "kernel_scale"
 CROSS = "kernel_cross"
 PACKED = ("packed_hi", "packed_lo")  # the two terms in `native.int8_dense`'s layout
 PACKED_F32 = "packed_f32"  # a float32 kernel in `native.dense_f32`'s layout
+# products of at most this many rows (a few queries) with packed float32 kernels run as `native.dense_f32`; more
+# rows run XLA's product (as fast at batch sizes, and it runs beside other batches' work in flight)
+FLOAT_NATIVE_ROWS = 256
 IMPLEMENTATIONS = native.DENSE_IMPLEMENTATIONS  # which native path runs packed params on the CPU
 _LOW_STEPS = 254.0  # the low term's step is the high term's / 254: a half-step error maps onto [-127, 127]
 _QKV = ("query", "key", "value")
@@ -124,8 +127,9 @@ def fuse_float_params(params: Mapping[str, Any], *, packed: bool = False) -> dic
     """The float32 encoder's params for the native CPU kernels (`quantized_apply` on float params): each
     attention's query/key/value kernels and biases concatenated into one `qkv` dense layer (one product, then
     `native.attention`), and the intermediate layer's bias and exact GELU run as `native.gelu` after the
-    product. packed: every backbone dense kernel with a bias in `native.dense_f32`'s layout (`packed_f32`
-    instead of `kernel`: its products run as that kernel in CPU programs); else XLA runs the products."""
+    product. packed: every backbone dense kernel with a bias also in `native.dense_f32`'s layout (`packed_f32`
+    beside `kernel`, twice the dense weights' memory): products of at most `FLOAT_NATIVE_ROWS` rows run as
+    that kernel in CPU programs, XLA's from `kernel` otherwise; else XLA runs every product."""
 
     def walk(tree):
         if not isinstance(tree, Mapping):
@@ -144,7 +148,7 @@ def fuse_float_params(params: Mapping[str, Any], *, packed: bool = False) -> dic
     def walk_dense(p):
         kernel = p.get("kernel")
         if packed and kernel is not None and getattr(kernel, "ndim", 0) >= 2 and "bias" in p and SCALE not in p:
-            p = {k: v for k, v in p.items() if k != "kernel"}
+            p = dict(p)
             p[PACKED_F32] = native.pack_dense_f32(np.asarray(jax.device_get(kernel), np.float32))
         return p
 
@@ -192,11 +196,12 @@ def _product(x: jax.Array, p: Mapping[str, jax.Array]) -> jax.Array:
     if PACKED_F32 in p:
         packed, n = p[PACKED_F32], p["bias"].shape[-1]
 
-        def unpacked(x):  # programs for other platforms: [P, K, 48] -> [K, N]
-            w = jnp.swapaxes(packed, 0, 1).reshape(packed.shape[1], -1)[:, :n]
-            return jnp.matmul(x.astype(jnp.float32), w)
+        def xla(x):
+            return jnp.matmul(x.astype(jnp.float32), p["kernel"].astype(jnp.float32))
 
-        return jax.lax.platform_dependent(x, cpu=lambda x: native.dense_f32(x, packed, n), default=unpacked)
+        if int(np.prod(x.shape[:-1], dtype=np.int64)) > FLOAT_NATIVE_ROWS:
+            return xla(x)
+        return jax.lax.platform_dependent(x, cpu=lambda x: native.dense_f32(x, packed, n), default=xla)
     if SCALE not in p:
         return jnp.matmul(x.astype(jnp.float32), p["kernel"].astype(jnp.float32))
     scale = p[SCALE]

@@ -178,7 +178,7 @@ def test_float32_encoder_runs_attention_and_gelu_natively_to_float32_tolerance(r
     """float32 on the CPU: attention on the fused projections and the intermediate GELU as native kernels
     (`fuse_float_params`), the products XLA's or (packed) `native.dense_f32`'s, equal to the module as written
     to float32 tolerance."""
-    from colbert_jax.modeling.quantize import fuse_float_params
+    from colbert_jax.modeling.quantize import FLOAT_NATIVE_ROWS, fuse_float_params
 
     model = request.getfixturevalue(fixture)
     texts = ["what is a tiny model", "queries, in a batch of two, the second one a little longer than the first"]
@@ -194,6 +194,10 @@ def test_float32_encoder_runs_attention_and_gelu_natively_to_float32_tolerance(r
     text = jax.jit(quantized_apply(fn)).lower(fused, ids, mask).as_text()
     assert "colbert_jax_attention" in text and "colbert_jax_gelu" in text
     assert ("colbert_jax_dense_f32" in text) == packed
+    # batches of more rows take XLA's products
+    copies = FLOAT_NATIVE_ROWS // ids.shape[1] + 1
+    many = np.repeat(ids, copies, axis=0), np.repeat(mask, copies, axis=0)
+    assert "colbert_jax_dense_f32" not in jax.jit(quantized_apply(fn)).lower(fused, *many).as_text()
     # the model takes that path for float32 queries on the CPU, and its embeddings are the module's
     f32 = model.replace_config(query_quantization="none")
     assert f32.native_float_encoder == native.enabled()
