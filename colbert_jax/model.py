@@ -121,18 +121,20 @@ class ColBERTModel:
             # int8 rounds each dense layer's input rows: the float ops between run at large-batch shapes so that
             # a query's embedding does not depend on the batch it is encoded in
             query_fn = quantized_apply(batch_invariant(query_fn, self.n_devices))
-        # float32 on the CPU, BERT-family backbones (their per-layer modules): attention on the fused projections
-        # and the intermediate GELU as native kernels, and a few queries' products too (split across threads:
-        # XLA:CPU runs a query's small products on one core); float32-accurate, not XLA's bits
+        # float32 on AVX-512 CPUs, BERT-family backbones (their per-layer modules): attention on the fused
+        # projections and the intermediate GELU as native kernels, and a few queries' products too (split across
+        # threads: XLA:CPU runs a query's small products on one core); float32-accurate, not XLA's bits. Not
+        # measured elsewhere, where the kernels' scalar paths could be slower than XLA's: XLA runs it all there.
         self.native_float_encoder = (
             self.query_quantization == "none"
             and cpu
             and config.compute_dtype == "float32"
             and query_module is not self.module
+            and native.dense_f32_vectorized()
             and native.enabled()
         )
         if self.native_float_encoder:
-            fused = fuse_float_params(query_params, packed=native.dense_f32_vectorized())
+            fused = fuse_float_params(query_params, packed=True)
             self._query_params = jax.device_put(fused, replicated)
             query_fn = quantized_apply(query_fn)
         self._query_fn = jax.jit(query_fn, in_shardings=(replicated, rows, rows), out_shardings=rows)

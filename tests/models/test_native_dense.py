@@ -200,7 +200,7 @@ def test_float32_encoder_runs_attention_and_gelu_natively_to_float32_tolerance(r
     assert "colbert_jax_dense_f32" not in jax.jit(quantized_apply(fn)).lower(fused, *many).as_text()
     # the model takes that path for float32 queries on the CPU, and its embeddings are the module's
     f32 = model.replace_config(query_quantization="none")
-    assert f32.native_float_encoder == native.enabled()
+    assert f32.native_float_encoder == (native.enabled() and native.dense_f32_vectorized())
     np.testing.assert_allclose(f32.encode_queries(texts), want, rtol=0, atol=2e-5)
     assert not model.replace_config(query_quantization="none", compute_dtype="bfloat16").native_float_encoder
 
