@@ -105,16 +105,23 @@ def overlaps(index: str, queries: Path, reference: np.ndarray | None) -> dict[st
     embeddings["float32, batch size 1"] = searcher.model.encode_queries(texts, bsize=1)
     if reference is not None:
         embeddings["colbert-ai float32"] = reference
-    base = embeddings["float32"].reshape(len(texts), -1)
-    out = {}
+    return {name: (cosine.min(), overlap) for name, (cosine, overlap) in agreement(searcher, embeddings).items()}
+
+
+def agreement(searcher, embeddings: dict[str, np.ndarray], base: str = "float32") -> dict[str, tuple]:
+    """{name: (each query's cosine to `base`'s embeddings [n], PLAID overlap@10 with `base`'s rankings)} for
+    query embeddings [n, Lq, dim] by name (`base` among them)."""
+    n = len(embeddings[base])
+    flat_base = embeddings[base].reshape(n, -1)
     top = {}
-    for name, q in embeddings.items():
+    for name, q in {base: embeddings[base], **embeddings}.items():
         ranking = searcher.search_all(list(q), k=10).todict()
-        top[name] = [{p for p, _, _ in ranking[i]} for i in range(len(texts))]
-        flat = q.reshape(len(texts), -1)
-        cosine = (flat * base).sum(1) / (np.linalg.norm(flat, axis=1) * np.linalg.norm(base, axis=1))
-        overlap = np.mean([len(a & b) / 10 for a, b in zip(top["float32"], top[name])])
-        out[name] = (float(cosine.min()), float(overlap))
+        top[name] = [{p for p, _, _ in ranking[i]} for i in range(n)]
+    out = {}
+    for name, q in embeddings.items():
+        flat = q.reshape(n, -1)
+        cosine = (flat * flat_base).sum(1) / (np.linalg.norm(flat, axis=1) * np.linalg.norm(flat_base, axis=1))
+        out[name] = (cosine, float(np.mean([len(a & b) / 10 for a, b in zip(top[base], top[name])])))
     return out
 
 

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 VARIANTS = ("int8", "w8a16", "w16a8", "w8a8")
 
@@ -77,18 +76,13 @@ def main() -> None:
             embeddings[name] = model.replace_config(query_quantization="int8").encode_queries(texts)
     finally:
         quantize._int8_matmul = shipped
-    base = embeddings["float32"].reshape(len(texts), -1)
-    top = {}
+    from bench_encoder import agreement
+
     print(f"{args.index}, {len(texts)} queries")
     print("| encoder | int8 products per weight | worst query cosine | mean cosine | PLAID overlap@10 |")
     print("|---|---|---|---|---|")
     products = {"float32": "-", "int8": "3", "w8a16": "2", "w16a8": "2", "w8a8": "1"}
-    for name, q in embeddings.items():
-        ranking = searcher.search_all(list(q), k=10).todict()
-        top[name] = [{p for p, _, _ in ranking[i]} for i in range(len(texts))]
-        flat = q.reshape(len(texts), -1)
-        cosine = (flat * base).sum(1) / (np.linalg.norm(flat, axis=1) * np.linalg.norm(base, axis=1))
-        overlap = np.mean([len(a & b) / 10 for a, b in zip(top["float32"], top[name])])
+    for name, (cosine, overlap) in agreement(searcher, embeddings).items():
         worst, mean = max(0.0, 1 - float(cosine.min())), max(0.0, 1 - float(cosine.mean()))
         print(f"| {name} | {products[name]} | 1 - {worst:.1e} | 1 - {mean:.1e} | {overlap:.4f} |")
 
