@@ -5,6 +5,7 @@ means a library ran it on a matrix unit: AMX tiles).
 
     python scripts/bench_cpu_peak.py [--repeats 3]
     python scripts/without_amx.py python scripts/bench_cpu_peak.py   # XLA's products without the tiles
+    python scripts/without_amx.py --avx2 python scripts/bench_cpu_peak.py   # and without AVX-512
 
 The figures bound what any encoder can reach here: the MiniLM query encoder's dense layers are about 680 MFLOP
 per 32-token query (`bench_cpu_parts.py`), three times that in int8 operations for the two-term int8 encoder.
@@ -134,7 +135,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-cpu-peak-"))
     (work / "peak.c").write_text(SOURCE)
     compiler = os.environ.get("CC", "gcc")
-    subprocess.run([compiler, "-O3", "-march=native", str(work / "peak.c"), "-o", str(work / "peak")], check=True)
+    # as the native kernels are built: for this CPU, or the older type `without_amx.py --avx2` names
+    arch = os.environ.get("COLBERT_JAX_NATIVE_ARCH", "").strip() or "native"
+    subprocess.run([compiler, "-O3", f"-march={arch}", str(work / "peak.c"), "-o", str(work / "peak")], check=True)
     rows = {"one core": [], f"{cores} cores": []}
     isa = "?"
     for _ in range(args.repeats):

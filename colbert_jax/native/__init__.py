@@ -14,6 +14,9 @@ jaxlib and CPU), and registered with XLA.
 
 `COLBERT_JAX_NATIVE` chooses: unset or "auto" uses the kernel when it builds (else warns once and the jnp
 path runs: the same numbers, slower); "0" never uses it; "1" requires it (a build failure is an error).
+`COLBERT_JAX_NATIVE_ARCH` compiles for an older CPU type than this one instead of `native` (e.g. x86-64-v3: AVX2
+and FMA, no AVX-512), and the kernels then take that type's paths even where this CPU has more
+(`scripts/without_amx.py --avx2` runs a command as on such a CPU).
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ __all__ = [
     "dense_f32",
     "DENSE_F32_IMPLEMENTATIONS",
     "dense_f32_vectorized",
+    "vector_bits",
 ]
 
 logger = logging.getLogger("colbert_jax.native")
@@ -68,7 +72,8 @@ SOURCES = tuple(
     for name in ("plaid_cpu.cc", "dense_int8.cc", "centroid_scores.cc", "attention.cc", "gelu.cc", "dense_f32.cc")
 )
 HEADERS = tuple(Path(__file__).with_name(name) for name in ("amx.h", "tasks.h", "xla_math.h"))
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+ARCH_ENV = "COLBERT_JAX_NATIVE_ARCH"
+FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
 # GCC vectorises with 256-bit registers on AVX-512 CPUs unless told otherwise: the MaxSim loop is FMA-bound.
 X86_FLAGS = ("-mprefer-vector-width=512",)
 _TARGETS = {
@@ -122,6 +127,15 @@ def _cpu_features() -> str:
     return platform.processor() or platform.machine()
 
 
+def _arch() -> str:
+    """The CPU type the kernels are compiled for: `-march=native` unless `COLBERT_JAX_NATIVE_ARCH` names an older
+    one (e.g. x86-64-v3: AVX2 and FMA without AVX-512), to run and measure that type's code paths on this CPU."""
+    arch = os.environ.get(ARCH_ENV, "").strip() or "native"
+    if not arch.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise NativeBuildError(f"{ARCH_ENV}={arch!r} is not a -march value")
+    return arch
+
+
 def _build() -> Path:
     """Compiles the kernels' sources into the cache (once per key) and returns the shared library's path."""
     from colbert_jax.default_model import cache_dir
@@ -132,7 +146,7 @@ def _build() -> Path:
         raise NativeBuildError(f"no C++ compiler: {compiler!r} is not on PATH (set CXX, or {ENV}=0)")
     version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
     include = jax.ffi.include_dir()
-    flags = FLAGS + (X86_FLAGS if platform.machine().lower() in ("x86_64", "amd64") else ())
+    flags = (*FLAGS, f"-march={_arch()}", *(X86_FLAGS if platform.machine().lower() in ("x86_64", "amd64") else ()))
     key = hashlib.sha256(
         "\0".join(
             [
@@ -469,9 +483,16 @@ F32_PANEL = 48  # columns per packed panel
 DENSE_F32_IMPLEMENTATIONS = ("vector", "scalar")
 
 
+def vector_bits() -> int:
+    """The widest vector registers the built kernels use: 512 (AVX-512), 256 (AVX2 and FMA) or 0 (other, or the
+    kernels unavailable). `-march=native` makes it this CPU's; `COLBERT_JAX_NATIVE_ARCH` an older type's."""
+    lib = library()
+    return int(lib.colbert_jax_vector_bits()) if lib is not None else 0
+
+
 def dense_f32_vectorized() -> bool:
     """Whether `dense_f32`'s vector path is compiled here (AVX-512): elsewhere XLA's product is the faster one."""
-    return platform.machine().lower() in ("x86_64", "amd64") and "avx512f" in _cpu_features().split()
+    return vector_bits() == 512
 
 
 def pack_dense_f32(w: np.ndarray) -> np.ndarray:

@@ -158,8 +158,11 @@ HeadFn PickDim(int64_t dim) {
   }
 }
 
-// The vector version for these sizes, if there is one (and the CPU has AVX-512).
+// The vector version for these sizes, if there is one (and the CPU, and the -march built for, have AVX-512).
 HeadFn VectorHead(int64_t len, int64_t dim) {
+#if !defined(__AVX512F__)
+  return nullptr;  // built for a CPU type without it (-march): run as there, even on a CPU that has it
+#endif
   if (!__builtin_cpu_supports("avx512f")) return nullptr;
   switch (len) {
     case 16: return PickDim<1>(dim);

@@ -4,7 +4,8 @@
 // XLA:CPU runs a query's small products (tens of rows) on one core; this kernel splits the columns across the
 // intra-op pool's threads. Weights arrive pre-packed (`colbert_jax.native.pack_dense_f32`) as panels of 48
 // columns, [N / 48][K][48] (zero padding past N): a panel's k-th row is three contiguous vectors, so the inner
-// loop is 3 vector loads, up to 8 broadcasts and 24 FMAs into registers (8 rows x 48 columns) per k.
+// loop is 3 vector loads, up to 8 broadcasts and 24 FMAs into registers (8 rows x 48 columns) per k. With AVX2
+// (16 registers of 8 lanes) each half panel runs as 4 rows x 24 columns: 3 loads, 4 broadcasts, 12 FMAs per k.
 
 #include <algorithm>
 #include <cstdint>
@@ -109,6 +110,74 @@ void PanelAvx512(const float* x, int64_t r0, int64_t r1, int64_t k, const float*
 }
 #endif
 
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#define COLBERT_JAX_DENSE_AVX2 1
+constexpr int64_t kHalf = 24;  // AVX2's 16 registers hold 4 rows x 24 columns of sums, 3 loads and a broadcast
+constexpr int64_t kRows2 = 4;
+
+// R rows (R <= 4) starting at row r x the 8V columns of one panel starting at `half` (0 or 24), over k in
+// [k0, k1): the same chain of FMAs, in the same order, as the AVX-512 block (so the same bits).
+template <int R, int V>
+inline void BlockAvx2(const float* x, int64_t r, int64_t k, int64_t k0, int64_t k1, const float* panel,
+                      int64_t half, int64_t col, int64_t n, float* out) {
+  __m256 acc[R][V];
+  const int64_t width = std::min(kHalf, n - col);
+  __m256i keep[V];
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int v = 0; v < V; ++v) {
+    const int64_t left = std::max<int64_t>(0, std::min<int64_t>(8, width - 8 * v));
+    keep[v] = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(left)), lanes);
+  }
+  for (int j = 0; j < R; ++j) {
+    for (int v = 0; v < V; ++v) {
+      acc[j][v] = k0 == 0 ? _mm256_setzero_ps() : _mm256_maskload_ps(out + (r + j) * n + col + 8 * v, keep[v]);
+    }
+  }
+  const float* xr = x + r * k;
+  for (int64_t i = k0; i < k1; ++i) {
+    __m256 b[V];
+    for (int v = 0; v < V; ++v) b[v] = _mm256_loadu_ps(panel + i * kPanel + half + 8 * v);
+    for (int j = 0; j < R; ++j) {
+      const __m256 a = _mm256_broadcast_ss(xr + j * k + i);
+      for (int v = 0; v < V; ++v) acc[j][v] = _mm256_fmadd_ps(a, b[v], acc[j][v]);
+    }
+  }
+  for (int v = 0; v < V; ++v) {
+    for (int j = 0; j < R; ++j) _mm256_maskstore_ps(out + (r + j) * n + col + 8 * v, keep[v], acc[j][v]);
+  }
+}
+
+template <int V>
+void HalfRows(const float* x, int64_t r0, int64_t r1, int64_t k, const float* panel, int64_t half, int64_t col,
+              int64_t n, float* out) {
+  for (int64_t k0 = 0; k0 < k; k0 += kDepth) {
+    const int64_t k1 = std::min(k0 + kDepth, k);
+    int64_t r = r0;
+    for (; r + kRows2 <= r1; r += kRows2) BlockAvx2<kRows2, V>(x, r, k, k0, k1, panel, half, col, n, out);
+    switch (r1 - r) {
+      case 3: BlockAvx2<3, V>(x, r, k, k0, k1, panel, half, col, n, out); break;
+      case 2: BlockAvx2<2, V>(x, r, k, k0, k1, panel, half, col, n, out); break;
+      case 1: BlockAvx2<1, V>(x, r, k, k0, k1, panel, half, col, n, out); break;
+      default: break;
+    }
+  }
+}
+
+void PanelAvx2(const float* x, int64_t r0, int64_t r1, int64_t k, const float* panel, int64_t col, int64_t n,
+               float* out) {
+  for (int64_t half = 0; half < kPanel && col + half < n; half += kHalf) {
+    const int64_t width = std::min(kHalf, n - col - half);
+    if (width <= 8) {
+      HalfRows<1>(x, r0, r1, k, panel, half, col + half, n, out);
+    } else if (width <= 16) {
+      HalfRows<2>(x, r0, r1, k, panel, half, col + half, n, out);
+    } else {
+      HalfRows<3>(x, r0, r1, k, panel, half, col + half, n, out);
+    }
+  }
+}
+#endif
+
 ffi::Error DenseF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                     ffi::ResultBuffer<ffi::F32> out, int32_t vectorized) {
   auto x_dims = x.dimensions();
@@ -140,6 +209,11 @@ ffi::Error DenseF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
         PanelAvx512(xd, r0, r1, k, panel, p * kPanel, n, o);
         continue;
       }
+#elif defined(COLBERT_JAX_DENSE_AVX2)
+      if (vectorized) {
+        PanelAvx2(xd, r0, r1, k, panel, p * kPanel, n, o);
+        continue;
+      }
 #endif
       PanelScalar(xd, r0, r1, k, panel, p * kPanel, n, o);
     }
@@ -148,6 +222,17 @@ ffi::Error DenseF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
 }
 
 }  // namespace
+
+// The widest vector ISA this library was compiled for (-march): 512 (AVX-512F), 256 (AVX2 with FMA), 0 (other).
+extern "C" int colbert_jax_vector_bits() {
+#if defined(__AVX512F__)
+  return 512;
+#elif defined(__AVX2__) && defined(__FMA__)
+  return 256;
+#else
+  return 0;
+#endif
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ColbertJaxDenseF32, DenseF32,
                               ffi::Ffi::Bind()

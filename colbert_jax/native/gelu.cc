@@ -143,7 +143,11 @@ ffi::Error Gelu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::
   const float* b = bias.typed_data();
   float* o = out->typed_data();
 #if defined(__x86_64__)
+#if defined(__AVX512F__)
   const bool vector = vectorized != 0 && __builtin_cpu_supports("avx512f");
+#else
+  const bool vector = false;  // built for a CPU type without AVX-512 (-march): run as there
+#endif
 #else
   const bool vector = false;
 #endif
