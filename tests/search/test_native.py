@@ -201,3 +201,29 @@ def test_without_a_compiler_the_search_warns_and_runs_jnp(real_index, minilm_mod
     for a, b in zip(got, want):
         assert_same_ranking_up_to_ties(a, b, atol=1e-5)
     assert not (tmp_path / "native").exists()
+
+
+@pytest.mark.parametrize("arch, bits", [("x86-64-v3", 256), ("x86-64-v2", 0)])
+def test_kernels_built_for_older_cpu_types_equal_brute_force(arch, bits):
+    """`COLBERT_JAX_NATIVE_ARCH` builds the kernels for an older x86-64 type than this CPU: AVX2 (AMD Zen 2 and 3,
+    where a register-spilling stage 6 once ran at a few GFLOP/s) or SSE4.2's plain loops. Each build's stage 4-5
+    and stage 6 kernels and float32 dense product still equal brute force, whatever this CPU has."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "COLBERT_JAX_NATIVE_ARCH": arch, "COLBERT_JAX_NATIVE": "1", "JAX_PLATFORMS": "cpu"}
+    probe = "from colbert_jax import native; print(native.vector_bits(), native.dense_f32_vectorized())"
+    out = subprocess.run([sys.executable, "-c", probe], env=env, cwd=repo, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == [str(bits), "False"]
+    tests = [
+        "tests/search/test_native.py::test_kernel_equals_brute_force",
+        "tests/search/test_native.py::test_exact_maxsim_equals_brute_force",
+        "tests/models/test_native_dense.py::test_float32_dense_kernel_is_the_product_to_float32_rounding",
+    ]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests]
+    run = subprocess.run(cmd, env=env, cwd=repo, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert " passed" in run.stdout and "skipped" not in run.stdout and "deselected" not in run.stdout
