@@ -33,6 +33,7 @@ using colbert_jax_native::RunTasks;
 using colbert_jax_native::XlaExp;
 #if defined(__x86_64__)
 using colbert_jax_native::XlaExp16;
+using colbert_jax_native::XlaExp8;
 #endif
 
 constexpr int64_t kMaxLength = 512;
@@ -144,6 +145,71 @@ COLBERT_JAX_ATTENTION_TARGET void AttendHead16(const float* q, const float* k, c
   }
 }
 
+#define COLBERT_JAX_ATTENTION_AVX2 __attribute__((target("avx2,fma")))
+
+// AttendHead16 on AVX2's 8-lane registers (16 of them, against AVX-512's 32): len and dim multiples of 8, at
+// most 64; two query rows at a time where a row's sums fit in four registers, else one.
+template <int kJ, int kD>
+COLBERT_JAX_ATTENTION_AVX2 void AttendHead8(const float* q, const float* k, const float* v, const float* bq,
+                                            const float* bk, const float* bv, int64_t stride, const float* key_bias,
+                                            float* ctx, int64_t out_stride) {
+  constexpr int len = 8 * kJ, dim = 8 * kD, kRows = (kJ <= 4 && kD <= 4) ? 2 : 1;
+  alignas(32) float kt[dim * len];  // keys transposed: [dim, len]
+  for (int j = 0; j < len; ++j) {
+    for (int d = 0; d < dim; ++d) kt[d * len + j] = k[j * stride + d] + bk[d];
+  }
+  const __m256 root = _mm256_set1_ps(std::sqrt(static_cast<float>(dim)));
+  alignas(32) float p[kRows][len];
+  alignas(32) float lanes[8];
+  for (int i0 = 0; i0 < len; i0 += kRows) {
+    __m256 s[kRows][kJ];
+    for (int r = 0; r < kRows; ++r)
+      for (int jb = 0; jb < kJ; ++jb) s[r][jb] = _mm256_setzero_ps();
+    for (int d = 0; d < dim; ++d) {
+      __m256 col[kJ];
+      for (int jb = 0; jb < kJ; ++jb) col[jb] = _mm256_load_ps(kt + d * len + 8 * jb);
+      for (int r = 0; r < kRows; ++r) {
+        const __m256 x = _mm256_set1_ps(q[(i0 + r) * stride + d] + bq[d]);
+        for (int jb = 0; jb < kJ; ++jb) s[r][jb] = _mm256_fmadd_ps(x, col[jb], s[r][jb]);
+      }
+    }
+    for (int r = 0; r < kRows; ++r) {
+      __m256 top = _mm256_set1_ps(-INFINITY);
+      for (int jb = 0; jb < kJ; ++jb) {
+        s[r][jb] = _mm256_add_ps(_mm256_div_ps(s[r][jb], root), _mm256_loadu_ps(key_bias + 8 * jb));
+        top = _mm256_max_ps(top, s[r][jb]);
+      }
+      _mm256_store_ps(lanes, top);
+      const __m256 m = _mm256_set1_ps(*std::max_element(lanes, lanes + 8));
+      __m256 sum = _mm256_setzero_ps();
+      for (int jb = 0; jb < kJ; ++jb) {
+        s[r][jb] = XlaExp8(_mm256_sub_ps(s[r][jb], m));
+        sum = _mm256_add_ps(sum, s[r][jb]);
+      }
+      _mm256_store_ps(lanes, sum);
+      float total = 0.0f;
+      for (float x : lanes) total += x;
+      const __m256 t = _mm256_set1_ps(total);
+      for (int jb = 0; jb < kJ; ++jb) _mm256_store_ps(p[r] + 8 * jb, _mm256_div_ps(s[r][jb], t));
+    }
+    __m256 acc[kRows][kD];
+    for (int r = 0; r < kRows; ++r)
+      for (int db = 0; db < kD; ++db) acc[r][db] = _mm256_setzero_ps();
+    for (int j = 0; j < len; ++j) {
+      __m256 vj[kD];
+      for (int db = 0; db < kD; ++db) {
+        vj[db] = _mm256_add_ps(_mm256_loadu_ps(v + j * stride + 8 * db), _mm256_loadu_ps(bv + 8 * db));
+      }
+      for (int r = 0; r < kRows; ++r) {
+        const __m256 w = _mm256_set1_ps(p[r][j]);
+        for (int db = 0; db < kD; ++db) acc[r][db] = _mm256_fmadd_ps(w, vj[db], acc[r][db]);
+      }
+    }
+    for (int r = 0; r < kRows; ++r)
+      for (int db = 0; db < kD; ++db) _mm256_storeu_ps(ctx + (i0 + r) * out_stride + 8 * db, acc[r][db]);
+  }
+}
+
 using HeadFn = void (*)(const float*, const float*, const float*, const float*, const float*, const float*, int64_t,
                         const float*, float*, int64_t);
 
@@ -158,11 +224,25 @@ HeadFn PickDim(int64_t dim) {
   }
 }
 
-// The vector version for these sizes, if there is one (and the CPU, and the -march built for, have AVX-512).
+template <int kJ>
+HeadFn PickDim8(int64_t dim) {
+  switch (dim) {
+    case 8: return AttendHead8<kJ, 1>;
+    case 16: return AttendHead8<kJ, 2>;
+    case 24: return AttendHead8<kJ, 3>;
+    case 32: return AttendHead8<kJ, 4>;
+    case 40: return AttendHead8<kJ, 5>;
+    case 48: return AttendHead8<kJ, 6>;
+    case 56: return AttendHead8<kJ, 7>;
+    case 64: return AttendHead8<kJ, 8>;
+    default: return nullptr;
+  }
+}
+
+// The vector version for these sizes, if there is one: AVX-512's where the -march built for and the CPU have
+// it, else AVX2's where they have AVX2 and FMA (a build for an older type runs as there, even on this CPU).
 HeadFn VectorHead(int64_t len, int64_t dim) {
-#if !defined(__AVX512F__)
-  return nullptr;  // built for a CPU type without it (-march): run as there, even on a CPU that has it
-#endif
+#if defined(__AVX512F__)
   if (!__builtin_cpu_supports("avx512f")) return nullptr;
   switch (len) {
     case 16: return PickDim<1>(dim);
@@ -171,6 +251,22 @@ HeadFn VectorHead(int64_t len, int64_t dim) {
     case 64: return PickDim<4>(dim);
     default: return nullptr;
   }
+#elif defined(__AVX2__) && defined(__FMA__)
+  if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return nullptr;
+  switch (len) {
+    case 8: return PickDim8<1>(dim);
+    case 16: return PickDim8<2>(dim);
+    case 24: return PickDim8<3>(dim);
+    case 32: return PickDim8<4>(dim);
+    case 40: return PickDim8<5>(dim);
+    case 48: return PickDim8<6>(dim);
+    case 56: return PickDim8<7>(dim);
+    case 64: return PickDim8<8>(dim);
+    default: return nullptr;
+  }
+#else
+  return nullptr;
+#endif
 }
 #else
 using HeadFn = void (*)(const float*, const float*, const float*, const float*, const float*, const float*, int64_t,

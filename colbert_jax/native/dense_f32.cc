@@ -138,7 +138,7 @@ inline void BlockAvx2(const float* x, int64_t r, int64_t k, int64_t k0, int64_t 
     __m256 b[V];
     for (int v = 0; v < V; ++v) b[v] = _mm256_loadu_ps(panel + i * kPanel + half + 8 * v);
     for (int j = 0; j < R; ++j) {
-      const __m256 a = _mm256_broadcast_ss(xr + j * k + i);
+      const __m256 a = _mm256_set1_ps(xr[j * k + i]);
       for (int v = 0; v < V; ++v) acc[j][v] = _mm256_fmadd_ps(a, b[v], acc[j][v]);
     }
   }

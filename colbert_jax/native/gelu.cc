@@ -30,6 +30,7 @@ using colbert_jax_native::RunTasks;
 using colbert_jax_native::XlaExp;
 #if defined(__x86_64__)
 using colbert_jax_native::XlaExp16;
+using colbert_jax_native::XlaExp8;
 #endif
 
 constexpr int64_t kRowsPerTask = 16;
@@ -129,6 +130,96 @@ COLBERT_JAX_GELU_TARGET void RowsAvx512(const float* y, const float* bias, float
     }
   }
 }
+
+#define COLBERT_JAX_GELU_AVX2 __attribute__((target("avx2,fma")))
+
+// GeluTail on 8 lanes (AVX2 and FMA): the same operations in the same order.
+COLBERT_JAX_GELU_AVX2 inline __m256 GeluTail8(__m256 a) {
+  const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+  const __m256 z = _mm256_mul_ps(_mm256_sub_ps(zero, a), _mm256_set1_ps(0.707106769f));
+  const __m256 az = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), z), z2 = _mm256_mul_ps(z, z);
+  const __m256 w = _mm256_div_ps(one, z2);
+  const __m256 mid = _mm256_cmp_ps(az, _mm256_set1_ps(2.0f), _CMP_LT_OQ);
+  __m256 q1 = _mm256_fmadd_ps(w, _mm256_set1_ps(kErfcMid[0]), _mm256_set1_ps(kErfcMid[1]));
+  for (int i = 2; i < 9; ++i) q1 = _mm256_fmadd_ps(q1, w, _mm256_set1_ps(kErfcMid[i]));
+  __m256 q2 = _mm256_fmadd_ps(w, _mm256_set1_ps(kErfcLarge[0]), _mm256_set1_ps(kErfcLarge[1]));
+  for (int i = 2; i < 8; ++i) q2 = _mm256_fmadd_ps(q2, w, _mm256_set1_ps(kErfcLarge[i]));
+  const __m256 nz2 = _mm256_sub_ps(zero, z2);
+  const __m256 ex = XlaExp8(nz2);
+  __m256 big = _mm256_mul_ps(_mm256_mul_ps(ex, _mm256_div_ps(one, az)), _mm256_blendv_ps(q2, q1, mid));
+  big = _mm256_blendv_ps(big, zero, _mm256_cmp_ps(nz2, _mm256_set1_ps(-88.7228394f), _CMP_LT_OQ));
+  const __m256 negative = _mm256_cmp_ps(z, zero, _CMP_LT_OQ);
+  const __m256 erfc = _mm256_blendv_ps(big, _mm256_sub_ps(_mm256_set1_ps(2.0f), big), negative);
+  return _mm256_mul_ps(_mm256_mul_ps(a, _mm256_set1_ps(0.5f)), erfc);
+}
+
+// Lane permutations by an 8-bit mask, for AVX2's missing compress and expand: kCompress[m] moves the lanes set
+// in m to the front, in order; kExpand[m] sends the front lanes back to the positions set in m.
+struct LanePermutations {
+  alignas(32) int32_t compress[256][8];
+  alignas(32) int32_t expand[256][8];
+  LanePermutations() {
+    for (int m = 0; m < 256; ++m) {
+      int at = 0;
+      for (int lane = 0; lane < 8; ++lane) {
+        compress[m][lane] = 0;
+        expand[m][lane] = 0;
+      }
+      for (int lane = 0; lane < 8; ++lane) {
+        if (m & (1 << lane)) {
+          compress[m][at] = lane;
+          expand[m][lane] = at++;
+        }
+      }
+    }
+  }
+};
+const LanePermutations kLanes;
+
+// RowsAvx512 on 8 lanes: the |z| < 1 branch for every element, the tails gathered through kLanes.
+COLBERT_JAX_GELU_AVX2 void RowsAvx2(const float* y, const float* bias, float* out, int64_t r0, int64_t r1,
+                                    int64_t n) {
+  thread_local std::vector<float> tails;
+  thread_local std::vector<uint8_t> masks;
+  if (tails.size() < static_cast<size_t>(n + 16)) tails.resize(n + 16);
+  if (masks.size() < static_cast<size_t>(n / 8 + 1)) masks.resize(n / 8 + 1);
+  const __m256 one = _mm256_set1_ps(1.0f), half = _mm256_set1_ps(0.5f), sign = _mm256_set1_ps(-0.0f);
+  const __m256i lane_ids = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t r = r0; r < r1; ++r) {
+    float* o = out + r * n;
+    int64_t count = 0;
+    for (int64_t j = 0, v = 0; j < n; j += 8, ++v) {
+      const int live = static_cast<int>(std::min<int64_t>(8, n - j));
+      const __m256i in = _mm256_cmpgt_epi32(_mm256_set1_epi32(live), lane_ids);
+      const __m256 a = _mm256_add_ps(_mm256_maskload_ps(y + r * n + j, in), _mm256_maskload_ps(bias + j, in));
+      const __m256 z = _mm256_mul_ps(_mm256_sub_ps(_mm256_setzero_ps(), a), _mm256_set1_ps(0.707106769f));
+      const __m256 z2 = _mm256_mul_ps(z, z);
+      __m256 p = _mm256_fmadd_ps(z2, _mm256_set1_ps(kErfSmall[0]), _mm256_set1_ps(kErfSmall[1]));
+      for (int i = 2; i < 7; ++i) p = _mm256_fmadd_ps(p, z2, _mm256_set1_ps(kErfSmall[i]));
+      _mm256_maskstore_ps(o + j, in, _mm256_mul_ps(_mm256_mul_ps(a, half), _mm256_fnmadd_ps(z, p, one)));
+      // the elements whose |z| < 1 is false (NaN included, as XLA's select takes the tail there)
+      const int small = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_andnot_ps(sign, z), one, _CMP_LT_OQ));
+      const int tail = ~small & ((1 << live) - 1);
+      masks[v] = static_cast<uint8_t>(tail);
+      const __m256i order = _mm256_load_si256(reinterpret_cast<const __m256i*>(kLanes.compress[tail]));
+      _mm256_storeu_ps(tails.data() + count, _mm256_permutevar8x32_ps(a, order));
+      count += __builtin_popcount(tail);
+    }
+    for (int64_t t = 0; t < count; t += 8) _mm256_storeu_ps(tails.data() + t, GeluTail8(_mm256_loadu_ps(tails.data() + t)));
+    int64_t at = 0;
+    for (int64_t j = 0, v = 0; j < n && at < count; j += 8, ++v) {
+      const int tail = masks[v];
+      if (!tail) continue;
+      const __m256i order = _mm256_load_si256(reinterpret_cast<const __m256i*>(kLanes.expand[tail]));
+      const __m256i chosen = _mm256_cmpgt_epi32(_mm256_and_si256(_mm256_set1_epi32(tail),
+                                                                  _mm256_sllv_epi32(_mm256_set1_epi32(1), lane_ids)),
+                                                 _mm256_setzero_si256());
+      const __m256 back = _mm256_permutevar8x32_ps(_mm256_loadu_ps(tails.data() + at), order);
+      _mm256_maskstore_ps(o + j, chosen, back);
+      at += __builtin_popcount(tail);
+    }
+  }
+}
 #endif
 
 ffi::Error Gelu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::F32> bias,
@@ -144,12 +235,15 @@ ffi::Error Gelu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::
   float* o = out->typed_data();
 #if defined(__x86_64__)
 #if defined(__AVX512F__)
-  const bool vector = vectorized != 0 && __builtin_cpu_supports("avx512f");
+  const int vector = vectorized != 0 && __builtin_cpu_supports("avx512f") ? 512 : 0;
+#elif defined(__AVX2__) && defined(__FMA__)
+  // built for a CPU type without AVX-512 (-march): run as there, even on a CPU that has it
+  const int vector = vectorized != 0 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 256 : 0;
 #else
-  const bool vector = false;  // built for a CPU type without AVX-512 (-march): run as there
+  const int vector = 0;
 #endif
 #else
-  const bool vector = false;
+  const int vector = 0;
 #endif
   const int64_t tasks = (m + kRowsPerTask - 1) / kRowsPerTask;
   RunTasks(pool, tasks, m * n / 64, 1 << 12, [=](int64_t t) {
@@ -157,8 +251,10 @@ ffi::Error Gelu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::
 #if defined(__x86_64__)
     const unsigned int saved = _mm_getcsr();
     _mm_setcsr(saved | 0x8040);  // XLA:CPU's flush-to-zero and denormals-are-zero
-    if (vector) {
+    if (vector == 512) {
       RowsAvx512(yd, b, o, r0, r1, n);
+    } else if (vector == 256) {
+      RowsAvx2(yd, b, o, r0, r1, n);
     } else {
       RowsScalar(yd, b, o, r0, r1, n);
     }

@@ -54,6 +54,24 @@ __attribute__((target("avx512f"))) inline __m512 XlaExp16(__m512 x) {
   const __m512i pow2 = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(fx), _mm512_set1_epi32(127)), 23);
   return _mm512_mul_ps(t, _mm512_castsi512_ps(pow2));
 }
+
+// XlaExp on 8 lanes, for CPUs with AVX2 and FMA but not AVX-512 (the same operations in the same order).
+__attribute__((target("avx2,fma"))) inline __m256 XlaExp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_set1_ps(88.8f), _mm256_max_ps(_mm256_set1_ps(-87.8f), x));
+  __m256 fx = _mm256_round_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(Bits(0x3FB8AA3B)), _mm256_set1_ps(0.5f)),
+                              _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  fx = _mm256_min_ps(_mm256_set1_ps(127.0f), _mm256_max_ps(_mm256_set1_ps(-127.0f), fx));
+  __m256 r = _mm256_fnmadd_ps(_mm256_set1_ps(Bits(0x3F318000)), fx, x);
+  r = _mm256_fnmadd_ps(_mm256_set1_ps(Bits(0xB95E8083)), fx, r);
+  __m256 e = _mm256_fmadd_ps(r, _mm256_set1_ps(Bits(0x39506967)), _mm256_set1_ps(Bits(0x3AB743CE)));
+  e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(Bits(0x3C088908)));
+  e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(Bits(0x3D2AA9C1)));
+  e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(Bits(0x3E2AAAAA)));
+  e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(0.5f));
+  const __m256 t = _mm256_add_ps(_mm256_set1_ps(1.0f), _mm256_fmadd_ps(e, _mm256_mul_ps(r, r), r));
+  const __m256i pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(t, _mm256_castsi256_ps(pow2));
+}
 #endif
 
 }  // namespace colbert_jax_native

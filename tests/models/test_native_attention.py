@@ -1,7 +1,7 @@
 """The int8 query encoder's native self-attention (`colbert_jax.native.attention`, `attention.cc`): BERT's
 attention from the fused projections (`bert.attention_from_qkv`) to float32 accuracy, on its vector path (length
-and head size multiples of 16) and its scalar one, masked keys included; each batch row's output depends on
-that row alone; bad shapes are errors."""
+and head size multiples of 16; AVX2 builds: multiples of 8, at most 64) and its scalar one, masked keys
+included; each batch row's output depends on that row alone; bad shapes are errors."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ import pytest
 from colbert_jax import native
 from colbert_jax.modeling.bert import attention_from_qkv
 
-# (B, L, H, D): MiniLM's heads (the vector path), other multiples of 16, and sizes only the scalar path takes
-SHAPES = [(5, 32, 12, 32), (3, 16, 2, 64), (2, 64, 4, 16), (4, 20, 3, 24), (1, 7, 2, 8)]
+# (B, L, H, D): MiniLM's heads (the vector path), other multiples of 16, multiples of 8 (AVX2's vector path, one
+# row at a time past 32), and sizes only the scalar path takes
+SHAPES = [(5, 32, 12, 32), (3, 16, 2, 64), (2, 64, 4, 16), (4, 24, 3, 24), (2, 40, 2, 56), (1, 64, 2, 64)]
+SHAPES += [(4, 20, 3, 24), (1, 7, 2, 8)]
 
 
 def _problem(b: int, n: int, h: int, d: int, seed: int = 0):
