@@ -1,5 +1,6 @@
-"""Query encoding speed on CPU: colbert-jax at float32, bfloat16 and int8 (`query_quantization="int8"`) against
-colbert-ai's encoder (torch), side by side, on the same checkpoint and query texts.
+"""Query encoding speed on CPU: colbert-jax at float32, bfloat16 and int8 (`query_quantization="int8"`), and
+float32 with the native kernels off (XLA alone), against colbert-ai's encoder (torch), side by side, on the same
+checkpoint and query texts.
 
     python scripts/bench_encoder.py [--queries 500] [--repeats 3] [--ref-python /work/refvenv/bin/python]
                                     [--index DIR [--index-queries TSV]]
@@ -84,10 +85,13 @@ VARIANTS = {
     "bfloat16": {**_FLOAT, "compute_dtype": "bfloat16"},
     "int8": {"query_quantization": "int8"},
 }
+# Timed only (an environment, not a setting): float32 with the native kernels off, XLA running the whole encoder,
+# to judge `native.dense_f32_vectorized()`'s gate on this CPU against the "float32" row.
+ENV_VARIANTS = {"float32, XLA only (COLBERT_JAX_NATIVE=0)": (_FLOAT, {"COLBERT_JAX_NATIVE": "0"})}
 
 
-def run(cmd: list[str]) -> dict:
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+def run(cmd: list[str], env: dict[str, str] | None = None) -> dict:
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})})
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT ") :])
@@ -139,13 +143,14 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-encoder-"))
     queries = work / "queries.tsv"
     write_queries(corpus_file(), queries, args.queries)
-    systems = {name: [sys.executable, "-c", OURS, str(queries), json.dumps(s)] for name, s in VARIANTS.items()}
+    ours = {name: (s, None) for name, s in VARIANTS.items()} | ENV_VARIANTS
+    systems = {name: ([sys.executable, "-c", OURS, str(queries), json.dumps(s)], e) for name, (s, e) in ours.items()}
     if Path(args.ref_python).exists():
-        systems["colbert-ai"] = [args.ref_python, "-c", REF, str(queries), str(default_checkpoint())]
+        systems["colbert-ai"] = ([args.ref_python, "-c", REF, str(queries), str(default_checkpoint())], None)
     results: dict[str, list[dict]] = {name: [] for name in systems}
     for _ in range(args.repeats):
-        for name, cmd in systems.items():
-            results[name].append(run(cmd))
+        for name, (cmd, env) in systems.items():
+            results[name].append(run(cmd, env))
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), "?")
     print(f"{cpu}, {os.cpu_count()} CPUs, {platform.python_version()}; {args.queries} queries, {args.repeats} repeats")
     print("| encoder | single query p50 ms | batched ms/query | vs colbert-ai (single, batched) |")
