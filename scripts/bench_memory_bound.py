@@ -109,9 +109,8 @@ def main() -> None:
         raise SystemExit("the native kernels are unavailable here (no C++ compiler, or COLBERT_JAX_NATIVE=0)")
     rng = np.random.default_rng(0)
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), "?")
-    print(
-        f"{cpu}, {platform.machine()}, vector bits {native.vector_bits()}, jax {jax.__version__}; {args.repeats} repeats"
-    )
+    bits = native.vector_bits()
+    print(f"{cpu}, {platform.machine()}, vector bits {bits}, jax {jax.__version__}; {args.repeats} repeats")
     print("| product | variant | ms median (min-max) | GFLOP/s |\n|---|---|---|---|")
     for p in args.centroids:
         stage1(p, args.repeats, rng)
