@@ -2,9 +2,10 @@
 
 1. Stage 1, centroid scores S = C . Q^T for one query (32 tokens, dim 128) against P centroids (P x 512 bytes
    of float32 read per query: 32 MB at 65,536, the 100x bench index): XLA's float32 product (what CPUs without
-   AMX-BF16 run), `native.dense_f32` over the centroid rows (Q^T as its one 32-column panel, rows split across
-   threads), and `dense_f32` with the centroids packed as its weight panels (Q as the rows: out [32, P],
-   sequential panel reads), without and with the transpose to S's [P, 32].
+   AMX-BF16 run before `native.centroid_scores_f32`), that kernel (centroids in groups of 8: one sequential
+   read per group), `native.dense_f32` over the centroid rows (Q^T as its one 32-column panel, rows split across
+   threads: 8 strided reads per block), and `dense_f32` with the centroids packed as its weight panels (Q as
+   the rows: out [32, P], sequential panel reads), without and with the transpose to S's [P, 32].
 2. The float32 query encoder's 24 dense products for one query (MiniLM's shapes, native `dense_f32`): six
    layers' distinct weights (42 MB, as the encoder runs), three layers' weights used twice (21 MB: what float16
    weights would occupy) and one layer's six times (7 MB, in cache).
@@ -60,8 +61,13 @@ def stage1(num_centroids: int, repeats: int, rng: np.random.Generator) -> None:
     def rows(C, Q):
         return native.dense_f32(C, jnp.pad(Q.T, ((0, 0), (0, native.F32_PANEL - 32)))[None], 32)
 
+    blocked = jnp.asarray(native.block_centroids(centroids))
     variants = {
         "XLA float32 product": (jax.jit(lambda C, Q: jnp.dot(C, Q.T, precision=HIGHEST)), (C, Q)),
+        "centroid_scores_f32 (groups of 8)": (
+            jax.jit(lambda b, Q: native.centroid_scores_f32(b, Q, num_centroids)),
+            (blocked, Q),
+        ),
         "dense_f32 over centroid rows": (jax.jit(rows), (C, Q)),
         "dense_f32, centroids as panels ([32, P])": (
             jax.jit(lambda p, Q: native.dense_f32(Q, p, num_centroids)),

@@ -59,6 +59,10 @@ __all__ = [
     "pack_dense_f32",
     "dense_f32",
     "DENSE_F32_IMPLEMENTATIONS",
+    "block_centroids",
+    "scores_f32_vectorized",
+    "centroid_scores_f32",
+    "SCORES_F32_IMPLEMENTATIONS",
     "dense_f32_vectorized",
     "vector_bits",
 ]
@@ -69,7 +73,15 @@ ENV = "COLBERT_JAX_NATIVE"
 AMX_ENV = "COLBERT_JAX_AMX"
 SOURCES = tuple(
     Path(__file__).with_name(name)
-    for name in ("plaid_cpu.cc", "dense_int8.cc", "centroid_scores.cc", "attention.cc", "gelu.cc", "dense_f32.cc")
+    for name in (
+        "plaid_cpu.cc",
+        "dense_int8.cc",
+        "centroid_scores.cc",
+        "centroid_scores_f32.cc",
+        "attention.cc",
+        "gelu.cc",
+        "dense_f32.cc",
+    )
 )
 HEADERS = tuple(Path(__file__).with_name(name) for name in ("amx.h", "tasks.h", "xla_math.h"))
 ARCH_ENV = "COLBERT_JAX_NATIVE_ARCH"
@@ -91,6 +103,7 @@ _SYMBOLS = {
     "colbert_jax_exact_maxsim_u16": "ColbertJaxExactMaxSimU16",
     "colbert_jax_int8_dense": "ColbertJaxInt8Dense",
     "colbert_jax_centroid_scores": "ColbertJaxCentroidScores",
+    "colbert_jax_centroid_scores_f32": "ColbertJaxCentroidScoresF32",
     "colbert_jax_attention": "ColbertJaxAttention",
     "colbert_jax_gelu": "ColbertJaxGelu",
     "colbert_jax_dense_f32": "ColbertJaxDenseF32",
@@ -432,6 +445,55 @@ def centroid_scores(split: jax.Array, Q: jax.Array, num_centroids: int, *, imple
     out = jax.ShapeDtypeStruct((num_centroids, Q.shape[0]), jnp.float32)
     call = jax.ffi.ffi_call("colbert_jax_centroid_scores", out, vmap_method="sequential")
     return call(split, Q.astype(jnp.float32), amx=np.int32(implementation == "amx"))
+
+
+# -- PLAID's stage 1 product in float32, where there is no AMX-BF16 (centroid_scores_f32.cc) ----------------
+
+SCORES_F32_IMPLEMENTATIONS = ("vector", "scalar")
+SCORES_GROUP = 8  # centroids per group of `block_centroids`' layout
+
+
+def block_centroids(centroids: jax.Array | np.ndarray) -> jax.Array | np.ndarray:
+    """Centroids float32 [P, dim] -> [ceil(P / 8), dim, 8] for `centroid_scores_f32`: groups of 8 centroids,
+    their k-th coordinates adjacent (zeros past P). numpy in, numpy out (index placement); a jax array in, a
+    jax array out (rows gathered inside a program)."""
+    xp = np if isinstance(centroids, np.ndarray) else jnp
+    c = xp.asarray(centroids, xp.float32)
+    if c.ndim != 2:
+        raise ValueError(f"block_centroids: float [P, dim] centroids, got {c.shape}")
+    p, dim = c.shape
+    padded = xp.pad(c, ((0, -p % SCORES_GROUP), (0, 0)))
+    blocked = padded.reshape(-1, SCORES_GROUP, dim).transpose(0, 2, 1)
+    return np.ascontiguousarray(blocked) if xp is np else blocked
+
+
+def scores_f32_vectorized() -> bool:
+    """Whether `centroid_scores_f32` runs its vector code here faster than XLA's float32 product: AVX-512
+    builds (measured; its AVX2 path is tested, not yet measured on an AVX2 CPU)."""
+    return vector_bits() == 512
+
+
+def centroid_scores_f32(
+    blocked: jax.Array, Q: jax.Array, num_centroids: int, *, implementation: str = "vector"
+) -> jax.Array:
+    """S = C . Q^T [num_centroids, Lq] float32 from the centroids laid out by `block_centroids` and Q [Lq, dim]:
+    each score one FMA chain over k (see `centroid_scores_f32.cc`: the same bits from every implementation and
+    for any row count, not XLA's). implementation: "vector" (AVX-512 or AVX2 where compiled, else as "scalar")
+    or "scalar" (plain loops). CPU programs only; vmapped, it runs once per query."""
+    if implementation not in SCORES_F32_IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {SCORES_F32_IMPLEMENTATIONS}, got {implementation!r}")
+    if library() is None:
+        raise NativeBuildError(f"the native CPU kernels are off or unavailable ({_why_not()}); check `enabled()` first")
+    if blocked.ndim != 3 or blocked.shape[2] != SCORES_GROUP or Q.ndim != 2 or blocked.shape[1] != Q.shape[1]:
+        raise ValueError(
+            f"centroid_scores_f32: blocked centroids [P8 / 8, dim, 8] and Q [Lq, dim], got {blocked.shape} "
+            f"and {Q.shape}"
+        )
+    if blocked.shape[0] != -(-num_centroids // SCORES_GROUP):
+        raise ValueError(f"centroid_scores_f32: {blocked.shape[0]} groups of 8 do not hold P={num_centroids}")
+    out = jax.ShapeDtypeStruct((num_centroids, Q.shape[0]), jnp.float32)
+    call = jax.ffi.ffi_call("colbert_jax_centroid_scores_f32", out, vmap_method="sequential")
+    return call(blocked.astype(jnp.float32), Q.astype(jnp.float32), vectorized=np.int32(implementation == "vector"))
 
 
 # -- the int8 query encoder's self-attention (attention.cc) --------------------------------------------------

@@ -45,7 +45,7 @@ class ShardedArrays:
         )
 
 
-_REPLICATED = ("centroids", "bucket_weights", "centroids_split")
+_REPLICATED = ("centroids", "bucket_weights", "centroids_split", "centroids_blocked")
 
 
 @jax.tree_util.register_dataclass
@@ -53,7 +53,8 @@ _REPLICATED = ("centroids", "bucket_weights", "centroids_split")
 class IndexArrays(ShardedArrays):
     """An index's arrays on the devices (`placement.place_index`). Optional fields are None where the reader
     does not need them: a memory-mapped index leaves residuals on disk, the mmap streamed path reads the IVF
-    lists from disk, `allowed` is set only for a filtered search, and `centroids_split` only on CPUs with AMX-BF16."""
+    lists from disk, `allowed` is set only for a filtered search, `centroids_split` only on CPUs with AMX-BF16 and
+    `centroids_blocked` only on other CPUs whose float32 stage 1 kernel is faster than XLA's product."""
 
     centroids: jax.Array  # f32 [P, dim] (replicated)
     bucket_weights: jax.Array  # f32 [2^nbits] (replicated)
@@ -71,6 +72,9 @@ class IndexArrays(ShardedArrays):
     # bf16 [2, Pp, Kp] (replicated): the centroids' two bfloat16 terms, where the centroid scores are computed
     # on the CPU's tile unit (`candidates.centroid_scores`); None: by an XLA float32 product
     centroids_split: jax.Array | None = None
+    # f32 [ceil(P / 8), dim, 8] (replicated): the centroids in groups of 8 (`native.block_centroids`), where the
+    # centroid scores are a native float32 product (`candidates.centroid_scores`, CPUs without AMX-BF16)
+    centroids_blocked: jax.Array | None = None
 
     @property
     def sentinel(self) -> int:

@@ -1,7 +1,8 @@
 """PLAID stages 1-2: query embeddings -> centroid scores -> probed cells -> candidate passages.
 
   S = C . Q[:query_maxlen]^T                      centroid scores [P, Lq] (on the tile unit of CPUs with
-                                                  AMX-BF16: three bfloat16 products, `native.centroid_scores`)
+                                                  AMX-BF16: three bfloat16 products, `native.centroid_scores`;
+                                                  on other AVX-512 CPUs `native.centroid_scores_f32`)
   cells = top-`ncells` centroids of each query token; the candidates are the union of their IVF lists,
   expanded into `max_entries` slots (an upper bound from the IVF), sorted and deduplicated.
 The stages also count IVF entries, distinct candidates and their embeddings, so that the host can pick the
@@ -57,18 +58,23 @@ def top_cells(S: jax.Array, n: int) -> jax.Array:
 
 
 def centroid_scores(Q: jax.Array, a: IndexArrays, query_maxlen: int) -> jax.Array:
-    """S = C . Q[:query_maxlen]^T [P, Lq]: a float32 product, or, where the arrays carry the centroids' bfloat16
+    """S = C . Q[:query_maxlen]^T [P, Lq]: a float32 product; where the arrays carry the centroids' bfloat16
     terms (`a.centroids_split`: CPUs with AMX-BF16), three bfloat16 products on the tile unit
-    (`native.centroid_scores`)."""
+    (`native.centroid_scores`); where they carry them in groups of 8 (`a.centroids_blocked`), the native float32
+    product (`native.centroid_scores_f32`: sequential reads of the centroids, which bound it at large P)."""
     Q = Q[:query_maxlen]
-    if a.centroids_split is None:
-        return jnp.dot(a.centroids, Q.T, precision=HIGHEST)
-    return _split_product(a.centroids_split, Q, a.centroids.shape[0], lambda: a.centroids)
+    if a.centroids_split is not None:
+        return _split_product(a.centroids_split, Q, a.centroids.shape[0], lambda: a.centroids)
+    if a.centroids_blocked is not None:
+        return _blocked_product(a.centroids_blocked, Q, a.centroids.shape[0], lambda: a.centroids)
+    return jnp.dot(a.centroids, Q.T, precision=HIGHEST)
 
 
 def row_scores(c: jax.Array, Q: jax.Array, a: IndexArrays) -> jax.Array:
     """q . c [n, Lq] of centroid rows c [n, dim] gathered from `a.centroids`, by the product `centroid_scores`
     uses (each row's scores equal its row of S): stage 6 over rows read from disk, which has no S."""
+    if a.centroids_blocked is not None:
+        return _blocked_product(native.block_centroids(c), Q, c.shape[0], lambda: c)
     if a.centroids_split is None:
         return jnp.dot(c, Q.T, precision=HIGHEST)
     n, dim = c.shape
@@ -92,6 +98,18 @@ def _split_product(split: jax.Array, Q: jax.Array, n: int, rows) -> jax.Array:
         q_lo = (Q - q_hi).astype(jnp.bfloat16).astype(jnp.float32)
         main = jnp.dot(hi, q_hi.T, precision=HIGHEST)
         return main + (jnp.dot(hi, q_lo.T, precision=HIGHEST) + jnp.dot(lo, q_hi.T, precision=HIGHEST))
+
+    return jax.lax.platform_dependent(Q, cpu=cpu, default=lambda Q: jnp.dot(rows(), Q.T, precision=HIGHEST))
+
+
+def _blocked_product(blocked: jax.Array, Q: jax.Array, n: int, rows) -> jax.Array:
+    """[n, Lq] from n rows in groups of 8 (`native.block_centroids`): the native float32 product where the kernels
+    are built, else XLA's product of `rows()` (other platforms, or the kernels off)."""
+
+    def cpu(Q):
+        if native.enabled():
+            return native.centroid_scores_f32(blocked, Q, n)
+        return jnp.dot(rows(), Q.T, precision=HIGHEST)
 
     return jax.lax.platform_dependent(Q, cpu=cpu, default=lambda Q: jnp.dot(rows(), Q.T, precision=HIGHEST))
 

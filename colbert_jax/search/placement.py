@@ -123,6 +123,7 @@ def place_index(
     codes_dtype: type = np.int32,
     ivf: bool = True,
     split_centroids: bool = False,
+    blocked_centroids: bool = False,
 ) -> tuple[IndexArrays, list[np.ndarray]]:
     """Splits the index's passages into one contiguous shard per mesh device (balanced by embeddings) and
     places each shard this process owns on its device (residuals and their norms only with `residuals`).
@@ -131,7 +132,8 @@ def place_index(
     does not fit. `ivf` False leaves out the IVF's entries ("ivf", "ivf_offsets"; the lengths stay) for a
     reader that reads the probed lists from disk (`streamed_mmap.expand_cells`); the fields left out are None.
     `split_centroids` also places the centroids' two bfloat16 terms (`native.split_centroids`), for the centroid
-    scores on the tile unit (CPUs with AMX-BF16: `candidates.centroid_scores`).
+    scores on the tile unit (CPUs with AMX-BF16: `candidates.centroid_scores`); `blocked_centroids` places them in
+    groups of 8 (`native.block_centroids`) for the native float32 product (other CPUs).
 
     Returns the global arrays (`IndexArrays`, leading shard axis over the mesh) and, as a one-element
     list, the element-wise maximum over shards of the cumulative IVF list lengths sorted longest first (static
@@ -219,10 +221,12 @@ def place_index(
 
     placed = {k: assemble(per_shard.pop(k)) for k in list(per_shard)}  # each host copy freed once placed
     split = native.split_centroids(index.codec.centroids) if split_centroids else None
+    blocked = native.block_centroids(index.codec.centroids) if blocked_centroids else None
     arrays = IndexArrays(
         centroids=jax.device_put(index.codec.centroids, replicated),
         bucket_weights=jax.device_put(index.codec.bucket_weights, replicated),
         centroids_split=None if split is None else jax.device_put(split, replicated),
+        centroids_blocked=None if blocked is None else jax.device_put(blocked, replicated),
         **placed,
     )
     return arrays, [entry_bound]

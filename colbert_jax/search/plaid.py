@@ -314,6 +314,7 @@ class PlaidEngine:
             codes_dtype=np.uint16 if small else np.int32,
             ivf=not mapped,
             split_centroids=self.on_cpu and native.amx_bf16_available(),
+            blocked_centroids=self.on_cpu and not native.amx_bf16_available() and native.scores_f32_vectorized(),
         )
         longest = int(index.doclens.max())
         # The kernels pad documents to power-of-two lengths (Triton blocks); padding here saves that copy.
@@ -561,6 +562,7 @@ class PlaidEngine:
             centroids=self.arrays.centroids,
             bucket_weights=self.arrays.bucket_weights,
             centroids_split=self.arrays.centroids_split,
+            centroids_blocked=self.arrays.centroids_blocked,
             **placed,
         )
         return jax.device_put(renumbered, sharded), arrays, slots

@@ -207,8 +207,8 @@ def test_without_a_compiler_the_search_warns_and_runs_jnp(real_index, minilm_mod
 def test_kernels_built_for_older_cpu_types_equal_brute_force(arch, bits):
     """`COLBERT_JAX_NATIVE_ARCH` builds the kernels for an older x86-64 type than this CPU: AVX2 (AMD Zen 2 and 3,
     where a register-spilling stage 6 once ran at a few GFLOP/s) or SSE4.2's plain loops. Each build's stage 4-5
-    and stage 6 kernels, float32 dense product and attention still equal brute force (GELU XLA's bits), whatever
-    this CPU has."""
+    and stage 6 kernels, float32 dense product, stage 1's float32 product and attention still equal brute force
+    (GELU XLA's bits), whatever this CPU has."""
     import os
     import subprocess
     import sys
@@ -225,6 +225,7 @@ def test_kernels_built_for_older_cpu_types_equal_brute_force(arch, bits):
         "tests/models/test_native_dense.py::test_float32_dense_kernel_is_the_product_to_float32_rounding",
         "tests/models/test_native_attention.py::test_attention_is_berts",
         "tests/models/test_native_gelu.py::test_gelu_has_xlas_bits",
+        "tests/search/test_centroid_scores_f32.py::test_kernel_is_the_float32_product",
     ]
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests]
     run = subprocess.run(cmd, env=env, cwd=repo, capture_output=True, text=True)

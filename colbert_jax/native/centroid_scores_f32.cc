@@ -1,0 +1,162 @@
+// PLAID's stage 1 product in float32 on CPUs without AMX-BF16 (`colbert_jax.native.centroid_scores_f32`),
+// called from XLA programs through the XLA FFI: S [P, Lq] = C [P, dim] . Q [Lq, dim]^T.
+//
+// At large P the product reads P x dim x 4 bytes of centroids per query (32 MiB at 65,536 centroids), and the
+// read pattern decides its speed: a block of 8 centroid rows read as 8 strided streams ran far below the
+// memory's rate. Here the centroids arrive in groups of 8 (`colbert_jax.native.block_centroids`:
+// [ceil(P / 8)][dim][8], the group's 8 k-th coordinates adjacent, zeros past P), so a group is one sequential
+// read; per k, its 8 coordinates are broadcast against vectors of query tokens. Every S[p, t] is one FMA chain
+// over k ascending from 0 (the same bits from the AVX-512, AVX2 and scalar paths, and for any P or thread count:
+// a row of S depends on that centroid and the query alone).
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include "tasks.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using colbert_jax_native::RunTasks;
+
+constexpr int64_t kGroup = 8;             // centroids per group (the layout's innermost axis)
+constexpr int64_t kGroupsPerTask = 32;
+constexpr int64_t kRowsPerThread = 2048;  // below this many centroids per thread, one thread does it all
+
+// Groups [g0, g1), plain loops. qt: Q^T [dim][lqp] (lqp >= lq, zero columns past lq).
+void GroupsScalar(const float* c, const float* qt, int64_t dim, int64_t lqp, int64_t p, int64_t lq, int64_t g0,
+                  int64_t g1, float* s) {
+  for (int64_t g = g0; g < g1; ++g) {
+    const float* cg = c + g * dim * kGroup;
+    for (int64_t j = 0; j < kGroup && g * kGroup + j < p; ++j) {
+      for (int64_t t = 0; t < lq; ++t) {
+        float acc = 0.0f;
+        for (int64_t k = 0; k < dim; ++k) acc = std::fma(cg[k * kGroup + j], qt[k * lqp + t], acc);
+        s[(g * kGroup + j) * lq + t] = acc;
+      }
+    }
+  }
+}
+
+#if defined(__AVX512F__)
+// One group x V vectors of 16 tokens starting at token t0; lqp is a multiple of 16.
+template <int V>
+inline void TileAvx512(const float* cg, const float* qt, int64_t dim, int64_t lqp, int64_t t0, int64_t rows,
+                       int64_t lq, float* s) {
+  __m512 acc[kGroup][V];
+  for (int j = 0; j < kGroup; ++j) {
+    for (int v = 0; v < V; ++v) acc[j][v] = _mm512_setzero_ps();
+  }
+  for (int64_t k = 0; k < dim; ++k) {
+    __m512 q[V];
+    for (int v = 0; v < V; ++v) q[v] = _mm512_loadu_ps(qt + k * lqp + t0 + 16 * v);
+    for (int j = 0; j < kGroup; ++j) {
+      const __m512 a = _mm512_set1_ps(cg[k * kGroup + j]);
+      for (int v = 0; v < V; ++v) acc[j][v] = _mm512_fmadd_ps(a, q[v], acc[j][v]);
+    }
+  }
+  for (int v = 0; v < V; ++v) {
+    const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, lq - t0 - 16 * v));
+    const __mmask16 keep = left >= 16 ? 0xffff : static_cast<__mmask16>((1u << left) - 1);
+    for (int64_t j = 0; j < rows; ++j) _mm512_mask_storeu_ps(s + j * lq + t0 + 16 * v, keep, acc[j][v]);
+  }
+}
+
+void GroupsAvx512(const float* c, const float* qt, int64_t dim, int64_t lqp, int64_t p, int64_t lq, int64_t g0,
+                  int64_t g1, float* s) {
+  for (int64_t g = g0; g < g1; ++g) {
+    const float* cg = c + g * dim * kGroup;
+    const int64_t rows = std::min(kGroup, p - g * kGroup);
+    float* sg = s + g * kGroup * lq;
+    int64_t t0 = 0;
+    for (; t0 + 32 <= lqp; t0 += 32) TileAvx512<2>(cg, qt, dim, lqp, t0, rows, lq, sg);
+    if (t0 < lqp) TileAvx512<1>(cg, qt, dim, lqp, t0, rows, lq, sg);
+  }
+}
+#endif
+
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#define COLBERT_JAX_SCORES_AVX2 1
+// One group x 8 tokens starting at token t0 (AVX2's 16 registers: 8 sums, a query vector, a broadcast); lqp is a
+// multiple of 16.
+inline void TileAvx2(const float* cg, const float* qt, int64_t dim, int64_t lqp, int64_t t0, int64_t rows,
+                     int64_t lq, float* s) {
+  __m256 acc[kGroup];
+  for (int j = 0; j < kGroup; ++j) acc[j] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < dim; ++k) {
+    const __m256 q = _mm256_loadu_ps(qt + k * lqp + t0);
+    for (int j = 0; j < kGroup; ++j) acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(cg[k * kGroup + j]), q, acc[j]);
+  }
+  const int64_t left = std::max<int64_t>(0, std::min<int64_t>(8, lq - t0));
+  const __m256i keep =
+      _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(left)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  for (int64_t j = 0; j < rows; ++j) _mm256_maskstore_ps(s + j * lq + t0, keep, acc[j]);
+}
+
+void GroupsAvx2(const float* c, const float* qt, int64_t dim, int64_t lqp, int64_t p, int64_t lq, int64_t g0,
+                int64_t g1, float* s) {
+  for (int64_t g = g0; g < g1; ++g) {
+    const float* cg = c + g * dim * kGroup;
+    const int64_t rows = std::min(kGroup, p - g * kGroup);
+    for (int64_t t0 = 0; t0 < lq; t0 += 8) TileAvx2(cg, qt, dim, lqp, t0, rows, lq, s + g * kGroup * lq);
+  }
+}
+#endif
+
+ffi::Error CentroidScoresF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> blocked, ffi::Buffer<ffi::F32> q,
+                             ffi::ResultBuffer<ffi::F32> s, int32_t vectorized) {
+  auto c_dims = blocked.dimensions();
+  auto q_dims = q.dimensions();
+  auto s_dims = s->dimensions();
+  if (c_dims.size() != 3 || c_dims[2] != kGroup || q_dims.size() != 2 || s_dims.size() != 2) {
+    return ffi::Error::InvalidArgument("centroid_scores_f32: blocked centroids [P8 / 8, dim, 8], Q [Lq, dim], S [P, Lq]");
+  }
+  const int64_t groups = c_dims[0], dim = c_dims[1], lq = q_dims[0], p = s_dims[0];
+  if (q_dims[1] != dim || s_dims[1] != lq || groups != (p + kGroup - 1) / kGroup) {
+    return ffi::Error::InvalidArgument("centroid_scores_f32: the blocked centroids do not fit Q [Lq, dim], S [P, Lq]");
+  }
+  if (p == 0 || lq == 0) return ffi::Error::Success();
+  const int64_t lqp = (lq + 15) / 16 * 16;
+  std::vector<float> qt(dim * lqp, 0.0f);  // Q^T, zero columns past lq
+  const float* qd = q.typed_data();
+  for (int64_t t = 0; t < lq; ++t) {
+    for (int64_t k = 0; k < dim; ++k) qt[k * lqp + t] = qd[t * dim + k];
+  }
+  const float* c = blocked.typed_data();
+  float* out = s->typed_data();
+  const int64_t tasks = (groups + kGroupsPerTask - 1) / kGroupsPerTask;
+  RunTasks(pool, tasks, p, kRowsPerThread, [&](int64_t t) {
+    const int64_t g0 = t * kGroupsPerTask, g1 = std::min(g0 + kGroupsPerTask, groups);
+#if defined(__AVX512F__)
+    if (vectorized) {
+      GroupsAvx512(c, qt.data(), dim, lqp, p, lq, g0, g1, out);
+      return;
+    }
+#elif defined(COLBERT_JAX_SCORES_AVX2)
+    if (vectorized) {
+      GroupsAvx2(c, qt.data(), dim, lqp, p, lq, g0, g1, out);
+      return;
+    }
+#endif
+    GroupsScalar(c, qt.data(), dim, lqp, p, lq, g0, g1, out);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ColbertJaxCentroidScoresF32, CentroidScoresF32,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("vectorized"));

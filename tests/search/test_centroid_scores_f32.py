@@ -1,0 +1,137 @@
+"""Stage 1's float32 centroid scores on CPUs without AMX-BF16 (`native.centroid_scores_f32`,
+`centroid_scores_f32.cc`): centroids in groups of 8 (`native.block_centroids`), each score one FMA chain over k.
+The vector paths (AVX-512 or AVX2, whichever this build has) give the scalar loops' bits, float32-accurate
+against the exact product and XLA's; a row's scores do not depend on which rows are scored with it, so
+gathered rows (`row_scores`, stage 6 over rows read from disk) equal their rows of S exactly; a Searcher places
+the blocked centroids exactly where the kernel is the faster stage 1 (no AMX-BF16, AVX-512 build), and its
+rankings equal those of XLA's product there; programs lowered for accelerators take XLA's product; bad shapes
+are errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import colbert_jax
+from colbert_jax import native
+from colbert_jax.search import candidates
+from colbert_jax.search.arrays import IndexArrays
+from tests.kernels.lowering import lower
+
+# (P, Lq, dim): a partial group, one token, one/two/three vectors of tokens and a masked tail, threads (P > 2048)
+SHAPES = [(100, 20, 96), (17, 1, 8), (64, 32, 128), (50, 40, 128), (4100, 32, 128), (3, 48, 64), (8, 16, 160)]
+
+
+def _unit(rng, *shape) -> np.ndarray:
+    x = rng.standard_normal(shape).astype(np.float32)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _problem(p: int, lq: int, dim: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return _unit(rng, p, dim), _unit(rng, lq, dim)
+
+
+def _arrays(C: np.ndarray, blocked: bool) -> IndexArrays:
+    """Arrays carrying only what stage 1 reads (the centroids, in groups of 8 or not)."""
+    return IndexArrays(
+        centroids=jnp.asarray(C),
+        bucket_weights=jnp.zeros(4),
+        codes=jnp.zeros(1, jnp.int32),
+        doclens=jnp.zeros(1, jnp.int32),
+        offsets=jnp.zeros(1, jnp.int32),
+        first=jnp.zeros((), jnp.int32),
+        count=jnp.zeros((), jnp.int32),
+        centroids_blocked=jnp.asarray(native.block_centroids(C)) if blocked else None,
+    )
+
+
+def _kernel(implementation: str, p: int):
+    return jax.jit(functools.partial(native.centroid_scores_f32, num_centroids=p, implementation=implementation))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_kernel_is_the_float32_product(shape, monkeypatch):
+    C, Q = _problem(*shape)
+    blocked = jnp.asarray(native.block_centroids(C))
+    got = np.asarray(_kernel("vector", shape[0])(blocked, Q))
+    assert got.shape == (shape[0], shape[1]) and got.dtype == np.float32
+    # the vector code is the scalar loops' FMA chain: the same bits
+    np.testing.assert_array_equal(got, np.asarray(_kernel("scalar", shape[0])(blocked, Q)))
+    exact = C.astype(np.float64) @ Q.T.astype(np.float64)
+    np.testing.assert_allclose(got, exact, rtol=0, atol=1e-6)
+    # XLA's float32 product (the kernels off): equal up to float32 accumulation order
+    monkeypatch.setenv(native.ENV, "0")
+    xla = np.asarray(jax.jit(lambda Q: candidates.centroid_scores(Q, _arrays(C, True), shape[1]))(Q))
+    np.testing.assert_allclose(got, xla, rtol=0, atol=1e-6)
+
+
+def test_block_layout():
+    C = _problem(13, 1, 96)[0]
+    blocked = native.block_centroids(C)
+    assert blocked.shape == (2, 96, 8) and blocked.dtype == np.float32 and blocked.flags.c_contiguous
+    for p in range(13):
+        np.testing.assert_array_equal(blocked[p // 8, :, p % 8], C[p])
+    assert not blocked[1, :, 5:].any()  # zeros past P
+    # inside a program (rows gathered there): the same layout from a jax array
+    np.testing.assert_array_equal(np.asarray(jax.jit(native.block_centroids)(jnp.asarray(C))), blocked)
+    with pytest.raises(ValueError, match="float"):
+        native.block_centroids(C[0])
+
+
+def test_gathered_rows_score_as_their_rows_of_S():
+    # stage 6 over rows read from disk has no S: each gathered centroid's scores must equal its row of S
+    C, Q = _problem(300, 32, 128, seed=2)
+    arrays = _arrays(C, True)
+    codes = np.random.default_rng(3).integers(0, 300, 517)
+    S = jax.jit(lambda Q: candidates.centroid_scores(Q, arrays, 32))(Q)
+    rows = jax.jit(lambda c, Q: candidates.row_scores(c, Q, arrays))(jnp.asarray(C[codes]), Q)
+    np.testing.assert_array_equal(np.asarray(rows), np.asarray(S)[codes])
+
+
+def test_searcher_blocks_the_centroids_where_the_kernel_is_stage_1(real_index, minilm_model, monkeypatch):
+    searcher = colbert_jax.Searcher(real_index, checkpoint=minilm_model, truncate=True)
+    blocked = searcher.arrays.centroids_blocked
+    assert (blocked is not None) == (not native.amx_bf16_available() and native.scores_f32_vectorized())
+    queries = ["how do I read a file line by line", "sort a list of dictionaries by a key", "parse a URL"]
+    # the same searcher with the blocked centroids forced on, against XLA's product: the same rankings
+    engine = searcher._plaid_engine()
+    centroids = np.asarray(searcher.index.codec.centroids)
+    blocked = jnp.asarray(native.block_centroids(centroids))
+    forced = dataclasses.replace(engine.arrays, centroids_split=None, centroids_blocked=blocked)
+    plain = dataclasses.replace(forced, centroids_blocked=None)
+    results = {}
+    for name, a in (("blocked", forced), ("xla", plain)):
+        monkeypatch.setattr(engine, "arrays", a)
+        results[name] = [searcher.search(q, k=10) for q in queries]
+    for got, want in zip(results["blocked"], results["xla"]):
+        assert [pid for pid, _, _ in got] == [pid for pid, _, _ in want]
+        np.testing.assert_allclose([s for _, _, s in got], [s for _, _, s in want], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_lowers_for_accelerators_without_the_kernel(platform):
+    C, Q = _problem(64, 32, 128)
+    arrays = _arrays(C, True)
+    text = lower(
+        lambda Q, a: candidates.centroid_scores(Q, a, 32), Q, arrays, platform=platform, name="centroid scores"
+    )
+    assert "colbert_jax_centroid_scores_f32" not in text and "dot_general" in text
+
+
+def test_bad_shapes_are_errors():
+    C, Q = _problem(100, 32, 96)
+    blocked = jnp.asarray(native.block_centroids(C))
+    with pytest.raises(ValueError, match="do not hold"):
+        native.centroid_scores_f32(blocked, Q, 90)  # 13 groups are not P=90's 12
+    with pytest.raises(ValueError, match="blocked centroids"):
+        native.centroid_scores_f32(blocked, Q[:, :64], 100)
+    with pytest.raises(ValueError, match="blocked centroids"):
+        native.centroid_scores_f32(jnp.asarray(C), Q, 100)
+    with pytest.raises(ValueError, match="implementation"):
+        native.centroid_scores_f32(blocked, Q, 100, implementation="fast")
