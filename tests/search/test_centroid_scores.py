@@ -34,8 +34,8 @@ def _problem(p: int, lq: int, dim: int, seed: int = 0):
     return _unit(rng, p, dim), _unit(rng, lq, dim)
 
 
-def _arrays(C: np.ndarray, split: bool) -> IndexArrays:
-    """Arrays carrying only what stage 1 reads (the centroids, split or not)."""
+def stage1_arrays(C: np.ndarray, **fields) -> IndexArrays:
+    """Arrays carrying only what stage 1 reads: the centroids, and `fields` (their split or blocked forms)."""
     return IndexArrays(
         centroids=jnp.asarray(C),
         bucket_weights=jnp.zeros(4),
@@ -44,8 +44,12 @@ def _arrays(C: np.ndarray, split: bool) -> IndexArrays:
         offsets=jnp.zeros(1, jnp.int32),
         first=jnp.zeros((), jnp.int32),
         count=jnp.zeros((), jnp.int32),
-        centroids_split=jnp.asarray(native.split_centroids(C)) if split else None,
+        **fields,
     )
+
+
+def _arrays(C: np.ndarray, split: bool) -> IndexArrays:
+    return stage1_arrays(C, centroids_split=jnp.asarray(native.split_centroids(C)) if split else None)
 
 
 def _kernel(implementation: str, p: int):

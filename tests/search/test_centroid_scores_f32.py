@@ -22,33 +22,14 @@ from colbert_jax import native
 from colbert_jax.search import candidates
 from colbert_jax.search.arrays import IndexArrays
 from tests.kernels.lowering import lower
+from tests.search.test_centroid_scores import _problem, stage1_arrays
 
 # (P, Lq, dim): a partial group, one token, one/two/three vectors of tokens and a masked tail, threads (P > 2048)
 SHAPES = [(100, 20, 96), (17, 1, 8), (64, 32, 128), (50, 40, 128), (4100, 32, 128), (3, 48, 64), (8, 16, 160)]
 
 
-def _unit(rng, *shape) -> np.ndarray:
-    x = rng.standard_normal(shape).astype(np.float32)
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
-def _problem(p: int, lq: int, dim: int, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    return _unit(rng, p, dim), _unit(rng, lq, dim)
-
-
 def _arrays(C: np.ndarray, blocked: bool) -> IndexArrays:
-    """Arrays carrying only what stage 1 reads (the centroids, in groups of 8 or not)."""
-    return IndexArrays(
-        centroids=jnp.asarray(C),
-        bucket_weights=jnp.zeros(4),
-        codes=jnp.zeros(1, jnp.int32),
-        doclens=jnp.zeros(1, jnp.int32),
-        offsets=jnp.zeros(1, jnp.int32),
-        first=jnp.zeros((), jnp.int32),
-        count=jnp.zeros((), jnp.int32),
-        centroids_blocked=jnp.asarray(native.block_centroids(C)) if blocked else None,
-    )
+    return stage1_arrays(C, centroids_blocked=jnp.asarray(native.block_centroids(C)) if blocked else None)
 
 
 def _kernel(implementation: str, p: int):
