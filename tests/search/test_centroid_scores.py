@@ -3,7 +3,8 @@ products accumulated in float32, on AMX-BF16 tiles where the CPU has them and by
 Both are within a few 1e-6 of the exact product of unit vectors and equal the same three products run by XLA
 (the fallback with the kernels off) to float32 rounding; a gathered row's scores (`row_scores`, stage 6 over
 rows read from disk) equal its row of S exactly; a Searcher places the split centroids exactly where the CPU
-has AMX-BF16; programs lowered for accelerators take the float32 product; bad shapes are errors."""
+has AMX-BF16; programs lowered for accelerators take the float32 product (with either CPU layout of the
+centroids: split, or in groups of 8 for `native.centroid_scores_f32`); bad shapes are errors."""
 
 from __future__ import annotations
 
@@ -110,10 +111,15 @@ def test_searcher_splits_the_centroids_where_the_cpu_has_amx_bf16(real_index, mi
         np.testing.assert_array_equal(np.asarray(split), native.split_centroids(searcher.index.codec.centroids))
 
 
+@pytest.mark.parametrize("layout", ["split", "blocked"])
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
-def test_lowers_for_accelerators_without_the_kernel(platform):
+def test_lowers_for_accelerators_without_the_kernel(platform, layout):
+    # either CPU layout of the centroids (AMX-BF16's split terms, or the float32 kernel's groups of 8)
     C, Q = _problem(64, 32, 128)
-    arrays = _arrays(C, True)
+    if layout == "split":
+        arrays = _arrays(C, True)
+    else:
+        arrays = stage1_arrays(C, centroids_blocked=jnp.asarray(native.block_centroids(C)))
     text = lower(
         lambda Q, a: candidates.centroid_scores(Q, a, 32), Q, arrays, platform=platform, name="centroid scores"
     )

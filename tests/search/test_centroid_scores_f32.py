@@ -4,8 +4,8 @@ The vector paths (AVX-512 or AVX2, whichever this build has) give the scalar loo
 against the exact product and XLA's; a row's scores do not depend on which rows are scored with it, so
 gathered rows (`row_scores`, stage 6 over rows read from disk) equal their rows of S exactly; a Searcher places
 the blocked centroids exactly where the kernel is the faster stage 1 (no AMX-BF16, AVX-512 build), and its
-rankings equal those of XLA's product there; programs lowered for accelerators take XLA's product; bad shapes
-are errors."""
+rankings equal those of XLA's product there; bad shapes are errors. (Programs lowered for accelerators take
+XLA's product: `test_centroid_scores.py`.)"""
 
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ import colbert_jax
 from colbert_jax import native
 from colbert_jax.search import candidates
 from colbert_jax.search.arrays import IndexArrays
-from tests.kernels.lowering import lower
 from tests.search.test_centroid_scores import _problem, stage1_arrays
 
 # (P, Lq, dim): a partial group, one token, one/two/three vectors of tokens and a masked tail, threads (P > 2048)
@@ -93,16 +92,6 @@ def test_searcher_blocks_the_centroids_where_the_kernel_is_stage_1(real_index, m
     for got, want in zip(results["blocked"], results["xla"]):
         assert [pid for pid, _, _ in got] == [pid for pid, _, _ in want]
         np.testing.assert_allclose([s for _, _, s in got], [s for _, _, s in want], rtol=0, atol=1e-4)
-
-
-@pytest.mark.parametrize("platform", ["cuda", "tpu"])
-def test_lowers_for_accelerators_without_the_kernel(platform):
-    C, Q = _problem(64, 32, 128)
-    arrays = _arrays(C, True)
-    text = lower(
-        lambda Q, a: candidates.centroid_scores(Q, a, 32), Q, arrays, platform=platform, name="centroid scores"
-    )
-    assert "colbert_jax_centroid_scores_f32" not in text and "dot_general" in text
 
 
 def test_bad_shapes_are_errors():
