@@ -90,10 +90,15 @@ def test_split_terms():
     assert np.abs(hi[:100] + lo[:100] - C).max() > 0
 
 
-def test_gathered_rows_score_as_their_rows_of_S():
-    # stage 6 over rows read from disk has no S: each gathered centroid's scores must equal its row of S
+@pytest.mark.parametrize("layout", ["split", "blocked"])
+def test_gathered_rows_score_as_their_rows_of_S(layout):
+    # stage 6 over rows read from disk has no S: each gathered centroid's scores must equal its row of S, with
+    # either CPU layout of the centroids (AMX-BF16's split terms, or `native.centroid_scores_f32`'s groups of 8)
     C, Q = _problem(300, 32, 128, seed=2)
-    arrays = _arrays(C, True)
+    if layout == "split":
+        arrays = _arrays(C, True)
+    else:
+        arrays = stage1_arrays(C, centroids_blocked=jnp.asarray(native.block_centroids(C)))
     codes = np.random.default_rng(3).integers(0, 300, 517)
     S = jax.jit(lambda Q: candidates.centroid_scores(Q, arrays, 32))(Q)
     rows = jax.jit(lambda c, Q: candidates.row_scores(c, Q, arrays))(jnp.asarray(C[codes]), Q)

@@ -1,11 +1,10 @@
 """Stage 1's float32 centroid scores on CPUs without AMX-BF16 (`native.centroid_scores_f32`,
 `centroid_scores_f32.cc`): centroids in groups of 8 (`native.block_centroids`), each score one FMA chain over k.
 The vector paths (AVX-512 or AVX2, whichever this build has) give the scalar loops' bits, float32-accurate
-against the exact product and XLA's; a row's scores do not depend on which rows are scored with it, so
-gathered rows (`row_scores`, stage 6 over rows read from disk) equal their rows of S exactly; a Searcher places
-the blocked centroids exactly where the kernel is the faster stage 1 (no AMX-BF16, AVX-512 build), and its
-rankings equal those of XLA's product there; bad shapes are errors. (Programs lowered for accelerators take
-XLA's product: `test_centroid_scores.py`.)"""
+against the exact product and XLA's; a Searcher places the blocked centroids exactly where the kernel is the
+faster stage 1 (no AMX-BF16, AVX-512 build), and its rankings equal those of XLA's product there; bad shapes are
+errors. (`test_centroid_scores.py` checks, for both CPU layouts, that gathered rows score as their rows of S and
+that programs lowered for accelerators take XLA's product.)"""
 
 from __future__ import annotations
 
@@ -62,16 +61,6 @@ def test_block_layout():
     np.testing.assert_array_equal(np.asarray(jax.jit(native.block_centroids)(jnp.asarray(C))), blocked)
     with pytest.raises(ValueError, match="float"):
         native.block_centroids(C[0])
-
-
-def test_gathered_rows_score_as_their_rows_of_S():
-    # stage 6 over rows read from disk has no S: each gathered centroid's scores must equal its row of S
-    C, Q = _problem(300, 32, 128, seed=2)
-    arrays = _arrays(C, True)
-    codes = np.random.default_rng(3).integers(0, 300, 517)
-    S = jax.jit(lambda Q: candidates.centroid_scores(Q, arrays, 32))(Q)
-    rows = jax.jit(lambda c, Q: candidates.row_scores(c, Q, arrays))(jnp.asarray(C[codes]), Q)
-    np.testing.assert_array_equal(np.asarray(rows), np.asarray(S)[codes])
 
 
 def test_searcher_blocks_the_centroids_where_the_kernel_is_stage_1(real_index, minilm_model, monkeypatch):
