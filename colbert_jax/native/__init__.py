@@ -44,6 +44,7 @@ __all__ = [
     "library",
     "centroid_interaction",
     "exact_maxsim",
+    "MAXSIM_IMPLEMENTATIONS",
     "amx_available",
     "int8_tiles",
     "pack_dense",
@@ -257,6 +258,9 @@ def centroid_interaction(S: jax.Array, codes: jax.Array, threshold, starts: jax.
     )
 
 
+MAXSIM_IMPLEMENTATIONS = ("auto", "vector", "amx")
+
+
 def exact_maxsim(
     Q: jax.Array,
     S: jax.Array,
@@ -266,15 +270,29 @@ def exact_maxsim(
     table: jax.Array,
     starts: jax.Array,
     lens: jax.Array,
+    *,
+    implementation: str = "auto",
 ) -> jax.Array:
     """PLAID's stage 6 on the CPU: per-token MaxSim [n, Lq] of documents over their decompressed embeddings.
 
     Q [Lq, dim]; S [P, Lq] centroid scores (q . c); codes [R] int32 or uint16, residuals uint8 [R, dim * nbits
     / 8], inv_norms [R] (1 / ||c + r||) of the index's rows; table [256, 8 / nbits] (`byte_table`); starts, lens
     [n] int32 -> [n, Lq] f32, each token's best (S[c, q] + r . q) * inv_norm over the document's rows (-inf
-    for an empty document). Call only where `enabled()`; vmapped, it runs once per query."""
+    for an empty document). Call only where `enabled()`; vmapped, it runs once per query.
+    implementation: "vector" (float32 products on the vector unit), "amx" (32 query tokens on CPUs with AMX-BF16:
+    r . q as three bfloat16 products accumulated in float32, like stage 1's: float32-class, not float32's bits)
+    or "auto" (amx where it applies)."""
+    if implementation not in MAXSIM_IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {MAXSIM_IMPLEMENTATIONS}, got {implementation!r}")
     if library() is None:
         raise NativeBuildError(f"the native CPU kernels are off or unavailable ({_why_not()}); check `enabled()` first")
+    amx = Q.shape[0] == 32 and amx_bf16_available() if implementation == "auto" else implementation == "amx"
+    if implementation == "amx" and not amx_bf16_available():
+        raise NativeBuildError(
+            f"exact_maxsim(implementation='amx'): no AMX-BF16 here (not on this CPU or OS, or {AMX_ENV}=0)"
+        )
+    if amx and Q.shape[0] != 32:
+        raise ValueError(f"exact_maxsim(implementation='amx') takes 32 query tokens, got Q {Q.shape}")
     target = _MAXSIM_TARGETS.get(np.dtype(codes.dtype))
     if target is None:
         raise TypeError(f"codes must be int32 or uint16, got {codes.dtype}")
@@ -292,6 +310,7 @@ def exact_maxsim(
         table.astype(jnp.float32),
         starts.astype(jnp.int32),
         lens.astype(jnp.int32),
+        amx=np.int32(amx),
     )
 
 

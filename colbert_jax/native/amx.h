@@ -1,9 +1,11 @@
-// What the AMX kernels share (dense_int8.cc, centroid_scores.cc): whether this CPU and OS run the tile unit, and
+// What the AMX kernels share (dense_int8.cc, centroid_scores.cc, plaid_cpu.cc): whether this CPU and OS run the tile unit, and
 // the tile configuration they all use (8 tiles of 16 rows x 64 bytes).
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <new>
 #include <utility>
 #include <vector>
@@ -18,6 +20,41 @@
 namespace colbert_jax_native {
 
 enum class AmxProducts { kInt8, kBf16 };
+
+// float -> bfloat16 bits, round to nearest even (what numpy/jax's astype does; no NaNs reach here).
+inline uint16_t ToBf16(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  u += 0x7fff + ((u >> 16) & 1);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+inline float FromBf16(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float x;
+  std::memcpy(&x, &u, 4);
+  return x;
+}
+
+// Q [lq, dim] float32 -> its bfloat16 terms hi = bf16(x), lo = bf16(x - hi) in the layout of AMX B tiles for
+// bfloat16 products: [kp / 32][nb][16 pairs of k][16 tokens][2] (kp: dim rounded up to 32, nb: lq's blocks of
+// 16 tokens; zeros past dim and lq). With split A operands, hi.hi + hi.lo + lo.hi is a float32-class product.
+inline void SplitForTiles(const float* q, int64_t lq, int64_t dim, int64_t kp, int64_t nb, uint16_t* hi,
+                          uint16_t* lo) {
+  const int64_t size = kp * nb * 16;
+  std::fill(hi, hi + size, 0);
+  std::fill(lo, lo + size, 0);
+  for (int64_t t = 0; t < lq; ++t) {
+    for (int64_t k = 0; k < dim; ++k) {
+      const float x = q[t * dim + k];
+      const uint16_t h = ToBf16(x);
+      const int64_t at = (((k / 32) * nb + t / 16) * 16 + (k % 32) / 2) * 32 + (t % 16) * 2 + k % 2;
+      hi[at] = h;
+      lo[at] = ToBf16(x - FromBf16(h));
+    }
+  }
+}
+
 
 // Allocates on 64-byte boundaries. A tile row is 64 bytes: from a buffer off that boundary (malloc's 16) every
 // row of a tile load straddles two cache lines, and the kernels ran at about half speed. `TileBuffer<T>(n)`

@@ -35,36 +35,12 @@ constexpr int64_t kPairsPerTile = 16;     // a B tile holds 16 pairs of k: 32 k 
 constexpr int64_t kRowsPerThread = 2048;  // below this many centroids per thread, one thread does it all
 constexpr int64_t kBlocksPerTask = 16;
 
-// float -> bfloat16 bits, round to nearest even (what numpy/jax's astype does; no NaNs reach here).
-inline uint16_t ToBf16(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  u += 0x7fff + ((u >> 16) & 1);
-  return static_cast<uint16_t>(u >> 16);
-}
+using colbert_jax_native::FromBf16;
+using colbert_jax_native::ToBf16;
 
-inline float FromBf16(uint16_t b) {
-  const uint32_t u = static_cast<uint32_t>(b) << 16;
-  float x;
-  std::memcpy(&x, &u, 4);
-  return x;
-}
-
-// Q [lq, dim] -> its hi and lo terms in the B-tile layout: [Kp / 32][Nb][16 pairs][16 tokens][2] bfloat16.
-void SplitQuery(const float* q, int64_t lq, int64_t dim, int64_t kp, int64_t nb, uint16_t* hi, uint16_t* lo) {
-  const int64_t size = kp * nb * kBlock;
-  std::fill(hi, hi + size, 0);
-  std::fill(lo, lo + size, 0);
-  for (int64_t t = 0; t < lq; ++t) {
-    for (int64_t k = 0; k < dim; ++k) {
-      const float x = q[t * dim + k];
-      const uint16_t h = ToBf16(x);
-      const int64_t at = (((k / 32) * nb + t / kBlock) * kPairsPerTile + (k % 32) / 2) * (2 * kBlock) +
-                         (t % kBlock) * 2 + k % 2;
-      hi[at] = h;
-      lo[at] = ToBf16(x - FromBf16(h));
-    }
-  }
+// Q [lq, dim] -> its hi and lo terms in the B-tile layout (`colbert_jax_native::SplitForTiles`).
+inline void SplitQuery(const float* q, int64_t lq, int64_t dim, int64_t kp, int64_t nb, uint16_t* hi, uint16_t* lo) {
+  colbert_jax_native::SplitForTiles(q, lq, dim, kp, nb, hi, lo);
 }
 
 // Row blocks [b0, b1) with plain loops: the same three products, each summed in float32 over k.

@@ -1,11 +1,13 @@
 """The native CPU kernels (`colbert_jax.native`) of the streamed PLAID path: the centroid interaction (stages
-4-5) and exact MaxSim (stage 6), each equal to a brute-force computation (the interaction also to itself one
-query at a time when vmapped, and to the jnp streaming it replaces), and the search they serve equal to the jnp
-path's (in memory: int32 codes; memory-mapped: uint16 codes). Programs lowered for accelerators do not call
-them; without a compiler the search warns and runs jnp."""
+4-5) and exact MaxSim (stage 6, on the vector unit and on AMX-BF16 tiles), each equal to a brute-force
+computation (the interaction also to itself one query at a time when vmapped, and to the jnp streaming it
+replaces), and the search they serve equal to the jnp path's (in memory: int32 codes; memory-mapped: uint16
+codes). Programs lowered for accelerators do not call them; without a compiler the search warns and runs
+jnp."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import jax
@@ -100,12 +102,14 @@ def test_equals_the_jnp_path():
         np.testing.assert_allclose(got[2:], want[2:], rtol=0, atol=2e-5)
 
 
+@pytest.mark.parametrize("implementation", ["vector", "amx"])
 @pytest.mark.parametrize("code_dtype", [np.int32, np.uint16])
-@pytest.mark.parametrize("nbits", [2, 4])
-def test_exact_maxsim_equals_brute_force(code_dtype, nbits):
-    """Stage 6's kernel: each token's best (q . c + q . r) / ||c + r|| over a document's rows, from packed bytes."""
+@pytest.mark.parametrize("nbits, dim", [(2, 64), (4, 64), (1, 128), (2, 48)])
+def test_exact_maxsim_equals_brute_force(code_dtype, nbits, dim, implementation):
+    """Stage 6's kernel: each token's best (q . c + q . r) / ||c + r|| over a document's rows, from packed bytes,
+    on the vector unit and on AMX-BF16 tiles (three bfloat16 products; dim 48: k padded to the tiles' 64)."""
     rng = np.random.default_rng(nbits)
-    dim, lq, num_rows, num_docs = 64, 32, 6000, 120
+    lq, num_rows, num_docs = 32, 6000, 120
     Q = rng.standard_normal((lq, dim)).astype(np.float32)
     centroids = rng.standard_normal((300, dim)).astype(np.float32)
     S = centroids @ Q.T
@@ -118,15 +122,35 @@ def test_exact_maxsim_equals_brute_force(code_dtype, nbits):
     lens = rng.integers(0, 100, num_docs).astype(np.int32)
     lens[:3] = 0
     starts = rng.integers(0, num_rows - 100, num_docs).astype(np.int32)
-    got = np.asarray(
-        jax.jit(native.exact_maxsim)(Q, S, codes.astype(code_dtype), residuals, inv_norms, table, starts, lens)
-    )
+    kernel = jax.jit(functools.partial(native.exact_maxsim, implementation=implementation))
+    args = (Q, S, codes.astype(code_dtype), residuals, inv_norms, table, starts, lens)
+    if implementation == "amx" and not native.amx_bf16_available():
+        with pytest.raises(native.NativeBuildError, match="AMX-BF16"):
+            kernel(*args)
+        return
+    got = np.asarray(kernel(*args))
     sims = (S[codes] + r @ Q.T) * inv_norms[:, None]  # [rows, Lq]
     for d, (start, n) in enumerate(zip(starts, lens)):
         if n == 0:
             assert np.isneginf(got[d]).all()
         else:
             np.testing.assert_allclose(got[d], sims[start : start + n].max(axis=0), rtol=0, atol=1e-5)
+
+
+def test_exact_maxsim_refuses_what_it_cannot_run():
+    Q, S = jnp.zeros((16, 64)), jnp.zeros((10, 16))
+    rows = (jnp.zeros(4, jnp.int32), jnp.zeros((4, 16), jnp.uint8), jnp.ones(4), jnp.zeros((256, 4)))
+    docs = (jnp.zeros(1, jnp.int32), jnp.ones(1, jnp.int32))
+    with pytest.raises(ValueError, match="implementation"):
+        native.exact_maxsim(Q, S, *rows, *docs, implementation="tiles")
+    if native.amx_bf16_available():  # the tile path is written for 32 query tokens
+        with pytest.raises(ValueError, match="32 query tokens"):
+            native.exact_maxsim(Q, S, *rows, *docs, implementation="amx")
+    else:
+        with pytest.raises(native.NativeBuildError, match="AMX-BF16"):
+            native.exact_maxsim(Q, S, *rows, *docs, implementation="amx")
+    # "auto" runs where the tiles cannot: 16 tokens on the vector unit
+    assert native.exact_maxsim(Q, S, *rows, *docs).shape == (1, 16)
 
 
 def _rankings(searcher, Q, k):
