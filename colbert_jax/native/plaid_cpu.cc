@@ -358,6 +358,51 @@ inline void UnpackRow(const uint8_t* packed, int64_t bytes, int64_t per_byte, co
   for (int64_t b = 0; b < bytes; ++b) std::memcpy(out + b * per_byte, table + packed[b] * per_byte, per_byte * 2);
 }
 
+// nbits 2 with AVX-512 VBMI: a row's residual terms without a table load per byte. Each 2-bit field f of a
+// byte (first dimension in the top bits) indexes `fields` (the 4 terms, `FieldTerms`); per 32 dimensions, one
+// byte permute puts each dimension's byte in its own 16-bit lane, a variable shift and mask leave its field, and
+// a word permute looks up the hi and lo terms. Bytes past the row read as zero (terms of field 0 land in the
+// padding of kp, where Q's terms are zero).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi"))) inline void UnpackRowFields(
+    const uint8_t* packed, int64_t bytes, __m512i fields_hi, __m512i fields_lo, uint16_t* hi, uint16_t* lo) {
+  alignas(64) static const uint8_t kBytes[64] = {
+      0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 1, 0, 1, 0, 1, 0, 2, 0, 2, 0, 2, 0, 2, 0, 3, 0, 3, 0, 3, 0, 3, 0,
+      4, 0, 4, 0, 4, 0, 4, 0, 5, 0, 5, 0, 5, 0, 5, 0, 6, 0, 6, 0, 6, 0, 6, 0, 7, 0, 7, 0, 7, 0, 7, 0};
+  const __m512i shifts = _mm512_set_epi16(0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6,
+                                          0, 2, 4, 6, 0, 2, 4, 6);
+  const __m512i three = _mm512_set1_epi16(3);
+  const __m512i base = _mm512_load_si512(kBytes);
+  for (int64_t g = 0; g < bytes; g += 32) {  // 32 bytes: 128 dimensions
+    const int64_t n = std::min<int64_t>(32, bytes - g);
+    const __mmask32 present = n == 32 ? ~__mmask32{0} : static_cast<__mmask32>((1u << n) - 1);
+    const __m512i row = _mm512_castsi256_si512(_mm256_maskz_loadu_epi8(present, packed + g));
+    for (int64_t c = 0; c < 4 && g + 8 * c < bytes; ++c) {  // 8 bytes: 32 dimensions
+      const __m512i idx = _mm512_add_epi8(base, _mm512_set1_epi16(static_cast<int16_t>(8 * c)));
+      const __m512i lane = _mm512_maskz_permutexvar_epi8(0x5555555555555555ull, idx, row);
+      const __m512i f = _mm512_and_si512(_mm512_srlv_epi16(lane, shifts), three);
+      _mm512_store_si512(hi + 4 * (g + 8 * c), _mm512_permutexvar_epi16(f, fields_hi));
+      _mm512_store_si512(lo + 4 * (g + 8 * c), _mm512_permutexvar_epi16(f, fields_lo));
+    }
+  }
+}
+
+// Whether the byte table [256, 4] holds 2-bit fields, first dimension in the top bits (table[v][i] depends on
+// (v >> (6 - 2i)) & 3 alone), and if so their 4 terms: hi then lo, bfloat16.
+bool FieldTerms(const float* table, uint16_t* terms) {
+  float values[4];
+  for (int f = 0; f < 4; ++f) values[f] = table[(f << 6) * 4];
+  for (int v = 0; v < 256; ++v) {
+    for (int i = 0; i < 4; ++i) {
+      if (table[v * 4 + i] != values[(v >> (6 - 2 * i)) & 3]) return false;
+    }
+  }
+  for (int f = 0; f < 4; ++f) {
+    terms[f] = colbert_jax_native::ToBf16(values[f]);
+    terms[4 + f] = colbert_jax_native::ToBf16(values[f] - colbert_jax_native::FromBf16(terms[f]));
+  }
+  return true;
+}
+
 bool MaxSimAmxReady() {
   static const bool ready = colbert_jax_native::AmxReady(colbert_jax_native::AmxProducts::kBf16);
   return ready;
@@ -373,9 +418,15 @@ template <typename Code>
 __attribute__((target("amx-tile,amx-bf16,avx512f"))) void MaxSimDocs32Amx(
     const uint16_t* q_hi, const uint16_t* q_lo, int64_t kp, const float* S, int64_t num_centroids,
     const Code* codes, const uint8_t* residuals, int64_t bytes_per_row, const float* inv_norms, int64_t num_rows,
-    const uint16_t* t_hi, const uint16_t* t_lo, int64_t per_byte, const int32_t* starts, const int32_t* lens,
-    float* out, int64_t lo, int64_t hi) {
+    const uint16_t* t_hi, const uint16_t* t_lo, int64_t per_byte, const uint16_t* fields, const int32_t* starts,
+    const int32_t* lens, float* out, int64_t lo, int64_t hi) {
   colbert_jax_native::ConfigureTiles();
+  alignas(64) uint16_t field_words[2][32] = {};  // the 4 terms in the low words of a vector, hi then lo
+  if (fields != nullptr) {
+    std::copy(fields, fields + 4, field_words[0]);
+    std::copy(fields + 4, fields + 8, field_words[1]);
+  }
+  const __m512i fields_hi = _mm512_load_si512(field_words[0]), fields_lo = _mm512_load_si512(field_words[1]);
   colbert_jax_native::TileBuffer<uint16_t> a_hi(16 * kp, 0), a_lo(16 * kp, 0);  // zeros past dim stay zeros
   alignas(64) float sums[2][16 * 16];
   const int64_t stride = kp * 2;  // bytes per A row
@@ -390,6 +441,10 @@ __attribute__((target("amx-tile,amx-bf16,avx512f"))) void MaxSimDocs32Amx(
         const int64_t rows = std::min<int64_t>(16, start + len - row);
         for (int64_t i = 0; i < rows; ++i) {
           const uint8_t* packed = residuals + (row + i) * bytes_per_row;
+          if (fields != nullptr) {
+            UnpackRowFields(packed, bytes_per_row, fields_hi, fields_lo, a_hi.data() + i * kp, a_lo.data() + i * kp);
+            continue;
+          }
           UnpackRow(packed, bytes_per_row, per_byte, t_hi, a_hi.data() + i * kp);
           UnpackRow(packed, bytes_per_row, per_byte, t_lo, a_lo.data() + i * kp);
         }
@@ -497,12 +552,19 @@ ffi::Error ExactMaxSim(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> Q, ffi::Buffe
     }
   }
   const uint16_t *qh = q_hi.data(), *ql = q_lo.data(), *th = t_hi.data(), *tl = t_lo.data();
+#if COLBERT_JAX_MAXSIM_AMX
+  // nbits 2: the residual terms by permutes where the CPU has VBMI (every CPU with AMX so far) and the table is
+  // made of 2-bit fields (an index's always is).
+  uint16_t field_terms[8];
+  const bool by_fields = use_amx && per_byte == 4 && __builtin_cpu_supports("avx512vbmi") && FieldTerms(tab, field_terms);
+  const uint16_t* fields = by_fields ? field_terms : nullptr;
+#endif
   auto task = [=](int64_t t) {
     const int64_t lo = t * kDocs;
 #if COLBERT_JAX_MAXSIM_AMX
     if (use_amx) {
       MaxSimDocs32Amx<Code>(qh, ql, kp, s_data, num_centroids, c_data, r_data, bytes_per_row, inv, num_rows, th,
-                            tl, per_byte, st, ln, o, lo, std::min<int64_t>(lo + kDocs, n));
+                            tl, per_byte, fields, st, ln, o, lo, std::min<int64_t>(lo + kDocs, n));
       return;
     }
 #endif
