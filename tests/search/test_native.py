@@ -104,10 +104,15 @@ def test_equals_the_jnp_path():
 
 @pytest.mark.parametrize("implementation", ["vector", "amx"])
 @pytest.mark.parametrize("code_dtype", [np.int32, np.uint16])
-@pytest.mark.parametrize("nbits, dim", [(2, 64), (4, 64), (1, 128), (2, 48)])
-def test_exact_maxsim_equals_brute_force(code_dtype, nbits, dim, implementation):
+@pytest.mark.parametrize(
+    "nbits, dim, table_kind",
+    [(2, 64, "fields"), (4, 64, "fields"), (1, 128, "fields"), (2, 48, "fields"), (2, 64, "any")],
+)
+def test_exact_maxsim_equals_brute_force(code_dtype, nbits, dim, table_kind, implementation):
     """Stage 6's kernel: each token's best (q . c + q . r) / ||c + r|| over a document's rows, from packed bytes,
-    on the vector unit and on AMX-BF16 tiles (three bfloat16 products; dim 48: k padded to the tiles' 64)."""
+    on the vector unit and on AMX-BF16 tiles (three bfloat16 products; dim 48: k padded to the tiles' 64). An
+    index's byte table holds bit fields (nbits 2 on the tiles: unpacked by permutes); any other table of 4 values
+    per byte takes the table lookups."""
     rng = np.random.default_rng(nbits)
     lq, num_rows, num_docs = 32, 6000, 120
     Q = rng.standard_normal((lq, dim)).astype(np.float32)
@@ -117,6 +122,8 @@ def test_exact_maxsim_equals_brute_force(code_dtype, nbits, dim, implementation)
     residuals = rng.integers(0, 256, (num_rows, dim * nbits // 8)).astype(np.uint8)
     weights = np.sort(rng.standard_normal(1 << nbits)).astype(np.float32) * 0.1
     table = np.asarray(byte_table(jnp.asarray(weights), nbits))
+    if table_kind == "any":
+        table = (rng.standard_normal(table.shape) * 0.1).astype(np.float32)
     r = table[residuals].reshape(num_rows, dim)
     inv_norms = (1.0 / np.linalg.norm(centroids[codes] + r, axis=1)).astype(np.float32)
     lens = rng.integers(0, 100, num_docs).astype(np.int32)
