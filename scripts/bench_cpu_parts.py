@@ -1,18 +1,20 @@
 """Where colbert-jax's CPU search time goes: matmul speed, query encoding, and retrieval alone.
 
-    python scripts/bench_cpu_parts.py --index DIR [--index DIR ...] [--queries 200] [--engine plaid warp]
-        [--repeats 1] [--two-programs]
+    python scripts/bench_cpu_parts.py --index DIR [--index DIR ...] [--queries 200] [--queries-file TSV]
+        [--k 10] [--engine plaid warp] [--repeats 1] [--two-programs]
 
 1. XLA:CPU GFLOP/s of the query encoder's largest product ([32, 384] x [384, 1536], float32 and bfloat16),
    and torch's on the same product when the reference venv is there (--ref-python).
 2. The query encoder (packaged MiniLM): ms per single query (32 tokens), tokenisation excluded.
 3. For each index: retrieval alone from pre-encoded queries (no encoding): batched queries/s of
-   `search_all` (median of 3 passes) and single-query p50 ms, at k=10 with the defaults, for each --engine
+   `search_all` (median of 3 passes) and single-query p50 ms, at k=10 (--k) with the defaults, for each --engine
    (run back to back, --repeats times: medians with the min-max spread over repeats). With --two-programs,
    also PLAID's batched retrieval without `plaid.search_fused` (each batch by `cells` + `search_streamed`, as
    before that program), timed back to back with the others.
 Indexes from `scripts/bench_search.py` (`DIR/ours`) or `scripts/bench_scale.py` (`ours1`, `ours10`, ...)
-fit; queries are drawn from the (first) index's collection as in those benchmarks. Prints a markdown table.
+fit; queries are drawn from the (first) index's collection as in those benchmarks, or are the first --queries
+of --queries-file (`qid \t text`, e.g. the held-out collection's, `make_docstring_collection.py`); --k sets
+the retrieval's k. Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -73,6 +75,8 @@ def main() -> None:
     ap.add_argument("--engine", nargs="+", default=["plaid"], help="search engines to time (plaid, warp)")
     ap.add_argument("--repeats", type=int, default=1, help="timed rounds per engine (medians reported)")
     ap.add_argument("--collection", help="TSV the queries are drawn from (default: the first index's own)")
+    ap.add_argument("--queries-file", help="TSV of queries (qid, text) to use instead of passage openings")
+    ap.add_argument("--k", type=int, default=10, help="results per query in the retrieval timings")
     ap.add_argument("--two-programs", action="store_true", help="also time PLAID batches without search_fused")
     args = ap.parse_args()
     import colbert_jax
@@ -81,12 +85,15 @@ def main() -> None:
 
     checkpoint = str(default_checkpoint())
     work = Path(tempfile.mkdtemp(prefix="bench-parts-"))
-    sources = [colbert_jax.Index.open(i).metadata["collection"]["source"] for i in args.index]
-    corpus = args.collection or next((src for src in sources if src), None)
-    if corpus is None:
-        sys.exit("none of the indexes records its collection: pass --collection (the built-in corpus TSV)")
-    write_queries(Path(corpus), work / "queries.tsv", args.queries)
-    texts = list(load_queries(work / "queries.tsv").values())
+    if args.queries_file:
+        texts = list(load_queries(Path(args.queries_file)).values())[: args.queries]
+    else:
+        sources = [colbert_jax.Index.open(i).metadata["collection"]["source"] for i in args.index]
+        corpus = args.collection or next((src for src in sources if src), None)
+        if corpus is None:
+            sys.exit("none of the indexes records its collection: pass --collection (the built-in corpus TSV)")
+        write_queries(Path(corpus), work / "queries.tsv", args.queries)
+        texts = list(load_queries(work / "queries.tsv").values())
 
     model = colbert_jax.load_checkpoint(checkpoint)
     ids, mask = model.query_tokenizer.tensorize(texts[:1])
@@ -108,9 +115,9 @@ def main() -> None:
         Q = next(iter(searchers.values())).encode(texts)
         pre = dict(enumerate(Q))
         for s in searchers.values():  # compile and load before any timing
-            s.search_all(pre, k=10)
+            s.search_all(pre, k=args.k)
             for q in Q[:20]:
-                s.search(q, k=10)
+                s.search(q, k=args.k)
         qps = {e: [] for e in args.engine}
         p50 = {e: [] for e in args.engine}
         two = [] if args.two_programs and "plaid" in searchers else None
@@ -118,16 +125,16 @@ def main() -> None:
             if two is not None:
                 two.append(len(Q) / _median_s(functools.partial(_two_programs, searchers["plaid"], pre), 3))
             for e, s in searchers.items():
-                qps[e].append(len(Q) / _median_s(functools.partial(s.search_all, pre, k=10), 3))
+                qps[e].append(len(Q) / _median_s(functools.partial(s.search_all, pre, k=args.k), 3))
                 single = []
                 for q in Q[:100]:
                     t0 = time.perf_counter()
-                    s.search(q, k=10)
+                    s.search(q, k=args.k)
                     single.append(time.perf_counter() - t0)
                 p50[e].append(1000 * float(np.median(single)))
         s = next(iter(searchers.values()))
         for e in args.engine:
-            name = f"{Path(index).name} ({s.index.num_embeddings:,} embeddings), {e}"
+            name = f"{Path(index).name} ({s.index.num_embeddings:,} embeddings), {e}, k={args.k}"
             print(f"| retrieval only, {name}, batched | {_spread(qps[e], '.1f')} queries/s |")
             print(f"| retrieval only, {name}, single p50 | {_spread(p50[e], '.2f')} ms |")
         if two is not None:
