@@ -121,10 +121,10 @@ class ColBERTModel:
             # int8 rounds each dense layer's input rows: the float ops between run at large-batch shapes so that
             # a query's embedding does not depend on the batch it is encoded in
             query_fn = quantized_apply(batch_invariant(query_fn, self.n_devices))
-        # float32 on AVX-512 CPUs, BERT-family backbones (their per-layer modules): attention on the fused
-        # projections and the intermediate GELU as native kernels, and a few queries' products too (split across
-        # threads: XLA:CPU runs a query's small products on one core); float32-accurate, not XLA's bits. Not
-        # measured elsewhere, where the kernels' scalar paths could be slower than XLA's: XLA runs it all there.
+        # float32 on AVX-512 and AVX2 CPUs, BERT-family backbones (their per-layer modules): attention on the
+        # fused projections as a native kernel (and the intermediate GELU on AVX-512), and a few queries' products
+        # too (split across threads: XLA:CPU runs a query's small products on one core); float32-accurate, not
+        # XLA's bits. Elsewhere the kernels' scalar paths would be slower than XLA's: XLA runs it all there.
         self.native_float_encoder = (
             self.query_quantization == "none"
             and cpu

@@ -59,7 +59,7 @@ def stage1(num_centroids: int, repeats: int, rng: np.random.Generator) -> None:
     panels = jnp.asarray(native.pack_dense_f32(centroids.T))
 
     def rows(C, Q):
-        return native.dense_f32(C, jnp.pad(Q.T, ((0, 0), (0, native.F32_PANEL - 32)))[None], 32)
+        return native.dense_f32(C, jnp.pad(Q.T, ((0, 0), (0, 48 - 32)))[None], 32)  # one panel 48 wide
 
     blocked = jnp.asarray(native.block_centroids(centroids))
     variants = {

@@ -34,7 +34,8 @@ softmax: float32-accurate but not XLA's bits, so these embeddings differ from th
 few 1e-4 (an int8 rounding step of a later layer's input flips), still batch-invariant. A module that is one
 dense layer then the exact GELU (`fused_activation()`: BERT's intermediate layer) gets its bias and GELU from one
 native kernel (`colbert_jax.native.gelu`) with XLA's bits, which computes the costly erfc branch only for the
-elements that select it (XLA computes every branch for every element).
+elements that select it (XLA computes every branch for every element); on AVX-512 builds only, where that
+selection is cheap (elsewhere XLA's GELU, the same bits).
 
 The float32 query encoder on the CPU uses the same interceptor without quantization (`fuse_float_params`): the
 fused qkv product then native attention, the intermediate GELU natively, and (where `native.dense_f32` is
@@ -281,7 +282,8 @@ def _native_attention(module: nn.Module, x: jax.Array, bias: jax.Array, determin
 def _native_activation(module: nn.Module, x: jax.Array) -> jax.Array | None:
     """A module that is one dense layer then an activation (`fused_activation()`: BERT's intermediate layer,
     "gelu") with packed or float32 params: the product, then bias and GELU by one native kernel (`native.gelu`:
-    XLA's bits, its expensive branch computed only where selected) in CPU programs; None otherwise."""
+    XLA's bits, its expensive branch computed only where selected) in CPU programs where that kernel is the
+    faster (`native.gelu_faster_than_xla()`), else by XLA; None otherwise."""
     p = module.variables.get("params", {}).get("dense")
     if module.fused_activation() != "gelu" or p is None or _unpacked_int8(p) or "bias" not in p:
         return None
@@ -293,7 +295,8 @@ def _native_activation(module: nn.Module, x: jax.Array) -> jax.Array | None:
     def xla(y):
         return jax.nn.gelu(y + p["bias"], approximate=False)
 
-    return jax.lax.platform_dependent(y, cpu=kernel, default=xla).astype(module.dtype or jnp.float32)
+    out = jax.lax.platform_dependent(y, cpu=kernel, default=xla) if native.gelu_faster_than_xla() else xla(y)
+    return out.astype(module.dtype or jnp.float32)
 
 
 def int8_dense(next_fun, args, kwargs, context):

@@ -56,7 +56,9 @@ __all__ = [
     "attention",
     "gelu",
     "GELU_IMPLEMENTATIONS",
-    "F32_PANEL",
+    "gelu_faster_than_xla",
+    "F32_PANELS",
+    "f32_panel",
     "pack_dense_f32",
     "dense_f32",
     "DENSE_F32_IMPLEMENTATIONS",
@@ -538,6 +540,13 @@ def attention(qkv: jax.Array, qkv_bias: jax.Array, key_bias: jax.Array, heads: i
 GELU_IMPLEMENTATIONS = ("vector", "scalar")
 
 
+def gelu_faster_than_xla() -> bool:
+    """Whether `gelu` runs faster here than XLA's own exact GELU (the same bits): AVX-512 builds, whose compress
+    and expand gather the elements that take the erfc branch. AVX2 builds' lane permutations for them measured
+    slower than XLA's GELU on a Zen 3 (both computing every element), so the encoder takes XLA's there."""
+    return vector_bits() == 512
+
+
 def gelu(y: jax.Array, bias: jax.Array, *, implementation: str = "vector") -> jax.Array:
     """`jax.nn.gelu(y + bias, approximate=False)` with XLA:CPU's bits, computing each element's expensive erfc
     branch only where it selects it (see `gelu.cc`): y float32 [..., N], bias [N]. implementation: "vector"
@@ -560,7 +569,7 @@ def gelu(y: jax.Array, bias: jax.Array, *, implementation: str = "vector") -> ja
 
 # -- the float32 query encoder's dense layer (dense_f32.cc) ---------------------------------------------------
 
-F32_PANEL = 48  # columns per packed panel
+F32_PANELS = (48, 16)  # the packed panel widths `dense_f32` reads
 DENSE_F32_IMPLEMENTATIONS = ("vector", "scalar")
 
 
@@ -572,26 +581,36 @@ def vector_bits() -> int:
 
 
 def dense_f32_vectorized() -> bool:
-    """Whether `dense_f32`'s vector path is compiled here (AVX-512): elsewhere XLA's product is the faster one."""
-    return vector_bits() == 512
+    """Whether `dense_f32`'s vector path is compiled here (AVX-512, or AVX2 with FMA): without it XLA's product is
+    the faster one."""
+    return vector_bits() >= 256
 
 
-def pack_dense_f32(w: np.ndarray) -> np.ndarray:
-    """float32 weights [..., K, N] -> [..., ceil(N / 48), K, 48] for `dense_f32` (zero padding past N). Host
-    arrays; leading (stacked layer) axes are kept."""
+def f32_panel() -> int:
+    """The packed panel width `dense_f32`'s vector code reads as one stream here: 16 columns for AVX2 builds (its
+    6 x 16 register block), 48 otherwise."""
+    return 16 if vector_bits() == 256 else 48
+
+
+def pack_dense_f32(w: np.ndarray, panel: int | None = None) -> np.ndarray:
+    """float32 weights [..., K, N] -> [..., ceil(N / W), K, W] for `dense_f32`, W = `panel` (48 or 16; default
+    `f32_panel()`), zero padding past N. Host arrays; leading (stacked layer) axes are kept."""
     w = np.asarray(w, np.float32)
+    width = f32_panel() if panel is None else panel
+    if width not in F32_PANELS:
+        raise ValueError(f"pack_dense_f32: panels are {F32_PANELS} columns wide, got {panel}")
     if w.ndim < 2:
         raise ValueError(f"pack_dense_f32: weights [..., K, N], got {w.shape}")
     *lead, k, n = w.shape
-    panels = -(-n // F32_PANEL)
-    padded = np.zeros((*lead, k, panels * F32_PANEL), np.float32)
+    panels = -(-n // width)
+    padded = np.zeros((*lead, k, panels * width), np.float32)
     padded[..., :n] = w
-    blocks = padded.reshape(*lead, k, panels, F32_PANEL)
+    blocks = padded.reshape(*lead, k, panels, width)
     return np.ascontiguousarray(np.moveaxis(blocks, -2, -3))
 
 
 def dense_f32(x: jax.Array, packed: jax.Array, n: int, *, implementation: str = "vector") -> jax.Array:
-    """x float32 [..., K] times weights packed by `pack_dense_f32` ([ceil(N / 48), K, 48]) -> float32 [..., N]
+    """x float32 [..., K] times weights packed by `pack_dense_f32` ([ceil(N / W), K, W]) -> float32 [..., N]
     (see `dense_f32.cc`: float32 accumulation in k order, the columns split across the pool's threads; not
     XLA's bits). implementation: "vector" (AVX-512 where compiled, else as "scalar") or "scalar" (plain
     loops). CPU programs only."""
@@ -600,7 +619,8 @@ def dense_f32(x: jax.Array, packed: jax.Array, n: int, *, implementation: str = 
     if library() is None:
         raise NativeBuildError(f"the native CPU kernels are off or unavailable ({_why_not()}); check `enabled()` first")
     k = x.shape[-1]
-    if packed.ndim != 3 or packed.shape[1:] != (k, F32_PANEL) or not 0 < n <= packed.shape[0] * F32_PANEL < n + 48:
+    width = packed.shape[-1] if packed.ndim == 3 else 0
+    if width not in F32_PANELS or packed.shape[1] != k or not 0 < n <= packed.shape[0] * width < n + width:
         raise ValueError(f"dense_f32: weights packed as {packed.shape} do not fit x [..., {k}] and N={n}")
     lead = x.shape[:-1]
     rows = int(np.prod(lead, dtype=np.int64))

@@ -2,10 +2,12 @@
 // through the XLA FFI: out [M, N] = x [M, K] . w [K, N], float32 accumulation in k order.
 //
 // XLA:CPU runs a query's small products (tens of rows) on one core; this kernel splits the columns across the
-// intra-op pool's threads. Weights arrive pre-packed (`colbert_jax.native.pack_dense_f32`) as panels of 48
-// columns, [N / 48][K][48] (zero padding past N): a panel's k-th row is three contiguous vectors, so the inner
-// loop is 3 vector loads, up to 8 broadcasts and 24 FMAs into registers (8 rows x 48 columns) per k. With AVX2
-// (16 registers of 8 lanes) each half panel runs as 4 rows x 24 columns: 3 loads, 4 broadcasts, 12 FMAs per k.
+// intra-op pool's threads. Weights arrive pre-packed (`colbert_jax.native.pack_dense_f32`) as panels of 48 or
+// 16 columns, [N / W][K][W] (zero padding past N), so that a register block reads one contiguous stream of
+// weights. AVX-512 builds take W = 48: a panel's k-th row is three vectors, and the inner loop is 3 vector
+// loads, up to 8 broadcasts and 24 FMAs into registers (8 rows x 48 columns) per k. AVX2 builds take W = 16
+// (16 registers of 8 lanes): 6 rows x 16 columns, 2 loads, 6 broadcasts and 12 FMAs per k. Either build
+// reads either layout (the block walks a wider panel in parts).
 
 #include <algorithm>
 #include <cstdint>
@@ -24,21 +26,22 @@ namespace {
 
 using colbert_jax_native::RunTasks;
 
-constexpr int64_t kPanel = 48;               // columns per packed panel
+constexpr int64_t kPanel = 48;               // the widest packed panel (16 is the other)
 constexpr int64_t kRows = 8;                 // rows per register block
 constexpr int64_t kRowsPerTask = 256;        // rows one task runs against its panels (they stay in cache)
 constexpr int64_t kDepth = 128;              // k per pass over a task's rows: 24 KiB of the panel stays in L1
 constexpr int64_t kFlopsPerThread = 1 << 21;  // below this much work per thread, fewer threads
 
-// Rows [r0, r1) x one panel, scalar (any CPU; also the reference order: k ascending, one FMA-free sum each).
-void PanelScalar(const float* x, int64_t r0, int64_t r1, int64_t k, const float* panel, int64_t col, int64_t n,
-                 float* out) {
-  const int64_t width = std::min(kPanel, n - col);
+// Rows [r0, r1) x one panel `ld` wide, scalar (any CPU; also the reference order: k ascending, one FMA-free sum
+// each).
+void PanelScalar(const float* x, int64_t r0, int64_t r1, int64_t k, const float* panel, int64_t ld, int64_t col,
+                 int64_t n, float* out) {
+  const int64_t width = std::min(ld, n - col);
   for (int64_t r = r0; r < r1; ++r) {
     float acc[kPanel] = {0};
     const float* xr = x + r * k;
     for (int64_t i = 0; i < k; ++i) {
-      for (int64_t j = 0; j < kPanel; ++j) acc[j] += xr[i] * panel[i * kPanel + j];
+      for (int64_t j = 0; j < ld; ++j) acc[j] += xr[i] * panel[i * ld + j];
     }
     std::memcpy(out + r * n + col, acc, width * sizeof(float));
   }
@@ -50,9 +53,9 @@ void PanelScalar(const float* x, int64_t r0, int64_t r1, int64_t k, const float*
 // order, as one pass over k). V < 3 for a last panel of at most 32 columns (queries' 32 tokens: stage 1).
 template <int R, int V>
 inline void BlockAvx512(const float* x, int64_t r, int64_t k, int64_t k0, int64_t k1, const float* panel,
-                        int64_t col, int64_t n, float* out) {
+                        int64_t ld, int64_t col, int64_t n, float* out) {
   __m512 acc[R][V];
-  const int64_t width = std::min(kPanel, n - col);
+  const int64_t width = std::min(ld, n - col);
   __mmask16 keep[V];
   for (int v = 0; v < V; ++v) {
     const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, width - 16 * v));
@@ -66,7 +69,7 @@ inline void BlockAvx512(const float* x, int64_t r, int64_t k, int64_t k0, int64_
   const float* xr = x + r * k;
   for (int64_t i = k0; i < k1; ++i) {
     __m512 b[V];
-    for (int v = 0; v < V; ++v) b[v] = _mm512_loadu_ps(panel + i * kPanel + 16 * v);
+    for (int v = 0; v < V; ++v) b[v] = _mm512_loadu_ps(panel + i * ld + 16 * v);
     for (int j = 0; j < R; ++j) {
       const __m512 a = _mm512_set1_ps(xr[j * k + i]);
       for (int v = 0; v < V; ++v) acc[j][v] = _mm512_fmadd_ps(a, b[v], acc[j][v]);
@@ -78,101 +81,120 @@ inline void BlockAvx512(const float* x, int64_t r, int64_t k, int64_t k0, int64_
 }
 
 template <int V>
-void PanelRows(const float* x, int64_t r0, int64_t r1, int64_t k, const float* panel, int64_t col, int64_t n,
-               float* out) {
+void PanelRows(const float* x, int64_t r0, int64_t r1, int64_t k, const float* panel, int64_t ld, int64_t col,
+               int64_t n, float* out) {
   for (int64_t k0 = 0; k0 < k; k0 += kDepth) {
     const int64_t k1 = std::min(k0 + kDepth, k);
     int64_t r = r0;
-    for (; r + kRows <= r1; r += kRows) BlockAvx512<kRows, V>(x, r, k, k0, k1, panel, col, n, out);
+    for (; r + kRows <= r1; r += kRows) BlockAvx512<kRows, V>(x, r, k, k0, k1, panel, ld, col, n, out);
     switch (r1 - r) {
-      case 7: BlockAvx512<7, V>(x, r, k, k0, k1, panel, col, n, out); break;
-      case 6: BlockAvx512<6, V>(x, r, k, k0, k1, panel, col, n, out); break;
-      case 5: BlockAvx512<5, V>(x, r, k, k0, k1, panel, col, n, out); break;
-      case 4: BlockAvx512<4, V>(x, r, k, k0, k1, panel, col, n, out); break;
-      case 3: BlockAvx512<3, V>(x, r, k, k0, k1, panel, col, n, out); break;
-      case 2: BlockAvx512<2, V>(x, r, k, k0, k1, panel, col, n, out); break;
-      case 1: BlockAvx512<1, V>(x, r, k, k0, k1, panel, col, n, out); break;
+      case 7: BlockAvx512<7, V>(x, r, k, k0, k1, panel, ld, col, n, out); break;
+      case 6: BlockAvx512<6, V>(x, r, k, k0, k1, panel, ld, col, n, out); break;
+      case 5: BlockAvx512<5, V>(x, r, k, k0, k1, panel, ld, col, n, out); break;
+      case 4: BlockAvx512<4, V>(x, r, k, k0, k1, panel, ld, col, n, out); break;
+      case 3: BlockAvx512<3, V>(x, r, k, k0, k1, panel, ld, col, n, out); break;
+      case 2: BlockAvx512<2, V>(x, r, k, k0, k1, panel, ld, col, n, out); break;
+      case 1: BlockAvx512<1, V>(x, r, k, k0, k1, panel, ld, col, n, out); break;
       default: break;
     }
   }
 }
 
-void PanelAvx512(const float* x, int64_t r0, int64_t r1, int64_t k, const float* panel, int64_t col, int64_t n,
-                 float* out) {
-  const int64_t width = std::min(kPanel, n - col);
+void PanelAvx512(const float* x, int64_t r0, int64_t r1, int64_t k, const float* panel, int64_t ld, int64_t col,
+                 int64_t n, float* out) {
+  const int64_t width = std::min(ld, n - col);
   if (width <= 16) {
-    PanelRows<1>(x, r0, r1, k, panel, col, n, out);
+    PanelRows<1>(x, r0, r1, k, panel, ld, col, n, out);
   } else if (width <= 32) {
-    PanelRows<2>(x, r0, r1, k, panel, col, n, out);
+    PanelRows<2>(x, r0, r1, k, panel, ld, col, n, out);
   } else {
-    PanelRows<3>(x, r0, r1, k, panel, col, n, out);
+    PanelRows<3>(x, r0, r1, k, panel, ld, col, n, out);
   }
 }
 #endif
 
 #if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
 #define COLBERT_JAX_DENSE_AVX2 1
-constexpr int64_t kHalf = 24;  // AVX2's 16 registers hold 4 rows x 24 columns of sums, 3 loads and a broadcast
-constexpr int64_t kRows2 = 4;
+constexpr int64_t kPart = 16;  // AVX2's 16 registers hold 6 rows x 16 columns of sums, 2 loads and a broadcast
+constexpr int64_t kRows2 = 6;
+constexpr int64_t kDepth2 = 384;  // k per pass: 16 columns are one cache line a k, 24 KiB stay in L1
 
-// R rows (R <= 4) starting at row r x the 8V columns of one panel starting at `half` (0 or 24), over k in
-// [k0, k1): the same chain of FMAs, in the same order, as the AVX-512 block (so the same bits).
+// R rows (R <= 6) starting at row r x the 8V columns of a panel `ld` wide starting at column `part` of it (0,
+// 16 or 32), over k in [k0, k1): the same chain of FMAs, in the same order, as the AVX-512 block (so the same
+// bits). 6 x 16 rather than 4 x 24: per k 2 vector loads and 6 broadcasts feed 12 FMAs (4 x 24 needs 3 loads
+// of the panel that do not fit in registers beside its 12 sums, so each FMA reloads its operand). No masks
+// either: a mask live across the k loop would take a sum's register; partial vectors (a last panel) go
+// through a buffer.
 template <int R, int V>
 inline void BlockAvx2(const float* x, int64_t r, int64_t k, int64_t k0, int64_t k1, const float* panel,
-                      int64_t half, int64_t col, int64_t n, float* out) {
+                      int64_t ld, int64_t part, int64_t col, int64_t n, float* out) {
   __m256 acc[R][V];
-  const int64_t width = std::min(kHalf, n - col);
-  __m256i keep[V];
-  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  for (int v = 0; v < V; ++v) {
-    const int64_t left = std::max<int64_t>(0, std::min<int64_t>(8, width - 8 * v));
-    keep[v] = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(left)), lanes);
-  }
+  const int64_t width = std::min(kPart, n - col);
   for (int j = 0; j < R; ++j) {
     for (int v = 0; v < V; ++v) {
-      acc[j][v] = k0 == 0 ? _mm256_setzero_ps() : _mm256_maskload_ps(out + (r + j) * n + col + 8 * v, keep[v]);
+      const float* src = out + (r + j) * n + col + 8 * v;
+      const int64_t left = std::max<int64_t>(0, std::min<int64_t>(8, width - 8 * v));
+      if (k0 == 0) {
+        acc[j][v] = _mm256_setzero_ps();
+      } else if (left == 8) {
+        acc[j][v] = _mm256_loadu_ps(src);
+      } else {
+        alignas(32) float buf[8] = {0};
+        std::memcpy(buf, src, left * sizeof(float));
+        acc[j][v] = _mm256_load_ps(buf);
+      }
     }
   }
   const float* xr = x + r * k;
+  const float* w = panel + part;
   for (int64_t i = k0; i < k1; ++i) {
     __m256 b[V];
-    for (int v = 0; v < V; ++v) b[v] = _mm256_loadu_ps(panel + i * kPanel + half + 8 * v);
+    for (int v = 0; v < V; ++v) b[v] = _mm256_loadu_ps(w + i * ld + 8 * v);
     for (int j = 0; j < R; ++j) {
       const __m256 a = _mm256_set1_ps(xr[j * k + i]);
       for (int v = 0; v < V; ++v) acc[j][v] = _mm256_fmadd_ps(a, b[v], acc[j][v]);
     }
   }
   for (int v = 0; v < V; ++v) {
-    for (int j = 0; j < R; ++j) _mm256_maskstore_ps(out + (r + j) * n + col + 8 * v, keep[v], acc[j][v]);
+    const int64_t left = std::max<int64_t>(0, std::min<int64_t>(8, width - 8 * v));
+    for (int j = 0; j < R; ++j) {
+      float* dst = out + (r + j) * n + col + 8 * v;
+      if (left == 8) {
+        _mm256_storeu_ps(dst, acc[j][v]);
+      } else {
+        alignas(32) float buf[8];
+        _mm256_store_ps(buf, acc[j][v]);
+        std::memcpy(dst, buf, left * sizeof(float));
+      }
+    }
   }
 }
 
 template <int V>
-void HalfRows(const float* x, int64_t r0, int64_t r1, int64_t k, const float* panel, int64_t half, int64_t col,
-              int64_t n, float* out) {
-  for (int64_t k0 = 0; k0 < k; k0 += kDepth) {
-    const int64_t k1 = std::min(k0 + kDepth, k);
+void PartRows(const float* x, int64_t r0, int64_t r1, int64_t k, const float* panel, int64_t ld, int64_t part,
+              int64_t col, int64_t n, float* out) {
+  for (int64_t k0 = 0; k0 < k; k0 += kDepth2) {
+    const int64_t k1 = std::min(k0 + kDepth2, k);
     int64_t r = r0;
-    for (; r + kRows2 <= r1; r += kRows2) BlockAvx2<kRows2, V>(x, r, k, k0, k1, panel, half, col, n, out);
+    for (; r + kRows2 <= r1; r += kRows2) BlockAvx2<kRows2, V>(x, r, k, k0, k1, panel, ld, part, col, n, out);
     switch (r1 - r) {
-      case 3: BlockAvx2<3, V>(x, r, k, k0, k1, panel, half, col, n, out); break;
-      case 2: BlockAvx2<2, V>(x, r, k, k0, k1, panel, half, col, n, out); break;
-      case 1: BlockAvx2<1, V>(x, r, k, k0, k1, panel, half, col, n, out); break;
+      case 5: BlockAvx2<5, V>(x, r, k, k0, k1, panel, ld, part, col, n, out); break;
+      case 4: BlockAvx2<4, V>(x, r, k, k0, k1, panel, ld, part, col, n, out); break;
+      case 3: BlockAvx2<3, V>(x, r, k, k0, k1, panel, ld, part, col, n, out); break;
+      case 2: BlockAvx2<2, V>(x, r, k, k0, k1, panel, ld, part, col, n, out); break;
+      case 1: BlockAvx2<1, V>(x, r, k, k0, k1, panel, ld, part, col, n, out); break;
       default: break;
     }
   }
 }
 
-void PanelAvx2(const float* x, int64_t r0, int64_t r1, int64_t k, const float* panel, int64_t col, int64_t n,
-               float* out) {
-  for (int64_t half = 0; half < kPanel && col + half < n; half += kHalf) {
-    const int64_t width = std::min(kHalf, n - col - half);
-    if (width <= 8) {
-      HalfRows<1>(x, r0, r1, k, panel, half, col + half, n, out);
-    } else if (width <= 16) {
-      HalfRows<2>(x, r0, r1, k, panel, half, col + half, n, out);
+void PanelAvx2(const float* x, int64_t r0, int64_t r1, int64_t k, const float* panel, int64_t ld, int64_t col,
+               int64_t n, float* out) {
+  for (int64_t part = 0; part < ld && col + part < n; part += kPart) {
+    if (n - col - part <= 8) {
+      PartRows<1>(x, r0, r1, k, panel, ld, part, col + part, n, out);
     } else {
-      HalfRows<3>(x, r0, r1, k, panel, half, col + half, n, out);
+      PartRows<2>(x, r0, r1, k, panel, ld, part, col + part, n, out);
     }
   }
 }
@@ -183,11 +205,11 @@ ffi::Error DenseF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   auto x_dims = x.dimensions();
   auto w_dims = w.dimensions();
   auto o_dims = out->dimensions();
-  if (x_dims.size() != 2 || w_dims.size() != 3 || o_dims.size() != 2 || w_dims[2] != kPanel) {
-    return ffi::Error::InvalidArgument("dense_f32: x needs [M, K], packed weights [N / 48, K, 48], out [M, N]");
+  if (x_dims.size() != 2 || w_dims.size() != 3 || o_dims.size() != 2 || (w_dims[2] != 48 && w_dims[2] != 16)) {
+    return ffi::Error::InvalidArgument("dense_f32: x needs [M, K], packed weights [N / W, K, W], W 48 or 16");
   }
-  const int64_t m = x_dims[0], k = x_dims[1], n = o_dims[1], panels = w_dims[0];
-  if (o_dims[0] != m || w_dims[1] != k || panels * kPanel < n || panels * kPanel >= n + kPanel) {
+  const int64_t m = x_dims[0], k = x_dims[1], n = o_dims[1], panels = w_dims[0], ld = w_dims[2];
+  if (o_dims[0] != m || w_dims[1] != k || panels * ld < n || panels * ld >= n + ld) {
     return ffi::Error::InvalidArgument("dense_f32: the packed weights do not fit x [M, K] and out [M, N]");
   }
   if (m == 0) return ffi::Error::Success();
@@ -203,19 +225,19 @@ ffi::Error DenseF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
     const int64_t g = t / chunks, c = t % chunks;
     const int64_t r0 = g * kRowsPerTask, r1 = std::min(r0 + kRowsPerTask, m);
     for (int64_t p = c * per_chunk; p < std::min((c + 1) * per_chunk, panels); ++p) {
-      const float* panel = wd + p * k * kPanel;
+      const float* panel = wd + p * k * ld;
 #if defined(__AVX512F__)
       if (vectorized) {
-        PanelAvx512(xd, r0, r1, k, panel, p * kPanel, n, o);
+        PanelAvx512(xd, r0, r1, k, panel, ld, p * ld, n, o);
         continue;
       }
 #elif defined(COLBERT_JAX_DENSE_AVX2)
       if (vectorized) {
-        PanelAvx2(xd, r0, r1, k, panel, p * kPanel, n, o);
+        PanelAvx2(xd, r0, r1, k, panel, ld, p * ld, n, o);
         continue;
       }
 #endif
-      PanelScalar(xd, r0, r1, k, panel, p * kPanel, n, o);
+      PanelScalar(xd, r0, r1, k, panel, ld, p * ld, n, o);
     }
   });
   return ffi::Error::Success();

@@ -234,26 +234,32 @@ def test_without_a_compiler_the_search_warns_and_runs_jnp(real_index, minilm_mod
     assert not (tmp_path / "native").exists()
 
 
-@pytest.mark.parametrize("arch, bits", [("x86-64-v3", 256), ("x86-64-v2", 0)])
-def test_kernels_built_for_older_cpu_types_equal_brute_force(arch, bits):
+@pytest.mark.parametrize("arch, bits, native_encoder", [("x86-64-v3", 256, True), ("x86-64-v2", 0, False)])
+def test_kernels_built_for_older_cpu_types_equal_brute_force(arch, bits, native_encoder):
     """`COLBERT_JAX_NATIVE_ARCH` builds the kernels for an older x86-64 type than this CPU: AVX2 (AMD Zen 2 and 3,
     where a register-spilling stage 6 once ran at a few GFLOP/s) or SSE4.2's plain loops. Each build's stage 4-5
     and stage 6 kernels, float32 dense product, stage 1's float32 product and attention still equal brute force
-    (GELU XLA's bits), whatever this CPU has."""
+    (GELU XLA's bits), whatever this CPU has; the AVX2 build runs the float32 encoder's products natively (its
+    GELU is XLA's), and its encoder equals the module's to float32 tolerance."""
     import os
     import subprocess
     import sys
 
     repo = Path(__file__).resolve().parents[2]
     env = {**os.environ, "COLBERT_JAX_NATIVE_ARCH": arch, "COLBERT_JAX_NATIVE": "1", "JAX_PLATFORMS": "cpu"}
-    probe = "from colbert_jax import native; print(native.vector_bits(), native.dense_f32_vectorized())"
+    probe = (
+        "from colbert_jax import native; "
+        "print(native.vector_bits(), native.dense_f32_vectorized(), native.gelu_faster_than_xla())"
+    )
     out = subprocess.run([sys.executable, "-c", probe], env=env, cwd=repo, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.split() == [str(bits), "False"]
+    assert out.stdout.split() == [str(bits), str(native_encoder), "False"]
     tests = [
         "tests/search/test_native.py::test_kernel_equals_brute_force",
         "tests/search/test_native.py::test_exact_maxsim_equals_brute_force",
         "tests/models/test_native_dense.py::test_float32_dense_kernel_is_the_product_to_float32_rounding",
+        "tests/models/test_native_dense.py::test_float32_encoder_runs_attention_and_gelu_natively_to_float32_tolerance"
+        "[tiny_model-True]",
         "tests/models/test_native_attention.py::test_attention_is_berts",
         "tests/models/test_native_gelu.py::test_gelu_has_xlas_bits",
         "tests/search/test_centroid_scores_f32.py::test_kernel_is_the_float32_product",
