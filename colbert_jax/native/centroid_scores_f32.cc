@@ -5,7 +5,8 @@
 // read pattern decides its speed: a block of 8 centroid rows read as 8 strided streams ran far below the
 // memory's rate. Here the centroids arrive in groups of 8 (`colbert_jax.native.block_centroids`:
 // [ceil(P / 8)][dim][8], the group's 8 k-th coordinates adjacent, zeros past P), so a group is one sequential
-// read; per k, its 8 coordinates are broadcast against vectors of query tokens. Every S[p, t] is one FMA chain
+// read. With AVX-512, per k, its 8 coordinates are broadcast against vectors of query tokens; with AVX2 they
+// are one vector (two groups' two), against broadcast query coordinates. Every S[p, t] is one FMA chain
 // over k ascending from 0 (the same bits from the AVX-512, AVX2 and scalar paths, and for any P or thread count:
 // a row of S depends on that centroid and the query alone).
 
@@ -85,29 +86,58 @@ void GroupsAvx512(const float* c, const float* qt, int64_t dim, int64_t lqp, int
 
 #if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
 #define COLBERT_JAX_SCORES_AVX2 1
-// One group x 8 tokens starting at token t0 (AVX2's 16 registers: 8 sums, a query vector, a broadcast); lqp is a
-// multiple of 16.
-inline void TileAvx2(const float* cg, const float* qt, int64_t dim, int64_t lqp, int64_t t0, int64_t rows,
-                     int64_t lq, float* s) {
-  __m256 acc[kGroup];
-  for (int j = 0; j < kGroup; ++j) acc[j] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < dim; ++k) {
-    const __m256 q = _mm256_loadu_ps(qt + k * lqp + t0);
-    for (int j = 0; j < kGroup; ++j) acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(cg[k * kGroup + j]), q, acc[j]);
+constexpr int kTokens2 = 6;  // AVX2's 16 registers: 6 tokens x 2 groups of sums, the 2 groups' coordinates, a broadcast
+
+// G groups (G <= 2) x T tokens (T <= 6) starting at token t0: vectors of one group's 8 centroids against a
+// broadcast query coordinate, so per k 2 loads and 6 broadcasts feed 12 FMAs (8 tokens of Q^T against 8
+// broadcast coordinates took 9 loads for 8 FMAs). q: Q [lq][dim], token-major.
+template <int G, int T>
+inline void TileAvx2(const float* cg, const float* q, int64_t dim, int64_t t0, int64_t rows, int64_t lq,
+                     float* s) {
+  __m256 acc[T][G];
+  for (int t = 0; t < T; ++t) {
+    for (int g = 0; g < G; ++g) acc[t][g] = _mm256_setzero_ps();
   }
-  const int64_t left = std::max<int64_t>(0, std::min<int64_t>(8, lq - t0));
-  const __m256i keep =
-      _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(left)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  for (int64_t j = 0; j < rows; ++j) _mm256_maskstore_ps(s + j * lq + t0, keep, acc[j]);
+  const float* qt0 = q + t0 * dim;
+  for (int64_t k = 0; k < dim; ++k) {
+    __m256 c[G];
+    for (int g = 0; g < G; ++g) c[g] = _mm256_loadu_ps(cg + (g * dim + k) * kGroup);
+    for (int t = 0; t < T; ++t) {
+      const __m256 a = _mm256_set1_ps(qt0[t * dim + k]);
+      for (int g = 0; g < G; ++g) acc[t][g] = _mm256_fmadd_ps(c[g], a, acc[t][g]);
+    }
+  }
+  alignas(32) float buf[T][G * kGroup];
+  for (int t = 0; t < T; ++t) {
+    for (int g = 0; g < G; ++g) _mm256_store_ps(buf[t] + g * kGroup, acc[t][g]);
+  }
+  for (int64_t j = 0; j < rows; ++j) {
+    for (int t = 0; t < T; ++t) s[j * lq + t0 + t] = buf[t][j];
+  }
 }
 
-void GroupsAvx2(const float* c, const float* qt, int64_t dim, int64_t lqp, int64_t p, int64_t lq, int64_t g0,
-                int64_t g1, float* s) {
-  for (int64_t g = g0; g < g1; ++g) {
-    const float* cg = c + g * dim * kGroup;
-    const int64_t rows = std::min(kGroup, p - g * kGroup);
-    for (int64_t t0 = 0; t0 < lq; t0 += 8) TileAvx2(cg, qt, dim, lqp, t0, rows, lq, s + g * kGroup * lq);
+template <int G>
+void TokensAvx2(const float* cg, const float* q, int64_t dim, int64_t rows, int64_t lq, float* s) {
+  int64_t t0 = 0;
+  for (; t0 + kTokens2 <= lq; t0 += kTokens2) TileAvx2<G, kTokens2>(cg, q, dim, t0, rows, lq, s);
+  switch (lq - t0) {
+    case 5: TileAvx2<G, 5>(cg, q, dim, t0, rows, lq, s); break;
+    case 4: TileAvx2<G, 4>(cg, q, dim, t0, rows, lq, s); break;
+    case 3: TileAvx2<G, 3>(cg, q, dim, t0, rows, lq, s); break;
+    case 2: TileAvx2<G, 2>(cg, q, dim, t0, rows, lq, s); break;
+    case 1: TileAvx2<G, 1>(cg, q, dim, t0, rows, lq, s); break;
+    default: break;
   }
+}
+
+void GroupsAvx2(const float* c, const float* q, int64_t dim, int64_t p, int64_t lq, int64_t g0, int64_t g1,
+                float* s) {
+  int64_t g = g0;
+  for (; g + 2 <= g1; g += 2) {
+    const int64_t rows = std::min(2 * kGroup, p - g * kGroup);
+    TokensAvx2<2>(c + g * dim * kGroup, q, dim, rows, lq, s + g * kGroup * lq);
+  }
+  if (g < g1) TokensAvx2<1>(c + g * dim * kGroup, q, dim, std::min(kGroup, p - g * kGroup), lq, s + g * kGroup * lq);
 }
 #endif
 
@@ -142,7 +172,7 @@ ffi::Error CentroidScoresF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> blocked
     }
 #elif defined(COLBERT_JAX_SCORES_AVX2)
     if (vectorized) {
-      GroupsAvx2(c, qt.data(), dim, lqp, p, lq, g0, g1, out);
+      GroupsAvx2(c, qd, dim, p, lq, g0, g1, out);
       return;
     }
 #endif

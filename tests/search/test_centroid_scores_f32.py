@@ -2,9 +2,9 @@
 `centroid_scores_f32.cc`): centroids in groups of 8 (`native.block_centroids`), each score one FMA chain over k.
 The vector paths (AVX-512 or AVX2, whichever this build has) give the scalar loops' bits, float32-accurate
 against the exact product and XLA's; a Searcher places the blocked centroids exactly where the kernel is the
-faster stage 1 (no AMX-BF16, AVX-512 build), and its rankings equal those of XLA's product there; bad shapes are
-errors. (`test_centroid_scores.py` checks, for both CPU layouts, that gathered rows score as their rows of S and
-that programs lowered for accelerators take XLA's product.)"""
+faster stage 1 (no AMX-BF16; an AVX-512 or AVX2 build), and its rankings equal those of XLA's product there;
+bad shapes are errors. (`test_centroid_scores.py` checks, for both CPU layouts, that gathered rows score as
+their rows of S and that programs lowered for accelerators take XLA's product.)"""
 
 from __future__ import annotations
 
