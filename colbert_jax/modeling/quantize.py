@@ -38,9 +38,9 @@ elements that select it (XLA computes every branch for every element); on AVX-51
 selection is cheap (elsewhere XLA's GELU, the same bits).
 
 The float32 query encoder on the CPU uses the same interceptor without quantization (`fuse_float_params`): the
-fused qkv product then native attention, the intermediate GELU natively, and (where `native.dense_f32` is
-vectorised) a few queries' products as that kernel, whose columns run on every thread where XLA:CPU runs a
-small product on one core.
+fused qkv product then native attention, the intermediate GELU natively (AVX-512 builds), and (where
+`native.dense_f32` is vectorised) a few queries' products as that kernel, whose columns run on every thread
+where XLA:CPU runs a small product on one core.
 
 Attention's query, key and value projections read the same input: `quantize_params` stores them fused, as one
 `qkv` kernel [in, 3 * out] beside them, and the interceptor runs one product (and one activation split) when

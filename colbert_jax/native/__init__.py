@@ -612,7 +612,7 @@ def pack_dense_f32(w: np.ndarray, panel: int | None = None) -> np.ndarray:
 def dense_f32(x: jax.Array, packed: jax.Array, n: int, *, implementation: str = "vector") -> jax.Array:
     """x float32 [..., K] times weights packed by `pack_dense_f32` ([ceil(N / W), K, W]) -> float32 [..., N]
     (see `dense_f32.cc`: float32 accumulation in k order, the columns split across the pool's threads; not
-    XLA's bits). implementation: "vector" (AVX-512 where compiled, else as "scalar") or "scalar" (plain
+    XLA's bits). implementation: "vector" (AVX-512 or AVX2 where compiled, else as "scalar") or "scalar" (plain
     loops). CPU programs only."""
     if implementation not in DENSE_F32_IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {DENSE_F32_IMPLEMENTATIONS}, got {implementation!r}")
