@@ -90,16 +90,19 @@ constexpr int kTokens2 = 6;  // AVX2's 16 registers: 6 tokens x 2 groups of sums
 
 // G groups (G <= 2) x T tokens (T <= 6) starting at token t0: vectors of one group's 8 centroids against a
 // broadcast query coordinate, so per k 2 loads and 6 broadcasts feed 12 FMAs (8 tokens of Q^T against 8
-// broadcast coordinates took 9 loads for 8 FMAs). q: Q [lq][dim], token-major.
+// broadcast coordinates took 9 loads for 8 FMAs). q: Q [lq][dim], token-major. The tile also requests
+// `pf_lines` cache lines from `pf` (the next groups' centroids), one every 4 k: a group pair's centroids are read
+// from memory by its first tile only, and the other tiles' L1 reads leave the hardware prefetcher idle.
 template <int G, int T>
 inline void TileAvx2(const float* cg, const float* q, int64_t dim, int64_t t0, int64_t rows, int64_t lq,
-                     float* s) {
+                     float* s, const char* pf, int64_t pf_lines) {
   __m256 acc[T][G];
   for (int t = 0; t < T; ++t) {
     for (int g = 0; g < G; ++g) acc[t][g] = _mm256_setzero_ps();
   }
   const float* qt0 = q + t0 * dim;
   for (int64_t k = 0; k < dim; ++k) {
+    if ((k & 3) == 0 && (k >> 2) < pf_lines) _mm_prefetch(pf + (k >> 2) * 64, _MM_HINT_T1);
     __m256 c[G];
     for (int g = 0; g < G; ++g) c[g] = _mm256_loadu_ps(cg + (g * dim + k) * kGroup);
     for (int t = 0; t < T; ++t) {
@@ -117,27 +120,51 @@ inline void TileAvx2(const float* cg, const float* q, int64_t dim, int64_t t0, i
 }
 
 template <int G>
-void TokensAvx2(const float* cg, const float* q, int64_t dim, int64_t rows, int64_t lq, float* s) {
-  int64_t t0 = 0;
-  for (; t0 + kTokens2 <= lq; t0 += kTokens2) TileAvx2<G, kTokens2>(cg, q, dim, t0, rows, lq, s);
-  switch (lq - t0) {
-    case 5: TileAvx2<G, 5>(cg, q, dim, t0, rows, lq, s); break;
-    case 4: TileAvx2<G, 4>(cg, q, dim, t0, rows, lq, s); break;
-    case 3: TileAvx2<G, 3>(cg, q, dim, t0, rows, lq, s); break;
-    case 2: TileAvx2<G, 2>(cg, q, dim, t0, rows, lq, s); break;
-    case 1: TileAvx2<G, 1>(cg, q, dim, t0, rows, lq, s); break;
-    default: break;
+void TileAvx2Of(int64_t tokens, const float* cg, const float* q, int64_t dim, int64_t t0, int64_t rows,
+                int64_t lq, float* s, const char* pf, int64_t pf_lines) {
+  switch (tokens) {
+    case 6: return TileAvx2<G, 6>(cg, q, dim, t0, rows, lq, s, pf, pf_lines);
+    case 5: return TileAvx2<G, 5>(cg, q, dim, t0, rows, lq, s, pf, pf_lines);
+    case 4: return TileAvx2<G, 4>(cg, q, dim, t0, rows, lq, s, pf, pf_lines);
+    case 3: return TileAvx2<G, 3>(cg, q, dim, t0, rows, lq, s, pf, pf_lines);
+    case 2: return TileAvx2<G, 2>(cg, q, dim, t0, rows, lq, s, pf, pf_lines);
+    case 1: return TileAvx2<G, 1>(cg, q, dim, t0, rows, lq, s, pf, pf_lines);
   }
 }
 
-void GroupsAvx2(const float* c, const float* q, int64_t dim, int64_t p, int64_t lq, int64_t g0, int64_t g1,
-                float* s) {
+// All lq tokens against G groups, in ceil(lq / 6) tiles of near-equal width (32 tokens: 6, 6, 5, 5, 5, 5: a
+// 2-token tile's 4 FMA chains would leave the FMA units waiting on their latency). The tiles share the
+// prefetch of the next `pf_bytes`.
+template <int G>
+void TokensAvx2(const float* cg, const float* q, int64_t dim, int64_t rows, int64_t lq, float* s, const char* pf,
+                int64_t pf_bytes) {
+  const int64_t tiles = (lq + kTokens2 - 1) / kTokens2;
+  const int64_t lines = (pf_bytes + 63) / 64, lines_per_tile = (lines + tiles - 1) / tiles;
+  int64_t t0 = 0;
+  for (int64_t i = 0; i < tiles; ++i) {
+    const int64_t tokens = lq / tiles + (i < lq % tiles ? 1 : 0);
+    const int64_t first = std::min(lines, i * lines_per_tile);
+    const int64_t n = std::min(lines, first + lines_per_tile) - first;
+    TileAvx2Of<G>(tokens, cg, q, dim, t0, rows, lq, s, pf + first * 64, n);
+    t0 += tokens;
+  }
+}
+
+void GroupsAvx2(const float* c, const float* q, int64_t dim, int64_t p, int64_t groups, int64_t lq, int64_t g0,
+                int64_t g1, float* s) {
+  const char* end = reinterpret_cast<const char*>(c + groups * dim * kGroup);
+  auto next = [&](int64_t g) { return reinterpret_cast<const char*>(c + std::min(g, groups) * dim * kGroup); };
   int64_t g = g0;
   for (; g + 2 <= g1; g += 2) {
     const int64_t rows = std::min(2 * kGroup, p - g * kGroup);
-    TokensAvx2<2>(c + g * dim * kGroup, q, dim, rows, lq, s + g * kGroup * lq);
+    const char* pf = next(g + 2);
+    TokensAvx2<2>(c + g * dim * kGroup, q, dim, rows, lq, s + g * kGroup * lq, pf,
+                  std::min<int64_t>(end - pf, 2 * dim * kGroup * sizeof(float)));
   }
-  if (g < g1) TokensAvx2<1>(c + g * dim * kGroup, q, dim, std::min(kGroup, p - g * kGroup), lq, s + g * kGroup * lq);
+  if (g < g1) {
+    TokensAvx2<1>(c + g * dim * kGroup, q, dim, std::min(kGroup, p - g * kGroup), lq, s + g * kGroup * lq,
+                  next(g + 1), 0);
+  }
 }
 #endif
 
@@ -155,9 +182,14 @@ ffi::Error CentroidScoresF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> blocked
   }
   if (p == 0 || lq == 0) return ffi::Error::Success();
   const int64_t lqp = (lq + 15) / 16 * 16;
-  std::vector<float> qt(dim * lqp, 0.0f);  // Q^T, zero columns past lq
   const float* qd = q.typed_data();
-  for (int64_t t = 0; t < lq; ++t) {
+#if defined(COLBERT_JAX_SCORES_AVX2)
+  const bool transposed = !vectorized;  // the AVX2 tiles read Q as it is
+#else
+  const bool transposed = true;
+#endif
+  std::vector<float> qt(transposed ? dim * lqp : 0, 0.0f);  // Q^T, zero columns past lq
+  for (int64_t t = 0; transposed && t < lq; ++t) {
     for (int64_t k = 0; k < dim; ++k) qt[k * lqp + t] = qd[t * dim + k];
   }
   const float* c = blocked.typed_data();
@@ -172,7 +204,7 @@ ffi::Error CentroidScoresF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> blocked
     }
 #elif defined(COLBERT_JAX_SCORES_AVX2)
     if (vectorized) {
-      GroupsAvx2(c, qd, dim, p, lq, g0, g1, out);
+      GroupsAvx2(c, qd, dim, p, groups, lq, g0, g1, out);
       return;
     }
 #endif

@@ -130,6 +130,78 @@ void ScoreDocs(const float* S, int64_t num_centroids, int64_t lq_runtime, const 
   }
 }
 
+#if !defined(__AVX512F__) && defined(__AVX2__)
+#define COLBERT_JAX_INTERACTION_AVX2 1
+constexpr int64_t kPrefetchRows = 8;  // rows of S requested ahead of their use
+
+inline void PrefetchRow(const float* S, int64_t num_centroids, int64_t code) {
+  if (code < 0 || code >= num_centroids) return;
+  __builtin_prefetch(S + code * 32);
+  __builtin_prefetch(S + code * 32 + 16);
+}
+
+// ScoreDocs for 32 query tokens in AVX2 registers: a document's 32 running maxima are 4 vectors, and a row's
+// keep test is 4 compares and a movemask (GCC's 64-byte vectors of ScoreDocs split into register pairs here
+// went through the stack, and AnyAtLeast ran its scalar loop). The rows of S each embedding reads are random
+// (8 MB of S at 65,536 centroids: they come from L3 or memory), so they are prefetched kPrefetchRows rows ahead,
+// into the next document. The same maxima and the same sum, in the same order, as ScoreDocs.
+template <typename Code>
+void ScoreDocs32Avx2(const float* S, int64_t num_centroids, const Code* codes, int64_t num_rows,
+                     const int32_t* starts, const int32_t* lens, float threshold, float* out, int64_t lo,
+                     int64_t hi) {
+  const bool prune = threshold > -std::numeric_limits<float>::infinity();
+  const __m256 t = _mm256_set1_ps(threshold);
+  const __m256 masked = _mm256_set1_ps(kMasked);
+  auto valid = [&](int64_t d) { return lens[d] > 0 && starts[d] >= 0 && int64_t{starts[d]} + lens[d] <= num_rows; };
+  // The prefetch cursor: document pd, row pr of it, kept kPrefetchRows rows ahead of the rows being scored.
+  int64_t pd = lo, pr = 0;
+  auto prefetch_next = [&]() {
+    while (pd < hi && (!valid(pd) || pr >= lens[pd])) ++pd, pr = 0;
+    if (pd < hi) PrefetchRow(S, num_centroids, static_cast<int64_t>(codes[starts[pd] + pr++]));
+  };
+  for (int64_t i = 0; i < kPrefetchRows; ++i) prefetch_next();
+  alignas(32) float acc[32];
+  for (int64_t d = lo; d < hi; ++d) {
+    if (!valid(d)) {
+      out[d] = -std::numeric_limits<float>::infinity();
+      continue;
+    }
+    __m256 a0 = masked, a1 = masked, a2 = masked, a3 = masked;
+    const Code* c = codes + starts[d];
+    const int64_t len = lens[d];
+    for (int64_t r = 0; r < len; ++r) {
+      prefetch_next();
+      const int64_t code = static_cast<int64_t>(c[r]);
+      if (code < 0 || code >= num_centroids) continue;  // padding: never part of a document
+      const float* row = S + code * 32;
+      __m256 r0 = _mm256_loadu_ps(row), r1 = _mm256_loadu_ps(row + 8);
+      __m256 r2 = _mm256_loadu_ps(row + 16), r3 = _mm256_loadu_ps(row + 24);
+      if (prune) {  // as MaxIntoIfKept: a row with no score >= threshold counts as MASKED_SCORE, branch-free
+        const __m256 ge = _mm256_or_ps(
+            _mm256_or_ps(_mm256_cmp_ps(r0, t, _CMP_GE_OQ), _mm256_cmp_ps(r1, t, _CMP_GE_OQ)),
+            _mm256_or_ps(_mm256_cmp_ps(r2, t, _CMP_GE_OQ), _mm256_cmp_ps(r3, t, _CMP_GE_OQ)));
+        const __m256 keep = _mm256_castsi256_ps(_mm256_set1_epi32(-static_cast<int>(_mm256_movemask_ps(ge) != 0)));
+        r0 = _mm256_blendv_ps(masked, r0, keep);
+        r1 = _mm256_blendv_ps(masked, r1, keep);
+        r2 = _mm256_blendv_ps(masked, r2, keep);
+        r3 = _mm256_blendv_ps(masked, r3, keep);
+      }
+      a0 = _mm256_max_ps(a0, r0);  // acc > row ? acc : row, as Max
+      a1 = _mm256_max_ps(a1, r1);
+      a2 = _mm256_max_ps(a2, r2);
+      a3 = _mm256_max_ps(a3, r3);
+    }
+    _mm256_store_ps(acc, a0);
+    _mm256_store_ps(acc + 8, a1);
+    _mm256_store_ps(acc + 16, a2);
+    _mm256_store_ps(acc + 24, a3);
+    float sum = 0.0f;
+    for (int q = 0; q < 32; ++q) sum += acc[q];
+    out[d] = sum;
+  }
+}
+#endif
+
 template <ffi::DataType CodeType>
 ffi::Error CentroidInteraction(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> S, ffi::Buffer<CodeType> codes,
                                ffi::Buffer<ffi::F32> threshold, ffi::Buffer<ffi::S32> starts,
@@ -177,6 +249,14 @@ ffi::Error CentroidInteraction(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> S, ff
     const int64_t b = t / per_query_tasks;
     const int64_t lo = (t % per_query_tasks) * kDocsPerTask;
     const int64_t hi = std::min<int64_t>(lo + kDocsPerTask, n);
+#if defined(COLBERT_JAX_INTERACTION_AVX2)
+    if (lq == 32) {
+      ScoreDocs32Avx2(s_data + (s_batch == 1 ? 0 : b) * num_centroids * lq, num_centroids,
+                      c_data + (c_batch == 1 ? 0 : b) * num_rows, num_rows, st + (st_batch == 1 ? 0 : b) * n,
+                      ln + (ln_batch == 1 ? 0 : b) * n, t_data[t_batch == 1 ? 0 : b], o + b * n, lo, hi);
+      return;
+    }
+#endif
     auto run = lq == 32 ? ScoreDocs<Code, 32> : ScoreDocs<Code, 0>;
     run(s_data + (s_batch == 1 ? 0 : b) * num_centroids * lq, num_centroids, lq,
         c_data + (c_batch == 1 ? 0 : b) * num_rows, num_rows, st + (st_batch == 1 ? 0 : b) * n,
