@@ -371,13 +371,16 @@ void MaxSimDocs32(const float* qt, int64_t dim, const float* S, int64_t num_cent
 // MaxSimDocs32 in AVX2 registers, two rows of a document at a time: 8 sums, 4 query columns and a broadcast fit
 // in the 16 registers. (GCC's 64-byte vectors of MaxSimDocs32 split into register pairs here spilled to the
 // stack and ran at a few GFLOP/s, measured on an AMD EPYC.) Each row's sums run dimension after dimension as
-// there, one FMA each.
-template <typename Code>
+// there, one FMA each. PerByte: the values a byte holds (8 / nbits) as a constant, so that the loop over them
+// unrolls and the sums stay in registers (with it a run-time count, GCC stored the 8 sums to the stack on every
+// dimension: 8 stores for 8 FMAs); 0 takes `per_byte`.
+template <typename Code, int PerByte>
 void MaxSimDocs32Avx2(const float* qt, const float* S, int64_t num_centroids, const Code* codes,
                       const uint8_t* residuals, int64_t bytes_per_row, const float* inv_norms, int64_t num_rows,
                       const float* table, int64_t per_byte, const int32_t* starts, const int32_t* lens, float* out,
                       int64_t lo, int64_t hi) {
   constexpr int kRows = 2, kVecs = 4;
+  if (PerByte != 0) per_byte = PerByte;
   for (int64_t d = lo; d < hi; ++d) {
     __m256 best[kVecs];
     for (int j = 0; j < kVecs; ++j) best[j] = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
@@ -395,7 +398,8 @@ void MaxSimDocs32Avx2(const float* qt, const float* S, int64_t num_centroids, co
         for (int64_t b = 0; b < bytes_per_row; ++b) {
           const float* values[kRows];
           for (int i = 0; i < kRows; ++i) values[i] = table + static_cast<int64_t>(packed[i][b]) * per_byte;
-          for (int64_t k = 0; k < per_byte; ++k, col += 32) {
+#pragma GCC unroll 8
+          for (int64_t k = 0; k < (PerByte != 0 ? PerByte : per_byte); ++k, col += 32) {
             __m256 c[kVecs];
             for (int j = 0; j < kVecs; ++j) c[j] = _mm256_loadu_ps(col + 8 * j);
             for (int i = 0; i < kRows; ++i) {
@@ -404,7 +408,9 @@ void MaxSimDocs32Avx2(const float* qt, const float* S, int64_t num_centroids, co
             }
           }
         }
-        for (int i = 0; i < rows; ++i) {
+#pragma GCC unroll 2
+        for (int i = 0; i < kRows; ++i) {  // a constant bound, so that acc[i] names registers, not the stack
+          if (i >= rows) break;
           const int64_t code = static_cast<int64_t>(codes[row + i]);
           if (code < 0 || code >= num_centroids) continue;
           const float* base = S + code * 32;
@@ -650,9 +656,17 @@ ffi::Error ExactMaxSim(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> Q, ffi::Buffe
 #endif
     if (lq == 32) {
 #if defined(COLBERT_JAX_MAXSIM_AVX2)
-      MaxSimDocs32Avx2<Code>(qtp, s_data, num_centroids, c_data, r_data, bytes_per_row, inv, num_rows, tab, per_byte,
-                             st, ln, o, lo, std::min<int64_t>(lo + kDocs, n));
-      return;
+      const int64_t hi = std::min<int64_t>(lo + kDocs, n);
+      switch (per_byte) {
+        case 4: return MaxSimDocs32Avx2<Code, 4>(qtp, s_data, num_centroids, c_data, r_data, bytes_per_row, inv,
+                                                 num_rows, tab, per_byte, st, ln, o, lo, hi);
+        case 2: return MaxSimDocs32Avx2<Code, 2>(qtp, s_data, num_centroids, c_data, r_data, bytes_per_row, inv,
+                                                 num_rows, tab, per_byte, st, ln, o, lo, hi);
+        case 8: return MaxSimDocs32Avx2<Code, 8>(qtp, s_data, num_centroids, c_data, r_data, bytes_per_row, inv,
+                                                 num_rows, tab, per_byte, st, ln, o, lo, hi);
+        default: return MaxSimDocs32Avx2<Code, 0>(qtp, s_data, num_centroids, c_data, r_data, bytes_per_row, inv,
+                                                  num_rows, tab, per_byte, st, ln, o, lo, hi);
+      }
 #endif
       MaxSimDocs32<Code>(qtp, dim, s_data, num_centroids, c_data, r_data, bytes_per_row, inv, num_rows, tab, per_byte,
                          st, ln, o, lo, std::min<int64_t>(lo + kDocs, n));
