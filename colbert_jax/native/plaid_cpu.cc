@@ -63,6 +63,19 @@ inline Vec16 Max(Vec16 a, Vec16 b) { return a > b ? a : b; }
 
 inline float Max(float a, float b) { return a > b ? a : b; }
 
+// *p in every lane, as one broadcast load. (`Vec16{} + x` must add 0.0 first, since -0.0 + 0.0 is +0.0, and
+// then broadcasts from a register on a port the FMAs need: in stage 6, 4 adds and 4 shuffles per 8 FMAs.)
+inline Vec16 Splat(const float* p) {
+#if defined(__AVX512F__)
+  return _mm512_set1_ps(*p);
+#else
+  const float x = *p;
+  Vec16 v;
+  for (int i = 0; i < kLanes; ++i) v[i] = x;
+  return v;
+#endif
+}
+
 // acc[q] = max(acc[q], row[q]) for q < n.
 inline void MaxInto(float* acc, const float* row, int64_t n) {
   int64_t q = 0;
@@ -314,11 +327,13 @@ void MaxSimDocs(const float* qt, int64_t lq_runtime, int64_t dim, const float* S
 // row (each row's dot product accumulates dimension after dimension), but four rows' products are independent
 // chains, so the vector unit is not waiting on one accumulator's latency; each column of Q is loaded once for
 // the four.
-template <typename Code>
-void MaxSimDocs32(const float* qt, int64_t dim, const float* S, int64_t num_centroids, const Code* codes,
+// PerByte: as MaxSimDocs32Avx2's.
+template <typename Code, int PerByte>
+void MaxSimDocs32(const float* qt, const float* S, int64_t num_centroids, const Code* codes,
                   const uint8_t* residuals, int64_t bytes_per_row, const float* inv_norms, int64_t num_rows,
                   const float* table, int64_t per_byte, const int32_t* starts, const int32_t* lens, float* out,
                   int64_t lo, int64_t hi) {
+  if (PerByte != 0) per_byte = PerByte;
 #if defined(__AVX512F__)
   constexpr int kRows = 4;
 #else
@@ -342,16 +357,19 @@ void MaxSimDocs32(const float* qt, int64_t dim, const float* S, int64_t num_cent
         for (int64_t b = 0; b < bytes_per_row; ++b) {
           const float* values[kRows];
           for (int i = 0; i < kRows; ++i) values[i] = table + static_cast<int64_t>(packed[i][b]) * per_byte;
-          for (int64_t k = 0; k < per_byte; ++k, col += 32) {
+#pragma GCC unroll 8
+          for (int64_t k = 0; k < (PerByte != 0 ? PerByte : per_byte); ++k, col += 32) {
             const Vec16 c_lo = Load(col), c_hi = Load(col + 16);
             for (int i = 0; i < kRows; ++i) {
-              const Vec16 r = Vec16{} + values[i][k];
+              const Vec16 r = Splat(values[i] + k);
               lo_acc[i] += r * c_lo;
               hi_acc[i] += r * c_hi;
             }
           }
         }
-        for (int i = 0; i < rows; ++i) {
+#pragma GCC unroll 4
+        for (int i = 0; i < kRows; ++i) {  // a constant bound, so that the sums stay in registers
+          if (i >= rows) break;
           const int64_t code = static_cast<int64_t>(codes[row + i]);
           if (code < 0 || code >= num_centroids) continue;
           const float* base = S + code * 32;
@@ -655,22 +673,23 @@ ffi::Error ExactMaxSim(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> Q, ffi::Buffe
     }
 #endif
     if (lq == 32) {
-#if defined(COLBERT_JAX_MAXSIM_AVX2)
       const int64_t hi = std::min<int64_t>(lo + kDocs, n);
-      switch (per_byte) {
-        case 4: return MaxSimDocs32Avx2<Code, 4>(qtp, s_data, num_centroids, c_data, r_data, bytes_per_row, inv,
-                                                 num_rows, tab, per_byte, st, ln, o, lo, hi);
-        case 2: return MaxSimDocs32Avx2<Code, 2>(qtp, s_data, num_centroids, c_data, r_data, bytes_per_row, inv,
-                                                 num_rows, tab, per_byte, st, ln, o, lo, hi);
-        case 8: return MaxSimDocs32Avx2<Code, 8>(qtp, s_data, num_centroids, c_data, r_data, bytes_per_row, inv,
-                                                 num_rows, tab, per_byte, st, ln, o, lo, hi);
-        default: return MaxSimDocs32Avx2<Code, 0>(qtp, s_data, num_centroids, c_data, r_data, bytes_per_row, inv,
-                                                  num_rows, tab, per_byte, st, ln, o, lo, hi);
-      }
+#if defined(COLBERT_JAX_MAXSIM_AVX2)
+#define COLBERT_JAX_MAXSIM32 MaxSimDocs32Avx2
+#else
+#define COLBERT_JAX_MAXSIM32 MaxSimDocs32
 #endif
-      MaxSimDocs32<Code>(qtp, dim, s_data, num_centroids, c_data, r_data, bytes_per_row, inv, num_rows, tab, per_byte,
-                         st, ln, o, lo, std::min<int64_t>(lo + kDocs, n));
-      return;
+      switch (per_byte) {  // nbits 2, 4 and 1: the values per byte as a constant
+        case 4: return COLBERT_JAX_MAXSIM32<Code, 4>(qtp, s_data, num_centroids, c_data, r_data, bytes_per_row, inv,
+                                                     num_rows, tab, per_byte, st, ln, o, lo, hi);
+        case 2: return COLBERT_JAX_MAXSIM32<Code, 2>(qtp, s_data, num_centroids, c_data, r_data, bytes_per_row, inv,
+                                                     num_rows, tab, per_byte, st, ln, o, lo, hi);
+        case 8: return COLBERT_JAX_MAXSIM32<Code, 8>(qtp, s_data, num_centroids, c_data, r_data, bytes_per_row, inv,
+                                                     num_rows, tab, per_byte, st, ln, o, lo, hi);
+        default: return COLBERT_JAX_MAXSIM32<Code, 0>(qtp, s_data, num_centroids, c_data, r_data, bytes_per_row,
+                                                      inv, num_rows, tab, per_byte, st, ln, o, lo, hi);
+      }
+#undef COLBERT_JAX_MAXSIM32
     }
     MaxSimDocs<Code, 0>(qtp, lq, dim, s_data, num_centroids, c_data, r_data, bytes_per_row, inv, num_rows, tab,
                         per_byte, st, ln, o, lo, std::min<int64_t>(lo + kDocs, n));
