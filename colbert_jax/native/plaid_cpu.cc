@@ -327,7 +327,7 @@ void MaxSimDocs(const float* qt, int64_t lq_runtime, int64_t dim, const float* S
 // row (each row's dot product accumulates dimension after dimension), but four rows' products are independent
 // chains, so the vector unit is not waiting on one accumulator's latency; each column of Q is loaded once for
 // the four.
-// PerByte: as MaxSimDocs32Avx2's.
+// PerByte: the values a byte holds (8 / nbits) as a constant, so that the loop over them unrolls (0: `per_byte`).
 template <typename Code, int PerByte>
 void MaxSimDocs32(const float* qt, const float* S, int64_t num_centroids, const Code* codes,
                   const uint8_t* residuals, int64_t bytes_per_row, const float* inv_norms, int64_t num_rows,
