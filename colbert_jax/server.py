@@ -78,6 +78,10 @@ MAX_K = 100
 DEFAULT_K = 10
 MAX_QUERY_CHARS = 1000  # query_maxlen is 32 tokens; 1,000 characters leave room for any real query
 MAX_BODY_BYTES = 1 << 20  # a POST of max_batch queries of MAX_QUERY_CHARS is ~64 kB (~256 kB as \u escapes)
+# The request line and headers uvicorn's h11 parser buffers before it gives up with a bare text 400. Its own
+# default (16 KiB) applies only when a request arrives in several reads, so a long URL got our JSON error or
+# that text depending on how TCP split it; this admits any URL httpx sends (64 KiB) to the app's own checks.
+MAX_HEAD_BYTES = 128 << 10
 REQUEST_TIMEOUT_S = 60.0
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 WEB = Path(__file__).parent / "web"
@@ -845,6 +849,14 @@ def check_exposure(host: str, api_key: str | None, insecure: bool) -> None:
         )
 
 
+def uvicorn_config(app, **kwargs):
+    """uvicorn's configuration for `app` with the server's limits (`MAX_HEAD_BYTES`); `kwargs` go to
+    `uvicorn.Config` (host, port, log_level, ...)."""
+    import uvicorn
+
+    return uvicorn.Config(app, h11_max_incomplete_event_size=MAX_HEAD_BYTES, **kwargs)
+
+
 def serve(
     searcher: Searcher,
     *,
@@ -861,7 +873,7 @@ def serve(
 
     check_exposure(sock.getsockname()[0] if sock else host, kwargs.get("api_key"), insecure)
     sock = sock or bind(host, port)
-    config = uvicorn.Config(create_app(searcher, warm=warm, **kwargs), log_level="info")
+    config = uvicorn_config(create_app(searcher, warm=warm, **kwargs), log_level="info")
     if kwargs.get("followers") is not None:
         # uvicorn raises the signal that stopped it again once stopped; over several processes that would end
         # this one before the others leave the runtime with it (they would then be aborted)

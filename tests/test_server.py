@@ -21,7 +21,7 @@ import uvicorn
 
 import colbert_jax
 from colbert_jax import server
-from colbert_jax.server import MAX_QUERY_CHARS, create_app
+from colbert_jax.server import MAX_QUERY_CHARS, create_app, uvicorn_config
 from tests.conftest import COLLECTIONS
 
 QUERIES = [line.split("\t")[1] for line in (COLLECTIONS / "queries_2k.tsv").read_text().splitlines()[:64]]
@@ -32,7 +32,7 @@ post = functools.partial(httpx.post, timeout=120)
 
 def start(app):
     """Runs `app` on a free loopback port in a thread; returns (server, thread, base url)."""
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    srv = uvicorn.Server(uvicorn_config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     for _ in range(200):

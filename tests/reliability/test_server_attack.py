@@ -4,6 +4,8 @@ per request, bearer API keys, and no unauthenticated serving beyond loopback."""
 
 from __future__ import annotations
 
+import json
+import socket
 import threading
 import time
 
@@ -15,14 +17,14 @@ from hypothesis import HealthCheck, settings
 
 import colbert_jax
 from colbert_jax.cli import main
-from colbert_jax.server import check_exposure, create_app
+from colbert_jax.server import check_exposure, create_app, uvicorn_config
 
 KEY = "s3cret-key"
 
 
 def start(app) -> tuple[uvicorn.Server, threading.Thread, str]:
     """Runs `app` on a free loopback port in a thread."""
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    srv = uvicorn.Server(uvicorn_config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     while not srv.started:  # bounded by the test's own timeout; start-up takes well under a second
@@ -101,6 +103,25 @@ def test_hostile_requests_get_a_4xx_with_a_message(served):
             bad = c.post("/api/search", content=body, headers={"content-type": "application/json"})
             assert 400 <= bad.status_code < 500 and bad.json()["error"], body
         assert c.get("/api/search", params={"query": "what is a file", "k": 3}).status_code == 200
+
+
+def test_a_long_url_gets_the_servers_own_400_however_tcp_splits_it(served):
+    """A request line that arrives in several reads (a loaded machine, a slow client) is parsed whole: the
+    app answers its JSON error, not uvicorn's bare "Invalid HTTP request received." (h11's 16 KiB default)."""
+    host, port = served().removeprefix("http://").split(":")
+    request = b"GET /api/search?query=" + b"word+" * 12_000 + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    for pieces in (1, 4):
+        with socket.create_connection((host, int(port)), timeout=60) as conn:
+            step = -(-len(request) // pieces)
+            for start in range(0, len(request), step):
+                conn.sendall(request[start : start + step])
+                time.sleep(0.2)  # each piece its own read on the server
+            answer = b""
+            while chunk := conn.recv(65536):
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head, (pieces, answer[:300])
+        assert "characters" in json.loads(body)["error"], pieces
 
 
 def test_a_request_over_its_time_limit_gets_503(served):
