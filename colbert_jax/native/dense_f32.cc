@@ -50,10 +50,12 @@ void PanelScalar(const float* x, int64_t r0, int64_t r1, int64_t k, const float*
 #if defined(__AVX512F__)
 // R rows (R <= 8) starting at row r x the first 16V columns of one panel, over k in [k0, k1): RV accumulators in
 // registers, starting from the partial sums in `out` unless k0 is 0 (the same chain of FMAs, in the same
-// order, as one pass over k). V < 3 for a last panel of at most 32 columns (queries' 32 tokens: stage 1).
+// order, as one pass over k). V < 3 for a last panel of at most 32 columns (queries' 32 tokens: stage 1). It
+// also requests `pf_lines` cache lines from `pf` into L2, spread over its k: a pass's weights come from memory
+// for its first row block only, which without them waited on each line while the FMA units idled.
 template <int R, int V>
 inline void BlockAvx512(const float* x, int64_t r, int64_t k, int64_t k0, int64_t k1, const float* panel,
-                        int64_t ld, int64_t col, int64_t n, float* out) {
+                        int64_t ld, int64_t col, int64_t n, float* out, const char* pf, int64_t pf_lines) {
   __m512 acc[R][V];
   const int64_t width = std::min(ld, n - col);
   __mmask16 keep[V];
@@ -67,7 +69,10 @@ inline void BlockAvx512(const float* x, int64_t r, int64_t k, int64_t k0, int64_
     }
   }
   const float* xr = x + r * k;
+  const int64_t per_k = (pf_lines + (k1 - k0) - 1) / (k1 - k0);
+  int64_t next = 0;
   for (int64_t i = k0; i < k1; ++i) {
+    for (int64_t q = 0; q < per_k && next < pf_lines; ++q, ++next) _mm_prefetch(pf + next * 64, _MM_HINT_T1);
     __m512 b[V];
     for (int v = 0; v < V; ++v) b[v] = _mm512_loadu_ps(panel + i * ld + 16 * v);
     for (int j = 0; j < R; ++j) {
@@ -82,33 +87,44 @@ inline void BlockAvx512(const float* x, int64_t r, int64_t k, int64_t k0, int64_
 
 template <int V>
 void PanelRows(const float* x, int64_t r0, int64_t r1, int64_t k, const float* panel, int64_t ld, int64_t col,
-               int64_t n, float* out) {
+               int64_t n, float* out, const float* w_end) {
+  const int64_t blocks = (r1 - r0 + kRows - 1) / kRows;
   for (int64_t k0 = 0; k0 < k; k0 += kDepth) {
     const int64_t k1 = std::min(k0 + kDepth, k);
-    int64_t r = r0;
-    for (; r + kRows <= r1; r += kRows) BlockAvx512<kRows, V>(x, r, k, k0, k1, panel, ld, col, n, out);
+    // the weights after this pass's (the next pass's, or the next panel's first pass's), shared by the row blocks
+    const float* ahead = panel + k1 * ld;
+    const char* pf = reinterpret_cast<const char*>(ahead);
+    const int64_t lines = std::max<int64_t>(0, std::min<int64_t>(kDepth * ld, w_end - ahead)) * sizeof(float) / 64;
+    const int64_t share = (lines + blocks - 1) / blocks;
+    int64_t r = r0, b = 0;
+    auto part = [&](int64_t i) { return std::min(lines, i * share); };
+    for (; r + kRows <= r1; r += kRows, ++b) {
+      BlockAvx512<kRows, V>(x, r, k, k0, k1, panel, ld, col, n, out, pf + part(b) * 64, part(b + 1) - part(b));
+    }
+    const char* rest = pf + part(b) * 64;
+    const int64_t left = part(b + 1) - part(b);
     switch (r1 - r) {
-      case 7: BlockAvx512<7, V>(x, r, k, k0, k1, panel, ld, col, n, out); break;
-      case 6: BlockAvx512<6, V>(x, r, k, k0, k1, panel, ld, col, n, out); break;
-      case 5: BlockAvx512<5, V>(x, r, k, k0, k1, panel, ld, col, n, out); break;
-      case 4: BlockAvx512<4, V>(x, r, k, k0, k1, panel, ld, col, n, out); break;
-      case 3: BlockAvx512<3, V>(x, r, k, k0, k1, panel, ld, col, n, out); break;
-      case 2: BlockAvx512<2, V>(x, r, k, k0, k1, panel, ld, col, n, out); break;
-      case 1: BlockAvx512<1, V>(x, r, k, k0, k1, panel, ld, col, n, out); break;
+      case 7: BlockAvx512<7, V>(x, r, k, k0, k1, panel, ld, col, n, out, rest, left); break;
+      case 6: BlockAvx512<6, V>(x, r, k, k0, k1, panel, ld, col, n, out, rest, left); break;
+      case 5: BlockAvx512<5, V>(x, r, k, k0, k1, panel, ld, col, n, out, rest, left); break;
+      case 4: BlockAvx512<4, V>(x, r, k, k0, k1, panel, ld, col, n, out, rest, left); break;
+      case 3: BlockAvx512<3, V>(x, r, k, k0, k1, panel, ld, col, n, out, rest, left); break;
+      case 2: BlockAvx512<2, V>(x, r, k, k0, k1, panel, ld, col, n, out, rest, left); break;
+      case 1: BlockAvx512<1, V>(x, r, k, k0, k1, panel, ld, col, n, out, rest, left); break;
       default: break;
     }
   }
 }
 
 void PanelAvx512(const float* x, int64_t r0, int64_t r1, int64_t k, const float* panel, int64_t ld, int64_t col,
-                 int64_t n, float* out) {
+                 int64_t n, float* out, const float* w_end) {
   const int64_t width = std::min(ld, n - col);
   if (width <= 16) {
-    PanelRows<1>(x, r0, r1, k, panel, ld, col, n, out);
+    PanelRows<1>(x, r0, r1, k, panel, ld, col, n, out, w_end);
   } else if (width <= 32) {
-    PanelRows<2>(x, r0, r1, k, panel, ld, col, n, out);
+    PanelRows<2>(x, r0, r1, k, panel, ld, col, n, out, w_end);
   } else {
-    PanelRows<3>(x, r0, r1, k, panel, ld, col, n, out);
+    PanelRows<3>(x, r0, r1, k, panel, ld, col, n, out, w_end);
   }
 }
 #endif
@@ -228,7 +244,7 @@ ffi::Error DenseF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
       const float* panel = wd + p * k * ld;
 #if defined(__AVX512F__)
       if (vectorized) {
-        PanelAvx512(xd, r0, r1, k, panel, ld, p * ld, n, o);
+        PanelAvx512(xd, r0, r1, k, panel, ld, p * ld, n, o, wd + panels * k * ld);
         continue;
       }
 #elif defined(COLBERT_JAX_DENSE_AVX2)
