@@ -472,6 +472,7 @@ def centroid_scores(split: jax.Array, Q: jax.Array, num_centroids: int, *, imple
 
 SCORES_F32_IMPLEMENTATIONS = ("vector", "scalar")
 SCORES_GROUP = 8  # centroids per group of `block_centroids`' layout
+SCORES_MAX_BLOCK = 128  # centroids per block of the maxima `centroid_scores_f32` also returns
 
 
 def block_centroids(centroids: jax.Array | np.ndarray) -> jax.Array | np.ndarray:
@@ -495,12 +496,19 @@ def scores_f32_vectorized() -> bool:
 
 
 def centroid_scores_f32(
-    blocked: jax.Array, Q: jax.Array, num_centroids: int, *, implementation: str = "vector"
-) -> jax.Array:
+    blocked: jax.Array,
+    Q: jax.Array,
+    num_centroids: int,
+    *,
+    implementation: str = "vector",
+    block_maxima: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """S = C . Q^T [num_centroids, Lq] float32 from the centroids laid out by `block_centroids` and Q [Lq, dim]:
     each score one FMA chain over k (see `centroid_scores_f32.cc`: the same bits from every implementation and
     for any row count, not XLA's). implementation: "vector" (AVX-512 or AVX2 where compiled, else as "scalar")
-    or "scalar" (plain loops). CPU programs only; vmapped, it runs once per query."""
+    or "scalar" (plain loops). block_maxima: also return each token's maximum over each block of
+    `SCORES_MAX_BLOCK` centroids, [ceil(num_centroids / SCORES_MAX_BLOCK), Lq] (`S.max` over the blocks, taken
+    while they are in cache). CPU programs only; vmapped, it runs once per query."""
     if implementation not in SCORES_F32_IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {SCORES_F32_IMPLEMENTATIONS}, got {implementation!r}")
     if library() is None:
@@ -512,9 +520,15 @@ def centroid_scores_f32(
         )
     if blocked.shape[0] != -(-num_centroids // SCORES_GROUP):
         raise ValueError(f"centroid_scores_f32: {blocked.shape[0]} groups of 8 do not hold P={num_centroids}")
-    out = jax.ShapeDtypeStruct((num_centroids, Q.shape[0]), jnp.float32)
+    lq = Q.shape[0]
+    out = (
+        jax.ShapeDtypeStruct((num_centroids, lq), jnp.float32),
+        jax.ShapeDtypeStruct((-(-num_centroids // SCORES_MAX_BLOCK), lq), jnp.float32),
+    )
     call = jax.ffi.ffi_call("colbert_jax_centroid_scores_f32", out, vmap_method="sequential")
-    return call(blocked.astype(jnp.float32), Q.astype(jnp.float32), vectorized=np.int32(implementation == "vector"))
+    vectorized = np.int32(implementation == "vector")
+    S, maxima = call(blocked.astype(jnp.float32), Q.astype(jnp.float32), vectorized=vectorized)
+    return (S, maxima) if block_maxima else S
 
 
 # -- the int8 query encoder's self-attention (attention.cc) --------------------------------------------------

@@ -1,5 +1,6 @@
 // PLAID's stage 1 product in float32 on CPUs without AMX-BF16 (`colbert_jax.native.centroid_scores_f32`),
-// called from XLA programs through the XLA FFI: S [P, Lq] = C [P, dim] . Q [Lq, dim]^T.
+// called from XLA programs through the XLA FFI: S [P, Lq] = C [P, dim] . Q [Lq, dim]^T, and each token's maximum
+// over each block of 128 centroids (what stage 2 ranks first: `candidates.top_cells`).
 //
 // At large P the product reads P x dim x 4 bytes of centroids per query (32 MiB at 65,536 centroids), and the
 // read pattern decides its speed: a block of 8 centroid rows read as 8 strided streams ran far below the
@@ -31,6 +32,24 @@ using colbert_jax_native::RunTasks;
 constexpr int64_t kGroup = 8;             // centroids per group (the layout's innermost axis)
 constexpr int64_t kGroupsPerTask = 32;
 constexpr int64_t kRowsPerThread = 2048;  // below this many centroids per thread, one thread does it all
+constexpr int64_t kMaxBlock = 128;        // centroids per block maximum (`candidates.CELL_BLOCK`)
+static_assert(kGroupsPerTask * kGroup % kMaxBlock == 0, "a task's centroids are whole blocks of the maxima");
+
+// Each token's maximum over each block of kMaxBlock centroids in rows [c0, c1) of S (c0 a multiple of
+// kMaxBlock), into bm [ceil(P / kMaxBlock), lq]: taken while a task's rows of S are still in cache, which spares
+// stage 2 a pass over all of S to find the blocks it ranks.
+void BlockMaxima(const float* __restrict s, int64_t c0, int64_t c1, int64_t lq, float* __restrict bm) {
+  for (int64_t b0 = c0; b0 < c1; b0 += kMaxBlock) {
+    float* __restrict m = bm + (b0 / kMaxBlock) * lq;
+    const int64_t b1 = std::min(b0 + kMaxBlock, c1);
+    for (int64_t t = 0; t < lq; ++t) m[t] = s[b0 * lq + t];
+    for (int64_t c = b0 + 1; c < b1; ++c) {
+      const float* __restrict row = s + c * lq;
+      // NaN wins, as in XLA's max (the restrict pointers let the compiler vectorize over t)
+      for (int64_t t = 0; t < lq; ++t) m[t] = (row[t] > m[t] || row[t] != row[t]) ? row[t] : m[t];
+    }
+  }
+}
 
 // Groups [g0, g1), plain loops. qt: Q^T [dim][lqp] (lqp >= lq, zero columns past lq).
 void GroupsScalar(const float* c, const float* qt, int64_t dim, int64_t lqp, int64_t p, int64_t lq, int64_t g0,
@@ -184,16 +203,21 @@ void GroupsAvx2(const float* c, const float* q, int64_t dim, int64_t p, int64_t 
 #endif
 
 ffi::Error CentroidScoresF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> blocked, ffi::Buffer<ffi::F32> q,
-                             ffi::ResultBuffer<ffi::F32> s, int32_t vectorized) {
+                             ffi::ResultBuffer<ffi::F32> s, ffi::ResultBuffer<ffi::F32> maxima, int32_t vectorized) {
   auto c_dims = blocked.dimensions();
   auto q_dims = q.dimensions();
   auto s_dims = s->dimensions();
-  if (c_dims.size() != 3 || c_dims[2] != kGroup || q_dims.size() != 2 || s_dims.size() != 2) {
-    return ffi::Error::InvalidArgument("centroid_scores_f32: blocked centroids [P8 / 8, dim, 8], Q [Lq, dim], S [P, Lq]");
+  auto m_dims = maxima->dimensions();
+  if (c_dims.size() != 3 || c_dims[2] != kGroup || q_dims.size() != 2 || s_dims.size() != 2 || m_dims.size() != 2) {
+    return ffi::Error::InvalidArgument(
+        "centroid_scores_f32: blocked centroids [P8 / 8, dim, 8], Q [Lq, dim], S [P, Lq], maxima [P / 128, Lq]");
   }
   const int64_t groups = c_dims[0], dim = c_dims[1], lq = q_dims[0], p = s_dims[0];
   if (q_dims[1] != dim || s_dims[1] != lq || groups != (p + kGroup - 1) / kGroup) {
     return ffi::Error::InvalidArgument("centroid_scores_f32: the blocked centroids do not fit Q [Lq, dim], S [P, Lq]");
+  }
+  if (m_dims[0] != (p + kMaxBlock - 1) / kMaxBlock || m_dims[1] != lq) {
+    return ffi::Error::InvalidArgument("centroid_scores_f32: the block maxima are not [ceil(P / 128), Lq]");
   }
   if (p == 0 || lq == 0) return ffi::Error::Success();
   const int64_t lqp = (lq + 15) / 16 * 16;
@@ -209,21 +233,19 @@ ffi::Error CentroidScoresF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> blocked
   }
   const float* c = blocked.typed_data();
   float* out = s->typed_data();
+  float* bm = maxima->typed_data();
   const int64_t tasks = (groups + kGroupsPerTask - 1) / kGroupsPerTask;
   RunTasks(pool, tasks, p, kRowsPerThread, [&](int64_t t) {
     const int64_t g0 = t * kGroupsPerTask, g1 = std::min(g0 + kGroupsPerTask, groups);
+    [&] {
 #if defined(__AVX512F__)
-    if (vectorized) {
-      GroupsAvx512(c, qt.data(), dim, lqp, p, groups, lq, g0, g1, out);
-      return;
-    }
+      if (vectorized) return GroupsAvx512(c, qt.data(), dim, lqp, p, groups, lq, g0, g1, out);
 #elif defined(COLBERT_JAX_SCORES_AVX2)
-    if (vectorized) {
-      GroupsAvx2(c, qd, dim, p, groups, lq, g0, g1, out);
-      return;
-    }
+      if (vectorized) return GroupsAvx2(c, qd, dim, p, groups, lq, g0, g1, out);
 #endif
-    GroupsScalar(c, qt.data(), dim, lqp, p, lq, g0, g1, out);
+      GroupsScalar(c, qt.data(), dim, lqp, p, lq, g0, g1, out);
+    }();
+    BlockMaxima(out, g0 * kGroup, std::min(g1 * kGroup, p), lq, bm);
   });
   return ffi::Error::Success();
 }
@@ -235,5 +257,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ColbertJaxCentroidScoresF32, CentroidScoresF32,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int32_t>("vectorized"));

@@ -27,6 +27,7 @@ __all__ = [
     "CELL_BLOCK",
     "top_cells",
     "centroid_scores",
+    "centroid_scores_and_maxima",
     "row_scores",
     "cells",
     "cells_one",
@@ -36,22 +37,25 @@ __all__ = [
     "unique_candidates",
 ]
 
-CELL_BLOCK = 128
+CELL_BLOCK = native.SCORES_MAX_BLOCK  # 128: the blocks `top_cells` ranks first, whose maxima stage 1 may give
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def top_cells(S: jax.Array, n: int) -> jax.Array:
+def top_cells(S: jax.Array, n: int, maxima: jax.Array | None = None) -> jax.Array:
     """The n best centroids of each query token: S [P, Lq] -> ids [Lq, n], the set `top_k(S.T, n)` gives.
 
     Two levels, because XLA:CPU's top_k over all P centroids costs 2-3x the matmul that produced S: the n
     best scores lie in the n blocks of CELL_BLOCK centroids with the best maxima, so only those are ranked.
+    maxima: those blocks' maxima [ceil(P / CELL_BLOCK), Lq] where the product that made S gave them (else
+    taken here, a pass over all of S).
     """
     num_centroids, lq = S.shape
     blocks_total = num_centroids // CELL_BLOCK
     if num_centroids % CELL_BLOCK or blocks_total < 2 * n:
         return jax.lax.top_k(S.T, n)[1]
     blocked = S.reshape(blocks_total, CELL_BLOCK, lq)
-    blocks = jax.lax.top_k(blocked.max(axis=1).T, n)[1]  # [Lq, n]
+    maxima = blocked.max(axis=1) if maxima is None else maxima
+    blocks = jax.lax.top_k(maxima.T, n)[1]  # [Lq, n]
     values = blocked[blocks, :, jnp.arange(lq)[:, None]].reshape(lq, n * CELL_BLOCK)
     best = jax.lax.top_k(values, n)[1]
     return jnp.take_along_axis(blocks, best // CELL_BLOCK, axis=1) * CELL_BLOCK + best % CELL_BLOCK
@@ -62,12 +66,18 @@ def centroid_scores(Q: jax.Array, a: IndexArrays, query_maxlen: int) -> jax.Arra
     terms (`a.centroids_split`: CPUs with AMX-BF16), three bfloat16 products on the tile unit
     (`native.centroid_scores`); where they carry them in groups of 8 (`a.centroids_blocked`), the native float32
     product (`native.centroid_scores_f32`: sequential reads of the centroids, which bound it at large P)."""
+    return centroid_scores_and_maxima(Q, a, query_maxlen)[0]
+
+
+def centroid_scores_and_maxima(Q: jax.Array, a: IndexArrays, query_maxlen: int) -> tuple[jax.Array, jax.Array | None]:
+    """`centroid_scores` and, where its product gives them (the native float32 one), each token's maxima over
+    blocks of CELL_BLOCK centroids [ceil(P / CELL_BLOCK), Lq] for `top_cells` (else None)."""
     Q = Q[:query_maxlen]
     if a.centroids_split is not None:
-        return _split_product(a.centroids_split, Q, a.centroids.shape[0], lambda: a.centroids)
+        return _split_product(a.centroids_split, Q, a.centroids.shape[0], lambda: a.centroids), None
     if a.centroids_blocked is not None:
-        return _blocked_product(a.centroids_blocked, Q, a.centroids.shape[0], lambda: a.centroids)
-    return jnp.dot(a.centroids, Q.T, precision=HIGHEST)
+        return _blocked_product(a.centroids_blocked, Q, a.centroids.shape[0], lambda: a.centroids, maxima=True)
+    return jnp.dot(a.centroids, Q.T, precision=HIGHEST), None
 
 
 def row_scores(c: jax.Array, Q: jax.Array, a: IndexArrays) -> jax.Array:
@@ -102,23 +112,31 @@ def _split_product(split: jax.Array, Q: jax.Array, n: int, rows) -> jax.Array:
     return jax.lax.platform_dependent(Q, cpu=cpu, default=lambda Q: jnp.dot(rows(), Q.T, precision=HIGHEST))
 
 
-def _blocked_product(blocked: jax.Array, Q: jax.Array, n: int, rows) -> jax.Array:
+def _blocked_product(blocked: jax.Array, Q: jax.Array, n: int, rows, *, maxima: bool = False):
     """[n, Lq] from n rows in groups of 8 (`native.block_centroids`): the native float32 product where the kernels
-    are built, else XLA's product of `rows()` (other platforms, or the kernels off)."""
+    are built, else XLA's product of `rows()` (other platforms, or the kernels off). maxima: (S, its maxima over
+    blocks of CELL_BLOCK rows), the kernel's or XLA's."""
+
+    def xla(Q):
+        S = jnp.dot(rows(), Q.T, precision=HIGHEST)
+        if not maxima:
+            return S
+        padded = jnp.pad(S, ((0, -n % CELL_BLOCK), (0, 0)), constant_values=-jnp.inf)
+        return S, padded.reshape(-1, CELL_BLOCK, S.shape[1]).max(axis=1)
 
     def cpu(Q):
         if native.enabled():
-            return native.centroid_scores_f32(blocked, Q, n)
-        return jnp.dot(rows(), Q.T, precision=HIGHEST)
+            return native.centroid_scores_f32(blocked, Q, n, block_maxima=maxima)
+        return xla(Q)
 
-    return jax.lax.platform_dependent(Q, cpu=cpu, default=lambda Q: jnp.dot(rows(), Q.T, precision=HIGHEST))
+    return jax.lax.platform_dependent(Q, cpu=cpu, default=xla)
 
 
 def cells_one(Q, a: IndexArrays, *, ncells: int, query_maxlen: int):
     """Centroid scores S [P, Lq], the probed cells (unique, padded with P) and their IVF entries count."""
     num_centroids = a.centroids.shape[0]
-    S = centroid_scores(Q, a, query_maxlen)
-    cells = top_cells(S, ncells).reshape(-1)  # [Lq * ncells]
+    S, maxima = centroid_scores_and_maxima(Q, a, query_maxlen)
+    cells = top_cells(S, ncells, maxima).reshape(-1)  # [Lq * ncells]
     cells = jnp.unique(cells, size=cells.shape[0], fill_value=num_centroids)
     return S, cells, a.ivf_lengths[cells].sum()
 

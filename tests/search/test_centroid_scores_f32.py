@@ -50,6 +50,44 @@ def test_kernel_is_the_float32_product(shape, monkeypatch):
     np.testing.assert_allclose(got, xla, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("implementation", ["vector", "scalar"])
+@pytest.mark.parametrize("p", [100, 256, 4100, 8192])
+def test_kernel_gives_the_block_maxima_top_cells_ranks(p, implementation):
+    """The maxima over blocks of 128 centroids that the kernel takes beside S are S's (a partial last block,
+    one task's two blocks, several tasks), and `top_cells` picks the same cells from them as from S alone."""
+    C, Q = _problem(p, 32, 128)
+    blocked = jnp.asarray(native.block_centroids(C))
+    fn = functools.partial(native.centroid_scores_f32, num_centroids=p, implementation=implementation)
+    S, maxima = jax.jit(functools.partial(fn, block_maxima=True))(blocked, Q)
+    np.testing.assert_array_equal(np.asarray(S), np.asarray(jax.jit(fn)(blocked, Q)))
+    S = np.asarray(S)
+    padded = np.full((-(-p // 128) * 128, 32), -np.inf, np.float32)
+    padded[:p] = S
+    np.testing.assert_array_equal(np.asarray(maxima), padded.reshape(-1, 128, 32).max(axis=1))
+    if p % 128 == 0:
+        for n in (1, 4, 8):
+            top = jax.jit(candidates.top_cells, static_argnums=1)
+            np.testing.assert_array_equal(
+                np.sort(np.asarray(top(jnp.asarray(S), n, maxima)), axis=1),
+                np.sort(np.asarray(top(jnp.asarray(S), n)), axis=1),
+            )
+    # the stage-1 path a search takes: the same S and maxima through `centroid_scores_and_maxima`
+    got_S, got_max = jax.jit(lambda Q: candidates.centroid_scores_and_maxima(Q, _arrays(C, True), 32))(Q)
+    if implementation == "vector":
+        np.testing.assert_array_equal(np.asarray(got_S), S)
+        np.testing.assert_array_equal(np.asarray(got_max), np.asarray(maxima))
+
+
+def test_maxima_without_the_kernels_are_xlas(monkeypatch):
+    """With the kernels off (or lowered for another platform) the blocked path's maxima come from XLA's S."""
+    monkeypatch.setenv(native.ENV, "0")
+    C, Q = _problem(300, 32, 128)
+    S, maxima = jax.jit(lambda Q: candidates.centroid_scores_and_maxima(Q, _arrays(C, True), 32))(Q)
+    padded = np.full((384, 32), -np.inf, np.float32)
+    padded[:300] = np.asarray(S)
+    np.testing.assert_array_equal(np.asarray(maxima), padded.reshape(3, 128, 32).max(axis=1))
+
+
 def test_block_layout():
     C = _problem(13, 1, 96)[0]
     blocked = native.block_centroids(C)
