@@ -49,13 +49,15 @@ void PanelScalar(const float* x, int64_t r0, int64_t r1, int64_t k, const float*
 
 #if defined(__AVX512F__)
 // R rows (R <= 8) starting at row r x the first 16V columns of one panel, over k in [k0, k1): RV accumulators in
-// registers, starting from the partial sums in `out` unless k0 is 0 (the same chain of FMAs, in the same
-// order, as one pass over k). V < 3 for a last panel of at most 32 columns (queries' 32 tokens: stage 1). It
+// registers, starting from the partial sums in `part` ([R][kPanel], the task's scratch) unless k0 is 0, and
+// ending in `part` too unless k1 is k, when they go to `out` (the same chain of FMAs, in the same order, as one
+// pass over k). V < 3 for a last panel of at most 32 columns (queries' 32 tokens: stage 1). It
 // also requests `pf_lines` cache lines from `pf` into L2, spread over its k: a pass's weights come from memory
 // for its first row block only, which without them waited on each line while the FMA units idled.
 template <int R, int V>
 inline void BlockAvx512(const float* x, int64_t r, int64_t k, int64_t k0, int64_t k1, const float* panel,
-                        int64_t ld, int64_t col, int64_t n, float* out, const char* pf, int64_t pf_lines) {
+                        int64_t ld, int64_t col, int64_t n, float* out, const char* pf, int64_t pf_lines,
+                        float* part) {
   __m512 acc[R][V];
   const int64_t width = std::min(ld, n - col);
   __mmask16 keep[V];
@@ -65,7 +67,7 @@ inline void BlockAvx512(const float* x, int64_t r, int64_t k, int64_t k0, int64_
   }
   for (int j = 0; j < R; ++j) {
     for (int v = 0; v < V; ++v) {
-      acc[j][v] = k0 == 0 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(keep[v], out + (r + j) * n + col + 16 * v);
+      acc[j][v] = k0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(part + j * kPanel + 16 * v);
     }
   }
   const float* xr = x + r * k;
@@ -80,8 +82,21 @@ inline void BlockAvx512(const float* x, int64_t r, int64_t k, int64_t k0, int64_
       for (int v = 0; v < V; ++v) acc[j][v] = _mm512_fmadd_ps(a, b[v], acc[j][v]);
     }
   }
-  for (int v = 0; v < V; ++v) {
-    for (int j = 0; j < R; ++j) _mm512_mask_storeu_ps(out + (r + j) * n + col + 16 * v, keep[v], acc[j][v]);
+  // Partial sums go to the task's contiguous scratch, not to `out`, whose rows are spread over pages and out of
+  // L1 by the next pass; and masked stores only for a last panel's partial vectors (on Intel cores a masked store
+  // to a line not in L1 costs far more than a plain one).
+  if (k1 < k) {
+    for (int v = 0; v < V; ++v) {
+      for (int j = 0; j < R; ++j) _mm512_storeu_ps(part + j * kPanel + 16 * v, acc[j][v]);
+    }
+  } else if (width >= 16 * V) {
+    for (int v = 0; v < V; ++v) {
+      for (int j = 0; j < R; ++j) _mm512_storeu_ps(out + (r + j) * n + col + 16 * v, acc[j][v]);
+    }
+  } else {
+    for (int v = 0; v < V; ++v) {
+      for (int j = 0; j < R; ++j) _mm512_mask_storeu_ps(out + (r + j) * n + col + 16 * v, keep[v], acc[j][v]);
+    }
   }
 }
 
@@ -89,6 +104,8 @@ template <int V>
 void PanelRows(const float* x, int64_t r0, int64_t r1, int64_t k, const float* panel, int64_t ld, int64_t col,
                int64_t n, float* out, const float* w_end) {
   const int64_t blocks = (r1 - r0 + kRows - 1) / kRows;
+  // the rows' partial sums between passes (r1 - r0 <= kRowsPerTask)
+  alignas(64) static thread_local float scratch[kRowsPerTask * kPanel];
   for (int64_t k0 = 0; k0 < k; k0 += kDepth) {
     const int64_t k1 = std::min(k0 + kDepth, k);
     // the weights after this pass's (the next pass's, or the next panel's first pass's), shared by the row blocks
@@ -99,18 +116,20 @@ void PanelRows(const float* x, int64_t r0, int64_t r1, int64_t k, const float* p
     int64_t r = r0, b = 0;
     auto part = [&](int64_t i) { return std::min(lines, i * share); };
     for (; r + kRows <= r1; r += kRows, ++b) {
-      BlockAvx512<kRows, V>(x, r, k, k0, k1, panel, ld, col, n, out, pf + part(b) * 64, part(b + 1) - part(b));
+      BlockAvx512<kRows, V>(x, r, k, k0, k1, panel, ld, col, n, out, pf + part(b) * 64, part(b + 1) - part(b),
+                             scratch + (r - r0) * kPanel);
     }
     const char* rest = pf + part(b) * 64;
     const int64_t left = part(b + 1) - part(b);
+    float* sums = scratch + (r - r0) * kPanel;
     switch (r1 - r) {
-      case 7: BlockAvx512<7, V>(x, r, k, k0, k1, panel, ld, col, n, out, rest, left); break;
-      case 6: BlockAvx512<6, V>(x, r, k, k0, k1, panel, ld, col, n, out, rest, left); break;
-      case 5: BlockAvx512<5, V>(x, r, k, k0, k1, panel, ld, col, n, out, rest, left); break;
-      case 4: BlockAvx512<4, V>(x, r, k, k0, k1, panel, ld, col, n, out, rest, left); break;
-      case 3: BlockAvx512<3, V>(x, r, k, k0, k1, panel, ld, col, n, out, rest, left); break;
-      case 2: BlockAvx512<2, V>(x, r, k, k0, k1, panel, ld, col, n, out, rest, left); break;
-      case 1: BlockAvx512<1, V>(x, r, k, k0, k1, panel, ld, col, n, out, rest, left); break;
+      case 7: BlockAvx512<7, V>(x, r, k, k0, k1, panel, ld, col, n, out, rest, left, sums); break;
+      case 6: BlockAvx512<6, V>(x, r, k, k0, k1, panel, ld, col, n, out, rest, left, sums); break;
+      case 5: BlockAvx512<5, V>(x, r, k, k0, k1, panel, ld, col, n, out, rest, left, sums); break;
+      case 4: BlockAvx512<4, V>(x, r, k, k0, k1, panel, ld, col, n, out, rest, left, sums); break;
+      case 3: BlockAvx512<3, V>(x, r, k, k0, k1, panel, ld, col, n, out, rest, left, sums); break;
+      case 2: BlockAvx512<2, V>(x, r, k, k0, k1, panel, ld, col, n, out, rest, left, sums); break;
+      case 1: BlockAvx512<1, V>(x, r, k, k0, k1, panel, ld, col, n, out, rest, left, sums); break;
       default: break;
     }
   }
