@@ -67,12 +67,21 @@ void GroupsScalar(const float* c, const float* qt, int64_t dim, int64_t lqp, int
 }
 
 #if defined(__AVX512F__)
+// BlockMaxima's step, lane by lane: the running maximum m takes the row's value where that is greater or NaN
+// (so the same bits, signed zeros and NaNs included; vmaxps alone returns its second operand for either NaN).
+inline __m512 FoldMax(__m512 m, __m512 row) {
+  const __mmask16 take = _mm512_cmp_ps_mask(row, m, _CMP_GT_OQ) | _mm512_cmp_ps_mask(row, row, _CMP_UNORD_Q);
+  return _mm512_mask_mov_ps(m, take, row);
+}
+
 // One group x V vectors of 16 tokens starting at token t0; lqp is a multiple of 16. The tile also requests
 // `pf_lines` cache lines from `pf` (the next group's centroids), one every 2 k: a group is one 4 KiB page, where
-// the hardware prefetcher stops, so without them each group began with its broadcasts waiting on memory.
+// the hardware prefetcher stops, so without them each group began with its broadcasts waiting on memory. It
+// folds the group's maxima per token into `bm` (its block's row of the maxima; set rather than folded when
+// `first`) from the sums still in registers, which spares BlockMaxima's pass over the task's rows of S.
 template <int V>
 inline void TileAvx512(const float* cg, const float* qt, int64_t dim, int64_t lqp, int64_t t0, int64_t rows,
-                       int64_t lq, float* s, const char* pf, int64_t pf_lines) {
+                       int64_t lq, float* s, const char* pf, int64_t pf_lines, float* bm, bool first) {
   __m512 acc[kGroup][V];
   for (int j = 0; j < kGroup; ++j) {
     for (int v = 0; v < V; ++v) acc[j][v] = _mm512_setzero_ps();
@@ -90,28 +99,37 @@ inline void TileAvx512(const float* cg, const float* qt, int64_t dim, int64_t lq
     const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, lq - t0 - 16 * v));
     const __mmask16 keep = left >= 16 ? 0xffff : static_cast<__mmask16>((1u << left) - 1);
     for (int64_t j = 0; j < rows; ++j) _mm512_mask_storeu_ps(s + j * lq + t0 + 16 * v, keep, acc[j][v]);
+    __m512 m = acc[0][v];
+    for (int j = 1; j < kGroup; ++j) {
+      if (j < rows) m = FoldMax(m, acc[j][v]);
+    }
+    if (!first) m = FoldMax(_mm512_maskz_loadu_ps(keep, bm + t0 + 16 * v), m);
+    _mm512_mask_storeu_ps(bm + t0 + 16 * v, keep, m);
   }
 }
 
 void GroupsAvx512(const float* c, const float* qt, int64_t dim, int64_t lqp, int64_t p, int64_t groups, int64_t lq,
-                  int64_t g0, int64_t g1, float* s) {
+                  int64_t g0, int64_t g1, float* s, float* bm) {
+  constexpr int64_t kGroupsPerBlock = kMaxBlock / kGroup;
   const int64_t group_bytes = dim * kGroup * sizeof(float);
   const int64_t tiles = (lqp + 31) / 32, lines = (group_bytes + 63) / 64, lines_per_tile = (lines + tiles - 1) / tiles;
   for (int64_t g = g0; g < g1; ++g) {
     const float* cg = c + g * dim * kGroup;
     const int64_t rows = std::min(kGroup, p - g * kGroup);
     float* sg = s + g * kGroup * lq;
+    float* bg = bm + (g / kGroupsPerBlock) * lq;
+    const bool first = g % kGroupsPerBlock == 0;
     // the next group's lines (none past the last), shared among the tiles
     const int64_t ahead = g + 1 < groups ? lines : 0;
     const char* pf = reinterpret_cast<const char*>(c + std::min(g + 1, groups) * dim * kGroup);
     int64_t t0 = 0, tile = 0;
     for (; t0 < lqp; t0 += 32, ++tile) {
-      const int64_t first = std::min(ahead, tile * lines_per_tile);
-      const int64_t n = std::min(ahead, first + lines_per_tile) - first;
+      const int64_t first_line = std::min(ahead, tile * lines_per_tile);
+      const int64_t n = std::min(ahead, first_line + lines_per_tile) - first_line;
       if (t0 + 32 <= lqp) {
-        TileAvx512<2>(cg, qt, dim, lqp, t0, rows, lq, sg, pf + first * 64, n);
+        TileAvx512<2>(cg, qt, dim, lqp, t0, rows, lq, sg, pf + first_line * 64, n, bg, first);
       } else {
-        TileAvx512<1>(cg, qt, dim, lqp, t0, rows, lq, sg, pf + first * 64, n);
+        TileAvx512<1>(cg, qt, dim, lqp, t0, rows, lq, sg, pf + first_line * 64, n, bg, first);
       }
     }
   }
@@ -237,14 +255,15 @@ ffi::Error CentroidScoresF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> blocked
   const int64_t tasks = (groups + kGroupsPerTask - 1) / kGroupsPerTask;
   RunTasks(pool, tasks, p, kRowsPerThread, [&](int64_t t) {
     const int64_t g0 = t * kGroupsPerTask, g1 = std::min(g0 + kGroupsPerTask, groups);
-    [&] {
 #if defined(__AVX512F__)
-      if (vectorized) return GroupsAvx512(c, qt.data(), dim, lqp, p, groups, lq, g0, g1, out);
+    if (vectorized) return GroupsAvx512(c, qt.data(), dim, lqp, p, groups, lq, g0, g1, out, bm);  // maxima too
 #elif defined(COLBERT_JAX_SCORES_AVX2)
-      if (vectorized) return GroupsAvx2(c, qd, dim, p, groups, lq, g0, g1, out);
+    if (vectorized) {
+      GroupsAvx2(c, qd, dim, p, groups, lq, g0, g1, out);
+      return BlockMaxima(out, g0 * kGroup, std::min(g1 * kGroup, p), lq, bm);
+    }
 #endif
-      GroupsScalar(c, qt.data(), dim, lqp, p, lq, g0, g1, out);
-    }();
+    GroupsScalar(c, qt.data(), dim, lqp, p, lq, g0, g1, out);
     BlockMaxima(out, g0 * kGroup, std::min(g1 * kGroup, p), lq, bm);
   });
   return ffi::Error::Success();

@@ -78,6 +78,28 @@ def test_kernel_gives_the_block_maxima_top_cells_ranks(p, implementation):
         np.testing.assert_array_equal(np.asarray(got_max), np.asarray(maxima))
 
 
+@pytest.mark.parametrize("shape", [(300, 1, 64), (300, 20, 128), (4100, 40, 128), (129, 48, 32)])
+def test_vector_maxima_are_the_scalar_passs_with_nans_and_infinities(shape):
+    """The AVX-512 tiles fold each group's maxima from their registers; the scalar path takes them in a pass over
+    S afterwards. Both give the same bits, with NaN and infinite scores among them (a NaN anywhere in a block
+    makes that token's maximum NaN, as XLA's max does), for any number of tokens and a partial last block."""
+    p, lq, dim = shape
+    C, Q = _problem(p, lq, dim)
+    C = np.array(C)
+    C[3] = np.nan  # a NaN row of S in the first block
+    C[p - 2] = 0.0  # zeros beside a partial last group
+    C[130 % p] = 0.0
+    C[130 % p, 0] = np.inf  # +-inf scores (the sign of each token's first coordinate)
+    blocked = jnp.asarray(native.block_centroids(C))
+    got = {}
+    for implementation in ("vector", "scalar"):
+        fn = functools.partial(native.centroid_scores_f32, num_centroids=p, implementation=implementation)
+        got[implementation] = [np.asarray(a) for a in jax.jit(functools.partial(fn, block_maxima=True))(blocked, Q)]
+    np.testing.assert_array_equal(got["vector"][0], got["scalar"][0])
+    np.testing.assert_array_equal(got["vector"][1], got["scalar"][1])
+    assert np.isnan(got["vector"][1][0]).all() and np.isinf(got["vector"][0]).any()
+
+
 def test_maxima_without_the_kernels_are_xlas(monkeypatch):
     """With the kernels off (or lowered for another platform) the blocked path's maxima come from XLA's S."""
     monkeypatch.setenv(native.ENV, "0")
