@@ -1,0 +1,206 @@
+"""One native kernel before and after a change, timed in one process: the kernel's source at a git revision and
+in the working tree compiled side by side into one C++ harness (this CPU's flags, as `colbert_jax.native`
+builds them), called in turn, call after call, on the same inputs, with the outputs checked bit for bit.
+
+    python scripts/bench_kernel_ab.py dense_f32 [--base REV] [--rows 2048] [--threads 1|2] [--calls 40]
+    python scripts/bench_kernel_ab.py centroid_scores_f32 [--base REV] [--centroids 65536 8192] [--calls 100]
+
+On a shared, noisy machine two processes run minutes apart can differ by 2x; calls alternated within one
+process meet the same neighbours, so their ratio is what a change is worth. `dense_f32` runs MiniLM's four
+dense shapes (x [rows, K] . w [K, N], weights packed in panels of 48), the rows split across `--threads`
+threads; `centroid_scores_f32` runs one 32-token query's stage 1 and block maxima over 128-dimensional
+centroids on one thread. Each line prints the median (and fastest) call of either side and the ratio of the
+medians (> 1: the working tree is faster). AVX-512 builds only (the kernels' AVX-512 paths).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+NATIVE = "colbert_jax/native"
+
+# Each kernel: where its source is cut (the FFI handler and what follows: the harness calls the kernel's own
+# functions) and the body of run(...) that calls them for one product.
+KERNELS = {
+    "dense_f32": (
+        "ffi::Error DenseF32(",
+        """
+void RUN(const float* x, const float* w, float* out, int64_t m, int64_t k, int64_t n) {
+  const int64_t panels = (n + kPanel - 1) / kPanel;
+  for (int64_t r0 = 0; r0 < m; r0 += kRowsPerTask) {
+    const int64_t r1 = std::min(r0 + kRowsPerTask, m);
+    for (int64_t p = 0; p < panels; ++p)
+      PanelAvx512(x, r0, r1, k, w + p * k * kPanel, kPanel, p * kPanel, n, out, w + panels * k * kPanel);
+  }
+}
+""",
+    ),
+    "centroid_scores_f32": (
+        "ffi::Error CentroidScoresF32(",
+        """
+// the two signatures the kernel has had: GroupsAvx512 with the maxima (6bb957f on), or BlockMaxima after it
+template <typename F> auto Groups(F f, const float* c, const float* qt, int64_t dim, int64_t lqp, int64_t p,
+    int64_t groups, int64_t lq, int64_t g0, int64_t g1, float* s, float* bm, int)
+    -> decltype(f(c, qt, dim, lqp, p, groups, lq, g0, g1, s, bm)) {
+  return f(c, qt, dim, lqp, p, groups, lq, g0, g1, s, bm);
+}
+template <typename F> void Groups(F f, const float* c, const float* qt, int64_t dim, int64_t lqp, int64_t p,
+    int64_t groups, int64_t lq, int64_t g0, int64_t g1, float* s, float* bm, long) {
+  f(c, qt, dim, lqp, p, groups, lq, g0, g1, s);
+  BlockMaxima(s, g0 * kGroup, std::min(g1 * kGroup, p), lq, bm);
+}
+void RUN(const float* c, const float* qt, float* s, int64_t p, int64_t dim, int64_t lq, float* bm) {
+  const int64_t groups = (p + kGroup - 1) / kGroup, lqp = (lq + 15) / 16 * 16;
+  for (int64_t g0 = 0; g0 < groups; g0 += kGroupsPerTask) {
+    const int64_t g1 = std::min(g0 + kGroupsPerTask, groups);
+    Groups(GroupsAvx512, c, qt, dim, lqp, p, groups, lq, g0, g1, s, bm, 0);
+  }
+}
+""",
+    ),
+}
+
+DRIVER = r"""
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <thread>
+#include <vector>
+void run_a(const float*, const float*, float*, int64_t, int64_t, int64_t, float*);
+void run_b(const float*, const float*, float*, int64_t, int64_t, int64_t, float*);
+static double now() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+static void fill(std::vector<float>& v, uint32_t mul) {
+  for (size_t i = 0; i < v.size(); ++i) v[i] = ((i * mul) % 1000) * 1e-3f - 0.5f;
+}
+template <typename F> static double timed(F f) { double t0 = now(); f(); return now() - t0; }
+static void report(const char* what, double flops, std::vector<double> ta, std::vector<double> tb, bool same) {
+  std::sort(ta.begin(), ta.end()); std::sort(tb.begin(), tb.end());
+  const double a = ta[ta.size() / 2], b = tb[tb.size() / 2];
+  std::printf("| %s | %.3f (%.3f) | %.3f (%.3f) | %.1f / %.1f | %.2fx | %s |\n", what, a * 1e3, ta[0] * 1e3, b * 1e3,
+              tb[0] * 1e3, flops / a / 1e9, flops / b / 1e9, a / b, same ? "yes" : "NO");
+}
+int main(int argc, char** argv) {
+  const bool dense = std::strcmp(argv[1], "dense_f32") == 0;
+  const int calls = std::atoi(argv[2]), threads = std::atoi(argv[3]);
+  for (int i = 4; i < argc; ++i) {
+    std::vector<double> ta, tb;
+    if (dense) {
+      // argv: rows:K:N
+      long m, k, n;
+      std::sscanf(argv[i], "%ld:%ld:%ld", &m, &k, &n);
+      std::vector<float> x(m * k), w((n + 47) / 48 * 48 * k), oa(m * n), ob(m * n);
+      fill(x, 2654435761u); fill(w, 40503u);
+      auto split = [&](auto run, float* o) {
+        const int64_t h = m / threads;
+        std::vector<std::thread> pool;
+        for (int t = 1; t < threads; ++t)
+          pool.emplace_back([&, t] {
+            const int64_t rows = t + 1 == threads ? m - t * h : h;
+            run(x.data() + t * h * k, w.data(), o + t * h * n, rows, k, n, nullptr);
+          });
+        run(x.data(), w.data(), o, threads == 1 ? m : h, k, n, nullptr);
+        for (auto& p : pool) p.join();
+      };
+      for (int c = 0; c < calls; ++c) {
+        ta.push_back(timed([&] { split(run_a, oa.data()); }));
+        tb.push_back(timed([&] { split(run_b, ob.data()); }));
+      }
+      char what[64]; std::snprintf(what, sizeof what, "%ld rows, %ldx%ld", m, k, n);
+      report(what, 2.0 * m * k * n, ta, tb, oa == ob);
+    } else {
+      const long p = std::atol(argv[i]), dim = 128, lq = 32;
+      std::vector<float> c((p + 7) / 8 * 8 * dim), qt(dim * lq), sa(p * lq), sb(p * lq);
+      std::vector<float> ma((p + 127) / 128 * lq), mb(ma.size());
+      fill(c, 2654435761u); fill(qt, 40503u);
+      for (int k = 0; k < calls; ++k) {
+        ta.push_back(timed([&] { run_a(c.data(), qt.data(), sa.data(), p, dim, lq, ma.data()); }));
+        tb.push_back(timed([&] { run_b(c.data(), qt.data(), sb.data(), p, dim, lq, mb.data()); }));
+      }
+      char what[64]; std::snprintf(what, sizeof what, "%ld centroids", p);
+      report(what, 2.0 * p * dim * lq, ta, tb, sa == sb && ma == mb);
+    }
+  }
+}
+"""
+
+# run(...) adapters to the driver's one signature
+ADAPT = {
+    "dense_f32": "void {name}(const float* x, const float* w, float* o, int64_t m, int64_t k, int64_t n, float*) "
+    "{{ RUN(x, w, o, m, k, n); }}",
+    "centroid_scores_f32": "void {name}(const float* c, const float* qt, float* s, int64_t p, int64_t dim, int64_t lq, "
+    "float* bm) {{ RUN(c, qt, s, p, dim, lq, bm); }}",
+}
+
+
+def _unit(kernel: str, source: str, name: str) -> str:
+    cut, run = KERNELS[kernel]
+    head = source.split(cut, 1)[0]
+    if head == source:
+        raise SystemExit(f"{kernel}: the source has no `{cut}` to cut at")
+    adapter = ADAPT[kernel].format(name=name)
+    return f"{head}\n{run}\n}}  // namespace\n{adapter}\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("kernel", choices=sorted(KERNELS))
+    ap.add_argument("--base", default="HEAD", help="git revision of the 'before' source (default HEAD)")
+    ap.add_argument("--rows", type=int, nargs="+", default=[2048], help="dense_f32: rows of x")
+    ap.add_argument("--threads", type=int, default=1, help="dense_f32: threads, each a share of the rows")
+    ap.add_argument("--centroids", type=int, nargs="+", default=[65536, 8192], help="centroid_scores_f32: P")
+    ap.add_argument("--calls", type=int, default=None, help="calls per side (default 40 dense_f32, 100 stage 1)")
+    args = ap.parse_args()
+
+    sys.path.insert(0, str(REPO))
+    import jax.ffi
+
+    from colbert_jax import native
+
+    path = f"{NATIVE}/{args.kernel}.cc"
+    show = ["git", "show", f"{args.base}:{path}"]
+    before = subprocess.run(show, cwd=REPO, check=True, capture_output=True, text=True)
+    after = (REPO / path).read_text()
+    flags = [*native.FLAGS, f"-march={native._arch()}", *native.X86_FLAGS]
+    flags = [f for f in flags if f not in ("-shared", "-fPIC")]
+    cxx = os.environ.get("CXX", "g++")  # as colbert_jax.native builds
+    calls = args.calls or (40 if args.kernel == "dense_f32" else 100)
+    if args.kernel == "dense_f32":
+        shapes = [f"{m}:{k}:{n}" for m in args.rows for k, n in ((384, 1152), (384, 384), (384, 1536), (1536, 384))]
+    else:
+        shapes = [str(p) for p in args.centroids]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        objects = []
+        for name, source in (("run_a", before.stdout), ("run_b", after)):
+            unit = tmp / f"{name}.cc"
+            unit.write_text(_unit(args.kernel, source, name).replace("RUN(", f"{name}_impl("))
+            obj = tmp / f"{name}.o"
+            cmd = [cxx, *flags, "-I", jax.ffi.include_dir(), "-I", str(REPO / NATIVE), "-c", str(unit), "-o", str(obj)]
+            subprocess.run(cmd, check=True)
+            objects.append(str(obj))
+        (tmp / "driver.cc").write_text(DRIVER)
+        exe = tmp / "harness"
+        link = [cxx, "-O3", "-std=c++17", str(tmp / "driver.cc"), *objects, "-o", str(exe), "-lpthread"]
+        subprocess.run(link, check=True)
+        print(
+            f"{args.kernel}: {args.base} (a) against the working tree (b); {calls} calls each, alternated; "
+            f"{args.threads if args.kernel == 'dense_f32' else 1} thread(s)"
+        )
+        print("| shape | a median ms (fastest) | b median ms (fastest) | GFLOP/s a / b | a / b | same bits |")
+        print("|---|---|---|---|---|---|")
+        subprocess.run([str(exe), args.kernel, str(calls), str(args.threads), *shapes], check=True)
+
+
+if __name__ == "__main__":
+    main()
