@@ -105,22 +105,31 @@ class ColBERTModel:
             query_module = self.module.clone(unstacked=True)
         query_fn = functools.partial(embed_queries, query_module, pad_id=self.query_pad_id)
         self._query_params = self.params if query_params is params else jax.device_put(query_params, replicated)
-        # On CPUs whose int8 products run on AMX tiles the two-term int8 encoder is faster and keeps query
-        # embeddings within cosine 1e-5 of float32's; elsewhere its three int8 products per weight cost more than
-        # float32's one, and accelerators' float32 (or bfloat16) matmuls are fast already. "auto" takes int8 only
-        # where its embeddings do not depend on the batch size (`int8_batch_invariant`: not ModernBERT's yet).
+        # On CPUs whose int8 products run on AMX tiles, or on AVX-512 VNNI by our kernel (four int8 products per
+        # float32 FMA's one, so three per weight still win), the two-term int8 encoder is faster and keeps query
+        # embeddings within cosine 1e-5 of float32's; elsewhere (XLA's int8 products) its three int8 products per
+        # weight cost more than float32's one, and accelerators' float32 (or bfloat16) matmuls are fast already.
+        # "auto" takes int8 only where its embeddings do not depend on the batch size (`int8_batch_invariant`: not
+        # ModernBERT's yet).
         self.query_quantization = config.query_quantization
         if self.query_quantization == "auto":
-            fast = cpu and bert_config.int8_batch_invariant and native.int8_tiles()
+            fast = cpu and bert_config.int8_batch_invariant and native.int8_products_fast()
             self.query_quantization = "int8" if fast else "none"
-        # where the CPU has AMX-INT8, each int8 dense layer runs as one native kernel (`native.int8_dense`)
-        self.int8_products = "amx" if self.query_quantization == "int8" and cpu and native.amx_available() else "xla"
+        # each int8 dense layer runs as one native kernel (`native.int8_dense`) on the tile unit where the CPU has
+        # AMX-INT8, else on the vector unit's int8 products where the kernels are built with AVX-512 VNNI
+        self.int8_products = "xla"
+        if self.query_quantization == "int8" and cpu:
+            if native.amx_available():
+                self.int8_products = "amx"
+            elif native.int8_vnni_available():
+                self.int8_products = "vnni"
         if self.query_quantization == "int8":
-            packed = self.int8_products == "amx"
+            packed = self.int8_products != "xla"
             self._query_params = jax.device_put(quantize_params(query_params, packed=packed), replicated)
             # int8 rounds each dense layer's input rows: the float ops between run at large-batch shapes so that
             # a query's embedding does not depend on the batch it is encoded in
-            query_fn = quantized_apply(batch_invariant(query_fn, self.n_devices))
+            implementation = self.int8_products if packed else "amx"  # (unpacked params: XLA's products)
+            query_fn = quantized_apply(batch_invariant(query_fn, self.n_devices), implementation)
         # float32 on AVX-512 and AVX2 CPUs, BERT-family backbones (their per-layer modules): attention on the
         # fused projections as a native kernel (and the intermediate GELU on AVX-512), and a few queries' products
         # too (split across threads: XLA:CPU runs a query's small products on one core); float32-accurate, not

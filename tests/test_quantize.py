@@ -128,18 +128,19 @@ def test_searcher_not_index_chooses_query_quantization(real_index, minilm_model)
     index.config = index.config.model_copy(update={"query_quantization": "none"})  # as if built with float32
     auto = colbert_jax.Searcher(index, minilm_model).model  # the default, "auto"
     assert auto.config.query_quantization == "auto"
-    assert auto.query_quantization == ("int8" if native.int8_tiles() else "none")  # CPU devices
+    assert auto.query_quantization == ("int8" if native.int8_products_fast() else "none")  # CPU devices
     index.config = index.config.model_copy(update={"query_quantization": "int8"})  # as if built with int8
     assert colbert_jax.Searcher(index, minilm_model, query_quantization="none").model.query_quantization == "none"
 
 
-@pytest.mark.parametrize("tiles", [True, False])
-def test_auto_takes_int8_only_where_int8_products_run_on_tiles(monkeypatch, minilm_checkpoint, tiles):
-    """Without AMX tiles XLA's int8 products are no faster per operation than float32's, and the two-term encoder
-    runs three of them per weight: "auto" keeps float32 there (and on every CPU for explicit settings)."""
-    monkeypatch.setattr(native, "int8_tiles", lambda: tiles)
+@pytest.mark.parametrize("fast", [True, False])
+def test_auto_takes_int8_only_where_int8_products_are_fast(monkeypatch, minilm_checkpoint, fast):
+    """Without AMX tiles or our VNNI kernel, XLA's int8 products are no faster per operation than float32's, and
+    the two-term encoder runs three of them per weight: "auto" keeps float32 there (and on every CPU for
+    explicit settings)."""
+    monkeypatch.setattr(native, "int8_products_fast", lambda: fast)
     model = colbert_jax.load_checkpoint(minilm_checkpoint)
-    assert model.query_quantization == ("int8" if tiles else "none")
+    assert model.query_quantization == ("int8" if fast else "none")
     assert colbert_jax.load_checkpoint(minilm_checkpoint, query_quantization="int8").query_quantization == "int8"
     assert colbert_jax.load_checkpoint(minilm_checkpoint, query_quantization="none").query_quantization == "none"
 

@@ -46,6 +46,8 @@ __all__ = [
     "exact_maxsim",
     "MAXSIM_IMPLEMENTATIONS",
     "amx_available",
+    "int8_vnni_available",
+    "int8_products_fast",
     "int8_tiles",
     "pack_dense",
     "int8_dense",
@@ -318,7 +320,7 @@ def exact_maxsim(
 
 # -- the int8 query encoder's dense layer (dense_int8.cc) -----------------------------------------------------
 
-DENSE_IMPLEMENTATIONS = ("amx", "portable")
+DENSE_IMPLEMENTATIONS = ("portable", "amx", "vnni")  # the kernel's implementation codes 0, 1, 2
 
 
 def _amx_off() -> bool:
@@ -357,6 +359,19 @@ def int8_tiles() -> bool:
     return _tiles_granted[0]
 
 
+def int8_vnni_available() -> bool:
+    """Whether the kernels are enabled and built with AVX-512 VNNI (`int8_dense(implementation="vnni")`)."""
+    lib = library()
+    return lib is not None and bool(lib.colbert_jax_int8_vnni())
+
+
+def int8_products_fast() -> bool:
+    """Whether the two-term int8 query encoder (three int8 products per weight) runs faster than float32 here:
+    on AMX tiles (`int8_tiles()`), or on AVX-512 VNNI by `int8_dense` (four int8 products per float32 FMA's one;
+    XLA:CPU's own int8 products are no faster per operation than its float32 ones)."""
+    return int8_tiles() or int8_vnni_available()
+
+
 def pack_dense(high: np.ndarray, low: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Two int8 weight terms [..., K, N] -> each packed [..., Nb, Kp / 4, 64] for `int8_dense`: Kp = K rounded
     up to 64, Nb = N rounded up to 32 in blocks of 16 columns, four consecutive k of a column adjacent (zero
@@ -386,8 +401,9 @@ def int8_dense(
 ) -> jax.Array:
     """x float [..., K] times the two-term int8 kernel packed by `pack_dense` (high, low [Nb, Kp / 4, 64]; scale
     [N] per output column) -> float32 [..., N]: `quantize._int8_matmul`'s numbers, bit for bit (see
-    `dense_int8.cc`). implementation: "amx" (CPUs with AMX-INT8: check `amx_available()`) or "portable" (plain
-    loops, any CPU: slow; the reference the AMX path is tested against). CPU programs only."""
+    `dense_int8.cc`). implementation: "amx" (CPUs with AMX-INT8: check `amx_available()`), "vnni" (the vector
+    unit's int8 products, AVX-512 VNNI builds: check `int8_vnni_available()`) or "portable" (plain loops, any
+    CPU: slow; the reference the other two are tested against). CPU programs only."""
     if implementation not in DENSE_IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {DENSE_IMPLEMENTATIONS}, got {implementation!r}")
     if library() is None:
@@ -396,6 +412,8 @@ def int8_dense(
         raise NativeBuildError(
             f"int8_dense(implementation='amx'): no AMX-INT8 here (not on this CPU or OS, or {AMX_ENV}=0)"
         )
+    if implementation == "vnni" and not int8_vnni_available():
+        raise NativeBuildError("int8_dense(implementation='vnni'): the kernels were not built with AVX-512 VNNI")
     n = scale.shape[-1]
     k = x.shape[-1]
     if high.ndim != 3 or high.shape[-1] != 64 or low.shape != high.shape or scale.ndim != 1:
@@ -409,7 +427,8 @@ def int8_dense(
     rows = int(np.prod(lead, dtype=np.int64))
     padded_scale = jnp.pad(scale.astype(jnp.float32), (0, nb * 16 - n), constant_values=1.0)
     call = jax.ffi.ffi_call("colbert_jax_int8_dense", jax.ShapeDtypeStruct((rows, n), jnp.float32))
-    out = call(x.reshape(rows, k).astype(jnp.float32), high, low, padded_scale, amx=np.int32(implementation == "amx"))
+    code = np.int32(DENSE_IMPLEMENTATIONS.index(implementation))
+    out = call(x.reshape(rows, k).astype(jnp.float32), high, low, padded_scale, implementation=code)
     return out.reshape(*lead, n)
 
 

@@ -16,7 +16,9 @@
 // Nb = ceil(N / 32) * 2 blocks of 16 output columns, Kp = ceil(K / 64) * 64 (zero padding), four consecutive
 // k of one column adjacent: the layout of an AMX B tile, so one tile load reads 1 KiB contiguously.
 // w_scale is [Nb * 16] (padding 1). On CPUs with AMX-INT8 the products run on the tile unit (16 x 16 int32
-// blocks, 64 k per instruction); elsewhere a portable loop computes the same integers.
+// blocks, 64 k per instruction); on AVX-512 VNNI builds they can run on the vector unit (`vpdpbusd`: 16
+// columns x 4 k per instruction; the same 64-byte rows of the layout); elsewhere a portable loop computes the
+// same integers.
 
 #include <algorithm>
 #include <cmath>
@@ -216,6 +218,132 @@ COLBERT_JAX_AMX_TARGET void QuantizeRowAvx512(const float* x, int64_t k, int64_t
 }
 #endif
 
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define COLBERT_JAX_HAS_VNNI 1
+constexpr int64_t kVnniRows = 4;  // rows per register block: 4 x 2 column blocks x (main, cross) accumulators
+
+// The split of one row on 16 lanes (QuantizeRowScalar's operations, the same bits), into a row-major buffer,
+// with the row's sums of hi and of lo (the VNNI products' offset correction, below).
+void QuantizeRowVnni(const float* x, int64_t k, int64_t kp, int8_t* hi, int8_t* lo, float* scale, int32_t* sums) {
+  const __m512 top = _mm512_set1_ps(127.0f), bottom = _mm512_set1_ps(-127.0f), steps_lo = _mm512_set1_ps(kLowSteps);
+  __m512 m = _mm512_setzero_ps();
+  for (int64_t i = 0; i < k; i += 16) {
+    const __mmask16 keep = k - i >= 16 ? 0xffff : static_cast<__mmask16>((1u << (k - i)) - 1);
+    m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_maskz_loadu_ps(keep, x + i)));
+  }
+  float s = _mm512_reduce_max_ps(m) * (1.0f / 127.0f);
+  if (!(s > 0.0f)) s = 1.0f;
+  *scale = s;
+  const __m512 inv = _mm512_set1_ps(1.0f / s);
+  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  __m512i sum_hi = _mm512_setzero_si512(), sum_lo = _mm512_setzero_si512();
+  for (int64_t i = 0; i < kp; i += 16) {  // padding lanes load 0 and store 0
+    const __mmask16 keep = k - i >= 16 ? 0xffff : k > i ? static_cast<__mmask16>((1u << (k - i)) - 1) : 0;
+    const __m512 steps = _mm512_mul_ps(_mm512_maskz_loadu_ps(keep, x + i), inv);
+    const __m512 h = _mm512_min_ps(top, _mm512_max_ps(bottom, _mm512_roundscale_ps(steps, kRound)));
+    const __m512 rest = _mm512_mul_ps(_mm512_sub_ps(steps, h), steps_lo);
+    const __m512 l = _mm512_min_ps(top, _mm512_max_ps(bottom, _mm512_roundscale_ps(rest, kRound)));
+    const __m512i hi32 = _mm512_cvtps_epi32(h), lo32 = _mm512_cvtps_epi32(l);
+    sum_hi = _mm512_add_epi32(sum_hi, hi32);
+    sum_lo = _mm512_add_epi32(sum_lo, lo32);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(hi + i), _mm512_cvtepi32_epi8(hi32));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + i), _mm512_cvtepi32_epi8(lo32));
+  }
+  sums[0] = _mm512_reduce_add_epi32(sum_hi);
+  sums[1] = _mm512_reduce_add_epi32(sum_lo);
+}
+
+// R rows from row r x column blocks b, b + 1 (C = 2) or b alone (C = 1), over all of kp. vpdpbusd multiplies
+// unsigned by signed bytes: the weights go in as unsigned (w xor 0x80 = w + 128), the activations as signed
+// (one row's 4 bytes broadcast to the 16 columns), and 128 * (the row's sum) comes off afterwards, so every
+// integer is the exact signed product's (no sum can reach 2^31: 2 * kp * 255 * 127 for kp < 33,000).
+template <int R, int C>
+inline void BlockVnni(const int8_t* ahi, const int8_t* alo, const float* xs, const int32_t* sums, int64_t r,
+                      int64_t kp, const int8_t* whi, const int8_t* wlo, const float* inv_w, int64_t b, int64_t n,
+                      float* out) {
+  __m512i main[R][C], cross[R][C];
+  for (int j = 0; j < R; ++j) {
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) main[j][c] = cross[j][c] = _mm512_setzero_si512();
+  }
+  const int64_t block_bytes = kp * 16;
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  const int8_t* bh = whi + b * block_bytes;
+  const int8_t* bl = wlo + b * block_bytes;
+  const int8_t* h = ahi + r * kp;
+  const int8_t* l = alo + r * kp;
+  for (int64_t q = 0; q < kp / 4; ++q) {
+    __m512i wh[C], wl[C];
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) {
+      wh[c] = _mm512_xor_si512(_mm512_loadu_si512(bh + c * block_bytes + q * 64), flip);
+      wl[c] = _mm512_xor_si512(_mm512_loadu_si512(bl + c * block_bytes + q * 64), flip);
+    }
+#pragma GCC unroll 8
+    for (int j = 0; j < R; ++j) {
+      int32_t h4, l4;
+      std::memcpy(&h4, h + j * kp + q * 4, 4);
+      std::memcpy(&l4, l + j * kp + q * 4, 4);
+      const __m512i xh = _mm512_set1_epi32(h4), xl = _mm512_set1_epi32(l4);
+  #pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) {
+        main[j][c] = _mm512_dpbusd_epi32(main[j][c], wh[c], xh);
+        cross[j][c] = _mm512_dpbusd_epi32(cross[j][c], wl[c], xh);
+        cross[j][c] = _mm512_dpbusd_epi32(cross[j][c], wh[c], xl);
+      }
+    }
+  }
+  const __m512 inv_steps = _mm512_set1_ps(1.0f / kLowSteps);
+#pragma GCC unroll 4
+  for (int c = 0; c < C; ++c) {
+    const int64_t col = (b + c) * 16;
+    if (col >= n) continue;
+    const __m512 inv_wc = _mm512_loadu_ps(inv_w + col);
+    const __mmask16 keep = n - col >= 16 ? 0xffff : static_cast<__mmask16>((1u << (n - col)) - 1);
+#pragma GCC unroll 8
+    for (int j = 0; j < R; ++j) {
+      const int32_t sh = sums[2 * (r + j)], sl = sums[2 * (r + j) + 1];
+      const __m512i m32 = _mm512_sub_epi32(main[j][c], _mm512_set1_epi32(128 * sh));
+      const __m512i c32 = _mm512_sub_epi32(cross[j][c], _mm512_set1_epi32(128 * (sh + sl)));
+      const __m512 acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c32), inv_steps, _mm512_cvtepi32_ps(m32));
+      const __m512 den = _mm512_mul_ps(_mm512_set1_ps(1.0f / xs[r + j]), inv_wc);
+      _mm512_mask_storeu_ps(out + (r + j) * n + col, keep, _mm512_div_ps(acc, den));
+    }
+  }
+}
+
+template <int C>
+void RowsVnni(const int8_t* ahi, const int8_t* alo, const float* xs, const int32_t* sums, int64_t r0, int64_t r1,
+              int64_t kp, const int8_t* whi, const int8_t* wlo, const float* inv_w, int64_t b, int64_t n,
+              float* out) {
+  int64_t r = r0;
+  for (; r + kVnniRows <= r1; r += kVnniRows) BlockVnni<kVnniRows, C>(ahi, alo, xs, sums, r, kp, whi, wlo, inv_w, b, n, out);
+  switch (r1 - r) {
+    case 3: BlockVnni<3, C>(ahi, alo, xs, sums, r, kp, whi, wlo, inv_w, b, n, out); break;
+    case 2: BlockVnni<2, C>(ahi, alo, xs, sums, r, kp, whi, wlo, inv_w, b, n, out); break;
+    case 1: BlockVnni<1, C>(ahi, alo, xs, sums, r, kp, whi, wlo, inv_w, b, n, out); break;
+    default: break;
+  }
+}
+
+// Rows [r0, r1) (real rows only) x column blocks [b0, b1), two blocks at a time.
+void ProductsVnni(const int8_t* ahi, const int8_t* alo, const float* xs, const int32_t* sums, int64_t r0,
+                  int64_t r1, int64_t kp, const int8_t* whi, const int8_t* wlo, const float* inv_w, int64_t b0,
+                  int64_t b1, int64_t n, float* out) {
+  int64_t b = b0;
+  for (; b + 2 <= b1; b += 2) RowsVnni<2>(ahi, alo, xs, sums, r0, r1, kp, whi, wlo, inv_w, b, n, out);
+  if (b < b1) RowsVnni<1>(ahi, alo, xs, sums, r0, r1, kp, whi, wlo, inv_w, b, n, out);
+}
+#endif
+
+bool VnniBuilt() {
+#if defined(COLBERT_JAX_HAS_VNNI)
+  return true;
+#else
+  return false;
+#endif
+}
+
 bool AmxReady() {
   static const bool ready = colbert_jax_native::AmxReady(colbert_jax_native::AmxProducts::kInt8);
   return ready;
@@ -223,7 +351,7 @@ bool AmxReady() {
 
 ffi::Error Int8Dense(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w_hi,
                      ffi::Buffer<ffi::S8> w_lo, ffi::Buffer<ffi::F32> w_scale, ffi::ResultBuffer<ffi::F32> out,
-                     int32_t amx) {
+                     int32_t implementation) {
   auto x_dims = x.dimensions();
   auto w_dims = w_hi.dimensions();
   auto o_dims = out->dimensions();
@@ -236,14 +364,18 @@ ffi::Error Int8Dense(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
       blocks * 16 >= n + 32 || w_lo.element_count() != w_hi.element_count() || w_scale.element_count() != blocks * 16) {
     return ffi::Error::InvalidArgument("int8_dense: the packed weights do not fit x [M, K] and out [M, N]");
   }
-  const bool use_amx = amx != 0;
+  // implementation: 0 portable, 1 AMX, 2 AVX-512 VNNI (`native.DENSE_IMPLEMENTATIONS`' order)
+  if (implementation < 0 || implementation > 2) return ffi::Error::InvalidArgument("int8_dense: bad implementation");
+  const bool use_amx = implementation == 1, use_vnni = implementation == 2;
   if (use_amx && !AmxReady()) return ffi::Error::InvalidArgument("int8_dense: this CPU or OS has no AMX-INT8");
+  if (use_vnni && !VnniBuilt()) return ffi::Error::InvalidArgument("int8_dense: not built with AVX-512 VNNI");
   if (m == 0) return ffi::Error::Success();
 
   const int64_t m_pad = (m + 2 * kRowBlock - 1) / (2 * kRowBlock) * (2 * kRowBlock);  // pairs of row blocks
   // Uninitialised: every real row is written below; the padding rows' products are computed and discarded.
   colbert_jax_native::TileBuffer<int8_t> ahi(m_pad * kp), alo(m_pad * kp);
   std::vector<float> xs(m_pad, 1.0f), inv_w(blocks * 16);
+  std::vector<int32_t> sums(use_vnni ? 2 * m_pad : 0);
   const float* ws = w_scale.typed_data();
   for (int64_t i = 0; i < blocks * 16; ++i) inv_w[i] = 1.0f / ws[i];
   const float* xd = x.typed_data();
@@ -254,6 +386,12 @@ ffi::Error Int8Dense(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
   RunTasks(pool, row_blocks, macs / kMacsPerThread, 1, [&](int64_t t) {
     for (int64_t r = t * kRowBlock; r < std::min<int64_t>((t + 1) * kRowBlock, m); ++r) {
+#if defined(COLBERT_JAX_HAS_VNNI)
+      if (use_vnni) {
+        QuantizeRowVnni(xd + r * k, k, kp, ahi.data() + r * kp, alo.data() + r * kp, xs.data() + r, sums.data() + 2 * r);
+        continue;
+      }
+#endif
 #if COLBERT_JAX_HAS_AMX
       if (use_amx) {
         const int64_t at = (r / kRowBlock) * kRowBlock * kp + (r % kRowBlock) * 64;
@@ -284,6 +422,13 @@ ffi::Error Int8Dense(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
       return;
     }
 #endif
+#if defined(COLBERT_JAX_HAS_VNNI)
+    if (use_vnni) {
+      ProductsVnni(ahi.data(), alo.data(), xs.data(), sums.data(), r0, std::min(r1, m), kp, w_hi.typed_data(),
+                   w_lo.typed_data(), inv_w.data(), b0, b1, n, o);
+      return;
+    }
+#endif
     ProductsPortable(ahi.data(), alo.data(), xs.data(), r0, std::min(r1, m), kp, w_hi.typed_data(),
                      w_lo.typed_data(), inv_w.data(), b0, b1, n, o);
   });
@@ -293,6 +438,7 @@ ffi::Error Int8Dense(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
 }  // namespace
 
 extern "C" int colbert_jax_amx_ready() { return AmxReady() ? 1 : 0; }
+extern "C" int colbert_jax_int8_vnni() { return VnniBuilt() ? 1 : 0; }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ColbertJaxInt8Dense, Int8Dense,
                               ffi::Ffi::Bind()
@@ -302,4 +448,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ColbertJaxInt8Dense, Int8Dense,
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int32_t>("amx"));
+                                  .Attr<int32_t>("implementation"));

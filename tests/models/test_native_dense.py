@@ -36,13 +36,22 @@ def _native(implementation: str):
     return jax.jit(functools.partial(native.int8_dense, implementation=implementation))
 
 
+def _unavailable(implementation: str) -> str | None:
+    """What the error names when this CPU or build lacks the implementation (None: it runs here)."""
+    if implementation == "amx" and not native.amx_available():
+        return "AMX"
+    if implementation == "vnni" and not native.int8_vnni_available():
+        return "VNNI"
+    return None
+
+
 @pytest.mark.parametrize("implementation", native.DENSE_IMPLEMENTATIONS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_kernel_equals_the_xla_product_bit_for_bit(implementation, shape):
     x, high, cross, scale = _problem(*shape)
     packed = native.pack_dense(high, cross[: shape[1]])
-    if implementation == "amx" and not native.amx_available():
-        with pytest.raises(native.NativeBuildError, match="AMX"):
+    if missing := _unavailable(implementation):
+        with pytest.raises(native.NativeBuildError, match=missing):
             _native(implementation)(x, *packed, scale)
         return
     got = np.asarray(_native(implementation)(x, *packed, scale))
@@ -56,9 +65,11 @@ def test_threaded_sizes_and_leading_axes():
     x, high, cross, scale = _problem(600, 384, 1536, seed=1)
     packed = native.pack_dense(high, cross[:384])
     want = np.asarray(jax.jit(_int8_matmul)(x, high, cross, scale))
-    implementation = "amx" if native.amx_available() else "portable"
-    got = np.asarray(_native(implementation)(x.reshape(20, 30, 384), *packed, scale))
-    np.testing.assert_array_equal(got.reshape(600, 1536), want)
+    for implementation in native.DENSE_IMPLEMENTATIONS:
+        if _unavailable(implementation):
+            continue
+        got = np.asarray(_native(implementation)(x.reshape(20, 30, 384), *packed, scale))
+        np.testing.assert_array_equal(got.reshape(600, 1536), want)
 
 
 def test_packed_layout_round_trips():
@@ -77,7 +88,7 @@ def test_bad_shapes_are_errors():
     x, high, cross, scale = _problem(4, 64, 32)
     packed = native.pack_dense(high, cross[:64])
     with pytest.raises(ValueError, match="implementation"):
-        native.int8_dense(x, *packed, scale, implementation="vnni")
+        native.int8_dense(x, *packed, scale, implementation="avx2")
     with pytest.raises(ValueError, match="do not fit"):
         native.int8_dense(np.concatenate([x, x], 1), *packed, scale, implementation="portable")
     with pytest.raises(ValueError, match="do not fit"):
@@ -99,8 +110,8 @@ def test_packed_encoder_equals_the_xla_encoder(implementation, tiny_model):
         jax.tree_util.tree_structure(packed)
     )
     want = np.asarray(jax.jit(quantized_apply(fn))(plain, ids, mask))
-    if implementation == "amx" and not native.amx_available():
-        with pytest.raises(native.NativeBuildError, match="AMX"):
+    if missing := _unavailable(implementation):
+        with pytest.raises(native.NativeBuildError, match=missing):
             jax.jit(quantized_apply(fn, implementation))(packed, ids, mask)
         return
     got = np.asarray(jax.jit(quantized_apply(fn, implementation))(packed, ids, mask))
@@ -115,13 +126,20 @@ def test_packed_encoder_equals_the_xla_encoder(implementation, tiny_model):
     assert ("colbert_jax_gelu" in text) == native.gelu_faster_than_xla()  # else XLA's GELU: the same bits
 
 
-def test_model_runs_packed_products_where_the_cpu_has_amx(minilm_model):
+def _expected_products() -> str:
+    return "amx" if native.amx_available() else "vnni" if native.int8_vnni_available() else "xla"
+
+
+def test_model_runs_packed_products_where_the_cpu_has_amx_or_vnni(minilm_model):
     model = minilm_model.replace_config(query_quantization="int8")
     assert model.query_quantization == "int8"
-    assert model.int8_products == ("amx" if native.amx_available() else "xla")
+    assert model.int8_products == _expected_products()
     leaves = jax.tree_util.tree_leaves_with_path(model._query_params)
     names = {str(path[-1]) for path, _ in leaves}
-    assert ("['packed_hi']" in names) == native.amx_available()
+    assert ("['packed_hi']" in names) == (model.int8_products != "xla")
+    if model.int8_products != "xla":  # and its program calls the kernel
+        text = model._query_fn.lower(model._query_params, *model.query_tokenizer.tensorize(["a query"])).as_text()
+        assert "colbert_jax_int8_dense" in text
 
 
 def test_amx_turned_off_runs_the_paths_of_cpus_without_it(monkeypatch, minilm_checkpoint):
@@ -136,9 +154,11 @@ def test_amx_turned_off_runs_the_paths_of_cpus_without_it(monkeypatch, minilm_ch
         packed = native.pack_dense(high, cross[:64])
         native.int8_dense(jnp.asarray(x), *packed, jnp.asarray(scale), implementation="amx")
     assert not native.int8_tiles()
-    assert colbert_jax.load_checkpoint(minilm_checkpoint).query_quantization == "none"  # "auto": float32 there
+    # "auto": float32 there, unless the kernels' VNNI path runs int8 products (AVX-512 VNNI CPUs)
+    vnni = native.int8_vnni_available()
+    assert colbert_jax.load_checkpoint(minilm_checkpoint).query_quantization == ("int8" if vnni else "none")
     model = colbert_jax.load_checkpoint(minilm_checkpoint, query_quantization="int8")
-    assert model.query_quantization == "int8" and model.int8_products == "xla"
+    assert model.query_quantization == "int8" and model.int8_products == ("vnni" if vnni else "xla")
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
