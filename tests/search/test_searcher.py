@@ -163,8 +163,9 @@ def test_eight_shards_equal_one(real_index, searcher, minilm_checkpoint, tmp_pat
     for k, run in [(10, 0), (10, 1), (100, 0), (100, 1)]:
         single = searcher.search_all(QUERIES, k=k)
         for i, results in enumerate(sharded[f"{k}-{run}"]):
-            assert [p for p, _ in results] == [p for p, _, _ in single[i]]
-            np.testing.assert_allclose([s for _, s in results], [s for *_, s in single[i]], atol=1e-4)
+            # eight shards sum a passage's token scores in another order: a near-tie may swap
+            ranked = [(p, rank, s) for rank, (p, s) in enumerate(results, 1)]
+            assert_same_ranking_up_to_ties(ranked, single[i], atol=1e-4)
 
 
 @pytest.mark.parametrize("num_centroids", [4096, 1000, 256])
