@@ -2,15 +2,17 @@
 in the working tree compiled side by side into one C++ harness (this CPU's flags, as `colbert_jax.native`
 builds them), called in turn, call after call, on the same inputs, with the outputs checked bit for bit.
 
-    python scripts/bench_kernel_ab.py dense_f32 [--base REV] [--rows 2048] [--threads 1|2] [--calls 40]
+    python scripts/bench_kernel_ab.py dense_f32|dense_int8 [--base REV] [--rows 2048] [--threads 1|2] [--calls 40]
     python scripts/bench_kernel_ab.py centroid_scores_f32 [--base REV] [--centroids 65536 8192] [--calls 100]
 
 On a shared, noisy machine two processes run minutes apart can differ by 2x; calls alternated within one
 process meet the same neighbours, so their ratio is what a change is worth. `dense_f32` runs MiniLM's four
 dense shapes (x [rows, K] . w [K, N], weights packed in panels of 48), the rows split across `--threads`
-threads; `centroid_scores_f32` runs one 32-token query's stage 1 and block maxima over 128-dimensional
-centroids on one thread. Each line prints the median (and fastest) call of either side and the ratio of the
-medians (> 1: the working tree is faster). AVX-512 builds only (the kernels' AVX-512 paths).
+threads; `dense_int8` the same shapes through the int8 layer's AVX-512 VNNI path (the activation split and the
+three products; arbitrary weight bytes, column scales 1; AVX-512 VNNI builds only); `centroid_scores_f32` runs
+one 32-token query's stage 1 and block maxima over 128-dimensional centroids on one thread. Each line prints
+the median (and fastest) call of either side and the ratio of the medians (> 1: the working tree is faster).
+AVX-512 builds only (the kernels' AVX-512 paths).
 """
 
 from __future__ import annotations
@@ -38,6 +40,26 @@ void RUN(const float* x, const float* w, float* out, int64_t m, int64_t k, int64
     for (int64_t p = 0; p < panels; ++p)
       PanelAvx512(x, r0, r1, k, w + p * k * kPanel, kPanel, p * kPanel, n, out, w + panels * k * kPanel);
   }
+}
+""",
+    ),
+    "dense_int8": (
+        "bool AmxReady() {",
+        """
+// the VNNI path: the activation split, then the products over all column blocks, 64 rows at a time; the
+// weights are the driver's float buffer read as bytes (w_hi then w_lo), every column scale 1
+void RUN(const float* x, const float* w, float* out, int64_t m, int64_t k, int64_t n) {
+  const int64_t kp = (k + 63) / 64 * 64, blocks = (n + 31) / 32 * 2;
+  const int8_t* whi = reinterpret_cast<const int8_t*>(w);
+  const int8_t* wlo = whi + blocks * 16 * kp;
+  std::vector<float> xs(m), inv_w(blocks * 16, 1.0f);
+  std::vector<int8_t> ahi(m * kp), alo(m * kp);
+  std::vector<int32_t> sums(2 * m);
+  for (int64_t r = 0; r < m; ++r)
+    QuantizeRowVnni(x + r * k, k, kp, ahi.data() + r * kp, alo.data() + r * kp, xs.data() + r, sums.data() + 2 * r);
+  for (int64_t r0 = 0; r0 < m; r0 += kRowsPerGroup)
+    ProductsVnni(ahi.data(), alo.data(), xs.data(), sums.data(), r0, std::min(r0 + kRowsPerGroup, m), kp, whi, wlo,
+                 inv_w.data(), 0, blocks, n, out);
 }
 """,
     ),
@@ -91,7 +113,7 @@ static void report(const char* what, double flops, std::vector<double> ta, std::
               tb[0] * 1e3, flops / a / 1e9, flops / b / 1e9, a / b, same ? "yes" : "NO");
 }
 int main(int argc, char** argv) {
-  const bool dense = std::strcmp(argv[1], "dense_f32") == 0;
+  const bool dense = std::strncmp(argv[1], "dense", 5) == 0;
   const int calls = std::atoi(argv[2]), threads = std::atoi(argv[3]);
   for (int i = 4; i < argc; ++i) {
     std::vector<double> ta, tb;
@@ -138,6 +160,8 @@ int main(int argc, char** argv) {
 ADAPT = {
     "dense_f32": "void {name}(const float* x, const float* w, float* o, int64_t m, int64_t k, int64_t n, float*) "
     "{{ RUN(x, w, o, m, k, n); }}",
+    "dense_int8": "void {name}(const float* x, const float* w, float* o, int64_t m, int64_t k, int64_t n, float*) "
+    "{{ RUN(x, w, o, m, k, n); }}",
     "centroid_scores_f32": "void {name}(const float* c, const float* qt, float* s, int64_t p, int64_t dim, int64_t lq, "
     "float* bm) {{ RUN(c, qt, s, p, dim, lq, bm); }}",
 }
@@ -156,10 +180,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("kernel", choices=sorted(KERNELS))
     ap.add_argument("--base", default="HEAD", help="git revision of the 'before' source (default HEAD)")
-    ap.add_argument("--rows", type=int, nargs="+", default=[2048], help="dense_f32: rows of x")
-    ap.add_argument("--threads", type=int, default=1, help="dense_f32: threads, each a share of the rows")
+    ap.add_argument("--rows", type=int, nargs="+", default=[2048], help="dense_f32, dense_int8: rows of x")
+    ap.add_argument("--threads", type=int, default=1, help="dense_f32, dense_int8: threads, each a share of the rows")
     ap.add_argument("--centroids", type=int, nargs="+", default=[65536, 8192], help="centroid_scores_f32: P")
-    ap.add_argument("--calls", type=int, default=None, help="calls per side (default 40 dense_f32, 100 stage 1)")
+    ap.add_argument("--calls", type=int, default=None, help="calls per side (default 40 dense, 100 stage 1)")
     args = ap.parse_args()
 
     sys.path.insert(0, str(REPO))
@@ -174,8 +198,8 @@ def main() -> None:
     flags = [*native.FLAGS, f"-march={native._arch()}", *native.X86_FLAGS]
     flags = [f for f in flags if f not in ("-shared", "-fPIC")]
     cxx = os.environ.get("CXX", "g++")  # as colbert_jax.native builds
-    calls = args.calls or (40 if args.kernel == "dense_f32" else 100)
-    if args.kernel == "dense_f32":
+    calls = args.calls or (40 if args.kernel.startswith("dense") else 100)
+    if args.kernel.startswith("dense"):
         shapes = [f"{m}:{k}:{n}" for m in args.rows for k, n in ((384, 1152), (384, 384), (384, 1536), (1536, 384))]
     else:
         shapes = [str(p) for p in args.centroids]
@@ -195,7 +219,7 @@ def main() -> None:
         subprocess.run(link, check=True)
         print(
             f"{args.kernel}: {args.base} (a) against the working tree (b); {calls} calls each, alternated; "
-            f"{args.threads if args.kernel == 'dense_f32' else 1} thread(s)"
+            f"{args.threads if args.kernel.startswith('dense') else 1} thread(s)"
         )
         print("| shape | a median ms (fastest) | b median ms (fastest) | GFLOP/s a / b | a / b | same bits |")
         print("|---|---|---|---|---|---|")

@@ -69,7 +69,7 @@ def main() -> None:
     embeddings = {"float32": model.replace_config(query_quantization="none").encode_queries(texts)}
     shipped = quantize._int8_matmul
     if model.replace_config(query_quantization="int8").int8_products != "xla":
-        raise SystemExit("run with COLBERT_JAX_AMX=0: the variants replace XLA's int8 path, not the AMX kernel")
+        raise SystemExit("run with COLBERT_JAX_NATIVE=0: the variants replace XLA's int8 path, not the native kernel")
     try:
         for name in VARIANTS:
             quantize._int8_matmul = shipped if name == "int8" else _variant_matmul(name)

@@ -22,12 +22,13 @@ whose presence marks the layer) and `int8_dense` is a Flax method interceptor th
 product for a marked `nn.Dense` and leaves every other module call alone. The projection head stays float32
 (it is small and sets the final embedding directly).
 
-On CPUs with AMX-INT8 (`colbert_jax.native.amx_available()`), `quantize_params(..., packed=True)` stores the two
-terms in the tile layout of `colbert_jax.native.int8_dense` (`packed_hi`, `packed_lo` instead of `kernel` and
-`kernel_cross`) and the product runs as one native kernel with the same numbers, bit for bit: XLA:CPU spends
-most of the int8 encoder's time around its products (the activation split, a concatenation, the epilogue), and
-its small-batch int8 products run well below the tile unit's rate. Programs lowered for other platforms
-unpack the layout and run the XLA product (`lax.platform_dependent`). With packed params, a self-attention
+On CPUs with AMX-INT8 or AVX-512 VNNI (`colbert_jax.native.int8_products_fast()`),
+`quantize_params(..., packed=True)` stores the two terms in the layout of `colbert_jax.native.int8_dense`
+(`packed_hi`, `packed_lo` instead of `kernel` and `kernel_cross`) and the product runs as one native kernel
+with the same numbers, bit for bit: XLA:CPU spends most of the int8 encoder's time around its products (the
+activation split, a concatenation, the epilogue), and its small-batch int8 products run well below the tile
+unit's (or VNNI's) rate. Programs lowered for other platforms unpack the layout and run the XLA product
+(`lax.platform_dependent`). With packed params, a self-attention
 module that offers `qkv_attention()` (BERT's) is replaced at inference by the fused qkv product and one native
 attention kernel (`colbert_jax.native.attention`), instead of XLA:CPU's transposes, batched products and
 softmax: float32-accurate but not XLA's bits, so these embeddings differ from the XLA int8 path's by up to a
@@ -97,7 +98,7 @@ def quantize_params(params: Mapping[str, Any], *, fuse_qkv: bool = True, packed:
     LayerNorms stay as they are. fuse_qkv: store attention's query/key/value kernels as one `qkv` kernel
     (the same products, one matmul; False keeps three, for comparison). packed: the terms in the native
     kernel's layout (`native.pack_dense`) instead of `kernel` and `kernel_cross` (for `quantized_apply`'s
-    "amx" and "portable" implementations; same numbers).
+    "amx", "vnni" and "portable" implementations; same numbers).
     """
 
     def walk(tree):
@@ -328,8 +329,9 @@ def quantized_apply(fn, implementation: str = "amx"):
     run as native kernels where the params are packed or float32-fused (`fuse_float_params`).
 
     implementation: which path of the native kernel runs layers whose params are packed
-    (`quantize_params(..., packed=True)`) in CPU programs: "amx" (the tile unit: `native.amx_available()`) or
-    "portable" (plain loops); unpacked params run XLA's products."""
+    (`quantize_params(..., packed=True)`) in CPU programs: "amx" (the tile unit: `native.amx_available()`),
+    "vnni" (AVX-512 VNNI dot products: `native.int8_vnni_available()`) or "portable" (plain loops); unpacked
+    params run XLA's products."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
 
