@@ -1,7 +1,8 @@
-"""This CPU's arithmetic peaks, per core and over all cores: float32 FMA and int8 dot products (AVX-512 VNNI,
-else AVX2), each a register-resident loop of independent accumulators (no memory traffic), and the XLA
-products the query encoder runs, float32 and int8, for comparison (an XLA rate above the vector unit's peak
-means a library ran it on a matrix unit: AMX tiles).
+"""This CPU's arithmetic peaks, per core and over all cores: float32 FMA, int8 dot products (AVX-512 VNNI,
+else AVX2) and bfloat16 dot products (avx512_bf16's vdpbf16ps, where the CPU has it), each a register-resident
+loop of independent accumulators (no memory traffic), and the XLA products the query encoder runs, float32 and
+int8, for comparison (an XLA rate above the vector unit's peak means a library ran it on a matrix unit: AMX
+tiles).
 
     python scripts/bench_cpu_peak.py [--repeats 3]
     python scripts/without_amx.py python scripts/bench_cpu_peak.py   # XLA's products without the tiles
@@ -97,18 +98,35 @@ int main() {
 #define SI(i) si += SUMI(v##i);
   R(SI)
   printf("int8 %.3f %s %d\n", n * chains * lanes * 4 * 2.0 / dt / 1e9, how, si);
+#if defined(__AVX512BF16__)
+  // bfloat16 pairs into float32 lanes (vdpbf16ps): two products per lane per instruction
+  __m512bh p = (__m512bh)_mm512_set1_epi16(0x3f80), q = (__m512bh)_mm512_set1_epi16(0x3f80);
+#define DB(i) a##i = SETF(i * 0.001f);
+  R(DB)
+  t = now();
+  for (long i = 0; i < n; i++) {
+#define FB(i) a##i = _mm512_dpbf16_ps(a##i, p, q);
+    R(FB) __asm__ volatile("" : "+v"(p));
+  }
+  dt = now() - t;
+  s = 0;
+  R(SF)
+  printf("bf16 %.3f %d\n", n * chains * lanes * 2 * 2.0 / dt / 1e9, (int)(s * 0));
+#else
+  printf("bf16 0\n");
+#endif
   return 0;
 }
 """
 
 
-def vector_peaks(binary: Path, processes: int) -> tuple[float, float, str]:
-    """(float32 GFLOP/s, int8 GOPS, instruction set) summed over `processes` copies running at once."""
+def vector_peaks(binary: Path, processes: int) -> tuple[float, float, float, str]:
+    """(float32 GFLOP/s, int8 GOPS, bfloat16 dot GFLOP/s (0 without avx512_bf16), int8 instruction set) summed
+    over `processes` copies running at once."""
     procs = [subprocess.Popen([str(binary)], stdout=subprocess.PIPE, text=True) for _ in range(processes)]
     outs = [p.communicate()[0].split("\n") for p in procs]
-    fp32 = sum(float(o[0].split()[1]) for o in outs)
-    int8 = sum(float(o[1].split()[1]) for o in outs)
-    return fp32, int8, outs[0][1].split()[2]
+    fp32, int8, bf16 = (sum(float(o[line].split()[1]) for o in outs) for line in range(3))
+    return fp32, int8, bf16, outs[0][1].split()[2]
 
 
 def xla_rates(repeats: int) -> tuple[float, float]:
@@ -150,21 +168,23 @@ def main() -> None:
     isa = "?"
     for _ in range(args.repeats):
         for name, procs in (("one core", 1), (f"{cores} cores", cores)):
-            fp32, int8, isa = vector_peaks(work / "peak", procs)
-            rows[name].append((fp32, int8))
+            fp32, int8, bf16, isa = vector_peaks(work / "peak", procs)
+            rows[name].append((fp32, int8, bf16))
     xla = [xla_rates(1) for _ in range(args.repeats)]
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), "?")
     amx = "amx_int8" in Path("/proc/cpuinfo").read_text()
     print(f"{cpu}, {cores} CPUs, {platform.machine()}, AMX-INT8 flag: {amx}; int8 loop: {isa}; {args.repeats} repeats")
-    print("| | float32 GFLOP/s | int8 GOPS |")
-    print("|---|---|---|")
+    print("| | float32 GFLOP/s | int8 GOPS | bfloat16 dot GFLOP/s (vdpbf16ps) |")
+    print("|---|---|---|---|")
 
     def cell(values: list[float]) -> str:
+        if max(values) == 0:
+            return "- (no avx512_bf16)"
         return f"{np.median(values):.0f} ({min(values):.0f}-{max(values):.0f})"
 
     for name, values in rows.items():
-        print(f"| vector unit, {name} | {cell([v[0] for v in values])} | {cell([v[1] for v in values])} |")
-    print(f"| XLA product [2048,384]x[384,1536] | {cell([v[0] for v in xla])} | {cell([v[1] for v in xla])} |")
+        print(f"| vector unit, {name} | " + " | ".join(cell([v[i] for v in values]) for i in range(3)) + " |")
+    print(f"| XLA product [2048,384]x[384,1536] | {cell([v[0] for v in xla])} | {cell([v[1] for v in xla])} | |")
 
 
 if __name__ == "__main__":
