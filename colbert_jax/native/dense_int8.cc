@@ -97,6 +97,38 @@ void ProductsPortable(const int8_t* ahi, const int8_t* alo, const float* xs, int
   }
 }
 
+#if COLBERT_JAX_HAS_AMX || (defined(__AVX512VNNI__) && defined(__AVX512BW__))
+// QuantizeRowScalar's operations on 16 lanes (the same bits), shared by the AMX and VNNI paths' row splits,
+// which differ only in where they store the terms. Target attributes: the AMX path is built by attribute on any
+// x86-64 build, so these must carry AVX-512 themselves (and be inlined into it).
+#define COLBERT_JAX_SPLIT_TARGET __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline))
+
+// The row's scale: its largest magnitude / 127 (1 for a row of zeros).
+COLBERT_JAX_SPLIT_TARGET inline float RowScaleAvx512(const float* x, int64_t k) {
+  __m512 m = _mm512_setzero_ps();
+  for (int64_t i = 0; i < k; i += 16) {
+    const __mmask16 keep = k - i >= 16 ? 0xffff : static_cast<__mmask16>((1u << (k - i)) - 1);
+    m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_maskz_loadu_ps(keep, x + i)));
+  }
+  const float s = _mm512_reduce_max_ps(m) * (1.0f / 127.0f);
+  return s > 0.0f ? s : 1.0f;
+}
+
+// Lanes i..i+15 of the row's split, as int32: the high term and the low one (padding lanes load 0, give 0).
+COLBERT_JAX_SPLIT_TARGET inline void SplitLanesAvx512(const float* x, int64_t k, int64_t i, __m512 inv,
+                                                      __m512i* hi32, __m512i* lo32) {
+  const __m512 top = _mm512_set1_ps(127.0f), bottom = _mm512_set1_ps(-127.0f), steps_lo = _mm512_set1_ps(kLowSteps);
+  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  const __mmask16 keep = k - i >= 16 ? 0xffff : k > i ? static_cast<__mmask16>((1u << (k - i)) - 1) : 0;
+  const __m512 steps = _mm512_mul_ps(_mm512_maskz_loadu_ps(keep, x + i), inv);
+  const __m512 h = _mm512_min_ps(top, _mm512_max_ps(bottom, _mm512_roundscale_ps(steps, kRound)));
+  const __m512 rest = _mm512_mul_ps(_mm512_sub_ps(steps, h), steps_lo);
+  const __m512 l = _mm512_min_ps(top, _mm512_max_ps(bottom, _mm512_roundscale_ps(rest, kRound)));
+  *hi32 = _mm512_cvtps_epi32(h);
+  *lo32 = _mm512_cvtps_epi32(l);
+}
+#endif
+
 #if COLBERT_JAX_HAS_AMX
 #define COLBERT_JAX_AMX_TARGET __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl")))
 
@@ -194,26 +226,14 @@ COLBERT_JAX_AMX_TARGET void ProductsAmx(const int8_t* ahi, const int8_t* alo, co
 // (r % 16) * 64; hi and lo point at the row's first chunk, ((r / 16) * (kp / 64)) * 1024 + (r % 16) * 64.
 COLBERT_JAX_AMX_TARGET void QuantizeRowAvx512(const float* x, int64_t k, int64_t kp, int8_t* hi, int8_t* lo,
                                               float* scale) {
-  const __m512 top = _mm512_set1_ps(127.0f), bottom = _mm512_set1_ps(-127.0f), steps_lo = _mm512_set1_ps(kLowSteps);
-  __m512 m = _mm512_setzero_ps();
-  for (int64_t i = 0; i < k; i += 16) {
-    const __mmask16 keep = k - i >= 16 ? 0xffff : static_cast<__mmask16>((1u << (k - i)) - 1);
-    m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_maskz_loadu_ps(keep, x + i)));
-  }
-  float s = _mm512_reduce_max_ps(m) * (1.0f / 127.0f);
-  if (!(s > 0.0f)) s = 1.0f;
-  *scale = s;
-  const __m512 inv = _mm512_set1_ps(1.0f / s);
-  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-  for (int64_t i = 0; i < kp; i += 16) {  // padding lanes load 0 and store 0
-    const __mmask16 keep = k - i >= 16 ? 0xffff : k > i ? static_cast<__mmask16>((1u << (k - i)) - 1) : 0;
-    const __m512 steps = _mm512_mul_ps(_mm512_maskz_loadu_ps(keep, x + i), inv);
-    const __m512 h = _mm512_min_ps(top, _mm512_max_ps(bottom, _mm512_roundscale_ps(steps, kRound)));
-    const __m512 rest = _mm512_mul_ps(_mm512_sub_ps(steps, h), steps_lo);
-    const __m512 l = _mm512_min_ps(top, _mm512_max_ps(bottom, _mm512_roundscale_ps(rest, kRound)));
+  *scale = RowScaleAvx512(x, k);
+  const __m512 inv = _mm512_set1_ps(1.0f / *scale);
+  for (int64_t i = 0; i < kp; i += 16) {
+    __m512i h, l;
+    SplitLanesAvx512(x, k, i, inv, &h, &l);
     const int64_t at = (i / 64) * 1024 + i % 64;
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(hi + at), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(h)));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + at), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(l)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(hi + at), _mm512_cvtepi32_epi8(h));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + at), _mm512_cvtepi32_epi8(l));
   }
 }
 #endif
@@ -225,29 +245,16 @@ constexpr int64_t kVnniRows = 4;  // rows per register block: 4 x 2 column block
 // The split of one row on 16 lanes (QuantizeRowScalar's operations, the same bits), into a row-major buffer,
 // with the row's sums of hi and of lo (the VNNI products' offset correction, below).
 void QuantizeRowVnni(const float* x, int64_t k, int64_t kp, int8_t* hi, int8_t* lo, float* scale, int32_t* sums) {
-  const __m512 top = _mm512_set1_ps(127.0f), bottom = _mm512_set1_ps(-127.0f), steps_lo = _mm512_set1_ps(kLowSteps);
-  __m512 m = _mm512_setzero_ps();
-  for (int64_t i = 0; i < k; i += 16) {
-    const __mmask16 keep = k - i >= 16 ? 0xffff : static_cast<__mmask16>((1u << (k - i)) - 1);
-    m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_maskz_loadu_ps(keep, x + i)));
-  }
-  float s = _mm512_reduce_max_ps(m) * (1.0f / 127.0f);
-  if (!(s > 0.0f)) s = 1.0f;
-  *scale = s;
-  const __m512 inv = _mm512_set1_ps(1.0f / s);
-  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  *scale = RowScaleAvx512(x, k);
+  const __m512 inv = _mm512_set1_ps(1.0f / *scale);
   __m512i sum_hi = _mm512_setzero_si512(), sum_lo = _mm512_setzero_si512();
-  for (int64_t i = 0; i < kp; i += 16) {  // padding lanes load 0 and store 0
-    const __mmask16 keep = k - i >= 16 ? 0xffff : k > i ? static_cast<__mmask16>((1u << (k - i)) - 1) : 0;
-    const __m512 steps = _mm512_mul_ps(_mm512_maskz_loadu_ps(keep, x + i), inv);
-    const __m512 h = _mm512_min_ps(top, _mm512_max_ps(bottom, _mm512_roundscale_ps(steps, kRound)));
-    const __m512 rest = _mm512_mul_ps(_mm512_sub_ps(steps, h), steps_lo);
-    const __m512 l = _mm512_min_ps(top, _mm512_max_ps(bottom, _mm512_roundscale_ps(rest, kRound)));
-    const __m512i hi32 = _mm512_cvtps_epi32(h), lo32 = _mm512_cvtps_epi32(l);
-    sum_hi = _mm512_add_epi32(sum_hi, hi32);
-    sum_lo = _mm512_add_epi32(sum_lo, lo32);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(hi + i), _mm512_cvtepi32_epi8(hi32));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + i), _mm512_cvtepi32_epi8(lo32));
+  for (int64_t i = 0; i < kp; i += 16) {
+    __m512i h, l;
+    SplitLanesAvx512(x, k, i, inv, &h, &l);
+    sum_hi = _mm512_add_epi32(sum_hi, h);
+    sum_lo = _mm512_add_epi32(sum_lo, l);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(hi + i), _mm512_cvtepi32_epi8(h));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + i), _mm512_cvtepi32_epi8(l));
   }
   sums[0] = _mm512_reduce_add_epi32(sum_hi);
   sums[1] = _mm512_reduce_add_epi32(sum_lo);
@@ -285,8 +292,8 @@ inline void BlockVnni(const int8_t* ahi, const int8_t* alo, const float* xs, con
       std::memcpy(&h4, h + j * kp + q * 4, 4);
       std::memcpy(&l4, l + j * kp + q * 4, 4);
       const __m512i xh = _mm512_set1_epi32(h4), xl = _mm512_set1_epi32(l4);
-  #pragma GCC unroll 4
-    for (int c = 0; c < C; ++c) {
+#pragma GCC unroll 4
+      for (int c = 0; c < C; ++c) {
         main[j][c] = _mm512_dpbusd_epi32(main[j][c], wh[c], xh);
         cross[j][c] = _mm512_dpbusd_epi32(cross[j][c], wl[c], xh);
         cross[j][c] = _mm512_dpbusd_epi32(cross[j][c], wh[c], xl);
