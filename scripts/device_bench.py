@@ -63,7 +63,8 @@ def kernel_bytes(kernel: str, shapes: dict) -> tuple[int, int]:
     return 4 * n * L, 4 * n * L + 4 * n * L * lq + 4 * n  # codes, the S rows they select (at most), scores
 
 
-def bench_kernels(cpu: bool, nbits: int = 2, dim: int = 128, lq: int = 32) -> list[dict]:
+def kernel_inputs(cpu: bool, nbits: int = 2, dim: int = 128, lq: int = 32) -> dict[str, tuple]:
+    """Per kernel: (random device arrays, static arguments, shapes for `kernel_bytes`) at `kernel_cases`' sizes."""
     sizes = kernel_cases(cpu)
     rng = np.random.default_rng(0)
     nbytes = dim * nbits // 8
@@ -101,6 +102,11 @@ def bench_kernels(cpu: bool, nbits: int = 2, dim: int = 128, lq: int = 32) -> li
         {},
         dict(n=n, L=L, rows=P + 1, lq=lq),
     )
+    return cases
+
+
+def bench_kernels(cpu: bool) -> list[dict]:
+    cases = kernel_inputs(cpu)
     repeats = 3 if cpu else 20
     results = []
     for kernel, (args, statics, shapes) in cases.items():
@@ -125,6 +131,70 @@ def bench_kernels(cpu: bool, nbits: int = 2, dim: int = 128, lq: int = 32) -> li
     return results
 
 
+# -- block-size sweep -------------------------------------------------------------------------------
+def sweep_variants(cpu: bool) -> dict[str, list[dict]]:
+    """Per kernel, the `BlockSizes` fields to try against the current table (Triton's launch parameters too on
+    GPU). Powers of two only (Triton's blocks)."""
+    if cpu:
+        return {
+            "maxsim": [dict(maxsim_docs=16), dict(maxsim_rows=256)],
+            "centroid_interaction": [dict(interaction_docs=16)],
+            "decompress": [dict(decompress_rows=256)],
+        }
+    maxsim = [
+        dict(maxsim_docs=d, maxsim_rows=r) for d, r in ((4, 64), (8, 64), (32, 64), (16, 32), (16, 128), (8, 128))
+    ]
+    maxsim += [dict(num_warps=8), dict(num_stages=1), dict(num_stages=3), dict(maxsim_docs=8, num_warps=8)]
+    interaction = [dict(interaction_docs=d) for d in (1, 2, 8, 16, 32)]
+    interaction += [dict(num_warps=2), dict(num_warps=8), dict(interaction_docs=16, num_warps=8)]
+    decompress = [dict(decompress_rows=r) for r in (32, 128, 256)] + [
+        dict(num_warps=8),
+        dict(decompress_rows=128, num_warps=8),
+    ]
+    return {"maxsim": maxsim, "centroid_interaction": interaction, "decompress": decompress}
+
+
+def bench_sweep(cpu: bool, budget_s: float) -> list[dict]:
+    """Times each kernel's Pallas path under other block sizes (the same shapes as `bench_kernels`), checks
+    each variant's output against the `jnp` twin, and stops starting variants after `budget_s` seconds."""
+    import dataclasses
+
+    from pallas_kernels import dispatch
+
+    platform = "cpu" if jax.default_backend() == "cpu" else "cuda"
+    base = dispatch.BLOCK_SIZES[platform]
+    cases = kernel_inputs(cpu)
+    repeats = 3 if cpu else 20
+    start = time.perf_counter()
+    rows = []
+    for kernel, variants in sweep_variants(cpu).items():
+        args, statics, _ = cases[kernel]
+        want = np.asarray(
+            jax.jit(functools.partial(getattr(pallas_kernels, kernel), **statics, implementation="jnp"))(*args)
+        )
+        for change in [{}] + variants:
+            if time.perf_counter() - start > budget_s:
+                print(f"sweep: over {budget_s:.0f} s, stopping", flush=True)
+                return rows
+            blocks = dataclasses.replace(base, **change)
+            row = dict(kernel=kernel, change=change or "current", blocks=dataclasses.asdict(blocks))
+            dispatch.BLOCK_SIZES[platform] = blocks
+            jax.clear_caches()  # the kernels' own jits key on shapes and statics, not on the block table
+            try:
+                fn = jax.jit(functools.partial(getattr(pallas_kernels, kernel), **statics, implementation="pallas"))
+                got = np.asarray(fn(*args))
+                row["max_abs_diff"] = float(np.max(np.abs(got - want))) if got.size else 0.0
+                row["ms"] = _timed(fn, *args, repeats=repeats) * 1e3
+            except Exception as e:  # a variant that does not compile is a result too
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            finally:
+                dispatch.BLOCK_SIZES[platform] = base
+            rows.append(row)
+            shown = f"{row['ms']:8.3f} ms, max |diff| {row['max_abs_diff']:.1e}" if "ms" in row else row["error"][:100]
+            print(f"sweep {kernel:22s} {str(row['change']):55s} {shown}", flush=True)
+    return rows
+
+
 # -- search and indexing ----------------------------------------------------------------------------
 def bench_search(cpu: bool, work: Path) -> dict:
     """Builds the built-in corpus index (a 200-passage slice on CPU) and times search for both
@@ -144,8 +214,23 @@ def bench_search(cpu: bool, work: Path) -> dict:
     t0 = time.perf_counter()
     colbert_jax.Indexer(model, nbits=2, show_progress=False).index(path, corpus, overwrite=True)
     index_s = time.perf_counter() - t0
-    out = dict(passages=n_passages, index_seconds=index_s, index_passages_per_s=n_passages / index_s, search=[])
-    print(f"indexing: {n_passages} passages in {index_s:.1f} s ({n_passages / index_s:.0f} passages/s)", flush=True)
+    # Again in this process: its programs are compiled now, so this one measures throughput, not compilation.
+    t0 = time.perf_counter()
+    colbert_jax.Indexer(model, nbits=2, show_progress=False).index(work / "index_warm", corpus, overwrite=True)
+    warm_s = time.perf_counter() - t0
+    out = dict(
+        passages=n_passages,
+        index_seconds=index_s,
+        index_passages_per_s=n_passages / index_s,
+        index_warm_seconds=warm_s,
+        index_warm_passages_per_s=n_passages / warm_s,
+        search=[],
+    )
+    print(
+        f"indexing: {n_passages} passages in {index_s:.1f} s ({n_passages / index_s:.0f} passages/s), "
+        f"again in {warm_s:.1f} s ({n_passages / warm_s:.0f} passages/s)",
+        flush=True,
+    )
     batch = 8 if cpu else 256
     queries = [SAMPLE_QUERIES[i % len(SAMPLE_QUERIES)] + f" {i}" for i in range(batch)]
     repeats = 2 if cpu else 5
@@ -339,7 +424,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", required=True, help="where to write the results")
     parser.add_argument("--work", default=None, help="scratch directory (index); default: next to --json")
     parser.add_argument("--cpu", action="store_true", help="tiny sizes, for CPU")
-    parser.add_argument("--only", default="kernels,search,train", help="comma-separated parts to run")
+    parser.add_argument(
+        "--only", default="kernels,search,train", help="comma-separated parts: kernels, sweep, search, train"
+    )
+    parser.add_argument("--sweep-seconds", type=float, default=150, help="the sweep starts no variant after this")
     parser.add_argument("--merge", action="store_true", help="add to the results already in --json")
     args = parser.parse_args(argv)
     work = Path(args.work or Path(args.json).parent / "work")
@@ -351,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     failures = []
     for name, fn in (
         ("kernels", lambda: bench_kernels(args.cpu)),
+        ("sweep", lambda: bench_sweep(args.cpu, args.sweep_seconds)),
         ("search", lambda: bench_search(args.cpu, work)),
         ("train", lambda: bench_train(args.cpu)),
     ):

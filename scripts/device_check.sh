@@ -76,13 +76,14 @@ echo "device_check: environment ready after ${SECONDS}s ($($PY -c 'import jax; p
 # they cannot run (they assert a GPU), and CI runs the interpreted kernel tests anyway: the kernel-selection
 # tests stand in, to exercise this pipeline.
 if [[ $mode == gpu ]]; then
-  selection=(-m gpu tests/kernels)
+  # the compiled kernel cases (seconds each) before the Searcher tests, which first build an index
+  selection=(-m gpu tests/kernels/test_kernels.py tests/kernels/test_gpu.py)
 else
   selection=(tests/kernels/test_kernels.py::TestSelection)
 fi
 # Each phase has a wall-clock limit (seconds; 0 = none) so that one slow phase cannot keep the others, or the
-# report, from running inside a lent machine's time: DEVICE_CHECK_LIMITS="tests kernels search train".
-read -r lim_tests lim_kernels lim_search lim_train <<<"${DEVICE_CHECK_LIMITS:-0 0 0 0}"
+# report, from running inside a lent machine's time: DEVICE_CHECK_LIMITS="tests kernels sweep search train".
+read -r lim_tests lim_kernels lim_sweep lim_search lim_train <<<"${DEVICE_CHECK_LIMITS:-0 0 0 0 0}"
 limited() {  # limited SECONDS CMD...: SIGINT at the limit (pytest still writes its report), SIGKILL 15 s later
   local seconds=$1
   shift
@@ -102,7 +103,7 @@ bench_args=(--json "$OUT/device_report.json" --merge --work "$scratch/work")
 rm -f "$OUT/device_report.json" "$OUT/bench.log"
 bench_rc=0
 set +e
-for part in kernels search train; do
+for part in kernels sweep search train; do
   lim="lim_$part"
   limited "${!lim}" $PY scripts/device_bench.py "${bench_args[@]}" --only "$part" 2>&1 | tee -a "$OUT/bench.log"
   rc=${PIPESTATUS[0]}
@@ -140,10 +141,18 @@ if isinstance(kernels, list):
         p = r["pallas"]
         lines.append(f"| {r['kernel']} | {p['ms']:.3f} | {p['moved_gbps']:.1f} | {p['compressed_gbps']:.1f} | "
                      f"{r['jnp']['ms']:.3f} | {r['copy_gbps']:.1f} |")
+sweep = report.get("sweep")
+if isinstance(sweep, list) and sweep:
+    lines += ["", "## Block-size sweep (Pallas ms; the current table first; max |diff| against the jnp twin)", "",
+              "| kernel | change | ms | max abs diff |", "|---|---|---|---|"]
+    for r in sweep:
+        ms = f"{r['ms']:.3f}" if "ms" in r else r.get("error", "?")[:80]
+        diff = f"{r['max_abs_diff']:.1e}" if "max_abs_diff" in r else ""
+        lines.append(f"| {r['kernel']} | {r['change']} | {ms} | {diff} |")
 search = report.get("search")
 if isinstance(search, dict) and "search" in search:
     lines += ["", f"## Search ({search['passages']} passages; indexing {search['index_passages_per_s']:.0f} "
-              "passages/s)", "", "| implementation | k | queries/s (batch) | single query ms |", "|---|---|---|---|"]
+              f"passages/s, {search.get('index_warm_passages_per_s', float('nan')):.0f} again, compiled)", "", "| implementation | k | queries/s (batch) | single query ms |", "|---|---|---|---|"]
     for r in search["search"]:
         lines.append(f"| {r['implementation']} | {r['k']} | {r['queries_per_s']:.1f} ({r['batch']}) | "
                      f"{r['single_query_ms']:.2f} |")
@@ -155,7 +164,7 @@ if isinstance(train, dict) and "step_ms" in train:
               f"{train['model']}, bfloat16, {train['queries']} queries x nway {train['nway']}, lengths "
               f"{train['query_len']}/{train['doc_len']}: {train['step_ms']:.1f} ms, {train['tflops']:.1f} TFLOP/s, "
               f"MFU {mfu} ({train['device_kind']})."]
-for part in ("kernels", "search", "train"):
+for part in ("kernels", "sweep", "search", "train"):
     if part not in report:
         lines.append(f"\n**{part}: no result** (over its time limit, or crashed: see bench.log)")
     elif isinstance(report[part], dict) and "error" in report[part]:
