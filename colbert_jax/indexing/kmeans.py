@@ -7,7 +7,9 @@
   shuffled sample embeddings; centroids are then L2-normalised.
 
 faiss runs when it imports, else a JAX Lloyd's k-means on JAX's default backend (for images without faiss,
-e.g. CUDA 13); `COLBERT_JAX_KMEANS=faiss|jax|auto` forces one.
+e.g. CUDA 13); `COLBERT_JAX_KMEANS=faiss|jax|auto` forces one. On CPU the JAX k-means is the same bits run to
+run; on GPU its sums are scatter-adds, which XLA runs with atomics (the order of additions varies) unless
+`XLA_FLAGS=--xla_gpu_deterministic_ops=true`.
 """
 
 from __future__ import annotations
