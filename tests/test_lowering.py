@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -116,7 +117,14 @@ def test_encoders_and_indexing_step_lower(minilm_model, real_index, platform):
     lower(model._query_fn, model._query_params, ids, mask, platform=platform, name="query encoder")
     ids, mask = model.doc_tokenizer.tensorize(["a passage " * 60] * 32)
     skiplist = model._skiplist
-    lower(model._doc_fn, model.params, ids, mask, skiplist, platform=platform, name="document encoder")
+    text = lower(model._doc_fn, model.params, ids, mask, skiplist, platform=platform, name="document encoder")
+    # float32 compute is float32 on accelerators too (not TPU bfloat16 passes or GPU TensorFloat-32)
+    dots = re.findall(r"stablehlo\.dot_general .*", text)
+    assert len(dots) >= 6  # a layer (scanned: its body once) and the projection
+    assert all("precision = [HIGHEST, HIGHEST]" in d for d in dots), [d for d in dots if "HIGHEST" not in d][:2]
+    bf16 = minilm_model.replace_config(compute_dtype="bfloat16")
+    text = lower(bf16._doc_fn, bf16.params, ids, mask, skiplist, platform=platform, name="bfloat16 document encoder")
+    assert "HIGHEST" not in text, "bfloat16 compute must keep the platform's fast products"
     index = colbert_jax.Index.open(real_index)
     c = index.codec
     embs = jax.ShapeDtypeStruct((4096, c.dim), np.float32)

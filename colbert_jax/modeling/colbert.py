@@ -9,6 +9,7 @@ Pure functions of explicit arrays, mirroring colbert-ai 0.2.22 `colbert/modeling
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import flax.linen as nn
@@ -46,6 +47,13 @@ class ColBERTEncoder(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask, deterministic: bool = True):
+        # float32 means float32 everywhere: GPUs would otherwise run these products in TensorFloat-32 (a 10-bit
+        # mantissa), far outside colbert-ai parity. CPUs compute float32 products either way.
+        exact = jnp.dtype(self.dtype) == jnp.float32
+        with jax.default_matmul_precision("highest") if exact else contextlib.nullcontext():
+            return self._encode(input_ids, attention_mask, deterministic)
+
+    def _encode(self, input_ids, attention_mask, deterministic: bool):
         backbone = backbone_module(self.bert_config, self.dtype, self.remat, self.unstacked)
         h = backbone(input_ids, attention_mask, deterministic)
         layers = self.head or ((self.dim, False, "identity"),)

@@ -36,6 +36,17 @@ def on_gpu_strict(monkeypatch):
     monkeypatch.setenv(STRICT_ENV, "1")
 
 
+def test_float32_encoders_match_colbert_ai(reference_checkpoint, texts, ref_embeddings):
+    """float32 compute on the GPU (its products forced to full float32, not TensorFloat-32) keeps colbert-ai's
+    numbers: the CPU parity bar (`tests/test_model_parity.py`)."""
+    model = colbert_jax.load_checkpoint(reference_checkpoint, query_quantization="none")
+    Q = model.encode_queries(texts["queries"])
+    assert np.abs(Q - ref_embeddings["Q"]).max() <= 1e-4
+    D, mask = model.encode_docs(texts["documents"])
+    np.testing.assert_array_equal(mask, ref_embeddings["D_mask"])
+    assert np.abs(D - ref_embeddings["D"]).max() <= 1e-4
+
+
 @pytest.mark.parametrize("k", [10, 100])
 def test_searcher_pallas_ranks_like_jnp(real_index, minilm_model, k, caplog):
     rankings = {}
