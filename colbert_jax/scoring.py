@@ -18,7 +18,9 @@ MASKED_SCORE = -9999.0
 
 def maxsim(Q: jax.Array, D: jax.Array, D_mask: jax.Array | None = None) -> jax.Array:
     """Per-query-token maxima. Q [B|1, Lq, dim], D [B, Ld, dim], D_mask [B, Ld] -> [B, Lq] float32."""
-    s = jnp.einsum("bqd,bkd->bkq", Q.astype(D.dtype), D, preferred_element_type=jnp.float32)
+    # float32 vectors score in float32 on accelerators too (not TensorFloat-32 or bfloat16 passes)
+    precision = jax.lax.Precision.HIGHEST if D.dtype == jnp.float32 else None
+    s = jnp.einsum("bqd,bkd->bkq", Q.astype(D.dtype), D, precision=precision, preferred_element_type=jnp.float32)
     if D_mask is not None:
         s = jnp.where(D_mask[:, :, None], s, MASKED_SCORE)
     return s.max(axis=1)

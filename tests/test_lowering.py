@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -190,3 +191,14 @@ def test_warp_engine_and_int8_query_encoder_lower(real_index, minilm_model, plat
     int8 = minilm_model.replace_config(query_quantization="int8")
     ids, mask = int8.query_tokenizer.tensorize(QUERIES)
     lower(int8._query_fn, int8._query_params, ids, mask, platform=platform, name="int8 query encoder")
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_maxsim_scores_float32_in_float32(platform):
+    """`colbert_score` on float32 vectors keeps float32 products on accelerators; bfloat16 vectors keep the
+    platform's fast products."""
+    for dtype, exact in ((np.float32, True), (jnp.bfloat16, False)):
+        Q, D = jax.ShapeDtypeStruct((2, 32, 128), dtype), jax.ShapeDtypeStruct((2, 50, 128), dtype)
+        mask = jax.ShapeDtypeStruct((2, 50), np.bool_)
+        text = lower(colbert_jax.colbert_score, Q, D, mask, platform=platform, name=f"colbert_score ({dtype})")
+        assert ("precision = [HIGHEST, HIGHEST]" in text) == exact
