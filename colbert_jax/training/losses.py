@@ -47,7 +47,8 @@ def distillation_loss(scores: jax.Array, teacher: jax.Array, alpha: float) -> ja
 def in_batch_loss(Q: jax.Array, D: jax.Array, D_mask: jax.Array, nway: int) -> jax.Array:
     """Cross-entropy of each query over all passages of the micro-batch minus its own negatives."""
     b, n = Q.shape[0], D.shape[0]
-    sim = jnp.einsum("qld,pkd->qpkl", Q, D, preferred_element_type=jnp.float32)  # [b, n, Ld, Lq]
+    precision = jax.lax.Precision.HIGHEST if D.dtype == jnp.float32 else None  # float32: no TensorFloat-32
+    sim = jnp.einsum("qld,pkd->qpkl", Q, D, precision=precision, preferred_element_type=jnp.float32)  # [b, n, Ld, Lq]
     sim = jnp.where(D_mask[None, :, :, None], sim, -9999.0)
     scores = sim.max(axis=2).sum(axis=-1)  # [b, n]
     column = jnp.arange(n)[None, :]
