@@ -68,6 +68,9 @@ __all__ = [
     "scores_f32_vectorized",
     "centroid_scores_f32",
     "SCORES_F32_IMPLEMENTATIONS",
+    "avx512_bf16_available",
+    "block_centroids_bf16",
+    "centroid_scores_bf16",
     "dense_f32_vectorized",
     "vector_bits",
 ]
@@ -83,6 +86,7 @@ SOURCES = tuple(
         "dense_int8.cc",
         "centroid_scores.cc",
         "centroid_scores_f32.cc",
+        "centroid_scores_bf16.cc",
         "attention.cc",
         "gelu.cc",
         "dense_f32.cc",
@@ -109,6 +113,7 @@ _SYMBOLS = {
     "colbert_jax_int8_dense": "ColbertJaxInt8Dense",
     "colbert_jax_centroid_scores": "ColbertJaxCentroidScores",
     "colbert_jax_centroid_scores_f32": "ColbertJaxCentroidScoresF32",
+    "colbert_jax_centroid_scores_bf16": "ColbertJaxCentroidScoresBf16",
     "colbert_jax_attention": "ColbertJaxAttention",
     "colbert_jax_gelu": "ColbertJaxGelu",
     "colbert_jax_dense_f32": "ColbertJaxDenseF32",
@@ -547,6 +552,65 @@ def centroid_scores_f32(
     call = jax.ffi.ffi_call("colbert_jax_centroid_scores_f32", out, vmap_method="sequential")
     vectorized = np.int32(implementation == "vector")
     S, maxima = call(blocked.astype(jnp.float32), Q.astype(jnp.float32), vectorized=vectorized)
+    return (S, maxima) if block_maxima else S
+
+
+# -- PLAID's stage 1 product on bfloat16 operands with AVX-512 BF16 (centroid_scores_bf16.cc) --------------
+
+
+def avx512_bf16_available() -> bool:
+    """Whether the kernels are enabled, built for an AVX-512 CPU type, and this CPU and OS run AVX-512 BF16
+    (`vdpbf16ps`): where `centroid_scores_bf16` may be called."""
+    lib = library()
+    return lib is not None and bool(lib.colbert_jax_avx512_bf16_ready())
+
+
+def block_centroids_bf16(centroids: jax.Array | np.ndarray) -> jax.Array | np.ndarray:
+    """Centroids float32 [P, dim] -> bfloat16 [ceil(P / 8), ceil(dim / 2), 8, 2] for `centroid_scores_bf16`:
+    groups of 8 centroids, each row's coordinate pair (2kk, 2kk + 1) adjacent and the group's 8 pairs for one kk
+    adjacent (zeros past P and dim), rounded to nearest even (ml_dtypes' cast). numpy in, numpy out; a jax
+    array in, a jax array out."""
+    xp = np if isinstance(centroids, np.ndarray) else jnp
+    c = xp.asarray(centroids, xp.float32)
+    if c.ndim != 2:
+        raise ValueError(f"block_centroids_bf16: float [P, dim] centroids, got {c.shape}")
+    p, dim = c.shape
+    padded = xp.pad(c, ((0, -p % SCORES_GROUP), (0, dim % 2))).astype(jnp.bfloat16)
+    packed = padded.reshape(-1, SCORES_GROUP, (dim + 1) // 2, 2).transpose(0, 2, 1, 3)
+    return np.ascontiguousarray(packed) if xp is np else packed
+
+
+def centroid_scores_bf16(
+    packed: jax.Array, Q: jax.Array, num_centroids: int, *, block_maxima: bool = False
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """S = bf16(C) . bf16(Q)^T [num_centroids, Lq], float32 sums, from the centroids packed by
+    `block_centroids_bf16` and Q float32 [Lq, dim] (rounded to bfloat16 by the kernel): see
+    `centroid_scores_bf16.cc` for the order of the sums. block_maxima: also return each token's maximum over
+    each block of `SCORES_MAX_BLOCK` centroids, as `centroid_scores_f32` does. Only where
+    `avx512_bf16_available()` (else `NativeBuildError`); CPU programs only; vmapped, it runs once per query."""
+    if library() is None:
+        raise NativeBuildError(f"the native CPU kernels are off or unavailable ({_why_not()}); check `enabled()` first")
+    if not avx512_bf16_available():
+        raise NativeBuildError(
+            "centroid_scores_bf16: no AVX-512 BF16 here (not on this CPU or OS, or the kernels were built for an "
+            f"older CPU type by {ARCH_ENV}); check `avx512_bf16_available()` first"
+        )
+    if packed.ndim != 4 or packed.shape[2:] != (SCORES_GROUP, 2) or Q.ndim != 2:
+        raise ValueError(
+            f"centroid_scores_bf16: packed centroids [P8 / 8, dim2, 8, 2] and Q [Lq, dim], got {packed.shape} "
+            f"and {Q.shape}"
+        )
+    if packed.shape[1] != -(-Q.shape[1] // 2):
+        raise ValueError(f"centroid_scores_bf16: centroids packed for dim {2 * packed.shape[1]} do not fit Q {Q.shape}")
+    if packed.shape[0] != -(-num_centroids // SCORES_GROUP):
+        raise ValueError(f"centroid_scores_bf16: {packed.shape[0]} groups of 8 do not hold P={num_centroids}")
+    lq = Q.shape[0]
+    out = (
+        jax.ShapeDtypeStruct((num_centroids, lq), jnp.float32),
+        jax.ShapeDtypeStruct((-(-num_centroids // SCORES_MAX_BLOCK), lq), jnp.float32),
+    )
+    call = jax.ffi.ffi_call("colbert_jax_centroid_scores_bf16", out, vmap_method="sequential")
+    S, maxima = call(packed.astype(jnp.bfloat16), Q.astype(jnp.float32))
     return (S, maxima) if block_maxima else S
 
 
