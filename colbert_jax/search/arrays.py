@@ -45,7 +45,7 @@ class ShardedArrays:
         )
 
 
-_REPLICATED = ("centroids", "bucket_weights", "centroids_split", "centroids_blocked")
+_REPLICATED = ("centroids", "bucket_weights", "centroids_split", "centroids_blocked", "centroids_bf16")
 
 
 @jax.tree_util.register_dataclass
@@ -54,7 +54,8 @@ class IndexArrays(ShardedArrays):
     """An index's arrays on the devices (`placement.place_index`). Optional fields are None where the reader
     does not need them: a memory-mapped index leaves residuals on disk, the mmap streamed path reads the IVF
     lists from disk, `allowed` is set only for a filtered search, `centroids_split` only on CPUs with AMX-BF16 and
-    `centroids_blocked` only on other CPUs whose float32 stage 1 kernel is faster than XLA's product."""
+    `centroids_blocked` only on other CPUs whose float32 stage 1 kernel is faster than XLA's product, and
+    `centroids_bf16` (instead of either) where stage 1 runs on bfloat16 operands (`placement.stage1_bf16`)."""
 
     centroids: jax.Array  # f32 [P, dim] (replicated)
     bucket_weights: jax.Array  # f32 [2^nbits] (replicated)
@@ -75,6 +76,10 @@ class IndexArrays(ShardedArrays):
     # f32 [ceil(P / 8), dim, 8] (replicated): the centroids in groups of 8 (`native.block_centroids`), where the
     # centroid scores are a native float32 product (`candidates.centroid_scores`, CPUs without AMX-BF16)
     centroids_blocked: jax.Array | None = None
+    # bf16 [ceil(P / 8), ceil(dim / 2), 8, 2] (replicated): the centroids rounded to bfloat16 and packed
+    # (`native.block_centroids_bf16`), where stage 1 is a product of bfloat16 operands with float32 sums
+    # (`candidates.centroid_scores`; CPUs with AVX-512 BF16 and no AMX-BF16, or COLBERT_JAX_STAGE1=bf16)
+    centroids_bf16: jax.Array | None = None
 
     @property
     def sentinel(self) -> int:

@@ -65,7 +65,9 @@ def centroid_scores(Q: jax.Array, a: IndexArrays, query_maxlen: int) -> jax.Arra
     """S = C . Q[:query_maxlen]^T [P, Lq]: a float32 product; where the arrays carry the centroids' bfloat16
     terms (`a.centroids_split`: CPUs with AMX-BF16), three bfloat16 products on the tile unit
     (`native.centroid_scores`); where they carry them in groups of 8 (`a.centroids_blocked`), the native float32
-    product (`native.centroid_scores_f32`: sequential reads of the centroids, which bound it at large P)."""
+    product (`native.centroid_scores_f32`: sequential reads of the centroids, which bound it at large P); where
+    they carry them rounded to bfloat16 (`a.centroids_bf16`), a product of bfloat16 operands with float32 sums
+    (`native.centroid_scores_bf16`: half the bytes read, bfloat16's error)."""
     return centroid_scores_and_maxima(Q, a, query_maxlen)[0]
 
 
@@ -77,6 +79,8 @@ def centroid_scores_and_maxima(Q: jax.Array, a: IndexArrays, query_maxlen: int) 
         return _split_product(a.centroids_split, Q, a.centroids.shape[0], lambda: a.centroids), None
     if a.centroids_blocked is not None:
         return _blocked_product(a.centroids_blocked, Q, a.centroids.shape[0], lambda: a.centroids, maxima=True)
+    if a.centroids_bf16 is not None:
+        return _bf16_product(a.centroids_bf16, Q, a.centroids.shape[0], lambda: a.centroids, maxima=True)
     return jnp.dot(a.centroids, Q.T, precision=HIGHEST), None
 
 
@@ -85,6 +89,8 @@ def row_scores(c: jax.Array, Q: jax.Array, a: IndexArrays) -> jax.Array:
     uses (each row's scores equal its row of S): stage 6 over rows read from disk, which has no S."""
     if a.centroids_blocked is not None:
         return _blocked_product(native.block_centroids(c), Q, c.shape[0], lambda: c)
+    if a.centroids_bf16 is not None:
+        return _bf16_product(native.block_centroids_bf16(c), Q, c.shape[0], lambda: c)
     if a.centroids_split is None:
         return jnp.dot(c, Q.T, precision=HIGHEST)
     n, dim = c.shape
@@ -127,6 +133,30 @@ def _blocked_product(blocked: jax.Array, Q: jax.Array, n: int, rows, *, maxima: 
     def cpu(Q):
         if native.enabled():
             return native.centroid_scores_f32(blocked, Q, n, block_maxima=maxima)
+        return xla(Q)
+
+    return jax.lax.platform_dependent(Q, cpu=cpu, default=xla)
+
+
+def _bf16_product(packed: jax.Array, Q: jax.Array, n: int, rows, *, maxima: bool = False):
+    """[n, Lq] = bf16(rows) . bf16(Q)^T with float32 sums, from n rows packed by `native.block_centroids_bf16`:
+    the AVX-512 BF16 kernel where it runs, else XLA's float32 product of the same rounded operands (the same
+    numbers up to the order of the float32 sums; every platform, so a placement gives one S up to rounding).
+    maxima: (S, its maxima over blocks of CELL_BLOCK rows), the kernel's or XLA's."""
+
+    def xla(Q):
+        def rounded(x):
+            return x.astype(jnp.bfloat16).astype(jnp.float32)
+
+        S = jnp.dot(rounded(rows()), rounded(Q).T, precision=HIGHEST)
+        if not maxima:
+            return S
+        padded = jnp.pad(S, ((0, -n % CELL_BLOCK), (0, 0)), constant_values=-jnp.inf)
+        return S, padded.reshape(-1, CELL_BLOCK, S.shape[1]).max(axis=1)
+
+    def cpu(Q):
+        if native.avx512_bf16_available():
+            return native.centroid_scores_bf16(packed, Q, n, block_maxima=maxima)
         return xla(Q)
 
     return jax.lax.platform_dependent(Q, cpu=cpu, default=xla)

@@ -12,6 +12,7 @@ same arguments; the query embeddings searched are process 0's (`broadcast_querie
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Sequence
 
@@ -48,6 +49,24 @@ __all__ = [
     "multi_process",
     "require_single_process",
 ]
+
+
+STAGE1_ENV = "COLBERT_JAX_STAGE1"
+STAGE1_MODES = ("auto", "f32", "bf16")
+
+
+def stage1_bf16(on_cpu: bool) -> bool:
+    """Whether a CPU search computes stage 1 on bfloat16 operands (`native.centroid_scores_bf16`), set by
+    `COLBERT_JAX_STAGE1`: "auto" (unset) where the kernels run AVX-512 BF16 and the CPU has no AMX-BF16 (whose
+    split product is float32-class at a similar cost); "bf16" on any CPU (without the kernel, XLA computes the
+    same bfloat16-rounded product); "f32" never. Stage 6 then takes q . c from that S (bfloat16 error, about
+    1e-3 on a unit-norm score; `scripts/quality_stage1_precision.py` measures what it does to rankings)."""
+    mode = os.environ.get(STAGE1_ENV, "auto").strip().lower() or "auto"
+    if mode not in STAGE1_MODES:
+        raise ValueError(f"{STAGE1_ENV} must be one of {STAGE1_MODES}, got {mode!r}")
+    if not on_cpu or mode == "f32":
+        return False
+    return mode == "bf16" or (native.avx512_bf16_available() and not native.amx_bf16_available())
 
 
 def multi_process() -> bool:
@@ -124,6 +143,7 @@ def place_index(
     ivf: bool = True,
     split_centroids: bool = False,
     blocked_centroids: bool = False,
+    bf16_centroids: bool = False,
 ) -> tuple[IndexArrays, list[np.ndarray]]:
     """Splits the index's passages into one contiguous shard per mesh device (balanced by embeddings) and
     places each shard this process owns on its device (residuals and their norms only with `residuals`).
@@ -133,7 +153,9 @@ def place_index(
     reader that reads the probed lists from disk (`streamed_mmap.expand_cells`); the fields left out are None.
     `split_centroids` also places the centroids' two bfloat16 terms (`native.split_centroids`), for the centroid
     scores on the tile unit (CPUs with AMX-BF16: `candidates.centroid_scores`); `blocked_centroids` places them in
-    groups of 8 (`native.block_centroids`) for the native float32 product (other CPUs).
+    groups of 8 (`native.block_centroids`) for the native float32 product (other CPUs); `bf16_centroids` places
+    them rounded to bfloat16 and packed (`native.block_centroids_bf16`) for stage 1 on bfloat16 operands
+    (`stage1_bf16`).
 
     Returns the global arrays (`IndexArrays`, leading shard axis over the mesh) and, as a one-element
     list, the element-wise maximum over shards of the cumulative IVF list lengths sorted longest first (static
@@ -222,11 +244,13 @@ def place_index(
     placed = {k: assemble(per_shard.pop(k)) for k in list(per_shard)}  # each host copy freed once placed
     split = native.split_centroids(index.codec.centroids) if split_centroids else None
     blocked = native.block_centroids(index.codec.centroids) if blocked_centroids else None
+    packed = native.block_centroids_bf16(index.codec.centroids) if bf16_centroids else None
     arrays = IndexArrays(
         centroids=jax.device_put(index.codec.centroids, replicated),
         bucket_weights=jax.device_put(index.codec.bucket_weights, replicated),
         centroids_split=None if split is None else jax.device_put(split, replicated),
         centroids_blocked=None if blocked is None else jax.device_put(blocked, replicated),
+        centroids_bf16=None if packed is None else jax.device_put(packed, replicated),
         **placed,
     )
     return arrays, [entry_bound]

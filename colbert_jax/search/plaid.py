@@ -307,14 +307,19 @@ class PlaidEngine:
         # reads the probed IVF lists from disk (`streamed_mmap.expand_cells`): no IVF entries placed.
         mapped = mmap and implementation == "streamed"
         small = mapped and index.num_partitions <= 1 << 16
+        bf16 = placement.stage1_bf16(self.on_cpu)
         self.arrays, self._entry_bounds = placement.place_index(
             index,
             self.mesh,
             residuals=not mmap,
             codes_dtype=np.uint16 if small else np.int32,
             ivf=not mapped,
-            split_centroids=self.on_cpu and native.amx_bf16_available(),
-            blocked_centroids=self.on_cpu and not native.amx_bf16_available() and native.scores_f32_vectorized(),
+            split_centroids=self.on_cpu and native.amx_bf16_available() and not bf16,
+            blocked_centroids=self.on_cpu
+            and not native.amx_bf16_available()
+            and native.scores_f32_vectorized()
+            and not bf16,
+            bf16_centroids=bf16,
         )
         longest = int(index.doclens.max())
         # The kernels pad documents to power-of-two lengths (Triton blocks); padding here saves that copy.
@@ -563,6 +568,7 @@ class PlaidEngine:
             bucket_weights=self.arrays.bucket_weights,
             centroids_split=self.arrays.centroids_split,
             centroids_blocked=self.arrays.centroids_blocked,
+            centroids_bf16=self.arrays.centroids_bf16,
             **placed,
         )
         return jax.device_put(renumbered, sharded), arrays, slots

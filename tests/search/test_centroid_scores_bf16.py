@@ -2,11 +2,14 @@
 `centroid_scores_bf16.cc`): centroids packed by `native.block_centroids_bf16`, Q rounded to bfloat16 in the
 kernel, float32 sums. Its S is the product of the bf16-rounded operands summed in vdpbf16ps' defined order (each
 pair's odd coordinate, then its even one), within bfloat16's rounding error of the float32 S, and its block
-maxima are S's. On a CPU without AVX-512 BF16 the same tests check that `avx512_bf16_available()` says so and
-that calling the kernel is a `NativeBuildError` (nothing is skipped)."""
+maxima are S's. A search places the packed centroids where `placement.stage1_bf16` says (COLBERT_JAX_STAGE1),
+and its stage 1 (the kernel, or XLA's product of the same rounded operands) gives that S. On a CPU without
+AVX-512 BF16 the kernel tests check that `avx512_bf16_available()` says so and that calling the kernel is a
+`NativeBuildError` (nothing is skipped)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -14,8 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import colbert_jax
 from colbert_jax import native
-from tests.search.test_centroid_scores import _problem
+from colbert_jax.search import candidates, placement
+from tests.search.test_centroid_scores import _problem, stage1_arrays
 
 # (P, Lq, dim): partial groups, one token, 7 tokens, one/two vectors of tokens and masked tails, an odd dim,
 # threads (P > 2048) and several tasks
@@ -153,3 +158,60 @@ def test_bad_shapes_are_errors():
         native.centroid_scores_bf16(packed, Q[:, :64], 100)
     with pytest.raises(ValueError, match="packed centroids"):
         native.centroid_scores_bf16(jnp.asarray(native.block_centroids(C)), Q, 100)
+
+
+def test_stage1_mode_follows_the_env(monkeypatch):
+    auto = native.avx512_bf16_available() and not native.amx_bf16_available()
+    for value, on_cpu in (("", auto), ("auto", auto), ("f32", False), ("F32", False), ("bf16", True)):
+        monkeypatch.setenv(placement.STAGE1_ENV, value)
+        assert placement.stage1_bf16(True) == on_cpu
+        assert not placement.stage1_bf16(False)  # accelerators: XLA's float32 product
+    monkeypatch.setenv(placement.STAGE1_ENV, "fp8")
+    with pytest.raises(ValueError, match=placement.STAGE1_ENV):
+        placement.stage1_bf16(True)
+
+
+@pytest.mark.parametrize("native_on", [True, False], ids=["kernel", "xla"])
+def test_stage_1_on_packed_centroids(native_on, monkeypatch):
+    """S and maxima through `centroid_scores_and_maxima` on arrays carrying the packed centroids: the kernel's
+    bits where it runs, else XLA's product of the bf16-rounded operands (the same numbers up to float32 sums);
+    `row_scores` of gathered rows (stage 6 without S) equal their rows of S."""
+    if not native_on:
+        monkeypatch.setenv(native.ENV, "0")
+    p, lq = 300, 32
+    C, Q = _problem(p, lq + 4, 128)
+    arrays = stage1_arrays(C, centroids_bf16=jnp.asarray(native.block_centroids_bf16(C)))
+    S, maxima = (np.asarray(a) for a in jax.jit(lambda Q: candidates.centroid_scores_and_maxima(Q, arrays, lq))(Q))
+    ref = _reference(C, Q[:lq])
+    if native_on and native.avx512_bf16_available():
+        np.testing.assert_array_equal(S, ref)
+    else:
+        np.testing.assert_allclose(S, ref, rtol=0, atol=1e-6)
+    padded = np.full((384, lq), -np.inf, np.float32)
+    padded[:p] = S
+    np.testing.assert_array_equal(maxima, padded.reshape(3, 128, lq).max(axis=1))
+    rows = np.array([5, 299, 5, 130, 0])
+    got = jax.jit(lambda c, Q: candidates.row_scores(c, Q, arrays))(jnp.asarray(C[rows]), Q[:lq])
+    np.testing.assert_array_equal(np.asarray(got), S[rows])
+
+
+def test_searcher_with_bf16_stage_1(real_index, minilm_model, monkeypatch):
+    """A searcher places the packed centroids where `stage1_bf16` says; forced on, its rankings against the
+    float32 stage 1's: the top results agree up to bfloat16's perturbation of near ties (S flows into stage 6)."""
+    searcher = colbert_jax.Searcher(real_index, checkpoint=minilm_model, truncate=True)
+    assert (searcher.arrays.centroids_bf16 is not None) == placement.stage1_bf16(True)
+    engine = searcher._plaid_engine()
+    centroids = np.asarray(searcher.index.codec.centroids)
+    packed = jnp.asarray(native.block_centroids_bf16(centroids))
+    bf16 = dataclasses.replace(engine.arrays, centroids_split=None, centroids_blocked=None, centroids_bf16=packed)
+    f32 = dataclasses.replace(bf16, centroids_bf16=None)
+    queries = ["how do I read a file line by line", "sort a list of dictionaries by a key", "parse a URL"]
+    results = {}
+    for name, a in (("bf16", bf16), ("f32", f32)):
+        monkeypatch.setattr(engine, "arrays", a)
+        results[name] = [searcher.search(q, k=10) for q in queries]
+    for got, want in zip(results["bf16"], results["f32"]):
+        assert got[0][0] == want[0][0]
+        assert len({pid for pid, _, _ in got} & {pid for pid, _, _ in want}) >= 8
+        # per token, q . c moves by at most ~2^-8 (unit vectors); summed over the query's tokens
+        np.testing.assert_allclose(got[0][2], want[0][2], rtol=0, atol=32 * 2.0**-8)

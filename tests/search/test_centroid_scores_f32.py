@@ -18,7 +18,7 @@ import pytest
 
 import colbert_jax
 from colbert_jax import native
-from colbert_jax.search import candidates
+from colbert_jax.search import candidates, placement
 from colbert_jax.search.arrays import IndexArrays
 from tests.search.test_centroid_scores import _problem, stage1_arrays
 
@@ -126,13 +126,14 @@ def test_block_layout():
 def test_searcher_blocks_the_centroids_where_the_kernel_is_stage_1(real_index, minilm_model, monkeypatch):
     searcher = colbert_jax.Searcher(real_index, checkpoint=minilm_model, truncate=True)
     blocked = searcher.arrays.centroids_blocked
-    assert (blocked is not None) == (not native.amx_bf16_available() and native.scores_f32_vectorized())
+    float32 = not native.amx_bf16_available() and native.scores_f32_vectorized() and not placement.stage1_bf16(True)
+    assert (blocked is not None) == float32
     queries = ["how do I read a file line by line", "sort a list of dictionaries by a key", "parse a URL"]
     # the same searcher with the blocked centroids forced on, against XLA's product: the same rankings
     engine = searcher._plaid_engine()
     centroids = np.asarray(searcher.index.codec.centroids)
     blocked = jnp.asarray(native.block_centroids(centroids))
-    forced = dataclasses.replace(engine.arrays, centroids_split=None, centroids_blocked=blocked)
+    forced = dataclasses.replace(engine.arrays, centroids_split=None, centroids_blocked=blocked, centroids_bf16=None)
     plain = dataclasses.replace(forced, centroids_blocked=None)
     results = {}
     for name, a in (("blocked", forced), ("xla", plain)):
