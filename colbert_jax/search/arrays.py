@@ -78,7 +78,7 @@ class IndexArrays(ShardedArrays):
     centroids_blocked: jax.Array | None = None
     # bf16 [ceil(P / 8), ceil(dim / 2), 8, 2] (replicated): the centroids rounded to bfloat16 and packed
     # (`native.block_centroids_bf16`), where stage 1 is a product of bfloat16 operands with float32 sums
-    # (`candidates.centroid_scores`; CPUs with AVX-512 BF16 and no AMX-BF16, or COLBERT_JAX_STAGE1=bf16)
+    # (`candidates.centroid_scores`; on CPUs with COLBERT_JAX_STAGE1=bf16: `placement.stage1_bf16`)
     centroids_bf16: jax.Array | None = None
 
     @property
