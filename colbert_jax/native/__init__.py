@@ -280,6 +280,7 @@ def exact_maxsim(
     starts: jax.Array,
     lens: jax.Array,
     *,
+    centroids: jax.Array | None = None,
     implementation: str = "auto",
 ) -> jax.Array:
     """PLAID's stage 6 on the CPU: per-token MaxSim [n, Lq] of documents over their decompressed embeddings.
@@ -287,7 +288,9 @@ def exact_maxsim(
     Q [Lq, dim]; S [P, Lq] centroid scores (q . c); codes [R] int32 or uint16, residuals uint8 [R, dim * nbits
     / 8], inv_norms [R] (1 / ||c + r||) of the index's rows; table [256, 8 / nbits] (`byte_table`); starts, lens
     [n] int32 -> [n, Lq] f32, each token's best (S[c, q] + r . q) * inv_norm over the document's rows (-inf
-    for an empty document). Call only where `enabled()`; vmapped, it runs once per query.
+    for an empty document). centroids [P, dim] float32: q . c recomputed in float32 for the distinct centroids of
+    the documents' rows, in place of S's (S from bfloat16 operands: `placement.stage1_bf16`). Call only where
+    `enabled()`; vmapped, it runs once per query.
     implementation: "vector" (float32 products on the vector unit), "amx" (32 query tokens on CPUs with AMX-BF16:
     r . q as three bfloat16 products accumulated in float32, like stage 1's: float32-class, not float32's bits)
     or "auto" (amx where it applies)."""
@@ -307,12 +310,17 @@ def exact_maxsim(
         raise TypeError(f"codes must be int32 or uint16, got {codes.dtype}")
     if Q.ndim != 2 or S.shape[1:] != Q.shape[:1] or residuals.shape[0] != codes.shape[0]:
         raise ValueError(f"shapes: Q {Q.shape} [Lq, dim], S {S.shape} [P, Lq], residuals {residuals.shape} [R, B]")
+    if centroids is None:
+        centroids = jnp.zeros((0, Q.shape[1]), jnp.float32)
+    elif centroids.shape != (S.shape[0], Q.shape[1]):
+        raise ValueError(f"centroids {centroids.shape}: want [P, dim] = {(S.shape[0], Q.shape[1])}")
     # Under vmap (the searcher maps queries one at a time, in batches of 1), a loop over the batch.
     out = jax.ShapeDtypeStruct((starts.shape[0], Q.shape[0]), jnp.float32)
     call = jax.ffi.ffi_call(target, out, vmap_method="sequential")
     return call(
         Q.astype(jnp.float32),
         S.astype(jnp.float32),
+        centroids.astype(jnp.float32),
         codes,
         residuals,
         inv_norms.astype(jnp.float32),

@@ -26,6 +26,7 @@
 #include <immintrin.h>
 #endif
 #include <mutex>
+#include <vector>
 
 #include "amx.h"
 #include "tasks.h"
@@ -280,6 +281,52 @@ ffi::Error CentroidInteraction(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> S, ff
 }
 
 
+// The row of S holding centroid `code`'s scores: S's own row, or where stage 6 recomputed q . c for the
+// survivors' centroids (`CentroidRows`), the slot it gave `code`.
+inline int64_t SlotOf(const int32_t* slot, int64_t code) { return slot == nullptr ? code : slot[code]; }
+
+// q . c in float32 [hi - lo, lq] for the centroids `which[lo..hi)` of centroids [P, dim], against Q transposed
+// (qt [dim, lq]): each score one FMA chain over the dimensions. Stage 6 takes these in place of stage 1's S
+// where S came from bfloat16 operands, so that final scores keep float32's q . c.
+void CentroidRows(const float* qt, int64_t lq, int64_t dim, const float* centroids, const int32_t* which,
+                  int64_t lo, int64_t hi, float* out) {
+  if (lq == 32) {
+#if defined(__AVX512F__)
+    constexpr int kRows = 4;
+#else
+    constexpr int kRows = 2;
+#endif
+    for (int64_t u = lo; u < hi; u += kRows) {
+      const int rows = static_cast<int>(std::min<int64_t>(kRows, hi - u));
+      const float* c[kRows];
+      for (int i = 0; i < kRows; ++i) c[i] = centroids + static_cast<int64_t>(which[u + std::min(i, rows - 1)]) * dim;
+      Vec16 lo_acc[kRows], hi_acc[kRows];
+      for (int i = 0; i < kRows; ++i) lo_acc[i] = hi_acc[i] = Vec16{};
+      for (int64_t j = 0; j < dim; ++j) {
+        const Vec16 q_lo = Load(qt + j * 32), q_hi = Load(qt + j * 32 + 16);
+        for (int i = 0; i < kRows; ++i) {
+          const Vec16 x = Splat(c[i] + j);
+          lo_acc[i] += x * q_lo;
+          hi_acc[i] += x * q_hi;
+        }
+      }
+      for (int i = 0; i < kRows; ++i) {
+        if (i >= rows) break;
+        Store(out + (u + i) * 32, lo_acc[i]);
+        Store(out + (u + i) * 32 + 16, hi_acc[i]);
+      }
+    }
+    return;
+  }
+  for (int64_t u = lo; u < hi; ++u) {
+    const float* c = centroids + static_cast<int64_t>(which[u]) * dim;
+    float* dot = out + u * lq;
+    std::fill(dot, dot + lq, 0.0f);
+    for (int64_t j = 0; j < dim; ++j)
+      for (int64_t q = 0; q < lq; ++q) dot[q] += c[j] * qt[j * lq + q];
+  }
+}
+
 // Exact MaxSim (stage 6): for each document d, per query token q, the best over its rows r of
 //   (S[codes[r], q] + residual(r) . Q[q]) * inv_norms[r],
 // residual(r) unpacked from its bytes through `table` [256, 8 / nbits] (the values one byte holds, first
@@ -287,8 +334,9 @@ ffi::Error CentroidInteraction(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> S, ff
 // empty document. The products run over the dimensions in the outer loop and the query tokens in the inner
 // one, against Q transposed: the inner loop is elementwise and vectorises.
 template <typename Code, int kLq>
-void MaxSimDocs(const float* qt, int64_t lq_runtime, int64_t dim, const float* S, int64_t num_centroids,
-                const Code* codes, const uint8_t* residuals, int64_t bytes_per_row, const float* inv_norms,
+void MaxSimDocs(const float* qt, int64_t lq_runtime, int64_t dim, const float* S, const int32_t* slot,
+                int64_t num_centroids, const Code* codes, const uint8_t* residuals, int64_t bytes_per_row,
+                const float* inv_norms,
                 int64_t num_rows, const float* table, int64_t per_byte, const int32_t* starts, const int32_t* lens,
                 float* out, int64_t lo, int64_t hi) {
   const int64_t lq = kLq > 0 ? kLq : lq_runtime;
@@ -313,7 +361,7 @@ void MaxSimDocs(const float* qt, int64_t lq_runtime, int64_t dim, const float* S
             for (int64_t q = 0; q < lq; ++q) dot[q] += rj * col[q];
           }
         }
-        const float* base = S + code * lq;
+        const float* base = S + SlotOf(slot, code) * lq;
         const float inv = inv_norms[row];
         for (int64_t q = 0; q < lq; ++q) dot[q] = (base[q] + dot[q]) * inv;
         MaxInto(acc, dot, lq);
@@ -329,7 +377,7 @@ void MaxSimDocs(const float* qt, int64_t lq_runtime, int64_t dim, const float* S
 // the four.
 // PerByte: the values a byte holds (8 / nbits) as a constant, so that the loop over them unrolls (0: `per_byte`).
 template <typename Code, int PerByte>
-void MaxSimDocs32(const float* qt, const float* S, int64_t num_centroids, const Code* codes,
+void MaxSimDocs32(const float* qt, const float* S, const int32_t* slot, int64_t num_centroids, const Code* codes,
                   const uint8_t* residuals, int64_t bytes_per_row, const float* inv_norms, int64_t num_rows,
                   const float* table, int64_t per_byte, const int32_t* starts, const int32_t* lens, float* out,
                   int64_t lo, int64_t hi) {
@@ -372,7 +420,7 @@ void MaxSimDocs32(const float* qt, const float* S, int64_t num_centroids, const 
           if (i >= rows) break;
           const int64_t code = static_cast<int64_t>(codes[row + i]);
           if (code < 0 || code >= num_centroids) continue;
-          const float* base = S + code * 32;
+          const float* base = S + SlotOf(slot, code) * 32;
           const float inv = inv_norms[row + i];
           best_lo = Max(best_lo, (Load(base) + lo_acc[i]) * inv);
           best_hi = Max(best_hi, (Load(base + 16) + hi_acc[i]) * inv);
@@ -393,7 +441,7 @@ void MaxSimDocs32(const float* qt, const float* S, int64_t num_centroids, const 
 // unrolls and the sums stay in registers (with it a run-time count, GCC stored the 8 sums to the stack on every
 // dimension: 8 stores for 8 FMAs); 0 takes `per_byte`.
 template <typename Code, int PerByte>
-void MaxSimDocs32Avx2(const float* qt, const float* S, int64_t num_centroids, const Code* codes,
+void MaxSimDocs32Avx2(const float* qt, const float* S, const int32_t* slot, int64_t num_centroids, const Code* codes,
                       const uint8_t* residuals, int64_t bytes_per_row, const float* inv_norms, int64_t num_rows,
                       const float* table, int64_t per_byte, const int32_t* starts, const int32_t* lens, float* out,
                       int64_t lo, int64_t hi) {
@@ -431,7 +479,7 @@ void MaxSimDocs32Avx2(const float* qt, const float* S, int64_t num_centroids, co
           if (i >= rows) break;
           const int64_t code = static_cast<int64_t>(codes[row + i]);
           if (code < 0 || code >= num_centroids) continue;
-          const float* base = S + code * 32;
+          const float* base = S + SlotOf(slot, code) * 32;
           const __m256 inv = _mm256_set1_ps(inv_norms[row + i]);
           for (int j = 0; j < kVecs; ++j) {
             best[j] = _mm256_max_ps(best[j], _mm256_mul_ps(_mm256_add_ps(_mm256_loadu_ps(base + 8 * j), acc[i][j]), inv));
@@ -520,7 +568,7 @@ bool MaxSimAmxReady() {
 // token block's Q_hi and Q_lo. The rows past a document's end in its last block are computed and dropped.
 template <typename Code>
 __attribute__((target("amx-tile,amx-bf16,avx512f"))) void MaxSimDocs32Amx(
-    const uint16_t* q_hi, const uint16_t* q_lo, int64_t kp, const float* S, int64_t num_centroids,
+    const uint16_t* q_hi, const uint16_t* q_lo, int64_t kp, const float* S, const int32_t* slot, int64_t num_centroids,
     const Code* codes, const uint8_t* residuals, int64_t bytes_per_row, const float* inv_norms, int64_t num_rows,
     const uint16_t* t_hi, const uint16_t* t_lo, int64_t per_byte, const uint16_t* fields, const int32_t* starts,
     const int32_t* lens, float* out, int64_t lo, int64_t hi) {
@@ -574,7 +622,7 @@ __attribute__((target("amx-tile,amx-bf16,avx512f"))) void MaxSimDocs32Amx(
         for (int64_t i = 0; i < rows; ++i) {
           const int64_t code = static_cast<int64_t>(codes[row + i]);
           if (code < 0 || code >= num_centroids) continue;
-          const float* base = S + code * 32;
+          const float* base = S + SlotOf(slot, code) * 32;
           const float inv = inv_norms[row + i];
           best_lo = Max(best_lo, (Load(base) + Load(sums[0] + i * 16)) * inv);
           best_hi = Max(best_hi, (Load(base + 16) + Load(sums[1] + i * 16)) * inv);
@@ -590,7 +638,8 @@ __attribute__((target("amx-tile,amx-bf16,avx512f"))) void MaxSimDocs32Amx(
 
 template <ffi::DataType CodeType>
 ffi::Error ExactMaxSim(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> Q, ffi::Buffer<ffi::F32> S,
-                       ffi::Buffer<CodeType> codes, ffi::Buffer<ffi::U8> residuals, ffi::Buffer<ffi::F32> inv_norms,
+                       ffi::Buffer<ffi::F32> centroids, ffi::Buffer<CodeType> codes, ffi::Buffer<ffi::U8> residuals,
+                       ffi::Buffer<ffi::F32> inv_norms,
                        ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::S32> starts, ffi::Buffer<ffi::S32> lens,
                        ffi::ResultBuffer<ffi::F32> out, int32_t amx) {
   using Code = ffi::NativeType<CodeType>;
@@ -598,12 +647,13 @@ ffi::Error ExactMaxSim(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> Q, ffi::Buffe
   auto s_dims = S.dimensions();
   auto r_dims = residuals.dimensions();
   auto t_dims = table.dimensions();
-  if (q_dims.size() != 2 || s_dims.size() != 2 || r_dims.size() != 2 || t_dims.size() != 2 ||
+  auto c_dims = centroids.dimensions();
+  if (q_dims.size() != 2 || s_dims.size() != 2 || r_dims.size() != 2 || t_dims.size() != 2 || c_dims.size() != 2 ||
       codes.dimensions().size() != 1 || inv_norms.dimensions().size() != 1 || starts.dimensions().size() != 1 ||
       lens.dimensions().size() != 1) {
     return ffi::Error::InvalidArgument(
-        "exact_maxsim: needs Q [Lq, dim], S [P, Lq], codes [R], residuals [R, B], inv_norms [R], table [256, k], "
-        "starts and lens [n] (no batch axis)");
+        "exact_maxsim: needs Q [Lq, dim], S [P, Lq], centroids [P or 0, dim], codes [R], residuals [R, B], "
+        "inv_norms [R], table [256, k], starts and lens [n] (no batch axis)");
   }
   const int64_t lq = q_dims[0], dim = q_dims[1];
   const int64_t num_centroids = s_dims[0];
@@ -613,7 +663,8 @@ ffi::Error ExactMaxSim(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> Q, ffi::Buffe
   const int64_t n = starts.element_count();
   if (lq > kMaxQueryTokens || dim > kMaxDim || s_dims[1] != lq || r_dims[0] != num_rows ||
       inv_norms.element_count() != num_rows || t_dims[0] != 256 || bytes_per_row * per_byte != dim ||
-      lens.element_count() != n || out->element_count() != n * lq) {
+      lens.element_count() != n || out->element_count() != n * lq ||
+      (c_dims[0] != 0 && (c_dims[0] != num_centroids || c_dims[1] != dim))) {
     return ffi::Error::InvalidArgument("exact_maxsim: operand shapes do not fit together");
   }
   if (amx != 0 && lq != 32) return ffi::Error::InvalidArgument("exact_maxsim: the AMX path takes 32 query tokens");
@@ -634,6 +685,37 @@ ffi::Error ExactMaxSim(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> Q, ffi::Buffe
   const float* qtp = qt.get();
   const float* s_data = S.typed_data();
   const Code* c_data = codes.typed_data();
+  // With the centroids: q . c in float32 for the distinct centroids of the documents' rows, each given a slot
+  // (its row in `refined`), in place of S's rows (stage 1 on bfloat16 operands).
+  std::unique_ptr<float[]> refined;
+  std::vector<int32_t> which;
+  thread_local std::vector<int32_t> slots;  // -1 between calls; one per calling thread (searches in flight)
+  const int32_t* slot = nullptr;
+  if (c_dims[0] != 0) {
+    if (static_cast<int64_t>(slots.size()) < num_centroids) slots.assign(num_centroids, -1);
+    for (int64_t i = 0; i < n; ++i) {
+      if (ln[i] <= 0 || st[i] < 0 || st[i] + static_cast<int64_t>(ln[i]) > num_rows) continue;  // as the kernels
+      for (int64_t row = st[i]; row < st[i] + static_cast<int64_t>(ln[i]); ++row) {
+        const int64_t code = static_cast<int64_t>(c_data[row]);
+        if (code < 0 || code >= num_centroids || slots[code] >= 0) continue;
+        slots[code] = static_cast<int32_t>(which.size());
+        which.push_back(static_cast<int32_t>(code));
+      }
+    }
+    const int64_t distinct = static_cast<int64_t>(which.size());
+    refined.reset(new float[std::max<int64_t>(distinct, 1) * lq]);
+    const float* cents = centroids.typed_data();
+    const int32_t* wp = which.data();
+    float* rp = refined.get();
+    constexpr int64_t kCentroidsPerTask = 256;
+    RunTasks(pool, (distinct + kCentroidsPerTask - 1) / kCentroidsPerTask, distinct, kMaxSimRowsPerThread,
+             [=](int64_t t) {
+               CentroidRows(qtp, lq, dim, cents, wp, t * kCentroidsPerTask,
+                            std::min<int64_t>((t + 1) * kCentroidsPerTask, distinct), rp);
+             });
+    s_data = rp;
+    slot = slots.data();
+  }
   const uint8_t* r_data = residuals.typed_data();
   const float* inv = inv_norms.typed_data();
   const float* tab = table.typed_data();
@@ -667,7 +749,7 @@ ffi::Error ExactMaxSim(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> Q, ffi::Buffe
     const int64_t lo = t * kDocs;
 #if COLBERT_JAX_MAXSIM_AMX
     if (use_amx) {
-      MaxSimDocs32Amx<Code>(qh, ql, kp, s_data, num_centroids, c_data, r_data, bytes_per_row, inv, num_rows, th,
+      MaxSimDocs32Amx<Code>(qh, ql, kp, s_data, slot, num_centroids, c_data, r_data, bytes_per_row, inv, num_rows, th,
                             tl, per_byte, fields, st, ln, o, lo, std::min<int64_t>(lo + kDocs, n));
       return;
     }
@@ -680,22 +762,23 @@ ffi::Error ExactMaxSim(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> Q, ffi::Buffe
 #define COLBERT_JAX_MAXSIM32 MaxSimDocs32
 #endif
       switch (per_byte) {  // nbits 2, 4 and 1: the values per byte as a constant
-        case 4: return COLBERT_JAX_MAXSIM32<Code, 4>(qtp, s_data, num_centroids, c_data, r_data, bytes_per_row, inv,
-                                                     num_rows, tab, per_byte, st, ln, o, lo, hi);
-        case 2: return COLBERT_JAX_MAXSIM32<Code, 2>(qtp, s_data, num_centroids, c_data, r_data, bytes_per_row, inv,
-                                                     num_rows, tab, per_byte, st, ln, o, lo, hi);
-        case 8: return COLBERT_JAX_MAXSIM32<Code, 8>(qtp, s_data, num_centroids, c_data, r_data, bytes_per_row, inv,
-                                                     num_rows, tab, per_byte, st, ln, o, lo, hi);
-        default: return COLBERT_JAX_MAXSIM32<Code, 0>(qtp, s_data, num_centroids, c_data, r_data, bytes_per_row,
-                                                      inv, num_rows, tab, per_byte, st, ln, o, lo, hi);
+        case 4: return COLBERT_JAX_MAXSIM32<Code, 4>(qtp, s_data, slot, num_centroids, c_data, r_data,
+                                                     bytes_per_row, inv, num_rows, tab, per_byte, st, ln, o, lo, hi);
+        case 2: return COLBERT_JAX_MAXSIM32<Code, 2>(qtp, s_data, slot, num_centroids, c_data, r_data,
+                                                     bytes_per_row, inv, num_rows, tab, per_byte, st, ln, o, lo, hi);
+        case 8: return COLBERT_JAX_MAXSIM32<Code, 8>(qtp, s_data, slot, num_centroids, c_data, r_data,
+                                                     bytes_per_row, inv, num_rows, tab, per_byte, st, ln, o, lo, hi);
+        default: return COLBERT_JAX_MAXSIM32<Code, 0>(qtp, s_data, slot, num_centroids, c_data, r_data,
+                                                      bytes_per_row, inv, num_rows, tab, per_byte, st, ln, o, lo, hi);
       }
 #undef COLBERT_JAX_MAXSIM32
     }
-    MaxSimDocs<Code, 0>(qtp, lq, dim, s_data, num_centroids, c_data, r_data, bytes_per_row, inv, num_rows, tab,
+    MaxSimDocs<Code, 0>(qtp, lq, dim, s_data, slot, num_centroids, c_data, r_data, bytes_per_row, inv, num_rows, tab,
                         per_byte, st, ln, o, lo, std::min<int64_t>(lo + kDocs, n));
   };
 
   RunTasks(pool, tasks, rows, kMaxSimRowsPerThread, task);
+  for (const int32_t code : which) slots[code] = -1;
   return ffi::Error::Success();
 }
 
@@ -719,6 +802,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ColbertJaxCentroidInteractionU16, CentroidInteract
 #define COLBERT_JAX_BIND_MAXSIM(CODE)           \
   ffi::Ffi::Bind()                              \
       .Ctx<ffi::ThreadPool>()                   \
+      .Arg<ffi::Buffer<ffi::F32>>()             \
       .Arg<ffi::Buffer<ffi::F32>>()             \
       .Arg<ffi::Buffer<ffi::F32>>()             \
       .Arg<ffi::Buffer<CODE>>()                 \

@@ -85,12 +85,11 @@ def centroid_scores_and_maxima(Q: jax.Array, a: IndexArrays, query_maxlen: int) 
 
 
 def row_scores(c: jax.Array, Q: jax.Array, a: IndexArrays) -> jax.Array:
-    """q . c [n, Lq] of centroid rows c [n, dim] gathered from `a.centroids`, by the product `centroid_scores`
-    uses (each row's scores equal its row of S): stage 6 over rows read from disk, which has no S."""
+    """q . c [n, Lq] of centroid rows c [n, dim] gathered from `a.centroids` for stage 6 (over rows read from
+    disk, which has no S; or where S came from bfloat16 operands): by the product `centroid_scores` uses (each
+    row's scores equal its row of S), except that for S on bfloat16 operands it is float32's."""
     if a.centroids_blocked is not None:
         return _blocked_product(native.block_centroids(c), Q, c.shape[0], lambda: c)
-    if a.centroids_bf16 is not None:
-        return _bf16_product(native.block_centroids_bf16(c), Q, c.shape[0], lambda: c)
     if a.centroids_split is None:
         return jnp.dot(c, Q.T, precision=HIGHEST)
     n, dim = c.shape

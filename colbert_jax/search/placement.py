@@ -58,17 +58,17 @@ STAGE1_MODES = ("auto", "f32", "bf16")
 def stage1_bf16(on_cpu: bool) -> bool:
     """Whether a CPU search computes stage 1 on bfloat16 operands (`native.centroid_scores_bf16` where the CPU
     has AVX-512 BF16, else XLA's product of the same rounded operands), set by `COLBERT_JAX_STAGE1`: "bf16"
-    opts in; "f32" and "auto" (unset) keep the float32-class stage 1.
+    opts in, "f32" opts out, and "auto" (unset) chooses it where the kernel runs and there is no AMX-BF16 (whose
+    tiles run the float32-class product faster still).
 
-    "auto" does not choose bf16 yet, even where the kernel runs and there is no AMX-BF16: stage 6 takes q . c
-    from stage 1's S (the streamed path's `native.exact_maxsim`), so a bfloat16 S moves the final scores by
-    bfloat16's error (about 1e-3 per token on unit vectors): PLAID's scores then exceed exact MaxSim's over the
-    same embeddings, and differ from the Pallas path's (which decompresses c + r) by more than float noise.
-    Choosing it by default wants stage 6 to recompute q . c in float32 for the survivors' rows first."""
+    Stages 1-5 then rank centroids and candidates by bfloat16's scores (about 1e-3 per token on unit vectors);
+    stage 6 recomputes q . c in float32 for the survivors' rows (`exact_scoring`), so final scores are float32's."""
     mode = os.environ.get(STAGE1_ENV, "auto").strip().lower() or "auto"
     if mode not in STAGE1_MODES:
         raise ValueError(f"{STAGE1_ENV} must be one of {STAGE1_MODES}, got {mode!r}")
-    return on_cpu and mode == "bf16"
+    if not on_cpu or mode == "f32":
+        return False
+    return mode == "bf16" or (native.avx512_bf16_available() and not native.amx_bf16_available())
 
 
 def multi_process() -> bool:

@@ -144,6 +144,45 @@ def test_exact_maxsim_equals_brute_force(code_dtype, nbits, dim, table_kind, imp
             np.testing.assert_allclose(got[d], sims[start : start + n].max(axis=0), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("lq", [32, 16])
+def test_exact_maxsim_recomputes_centroid_scores(lq):
+    """With the centroids, stage 6's kernel takes q . c in float32 from them for the documents' rows, not from S
+    (stage 1 on bfloat16 operands): the scores equal brute force with the exact q . c, whatever S holds; rows with
+    codes out of range are skipped as without them, and a second call (the kernel's slot map reused) agrees."""
+    tiles = lq == 32 and native.amx_bf16_available()  # "auto": the tile path there
+    rng = np.random.default_rng(lq)
+    dim, num_rows, num_docs, nbits = 128, 8000, 150, 2
+    Q = rng.standard_normal((lq, dim)).astype(np.float32) / np.sqrt(dim)
+    centroids = rng.standard_normal((2000, dim)).astype(np.float32) / np.sqrt(dim)
+    S_exact = centroids.astype(np.float64) @ Q.T.astype(np.float64)
+    S_rough = (S_exact + rng.standard_normal(S_exact.shape) * 0.05).astype(np.float32)  # far off: must not be read
+    codes = rng.integers(0, len(centroids), num_rows)
+    codes[::97] = len(centroids) + 3  # out of range: skipped
+    residuals = rng.integers(0, 256, (num_rows, dim * nbits // 8)).astype(np.uint8)
+    weights = np.sort(rng.standard_normal(1 << nbits)).astype(np.float32) * 0.05
+    table = np.asarray(byte_table(jnp.asarray(weights), nbits))
+    r = table[residuals].reshape(num_rows, dim).astype(np.float64)
+    inv_norms = rng.uniform(0.8, 1.2, num_rows).astype(np.float32)
+    lens = rng.integers(0, 120, num_docs).astype(np.int32)
+    lens[:2] = 0
+    starts = rng.integers(0, num_rows - 120, num_docs).astype(np.int32)
+    kernel = jax.jit(native.exact_maxsim)
+    args = (Q, S_rough, codes.astype(np.int32), residuals, inv_norms, table, starts, lens)
+    valid = codes < len(centroids)
+    sims = np.full((num_rows, lq), -np.inf)
+    sims[valid] = (S_exact[codes[valid]] + r[valid] @ Q.T) * inv_norms[valid, None]
+    want = np.stack([sims[s : s + n].max(axis=0) if n else np.full(lq, -np.inf) for s, n in zip(starts, lens)])
+    tol = 1e-4 if tiles else 1e-5  # the tiles' r . q: three bfloat16 products
+    for _ in range(2):
+        got = np.asarray(kernel(*args, centroids=jnp.asarray(centroids)))
+        assert np.array_equal(np.isneginf(got), np.isneginf(want))
+        np.testing.assert_allclose(got[np.isfinite(want)], want[np.isfinite(want)], rtol=0, atol=tol)
+    rough = np.asarray(kernel(*args))  # without them: S's rows, as before
+    assert np.abs(rough[np.isfinite(want)] - want[np.isfinite(want)]).max() > 1e-2
+    with pytest.raises(ValueError, match="centroids"):
+        kernel(*args, centroids=jnp.asarray(centroids[:10]))
+
+
 def test_exact_maxsim_refuses_what_it_cannot_run():
     Q, S = jnp.zeros((16, 64)), jnp.zeros((10, 16))
     rows = (jnp.zeros(4, jnp.int32), jnp.zeros((4, 16), jnp.uint8), jnp.ones(4), jnp.zeros((256, 4)))
