@@ -79,7 +79,9 @@ def test_bfloat16_stage_1_holds_quality(nbits, k, real_index, real_index_nbits4,
         top10 = {q: [p for p, _, _ in ranking[q]][:10] for q in queries}
         overlap = np.mean([len(set(top10[q]) & set(exact_top10[q])) / 10 for q in queries])
         ndcg = np.mean([ndcg_at_10(top10[q], relevant[q]) for q in queries])
-        measured[mode] = overlap, ndcg
-    print(f"nbits={nbits} k={k}: (overlap@10, nDCG@10) f32 {measured['f32']}, bf16 {measured['bf16']}")
+        measured[mode] = float(overlap), float(ndcg)
+    f32, bf16 = measured["f32"], measured["bf16"]
+    print(f"nbits={nbits} k={k}: overlap@10 f32 {f32[0]:.4f} bf16 {bf16[0]:.4f}; ", end="")
+    print(f"nDCG@10 f32 {f32[1]:.4f} bf16 {bf16[1]:.4f}")
     assert measured["bf16"][0] >= measured["f32"][0] - 0.005
     assert measured["bf16"][1] >= measured["f32"][1] - 0.005
