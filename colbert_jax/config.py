@@ -107,7 +107,8 @@ class ColBERTConfig(BaseModel):
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     # colbert-jax only: "int8" encodes queries with two-term int8 dense layers (`colbert_jax.modeling.quantize`),
     # "none" in float32 (colbert-ai's numbers), "auto" (the default) int8 on CPUs whose int8 products run on AMX
-    # tiles or AVX-512 VNNI (`native.int8_products_fast()`) for backbones whose int8 encoder is batch-invariant
+    # tiles, or on AVX-512 VNNI well above float32's rate (`native.int8_products_fast()`), for backbones whose
+    # int8 encoder is batch-invariant
     # (BERT, RoBERTa, XLM-RoBERTa, ELECTRA: a query's embedding is the same bits at every batch size and device
     # count) and float32 otherwise (other CPUs, accelerators, ModernBERT).
     query_quantization: Literal["auto", "none", "int8"] = "auto"

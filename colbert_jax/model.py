@@ -105,8 +105,8 @@ class ColBERTModel:
             query_module = self.module.clone(unstacked=True)
         query_fn = functools.partial(embed_queries, query_module, pad_id=self.query_pad_id)
         self._query_params = self.params if query_params is params else jax.device_put(query_params, replicated)
-        # On CPUs whose int8 products run on AMX tiles, or on AVX-512 VNNI by our kernel (four int8 products per
-        # float32 FMA's one, so three per weight still win), the two-term int8 encoder is faster and keeps query
+        # On CPUs whose int8 products run on AMX tiles, or on AVX-512 VNNI by our kernel where float32 FMAs run at
+        # half width (so three int8 products per weight still win), the two-term int8 encoder is faster and keeps query
         # embeddings within cosine 1e-5 of float32's; elsewhere (XLA's int8 products) its three int8 products per
         # weight cost more than float32's one, and accelerators' float32 (or bfloat16) matmuls are fast already.
         # "auto" takes int8 only where its embeddings do not depend on the batch size (`int8_batch_invariant`: not

@@ -2,7 +2,7 @@
 corpus, on identical compressed indexes.
 
     python scripts/bench_scale.py --base-index DIR [--factors 1 10 100] [--queries 200] [--work DIR]
-        [--engine plaid warp] [--repeats 1] [--build-only]
+        [--engine plaid warp plaid@f32] [--repeats 1] [--build-only]
 
 DIR is our nbits=2 index of the built-in corpus (scripts/bench_search.py builds one; so does
 `colbert-jax index`). A synthetic x-F collection copies every passage F times; copy c's codes move to
@@ -119,7 +119,8 @@ def main() -> None:
         "--engine",
         nargs="+",
         default=["plaid"],
-        help="our engines (plaid, warp; ENGINE+int8: with int8 query encoding)",
+        help="our engines (plaid, warp; ENGINE+int8: with int8 query encoding; ENGINE@f32 or ENGINE@bf16: stage 1's "
+        "precision, COLBERT_JAX_STAGE1)",
     )
     ap.add_argument("--repeats", type=int, default=1, help="runs of each system per factor (medians reported)")
     ap.add_argument("--build-only", action="store_true", help="only build the indexes (with --work)")
@@ -172,7 +173,11 @@ def main() -> None:
         n = index.num_passages
         for _ in range(args.repeats):  # every system back to back, so that a noisy spell hits them alike
             for engine in args.engine:
-                r = run([sys.executable, "-c", OURS, str(ours), str(queries), checkpoint, engine], env=env)
+                variant, _, stage1 = engine.partition("@")  # "plaid@f32": COLBERT_JAX_STAGE1=f32 for this run
+                extra = {"COLBERT_JAX_STAGE1": stage1} if stage1 else {}
+                r = run(
+                    [sys.executable, "-c", OURS, str(ours), str(queries), checkpoint, variant], env={**env, **extra}
+                )
                 row.setdefault(engine, []).append(r)
             if not args.skip_reference:
                 collection = work / f"collection{factor}.tsv"

@@ -22,7 +22,7 @@ whose presence marks the layer) and `int8_dense` is a Flax method interceptor th
 product for a marked `nn.Dense` and leaves every other module call alone. The projection head stays float32
 (it is small and sets the final embedding directly).
 
-On CPUs with AMX-INT8 or AVX-512 VNNI (`colbert_jax.native.int8_products_fast()`),
+On CPUs with AMX-INT8, or AVX-512 VNNI fast enough against float32 (`colbert_jax.native.int8_products_fast()`),
 `quantize_params(..., packed=True)` stores the two terms in the layout of `colbert_jax.native.int8_dense`
 (`packed_hi`, `packed_lo` instead of `kernel` and `kernel_cross`) and the product runs as one native kernel
 with the same numbers, bit for bit: XLA:CPU spends most of the int8 encoder's time around its products (the

@@ -48,6 +48,7 @@ __all__ = [
     "amx_available",
     "int8_vnni_available",
     "int8_products_fast",
+    "int8_over_f32_rate",
     "int8_tiles",
     "pack_dense",
     "int8_dense",
@@ -378,11 +379,33 @@ def int8_vnni_available() -> bool:
     return lib is not None and bool(lib.colbert_jax_int8_vnni())
 
 
+# The int8 / float32 multiply-add rate (`int8_over_f32_rate`) above which three int8 products per weight, plus
+# the activations' split, beat one float32 product.
+INT8_OVER_F32_NEEDED = 3.5
+_rate: list[float] = []
+
+
+def int8_over_f32_rate() -> float:
+    """One core's rate of int8 multiply-adds on AVX-512 VNNI over its rate of float32 ones, measured once per
+    process (a few milliseconds of register-only loops); 0.0 where the kernels lack VNNI. About 4 on CPUs that
+    run 512-bit float32 FMAs at half width (AMD Zen 4), about 2 on those with full-width units (Zen 5)."""
+    if not _rate:
+        lib = library()
+        if lib is None or not lib.colbert_jax_int8_vnni():
+            _rate.append(0.0)
+        else:
+            probe = lib.colbert_jax_int8_over_f32_rate
+            probe.restype = ctypes.c_double
+            _rate.append(float(probe()))
+    return _rate[0]
+
+
 def int8_products_fast() -> bool:
     """Whether the two-term int8 query encoder (three int8 products per weight) runs faster than float32 here:
-    on AMX tiles (`int8_tiles()`), or on AVX-512 VNNI by `int8_dense` (four int8 products per float32 FMA's one;
-    XLA:CPU's own int8 products are no faster per operation than its float32 ones)."""
-    return int8_tiles() or int8_vnni_available()
+    on AMX tiles (`int8_tiles()`), or on AVX-512 VNNI by `int8_dense` where its int8 rate is more than
+    `INT8_OVER_F32_NEEDED` times the float32 one (XLA:CPU's own int8 products are no faster per operation than
+    its float32 ones)."""
+    return int8_tiles() or (int8_vnni_available() and int8_over_f32_rate() > INT8_OVER_F32_NEEDED)
 
 
 def pack_dense(high: np.ndarray, low: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
