@@ -64,11 +64,12 @@ from colbert_jax import native
 
 __all__ = ["QUANTIZATIONS", "IMPLEMENTATIONS", "quantize_params", "fuse_float_params", "int8_dense", "quantized_apply"]
 
-QUANTIZATIONS = ("none", "int8")
+QUANTIZATIONS = ("none", "int8", "bf16")
 SCALE = "kernel_scale"
 CROSS = "kernel_cross"
 PACKED = ("packed_hi", "packed_lo")  # the two terms in `native.int8_dense`'s layout
 PACKED_F32 = "packed_f32"  # a float32 kernel in `native.dense_f32`'s layout
+PACKED_BF16 = "packed_bf16"  # an MLP kernel in `native.dense_bf16`'s layout: its product on bfloat16 operands
 # products of at most this many rows (a few queries) with packed float32 kernels run as `native.dense_f32`; more
 # rows run XLA's product (as fast at batch sizes, and it runs beside other batches' work in flight)
 FLOAT_NATIVE_ROWS = 256
@@ -130,36 +131,49 @@ def quantize_params(params: Mapping[str, Any], *, fuse_qkv: bool = True, packed:
     return pack(quantized) if packed else quantized
 
 
-def fuse_float_params(params: Mapping[str, Any], *, packed: bool = False) -> dict[str, Any]:
+def _mlp_dense(path: tuple[str, ...]) -> bool:
+    """Whether params at `path` are a BERT-family layer's MLP products: `intermediate/dense` and the layer's own
+    `output/dense` (not attention's)."""
+    tail = path[-3:]
+    return tail[-2:] == ("intermediate", "dense") or (tail[-2:] == ("output", "dense") and tail[:1] != ("attention",))
+
+
+def fuse_float_params(params: Mapping[str, Any], *, packed: bool = False, mlp_bf16: bool = False) -> dict[str, Any]:
     """The float32 encoder's params for the native CPU kernels (`quantized_apply` on float params): each
     attention's query/key/value kernels and biases concatenated into one `qkv` dense layer (one product, then
     `native.attention`), and the intermediate layer's bias and exact GELU run as `native.gelu` after the
     product. packed: every backbone dense kernel with a bias also in `native.dense_f32`'s layout (`packed_f32`
     beside `kernel`, twice the dense weights' memory): products of at most `FLOAT_NATIVE_ROWS` rows run as
-    that kernel in CPU programs, XLA's from `kernel` otherwise; else XLA runs every product."""
+    that kernel in CPU programs, XLA's from `kernel` otherwise; else XLA runs every product. mlp_bf16: the
+    MLP's two products (two thirds of the FLOPs) instead on bfloat16 operands with float32 sums at every row
+    count (`packed_bf16`, `native.dense_bf16`; `query_quantization="bf16"`)."""
 
-    def walk(tree):
+    def walk(tree, path):
         if not isinstance(tree, Mapping):
             return tree
-        out = {k: walk(v) for k, v in tree.items()}
+        out = {k: walk(v, (*path, k)) for k, v in tree.items()}
         parts = [tree.get(name) for name in _QKV]  # as given: `walk` packs their kernels
         if all(isinstance(q, Mapping) and SCALE not in q and {"kernel", "bias"} <= set(q) for q in parts):
             host = [jax.device_get(q) for q in parts]
             out["qkv"] = walk_dense(
-                {k: np.concatenate([np.asarray(q[k]) for q in host], axis=-1) for k in ("kernel", "bias")}
+                {k: np.concatenate([np.asarray(q[k]) for q in host], axis=-1) for k in ("kernel", "bias")},
+                (*path, "qkv"),
             )
             for name in _QKV:
                 out[name] = {}
-        return walk_dense(out)
+        return walk_dense(out, path)
 
-    def walk_dense(p):
+    def walk_dense(p, path):
         kernel = p.get("kernel")
-        if packed and kernel is not None and getattr(kernel, "ndim", 0) >= 2 and "bias" in p and SCALE not in p:
-            p = dict(p)
-            p[PACKED_F32] = native.pack_dense_f32(np.asarray(jax.device_get(kernel), np.float32))
+        if kernel is None or getattr(kernel, "ndim", 0) < 2 or "bias" not in p or SCALE in p:
+            return p
+        if mlp_bf16 and _mlp_dense(path):
+            return {**p, PACKED_BF16: native.pack_dense_bf16(np.asarray(jax.device_get(kernel), np.float32))}
+        if packed:
+            return {**p, PACKED_F32: native.pack_dense_f32(np.asarray(jax.device_get(kernel), np.float32))}
         return p
 
-    return {k: (v if k in _HEADS or k.startswith("dense_") else walk(v)) for k, v in params.items()}
+    return {k: (v if k in _HEADS or k.startswith("dense_") else walk(v, (k,))) for k, v in params.items()}
 
 
 def _split_rows(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -200,6 +214,16 @@ def _unpack(packed: jax.Array, k: int, n: int) -> jax.Array:
 
 def _product(x: jax.Array, p: Mapping[str, jax.Array]) -> jax.Array:
     """x times a dense layer's kernel (params `p`: float32, or quantized in either layout), float32 [..., out]."""
+    if PACKED_BF16 in p:
+        packed, n = p[PACKED_BF16], p["bias"].shape[-1]
+
+        def rounded(x):  # the same products (exact in float32) and float32 sums, in XLA's order
+            def r(a):
+                return a.astype(jnp.float32).astype(jnp.bfloat16).astype(jnp.float32)
+
+            return jnp.matmul(r(x), r(p["kernel"]), precision=jax.lax.Precision.HIGHEST)
+
+        return jax.lax.platform_dependent(x, cpu=lambda x: native.dense_bf16(x, packed, n), default=rounded)
     if PACKED_F32 in p:
         packed, n = p[PACKED_F32], p["bias"].shape[-1]
 
@@ -315,7 +339,7 @@ def int8_dense(next_fun, args, kwargs, context):
     (x,) = args
     if module.name in _QKV and module.parent is not None and "qkv" in module.parent.variables.get("params", {}):
         return _fused_projection(module, x).astype(module.dtype or jnp.float32)
-    if not module.has_variable("params", SCALE) and not module.has_variable("params", PACKED_F32):
+    if not any(module.has_variable("params", key) for key in (SCALE, PACKED_F32, PACKED_BF16)):
         return next_fun(*args, **kwargs)
     p = module.variables["params"]
     y = _product(x, p)

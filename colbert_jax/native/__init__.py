@@ -49,6 +49,9 @@ __all__ = [
     "int8_vnni_available",
     "int8_products_fast",
     "int8_over_f32_rate",
+    "dense_bf16",
+    "dense_bf16_vectorized",
+    "pack_dense_bf16",
     "int8_tiles",
     "pack_dense",
     "int8_dense",
@@ -91,6 +94,7 @@ SOURCES = tuple(
         "attention.cc",
         "gelu.cc",
         "dense_f32.cc",
+        "dense_bf16.cc",
     )
 )
 HEADERS = tuple(Path(__file__).with_name(name) for name in ("amx.h", "tasks.h", "xla_math.h"))
@@ -118,6 +122,7 @@ _SYMBOLS = {
     "colbert_jax_attention": "ColbertJaxAttention",
     "colbert_jax_gelu": "ColbertJaxGelu",
     "colbert_jax_dense_f32": "ColbertJaxDenseF32",
+    "colbert_jax_dense_bf16": "ColbertJaxDenseBf16",
 }
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "lib": the loaded library, "error": why it is not there
@@ -757,6 +762,64 @@ def dense_f32(x: jax.Array, packed: jax.Array, n: int, *, implementation: str = 
     out = call(
         x.reshape(rows, k).astype(jnp.float32),
         packed.astype(jnp.float32),
+        vectorized=np.int32(implementation == "vector"),
+    )
+    return out.reshape(*lead, n)
+
+
+# -- the float32 encoder's MLP on bfloat16 operands (dense_bf16.cc) ------------------------------------------
+
+BF16_PANEL = 48  # the packed panel width `dense_bf16` reads
+
+
+def dense_bf16_vectorized() -> bool:
+    """Whether `dense_bf16`'s AVX-512 BF16 path (`vdpbf16ps`) is compiled here and this CPU and OS run it:
+    elsewhere its plain loops run, far slower than a float32 product."""
+    lib = library()
+    return lib is not None and bool(lib.colbert_jax_dense_bf16_vector())
+
+
+def pack_dense_bf16(w: np.ndarray) -> np.ndarray:
+    """float32 weights [..., K, N] -> bfloat16 [..., ceil(N / 48), ceil(K / 2), 48, 2] for `dense_bf16`: panels
+    of 48 columns, a column's coordinate pair (2kk, 2kk + 1) adjacent, zeros past K and N, rounded to nearest
+    even. Host arrays; leading (stacked layer) axes are kept."""
+    w = np.asarray(w, np.float32)
+    if w.ndim < 2:
+        raise ValueError(f"pack_dense_bf16: weights [..., K, N], got {w.shape}")
+    *lead, k, n = w.shape
+    panels, k2 = -(-n // BF16_PANEL), -(-k // 2)
+    padded = np.zeros((*lead, 2 * k2, panels * BF16_PANEL), np.float32)
+    padded[..., :k, :n] = w
+    blocks = padded.astype(jnp.bfloat16).reshape(*lead, k2, 2, panels, BF16_PANEL)
+    lead_axes = tuple(range(len(lead)))
+    a = len(lead)  # [..., K2, 2, P, 48] -> [..., P, K2, 48, 2]
+    return np.ascontiguousarray(blocks.transpose(*lead_axes, a + 2, a, a + 3, a + 1))
+
+
+def dense_bf16(x: jax.Array, packed: jax.Array, n: int, *, implementation: str = "vector") -> jax.Array:
+    """bf16(x) [..., K] times weights packed by `pack_dense_bf16` -> float32 [..., N]: x rounded to bfloat16 (to
+    nearest even) by the kernel, float32 sums over the coordinate pairs in k order (see `dense_bf16.cc`; within
+    float32 rounding of `jnp.matmul` of the rounded operands, not its bits). Each row's result depends on that
+    row alone. implementation: "vector" (`vdpbf16ps` where `dense_bf16_vectorized()`, else as "scalar") or
+    "scalar" (plain loops, the same order). CPU programs only."""
+    if implementation not in DENSE_F32_IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {DENSE_F32_IMPLEMENTATIONS}, got {implementation!r}")
+    if library() is None:
+        raise NativeBuildError(f"the native CPU kernels are off or unavailable ({_why_not()}); check `enabled()` first")
+    k = x.shape[-1]
+    if (
+        packed.ndim != 4
+        or packed.shape[2:] != (BF16_PANEL, 2)
+        or packed.shape[1] != -(-k // 2)
+        or not 0 < n <= packed.shape[0] * BF16_PANEL < n + BF16_PANEL
+    ):
+        raise ValueError(f"dense_bf16: weights packed as {packed.shape} do not fit x [..., {k}] and N={n}")
+    lead = x.shape[:-1]
+    rows = int(np.prod(lead, dtype=np.int64))
+    call = jax.ffi.ffi_call("colbert_jax_dense_bf16", jax.ShapeDtypeStruct((rows, n), jnp.float32))
+    out = call(
+        x.reshape(rows, k).astype(jnp.float32),
+        packed.astype(jnp.bfloat16),
         vectorized=np.int32(implementation == "vector"),
     )
     return out.reshape(*lead, n)

@@ -14,8 +14,16 @@ import numpy as np
 import pytest
 
 from colbert_jax import native
+from colbert_jax.modeling.backbones import unstacked_params
 from colbert_jax.modeling.colbert import embed_queries
-from colbert_jax.modeling.quantize import _int8_matmul, _quantize_kernel, _unpack, quantize_params, quantized_apply
+from colbert_jax.modeling.quantize import (
+    _int8_matmul,
+    _quantize_kernel,
+    _unpack,
+    fuse_float_params,
+    quantize_params,
+    quantized_apply,
+)
 from tests.kernels.lowering import lower
 
 SHAPES = [(1, 32, 37), (5, 64, 16), (17, 100, 64), (33, 384, 1152), (70, 1536, 384), (0, 64, 32)]
@@ -154,9 +162,13 @@ def test_amx_turned_off_runs_the_paths_of_cpus_without_it(monkeypatch, minilm_ch
         packed = native.pack_dense(high, cross[:64])
         native.int8_dense(jnp.asarray(x), *packed, jnp.asarray(scale), implementation="amx")
     assert not native.int8_tiles()
-    # "auto": float32 there, unless the kernels' VNNI path runs int8 products (AVX-512 VNNI CPUs)
+    # "auto": float32 there (its MLP on bfloat16 operands where `vdpbf16ps` runs), unless the kernels' VNNI path
+    # runs int8 products well above float32's rate (AVX-512 VNNI CPUs with half-width float32 units)
     vnni = native.int8_vnni_available()
-    assert colbert_jax.load_checkpoint(minilm_checkpoint).query_quantization == ("int8" if vnni else "none")
+    fast = vnni and native.int8_over_f32_rate() > native.INT8_OVER_F32_NEEDED
+    bf16 = native.dense_f32_vectorized() and native.dense_bf16_vectorized()
+    want = "int8" if fast else "bf16" if bf16 else "none"
+    assert colbert_jax.load_checkpoint(minilm_checkpoint).query_quantization == want
     model = colbert_jax.load_checkpoint(minilm_checkpoint, query_quantization="int8")
     assert model.query_quantization == "int8" and model.int8_products == ("vnni" if vnni else "xla")
 
@@ -267,3 +279,80 @@ def test_float32_dense_kernel_names_bad_shapes():
         native.pack_dense_f32(np.ones(5, np.float32))
     with pytest.raises(ValueError, match="columns wide"):
         native.pack_dense_f32(np.ones((64, 100), np.float32), 32)
+
+
+def _bf16(a: np.ndarray) -> np.ndarray:
+    return np.asarray(jnp.asarray(a, jnp.float32).astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+
+
+@pytest.mark.parametrize("implementation", native.DENSE_F32_IMPLEMENTATIONS)
+@pytest.mark.parametrize("m, k, n", [(32, 384, 1536), (33, 1536, 384), (5, 7, 50), (300, 384, 100), (9, 130, 48)])
+def test_bfloat16_dense_kernel_is_the_product_of_rounded_operands(implementation, m, k, n):
+    """bf16(x) . bf16(w) with float32 sums, x rounded by the kernel (to nearest even, as ml_dtypes rounds): odd K
+    (a zero-padded pair), partial panels, several row tasks; the vector and scalar paths give the same bits."""
+    rng = np.random.default_rng(m + k + n)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = (0.05 * rng.standard_normal((k, n))).astype(np.float32)
+    packed = jnp.asarray(native.pack_dense_bf16(w))
+    assert packed.shape == (-(-n // 48), -(-k // 2), 48, 2) and packed.dtype == jnp.bfloat16
+    unpacked = np.asarray(packed.astype(jnp.float32)).transpose(1, 3, 0, 2).reshape(2 * packed.shape[1], -1)
+    np.testing.assert_array_equal(unpacked[:k, :n], _bf16(w))  # the layout holds the rounded weights
+    got = np.asarray(jax.jit(lambda x, p: native.dense_bf16(x, p, n, implementation=implementation))(x, packed))
+    want = _bf16(x) @ _bf16(w)
+    bound = 4 * k * np.finfo(np.float32).eps * (np.abs(_bf16(x)) @ np.abs(_bf16(w)))
+    assert np.all(np.abs(got - want) <= bound)
+    assert np.abs(got - x.astype(np.float64) @ w.astype(np.float64)).max() > np.abs(got - want).max()  # it rounded
+    scalar = native.dense_bf16(jnp.asarray(x), packed, n, implementation="scalar")
+    np.testing.assert_array_equal(np.asarray(scalar), got)
+    got3 = native.dense_bf16(jnp.asarray(x.reshape(1, m, k)), packed, n, implementation=implementation)
+    np.testing.assert_array_equal(np.asarray(got3).reshape(m, n), got)  # leading axes are kept
+
+
+def test_bfloat16_dense_kernel_names_bad_shapes():
+    w = jnp.asarray(native.pack_dense_bf16(np.ones((64, 100), np.float32)))
+    with pytest.raises(ValueError, match="do not fit"):
+        native.dense_bf16(jnp.ones((3, 66)), w, 100)
+    with pytest.raises(ValueError, match="do not fit"):
+        native.dense_bf16(jnp.ones((3, 64)), w, 200)
+    with pytest.raises(ValueError, match="implementation"):
+        native.dense_bf16(jnp.ones((3, 64)), w, 100, implementation="amx")
+    with pytest.raises(ValueError, match="K, N"):
+        native.pack_dense_bf16(np.ones(5, np.float32))
+
+
+def test_bf16_encoder_runs_the_mlp_on_the_kernel_and_the_rest_in_float32(minilm_model):
+    """query_quantization="bf16": the MLP's two products per layer packed for `dense_bf16`, every other dense layer
+    float32 as in "none"."""
+    model = minilm_model.replace_config(query_quantization="bf16")
+    assert model.query_quantization == "bf16" and model.native_float_encoder
+    leaves = jax.tree_util.tree_flatten_with_path(model._query_params)[0]
+    names = ["/".join(str(getattr(p, "key", p)) for p in path) for path, _ in leaves]
+    bf16 = sorted(n.rsplit("/", 2)[0] for n in names if n.endswith("packed_bf16"))
+    layers = minilm_model.bert_config.num_hidden_layers
+    assert len(bf16) == 2 * layers and all(n.endswith(("intermediate", "/output")) for n in bf16)
+    assert not any("attention" in n for n in bf16)
+    assert sum(n.endswith("packed_f32") for n in names) == 2 * layers  # fused qkv and attention's output
+    texts = ["how to parse json", "open a file for writing in binary mode", "sort a list of tuples by key"]
+    got = model.encode_queries(texts)
+    full = minilm_model.replace_config(query_quantization="none").encode_queries(texts)
+    assert 0 < np.abs(got - full).max() <= 2e-3  # bfloat16's rounding, not float32's
+    one = np.stack([model.encode_queries([t])[0] for t in texts])
+    np.testing.assert_allclose(one, got, rtol=0, atol=1e-5)  # a query alone or in a batch
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_bf16_encoder_lowers_for_accelerators_without_the_kernel(platform, minilm_model):
+    """The same params in a program for another platform: `jnp.matmul` of the rounded operands, no native call."""
+    model = minilm_model
+    ids, mask = model.query_tokenizer.tensorize(["a query"])
+    module = model.module.clone(unstacked=True)
+    host = unstacked_params(model.bert_config, jax.device_get(model.params))
+    params = fuse_float_params(host, packed=True, mlp_bf16=True)
+    apply = quantized_apply(functools.partial(embed_queries, module, pad_id=model.query_pad_id))
+    text = lower(jax.jit(apply), params, ids, mask, platform=platform, name="bf16 encoder")
+    assert all(f"colbert_jax_{kernel}" not in text for kernel in ("dense_bf16", "dense_f32", "attention", "gelu"))
+
+
+def test_bf16_needs_the_native_float_encoder(minilm_model):
+    with pytest.raises(ValueError, match="bf16"):
+        minilm_model.replace_config(query_quantization="bf16", compute_dtype="bfloat16")

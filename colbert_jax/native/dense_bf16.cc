@@ -1,0 +1,258 @@
+// A dense layer on bfloat16 operands with float32 sums (`colbert_jax.native.dense_bf16`), called from XLA
+// programs through the XLA FFI: out [M, N] = bf16(x) [M, K] . bf16(w) [K, N], for the float32 query encoder's
+// MLP on CPUs with AVX-512 BF16 (`vdpbf16ps`: two products a lane an instruction, twice the float32 FMA rate on
+// AMD Zen 4 and Zen 5).
+//
+// Weights arrive pre-packed (`colbert_jax.native.pack_dense_bf16`) as panels of 48 columns, [N / 48][K2][48][2]
+// bfloat16 (K2 = ceil(K / 2); a column's coordinate pair (2kk, 2kk + 1) adjacent, zeros past K and N), so that
+// a register block reads one contiguous stream and one 32-bit word is a pair. x is rounded to bfloat16 here
+// (round to nearest even), row-major, so a row's pair is one broadcast word. The register block is 8 rows x 48
+// columns: per pair 3 vector loads, 8 broadcasts and 24 vdpbf16ps.
+//
+// Every out[r, c] is one chain over the pairs kk ascending: per pair, the odd coordinate's product is added before
+// the even one's (each product of two bfloat16 is exact in float32; the adds round to nearest even), the order
+// the scalar path spells out. A row's result depends on that row of x alone: the same bits at every batch size.
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include "tasks.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using colbert_jax_native::RunTasks;
+
+constexpr int64_t kPanel = 48;                // columns per packed panel
+constexpr int64_t kRows = 8;                  // rows per register block
+constexpr int64_t kRowsPerTask = 256;         // rows one task runs against its panels
+constexpr int64_t kDepth = 64;                // pairs per pass over a task's rows: 12 KiB of the panel in L1
+constexpr int64_t kFlopsPerThread = 1 << 21;  // below this much work per thread, fewer threads
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define COLBERT_JAX_DENSE_BF16 1
+#endif
+
+// float -> bfloat16 bits, round to nearest even (a NaN stays a NaN).
+inline uint32_t ToBf16(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (u >> 16) | 0x40u;
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return u >> 16;
+}
+
+inline float FromBf16(uint32_t h) {
+  const uint32_t u = h << 16;
+  float v;
+  std::memcpy(&v, &u, 4);
+  return v;
+}
+
+// x float32 [M, K] -> bfloat16 pairs [M, K2] (one uint32 word a pair, the even coordinate in the low half).
+void RoundRows(const float* x, int64_t m, int64_t k, int64_t k2, uint32_t* out, bool vectorized) {
+  for (int64_t r = 0; r < m; ++r) {
+    const float* xr = x + r * k;
+    uint32_t* o = out + r * k2;
+    int64_t i = 0;
+#if defined(COLBERT_JAX_DENSE_BF16)
+    if (vectorized) {
+      for (; i + 32 <= k; i += 32) {  // 32 floats -> 16 words
+        const __m512bh h = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(xr + i + 16), _mm512_loadu_ps(xr + i));
+        _mm512_storeu_si512(o + i / 2, (__m512i)h);
+      }
+    }
+#endif
+    for (; i < k; i += 2) {
+      const uint32_t lo = ToBf16(xr[i]), hi = i + 1 < k ? ToBf16(xr[i + 1]) : 0u;
+      o[i / 2] = lo | (hi << 16);
+    }
+  }
+}
+
+// Rows [r0, r1) x one panel, plain loops in the kernel's order.
+void PanelScalar(const uint32_t* xw, int64_t r0, int64_t r1, int64_t k2, const uint32_t* panel, int64_t col,
+                 int64_t n, float* out) {
+  const int64_t width = std::min(kPanel, n - col);
+  for (int64_t r = r0; r < r1; ++r) {
+    float acc[kPanel] = {0};
+    const uint32_t* xr = xw + r * k2;
+    for (int64_t kk = 0; kk < k2; ++kk) {
+      const float xe = FromBf16(xr[kk] & 0xffffu), xo = FromBf16(xr[kk] >> 16);
+      for (int64_t j = 0; j < kPanel; ++j) {
+        const uint32_t w = panel[kk * kPanel + j];
+        float a = acc[j];
+        a = a + xo * FromBf16(w >> 16);
+        a = a + xe * FromBf16(w & 0xffffu);
+        acc[j] = a;
+      }
+    }
+    std::memcpy(out + r * n + col, acc, width * sizeof(float));
+  }
+}
+
+#if defined(COLBERT_JAX_DENSE_BF16)
+// R rows (R <= 8) starting at row r x the first 16V columns of a panel, over pairs [k0, k1): as dense_f32.cc's
+// BlockAvx512, partial sums between passes in the task's scratch `part`, prefetching `pf_lines` lines of the
+// weights the next pass reads.
+template <int R, int V>
+inline void BlockBf16(const uint32_t* xw, int64_t r, int64_t k2, int64_t k0, int64_t k1, const uint32_t* panel,
+                      int64_t col, int64_t n, float* out, const char* pf, int64_t pf_lines, float* part) {
+  __m512 acc[R][V];
+  const int64_t width = std::min(kPanel, n - col);
+  for (int j = 0; j < R; ++j) {
+    for (int v = 0; v < V; ++v) {
+      acc[j][v] = k0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(part + j * kPanel + 16 * v);
+    }
+  }
+  const uint32_t* xr = xw + r * k2;
+  const int64_t per_k = (pf_lines + (k1 - k0) - 1) / (k1 - k0);
+  int64_t next = 0;
+  for (int64_t i = k0; i < k1; ++i) {
+    for (int64_t q = 0; q < per_k && next < pf_lines; ++q, ++next) _mm_prefetch(pf + next * 64, _MM_HINT_T1);
+    __m512bh b[V];
+    for (int v = 0; v < V; ++v) b[v] = (__m512bh)_mm512_loadu_si512(panel + i * kPanel + 16 * v);
+    for (int j = 0; j < R; ++j) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(xr[j * k2 + i]));
+      for (int v = 0; v < V; ++v) acc[j][v] = _mm512_dpbf16_ps(acc[j][v], a, b[v]);
+    }
+  }
+  if (k1 < k2) {
+    for (int v = 0; v < V; ++v) {
+      for (int j = 0; j < R; ++j) _mm512_storeu_ps(part + j * kPanel + 16 * v, acc[j][v]);
+    }
+    return;
+  }
+  for (int v = 0; v < V; ++v) {
+    const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, width - 16 * v));
+    const __mmask16 keep = left >= 16 ? 0xffff : static_cast<__mmask16>((1u << left) - 1);
+    for (int j = 0; j < R; ++j) {
+      float* dst = out + (r + j) * n + col + 16 * v;
+      if (left >= 16) {
+        _mm512_storeu_ps(dst, acc[j][v]);
+      } else {
+        _mm512_mask_storeu_ps(dst, keep, acc[j][v]);
+      }
+    }
+  }
+}
+
+template <int V>
+void PanelRows(const uint32_t* xw, int64_t r0, int64_t r1, int64_t k2, const uint32_t* panel, int64_t col,
+               int64_t n, float* out, const uint32_t* w_end) {
+  const int64_t blocks = (r1 - r0 + kRows - 1) / kRows;
+  alignas(64) static thread_local float scratch[kRowsPerTask * kPanel];
+  for (int64_t k0 = 0; k0 < k2; k0 += kDepth) {
+    const int64_t k1 = std::min(k0 + kDepth, k2);
+    const uint32_t* ahead = panel + k1 * kPanel;  // the next pass's weights (or the next panel's first)
+    const char* pf = reinterpret_cast<const char*>(ahead);
+    const int64_t lines = std::max<int64_t>(0, std::min<int64_t>(kDepth * kPanel, w_end - ahead)) * 4 / 64;
+    const int64_t share = (lines + blocks - 1) / blocks;
+    auto part = [&](int64_t i) { return std::min(lines, i * share); };
+    int64_t r = r0, b = 0;
+    for (; r + kRows <= r1; r += kRows, ++b) {
+      BlockBf16<kRows, V>(xw, r, k2, k0, k1, panel, col, n, out, pf + part(b) * 64, part(b + 1) - part(b),
+                          scratch + (r - r0) * kPanel);
+    }
+    const char* rest = pf + part(b) * 64;
+    const int64_t left = part(b + 1) - part(b);
+    float* sums = scratch + (r - r0) * kPanel;
+    switch (r1 - r) {
+      case 7: BlockBf16<7, V>(xw, r, k2, k0, k1, panel, col, n, out, rest, left, sums); break;
+      case 6: BlockBf16<6, V>(xw, r, k2, k0, k1, panel, col, n, out, rest, left, sums); break;
+      case 5: BlockBf16<5, V>(xw, r, k2, k0, k1, panel, col, n, out, rest, left, sums); break;
+      case 4: BlockBf16<4, V>(xw, r, k2, k0, k1, panel, col, n, out, rest, left, sums); break;
+      case 3: BlockBf16<3, V>(xw, r, k2, k0, k1, panel, col, n, out, rest, left, sums); break;
+      case 2: BlockBf16<2, V>(xw, r, k2, k0, k1, panel, col, n, out, rest, left, sums); break;
+      case 1: BlockBf16<1, V>(xw, r, k2, k0, k1, panel, col, n, out, rest, left, sums); break;
+      default: break;
+    }
+  }
+}
+
+void PanelVector(const uint32_t* xw, int64_t r0, int64_t r1, int64_t k2, const uint32_t* panel, int64_t col,
+                 int64_t n, float* out, const uint32_t* w_end) {
+  const int64_t width = std::min(kPanel, n - col);
+  if (width <= 16) {
+    PanelRows<1>(xw, r0, r1, k2, panel, col, n, out, w_end);
+  } else if (width <= 32) {
+    PanelRows<2>(xw, r0, r1, k2, panel, col, n, out, w_end);
+  } else {
+    PanelRows<3>(xw, r0, r1, k2, panel, col, n, out, w_end);
+  }
+}
+#endif
+
+// Whether the vector path is compiled here and this CPU and OS run it.
+bool VectorReady() {
+#if defined(COLBERT_JAX_DENSE_BF16)
+  static const bool ready = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl");
+  }();
+  return ready;
+#else
+  return false;
+#endif
+}
+
+ffi::Error DenseBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
+                     ffi::ResultBuffer<ffi::F32> out, int32_t vectorized) {
+  auto x_dims = x.dimensions();
+  auto w_dims = w.dimensions();
+  auto o_dims = out->dimensions();
+  if (x_dims.size() != 2 || w_dims.size() != 4 || o_dims.size() != 2 || w_dims[2] != kPanel || w_dims[3] != 2) {
+    return ffi::Error::InvalidArgument("dense_bf16: x needs [M, K], packed weights [N / 48, K2, 48, 2]");
+  }
+  const int64_t m = x_dims[0], k = x_dims[1], n = o_dims[1], panels = w_dims[0], k2 = w_dims[1];
+  if (o_dims[0] != m || k2 != (k + 1) / 2 || panels * kPanel < n || panels * kPanel >= n + kPanel) {
+    return ffi::Error::InvalidArgument("dense_bf16: the packed weights do not fit x [M, K] and out [M, N]");
+  }
+  if (m == 0) return ffi::Error::Success();
+  const bool vector = vectorized && VectorReady();
+  std::vector<uint32_t> xw(m * k2);
+  RoundRows(x.typed_data(), m, k, k2, xw.data(), vector);
+  const uint32_t* wd = reinterpret_cast<const uint32_t*>(w.untyped_data());
+  float* o = out->typed_data();
+  const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
+  const int64_t row_groups = (m + kRowsPerTask - 1) / kRowsPerTask;
+  const int64_t chunks = std::min<int64_t>(panels, std::max<int64_t>(1, (2 * threads + row_groups - 1) / row_groups));
+  const int64_t per_chunk = (panels + chunks - 1) / chunks;
+  const uint32_t* x_words = xw.data();
+  RunTasks(pool, row_groups * chunks, 2 * m * k * n / kFlopsPerThread, 1, [&](int64_t t) {
+    const int64_t g = t / chunks, c = t % chunks;
+    const int64_t r0 = g * kRowsPerTask, r1 = std::min(r0 + kRowsPerTask, m);
+    for (int64_t p = c * per_chunk; p < std::min((c + 1) * per_chunk, panels); ++p) {
+      const uint32_t* panel = wd + p * k2 * kPanel;
+#if defined(COLBERT_JAX_DENSE_BF16)
+      if (vector) {
+        PanelVector(x_words, r0, r1, k2, panel, p * kPanel, n, o, wd + panels * k2 * kPanel);
+        continue;
+      }
+#endif
+      PanelScalar(x_words, r0, r1, k2, panel, p * kPanel, n, o);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+extern "C" int colbert_jax_dense_bf16_vector() { return VectorReady() ? 1 : 0; }
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ColbertJaxDenseBf16, DenseBf16,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("vectorized"));
