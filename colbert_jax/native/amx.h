@@ -10,6 +10,8 @@
 #include <utility>
 #include <vector>
 
+#include "bf16.h"
+
 #if defined(__x86_64__) && (defined(__clang__) || __GNUC__ >= 11)
 #define COLBERT_JAX_HAS_AMX 1
 #include <immintrin.h>
@@ -20,21 +22,6 @@
 namespace colbert_jax_native {
 
 enum class AmxProducts { kInt8, kBf16 };
-
-// float -> bfloat16 bits, round to nearest even (what numpy/jax's astype does; no NaNs reach here).
-inline uint16_t ToBf16(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  u += 0x7fff + ((u >> 16) & 1);
-  return static_cast<uint16_t>(u >> 16);
-}
-
-inline float FromBf16(uint16_t b) {
-  const uint32_t u = static_cast<uint32_t>(b) << 16;
-  float x;
-  std::memcpy(&x, &u, 4);
-  return x;
-}
 
 // Q [lq, dim] float32 -> its bfloat16 terms hi = bf16(x), lo = bf16(x - hi) in the layout of AMX B tiles for
 // bfloat16 products: [kp / 32][nb][16 pairs of k][16 tokens][2] (kp: dim rounded up to 32, nb: lq's blocks of

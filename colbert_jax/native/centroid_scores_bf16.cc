@@ -26,6 +26,7 @@
 #include <immintrin.h>
 #endif
 
+#include "bf16.h"
 #include "tasks.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -34,6 +35,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 using colbert_jax_native::RunTasks;
+using colbert_jax_native::ToBf16;
 
 constexpr int64_t kGroup = 8;             // centroids per group (the layout's second-innermost axis)
 constexpr int64_t kGroupsPerTask = 32;
@@ -45,25 +47,10 @@ static_assert(kGroupsPerTask * kGroup % kMaxBlock == 0, "a task's centroids are 
 // older type (`COLBERT_JAX_NATIVE_ARCH`) stands for a CPU without it.
 bool Bf16Ready() {
 #if COLBERT_JAX_HAS_BF16 && defined(__AVX512F__)
-  static const bool ready = [] {
-    __builtin_cpu_init();
-    // __builtin_cpu_supports also checks that the OS saves the AVX-512 state
-    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl");
-  }();
-  return ready;
+  return colbert_jax_native::CpuRunsAvx512Bf16();
 #else
   return false;
 #endif
-}
-
-// float -> bfloat16 bits, round to nearest even (ml_dtypes' cast for finite values; a NaN stays a NaN).
-inline uint32_t ToBf16(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (u >> 16) | 0x40u;  // quiet NaN, not rounded into infinity
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return u >> 16;
 }
 
 #if COLBERT_JAX_HAS_BF16
@@ -165,7 +152,7 @@ ffi::Error CentroidScoresBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> block
   const float* qd = q.typed_data();
   std::vector<uint32_t> qp(dim2 * lqp, 0u);  // Q's bfloat16 pairs [dim2][lqp], zeros past dim and lq
   for (int64_t t = 0; t < lq; ++t) {
-    for (int64_t k = 0; k < dim; ++k) qp[(k / 2) * lqp + t] |= ToBf16(qd[t * dim + k]) << (16 * (k % 2));
+    for (int64_t k = 0; k < dim; ++k) qp[(k / 2) * lqp + t] |= static_cast<uint32_t>(ToBf16(qd[t * dim + k])) << (16 * (k % 2));
   }
   const uint32_t* c = reinterpret_cast<const uint32_t*>(blocked.untyped_data());
   float* out = s->typed_data();

@@ -22,6 +22,7 @@
 #include <immintrin.h>
 #endif
 
+#include "bf16.h"
 #include "tasks.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -29,7 +30,9 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+using colbert_jax_native::FromBf16;
 using colbert_jax_native::RunTasks;
+using colbert_jax_native::ToBf16;
 
 constexpr int64_t kPanel = 48;                // columns per packed panel
 constexpr int64_t kRows = 8;                  // rows per register block
@@ -40,22 +43,6 @@ constexpr int64_t kFlopsPerThread = 1 << 21;  // below this much work per thread
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define COLBERT_JAX_DENSE_BF16 1
 #endif
-
-// float -> bfloat16 bits, round to nearest even (a NaN stays a NaN).
-inline uint32_t ToBf16(float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (u >> 16) | 0x40u;
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return u >> 16;
-}
-
-inline float FromBf16(uint32_t h) {
-  const uint32_t u = h << 16;
-  float v;
-  std::memcpy(&v, &u, 4);
-  return v;
-}
 
 // x float32 [M, K] -> bfloat16 pairs [M, K2] (one uint32 word a pair, the even coordinate in the low half).
 void RoundRows(const float* x, int64_t m, int64_t k, int64_t k2, uint32_t* out, bool vectorized) {
@@ -194,12 +181,7 @@ void PanelVector(const uint32_t* xw, int64_t r0, int64_t r1, int64_t k2, const u
 // Whether the vector path is compiled here and this CPU and OS run it.
 bool VectorReady() {
 #if defined(COLBERT_JAX_DENSE_BF16)
-  static const bool ready = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl");
-  }();
-  return ready;
+  return colbert_jax_native::CpuRunsAvx512Bf16();
 #else
   return false;
 #endif
