@@ -105,15 +105,15 @@ class ColBERTModel:
             query_module = self.module.clone(unstacked=True)
         query_fn = functools.partial(embed_queries, query_module, pad_id=self.query_pad_id)
         self._query_params = self.params if query_params is params else jax.device_put(query_params, replicated)
-        # On CPUs whose int8 products run on AMX tiles, or on AVX-512 VNNI by our kernel where float32 FMAs run at
-        # half width (so three int8 products per weight still win), the two-term int8 encoder is faster and keeps query
-        # embeddings within cosine 1e-5 of float32's; elsewhere (XLA's int8 products) its three int8 products per
-        # weight cost more than float32's one, and accelerators' float32 (or bfloat16) matmuls are fast already.
-        # "auto" takes int8 only where its embeddings do not depend on the batch size (`int8_batch_invariant`: not
-        # ModernBERT's yet).
-        # Where float32 products run at full rate against int8 but AVX-512 BF16 is there (AMD Zen 5), the float32
-        # encoder with its MLP's products on bfloat16 operands (`native.dense_bf16`, twice the float32 rate) is the
-        # fastest that keeps query embeddings within cosine 1e-4 of float32's.
+        # "auto", fastest first among the encoders that keep query embeddings within cosine 1e-3 of float32's and
+        # rankings' overlap@10 at 0.99: on CPUs whose int8 products run on AMX tiles, the two-term int8 encoder;
+        # else, on CPUs with AVX-512 BF16, the float32 encoder with every dense product on bfloat16 operands
+        # (`native.dense_bf16`: one `vdpbf16ps` does 32 multiply-adds of a weight each, where the two-term int8
+        # encoder needs three 64-wide `vpdpbusd` per weight, so bfloat16 wins wherever the two issue alike);
+        # else int8 on AVX-512 VNNI where it runs well above float32's rate (`native.int8_products_fast()`).
+        # XLA's own int8 products are no faster per operation than float32's, and accelerators' float32 (or
+        # bfloat16) matmuls are fast already. int8 only where its embeddings do not depend on the batch size
+        # (`int8_batch_invariant`: not ModernBERT's yet).
         float_native = (
             cpu
             and config.compute_dtype == "float32"
@@ -123,10 +123,13 @@ class ColBERTModel:
         )
         self.query_quantization = config.query_quantization
         if self.query_quantization == "auto":
-            if cpu and bert_config.int8_batch_invariant and native.int8_products_fast():
+            int8 = cpu and bert_config.int8_batch_invariant
+            if int8 and native.int8_tiles():
                 self.query_quantization = "int8"
             elif float_native and native.dense_bf16_vectorized():
                 self.query_quantization = "bf16"
+            elif int8 and native.int8_products_fast():
+                self.query_quantization = "int8"
             else:
                 self.query_quantization = "none"
         if self.query_quantization == "bf16" and not float_native:
@@ -154,10 +157,10 @@ class ColBERTModel:
         # fused projections as a native kernel (and the intermediate GELU on AVX-512), and a few queries' products
         # too (split across threads: XLA:CPU runs a query's small products on one core); float32-accurate, not
         # XLA's bits. Elsewhere the kernels' scalar paths would be slower than XLA's: XLA runs it all there.
-        # "bf16" is this encoder with the MLP's products on bfloat16 operands.
+        # "bf16" is this encoder with every dense product on bfloat16 operands.
         self.native_float_encoder = self.query_quantization in ("none", "bf16") and float_native
         if self.native_float_encoder:
-            fused = fuse_float_params(query_params, packed=True, mlp_bf16=self.query_quantization == "bf16")
+            fused = fuse_float_params(query_params, packed=True, bf16=self.query_quantization == "bf16")
             self._query_params = jax.device_put(fused, replicated)
             query_fn = quantized_apply(query_fn)
         self._query_fn = jax.jit(query_fn, in_shardings=(replicated, rows, rows), out_shardings=rows)

@@ -1,5 +1,6 @@
-"""Query encoding speed on CPU: colbert-jax at float32, bfloat16, int8 (`query_quantization="int8"`) and float32
-with the MLP's products on bfloat16 operands (`query_quantization="bf16"`: "bf16 MLP"), and float32 with the
+"""Query encoding speed on CPU: colbert-jax at float32, bfloat16 (`compute_dtype`), int8 (`query_quantization=
+"int8"`) and float32 with its dense products on bfloat16 operands (`query_quantization="bf16"`: "bf16 products"),
+and float32 with the
 native kernels off (XLA alone), against colbert-ai's encoder (torch), side by side, on the same
 checkpoint and query texts.
 
@@ -85,7 +86,7 @@ VARIANTS = {
     "float32": _FLOAT,
     "bfloat16": {**_FLOAT, "compute_dtype": "bfloat16"},
     "int8": {"query_quantization": "int8"},
-    "bf16 MLP": {"query_quantization": "bf16"},
+    "bf16 products": {"query_quantization": "bf16"},
 }
 # Timed only (an environment, not a setting): float32 with the native kernels off, XLA running the whole encoder,
 # to judge `native.dense_f32_vectorized()`'s gate on this CPU against the "float32" row.

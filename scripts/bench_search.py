@@ -3,7 +3,7 @@
     python scripts/bench_search.py [--nbits 2] [--queries 500] [--ref-python /tmp/colbert-ref-venv/bin/python]
                                    [--collection TSV [--queries-file TSV]] [--checkpoint DIR]
 
-Builds (or reuses, with --ours-index / --ref-index) one index per system of the collection (default: the
+Builds (or reuses, where --ours-index / --ref-index exist) one index per system of the collection (default: the
 built-in corpus, Python standard-library docstrings, ~3,900 passages; or any `pid \t text [\t title]` TSV)
 with the checkpoint (default: the packaged MiniLM), then for k = 10 and 100 measures, each system in a fresh
 process after a warm-up pass over all queries:
@@ -103,8 +103,8 @@ def main() -> None:
     ap.add_argument("--collection", help="TSV collection: pid, text[, title] (default: the built-in corpus)")
     ap.add_argument("--queries-file", help="TSV queries: qid, text (default: --queries passage openings)")
     ap.add_argument("--checkpoint", help="checkpoint directory (default: the packaged MiniLM)")
-    ap.add_argument("--ours-index", help="reuse this colbert-jax index of the collection")
-    ap.add_argument("--ref-index", help="reuse this colbert-ai index of the collection")
+    ap.add_argument("--ours-index", help="colbert-jax index of the collection: reused if present, else built here")
+    ap.add_argument("--ref-index", help="colbert-ai index of the collection: reused if present, else built here")
     ap.add_argument("--ref-python", default=os.environ.get("REF_PYTHON", "/tmp/colbert-ref-venv/bin/python"))
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--json", help="also write the results here")
@@ -131,9 +131,8 @@ def main() -> None:
     env = {"PYTHONPATH": str(REPO)}
     ks = "10,100"
 
-    ours_index = args.ours_index
-    if not ours_index:
-        ours_index = str(work / "ours")
+    ours_index = args.ours_index or str(work / "ours")
+    if not Path(ours_index).exists():
         subprocess.run(
             [
                 sys.executable,
@@ -153,9 +152,8 @@ def main() -> None:
         )
     results = {"ours": run([sys.executable, "-c", OURS, ours_index, str(queries), ks, str(args.single)], env=env)}
     if not args.skip_reference:
-        ref_index = args.ref_index
-        if not ref_index:
-            ref_index = str(work / "ref")
+        ref_index = args.ref_index or str(work / "ref")
+        if not Path(ref_index).exists():
             run(
                 [
                     args.ref_python,

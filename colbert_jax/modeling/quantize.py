@@ -69,7 +69,7 @@ SCALE = "kernel_scale"
 CROSS = "kernel_cross"
 PACKED = ("packed_hi", "packed_lo")  # the two terms in `native.int8_dense`'s layout
 PACKED_F32 = "packed_f32"  # a float32 kernel in `native.dense_f32`'s layout
-PACKED_BF16 = "packed_bf16"  # an MLP kernel in `native.dense_bf16`'s layout: its product on bfloat16 operands
+PACKED_BF16 = "packed_bf16"  # a kernel in `native.dense_bf16`'s layout: its product on bfloat16 operands
 # products of at most this many rows (a few queries) with packed float32 kernels run as `native.dense_f32`; more
 # rows run XLA's product (as fast at batch sizes, and it runs beside other batches' work in flight)
 FLOAT_NATIVE_ROWS = 256
@@ -131,49 +131,42 @@ def quantize_params(params: Mapping[str, Any], *, fuse_qkv: bool = True, packed:
     return pack(quantized) if packed else quantized
 
 
-def _mlp_dense(path: tuple[str, ...]) -> bool:
-    """Whether params at `path` are a BERT-family layer's MLP products: `intermediate/dense` and the layer's own
-    `output/dense` (not attention's)."""
-    tail = path[-3:]
-    return tail[-2:] == ("intermediate", "dense") or (tail[-2:] == ("output", "dense") and tail[:1] != ("attention",))
-
-
-def fuse_float_params(params: Mapping[str, Any], *, packed: bool = False, mlp_bf16: bool = False) -> dict[str, Any]:
+def fuse_float_params(params: Mapping[str, Any], *, packed: bool = False, bf16: bool = False) -> dict[str, Any]:
     """The float32 encoder's params for the native CPU kernels (`quantized_apply` on float params): each
     attention's query/key/value kernels and biases concatenated into one `qkv` dense layer (one product, then
     `native.attention`), and the intermediate layer's bias and exact GELU run as `native.gelu` after the
     product. packed: every backbone dense kernel with a bias also in `native.dense_f32`'s layout (`packed_f32`
     beside `kernel`, twice the dense weights' memory): products of at most `FLOAT_NATIVE_ROWS` rows run as
-    that kernel in CPU programs, XLA's from `kernel` otherwise; else XLA runs every product. mlp_bf16: the
-    MLP's two products (two thirds of the FLOPs) instead on bfloat16 operands with float32 sums at every row
-    count (`packed_bf16`, `native.dense_bf16`; `query_quantization="bf16"`)."""
+    that kernel in CPU programs, XLA's from `kernel` otherwise; else XLA runs every product. bf16: every
+    backbone dense product (attention's projections and the MLP's) instead on bfloat16 operands with float32
+    sums at every row count (`packed_bf16`, `native.dense_bf16`; `query_quantization="bf16"`); attention's
+    scores, GELU and LayerNorms stay float32."""
 
-    def walk(tree, path):
+    def walk(tree):
         if not isinstance(tree, Mapping):
             return tree
-        out = {k: walk(v, (*path, k)) for k, v in tree.items()}
+        out = {k: walk(v) for k, v in tree.items()}
         parts = [tree.get(name) for name in _QKV]  # as given: `walk` packs their kernels
         if all(isinstance(q, Mapping) and SCALE not in q and {"kernel", "bias"} <= set(q) for q in parts):
             host = [jax.device_get(q) for q in parts]
             out["qkv"] = walk_dense(
-                {k: np.concatenate([np.asarray(q[k]) for q in host], axis=-1) for k in ("kernel", "bias")},
-                (*path, "qkv"),
+                {k: np.concatenate([np.asarray(q[k]) for q in host], axis=-1) for k in ("kernel", "bias")}
             )
             for name in _QKV:
                 out[name] = {}
-        return walk_dense(out, path)
+        return walk_dense(out)
 
-    def walk_dense(p, path):
+    def walk_dense(p):
         kernel = p.get("kernel")
         if kernel is None or getattr(kernel, "ndim", 0) < 2 or "bias" not in p or SCALE in p:
             return p
-        if mlp_bf16 and _mlp_dense(path):
+        if bf16:
             return {**p, PACKED_BF16: native.pack_dense_bf16(np.asarray(jax.device_get(kernel), np.float32))}
         if packed:
             return {**p, PACKED_F32: native.pack_dense_f32(np.asarray(jax.device_get(kernel), np.float32))}
         return p
 
-    return {k: (v if k in _HEADS or k.startswith("dense_") else walk(v, (k,))) for k, v in params.items()}
+    return {k: (v if k in _HEADS or k.startswith("dense_") else walk(v)) for k, v in params.items()}
 
 
 def _split_rows(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:

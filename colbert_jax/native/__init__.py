@@ -767,7 +767,7 @@ def dense_f32(x: jax.Array, packed: jax.Array, n: int, *, implementation: str = 
     return out.reshape(*lead, n)
 
 
-# -- the float32 encoder's MLP on bfloat16 operands (dense_bf16.cc) ------------------------------------------
+# -- the float32 encoder's dense products on bfloat16 operands (dense_bf16.cc)
 
 BF16_PANEL = 48  # the packed panel width `dense_bf16` reads
 

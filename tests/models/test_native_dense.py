@@ -162,12 +162,12 @@ def test_amx_turned_off_runs_the_paths_of_cpus_without_it(monkeypatch, minilm_ch
         packed = native.pack_dense(high, cross[:64])
         native.int8_dense(jnp.asarray(x), *packed, jnp.asarray(scale), implementation="amx")
     assert not native.int8_tiles()
-    # "auto": float32 there (its MLP on bfloat16 operands where `vdpbf16ps` runs), unless the kernels' VNNI path
-    # runs int8 products well above float32's rate (AVX-512 VNNI CPUs with half-width float32 units)
+    # "auto": bfloat16 products where `vdpbf16ps` runs, else int8 where the kernels' VNNI path runs int8
+    # products well above float32's rate (AVX-512 VNNI CPUs with half-width float32 units), else float32
     vnni = native.int8_vnni_available()
     fast = vnni and native.int8_over_f32_rate() > native.INT8_OVER_F32_NEEDED
     bf16 = native.dense_f32_vectorized() and native.dense_bf16_vectorized()
-    want = "int8" if fast else "bf16" if bf16 else "none"
+    want = "bf16" if bf16 else "int8" if fast else "none"
     assert colbert_jax.load_checkpoint(minilm_checkpoint).query_quantization == want
     model = colbert_jax.load_checkpoint(minilm_checkpoint, query_quantization="int8")
     assert model.query_quantization == "int8" and model.int8_products == ("vnni" if vnni else "xla")
@@ -320,18 +320,20 @@ def test_bfloat16_dense_kernel_names_bad_shapes():
         native.pack_dense_bf16(np.ones(5, np.float32))
 
 
-def test_bf16_encoder_runs_the_mlp_on_the_kernel_and_the_rest_in_float32(minilm_model):
-    """query_quantization="bf16": the MLP's two products per layer packed for `dense_bf16`, every other dense layer
-    float32 as in "none"."""
+def test_bf16_encoder_runs_every_dense_product_on_the_kernel(minilm_model):
+    """query_quantization="bf16": every layer's four dense products (fused qkv, attention's output, the MLP's two)
+    packed for `dense_bf16`, none left for the float32 kernel; the projection head stays float32."""
     model = minilm_model.replace_config(query_quantization="bf16")
     assert model.query_quantization == "bf16" and model.native_float_encoder
     leaves = jax.tree_util.tree_flatten_with_path(model._query_params)[0]
     names = ["/".join(str(getattr(p, "key", p)) for p in path) for path, _ in leaves]
-    bf16 = sorted(n.rsplit("/", 2)[0] for n in names if n.endswith("packed_bf16"))
+    bf16 = sorted(n.rsplit("/", 1)[0] for n in names if n.endswith("packed_bf16"))
     layers = minilm_model.bert_config.num_hidden_layers
-    assert len(bf16) == 2 * layers and all(n.endswith(("intermediate", "/output")) for n in bf16)
-    assert not any("attention" in n for n in bf16)
-    assert sum(n.endswith("packed_f32") for n in names) == 2 * layers  # fused qkv and attention's output
+    assert len(bf16) == 4 * layers
+    for tail in ("attention/self/qkv", "attention/output/dense", "intermediate/dense"):
+        assert sum(n.endswith(tail) for n in bf16) == layers, tail
+    assert not any(n.endswith("packed_f32") for n in names)
+    assert not any(n.startswith("linear") for n in bf16)
     texts = ["how to parse json", "open a file for writing in binary mode", "sort a list of tuples by key"]
     got = model.encode_queries(texts)
     full = minilm_model.replace_config(query_quantization="none").encode_queries(texts)
@@ -347,7 +349,7 @@ def test_bf16_encoder_lowers_for_accelerators_without_the_kernel(platform, minil
     ids, mask = model.query_tokenizer.tensorize(["a query"])
     module = model.module.clone(unstacked=True)
     host = unstacked_params(model.bert_config, jax.device_get(model.params))
-    params = fuse_float_params(host, packed=True, mlp_bf16=True)
+    params = fuse_float_params(host, packed=True, bf16=True)
     apply = quantized_apply(functools.partial(embed_queries, module, pad_id=model.query_pad_id))
     text = lower(jax.jit(apply), params, ids, mask, platform=platform, name="bf16 encoder")
     assert all(f"colbert_jax_{kernel}" not in text for kernel in ("dense_bf16", "dense_f32", "attention", "gelu"))
