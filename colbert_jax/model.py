@@ -105,15 +105,13 @@ class ColBERTModel:
             query_module = self.module.clone(unstacked=True)
         query_fn = functools.partial(embed_queries, query_module, pad_id=self.query_pad_id)
         self._query_params = self.params if query_params is params else jax.device_put(query_params, replicated)
-        # "auto", fastest first among the encoders that keep query embeddings within cosine 1e-3 of float32's and
-        # rankings' overlap@10 at 0.99: on CPUs whose int8 products run on AMX tiles, the two-term int8 encoder;
-        # else, on CPUs with AVX-512 BF16, the float32 encoder with every dense product on bfloat16 operands
-        # (`native.dense_bf16`: one `vdpbf16ps` does 32 multiply-adds of a weight each, where the two-term int8
-        # encoder needs three 64-wide `vpdpbusd` per weight, so bfloat16 wins wherever the two issue alike);
-        # else int8 on AVX-512 VNNI where it runs well above float32's rate (`native.int8_products_fast()`).
-        # XLA's own int8 products are no faster per operation than float32's, and accelerators' float32 (or
-        # bfloat16) matmuls are fast already. int8 only where its embeddings do not depend on the batch size
-        # (`int8_batch_invariant`: not ModernBERT's yet).
+        # "auto": the fastest of the encoders that keep query embeddings within cosine 1e-3 of float32's and
+        # rankings' overlap@10 at 0.99, by this CPU's measured rates (`native.query_products_by_speed`): the
+        # two-term int8 encoder where its products run on AMX tiles, or on AVX-512 VNNI well above float32's rate
+        # (three int8 products per weight); the float32 encoder with its dense products on bfloat16 operands
+        # (`native.dense_bf16`, one `vdpbf16ps` multiply-add per weight). XLA's own int8 products are no faster
+        # per operation than float32's, and accelerators' float32 (or bfloat16) matmuls are fast already. int8
+        # only where its embeddings do not depend on the batch size (`int8_batch_invariant`: not ModernBERT's yet).
         float_native = (
             cpu
             and config.compute_dtype == "float32"
@@ -123,15 +121,9 @@ class ColBERTModel:
         )
         self.query_quantization = config.query_quantization
         if self.query_quantization == "auto":
-            int8 = cpu and bert_config.int8_batch_invariant
-            if int8 and native.int8_tiles():
-                self.query_quantization = "int8"
-            elif float_native and native.dense_bf16_vectorized():
-                self.query_quantization = "bf16"
-            elif int8 and native.int8_products_fast():
-                self.query_quantization = "int8"
-            else:
-                self.query_quantization = "none"
+            runs = {"int8": cpu and bert_config.int8_batch_invariant, "bf16": float_native, "none": True}
+            fastest = native.query_products_by_speed() if cpu else ["none"]
+            self.query_quantization = next(q for q in fastest if runs[q])
         if self.query_quantization == "bf16" and not float_native:
             raise ValueError(
                 'query_quantization="bf16" runs the float32 query encoder\'s native CPU kernels: it needs CPU devices, '

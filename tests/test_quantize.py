@@ -148,42 +148,63 @@ def test_searcher_not_index_chooses_query_quantization(real_index, minilm_model)
     index.config = index.config.model_copy(update={"query_quantization": "none"})  # as if built with float32
     auto = colbert_jax.Searcher(index, minilm_model).model  # the default, "auto"
     assert auto.config.query_quantization == "auto"
-    bf16 = native.enabled() and native.dense_f32_vectorized() and native.dense_bf16_vectorized()
-    fast = native.int8_products_fast()
-    want = "int8" if native.int8_tiles() else "bf16" if bf16 else "int8" if fast else "none"
+    float_native = native.enabled() and native.dense_f32_vectorized()
+    want = next(q for q in native.query_products_by_speed() if q != "bf16" or float_native)
     assert auto.query_quantization == want  # CPU devices
     index.config = index.config.model_copy(update={"query_quantization": "int8"})  # as if built with int8
     assert colbert_jax.Searcher(index, minilm_model, query_quantization="none").model.query_quantization == "none"
 
 
-@pytest.mark.parametrize("tiles", [True, False])
-@pytest.mark.parametrize("bf16", [True, False])
-@pytest.mark.parametrize("fast", [True, False])
-def test_auto_takes_the_fastest_encoder_this_cpu_runs(monkeypatch, minilm_checkpoint, tiles, fast, bf16):
-    """int8 on AMX tiles; else bfloat16 products where `dense_bf16` runs `vdpbf16ps` (one 32-wide instruction a
-    weight's 32 multiply-adds, where the two-term int8 encoder needs three 64-wide ones); else int8 where the VNNI
-    kernel runs well above float32's rate; else float32: XLA's int8 products are no faster per operation than
-    float32's, and the two-term encoder runs three of them per weight. Explicit settings hold on every CPU."""
+# CPU types as the rate probes see them: (AMX tiles, int8 / float32 rate, bfloat16 / float32 rate; 0.0: no such
+# instructions) and the encoder "auto" should take there
+CPUS = {
+    "sapphire rapids (AMX)": (True, 2.0, 2.0, "int8"),
+    "zen 4 (half-width float32)": (False, 4.1, 2.0, "bf16"),
+    "zen 5": (False, 2.13, 2.0, "bf16"),
+    "xeon without AMX or BF16": (False, 2.0, 0.0, "none"),
+    "slow bfloat16 units": (False, 4.1, 1.1, "int8"),
+    "avx2 only (zen 3)": (False, 0.0, 0.0, "none"),
+}
+
+
+@pytest.mark.parametrize("cpu", list(CPUS))
+def test_auto_takes_the_fastest_encoder_this_cpu_runs(monkeypatch, minilm_checkpoint, cpu):
+    """int8 on AMX tiles; else by measured cost per weight: bfloat16 products (one `vdpbf16ps` multiply-add a
+    weight) or the two-term int8 encoder on VNNI (three `vpdpbusd` ones), each only where it runs well above
+    float32's rate; else float32: XLA's int8 products are no faster per operation than float32's. Explicit
+    settings hold on every CPU."""
+    tiles, int8_rate, bf16_rate, want = CPUS[cpu]
     monkeypatch.setattr(native, "int8_tiles", lambda: tiles)
-    monkeypatch.setattr(native, "int8_products_fast", lambda: fast or tiles)
-    monkeypatch.setattr(native, "dense_bf16_vectorized", lambda: bf16)
+    monkeypatch.setattr(native, "int8_vnni_available", lambda: int8_rate > 0)
+    monkeypatch.setattr(native, "int8_over_f32_rate", lambda: int8_rate)
+    monkeypatch.setattr(native, "dense_bf16_vectorized", lambda: bf16_rate > 0)
+    monkeypatch.setattr(native, "bf16_over_f32_rate", lambda: bf16_rate)
     model = colbert_jax.load_checkpoint(minilm_checkpoint)
-    bf16 = bf16 and native.enabled() and native.dense_f32_vectorized()
-    assert model.query_quantization == ("int8" if tiles else "bf16" if bf16 else "int8" if fast else "none")
-    assert colbert_jax.load_checkpoint(minilm_checkpoint, query_quantization="int8").query_quantization == "int8"
+    if want == "bf16" and not (native.enabled() and native.dense_f32_vectorized()):
+        want = "int8" if native.int8_products_fast() else "none"  # no native float32 encoder here to run it
+    assert model.query_quantization == want
     assert colbert_jax.load_checkpoint(minilm_checkpoint, query_quantization="none").query_quantization == "none"
 
 
-def test_vnni_counts_as_fast_only_well_above_float32s_rate(monkeypatch):
-    """AVX-512 VNNI runs 64 int8 multiply-adds an instruction to an FMA's 16 float32 ones, but CPUs with
-    full-width FMA units (Zen 5, Xeons) issue twice the FMAs: there the measured rate ratio is about 2 and the
-    encoder's three int8 products per weight lose to float32; on Zen 4 (half-width float32) it is about 4."""
-    rate = native.int8_over_f32_rate()
-    if native.int8_vnni_available():
-        assert 1.0 < rate < 8.0, rate
-        assert native.int8_over_f32_rate() == rate  # measured once per process
-    else:
-        assert rate == 0.0
+def test_explicit_int8_holds_on_every_cpu(minilm_checkpoint):
+    assert colbert_jax.load_checkpoint(minilm_checkpoint, query_quantization="int8").query_quantization == "int8"
+
+
+def test_rate_probes_and_what_counts_as_fast(monkeypatch):
+    """AVX-512 VNNI runs 64 int8 multiply-adds an instruction and AVX-512 BF16 32 bfloat16 ones, to an FMA's 16
+    float32 ones; CPUs with full-width FMA units (Zen 5, Xeons) issue twice the FMAs: there the int8 rate ratio is
+    about 2 and the encoder's three int8 products per weight lose to float32; on Zen 4 (half-width float32) it is
+    about 4. bfloat16's is about 2 on both."""
+    for probe, built in (
+        (native.int8_over_f32_rate, native.int8_vnni_available),
+        (native.bf16_over_f32_rate, native.dense_bf16_vectorized),
+    ):
+        rate = probe()
+        if built():
+            assert 1.0 < rate < 8.0, (probe.__name__, rate)
+            assert probe() == rate  # measured once per process
+        else:
+            assert rate == 0.0
     monkeypatch.setattr(native, "int8_tiles", lambda: False)
     monkeypatch.setattr(native, "int8_vnni_available", lambda: True)
     monkeypatch.setattr(native, "int8_over_f32_rate", lambda: 4.1)
@@ -192,6 +213,13 @@ def test_vnni_counts_as_fast_only_well_above_float32s_rate(monkeypatch):
     assert not native.int8_products_fast()
     monkeypatch.setattr(native, "int8_tiles", lambda: True)
     assert native.int8_products_fast()
+    monkeypatch.setattr(native, "dense_bf16_vectorized", lambda: True)
+    monkeypatch.setattr(native, "bf16_over_f32_rate", lambda: 2.0)
+    assert native.bf16_products_fast()
+    monkeypatch.setattr(native, "bf16_over_f32_rate", lambda: 1.1)
+    assert not native.bf16_products_fast()
+    monkeypatch.setattr(native, "dense_bf16_vectorized", lambda: False)
+    assert not native.bf16_products_fast()
 
 
 @pytest.mark.parametrize("name", ["tiny", "roberta", "electra"])

@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -49,6 +50,9 @@ __all__ = [
     "int8_vnni_available",
     "int8_products_fast",
     "int8_over_f32_rate",
+    "bf16_over_f32_rate",
+    "bf16_products_fast",
+    "query_products_by_speed",
     "dense_bf16",
     "dense_bf16_vectorized",
     "pack_dense_bf16",
@@ -95,6 +99,7 @@ SOURCES = tuple(
         "gelu.cc",
         "dense_f32.cc",
         "dense_bf16.cc",
+        "rates.cc",
     )
 )
 HEADERS = tuple(Path(__file__).with_name(name) for name in ("amx.h", "bf16.h", "tasks.h", "xla_math.h"))
@@ -387,22 +392,37 @@ def int8_vnni_available() -> bool:
 # The int8 / float32 multiply-add rate (`int8_over_f32_rate`) above which three int8 products per weight, plus
 # the activations' split, beat one float32 product.
 INT8_OVER_F32_NEEDED = 3.5
-_rate: list[float] = []
+# The bfloat16 / float32 rate (`bf16_over_f32_rate`) above which one bfloat16 product per weight, plus the
+# operands' rounding, beats a float32 one.
+BF16_OVER_F32_NEEDED = 1.2
+_rates: dict[str, float] = {}
+
+
+def _measured_rate(kind: str, built: Callable[[], bool]) -> float:
+    """`rates.cc`'s probe for `kind` ("int8", "bf16"), run once per process; 0.0 where `built()` is false."""
+    if kind not in _rates:
+        lib = library()
+        if lib is None or not built():
+            _rates[kind] = 0.0
+        else:
+            probe = getattr(lib, f"colbert_jax_{kind}_over_f32_rate")
+            probe.restype = ctypes.c_double
+            _rates[kind] = float(probe())
+    return _rates[kind]
 
 
 def int8_over_f32_rate() -> float:
     """One core's rate of int8 multiply-adds on AVX-512 VNNI over its rate of float32 ones, measured once per
     process (a few milliseconds of register-only loops); 0.0 where the kernels lack VNNI. About 4 on CPUs that
     run 512-bit float32 FMAs at half width (AMD Zen 4), about 2 on those with full-width units (Zen 5)."""
-    if not _rate:
-        lib = library()
-        if lib is None or not lib.colbert_jax_int8_vnni():
-            _rate.append(0.0)
-        else:
-            probe = lib.colbert_jax_int8_over_f32_rate
-            probe.restype = ctypes.c_double
-            _rate.append(float(probe()))
-    return _rate[0]
+    return _measured_rate("int8", int8_vnni_available)
+
+
+def bf16_over_f32_rate() -> float:
+    """One core's rate of bfloat16 multiply-adds on AVX-512 BF16 (`vdpbf16ps`) over its rate of float32 ones,
+    measured once per process like `int8_over_f32_rate`; 0.0 where `dense_bf16_vectorized()` is false. About 2
+    on AMD Zen 4 and Zen 5."""
+    return _measured_rate("bf16", dense_bf16_vectorized)
 
 
 def int8_products_fast() -> bool:
@@ -411,6 +431,25 @@ def int8_products_fast() -> bool:
     `INT8_OVER_F32_NEEDED` times the float32 one (XLA:CPU's own int8 products are no faster per operation than
     its float32 ones)."""
     return int8_tiles() or (int8_vnni_available() and int8_over_f32_rate() > INT8_OVER_F32_NEEDED)
+
+
+def bf16_products_fast() -> bool:
+    """Whether `dense_bf16` runs `vdpbf16ps` here at more than `BF16_OVER_F32_NEEDED` times float32's rate."""
+    return dense_bf16_vectorized() and bf16_over_f32_rate() > BF16_OVER_F32_NEEDED
+
+
+def query_products_by_speed() -> list[str]:
+    """The query encoder's products (`query_quantization` values) that run faster than float32's on this CPU,
+    fastest first, then "none": "int8" first on AMX tiles; then, by measured cost per weight, "bf16" (one
+    bfloat16 multiply-add, `bf16_products_fast()`) and "int8" on AVX-512 VNNI (three int8 ones,
+    `int8_products_fast()`)."""
+    tiles = int8_tiles()
+    costs = {}
+    if bf16_products_fast():
+        costs["bf16"] = 1.0 / bf16_over_f32_rate()
+    if not tiles and int8_products_fast():
+        costs["int8"] = 3.0 / int8_over_f32_rate()
+    return [*(["int8"] if tiles else []), *sorted(costs, key=costs.__getitem__), "none"]
 
 
 def pack_dense(high: np.ndarray, low: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

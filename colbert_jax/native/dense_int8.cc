@@ -21,7 +21,6 @@
 // same integers.
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -344,53 +343,6 @@ void ProductsVnni(const int8_t* ahi, const int8_t* alo, const float* xs, const i
 }
 #endif
 
-#if defined(COLBERT_JAX_HAS_VNNI)
-// One core's rate of int8 multiply-adds (vpdpbusd, 64 a 512-bit instruction) over its rate of float32 ones
-// (vfmadd, 16), each timed as a register-resident loop of 16 independent chains, alternately, the fastest of
-// 5 turns each. Three int8 products per weight (the two-term encoder) beat one float32 product only where this
-// is well above 3: CPUs whose float32 units run 512-bit vectors at half width (AMD Zen 4) have about 4, those
-// with full-width FMA units (Zen 5, Intel Xeons) about 2.
-#define COLBERT_JAX_CHAINS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12) X(13) X(14) X(15)
-double Int8OverF32Rate() {
-  constexpr long kSteps = 40000;
-  using Clock = std::chrono::steady_clock;
-  double f32 = 1e30, int8 = 1e30;
-  float fsink = 0.0f;
-  int isink = 0;
-  for (int turn = 0; turn < 5; ++turn) {
-#define COLBERT_JAX_FDECL(i) __m512 f##i = _mm512_set1_ps(i * 0.001f);
-    COLBERT_JAX_CHAINS(COLBERT_JAX_FDECL)
-    __m512 b = _mm512_set1_ps(0.999f), c = _mm512_set1_ps(0.0001f);
-    auto t0 = Clock::now();
-    for (long i = 0; i < kSteps; ++i) {
-#define COLBERT_JAX_FSTEP(i) f##i = _mm512_fmadd_ps(f##i, b, c);
-      COLBERT_JAX_CHAINS(COLBERT_JAX_FSTEP)
-      __asm__ volatile("" : "+v"(b));  // b opaque: the loop is not folded
-    }
-    f32 = std::min(f32, std::chrono::duration<double>(Clock::now() - t0).count());
-#define COLBERT_JAX_FSUM(i) fsink += _mm512_reduce_add_ps(f##i);
-    COLBERT_JAX_CHAINS(COLBERT_JAX_FSUM)
-#define COLBERT_JAX_IDECL(i) __m512i v##i = _mm512_set1_epi32(i);
-    COLBERT_JAX_CHAINS(COLBERT_JAX_IDECL)
-    __m512i x = _mm512_set1_epi8(3), y = _mm512_set1_epi8(5);
-    t0 = Clock::now();
-    for (long i = 0; i < kSteps; ++i) {
-#define COLBERT_JAX_ISTEP(i) v##i = _mm512_dpbusd_epi32(v##i, x, y);
-      COLBERT_JAX_CHAINS(COLBERT_JAX_ISTEP)
-      __asm__ volatile("" : "+v"(x));
-    }
-    int8 = std::min(int8, std::chrono::duration<double>(Clock::now() - t0).count());
-#define COLBERT_JAX_ISUM(i) isink += _mm512_reduce_add_epi32(v##i);
-    COLBERT_JAX_CHAINS(COLBERT_JAX_ISUM)
-  }
-  volatile float keep_f = fsink;  // the sums keep both loops' results live
-  volatile int keep_i = isink;
-  (void)keep_f;
-  (void)keep_i;
-  return (64.0 / int8) / (16.0 / f32);
-}
-#endif
-
 bool VnniBuilt() {
 #if defined(COLBERT_JAX_HAS_VNNI)
   return true;
@@ -494,13 +446,6 @@ ffi::Error Int8Dense(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
 
 extern "C" int colbert_jax_amx_ready() { return AmxReady() ? 1 : 0; }
 extern "C" int colbert_jax_int8_vnni() { return VnniBuilt() ? 1 : 0; }
-extern "C" double colbert_jax_int8_over_f32_rate() {
-#if defined(COLBERT_JAX_HAS_VNNI)
-  return Int8OverF32Rate();
-#else
-  return 0.0;
-#endif
-}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ColbertJaxInt8Dense, Int8Dense,
                               ffi::Ffi::Bind()

@@ -162,12 +162,11 @@ def test_amx_turned_off_runs_the_paths_of_cpus_without_it(monkeypatch, minilm_ch
         packed = native.pack_dense(high, cross[:64])
         native.int8_dense(jnp.asarray(x), *packed, jnp.asarray(scale), implementation="amx")
     assert not native.int8_tiles()
-    # "auto": bfloat16 products where `vdpbf16ps` runs, else int8 where the kernels' VNNI path runs int8
-    # products well above float32's rate (AVX-512 VNNI CPUs with half-width float32 units), else float32
+    # "auto": by the measured rates alone, never int8 for the tiles' sake
     vnni = native.int8_vnni_available()
-    fast = vnni and native.int8_over_f32_rate() > native.INT8_OVER_F32_NEEDED
-    bf16 = native.dense_f32_vectorized() and native.dense_bf16_vectorized()
-    want = "bf16" if bf16 else "int8" if fast else "none"
+    assert "int8" not in native.query_products_by_speed() or native.int8_over_f32_rate() > native.INT8_OVER_F32_NEEDED
+    float_native = native.dense_f32_vectorized()
+    want = next(q for q in native.query_products_by_speed() if q != "bf16" or float_native)
     assert colbert_jax.load_checkpoint(minilm_checkpoint).query_quantization == want
     model = colbert_jax.load_checkpoint(minilm_checkpoint, query_quantization="int8")
     assert model.query_quantization == "int8" and model.int8_products == ("vnni" if vnni else "xla")

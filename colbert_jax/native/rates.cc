@@ -1,0 +1,116 @@
+// One core's multiply-add rates by instruction, for choosing the query encoder's products
+// (`colbert_jax.native.int8_over_f32_rate`, `bf16_over_f32_rate`, `query_products_by_speed`): int8 multiply-adds
+// (`vpdpbusd`, 64 a 512-bit instruction) and bfloat16 ones (`vdpbf16ps`, 32) over float32 ones (`vfmadd`, 16).
+// Each is a register-resident loop of 16 independent chains, timed alternately with float32's, the fastest of 5
+// turns each (a few milliseconds in all). Cores differ in how many 512-bit units of each kind they issue to: AMD
+// Zen 4 runs float32 FMAs at half width (int8 about 4x float32, bfloat16 about 2x), Zen 5 and Intel Xeons at
+// full width (int8 about 2x, bfloat16 about 2x where it exists).
+
+#include <algorithm>
+#include <chrono>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include "bf16.h"
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+constexpr long kSteps = 40000;
+constexpr int kTurns = 5;
+
+#define COLBERT_JAX_CHAINS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12) X(13) X(14) X(15)
+
+#if defined(__AVX512F__)
+// Seconds for kSteps x 16 float32 FMAs; `sink` keeps the chains' results live.
+double F32Loop(float* sink) {
+#define COLBERT_JAX_FDECL(i) __m512 f##i = _mm512_set1_ps(i * 0.001f);
+  COLBERT_JAX_CHAINS(COLBERT_JAX_FDECL)
+  __m512 b = _mm512_set1_ps(0.999f), c = _mm512_set1_ps(0.0001f);
+  const auto t0 = Clock::now();
+  for (long i = 0; i < kSteps; ++i) {
+#define COLBERT_JAX_FSTEP(i) f##i = _mm512_fmadd_ps(f##i, b, c);
+    COLBERT_JAX_CHAINS(COLBERT_JAX_FSTEP)
+    __asm__ volatile("" : "+v"(b));  // b opaque: the loop is not folded
+  }
+  const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+#define COLBERT_JAX_FSUM(i) *sink += _mm512_reduce_add_ps(f##i);
+  COLBERT_JAX_CHAINS(COLBERT_JAX_FSUM)
+  return seconds;
+}
+
+// (macs per instruction / other's seconds) / (16 / float32's seconds), the fastest turn of each.
+template <class Loop>
+double OverF32(double macs, Loop other) {
+  double f32 = 1e30, low = 1e30;
+  float sink = 0.0f;
+  for (int turn = 0; turn < kTurns; ++turn) {
+    f32 = std::min(f32, F32Loop(&sink));
+    low = std::min(low, other(&sink));
+  }
+  volatile float keep = sink;
+  (void)keep;
+  return (macs / low) / (16.0 / f32);
+}
+#endif
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+double Int8Loop(float* sink) {
+#define COLBERT_JAX_IDECL(i) __m512i v##i = _mm512_set1_epi32(i);
+  COLBERT_JAX_CHAINS(COLBERT_JAX_IDECL)
+  __m512i x = _mm512_set1_epi8(3), y = _mm512_set1_epi8(5);
+  const auto t0 = Clock::now();
+  for (long i = 0; i < kSteps; ++i) {
+#define COLBERT_JAX_ISTEP(i) v##i = _mm512_dpbusd_epi32(v##i, x, y);
+    COLBERT_JAX_CHAINS(COLBERT_JAX_ISTEP)
+    __asm__ volatile("" : "+v"(x));
+  }
+  const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+#define COLBERT_JAX_ISUM(i) *sink += static_cast<float>(_mm512_reduce_add_epi32(v##i));
+  COLBERT_JAX_CHAINS(COLBERT_JAX_ISUM)
+  return seconds;
+}
+#endif
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define COLBERT_JAX_RATES_BF16 1
+double Bf16Loop(float* sink) {
+#define COLBERT_JAX_BDECL(i) __m512 h##i = _mm512_set1_ps(i * 0.001f);
+  COLBERT_JAX_CHAINS(COLBERT_JAX_BDECL)
+  __m512bh a = _mm512_cvtne2ps_pbh(_mm512_set1_ps(0.5f), _mm512_set1_ps(0.25f));
+  const __m512bh b = _mm512_cvtne2ps_pbh(_mm512_set1_ps(0.001f), _mm512_set1_ps(0.002f));
+  const auto t0 = Clock::now();
+  for (long i = 0; i < kSteps; ++i) {
+#define COLBERT_JAX_BSTEP(i) h##i = _mm512_dpbf16_ps(h##i, a, b);
+    COLBERT_JAX_CHAINS(COLBERT_JAX_BSTEP)
+    __asm__ volatile("" : "+v"(a));
+  }
+  const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+#define COLBERT_JAX_BSUM(i) *sink += _mm512_reduce_add_ps(h##i);
+  COLBERT_JAX_CHAINS(COLBERT_JAX_BSUM)
+  return seconds;
+}
+#endif
+
+}  // namespace
+
+// 0.0 where the library is not built with AVX-512 VNNI (callers check `colbert_jax_int8_vnni` first).
+extern "C" double colbert_jax_int8_over_f32_rate() {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  return OverF32(64.0, Int8Loop);
+#else
+  return 0.0;
+#endif
+}
+
+// 0.0 where the library is not built with AVX-512 BF16 or this CPU does not run it.
+extern "C" double colbert_jax_bf16_over_f32_rate() {
+#if defined(COLBERT_JAX_RATES_BF16)
+  if (!colbert_jax_native::CpuRunsAvx512Bf16()) return 0.0;
+  return OverF32(32.0, Bf16Loop);
+#else
+  return 0.0;
+#endif
+}
