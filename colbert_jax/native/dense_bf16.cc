@@ -1,7 +1,7 @@
 // A dense layer on bfloat16 operands with float32 sums (`colbert_jax.native.dense_bf16`), called from XLA
 // programs through the XLA FFI: out [M, N] = bf16(x) [M, K] . bf16(w) [K, N], for the float32 query encoder's
-// dense layers on CPUs with AVX-512 BF16 (`vdpbf16ps`: two products a lane an instruction, twice the float32 FMA rate on
-// AMD Zen 4 and Zen 5).
+// dense layers on CPUs with AVX-512 BF16 (`vdpbf16ps`: two products a lane an instruction, twice the float32 FMA
+// rate on AMD Zen 4 and Zen 5).
 //
 // Weights arrive pre-packed (`colbert_jax.native.pack_dense_bf16`) as panels of 48 columns, [N / 48][K2][48][2]
 // bfloat16 (K2 = ceil(K / 2); a column's coordinate pair (2kk, 2kk + 1) adjacent, zeros past K and N), so that
