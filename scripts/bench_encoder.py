@@ -157,6 +157,12 @@ def main() -> None:
             results[name].append(run(cmd, env))
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), "?")
     print(f"{cpu}, {os.cpu_count()} CPUs, {platform.python_version()}; {args.queries} queries, {args.repeats} repeats")
+    from colbert_jax import native
+
+    print(
+        f"rates over float32 (one core): int8 {native.int8_over_f32_rate():.2f}, bf16 {native.bf16_over_f32_rate():.2f}"
+        f"; AMX tiles {native.int8_tiles()}; auto's order: {', '.join(native.query_products_by_speed())}"
+    )
     print("| encoder | single query p50 ms | batched ms/query | vs colbert-ai (single, batched) |")
     print("|---|---|---|---|")
     ref = results.get("colbert-ai")
