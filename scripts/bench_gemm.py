@@ -1,7 +1,8 @@
 """float32 matrix products of the query encoder's shapes, by each library that could run them, side by side: XLA
 (what batched encoding runs), our native kernel (`colbert_jax.native.dense_f32`, what one query's encoding
-runs), numpy's BLAS (OpenBLAS in numpy's wheels) and torch's (colbert-ai's encoder; MKL in torch's x86 wheels),
-on one core and on all cores.
+runs), our bfloat16-operand kernel (`native.dense_bf16`, `query_quantization="bf16"`, where AVX-512 BF16 runs
+it; its rate counts the same FLOPs), numpy's BLAS (OpenBLAS in numpy's wheels) and torch's (colbert-ai's
+encoder; MKL in torch's x86 wheels), on one core and on all cores.
 
     python scripts/bench_gemm.py [--rows 2048] [--repeats 3] [--ref-python /work/refvenv/bin/python]
 
@@ -40,10 +41,12 @@ rng = np.random.default_rng(0)
 if library == "torch":
     import torch
     torch.set_num_threads(1 if one_core else len(os.sched_getaffinity(0)))
-elif library in ("xla", "native"):
+elif library in ("xla", "native", "native_bf16"):
     import jax, jax.numpy as jnp
     from colbert_jax import native
     if library == "native" and not native.enabled():
+        print("RESULT null"); sys.exit(0)
+    if library == "native_bf16" and not (native.enabled() and native.dense_bf16_vectorized()):
         print("RESULT null"); sys.exit(0)
 
 def product(k, n):
@@ -56,8 +59,10 @@ def product(k, n):
     jx = jnp.asarray(x)
     if library == "xla":
         f, jw = jax.jit(lambda a, b: a @ b), jnp.asarray(w)
-    else:
+    elif library == "native":
         f, jw = jax.jit(lambda a, b: native.dense_f32(a, b, n)), jnp.asarray(native.pack_dense_f32(w))
+    else:
+        f, jw = jax.jit(lambda a, b: native.dense_bf16(a, b, n)), jnp.asarray(native.pack_dense_bf16(w))
     return lambda: f(jx, jw).block_until_ready()
 
 rates = []
@@ -92,6 +97,8 @@ def main() -> None:
     ap.add_argument("--ref-python", help="a Python with torch (colbert-ai's venv) for torch's products")
     args = ap.parse_args()
     systems = [("XLA", sys.executable, "xla"), ("native dense_f32", sys.executable, "native")]
+    # bfloat16 operands, float32 sums (`query_quantization="bf16"`): skipped where `vdpbf16ps` does not run
+    systems.append(("native dense_bf16", sys.executable, "native_bf16"))
     systems.append(("numpy (its BLAS)", sys.executable, "numpy"))
     if args.ref_python:
         systems.append(("torch", args.ref_python, "torch"))
