@@ -149,12 +149,15 @@ class ColBERTModel:
         # fused projections as a native kernel (and the intermediate GELU on AVX-512), and a few queries' products
         # too (split across threads: XLA:CPU runs a query's small products on one core); float32-accurate, not
         # XLA's bits. Elsewhere the kernels' scalar paths would be slower than XLA's: XLA runs it all there.
-        # "bf16" is this encoder with every dense product on bfloat16 operands.
+        # "bf16" is this encoder with every dense product on bfloat16 operands. Rounding each product's input rows
+        # to bfloat16 turns last-bit float32 differences into whole-step flips, as int8 does: the float ops
+        # between run at large-batch shapes there too, so that a query's embedding does not depend on its batch.
         self.native_float_encoder = self.query_quantization in ("none", "bf16") and float_native
         if self.native_float_encoder:
-            fused = fuse_float_params(query_params, packed=True, bf16=self.query_quantization == "bf16")
+            bf16 = self.query_quantization == "bf16"
+            fused = fuse_float_params(query_params, packed=True, bf16=bf16)
             self._query_params = jax.device_put(fused, replicated)
-            query_fn = quantized_apply(query_fn)
+            query_fn = quantized_apply(batch_invariant(query_fn, self.n_devices) if bf16 else query_fn)
         self._query_fn = jax.jit(query_fn, in_shardings=(replicated, rows, rows), out_shardings=rows)
         self._doc_fn = jax.jit(
             functools.partial(embed_docs, self.module, pad_id=pad_id),

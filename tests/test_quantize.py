@@ -222,20 +222,22 @@ def test_rate_probes_and_what_counts_as_fast(monkeypatch):
     assert not native.bf16_products_fast()
 
 
+@pytest.mark.parametrize("quantization", ["int8", "bf16"])
 @pytest.mark.parametrize("name", ["tiny", "roberta", "electra"])
-def test_int8_query_embeddings_do_not_depend_on_the_batch_size(tiny_checkpoint, queries, name):
-    """int8 rounds every dense layer's input rows, so the float ops between them must round alike at every
+def test_quantized_query_embeddings_do_not_depend_on_the_batch_size(tiny_checkpoint, queries, name, quantization):
+    """int8 and bf16 round every dense layer's input rows, so the float ops between them must round alike at every
     batch size: XLA:CPU compiles small batches differently, which int8 turned into whole-step flips (5e-5 on the
-    tiny model at batch sizes 1-4). `modeling/invariant.py` runs them at large-batch shapes (measured: 0)."""
+    tiny model at batch sizes 1-4; bf16 3e-4 across 8 devices). `modeling/invariant.py` runs them at large-batch
+    shapes (measured: 0)."""
     path = tiny_checkpoint if name == "tiny" else BACKBONE_FIXTURES / name / "checkpoint"
-    model = colbert_jax.load_checkpoint(path).replace_config(query_quantization="int8")
+    model = colbert_jax.load_checkpoint(path).replace_config(query_quantization=quantization)
     texts = queries[:32]
     want = model.encode_queries(texts, bsize=32)
     for bsize in (1, 3, 8):
         got = model.encode_queries(texts, bsize=bsize)
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-6, err_msg=f"bsize={bsize}")
     full = model.replace_config(query_quantization="none").encode_queries(texts, bsize=32)
-    assert np.abs(full - want).max() > 1e-6  # it did run in int8
+    assert np.abs(full - want).max() > 1e-6  # it did run on rounded operands
 
 
 def test_padded_rows_stay_on_their_shard():
