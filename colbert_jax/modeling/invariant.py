@@ -1,16 +1,18 @@
-"""Batch-invariant int8 query encoding on XLA:CPU: the float ops between int8 products see large-batch shapes.
+"""Batch-invariant int8 and bf16 query encoding on XLA:CPU: the float ops between rounded products see large-batch
+shapes.
 
 XLA:CPU compiles an op differently when its batch is small: a size-1 batch dimension changes the layout of
 attention's einsums (and so their kernel), and small arrays take other reduction and fusion code paths, so a
 query's float32 LayerNorm, softmax, attention products, projection head or final L2 norm can round differently
 at batch size 1, 2 or 4 than inside a batch of 16 or more. The int8 dense products are exact integer
 arithmetic, but each one rounds its input rows to int8 steps (`quantize._split_rows`), which turns those
-last-bit differences into whole-step flips (1e-4 in the embeddings, where float32 shows 1e-7).
+last-bit differences into whole-step flips (1e-4 in the embeddings, where float32 shows 1e-7). The bf16 encoder
+(`query_quantization="bf16"`) rounds each product's input rows to bfloat16, with the same effect.
 
 `padded(fn, *xs)` runs `fn` on its inputs padded with zero rows along the batch axis, within each device's
 block of rows, up to a floor of rows and of `MIN_ELEMENTS` elements of the first input, and slices the result
 back: XLA then compiles the shapes it compiles for a large batch, whose rows do not depend on the batch
-size. It pads only while `batch_invariant(...)` is tracing (the int8 query encoder); elsewhere it is a plain
+size. It pads only while `batch_invariant(...)` is tracing (the int8 and bf16 query encoders); elsewhere it is a plain
 call, and batches at or above the floor are not padded. The backbones call it around those float ops (BERT,
 RoBERTa, XLM-RoBERTa and ELECTRA, which share `bert._Encoder`; ModernBERT's int8 encoder is not
 batch-invariant yet), and attention runs with batch and heads merged into one einsum axis there, which no
@@ -57,7 +59,7 @@ def batch_invariant(fn: Callable, shards: int = 1) -> Callable:
 
 
 def active() -> bool:
-    """Whether `batch_invariant` is tracing (the int8 query encoder)."""
+    """Whether `batch_invariant` is tracing (the int8 and bf16 query encoders)."""
     return getattr(_state, "shards", None) is not None
 
 
