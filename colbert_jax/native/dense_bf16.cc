@@ -201,27 +201,31 @@ ffi::Error DenseBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   }
   if (m == 0) return ffi::Error::Success();
   const bool vector = vectorized && VectorReady();
-  std::vector<uint32_t> xw(m * k2);
-  RoundRows(x.typed_data(), m, k, k2, xw.data(), vector);
+  const float* xf = x.typed_data();
   const uint32_t* wd = reinterpret_cast<const uint32_t*>(w.untyped_data());
   float* o = out->typed_data();
   const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
   const int64_t row_groups = (m + kRowsPerTask - 1) / kRowsPerTask;
   const int64_t chunks = std::min<int64_t>(panels, std::max<int64_t>(1, (2 * threads + row_groups - 1) / row_groups));
   const int64_t per_chunk = (panels + chunks - 1) / chunks;
-  const uint32_t* x_words = xw.data();
   RunTasks(pool, row_groups * chunks, 2 * m * k * n / kFlopsPerThread, 1, [&](int64_t t) {
     const int64_t g = t / chunks, c = t % chunks;
-    const int64_t r0 = g * kRowsPerTask, r1 = std::min(r0 + kRowsPerTask, m);
+    const int64_t r0 = g * kRowsPerTask, rows = std::min(r0 + kRowsPerTask, m) - r0;
+    // Each task rounds its own rows (in parallel, and into its core's cache); a group's rows are rounded once
+    // per chunk of panels, which is more than once only for small M, where rounding costs little.
+    thread_local std::vector<uint32_t> words;
+    if (static_cast<int64_t>(words.size()) < rows * k2) words.resize(rows * k2);
+    RoundRows(xf + r0 * k, rows, k, k2, words.data(), vector);
+    float* out_rows = o + r0 * n;
     for (int64_t p = c * per_chunk; p < std::min((c + 1) * per_chunk, panels); ++p) {
       const uint32_t* panel = wd + p * k2 * kPanel;
 #if defined(COLBERT_JAX_DENSE_BF16)
       if (vector) {
-        PanelVector(x_words, r0, r1, k2, panel, p * kPanel, n, o, wd + panels * k2 * kPanel);
+        PanelVector(words.data(), 0, rows, k2, panel, p * kPanel, n, out_rows, wd + panels * k2 * kPanel);
         continue;
       }
 #endif
-      PanelScalar(x_words, r0, r1, k2, panel, p * kPanel, n, o);
+      PanelScalar(words.data(), 0, rows, k2, panel, p * kPanel, n, out_rows);
     }
   });
   return ffi::Error::Success();
