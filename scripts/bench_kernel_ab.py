@@ -2,13 +2,14 @@
 in the working tree compiled side by side into one C++ harness (this CPU's flags, as `colbert_jax.native`
 builds them), called in turn, call after call, on the same inputs, with the outputs checked bit for bit.
 
-    python scripts/bench_kernel_ab.py dense_f32|dense_int8 [--base REV] [--rows 2048] [--threads 1|2] [--calls 40]
+    python scripts/bench_kernel_ab.py dense_f32|dense_bf16|dense_int8 [--base REV] [--rows 2048] [--threads 1|2] [--calls 40]
     python scripts/bench_kernel_ab.py centroid_scores_f32 [--base REV] [--centroids 65536 8192] [--calls 100]
 
 On a shared, noisy machine two processes run minutes apart can differ by 2x; calls alternated within one
 process meet the same neighbours, so their ratio is what a change is worth. `dense_f32` runs MiniLM's four
 dense shapes (x [rows, K] . w [K, N], weights packed in panels of 48), the rows split across `--threads`
-threads; `dense_int8` the same shapes through the int8 layer's AVX-512 VNNI path (the activation split and the
+threads; `dense_bf16` the same shapes on bfloat16 operands (x rounded in the call, as each task of the FFI
+handler rounds its rows; weights packed as bfloat16 pairs, AVX-512 BF16 builds only); `dense_int8` the same shapes through the int8 layer's AVX-512 VNNI path (the activation split and the
 three products; arbitrary weight bytes, column scales 1; AVX-512 VNNI builds only); `centroid_scores_f32` runs
 one 32-token query's stage 1 and block maxima over 128-dimensional centroids on one thread. Each line prints
 the median (and fastest) call of either side and the ratio of the medians (> 1: the working tree is faster).
@@ -39,6 +40,25 @@ void RUN(const float* x, const float* w, float* out, int64_t m, int64_t k, int64
     const int64_t r1 = std::min(r0 + kRowsPerTask, m);
     for (int64_t p = 0; p < panels; ++p)
       PanelAvx512(x, r0, r1, k, w + p * k * kPanel, kPanel, p * kPanel, n, out, w + panels * k * kPanel);
+  }
+}
+""",
+    ),
+    "dense_bf16": (
+        "// Whether the vector path is compiled here",
+        """
+// as one task of the handler: round a group's rows, then its panels
+void RUN(const float* x, const float* w, float* out, int64_t m, int64_t k, int64_t n) {
+  const int64_t k2 = (k + 1) / 2, panels = (n + kPanel - 1) / kPanel;
+  const uint32_t* wd = reinterpret_cast<const uint32_t*>(w);
+  thread_local std::vector<uint32_t> words;
+  for (int64_t r0 = 0; r0 < m; r0 += kRowsPerTask) {
+    const int64_t rows = std::min(r0 + kRowsPerTask, m) - r0;
+    if (static_cast<int64_t>(words.size()) < rows * k2) words.resize(rows * k2);
+    RoundRows(x + r0 * k, rows, k, k2, words.data(), true);
+    for (int64_t p = 0; p < panels; ++p)
+      PanelVector(words.data(), 0, rows, k2, wd + p * k2 * kPanel, p * kPanel, n, out + r0 * n,
+                  wd + panels * k2 * kPanel);
   }
 }
 """,
@@ -123,6 +143,17 @@ int main(int argc, char** argv) {
       std::sscanf(argv[i], "%ld:%ld:%ld", &m, &k, &n);
       std::vector<float> x(m * k), w((n + 47) / 48 * 48 * k), oa(m * n), ob(m * n);
       fill(x, 2654435761u); fill(w, 40503u);
+      if (std::strcmp(argv[1], "dense_bf16") == 0) {
+        // each 32-bit word a pair of bfloat16 (the high halves of two weights), not a float's low bits
+        std::vector<float> v(2 * w.size());
+        fill(v, 40503u);
+        for (size_t j = 0; j < w.size(); ++j) {
+          uint32_t lo, hi;
+          std::memcpy(&lo, &v[2 * j], 4); std::memcpy(&hi, &v[2 * j + 1], 4);
+          const uint32_t word = (lo >> 16) | (hi & 0xffff0000u);
+          std::memcpy(&w[j], &word, 4);
+        }
+      }
       auto split = [&](auto run, float* o) {
         const int64_t h = m / threads;
         std::vector<std::thread> pool;
@@ -160,6 +191,8 @@ int main(int argc, char** argv) {
 ADAPT = {
     "dense_f32": "void {name}(const float* x, const float* w, float* o, int64_t m, int64_t k, int64_t n, float*) "
     "{{ RUN(x, w, o, m, k, n); }}",
+    "dense_bf16": "void {name}(const float* x, const float* w, float* o, int64_t m, int64_t k, int64_t n, float*) "
+    "{{ RUN(x, w, o, m, k, n); }}",
     "dense_int8": "void {name}(const float* x, const float* w, float* o, int64_t m, int64_t k, int64_t n, float*) "
     "{{ RUN(x, w, o, m, k, n); }}",
     "centroid_scores_f32": "void {name}(const float* c, const float* qt, float* s, int64_t p, int64_t dim, int64_t lq, "
@@ -180,8 +213,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("kernel", choices=sorted(KERNELS))
     ap.add_argument("--base", default="HEAD", help="git revision of the 'before' source (default HEAD)")
-    ap.add_argument("--rows", type=int, nargs="+", default=[2048], help="dense_f32, dense_int8: rows of x")
-    ap.add_argument("--threads", type=int, default=1, help="dense_f32, dense_int8: threads, each a share of the rows")
+    ap.add_argument("--rows", type=int, nargs="+", default=[2048], help="dense kernels: rows of x")
+    ap.add_argument("--threads", type=int, default=1, help="dense kernels: threads, each a share of the rows")
     ap.add_argument("--centroids", type=int, nargs="+", default=[65536, 8192], help="centroid_scores_f32: P")
     ap.add_argument("--calls", type=int, default=None, help="calls per side (default 40 dense, 100 stage 1)")
     args = ap.parse_args()
