@@ -2,17 +2,19 @@
 in the working tree compiled side by side into one C++ harness (this CPU's flags, as `colbert_jax.native`
 builds them), called in turn, call after call, on the same inputs, with the outputs checked bit for bit.
 
-    python scripts/bench_kernel_ab.py dense_f32|dense_bf16|dense_int8 [--base REV] [--rows 2048] [--threads 1|2] [--calls 40]
+    python scripts/bench_kernel_ab.py dense_f32|dense_bf16|dense_int8 [--base REV] [--rows 2048] [--threads 1|2]
+        [--calls 40]
     python scripts/bench_kernel_ab.py centroid_scores_f32 [--base REV] [--centroids 65536 8192] [--calls 100]
 
 On a shared, noisy machine two processes run minutes apart can differ by 2x; calls alternated within one
 process meet the same neighbours, so their ratio is what a change is worth. `dense_f32` runs MiniLM's four
 dense shapes (x [rows, K] . w [K, N], weights packed in panels of 48), the rows split across `--threads`
 threads; `dense_bf16` the same shapes on bfloat16 operands (x rounded in the call, as each task of the FFI
-handler rounds its rows; weights packed as bfloat16 pairs, AVX-512 BF16 builds only); `dense_int8` the same shapes through the int8 layer's AVX-512 VNNI path (the activation split and the
-three products; arbitrary weight bytes, column scales 1; AVX-512 VNNI builds only); `centroid_scores_f32` runs
-one 32-token query's stage 1 and block maxima over 128-dimensional centroids on one thread. Each line prints
-the median (and fastest) call of either side and the ratio of the medians (> 1: the working tree is faster).
+handler rounds its rows; weights packed as bfloat16 pairs; AVX-512 BF16 builds only); `dense_int8` the same
+shapes through the int8 layer's AVX-512 VNNI path (the activation split and the three products; arbitrary
+weight bytes, column scales 1; AVX-512 VNNI builds only); `centroid_scores_f32` runs one 32-token query's
+stage 1 and block maxima over 128-dimensional centroids on one thread. Each line prints the median (and
+fastest) call of either side and the ratio of the medians (> 1: the working tree is faster).
 AVX-512 builds only (the kernels' AVX-512 paths).
 """
 
