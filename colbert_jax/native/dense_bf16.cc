@@ -23,6 +23,7 @@
 #endif
 
 #include "bf16.h"
+#include "blocking.h"
 #include "tasks.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -30,8 +31,12 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+using colbert_jax_native::ForRowBlocks;
 using colbert_jax_native::FromBf16;
+using colbert_jax_native::LineShare;
 using colbert_jax_native::RunTasks;
+using colbert_jax_native::ShareOf;
+using colbert_jax_native::TaskGrid;
 using colbert_jax_native::ToBf16;
 
 constexpr int64_t kPanel = 48;                // columns per packed panel
@@ -142,26 +147,11 @@ void PanelRows(const uint32_t* xw, int64_t r0, int64_t r1, int64_t k2, const uin
     const uint32_t* ahead = panel + k1 * kPanel;  // the next pass's weights (or the next panel's first)
     const char* pf = reinterpret_cast<const char*>(ahead);
     const int64_t lines = std::max<int64_t>(0, std::min<int64_t>(kDepth * kPanel, w_end - ahead)) * 4 / 64;
-    const int64_t share = (lines + blocks - 1) / blocks;
-    auto part = [&](int64_t i) { return std::min(lines, i * share); };
-    int64_t r = r0, b = 0;
-    for (; r + kRows <= r1; r += kRows, ++b) {
-      BlockBf16<kRows, V>(xw, r, k2, k0, k1, panel, col, n, out, pf + part(b) * 64, part(b + 1) - part(b),
-                          scratch + (r - r0) * kPanel);
-    }
-    const char* rest = pf + part(b) * 64;
-    const int64_t left = part(b + 1) - part(b);
-    float* sums = scratch + (r - r0) * kPanel;
-    switch (r1 - r) {
-      case 7: BlockBf16<7, V>(xw, r, k2, k0, k1, panel, col, n, out, rest, left, sums); break;
-      case 6: BlockBf16<6, V>(xw, r, k2, k0, k1, panel, col, n, out, rest, left, sums); break;
-      case 5: BlockBf16<5, V>(xw, r, k2, k0, k1, panel, col, n, out, rest, left, sums); break;
-      case 4: BlockBf16<4, V>(xw, r, k2, k0, k1, panel, col, n, out, rest, left, sums); break;
-      case 3: BlockBf16<3, V>(xw, r, k2, k0, k1, panel, col, n, out, rest, left, sums); break;
-      case 2: BlockBf16<2, V>(xw, r, k2, k0, k1, panel, col, n, out, rest, left, sums); break;
-      case 1: BlockBf16<1, V>(xw, r, k2, k0, k1, panel, col, n, out, rest, left, sums); break;
-      default: break;
-    }
+    ForRowBlocks<kRows>(r0, r1, [&](auto rows, int64_t r, int64_t b) {
+      const LineShare share = ShareOf(lines, blocks, b);
+      BlockBf16<decltype(rows)::value, V>(xw, r, k2, k0, k1, panel, col, n, out, pf + share.first * 64, share.count,
+                                          scratch + (r - r0) * kPanel);
+    });
   }
 }
 
@@ -204,20 +194,16 @@ ffi::Error DenseBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   const float* xf = x.typed_data();
   const uint32_t* wd = reinterpret_cast<const uint32_t*>(w.untyped_data());
   float* o = out->typed_data();
-  const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
-  const int64_t row_groups = (m + kRowsPerTask - 1) / kRowsPerTask;
-  const int64_t chunks = std::min<int64_t>(panels, std::max<int64_t>(1, (2 * threads + row_groups - 1) / row_groups));
-  const int64_t per_chunk = (panels + chunks - 1) / chunks;
-  RunTasks(pool, row_groups * chunks, 2 * m * k * n / kFlopsPerThread, 1, [&](int64_t t) {
-    const int64_t g = t / chunks, c = t % chunks;
-    const int64_t r0 = g * kRowsPerTask, rows = std::min(r0 + kRowsPerTask, m) - r0;
+  const TaskGrid grid(m, panels, pool.num_threads(), kRowsPerTask);
+  RunTasks(pool, grid.tasks(), 2 * m * k * n / kFlopsPerThread, 1, [&](int64_t t) {
+    const int64_t r0 = grid.first_row(t), rows = std::min(r0 + kRowsPerTask, m) - r0;
     // Each task rounds its own rows (in parallel, and into its core's cache); a group's rows are rounded once
     // per chunk of panels, which is more than once only for small M, where rounding costs little.
     thread_local std::vector<uint32_t> words;
     if (static_cast<int64_t>(words.size()) < rows * k2) words.resize(rows * k2);
     RoundRows(xf + r0 * k, rows, k, k2, words.data(), vector);
     float* out_rows = o + r0 * n;
-    for (int64_t p = c * per_chunk; p < std::min((c + 1) * per_chunk, panels); ++p) {
+    for (int64_t p = grid.first_unit(t); p < grid.end_unit(t); ++p) {
       const uint32_t* panel = wd + p * k2 * kPanel;
 #if defined(COLBERT_JAX_DENSE_BF16)
       if (vector) {

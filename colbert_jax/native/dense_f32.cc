@@ -17,6 +17,7 @@
 #include <immintrin.h>
 #endif
 
+#include "blocking.h"
 #include "tasks.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -24,7 +25,11 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+using colbert_jax_native::ForRowBlocks;
+using colbert_jax_native::LineShare;
 using colbert_jax_native::RunTasks;
+using colbert_jax_native::ShareOf;
+using colbert_jax_native::TaskGrid;
 
 constexpr int64_t kPanel = 48;               // the widest packed panel (16 is the other)
 constexpr int64_t kRows = 8;                 // rows per register block
@@ -112,26 +117,11 @@ void PanelRows(const float* x, int64_t r0, int64_t r1, int64_t k, const float* p
     const float* ahead = panel + k1 * ld;
     const char* pf = reinterpret_cast<const char*>(ahead);
     const int64_t lines = std::max<int64_t>(0, std::min<int64_t>(kDepth * ld, w_end - ahead)) * sizeof(float) / 64;
-    const int64_t share = (lines + blocks - 1) / blocks;
-    int64_t r = r0, b = 0;
-    auto part = [&](int64_t i) { return std::min(lines, i * share); };
-    for (; r + kRows <= r1; r += kRows, ++b) {
-      BlockAvx512<kRows, V>(x, r, k, k0, k1, panel, ld, col, n, out, pf + part(b) * 64, part(b + 1) - part(b),
+    ForRowBlocks<kRows>(r0, r1, [&](auto rows, int64_t r, int64_t b) {
+      const LineShare share = ShareOf(lines, blocks, b);
+      BlockAvx512<decltype(rows)::value, V>(x, r, k, k0, k1, panel, ld, col, n, out, pf + share.first * 64, share.count,
                              scratch + (r - r0) * kPanel);
-    }
-    const char* rest = pf + part(b) * 64;
-    const int64_t left = part(b + 1) - part(b);
-    float* sums = scratch + (r - r0) * kPanel;
-    switch (r1 - r) {
-      case 7: BlockAvx512<7, V>(x, r, k, k0, k1, panel, ld, col, n, out, rest, left, sums); break;
-      case 6: BlockAvx512<6, V>(x, r, k, k0, k1, panel, ld, col, n, out, rest, left, sums); break;
-      case 5: BlockAvx512<5, V>(x, r, k, k0, k1, panel, ld, col, n, out, rest, left, sums); break;
-      case 4: BlockAvx512<4, V>(x, r, k, k0, k1, panel, ld, col, n, out, rest, left, sums); break;
-      case 3: BlockAvx512<3, V>(x, r, k, k0, k1, panel, ld, col, n, out, rest, left, sums); break;
-      case 2: BlockAvx512<2, V>(x, r, k, k0, k1, panel, ld, col, n, out, rest, left, sums); break;
-      case 1: BlockAvx512<1, V>(x, r, k, k0, k1, panel, ld, col, n, out, rest, left, sums); break;
-      default: break;
-    }
+    });
   }
 }
 
@@ -210,16 +200,9 @@ void PartRows(const float* x, int64_t r0, int64_t r1, int64_t k, const float* pa
               int64_t col, int64_t n, float* out) {
   for (int64_t k0 = 0; k0 < k; k0 += kDepth2) {
     const int64_t k1 = std::min(k0 + kDepth2, k);
-    int64_t r = r0;
-    for (; r + kRows2 <= r1; r += kRows2) BlockAvx2<kRows2, V>(x, r, k, k0, k1, panel, ld, part, col, n, out);
-    switch (r1 - r) {
-      case 5: BlockAvx2<5, V>(x, r, k, k0, k1, panel, ld, part, col, n, out); break;
-      case 4: BlockAvx2<4, V>(x, r, k, k0, k1, panel, ld, part, col, n, out); break;
-      case 3: BlockAvx2<3, V>(x, r, k, k0, k1, panel, ld, part, col, n, out); break;
-      case 2: BlockAvx2<2, V>(x, r, k, k0, k1, panel, ld, part, col, n, out); break;
-      case 1: BlockAvx2<1, V>(x, r, k, k0, k1, panel, ld, part, col, n, out); break;
-      default: break;
-    }
+    ForRowBlocks<kRows2>(r0, r1, [&](auto rows, int64_t r, int64_t) {
+      BlockAvx2<decltype(rows)::value, V>(x, r, k, k0, k1, panel, ld, part, col, n, out);
+    });
   }
 }
 
@@ -251,15 +234,10 @@ ffi::Error DenseF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   const float* xd = x.typed_data();
   const float* wd = w.typed_data();
   float* o = out->typed_data();
-  const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
-  const int64_t row_groups = (m + kRowsPerTask - 1) / kRowsPerTask;
-  const int64_t chunks = std::min<int64_t>(panels, std::max<int64_t>(1, (2 * threads + row_groups - 1) / row_groups));
-  const int64_t per_chunk = (panels + chunks - 1) / chunks;
-  const int64_t flops = 2 * m * k * n;
-  RunTasks(pool, row_groups * chunks, flops / kFlopsPerThread, 1, [&](int64_t t) {
-    const int64_t g = t / chunks, c = t % chunks;
-    const int64_t r0 = g * kRowsPerTask, r1 = std::min(r0 + kRowsPerTask, m);
-    for (int64_t p = c * per_chunk; p < std::min((c + 1) * per_chunk, panels); ++p) {
+  const TaskGrid grid(m, panels, pool.num_threads(), kRowsPerTask);
+  RunTasks(pool, grid.tasks(), 2 * m * k * n / kFlopsPerThread, 1, [&](int64_t t) {
+    const int64_t r0 = grid.first_row(t), r1 = std::min(r0 + kRowsPerTask, m);
+    for (int64_t p = grid.first_unit(t); p < grid.end_unit(t); ++p) {
       const float* panel = wd + p * k * ld;
 #if defined(__AVX512F__)
       if (vectorized) {

@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "amx.h"
+#include "blocking.h"
 #include "tasks.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -35,6 +36,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 using colbert_jax_native::RunTasks;
+using colbert_jax_native::TaskGrid;
 
 constexpr float kLowSteps = 254.0f;  // quantize._LOW_STEPS
 constexpr int64_t kRowBlock = 16;
@@ -411,16 +413,11 @@ ffi::Error Int8Dense(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   });
 
   // 2. the products: groups of rows x chunks of column-block pairs, enough tasks for every thread
-  const int64_t row_groups = (m_pad + kRowsPerGroup - 1) / kRowsPerGroup;
-  const int64_t pairs = blocks / 2;
-  const int64_t chunks = std::min<int64_t>(pairs, std::max<int64_t>(1, (2 * threads + row_groups - 1) / row_groups));
-  const int64_t pairs_per_chunk = (pairs + chunks - 1) / chunks;
-  const int64_t tasks = row_groups * chunks;
+  const TaskGrid grid(m_pad, blocks / 2, threads, kRowsPerGroup);
   float* o = out->typed_data();
-  RunTasks(pool, tasks, macs / kMacsPerThread, 1, [&](int64_t t) {
-    const int64_t g = t / chunks, c = t % chunks;
-    const int64_t r0 = g * kRowsPerGroup, r1 = std::min<int64_t>(r0 + kRowsPerGroup, m_pad);
-    const int64_t b0 = c * pairs_per_chunk * 2, b1 = std::min<int64_t>(b0 + pairs_per_chunk * 2, blocks);
+  RunTasks(pool, grid.tasks(), macs / kMacsPerThread, 1, [&](int64_t t) {
+    const int64_t r0 = grid.first_row(t), r1 = std::min<int64_t>(r0 + kRowsPerGroup, m_pad);
+    const int64_t b0 = 2 * grid.first_unit(t), b1 = 2 * grid.end_unit(t);
     if (b0 >= b1) return;
 #if COLBERT_JAX_HAS_AMX
     if (use_amx) {

@@ -1,0 +1,69 @@
+// How the kernels cut their work, shared by the dense products (dense_f32.cc, dense_bf16.cc, dense_int8.cc) and
+// stage 1 (centroid_scores_f32.cc, centroid_scores_bf16.cc): tasks over groups of rows x chunks of columns, a
+// task's rows in register blocks of a compile-time height, and the cache lines a pass prefetches split among
+// the blocks (or tiles) that run it.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+namespace colbert_jax_native {
+
+// A register block's height as a type, so that the block's sums are a fixed-size array the compiler keeps in
+// registers.
+template <int N>
+using Rows = std::integral_constant<int, N>;
+
+// f(Rows<left>{}) for 1 <= left <= N; nothing otherwise.
+template <int N, typename F>
+inline void WithRows(int64_t left, F&& f) {
+  if constexpr (N > 0) {
+    if (left == N) {
+      f(Rows<N>{});
+      return;
+    }
+    WithRows<N - 1>(left, f);
+  }
+}
+
+// Rows [r0, r1) in blocks of kMax rows, then one shorter block of the rest: block(Rows<R>{}, r, b), r the
+// block's first row and b its index from 0.
+template <int kMax, typename F>
+inline void ForRowBlocks(int64_t r0, int64_t r1, F&& block) {
+  int64_t r = r0, b = 0;
+  for (; r + kMax <= r1; r += kMax, ++b) block(Rows<kMax>{}, r, b);
+  WithRows<kMax - 1>(r1 - r, [&](auto rows) { block(rows, r, b); });
+}
+
+// Share i of `lines` cache lines split among `parts` in near-equal runs: lines [first, first + count) (count 0
+// past the end).
+struct LineShare {
+  int64_t first, count;
+};
+inline LineShare ShareOf(int64_t lines, int64_t parts, int64_t i) {
+  const int64_t per = (lines + parts - 1) / parts;
+  const int64_t first = std::min(lines, i * per);
+  return {first, std::min(lines, first + per) - first};
+}
+
+// A product's tasks: groups of `rows_per_task` rows x chunks of its `units` column units (panels, block pairs),
+// enough chunks that there are about two tasks a thread. Task t runs row group t / chunks against the units
+// [per_chunk * c, per_chunk * (c + 1)) of chunk c = t % chunks (clipped to `units`).
+struct TaskGrid {
+  int64_t row_groups, chunks, per_chunk, units, rows_per_task;
+
+  TaskGrid(int64_t rows, int64_t units_, int64_t threads, int64_t rows_per_task_)
+      : row_groups((rows + rows_per_task_ - 1) / rows_per_task_),
+        chunks(std::min<int64_t>(units_, std::max<int64_t>(1, (2 * std::max<int64_t>(threads, 1) + row_groups - 1) / row_groups))),
+        per_chunk((units_ + chunks - 1) / chunks),
+        units(units_),
+        rows_per_task(rows_per_task_) {}
+
+  int64_t tasks() const { return row_groups * chunks; }
+  int64_t first_row(int64_t t) const { return t / chunks * rows_per_task; }
+  int64_t first_unit(int64_t t) const { return std::min(units, t % chunks * per_chunk); }
+  int64_t end_unit(int64_t t) const { return std::min(units, (t % chunks + 1) * per_chunk); }
+};
+
+}  // namespace colbert_jax_native
