@@ -102,7 +102,10 @@ SOURCES = tuple(
         "rates.cc",
     )
 )
-HEADERS = tuple(Path(__file__).with_name(name) for name in ("amx.h", "bf16.h", "blocking.h", "tasks.h", "xla_math.h"))
+HEADERS = tuple(
+    Path(__file__).with_name(name)
+    for name in ("amx.h", "bf16.h", "blocking.h", "centroid_tiles.h", "tasks.h", "xla_math.h")
+)
 ARCH_ENV = "COLBERT_JAX_NATIVE_ARCH"
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
 # GCC vectorises with 256-bit registers on AVX-512 CPUs unless told otherwise: the MaxSim loop is FMA-bound.

@@ -10,42 +10,48 @@
 
 namespace colbert_jax_native {
 
-// A register block's height as a type, so that the block's sums are a fixed-size array the compiler keeps in
-// registers.
+// A count (a register block's height, a tile's width) as a type, so that the code it selects holds its sums in a
+// fixed-size array the compiler keeps in registers.
 template <int N>
-using Rows = std::integral_constant<int, N>;
+using Const = std::integral_constant<int, N>;
 
-// f(Rows<left>{}) for 1 <= left <= N; nothing otherwise.
+// f(Const<n>{}) for the run-time count n, 1 <= n <= N; nothing otherwise.
 template <int N, typename F>
-inline void WithRows(int64_t left, F&& f) {
+inline void WithConst(int64_t n, F&& f) {
   if constexpr (N > 0) {
-    if (left == N) {
-      f(Rows<N>{});
+    if (n == N) {
+      f(Const<N>{});
       return;
     }
-    WithRows<N - 1>(left, f);
+    WithConst<N - 1>(n, f);
   }
 }
 
-// Rows [r0, r1) in blocks of kMax rows, then one shorter block of the rest: block(Rows<R>{}, r, b), r the
+// Rows [r0, r1) in blocks of kMax rows, then one shorter block of the rest: block(Const<R>{}, r, b), r the
 // block's first row and b its index from 0.
 template <int kMax, typename F>
 inline void ForRowBlocks(int64_t r0, int64_t r1, F&& block) {
   int64_t r = r0, b = 0;
-  for (; r + kMax <= r1; r += kMax, ++b) block(Rows<kMax>{}, r, b);
-  WithRows<kMax - 1>(r1 - r, [&](auto rows) { block(rows, r, b); });
+  for (; r + kMax <= r1; r += kMax, ++b) block(Const<kMax>{}, r, b);
+  WithConst<kMax - 1>(r1 - r, [&](auto rows) { block(rows, r, b); });
 }
 
-// Share i of `lines` cache lines split among `parts` in near-equal runs: lines [first, first + count) (count 0
+// `lines` cache lines split among `parts` in near-equal runs: part i is lines [first, first + count) (count 0
 // past the end).
 struct LineShare {
   int64_t first, count;
 };
-inline LineShare ShareOf(int64_t lines, int64_t parts, int64_t i) {
-  const int64_t per = (lines + parts - 1) / parts;
-  const int64_t first = std::min(lines, i * per);
-  return {first, std::min(lines, first + per) - first};
-}
+class LineShares {
+ public:
+  LineShares(int64_t lines, int64_t parts) : lines_(lines), per_((lines + parts - 1) / parts) {}
+  LineShare operator[](int64_t i) const {
+    const int64_t first = std::min(lines_, i * per_);
+    return {first, std::min(lines_, first + per_) - first};
+  }
+
+ private:
+  int64_t lines_, per_;
+};
 
 // A product's tasks: groups of `rows_per_task` rows x chunks of its `units` column units (panels, block pairs),
 // enough chunks that there are about two tasks a thread. Task t runs row group t / chunks against the units
@@ -55,7 +61,8 @@ struct TaskGrid {
 
   TaskGrid(int64_t rows, int64_t units_, int64_t threads, int64_t rows_per_task_)
       : row_groups((rows + rows_per_task_ - 1) / rows_per_task_),
-        chunks(std::min<int64_t>(units_, std::max<int64_t>(1, (2 * std::max<int64_t>(threads, 1) + row_groups - 1) / row_groups))),
+        chunks(std::min<int64_t>(
+            units_, std::max<int64_t>(1, (2 * std::max<int64_t>(threads, 1) + row_groups - 1) / row_groups))),
         per_chunk((units_ + chunks - 1) / chunks),
         units(units_),
         rows_per_task(rows_per_task_) {}

@@ -27,6 +27,7 @@
 #endif
 
 #include "bf16.h"
+#include "centroid_tiles.h"
 #include "tasks.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -36,12 +37,19 @@ namespace {
 
 using colbert_jax_native::RunTasks;
 using colbert_jax_native::ToBf16;
+#if COLBERT_JAX_HAS_BF16
+using colbert_jax_native::ForGroupTiles;
+using colbert_jax_native::StoreTile;
+#endif
 
 constexpr int64_t kGroup = 8;             // centroids per group (the layout's second-innermost axis)
 constexpr int64_t kGroupsPerTask = 32;
 constexpr int64_t kRowsPerThread = 2048;  // below this many centroids per thread, one thread does it all
 constexpr int64_t kMaxBlock = 128;        // centroids per block maximum (`candidates.CELL_BLOCK`)
 static_assert(kGroupsPerTask * kGroup % kMaxBlock == 0, "a task's centroids are whole blocks of the maxima");
+#if COLBERT_JAX_HAS_BF16
+static_assert(kGroup == colbert_jax_native::kTileGroup && kMaxBlock == colbert_jax_native::kTileBlock);
+#endif
 
 // Whether this CPU and OS run AVX-512 BF16, and the library was built for an AVX-512 CPU type: a build for an
 // older type (`COLBERT_JAX_NATIVE_ARCH`) stands for a CPU without it.
@@ -55,13 +63,6 @@ bool Bf16Ready() {
 
 #if COLBERT_JAX_HAS_BF16
 #define COLBERT_JAX_BF16_TARGET __attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl")))
-
-// The running maximum m takes the row's value where that is greater or NaN (NaN wins, as in XLA's max, and
-// the same bits as the float32 kernel's maxima).
-COLBERT_JAX_BF16_TARGET inline __m512 FoldMax(__m512 m, __m512 row) {
-  const __mmask16 take = _mm512_cmp_ps_mask(row, m, _CMP_GT_OQ) | _mm512_cmp_ps_mask(row, row, _CMP_UNORD_Q);
-  return _mm512_mask_mov_ps(m, take, row);
-}
 
 // One group x V vectors of 16 tokens starting at token t0 (qp: Q's pairs [dim2][lqp], lqp a multiple of 16).
 // Like the float32 tiles it requests `pf_lines` lines of the next group (a group need not end on a page the
@@ -83,45 +84,18 @@ COLBERT_JAX_BF16_TARGET inline void TileBf16(const uint32_t* cg, const uint32_t*
       for (int v = 0; v < V; ++v) acc[j][v] = _mm512_dpbf16_ps(acc[j][v], a, q[v]);
     }
   }
-  for (int v = 0; v < V; ++v) {
-    const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, lq - t0 - 16 * v));
-    const __mmask16 keep = left >= 16 ? 0xffff : static_cast<__mmask16>((1u << left) - 1);
-    for (int64_t j = 0; j < rows; ++j) _mm512_mask_storeu_ps(s + j * lq + t0 + 16 * v, keep, acc[j][v]);
-    __m512 m = acc[0][v];
-    for (int j = 1; j < kGroup; ++j) {
-      if (j < rows) m = FoldMax(m, acc[j][v]);
-    }
-    if (!first) m = FoldMax(_mm512_maskz_loadu_ps(keep, bm + t0 + 16 * v), m);
-    _mm512_mask_storeu_ps(bm + t0 + 16 * v, keep, m);
-  }
+  StoreTile<V>(acc, rows, lq, t0, s, bm, first);
 }
 
 COLBERT_JAX_BF16_TARGET void GroupsBf16(const uint32_t* c, const uint32_t* qp, int64_t dim2, int64_t lqp,
                                         int64_t p, int64_t groups, int64_t lq, int64_t g0, int64_t g1, float* s,
                                         float* bm) {
-  constexpr int64_t kGroupsPerBlock = kMaxBlock / kGroup;
-  const int64_t group_words = dim2 * kGroup;
-  const int64_t tiles = (lqp + 31) / 32, lines = (group_words * 4 + 63) / 64;
-  const int64_t lines_per_tile = (lines + tiles - 1) / tiles;
-  for (int64_t g = g0; g < g1; ++g) {
-    const uint32_t* cg = c + g * group_words;
-    const int64_t rows = std::min(kGroup, p - g * kGroup);
-    float* sg = s + g * kGroup * lq;
-    float* bg = bm + (g / kGroupsPerBlock) * lq;
-    const bool first = g % kGroupsPerBlock == 0;
-    const int64_t ahead = g + 1 < groups ? lines : 0;  // none past the last group
-    const char* pf = reinterpret_cast<const char*>(c + std::min(g + 1, groups) * group_words);
-    int64_t tile = 0;
-    for (int64_t t0 = 0; t0 < lqp; t0 += 32, ++tile) {
-      const int64_t first_line = std::min(ahead, tile * lines_per_tile);
-      const int64_t n = std::min(ahead, first_line + lines_per_tile) - first_line;
-      if (t0 + 32 <= lqp) {
-        TileBf16<2>(cg, qp, dim2, lqp, t0, rows, lq, sg, pf + first_line * 64, n, bg, first);
-      } else {
-        TileBf16<1>(cg, qp, dim2, lqp, t0, rows, lq, sg, pf + first_line * 64, n, bg, first);
-      }
-    }
-  }
+  ForGroupTiles(c, dim2 * kGroup * sizeof(uint32_t), lqp, p, groups, lq, g0, g1, s, bm,
+                [&](auto vectors, int64_t g, int64_t rows, int64_t t0, const char* pf, int64_t pf_lines, float* sg,
+                    float* bg, bool first) {
+                  TileBf16<decltype(vectors)::value>(c + g * dim2 * kGroup, qp, dim2, lqp, t0, rows, lq, sg, pf,
+                                                     pf_lines, bg, first);
+                });
 }
 #endif
 

@@ -20,6 +20,8 @@
 #include <immintrin.h>
 #endif
 
+#include "blocking.h"
+#include "centroid_tiles.h"
 #include "tasks.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -27,13 +29,22 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+using colbert_jax_native::LineShares;
 using colbert_jax_native::RunTasks;
+using colbert_jax_native::WithConst;
+#if defined(__AVX512F__)
+using colbert_jax_native::ForGroupTiles;
+using colbert_jax_native::StoreTile;
+#endif
 
 constexpr int64_t kGroup = 8;             // centroids per group (the layout's innermost axis)
 constexpr int64_t kGroupsPerTask = 32;
 constexpr int64_t kRowsPerThread = 2048;  // below this many centroids per thread, one thread does it all
 constexpr int64_t kMaxBlock = 128;        // centroids per block maximum (`candidates.CELL_BLOCK`)
 static_assert(kGroupsPerTask * kGroup % kMaxBlock == 0, "a task's centroids are whole blocks of the maxima");
+#if defined(__AVX512F__)
+static_assert(kGroup == colbert_jax_native::kTileGroup && kMaxBlock == colbert_jax_native::kTileBlock);
+#endif
 
 // Each token's maximum over each block of kMaxBlock centroids in rows [c0, c1) of S (c0 a multiple of
 // kMaxBlock), into bm [ceil(P / kMaxBlock), lq]: taken while a task's rows of S are still in cache, which spares
@@ -67,18 +78,10 @@ void GroupsScalar(const float* c, const float* qt, int64_t dim, int64_t lqp, int
 }
 
 #if defined(__AVX512F__)
-// BlockMaxima's step, lane by lane: the running maximum m takes the row's value where that is greater or NaN
-// (so the same bits, signed zeros and NaNs included; vmaxps alone returns its second operand for either NaN).
-inline __m512 FoldMax(__m512 m, __m512 row) {
-  const __mmask16 take = _mm512_cmp_ps_mask(row, m, _CMP_GT_OQ) | _mm512_cmp_ps_mask(row, row, _CMP_UNORD_Q);
-  return _mm512_mask_mov_ps(m, take, row);
-}
-
 // One group x V vectors of 16 tokens starting at token t0; lqp is a multiple of 16. The tile also requests
-// `pf_lines` cache lines from `pf` (the next group's centroids), one every 2 k: a group is one 4 KiB page, where
-// the hardware prefetcher stops, so without them each group began with its broadcasts waiting on memory. It
-// folds the group's maxima per token into `bm` (its block's row of the maxima; set rather than folded when
-// `first`) from the sums still in registers, which spares BlockMaxima's pass over the task's rows of S.
+// `pf_lines` cache lines from `pf` (its share of the next group's centroids), one every 2 k, and ends by
+// storing its rows of S and folding them into the block maxima (centroid_tiles.h), which spares BlockMaxima's
+// pass over the task's rows of S.
 template <int V>
 inline void TileAvx512(const float* cg, const float* qt, int64_t dim, int64_t lqp, int64_t t0, int64_t rows,
                        int64_t lq, float* s, const char* pf, int64_t pf_lines, float* bm, bool first) {
@@ -95,44 +98,17 @@ inline void TileAvx512(const float* cg, const float* qt, int64_t dim, int64_t lq
       for (int v = 0; v < V; ++v) acc[j][v] = _mm512_fmadd_ps(a, q[v], acc[j][v]);
     }
   }
-  for (int v = 0; v < V; ++v) {
-    const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, lq - t0 - 16 * v));
-    const __mmask16 keep = left >= 16 ? 0xffff : static_cast<__mmask16>((1u << left) - 1);
-    for (int64_t j = 0; j < rows; ++j) _mm512_mask_storeu_ps(s + j * lq + t0 + 16 * v, keep, acc[j][v]);
-    __m512 m = acc[0][v];
-    for (int j = 1; j < kGroup; ++j) {
-      if (j < rows) m = FoldMax(m, acc[j][v]);
-    }
-    if (!first) m = FoldMax(_mm512_maskz_loadu_ps(keep, bm + t0 + 16 * v), m);
-    _mm512_mask_storeu_ps(bm + t0 + 16 * v, keep, m);
-  }
+  StoreTile<V>(acc, rows, lq, t0, s, bm, first);
 }
 
 void GroupsAvx512(const float* c, const float* qt, int64_t dim, int64_t lqp, int64_t p, int64_t groups, int64_t lq,
                   int64_t g0, int64_t g1, float* s, float* bm) {
-  constexpr int64_t kGroupsPerBlock = kMaxBlock / kGroup;
-  const int64_t group_bytes = dim * kGroup * sizeof(float);
-  const int64_t tiles = (lqp + 31) / 32, lines = (group_bytes + 63) / 64, lines_per_tile = (lines + tiles - 1) / tiles;
-  for (int64_t g = g0; g < g1; ++g) {
-    const float* cg = c + g * dim * kGroup;
-    const int64_t rows = std::min(kGroup, p - g * kGroup);
-    float* sg = s + g * kGroup * lq;
-    float* bg = bm + (g / kGroupsPerBlock) * lq;
-    const bool first = g % kGroupsPerBlock == 0;
-    // the next group's lines (none past the last), shared among the tiles
-    const int64_t ahead = g + 1 < groups ? lines : 0;
-    const char* pf = reinterpret_cast<const char*>(c + std::min(g + 1, groups) * dim * kGroup);
-    int64_t t0 = 0, tile = 0;
-    for (; t0 < lqp; t0 += 32, ++tile) {
-      const int64_t first_line = std::min(ahead, tile * lines_per_tile);
-      const int64_t n = std::min(ahead, first_line + lines_per_tile) - first_line;
-      if (t0 + 32 <= lqp) {
-        TileAvx512<2>(cg, qt, dim, lqp, t0, rows, lq, sg, pf + first_line * 64, n, bg, first);
-      } else {
-        TileAvx512<1>(cg, qt, dim, lqp, t0, rows, lq, sg, pf + first_line * 64, n, bg, first);
-      }
-    }
-  }
+  ForGroupTiles(c, dim * kGroup * sizeof(float), lqp, p, groups, lq, g0, g1, s, bm,
+                [&](auto vectors, int64_t g, int64_t rows, int64_t t0, const char* pf, int64_t pf_lines, float* sg,
+                    float* bg, bool first) {
+                  TileAvx512<decltype(vectors)::value>(c + g * dim * kGroup, qt, dim, lqp, t0, rows, lq, sg, pf,
+                                                       pf_lines, bg, first);
+                });
 }
 #endif
 
@@ -171,19 +147,6 @@ inline void TileAvx2(const float* cg, const float* q, int64_t dim, int64_t t0, i
   }
 }
 
-template <int G>
-void TileAvx2Of(int64_t tokens, const float* cg, const float* q, int64_t dim, int64_t t0, int64_t rows,
-                int64_t lq, float* s, const char* pf, int64_t pf_lines) {
-  switch (tokens) {
-    case 6: return TileAvx2<G, 6>(cg, q, dim, t0, rows, lq, s, pf, pf_lines);
-    case 5: return TileAvx2<G, 5>(cg, q, dim, t0, rows, lq, s, pf, pf_lines);
-    case 4: return TileAvx2<G, 4>(cg, q, dim, t0, rows, lq, s, pf, pf_lines);
-    case 3: return TileAvx2<G, 3>(cg, q, dim, t0, rows, lq, s, pf, pf_lines);
-    case 2: return TileAvx2<G, 2>(cg, q, dim, t0, rows, lq, s, pf, pf_lines);
-    case 1: return TileAvx2<G, 1>(cg, q, dim, t0, rows, lq, s, pf, pf_lines);
-  }
-}
-
 // All lq tokens against G groups, in ceil(lq / 6) tiles of near-equal width (32 tokens: 6, 6, 5, 5, 5, 5: a
 // 2-token tile's 4 FMA chains would leave the FMA units waiting on their latency). The tiles share the
 // prefetch of the next `pf_bytes`.
@@ -191,13 +154,13 @@ template <int G>
 void TokensAvx2(const float* cg, const float* q, int64_t dim, int64_t rows, int64_t lq, float* s, const char* pf,
                 int64_t pf_bytes) {
   const int64_t tiles = (lq + kTokens2 - 1) / kTokens2;
-  const int64_t lines = (pf_bytes + 63) / 64, lines_per_tile = (lines + tiles - 1) / tiles;
+  const LineShares shares((pf_bytes + 63) / 64, tiles);
   int64_t t0 = 0;
   for (int64_t i = 0; i < tiles; ++i) {
     const int64_t tokens = lq / tiles + (i < lq % tiles ? 1 : 0);
-    const int64_t first = std::min(lines, i * lines_per_tile);
-    const int64_t n = std::min(lines, first + lines_per_tile) - first;
-    TileAvx2Of<G>(tokens, cg, q, dim, t0, rows, lq, s, pf + first * 64, n);
+    WithConst<kTokens2>(tokens, [&](auto width) {
+      TileAvx2<G, decltype(width)::value>(cg, q, dim, t0, rows, lq, s, pf + shares[i].first * 64, shares[i].count);
+    });
     t0 += tokens;
   }
 }

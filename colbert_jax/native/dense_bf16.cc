@@ -33,9 +33,8 @@ namespace {
 
 using colbert_jax_native::ForRowBlocks;
 using colbert_jax_native::FromBf16;
-using colbert_jax_native::LineShare;
 using colbert_jax_native::RunTasks;
-using colbert_jax_native::ShareOf;
+using colbert_jax_native::LineShares;
 using colbert_jax_native::TaskGrid;
 using colbert_jax_native::ToBf16;
 
@@ -147,10 +146,10 @@ void PanelRows(const uint32_t* xw, int64_t r0, int64_t r1, int64_t k2, const uin
     const uint32_t* ahead = panel + k1 * kPanel;  // the next pass's weights (or the next panel's first)
     const char* pf = reinterpret_cast<const char*>(ahead);
     const int64_t lines = std::max<int64_t>(0, std::min<int64_t>(kDepth * kPanel, w_end - ahead)) * 4 / 64;
+    const LineShares shares(lines, blocks);
     ForRowBlocks<kRows>(r0, r1, [&](auto rows, int64_t r, int64_t b) {
-      const LineShare share = ShareOf(lines, blocks, b);
-      BlockBf16<decltype(rows)::value, V>(xw, r, k2, k0, k1, panel, col, n, out, pf + share.first * 64, share.count,
-                                          scratch + (r - r0) * kPanel);
+      BlockBf16<decltype(rows)::value, V>(xw, r, k2, k0, k1, panel, col, n, out, pf + shares[b].first * 64,
+                                          shares[b].count, scratch + (r - r0) * kPanel);
     });
   }
 }

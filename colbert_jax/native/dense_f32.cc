@@ -26,9 +26,8 @@ namespace ffi = xla::ffi;
 namespace {
 
 using colbert_jax_native::ForRowBlocks;
-using colbert_jax_native::LineShare;
 using colbert_jax_native::RunTasks;
-using colbert_jax_native::ShareOf;
+using colbert_jax_native::LineShares;
 using colbert_jax_native::TaskGrid;
 
 constexpr int64_t kPanel = 48;               // the widest packed panel (16 is the other)
@@ -117,10 +116,10 @@ void PanelRows(const float* x, int64_t r0, int64_t r1, int64_t k, const float* p
     const float* ahead = panel + k1 * ld;
     const char* pf = reinterpret_cast<const char*>(ahead);
     const int64_t lines = std::max<int64_t>(0, std::min<int64_t>(kDepth * ld, w_end - ahead)) * sizeof(float) / 64;
+    const LineShares shares(lines, blocks);
     ForRowBlocks<kRows>(r0, r1, [&](auto rows, int64_t r, int64_t b) {
-      const LineShare share = ShareOf(lines, blocks, b);
-      BlockAvx512<decltype(rows)::value, V>(x, r, k, k0, k1, panel, ld, col, n, out, pf + share.first * 64, share.count,
-                             scratch + (r - r0) * kPanel);
+      BlockAvx512<decltype(rows)::value, V>(x, r, k, k0, k1, panel, ld, col, n, out, pf + shares[b].first * 64,
+                                            shares[b].count, scratch + (r - r0) * kPanel);
     });
   }
 }

@@ -251,6 +251,14 @@ def test_accelerator_programs_do_not_call_the_kernels(platform):
         assert target not in lower(fn, *args, platform=platform, name=target)
 
 
+def test_the_build_key_covers_every_source_and_header():
+    """The cached library's name hashes SOURCES and HEADERS: a file left out of them would leave a stale build in
+    the cache after it changes (and a source left out would not be compiled at all)."""
+    folder = Path(native.__file__).parent
+    assert set(native.SOURCES) == set(folder.glob("*.cc"))
+    assert set(native.HEADERS) == set(folder.glob("*.h"))
+
+
 def test_without_a_compiler_the_search_warns_and_runs_jnp(real_index, minilm_model, monkeypatch, tmp_path):
     searcher = colbert_jax.Searcher(real_index, minilm_model, truncate=True)
     Q = searcher.encode(QUERY_TEXTS[:4])

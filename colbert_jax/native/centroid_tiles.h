@@ -1,0 +1,85 @@
+// What the two AVX-512 stage-1 kernels (centroid_scores_f32.cc in float32, centroid_scores_bf16.cc on bfloat16
+// pairs) share around their register tiles: the walk over a task's groups of 8 centroids in tiles of 32 query
+// tokens, each tile prefetching its share of the next group, and a tile's end, which stores its rows of S and
+// folds them into its block's maxima while they are still in registers.
+//
+// The functions carry a target attribute so that centroid_scores_bf16.cc, which compiles its vector code with
+// target attributes for any -march, can use them; they are only called where AVX-512F runs.
+#pragma once
+
+#if defined(__x86_64__)
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "blocking.h"
+
+namespace colbert_jax_native {
+
+constexpr int64_t kTileGroup = 8;        // centroids per group (the packed layouts' group axis)
+constexpr int64_t kTileBlock = 128;      // centroids per block maximum (`candidates.CELL_BLOCK`)
+constexpr int64_t kTileTokens = 32;      // query tokens per tile (two vectors)
+
+#define COLBERT_JAX_AVX512_TARGET __attribute__((target("avx512f")))
+
+// The block maximum's step, lane by lane: the running maximum m takes the row's value where that is greater or
+// NaN (NaN wins, as in XLA's max; vmaxps alone returns its second operand for either NaN), so the same bits as
+// a plain pass over S, signed zeros and NaNs included.
+COLBERT_JAX_AVX512_TARGET inline __m512 FoldMax(__m512 m, __m512 row) {
+  const __mmask16 take = _mm512_cmp_ps_mask(row, m, _CMP_GT_OQ) | _mm512_cmp_ps_mask(row, row, _CMP_UNORD_Q);
+  return _mm512_mask_mov_ps(m, take, row);
+}
+
+// A tile's end: its sums acc (a group's 8 centroids x V vectors of 16 tokens from token t0) to the group's
+// `rows` rows of S (s: the group's first row, lq a row), and folded into its block's maxima bm (set, not folded,
+// when the group is its block's `first`).
+template <int V>
+COLBERT_JAX_AVX512_TARGET inline void StoreTile(const __m512 (&acc)[kTileGroup][V], int64_t rows, int64_t lq,
+                                                int64_t t0, float* s, float* bm, bool first) {
+  for (int v = 0; v < V; ++v) {
+    const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, lq - t0 - 16 * v));
+    const __mmask16 keep = left >= 16 ? 0xffff : static_cast<__mmask16>((1u << left) - 1);
+    for (int64_t j = 0; j < rows; ++j) _mm512_mask_storeu_ps(s + j * lq + t0 + 16 * v, keep, acc[j][v]);
+    __m512 m = acc[0][v];
+    for (int j = 1; j < kTileGroup; ++j) {
+      if (j < rows) m = FoldMax(m, acc[j][v]);
+    }
+    if (!first) m = FoldMax(_mm512_maskz_loadu_ps(keep, bm + t0 + 16 * v), m);
+    _mm512_mask_storeu_ps(bm + t0 + 16 * v, keep, m);
+  }
+}
+
+// Groups [g0, g1) of the packed centroids c (`group_bytes` a group), all lqp tokens (a multiple of 16) in tiles
+// of 32 (the last one 16 when lqp is not a multiple of 32): tile(Const<V>{}, g, rows, t0, pf, pf_lines, s_g, bm_g,
+// first), with the group's rows of S and its block's row of the maxima. The tiles split the prefetch of the
+// next group (none past the last): a group is about one 4 KiB page, where the hardware prefetcher stops, so
+// without it each group began with its broadcasts waiting on memory.
+template <typename Tile>
+inline void ForGroupTiles(const void* c, int64_t group_bytes, int64_t lqp, int64_t p, int64_t groups, int64_t lq,
+                          int64_t g0, int64_t g1, float* s, float* bm, Tile&& tile) {
+  constexpr int64_t kGroupsPerBlock = kTileBlock / kTileGroup;
+  const char* base = static_cast<const char*>(c);
+  const LineShares shares((group_bytes + 63) / 64, (lqp + kTileTokens - 1) / kTileTokens);
+  for (int64_t g = g0; g < g1; ++g) {
+    const int64_t rows = std::min(kTileGroup, p - g * kTileGroup);
+    float* sg = s + g * kTileGroup * lq;
+    float* bg = bm + (g / kGroupsPerBlock) * lq;
+    const bool first = g % kGroupsPerBlock == 0;
+    const char* pf = base + std::min(g + 1, groups) * group_bytes;
+    int64_t tile_index = 0;
+    for (int64_t t0 = 0; t0 < lqp; t0 += kTileTokens, ++tile_index) {
+      const LineShare share = g + 1 < groups ? shares[tile_index] : LineShare{0, 0};
+      if (t0 + kTileTokens <= lqp) {
+        tile(Const<2>{}, g, rows, t0, pf + share.first * 64, share.count, sg, bg, first);
+      } else {
+        tile(Const<1>{}, g, rows, t0, pf + share.first * 64, share.count, sg, bg, first);
+      }
+    }
+  }
+}
+
+}  // namespace colbert_jax_native
+
+#endif
