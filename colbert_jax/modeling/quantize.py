@@ -205,18 +205,23 @@ def _unpack(packed: jax.Array, k: int, n: int) -> jax.Array:
     return w[:k, :n]
 
 
+def _rounded_bf16_product(x: jax.Array, p: Mapping[str, jax.Array]) -> jax.Array:
+    """`native.dense_bf16`'s products (exact in float32) and float32 sums in XLA's order, for programs without
+    the kernel: x and the kernel rounded to bfloat16, multiplied in float32."""
+
+    def r(a):
+        return a.astype(jnp.float32).astype(jnp.bfloat16).astype(jnp.float32)
+
+    return jnp.matmul(r(x), r(p["kernel"]), precision=jax.lax.Precision.HIGHEST)
+
+
 def _product(x: jax.Array, p: Mapping[str, jax.Array]) -> jax.Array:
     """x times a dense layer's kernel (params `p`: float32, or quantized in either layout), float32 [..., out]."""
     if PACKED_BF16 in p:
         packed, n = p[PACKED_BF16], p["bias"].shape[-1]
-
-        def rounded(x):  # the same products (exact in float32) and float32 sums, in XLA's order
-            def r(a):
-                return a.astype(jnp.float32).astype(jnp.bfloat16).astype(jnp.float32)
-
-            return jnp.matmul(r(x), r(p["kernel"]), precision=jax.lax.Precision.HIGHEST)
-
-        return jax.lax.platform_dependent(x, cpu=lambda x: native.dense_bf16(x, packed, n), default=rounded)
+        return jax.lax.platform_dependent(
+            x, cpu=lambda x: native.dense_bf16(x, packed, n), default=lambda x: _rounded_bf16_product(x, p)
+        )
     if PACKED_F32 in p:
         packed, n = p[PACKED_F32], p["bias"].shape[-1]
 
@@ -301,17 +306,29 @@ def _native_activation(module: nn.Module, x: jax.Array) -> jax.Array | None:
     """A module that is one dense layer then an activation (`fused_activation()`: BERT's intermediate layer,
     "gelu") with packed or float32 params: the product, then bias and GELU by one native kernel (`native.gelu`:
     XLA's bits, its expensive branch computed only where selected) in CPU programs where that kernel is the
-    faster (`native.gelu_faster_than_xla()`), else by XLA; None otherwise."""
+    faster (`native.gelu_faster_than_xla()`), else by XLA; None otherwise. bf16-packed params there take the
+    bias and GELU in the product's epilogue (`native.dense_bf16(..., gelu_bias=)`, the same bits), on the
+    product's output while it is in cache."""
     p = module.variables.get("params", {}).get("dense")
     if module.fused_activation() != "gelu" or p is None or _unpacked_int8(p) or "bias" not in p:
         return None
+
+    def xla(y):
+        return jax.nn.gelu(y + p["bias"], approximate=False)
+
+    if PACKED_BF16 in p and native.gelu_faster_than_xla():
+        # the bf16 product with the bias and GELU in its epilogue: the same bits as the two kernels
+        packed, n = p[PACKED_BF16], p["bias"].shape[-1]
+        out = jax.lax.platform_dependent(
+            x,
+            cpu=lambda x: native.dense_bf16(x, packed, n, gelu_bias=p["bias"]),
+            default=lambda x: xla(_rounded_bf16_product(x, p)),
+        )
+        return out.astype(module.dtype or jnp.float32)
     y = _product(x, p)
 
     def kernel(y):
         return native.gelu(y, p["bias"])
-
-    def xla(y):
-        return jax.nn.gelu(y + p["bias"], approximate=False)
 
     out = jax.lax.platform_dependent(y, cpu=kernel, default=xla) if native.gelu_faster_than_xla() else xla(y)
     return out.astype(module.dtype or jnp.float32)

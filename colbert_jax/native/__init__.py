@@ -104,7 +104,7 @@ SOURCES = tuple(
 )
 HEADERS = tuple(
     Path(__file__).with_name(name)
-    for name in ("amx.h", "bf16.h", "blocking.h", "centroid_tiles.h", "tasks.h", "xla_math.h")
+    for name in ("amx.h", "bf16.h", "blocking.h", "centroid_tiles.h", "gelu.h", "tasks.h", "xla_math.h")
 )
 ARCH_ENV = "COLBERT_JAX_NATIVE_ARCH"
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
@@ -131,6 +131,7 @@ _SYMBOLS = {
     "colbert_jax_gelu": "ColbertJaxGelu",
     "colbert_jax_dense_f32": "ColbertJaxDenseF32",
     "colbert_jax_dense_bf16": "ColbertJaxDenseBf16",
+    "colbert_jax_dense_bf16_gelu": "ColbertJaxDenseBf16Gelu",
 }
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "lib": the loaded library, "error": why it is not there
@@ -838,12 +839,15 @@ def pack_dense_bf16(w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(blocks.transpose(*lead_axes, a + 2, a, a + 3, a + 1))
 
 
-def dense_bf16(x: jax.Array, packed: jax.Array, n: int, *, implementation: str = "vector") -> jax.Array:
+def dense_bf16(
+    x: jax.Array, packed: jax.Array, n: int, *, gelu_bias: jax.Array | None = None, implementation: str = "vector"
+) -> jax.Array:
     """bf16(x) [..., K] times weights packed by `pack_dense_bf16` -> float32 [..., N]: x rounded to bfloat16 (to
     nearest even) by the kernel, float32 sums over the coordinate pairs in k order (see `dense_bf16.cc`; within
     float32 rounding of `jnp.matmul` of the rounded operands, not its bits). Each row's result depends on that
-    row alone. implementation: "vector" (`vdpbf16ps` where `dense_bf16_vectorized()`, else as "scalar") or
-    "scalar" (plain loops, the same order). CPU programs only."""
+    row alone. With `gelu_bias` [N]: `gelu(product + gelu_bias)`, the exact GELU applied in the kernel's epilogue
+    with `gelu`'s bits (XLA's). implementation: "vector" (`vdpbf16ps` where `dense_bf16_vectorized()`, else as
+    "scalar") or "scalar" (plain loops, the same order). CPU programs only."""
     if implementation not in DENSE_F32_IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {DENSE_F32_IMPLEMENTATIONS}, got {implementation!r}")
     if library() is None:
@@ -856,12 +860,15 @@ def dense_bf16(x: jax.Array, packed: jax.Array, n: int, *, implementation: str =
         or not 0 < n <= packed.shape[0] * BF16_PANEL < n + BF16_PANEL
     ):
         raise ValueError(f"dense_bf16: weights packed as {packed.shape} do not fit x [..., {k}] and N={n}")
+    if gelu_bias is not None and gelu_bias.shape != (n,):
+        raise ValueError(f"dense_bf16: gelu_bias needs [{n}], got {gelu_bias.shape}")
     lead = x.shape[:-1]
     rows = int(np.prod(lead, dtype=np.int64))
-    call = jax.ffi.ffi_call("colbert_jax_dense_bf16", jax.ShapeDtypeStruct((rows, n), jnp.float32))
-    out = call(
-        x.reshape(rows, k).astype(jnp.float32),
-        packed.astype(jnp.bfloat16),
-        vectorized=np.int32(implementation == "vector"),
-    )
+    operands = [x.reshape(rows, k).astype(jnp.float32), packed.astype(jnp.bfloat16)]
+    target = "colbert_jax_dense_bf16"
+    if gelu_bias is not None:
+        operands.append(gelu_bias.astype(jnp.float32))
+        target = "colbert_jax_dense_bf16_gelu"
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((rows, n), jnp.float32))
+    out = call(*operands, vectorized=np.int32(implementation == "vector"))
     return out.reshape(*lead, n)

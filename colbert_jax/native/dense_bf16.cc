@@ -12,6 +12,9 @@
 // Every out[r, c] is one chain over the pairs kk ascending: per pair, the odd coordinate's product is added before
 // the even one's (each product of two bfloat16 is exact in float32; the adds round to nearest even), the order
 // the scalar path spells out. A row's result depends on that row of x alone: the same bits at every batch size.
+//
+// A second entry point adds a bias and applies the exact GELU in the epilogue (`dense_bf16(..., gelu_bias=)`:
+// BERT's intermediate layer), with the bits of the GELU kernel (gelu.h) applied to this product.
 
 #include <algorithm>
 #include <cstdint>
@@ -24,6 +27,7 @@
 
 #include "bf16.h"
 #include "blocking.h"
+#include "gelu.h"
 #include "tasks.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -33,10 +37,14 @@ namespace {
 
 using colbert_jax_native::ForRowBlocks;
 using colbert_jax_native::FromBf16;
-using colbert_jax_native::RunTasks;
+using colbert_jax_native::GeluScalar;
 using colbert_jax_native::LineShares;
+using colbert_jax_native::RunTasks;
 using colbert_jax_native::TaskGrid;
 using colbert_jax_native::ToBf16;
+#if defined(__x86_64__)
+using colbert_jax_native::GeluRowsAvx512;
+#endif
 
 constexpr int64_t kPanel = 48;                // columns per packed panel
 constexpr int64_t kRows = 8;                  // rows per register block
@@ -176,8 +184,50 @@ bool VectorReady() {
 #endif
 }
 
-ffi::Error DenseBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
-                     ffi::ResultBuffer<ffi::F32> out, int32_t vectorized) {
+// out = gelu(out + bias) over a [rows, width] block (row stride ld); the AVX-512 path where `vector` (this
+// kernel's vector path needs AVX-512 BF16, so AVX-512F is there), else the scalar one: the same bits. The caller
+// sets XLA:CPU's flush-to-zero and denormals-are-zero (`FlushDenormals`).
+void Gelu(float* out, int64_t ld, const float* bias, int64_t rows, int64_t width, bool vector) {
+#if defined(COLBERT_JAX_DENSE_BF16)
+  if (vector) {
+    GeluRowsAvx512(out, ld, bias, out, ld, rows, width);
+    return;
+  }
+#else
+  (void)vector;
+#endif
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < width; ++j) out[r * ld + j] = GeluScalar(out[r * ld + j] + bias[j]);
+  }
+}
+
+// MXCSR with XLA:CPU's flush-to-zero and denormals-are-zero while in scope, as gelu.cc runs the GELU.
+class FlushDenormals {
+ public:
+  explicit FlushDenormals(bool on) : on_(on) {
+#if defined(__x86_64__)
+    if (on_) {
+      saved_ = _mm_getcsr();
+      _mm_setcsr(saved_ | 0x8040);
+    }
+#endif
+  }
+  ~FlushDenormals() {
+#if defined(__x86_64__)
+    if (on_) _mm_setcsr(saved_);
+#endif
+  }
+
+ private:
+  bool on_;
+  unsigned int saved_ = 0;
+};
+
+// The product, and with `gelu_bias` (bias [N]) gelu(product + bias) by gelu.h in each task's epilogue: a
+// panel's [rows, 48] block of out, just stored and still in cache, goes through the GELU before the next panel,
+// which spares the separate GELU kernel's pass over all of out in memory (the same bits as that kernel's).
+ffi::Error Product(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::BF16>& w, const float* gelu_bias,
+                   ffi::ResultBuffer<ffi::F32>& out, int32_t vectorized) {
   auto x_dims = x.dimensions();
   auto w_dims = w.dimensions();
   auto o_dims = out->dimensions();
@@ -202,23 +252,55 @@ ffi::Error DenseBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
     if (static_cast<int64_t>(words.size()) < rows * k2) words.resize(rows * k2);
     RoundRows(xf + r0 * k, rows, k, k2, words.data(), vector);
     float* out_rows = o + r0 * n;
+    // The vector products do not read MXCSR (vdpbf16ps flushes denormals by its definition), so with them the
+    // GELU's setting holds for the whole task; the scalar products' float adds would, so it is set per GELU.
+    const FlushDenormals task_flush(gelu_bias != nullptr && vector);
     for (int64_t p = grid.first_unit(t); p < grid.end_unit(t); ++p) {
       const uint32_t* panel = wd + p * k2 * kPanel;
+      const int64_t col = p * kPanel, width = std::min(kPanel, n - col);
 #if defined(COLBERT_JAX_DENSE_BF16)
       if (vector) {
-        PanelVector(words.data(), 0, rows, k2, panel, p * kPanel, n, out_rows, wd + panels * k2 * kPanel);
-        continue;
+        PanelVector(words.data(), 0, rows, k2, panel, col, n, out_rows, wd + panels * k2 * kPanel);
+      } else {
+        PanelScalar(words.data(), 0, rows, k2, panel, col, n, out_rows);
       }
+#else
+      PanelScalar(words.data(), 0, rows, k2, panel, col, n, out_rows);
 #endif
-      PanelScalar(words.data(), 0, rows, k2, panel, p * kPanel, n, out_rows);
+      if (gelu_bias != nullptr) {
+        const FlushDenormals flush(!vector);
+        Gelu(out_rows + col, n, gelu_bias + col, rows, width, vector);
+      }
     }
   });
   return ffi::Error::Success();
 }
 
+ffi::Error DenseBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
+                     ffi::ResultBuffer<ffi::F32> out, int32_t vectorized) {
+  return Product(pool, x, w, nullptr, out, vectorized);
+}
+
+ffi::Error DenseBf16Gelu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
+                         ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> out, int32_t vectorized) {
+  if (out->dimensions().size() != 2 || static_cast<int64_t>(bias.element_count()) != out->dimensions()[1]) {
+    return ffi::Error::InvalidArgument("dense_bf16: the GELU's bias needs [N], N out's columns");
+  }
+  return Product(pool, x, w, bias.typed_data(), out, vectorized);
+}
+
 }  // namespace
 
 extern "C" int colbert_jax_dense_bf16_vector() { return VectorReady() ? 1 : 0; }
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ColbertJaxDenseBf16Gelu, DenseBf16Gelu,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("vectorized"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ColbertJaxDenseBf16, DenseBf16,
                               ffi::Ffi::Bind()

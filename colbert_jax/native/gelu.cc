@@ -1,11 +1,9 @@
 // The exact GELU after a dense layer (`colbert_jax.native.gelu`), called from XLA programs through the XLA FFI:
 //   out = a / 2 * erfc(-a / sqrt(2)),  a = y + bias,
-// with XLA:CPU's bits for `jax.nn.gelu(y + bias, approximate=False)`: erfc by the expansions jax lowers it to
-// (a polynomial for |z| < 1; exp(-z^2) / |z| times one of two rational tails beyond), exp by XLA's own
-// expansion, each product and sum XLA's machine code contracts into one FMA contracted here too, denormals
-// flushed (XLA runs with FTZ/DAZ). XLA computes every branch for every element; this kernel computes the
-// cheap one for all and the exp, the two divisions and the tails only for the elements that select them,
-// gathered 16 at a time: the same numbers at a fraction of the arithmetic.
+// with XLA:CPU's bits for `jax.nn.gelu(y + bias, approximate=False)` (the math and its AVX-512 path: gelu.h),
+// denormals flushed (XLA runs with FTZ/DAZ). XLA computes every branch for every element; this kernel computes
+// the cheap one for all and the exp, the two divisions and the tails only for the elements that select them,
+// gathered 16 (AVX2: 8) at a time: the same numbers at a fraction of the arithmetic.
 
 #include <algorithm>
 #include <cmath>
@@ -17,6 +15,7 @@
 #include <immintrin.h>
 #endif
 
+#include "gelu.h"
 #include "tasks.h"
 #include "xla_math.h"
 #include "xla/ffi/api/ffi.h"
@@ -25,42 +24,17 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-using colbert_jax_native::Bits;
+using colbert_jax_native::GeluScalar;
+using colbert_jax_native::kErfcLarge;
+using colbert_jax_native::kErfcMid;
+using colbert_jax_native::kErfSmall;
 using colbert_jax_native::RunTasks;
-using colbert_jax_native::XlaExp;
 #if defined(__x86_64__)
-using colbert_jax_native::XlaExp16;
+using colbert_jax_native::GeluRowsAvx512;
 using colbert_jax_native::XlaExp8;
 #endif
 
 constexpr int64_t kRowsPerTask = 16;
-
-
-// jax's erfc expansion (float32 coefficients): |z| < 1, then the tails for 1 <= |z| < 2 and |z| >= 2.
-constexpr float kErfSmall[7] = {7.85386146e-05f, -0.000801019371f, 0.00518832775f, -0.0268538129f,
-                                0.112835854f,    -0.37612626f,     1.12837911f};
-constexpr float kErfcMid[9] = {0.0232682f,    -0.138703942f, 0.368742466f,  -0.582473278f, 0.621000469f,
-                               -0.494451523f, 0.340488f,     -0.274112701f, 0.563825965f};
-constexpr float kErfcLarge[8] = {-10.477664f,  12.9772f,    -7.49551868f,  2.92101908f,
-                                 -1.01526523f, 0.42184633f, -0.282076746f, 0.564189494f};
-
-
-// The exact GELU of a, all branches (the reference the vector path equals).
-inline float GeluScalar(float a) {
-  const float z = (-a) * 0.707106769f, az = std::fabs(z), z2 = z * z;
-  float p = std::fma(z2, kErfSmall[0], kErfSmall[1]);
-  for (int i = 2; i < 7; ++i) p = std::fma(p, z2, kErfSmall[i]);
-  const float small = std::fma(-z, p, 1.0f);
-  const float w = 1.0f / z2;
-  float q1 = std::fma(w, kErfcMid[0], kErfcMid[1]);
-  for (int i = 2; i < 9; ++i) q1 = std::fma(q1, w, kErfcMid[i]);
-  float q2 = std::fma(w, kErfcLarge[0], kErfcLarge[1]);
-  for (int i = 2; i < 8; ++i) q2 = std::fma(q2, w, kErfcLarge[i]);
-  float big = XlaExp(-z2) * (1.0f / az) * (az < 2.0f ? q1 : q2);
-  big = -z2 < -88.7228394f ? 0.0f : big;
-  const float erfc = az < 1.0f ? small : (z < 0.0f ? 2.0f - big : big);
-  return (a * 0.5f) * erfc;
-}
 
 void RowsScalar(const float* y, const float* bias, float* out, int64_t r0, int64_t r1, int64_t n) {
   for (int64_t r = r0; r < r1; ++r) {
@@ -69,66 +43,10 @@ void RowsScalar(const float* y, const float* bias, float* out, int64_t r0, int64
 }
 
 #if defined(__x86_64__)
-#define COLBERT_JAX_GELU_TARGET __attribute__((target("avx512f")))
-
-// The |z| >= 1 branch of GeluScalar on 16 lanes.
-COLBERT_JAX_GELU_TARGET inline __m512 GeluTail(__m512 a) {
-  const __m512 one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
-  const __m512 z = _mm512_mul_ps(_mm512_sub_ps(zero, a), _mm512_set1_ps(0.707106769f));
-  const __m512 az = _mm512_abs_ps(z), z2 = _mm512_mul_ps(z, z);
-  const __m512 w = _mm512_div_ps(one, z2);
-  const __mmask16 mid = _mm512_cmp_ps_mask(az, _mm512_set1_ps(2.0f), _CMP_LT_OQ);
-  __m512 q1 = _mm512_fmadd_ps(w, _mm512_set1_ps(kErfcMid[0]), _mm512_set1_ps(kErfcMid[1]));
-  for (int i = 2; i < 9; ++i) q1 = _mm512_fmadd_ps(q1, w, _mm512_set1_ps(kErfcMid[i]));
-  __m512 q2 = _mm512_fmadd_ps(w, _mm512_set1_ps(kErfcLarge[0]), _mm512_set1_ps(kErfcLarge[1]));
-  for (int i = 2; i < 8; ++i) q2 = _mm512_fmadd_ps(q2, w, _mm512_set1_ps(kErfcLarge[i]));
-  const __m512 nz2 = _mm512_sub_ps(zero, z2);
-  const __m512 ex = XlaExp16(nz2);
-  __m512 big = _mm512_mul_ps(_mm512_mul_ps(ex, _mm512_div_ps(one, az)), _mm512_mask_blend_ps(mid, q2, q1));
-  big = _mm512_mask_mov_ps(big, _mm512_cmp_ps_mask(nz2, _mm512_set1_ps(-88.7228394f), _CMP_LT_OQ), zero);
-  const __mmask16 negative = _mm512_cmp_ps_mask(z, zero, _CMP_LT_OQ);
-  const __m512 erfc = _mm512_mask_blend_ps(negative, big, _mm512_sub_ps(_mm512_set1_ps(2.0f), big));
-  return _mm512_mul_ps(_mm512_mul_ps(a, _mm512_set1_ps(0.5f)), erfc);
-}
-
-// Rows [r0, r1) of a row-major [rows, n] block, a row at a time: every element's |z| < 1 branch, the elements
-// that need the tail gathered (in order, by register compresses), their tails 16 at a time, then each expanded
-// back into its vector.
+// Rows [r0, r1) of a row-major [rows, n] block, a row at a time (a row's tails stay in L1).
 COLBERT_JAX_GELU_TARGET void RowsAvx512(const float* y, const float* bias, float* out, int64_t r0, int64_t r1,
                                         int64_t n) {
-  thread_local std::vector<float> tails;
-  thread_local std::vector<uint16_t> masks;
-  if (tails.size() < static_cast<size_t>(n + 32)) tails.resize(n + 32);
-  if (masks.size() < static_cast<size_t>(n / 16 + 1)) masks.resize(n / 16 + 1);
-  const __m512 one = _mm512_set1_ps(1.0f), half = _mm512_set1_ps(0.5f);
-  for (int64_t r = r0; r < r1; ++r) {
-    float* o = out + r * n;
-    int64_t count = 0;
-    for (int64_t j = 0, v = 0; j < n; j += 16, ++v) {
-      const __mmask16 in = n - j >= 16 ? 0xffff : static_cast<__mmask16>((1u << (n - j)) - 1);
-      const __m512 a = _mm512_add_ps(_mm512_maskz_loadu_ps(in, y + r * n + j), _mm512_maskz_loadu_ps(in, bias + j));
-      const __m512 z = _mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), a), _mm512_set1_ps(0.707106769f));
-      const __m512 z2 = _mm512_mul_ps(z, z);
-      __m512 p = _mm512_fmadd_ps(z2, _mm512_set1_ps(kErfSmall[0]), _mm512_set1_ps(kErfSmall[1]));
-      for (int i = 2; i < 7; ++i) p = _mm512_fmadd_ps(p, z2, _mm512_set1_ps(kErfSmall[i]));
-      _mm512_mask_storeu_ps(o + j, in, _mm512_mul_ps(_mm512_mul_ps(a, half), _mm512_fnmadd_ps(z, p, one)));
-      // the elements whose |z| < 1 is false (NaN included, as XLA's select takes the tail there)
-      const __mmask16 tail = in & ~_mm512_cmp_ps_mask(_mm512_abs_ps(z), one, _CMP_LT_OQ);
-      masks[v] = tail;
-      _mm512_storeu_ps(tails.data() + count, _mm512_maskz_compress_ps(tail, a));
-      count += __builtin_popcount(tail);
-    }
-    for (int64_t t = 0; t < count; t += 16) _mm512_storeu_ps(tails.data() + t, GeluTail(_mm512_loadu_ps(tails.data() + t)));
-    int64_t at = 0;
-    for (int64_t j = 0, v = 0; j < n && at < count; j += 16, ++v) {
-      const __mmask16 tail = masks[v];
-      if (!tail) continue;
-      const __mmask16 in = n - j >= 16 ? 0xffff : static_cast<__mmask16>((1u << (n - j)) - 1);
-      const __m512 merged = _mm512_mask_expand_ps(_mm512_maskz_loadu_ps(in, o + j), tail, _mm512_loadu_ps(tails.data() + at));
-      _mm512_mask_storeu_ps(o + j, in, merged);
-      at += __builtin_popcount(tail);
-    }
-  }
+  for (int64_t r = r0; r < r1; ++r) GeluRowsAvx512(y + r * n, n, bias, out + r * n, n, 1, n);
 }
 
 #define COLBERT_JAX_GELU_AVX2 __attribute__((target("avx2,fma")))

@@ -319,6 +319,29 @@ def test_bfloat16_dense_kernel_names_bad_shapes():
         native.pack_dense_bf16(np.ones(5, np.float32))
 
 
+@pytest.mark.parametrize("implementation", native.DENSE_F32_IMPLEMENTATIONS)
+@pytest.mark.parametrize("m, k, n", [(32, 384, 1536), (300, 384, 1536), (5, 7, 50), (9, 130, 48), (257, 64, 20)])
+def test_bfloat16_dense_kernel_with_gelu_is_the_gelu_kernel_on_its_product(implementation, m, k, n):
+    """`gelu_bias`: the exact GELU of product + bias in the kernel's epilogue, bit for bit the separate GELU kernel
+    (XLA's bits) on the product: partial panels, several row tasks, inputs across all three erfc branches, a NaN
+    and infinities (each branch's select as XLA makes it)."""
+    rng = np.random.default_rng(m * k + n)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    x[0, 0], x[-1, -1] = np.nan, np.inf
+    w = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
+    bias = jnp.asarray(rng.uniform(-4, 4, n).astype(np.float32))  # |z| < 1, 1 <= |z| < 2, |z| >= 2
+    packed = jnp.asarray(native.pack_dense_bf16(w))
+    product = native.dense_bf16(jnp.asarray(x), packed, n, implementation=implementation)
+    want = np.asarray(jax.jit(lambda y, b: jax.nn.gelu(y + b, approximate=False))(product, bias))
+    fused = jax.jit(lambda x: native.dense_bf16(x, packed, n, gelu_bias=bias, implementation=implementation))
+    got = np.asarray(fused(jnp.asarray(x)))
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got, np.asarray(native.gelu(product, bias)))
+    assert np.isnan(got).any() and (np.abs(np.asarray(product) + np.asarray(bias)) >= 2 * np.sqrt(2)).any()
+    with pytest.raises(ValueError, match="gelu_bias"):
+        native.dense_bf16(jnp.asarray(x), packed, n, gelu_bias=bias[:-1])
+
+
 def test_bf16_encoder_runs_every_dense_product_on_the_kernel(minilm_model):
     """query_quantization="bf16": every layer's four dense products (fused qkv, attention's output, the MLP's two)
     packed for `dense_bf16`, none left for the float32 kernel; the projection head stays float32."""
@@ -334,6 +357,11 @@ def test_bf16_encoder_runs_every_dense_product_on_the_kernel(minilm_model):
     assert not any(n.endswith("packed_f32") for n in names)
     assert not any(n.startswith("linear") for n in bf16)
     texts = ["how to parse json", "open a file for writing in binary mode", "sort a list of tuples by key"]
+    ids, mask = model.query_tokenizer.tensorize(texts)
+    program = model._query_fn.lower(model._query_params, ids, mask).as_text()
+    if native.gelu_faster_than_xla():  # the intermediate layers' bias and GELU in their products' epilogue
+        assert program.count("@colbert_jax_dense_bf16_gelu(") == layers
+        assert "@colbert_jax_gelu(" not in program
     got = model.encode_queries(texts)
     full = minilm_model.replace_config(query_quantization="none").encode_queries(texts)
     assert 0 < np.abs(got - full).max() <= 2e-3  # bfloat16's rounding, not float32's
