@@ -51,6 +51,7 @@ does not merge the three products itself: the optimized HLO has three dots).
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -237,17 +238,23 @@ def _product(x: jax.Array, p: Mapping[str, jax.Array]) -> jax.Array:
     if PACKED[0] not in p:
         return _int8_matmul(x, p["kernel"], p[CROSS], scale)
     high, low = p[PACKED[0]], p[PACKED[1]]
-    implementation = getattr(_trace, "implementation", None) or "amx"
-
-    def xla(x):
-        k, n = x.shape[-1], scale.shape[-1]
-        w_hi, w_lo = _unpack(high, k, n), _unpack(low, k, n)
-        return _int8_matmul(x, w_hi, jnp.concatenate([w_lo, w_hi], axis=0), scale)
 
     def kernel(x):
-        return native.int8_dense(x, high, low, scale, implementation=implementation)
+        return native.int8_dense(x, high, low, scale, implementation=_int8_implementation())
 
-    return jax.lax.platform_dependent(x, cpu=kernel, default=xla)
+    return jax.lax.platform_dependent(x, cpu=kernel, default=lambda x: _packed_int8_product(x, p))
+
+
+def _int8_implementation() -> str:
+    return getattr(_trace, "implementation", None) or "amx"
+
+
+def _packed_int8_product(x: jax.Array, p: Mapping[str, jax.Array]) -> jax.Array:
+    """`native.int8_dense`'s numbers for programs without the kernel: the packed terms unpacked, `_int8_matmul`."""
+    high, low, scale = p[PACKED[0]], p[PACKED[1]], p[SCALE]
+    k, n = x.shape[-1], scale.shape[-1]
+    w_hi, w_lo = _unpack(high, k, n), _unpack(low, k, n)
+    return _int8_matmul(x, w_hi, jnp.concatenate([w_lo, w_hi], axis=0), scale)
 
 
 _pending = threading.local()  # trace-time only: the fused key and value outputs awaiting their calls
@@ -316,14 +323,14 @@ def _native_activation(module: nn.Module, x: jax.Array) -> jax.Array | None:
     def xla(y):
         return jax.nn.gelu(y + p["bias"], approximate=False)
 
-    if PACKED_BF16 in p and native.gelu_faster_than_xla():
-        # the bf16 product with the bias and GELU in its epilogue: the same bits as the two kernels
+    if native.gelu_faster_than_xla() and PACKED_BF16 in p:
+        # the product with the bias and GELU in its epilogue: the same bits as the two kernels. (int8's kernel
+        # can do the same, `native.int8_dense(gelu_bias=)`, but on AVX-512 VNNI it made one query's encoding
+        # slower: scripts/bench_gelu_epilogue.py --products int8.)
         packed, n = p[PACKED_BF16], p["bias"].shape[-1]
-        out = jax.lax.platform_dependent(
-            x,
-            cpu=lambda x: native.dense_bf16(x, packed, n, gelu_bias=p["bias"]),
-            default=lambda x: xla(_rounded_bf16_product(x, p)),
-        )
+        fused = functools.partial(native.dense_bf16, packed=packed, n=n, gelu_bias=p["bias"])
+        plain = _rounded_bf16_product
+        out = jax.lax.platform_dependent(x, cpu=fused, default=lambda x: xla(plain(x, p)))
         return out.astype(module.dtype or jnp.float32)
     y = _product(x, p)
 

@@ -124,6 +124,7 @@ _SYMBOLS = {
     "colbert_jax_exact_maxsim_s32": "ColbertJaxExactMaxSimS32",
     "colbert_jax_exact_maxsim_u16": "ColbertJaxExactMaxSimU16",
     "colbert_jax_int8_dense": "ColbertJaxInt8Dense",
+    "colbert_jax_int8_dense_gelu": "ColbertJaxInt8DenseGelu",
     "colbert_jax_centroid_scores": "ColbertJaxCentroidScores",
     "colbert_jax_centroid_scores_f32": "ColbertJaxCentroidScoresF32",
     "colbert_jax_centroid_scores_bf16": "ColbertJaxCentroidScoresBf16",
@@ -481,13 +482,20 @@ def pack_dense(high: np.ndarray, low: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 
 def int8_dense(
-    x: jax.Array, high: jax.Array, low: jax.Array, scale: jax.Array, *, implementation: str = "amx"
+    x: jax.Array,
+    high: jax.Array,
+    low: jax.Array,
+    scale: jax.Array,
+    *,
+    gelu_bias: jax.Array | None = None,
+    implementation: str = "amx",
 ) -> jax.Array:
     """x float [..., K] times the two-term int8 kernel packed by `pack_dense` (high, low [Nb, Kp / 4, 64]; scale
     [N] per output column) -> float32 [..., N]: `quantize._int8_matmul`'s numbers, bit for bit (see
-    `dense_int8.cc`). implementation: "amx" (CPUs with AMX-INT8: check `amx_available()`), "vnni" (the vector
-    unit's int8 products, AVX-512 VNNI builds: check `int8_vnni_available()`) or "portable" (plain loops, any
-    CPU: slow; the reference the other two are tested against). CPU programs only."""
+    `dense_int8.cc`). With `gelu_bias` [N]: `gelu(product + gelu_bias)`, the exact GELU applied in the kernel's
+    epilogue with `gelu`'s bits (XLA's). implementation: "amx" (CPUs with AMX-INT8: check `amx_available()`),
+    "vnni" (the vector unit's int8 products, AVX-512 VNNI builds: check `int8_vnni_available()`) or "portable"
+    (plain loops, any CPU: slow; the reference the other two are tested against). CPU programs only."""
     if implementation not in DENSE_IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {DENSE_IMPLEMENTATIONS}, got {implementation!r}")
     if library() is None:
@@ -507,12 +515,18 @@ def int8_dense(
     nb, kp = high.shape[0], high.shape[1] * 4
     if kp != -(-k // 64) * 64 or nb != -(-n // 32) * 2:
         raise ValueError(f"int8_dense: weights packed for K={kp}, N<={nb * 16} do not fit x [..., {k}] and N={n}")
+    if gelu_bias is not None and gelu_bias.shape != (n,):
+        raise ValueError(f"int8_dense: gelu_bias needs [{n}], got {gelu_bias.shape}")
     lead = x.shape[:-1]
     rows = int(np.prod(lead, dtype=np.int64))
     padded_scale = jnp.pad(scale.astype(jnp.float32), (0, nb * 16 - n), constant_values=1.0)
-    call = jax.ffi.ffi_call("colbert_jax_int8_dense", jax.ShapeDtypeStruct((rows, n), jnp.float32))
-    code = np.int32(DENSE_IMPLEMENTATIONS.index(implementation))
-    out = call(x.reshape(rows, k).astype(jnp.float32), high, low, padded_scale, implementation=code)
+    operands = [x.reshape(rows, k).astype(jnp.float32), high, low, padded_scale]
+    target = "colbert_jax_int8_dense"
+    if gelu_bias is not None:
+        operands.append(gelu_bias.astype(jnp.float32))
+        target = "colbert_jax_int8_dense_gelu"
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((rows, n), jnp.float32))
+    out = call(*operands, implementation=np.int32(DENSE_IMPLEMENTATIONS.index(implementation)))
     return out.reshape(*lead, n)
 
 

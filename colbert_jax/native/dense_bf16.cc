@@ -37,14 +37,13 @@ namespace {
 
 using colbert_jax_native::ForRowBlocks;
 using colbert_jax_native::FromBf16;
-using colbert_jax_native::GeluScalar;
+using colbert_jax_native::FlushDenormals;
+using colbert_jax_native::GeluInPlace;
+using colbert_jax_native::GeluVectorReady;
 using colbert_jax_native::LineShares;
 using colbert_jax_native::RunTasks;
 using colbert_jax_native::TaskGrid;
 using colbert_jax_native::ToBf16;
-#if defined(__x86_64__)
-using colbert_jax_native::GeluRowsAvx512;
-#endif
 
 constexpr int64_t kPanel = 48;                // columns per packed panel
 constexpr int64_t kRows = 8;                  // rows per register block
@@ -184,45 +183,6 @@ bool VectorReady() {
 #endif
 }
 
-// out = gelu(out + bias) over a [rows, width] block (row stride ld); the AVX-512 path where `vector` (this
-// kernel's vector path needs AVX-512 BF16, so AVX-512F is there), else the scalar one: the same bits. The caller
-// sets XLA:CPU's flush-to-zero and denormals-are-zero (`FlushDenormals`).
-void Gelu(float* out, int64_t ld, const float* bias, int64_t rows, int64_t width, bool vector) {
-#if defined(COLBERT_JAX_DENSE_BF16)
-  if (vector) {
-    GeluRowsAvx512(out, ld, bias, out, ld, rows, width);
-    return;
-  }
-#else
-  (void)vector;
-#endif
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t j = 0; j < width; ++j) out[r * ld + j] = GeluScalar(out[r * ld + j] + bias[j]);
-  }
-}
-
-// MXCSR with XLA:CPU's flush-to-zero and denormals-are-zero while in scope, as gelu.cc runs the GELU.
-class FlushDenormals {
- public:
-  explicit FlushDenormals(bool on) : on_(on) {
-#if defined(__x86_64__)
-    if (on_) {
-      saved_ = _mm_getcsr();
-      _mm_setcsr(saved_ | 0x8040);
-    }
-#endif
-  }
-  ~FlushDenormals() {
-#if defined(__x86_64__)
-    if (on_) _mm_setcsr(saved_);
-#endif
-  }
-
- private:
-  bool on_;
-  unsigned int saved_ = 0;
-};
-
 // The product, and with `gelu_bias` (bias [N]) gelu(product + bias) by gelu.h in each task's epilogue: a
 // panel's [rows, 48] block of out, just stored and still in cache, goes through the GELU before the next panel,
 // which spares the separate GELU kernel's pass over all of out in memory (the same bits as that kernel's).
@@ -240,6 +200,7 @@ ffi::Error Product(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, ffi::Buffer<
   }
   if (m == 0) return ffi::Error::Success();
   const bool vector = vectorized && VectorReady();
+  const bool gelu_vector = vectorized && GeluVectorReady();
   const float* xf = x.typed_data();
   const uint32_t* wd = reinterpret_cast<const uint32_t*>(w.untyped_data());
   float* o = out->typed_data();
@@ -252,9 +213,6 @@ ffi::Error Product(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, ffi::Buffer<
     if (static_cast<int64_t>(words.size()) < rows * k2) words.resize(rows * k2);
     RoundRows(xf + r0 * k, rows, k, k2, words.data(), vector);
     float* out_rows = o + r0 * n;
-    // The vector products do not read MXCSR (vdpbf16ps flushes denormals by its definition), so with them the
-    // GELU's setting holds for the whole task; the scalar products' float adds would, so it is set per GELU.
-    const FlushDenormals task_flush(gelu_bias != nullptr && vector);
     for (int64_t p = grid.first_unit(t); p < grid.end_unit(t); ++p) {
       const uint32_t* panel = wd + p * k2 * kPanel;
       const int64_t col = p * kPanel, width = std::min(kPanel, n - col);
@@ -268,8 +226,8 @@ ffi::Error Product(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, ffi::Buffer<
       PanelScalar(words.data(), 0, rows, k2, panel, col, n, out_rows);
 #endif
       if (gelu_bias != nullptr) {
-        const FlushDenormals flush(!vector);
-        Gelu(out_rows + col, n, gelu_bias + col, rows, width, vector);
+        const FlushDenormals flush;
+        GeluInPlace(out_rows + col, n, gelu_bias + col, rows, width, gelu_vector);
       }
     }
   });

@@ -28,6 +28,7 @@
 
 #include "amx.h"
 #include "blocking.h"
+#include "gelu.h"
 #include "tasks.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -35,6 +36,9 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+using colbert_jax_native::FlushDenormals;
+using colbert_jax_native::GeluInPlace;
+using colbert_jax_native::GeluVectorReady;
 using colbert_jax_native::RunTasks;
 using colbert_jax_native::TaskGrid;
 
@@ -358,9 +362,11 @@ bool AmxReady() {
   return ready;
 }
 
-ffi::Error Int8Dense(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w_hi,
-                     ffi::Buffer<ffi::S8> w_lo, ffi::Buffer<ffi::F32> w_scale, ffi::ResultBuffer<ffi::F32> out,
-                     int32_t implementation) {
+// The product, and with `gelu_bias` (bias [N]) gelu(product + bias) by gelu.h in each task's epilogue, on its
+// [rows, columns] block of out while in cache (the same bits as the GELU kernel on the product).
+ffi::Error Product(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::S8>& w_hi,
+                   ffi::Buffer<ffi::S8>& w_lo, ffi::Buffer<ffi::F32>& w_scale, const float* gelu_bias,
+                   ffi::ResultBuffer<ffi::F32>& out, int32_t implementation) {
   auto x_dims = x.dimensions();
   auto w_dims = w_hi.dimensions();
   auto o_dims = out->dimensions();
@@ -379,6 +385,7 @@ ffi::Error Int8Dense(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   if (use_amx && !AmxReady()) return ffi::Error::InvalidArgument("int8_dense: this CPU or OS has no AMX-INT8");
   if (use_vnni && !VnniBuilt()) return ffi::Error::InvalidArgument("int8_dense: not built with AVX-512 VNNI");
   if (m == 0) return ffi::Error::Success();
+  const bool gelu_vector = GeluVectorReady();
 
   const int64_t m_pad = (m + 2 * kRowBlock - 1) / (2 * kRowBlock) * (2 * kRowBlock);  // pairs of row blocks
   // Uninitialised: every real row is written below; the padding rows' products are computed and discarded.
@@ -419,30 +426,61 @@ ffi::Error Int8Dense(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
     const int64_t r0 = grid.first_row(t), r1 = std::min<int64_t>(r0 + kRowsPerGroup, m_pad);
     const int64_t b0 = 2 * grid.first_unit(t), b1 = 2 * grid.end_unit(t);
     if (b0 >= b1) return;
+    [&] {
 #if COLBERT_JAX_HAS_AMX
-    if (use_amx) {
-      ProductsAmx(ahi.data(), alo.data(), xs.data(), r0, r1, m, kp, w_hi.typed_data(), w_lo.typed_data(),
-                  inv_w.data(), b0, b1, n, o);
-      return;
-    }
+      if (use_amx) {
+        return ProductsAmx(ahi.data(), alo.data(), xs.data(), r0, r1, m, kp, w_hi.typed_data(), w_lo.typed_data(),
+                           inv_w.data(), b0, b1, n, o);
+      }
 #endif
 #if defined(COLBERT_JAX_HAS_VNNI)
-    if (use_vnni) {
-      ProductsVnni(ahi.data(), alo.data(), xs.data(), sums.data(), r0, std::min(r1, m), kp, w_hi.typed_data(),
-                   w_lo.typed_data(), inv_w.data(), b0, b1, n, o);
-      return;
-    }
+      if (use_vnni) {
+        return ProductsVnni(ahi.data(), alo.data(), xs.data(), sums.data(), r0, std::min(r1, m), kp,
+                            w_hi.typed_data(), w_lo.typed_data(), inv_w.data(), b0, b1, n, o);
+      }
 #endif
-    ProductsPortable(ahi.data(), alo.data(), xs.data(), r0, std::min(r1, m), kp, w_hi.typed_data(),
-                     w_lo.typed_data(), inv_w.data(), b0, b1, n, o);
+      ProductsPortable(ahi.data(), alo.data(), xs.data(), r0, std::min(r1, m), kp, w_hi.typed_data(),
+                       w_lo.typed_data(), inv_w.data(), b0, b1, n, o);
+    }();
+    if (gelu_bias != nullptr && r0 < m) {
+      const int64_t c0 = b0 * 16, c1 = std::min(b1 * 16, n);
+      const FlushDenormals flush;
+      GeluInPlace(o + r0 * n + c0, n, gelu_bias + c0, std::min(r1, m) - r0, c1 - c0, gelu_vector);
+    }
   });
   return ffi::Error::Success();
+}
+
+ffi::Error Int8Dense(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w_hi,
+                     ffi::Buffer<ffi::S8> w_lo, ffi::Buffer<ffi::F32> w_scale, ffi::ResultBuffer<ffi::F32> out,
+                     int32_t implementation) {
+  return Product(pool, x, w_hi, w_lo, w_scale, nullptr, out, implementation);
+}
+
+ffi::Error Int8DenseGelu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w_hi,
+                         ffi::Buffer<ffi::S8> w_lo, ffi::Buffer<ffi::F32> w_scale, ffi::Buffer<ffi::F32> bias,
+                         ffi::ResultBuffer<ffi::F32> out, int32_t implementation) {
+  if (out->dimensions().size() != 2 || static_cast<int64_t>(bias.element_count()) != out->dimensions()[1]) {
+    return ffi::Error::InvalidArgument("int8_dense: the GELU's bias needs [N], N out's columns");
+  }
+  return Product(pool, x, w_hi, w_lo, w_scale, bias.typed_data(), out, implementation);
 }
 
 }  // namespace
 
 extern "C" int colbert_jax_amx_ready() { return AmxReady() ? 1 : 0; }
 extern "C" int colbert_jax_int8_vnni() { return VnniBuilt() ? 1 : 0; }
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ColbertJaxInt8DenseGelu, Int8DenseGelu,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("implementation"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ColbertJaxInt8Dense, Int8Dense,
                               ffi::Ffi::Bind()

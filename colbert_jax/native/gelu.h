@@ -6,6 +6,7 @@
 // contracts into one FMA contracted here too. Callers run it with denormals flushed (FTZ/DAZ), as XLA:CPU does.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -70,8 +71,8 @@ COLBERT_JAX_GELU_TARGET inline __m512 GeluTail(__m512 a) {
 // |z| < 1 branch, then the elements that need the tail gathered (in order, by register compresses) over all the
 // rows, their tails 16 at a time, and each expanded back into its vector. XLA computes every branch for every
 // element; this computes the exp, the two divisions and the tails only for the elements that select them.
-COLBERT_JAX_GELU_TARGET inline void GeluRowsAvx512(const float* y, int64_t ldy, const float* bias, float* out,
-                                                   int64_t ldo, int64_t rows, int64_t n) {
+COLBERT_JAX_GELU_TARGET inline void GeluBlockAvx512(const float* y, int64_t ldy, const float* bias, float* out,
+                                                    int64_t ldo, int64_t rows, int64_t n) {
   const int64_t per_row = (n + 15) / 16;
   thread_local std::vector<float> tails;
   thread_local std::vector<uint16_t> masks;
@@ -113,6 +114,65 @@ COLBERT_JAX_GELU_TARGET inline void GeluRowsAvx512(const float* y, int64_t ldy, 
     }
   }
 }
+
+// GeluBlockAvx512 over runs of rows of about kGeluRun elements, so that a run's output and gathered tails stay
+// in L1 between its passes (the tails of a whole [256, 48] panel block or [64, 384] task went to L2).
+constexpr int64_t kGeluRun = 2048;
+COLBERT_JAX_GELU_TARGET inline void GeluRowsAvx512(const float* y, int64_t ldy, const float* bias, float* out,
+                                                   int64_t ldo, int64_t rows, int64_t n) {
+  const int64_t run = std::max<int64_t>(1, kGeluRun / std::max<int64_t>(n, 1));
+  for (int64_t r = 0; r < rows; r += run) {
+    GeluBlockAvx512(y + r * ldy, ldy, bias, out + r * ldo, ldo, std::min(run, rows - r), n);
+  }
+}
 #endif
+
+// Whether GeluRowsAvx512 runs here: a build for an AVX-512 CPU type (-march) on a CPU with AVX-512F (a build for
+// an older type runs as there, even on this CPU).
+inline bool GeluVectorReady() {
+#if defined(__x86_64__) && defined(__AVX512F__)
+  return __builtin_cpu_supports("avx512f");
+#else
+  return false;
+#endif
+}
+
+// out = gelu(out + bias) in place over a [rows, width] block (row stride ld): GeluRowsAvx512 where `vector`
+// (check GeluVectorReady()), else GeluScalar, the same bits. For the kernels that apply the GELU in a product's
+// epilogue, on its output while in cache; the caller flushes denormals (FlushDenormals).
+inline void GeluInPlace(float* out, int64_t ld, const float* bias, int64_t rows, int64_t width, bool vector) {
+#if defined(__x86_64__)
+  if (vector) {
+    GeluRowsAvx512(out, ld, bias, out, ld, rows, width);
+    return;
+  }
+#else
+  (void)vector;
+#endif
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < width; ++j) out[r * ld + j] = GeluScalar(out[r * ld + j] + bias[j]);
+  }
+}
+
+// XLA:CPU's flush-to-zero and denormals-are-zero in MXCSR while in scope, as XLA runs its GELU.
+class FlushDenormals {
+ public:
+  FlushDenormals() {
+#if defined(__x86_64__)
+    saved_ = _mm_getcsr();
+    _mm_setcsr(saved_ | 0x8040);
+#endif
+  }
+  ~FlushDenormals() {
+#if defined(__x86_64__)
+    _mm_setcsr(saved_);
+#endif
+  }
+  FlushDenormals(const FlushDenormals&) = delete;
+  FlushDenormals& operator=(const FlushDenormals&) = delete;
+
+ private:
+  unsigned int saved_ = 0;
+};
 
 }  // namespace colbert_jax_native

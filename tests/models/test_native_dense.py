@@ -68,6 +68,30 @@ def test_kernel_equals_the_xla_product_bit_for_bit(implementation, shape):
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("implementation", native.DENSE_IMPLEMENTATIONS)
+@pytest.mark.parametrize("shape", [(33, 384, 1536), (300, 384, 1536), (17, 100, 64), (5, 64, 20)])
+def test_kernel_with_gelu_is_the_gelu_kernel_on_its_product(implementation, shape):
+    """`gelu_bias`: the exact GELU of product + bias in the kernel's epilogue (each task's rows and column
+    blocks), bit for bit the separate GELU kernel on the product (XLA's bits): partial blocks, several row
+    groups, all three erfc branches."""
+    x, high, cross, scale = _problem(*shape)
+    packed = native.pack_dense(high, cross[: shape[1]])
+    bias = jnp.asarray(np.random.default_rng(1).uniform(-4, 4, shape[2]).astype(np.float32))
+    fused = jax.jit(functools.partial(native.int8_dense, gelu_bias=bias, implementation=implementation))
+    if missing := _unavailable(implementation):
+        with pytest.raises(native.NativeBuildError, match=missing):
+            fused(x, *packed, scale)
+        return
+    product = _native(implementation)(x, *packed, scale)
+    want = np.asarray(jax.jit(lambda y, b: jax.nn.gelu(y + b, approximate=False))(product, bias))
+    got = np.asarray(fused(x, *packed, scale))
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got, np.asarray(native.gelu(product, bias)))
+    assert (np.abs(np.asarray(product) + np.asarray(bias)) >= 2 * np.sqrt(2)).any()
+    with pytest.raises(ValueError, match="gelu_bias"):
+        native.int8_dense(x, *packed, scale, gelu_bias=bias[:-1], implementation=implementation)
+
+
 def test_threaded_sizes_and_leading_axes():
     # 600 rows x 1536 columns: split over XLA's thread pool; a [B, L, K] input keeps its leading axes
     x, high, cross, scale = _problem(600, 384, 1536, seed=1)
@@ -132,6 +156,7 @@ def test_packed_encoder_equals_the_xla_encoder(implementation, tiny_model):
     text = jax.jit(quantized_apply(fn, implementation)).lower(packed, ids, mask).as_text()
     assert all(f"colbert_jax_{kernel}" in text for kernel in ("int8_dense", "attention"))
     assert ("colbert_jax_gelu" in text) == native.gelu_faster_than_xla()  # else XLA's GELU: the same bits
+    assert "colbert_jax_int8_dense_gelu" not in text  # measured slower for one query on VNNI
 
 
 def _expected_products() -> str:
