@@ -78,6 +78,7 @@ def main() -> None:
     ap.add_argument("--queries-file", help="TSV of queries (qid, text) to use instead of passage openings")
     ap.add_argument("--k", type=int, default=10, help="results per query in the retrieval timings")
     ap.add_argument("--two-programs", action="store_true", help="also time PLAID batches without search_fused")
+    ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
     import colbert_jax
     from colbert_jax.default_model import default_checkpoint
@@ -106,6 +107,7 @@ def main() -> None:
         out = subprocess.run([args.ref_python, "-c", TORCH_MATMUL], capture_output=True, text=True, check=True)
         print(f"| matmul [32,384]x[384,1536] float32, torch | {json.loads(out.stdout):.0f} GFLOP/s |")
     print(f"| query encoder, one query | {encode_ms:.2f} ms |")
+    report = {"encode_one_query_ms": encode_ms, "k": args.k, "indexes": []}
 
     for index in args.index:
         searchers = {
@@ -137,9 +139,20 @@ def main() -> None:
             name = f"{Path(index).name} ({s.index.num_embeddings:,} embeddings), {e}, k={args.k}"
             print(f"| retrieval only, {name}, batched | {_spread(qps[e], '.1f')} queries/s |")
             print(f"| retrieval only, {name}, single p50 | {_spread(p50[e], '.2f')} ms |")
+            report["indexes"].append(
+                {
+                    "index": str(index),
+                    "embeddings": s.index.num_embeddings,
+                    "engine": e,
+                    "batched_qps": qps[e],
+                    "single_p50_ms": p50[e],
+                }
+            )
         if two is not None:
             name = f"{Path(index).name} ({s.index.num_embeddings:,} embeddings), plaid without search_fused"
             print(f"| retrieval only, {name}, batched | {_spread(two, '.1f')} queries/s |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
 
 
 def _two_programs(searcher, queries):

@@ -140,6 +140,7 @@ def main() -> None:
     ap.add_argument("--ref-python", default=os.environ.get("REF_PYTHON", "/tmp/colbert-ref-venv/bin/python"))
     ap.add_argument("--index", help="an index by the default model: also report cosines and overlap@10")
     ap.add_argument("--index-queries", help="queries TSV for the --index figures (default: the bench queries)")
+    ap.add_argument("--json", help="also write every run's figures (and the quality figures) here")
     args = ap.parse_args()
     from colbert_jax.default_model import default_checkpoint
     from colbert_jax.quickstart import corpus_file
@@ -159,9 +160,15 @@ def main() -> None:
     print(f"{cpu}, {os.cpu_count()} CPUs, {platform.python_version()}; {args.queries} queries, {args.repeats} repeats")
     from colbert_jax import native
 
+    auto = {
+        "int8_over_f32_rate": native.int8_over_f32_rate(),
+        "bf16_over_f32_rate": native.bf16_over_f32_rate(),
+        "amx_tiles": native.int8_tiles(),
+        "order": list(native.query_products_by_speed()),
+    }
     print(
-        f"rates over float32 (one core): int8 {native.int8_over_f32_rate():.2f}, bf16 {native.bf16_over_f32_rate():.2f}"
-        f"; AMX tiles {native.int8_tiles()}; auto's order: {', '.join(native.query_products_by_speed())}"
+        f"rates over float32 (one core): int8 {auto['int8_over_f32_rate']:.2f}, bf16 {auto['bf16_over_f32_rate']:.2f}"
+        f"; AMX tiles {auto['amx_tiles']}; auto's order: {', '.join(auto['order'])}"
     )
     print("| encoder | single query p50 ms | batched ms/query | vs colbert-ai (single, batched) |")
     print("|---|---|---|---|")
@@ -178,6 +185,7 @@ def main() -> None:
                 for key in ("single_ms", "batched_ms")
             )
         print(f"| {name} | {cells[0]} | {cells[1]} | {ratio} |")
+    qualities: dict[str, dict] = {}
     if args.index:
         quality = Path(args.index_queries) if args.index_queries else queries
         reference = None
@@ -188,6 +196,10 @@ def main() -> None:
         print(f"against float32 on {quality.name}: | encoder | worst query cosine | PLAID overlap@10 |")
         for name, (cosine, overlap) in overlaps(args.index, quality, reference).items():
             print(f"| {name} | 1 - {max(0.0, 1 - cosine):.1e} | {overlap:.4f} |")  # float rounding: cosine 1 + 1e-7
+            qualities[name] = {"worst_cosine": float(cosine), "overlap_at_10": overlap}
+    if args.json:
+        report = {"cpu": cpu, "auto": auto, "runs": results, "quality": qualities}
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ builds them), called in turn, call after call, on the same inputs, with the outp
     python scripts/bench_kernel_ab.py dense_f32|dense_bf16|dense_int8 [--base REV] [--rows 2048] [--threads 1|2]
         [--calls 40]
     python scripts/bench_kernel_ab.py centroid_scores_f32 [--base REV] [--centroids 65536 8192] [--calls 100]
+    python scripts/bench_kernel_ab.py attention [--base REV] [--batch 1 64] [--calls 100]
 
 On a shared, noisy machine two processes run minutes apart can differ by 2x; calls alternated within one
 process meet the same neighbours, so their ratio is what a change is worth. `dense_f32` runs MiniLM's four
@@ -13,8 +14,10 @@ threads; `dense_bf16` the same shapes on bfloat16 operands (x rounded in the cal
 handler rounds its rows; weights packed as bfloat16 pairs; AVX-512 BF16 builds only); `dense_int8` the same
 shapes through the int8 layer's AVX-512 VNNI path (the activation split and the three products; arbitrary
 weight bytes, column scales 1; AVX-512 VNNI builds only); `centroid_scores_f32` runs one 32-token query's
-stage 1 and block maxima over 128-dimensional centroids on one thread. Each line prints the median (and
-fastest) call of either side and the ratio of the medians (> 1: the working tree is faster).
+stage 1 and block maxima over 128-dimensional centroids on one thread; `attention` MiniLM's self-attention (12
+heads of 32, 32 tokens, keys past a row's length masked) for --batch rows on one thread, with the two sides'
+largest difference printed (its sums may round differently: float32-accurate, not bit for bit). Each line prints
+the median (and fastest) call of either side and the ratio of the medians (> 1: the working tree is faster).
 AVX-512 builds only (the kernels' AVX-512 paths).
 """
 
@@ -108,6 +111,24 @@ void RUN(const float* c, const float* qt, float* s, int64_t p, int64_t dim, int6
 }
 """,
     ),
+    "attention": (
+        "ffi::Error Attention(",
+        """
+// as the FFI handler runs it, one batch row and head after another on this thread
+void RUN(const float* qkv, const float* pb, const float* kb, float* out, int64_t batch, int64_t len, int64_t heads,
+         int64_t dim) {
+  const int64_t hidden = heads * dim, width = 3 * hidden;
+  const HeadFn vector = VectorHead(len, dim);
+  for (int64_t t = 0; t < batch * heads; ++t) {
+    const int64_t b = t / heads, h = t % heads;
+    const float* base = qkv + b * len * width + h * dim;
+    const float* hb = pb + h * dim;
+    vector(base, base + hidden, base + 2 * hidden, hb, hb + hidden, hb + 2 * hidden, width, kb + b * len,
+           out + b * len * hidden + h * dim, hidden);
+  }
+}
+""",
+    ),
 }
 
 DRIVER = r"""
@@ -119,8 +140,14 @@ DRIVER = r"""
 #include <cstring>
 #include <thread>
 #include <vector>
-void run_a(const float*, const float*, float*, int64_t, int64_t, int64_t, float*);
-void run_b(const float*, const float*, float*, int64_t, int64_t, int64_t, float*);
+#include <cmath>
+// weak: each kernel's units define one of the two signatures
+__attribute__((weak)) void run_a(const float*, const float*, float*, int64_t, int64_t, int64_t, float*);
+__attribute__((weak)) void run_b(const float*, const float*, float*, int64_t, int64_t, int64_t, float*);
+__attribute__((weak)) void attention_a(const float*, const float*, const float*, float*, int64_t, int64_t, int64_t,
+                                       int64_t);
+__attribute__((weak)) void attention_b(const float*, const float*, const float*, float*, int64_t, int64_t, int64_t,
+                                       int64_t);
 static double now() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
@@ -139,7 +166,30 @@ int main(int argc, char** argv) {
   const int calls = std::atoi(argv[2]), threads = std::atoi(argv[3]);
   for (int i = 4; i < argc; ++i) {
     std::vector<double> ta, tb;
-    if (dense) {
+    if (std::strcmp(argv[1], "attention") == 0) {
+      // argv: B:L:H:D; keys past the middle of each row masked, as padding is
+      long b, len, heads, dim;
+      std::sscanf(argv[i], "%ld:%ld:%ld:%ld", &b, &len, &heads, &dim);
+      std::vector<float> qkv(b * len * 3 * heads * dim), pb(3 * heads * dim), kb(b * len, 0.0f);
+      std::vector<float> oa(b * len * heads * dim), ob(oa.size());
+      fill(qkv, 2654435761u); fill(pb, 40503u);
+      for (auto& x : qkv) x *= 4.0f;
+      for (long r = 0; r < b; ++r)
+        for (long j = len / 2 + r % (len / 2); j < len; ++j) kb[r * len + j] = -3.4028235e38f;
+      for (int c = 0; c < calls; ++c) {
+        ta.push_back(timed([&] { attention_a(qkv.data(), pb.data(), kb.data(), oa.data(), b, len, heads, dim); }));
+        tb.push_back(timed([&] { attention_b(qkv.data(), pb.data(), kb.data(), ob.data(), b, len, heads, dim); }));
+      }
+      float diff = 0.0f, top = 0.0f;
+      for (size_t j = 0; j < oa.size(); ++j) {
+        diff = std::max(diff, std::fabs(oa[j] - ob[j]));
+        top = std::max(top, std::fabs(oa[j]));
+      }
+      char what[96];
+      std::snprintf(what, sizeof what, "B %ld, L %ld, %ld heads of %ld (largest difference %.1e of %.2g)", b, len,
+                    heads, dim, diff, top);
+      report(what, 4.0 * b * heads * len * len * dim, ta, tb, oa == ob);
+    } else if (dense) {
       // argv: rows:K:N
       long m, k, n;
       std::sscanf(argv[i], "%ld:%ld:%ld", &m, &k, &n);
@@ -197,6 +247,8 @@ ADAPT = {
     "{{ RUN(x, w, o, m, k, n); }}",
     "dense_int8": "void {name}(const float* x, const float* w, float* o, int64_t m, int64_t k, int64_t n, float*) "
     "{{ RUN(x, w, o, m, k, n); }}",
+    "attention": "void attention_{tail}(const float* x, const float* pb, const float* kb, float* o, int64_t b, "
+    "int64_t len, int64_t heads, int64_t dim) {{ RUN(x, pb, kb, o, b, len, heads, dim); }}",
     "centroid_scores_f32": "void {name}(const float* c, const float* qt, float* s, int64_t p, int64_t dim, int64_t lq, "
     "float* bm) {{ RUN(c, qt, s, p, dim, lq, bm); }}",
 }
@@ -207,7 +259,7 @@ def _unit(kernel: str, source: str, name: str) -> str:
     head = source.split(cut, 1)[0]
     if head == source:
         raise SystemExit(f"{kernel}: the source has no `{cut}` to cut at")
-    adapter = ADAPT[kernel].format(name=name)
+    adapter = ADAPT[kernel].format(name=name, tail=name[-1])
     return f"{head}\n{run}\n}}  // namespace\n{adapter}\n"
 
 
@@ -218,6 +270,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[2048], help="dense kernels: rows of x")
     ap.add_argument("--threads", type=int, default=1, help="dense kernels: threads, each a share of the rows")
     ap.add_argument("--centroids", type=int, nargs="+", default=[65536, 8192], help="centroid_scores_f32: P")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 64], help="attention: batch rows (MiniLM's heads)")
     ap.add_argument("--calls", type=int, default=None, help="calls per side (default 40 dense, 100 stage 1)")
     args = ap.parse_args()
 
@@ -234,7 +287,9 @@ def main() -> None:
     flags = [f for f in flags if f not in ("-shared", "-fPIC")]
     cxx = os.environ.get("CXX", "g++")  # as colbert_jax.native builds
     calls = args.calls or (40 if args.kernel.startswith("dense") else 100)
-    if args.kernel.startswith("dense"):
+    if args.kernel == "attention":
+        shapes = [f"{b}:32:12:32" for b in args.batch]
+    elif args.kernel.startswith("dense"):
         shapes = [f"{m}:{k}:{n}" for m in args.rows for k, n in ((384, 1152), (384, 384), (384, 1536), (1536, 384))]
     else:
         shapes = [str(p) for p in args.centroids]

@@ -201,8 +201,13 @@ def main() -> None:
                 f"{s['encode_p50']:.1f} | {s['retrieve_p50']:.1f} |"
             )
     print("\n| system | overlap@10 with exact search (k=10 defaults) |\n|---|---|")
+    quality = {}
     for name, r in results.items():
-        print(f"| {name} | {overlap(r['top10'], exact):.3f} |")
+        quality[f"{name}_vs_exact"] = overlap(r["top10"], exact)
+        print(f"| {name} | {quality[f'{name}_vs_exact']:.3f} |")
+    if "colbert-ai" in results:
+        quality["ours_vs_colbert-ai"] = overlap(results["ours"]["top10"], results["colbert-ai"]["top10"])
+        print(f"\ntop-10 overlap of ours with colbert-ai's: {quality['ours_vs_colbert-ai']:.3f}")
     if "colbert-ai" in results:
         o, c = results["ours"], results["colbert-ai"]
         for k in ("10", "100"):
@@ -211,7 +216,7 @@ def main() -> None:
                 f"single-query latency {o['single_ms'][k]['p50'] / c['single_ms'][k]['p50']:.2f}x the reference's"
             )
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({**results, "quality": quality}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -85,18 +85,59 @@ void AttendHead(const float* q, const float* k, const float* v, const float* bq,
 #define COLBERT_JAX_ATTENTION_TARGET __attribute__((target("avx512f")))
 
 
-// AttendHead for len and dim multiples of 16, at most 64: four query rows at a time, so that the products'
-// accumulators are independent chains.
+// The 16 x 16 block in r transposed in registers (r[t] holds row t; after, column t).
+COLBERT_JAX_ATTENTION_TARGET inline void Transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {  // pairs of rows interleaved
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // 4 rows' elements 4e + c, for c = 0..3, in r[i + c]
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 16; i += 8) {  // 128-bit lanes of rows i..i+3 and i+4..i+7 gathered
+    for (int c = 0; c < 4; ++c) {
+      t[i + c] = _mm512_shuffle_f32x4(r[i + c], r[i + 4 + c], 0x88);
+      t[i + 4 + c] = _mm512_shuffle_f32x4(r[i + c], r[i + 4 + c], 0xDD);
+    }
+  }
+  for (int c = 0; c < 8; ++c) {
+    r[c] = _mm512_shuffle_f32x4(t[c], t[8 + c], 0x88);
+    r[8 + c] = _mm512_shuffle_f32x4(t[c], t[8 + c], 0xDD);
+  }
+}
+
+// AttendHead for len and dim multiples of 16, at most 64: eight query rows at a time where their sums fit in 16
+// registers (else four), so that the products' accumulators are independent chains. The queries' and keys'
+// biases are added once per head, into an aligned copy of the queries and the keys transposed (in 16 x 16
+// register blocks), so that the score loop only loads and broadcasts. Scores are scaled by 1 / sqrt(D) and
+// probabilities by 1 / their sum, multiplications in place of divisions.
 template <int kJ, int kD>
 COLBERT_JAX_ATTENTION_TARGET void AttendHead16(const float* q, const float* k, const float* v, const float* bq,
                                                const float* bk, const float* bv, int64_t stride,
                                                const float* key_bias, float* ctx, int64_t out_stride) {
-  constexpr int len = 16 * kJ, dim = 16 * kD, kRows = 4;
-  alignas(64) float kt[dim * len];  // keys transposed: [dim, len]
-  for (int j = 0; j < len; ++j) {
-    for (int d = 0; d < dim; ++d) kt[d * len + j] = k[j * stride + d] + bk[d];
+  constexpr int len = 16 * kJ, dim = 16 * kD, kRows = (kJ <= 2 && kD <= 2) ? 8 : 4;
+  alignas(64) float kt[dim * len];  // keys + bias, transposed: [dim, len]
+  alignas(64) float qs[len * dim];  // queries + bias: [len, dim]
+  for (int db = 0; db < kD; ++db) {
+    const __m512 bias_q = _mm512_loadu_ps(bq + 16 * db);
+    const __m512 bias_k = _mm512_loadu_ps(bk + 16 * db);
+    for (int j = 0; j < len; ++j) {
+      _mm512_store_ps(qs + j * dim + 16 * db, _mm512_add_ps(_mm512_loadu_ps(q + j * stride + 16 * db), bias_q));
+    }
+    for (int jb = 0; jb < kJ; ++jb) {
+      __m512 block[16];
+      for (int t = 0; t < 16; ++t) {
+        block[t] = _mm512_add_ps(_mm512_loadu_ps(k + (16 * jb + t) * stride + 16 * db), bias_k);
+      }
+      Transpose16(block);
+      for (int t = 0; t < 16; ++t) _mm512_store_ps(kt + (16 * db + t) * len + 16 * jb, block[t]);
+    }
   }
-  const __m512 root = _mm512_set1_ps(std::sqrt(static_cast<float>(dim)));
+  const __m512 scale = _mm512_set1_ps(1.0f / std::sqrt(static_cast<float>(dim)));
   __m512 bias[kJ];
   for (int jb = 0; jb < kJ; ++jb) bias[jb] = _mm512_loadu_ps(key_bias + 16 * jb);
   alignas(64) float p[kRows][len];
@@ -108,14 +149,14 @@ COLBERT_JAX_ATTENTION_TARGET void AttendHead16(const float* q, const float* k, c
       __m512 col[kJ];
       for (int jb = 0; jb < kJ; ++jb) col[jb] = _mm512_load_ps(kt + d * len + 16 * jb);
       for (int r = 0; r < kRows; ++r) {
-        const __m512 x = _mm512_set1_ps(q[(i0 + r) * stride + d] + bq[d]);
+        const __m512 x = _mm512_set1_ps(qs[(i0 + r) * dim + d]);
         for (int jb = 0; jb < kJ; ++jb) s[r][jb] = _mm512_fmadd_ps(x, col[jb], s[r][jb]);
       }
     }
     for (int r = 0; r < kRows; ++r) {
       __m512 top = _mm512_set1_ps(-INFINITY);
       for (int jb = 0; jb < kJ; ++jb) {
-        s[r][jb] = _mm512_add_ps(_mm512_div_ps(s[r][jb], root), bias[jb]);
+        s[r][jb] = _mm512_fmadd_ps(s[r][jb], scale, bias[jb]);
         top = _mm512_max_ps(top, s[r][jb]);
       }
       const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(top));
@@ -124,8 +165,8 @@ COLBERT_JAX_ATTENTION_TARGET void AttendHead16(const float* q, const float* k, c
         s[r][jb] = XlaExp16(_mm512_sub_ps(s[r][jb], m));
         sum = _mm512_add_ps(sum, s[r][jb]);
       }
-      const __m512 total = _mm512_set1_ps(_mm512_reduce_add_ps(sum));
-      for (int jb = 0; jb < kJ; ++jb) _mm512_store_ps(p[r] + 16 * jb, _mm512_div_ps(s[r][jb], total));
+      const __m512 inverse = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+      for (int jb = 0; jb < kJ; ++jb) _mm512_store_ps(p[r] + 16 * jb, _mm512_mul_ps(s[r][jb], inverse));
     }
     __m512 acc[kRows][kD];
     for (int r = 0; r < kRows; ++r)
