@@ -94,3 +94,4 @@ def test_bars_are_ratios_of_medians_judged_against_issue_14s_limits(tmp_path):
     assert "took **bf16**" in text
     assert "9 of 13 bars met." in text, text
     assert "ours_vs_colbert-ai 0.810" in text
+    assert "| encoder cosine to float32 (bf16 products), worst query | 1 - 2.0e-05 |" in text
