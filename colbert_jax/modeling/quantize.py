@@ -283,6 +283,29 @@ def _fused_projection(module: nn.Dense, x: jax.Array) -> jax.Array:
     return out
 
 
+def _qkv_product(x: jax.Array, p: Mapping[str, jax.Array], key_bias: jax.Array) -> jax.Array:
+    """The fused query/key/value product for self-attention under key_bias [B, L]. With bfloat16-packed params,
+    the keys and values of masked positions (a query's [MASK] padding, often most of its tokens) are not
+    computed: zero there, which no softmax weight reaches (finfo.min scores), so the attention output keeps its
+    bits. A batch row with no attended key keeps all its rows (its softmax is uniform over whatever is there)."""
+    if PACKED_BF16 not in p:
+        return _product(x, p)
+    packed, n = p[PACKED_BF16], p["bias"].shape[-1]
+    split = -(-(n // 3) // native.BF16_PANEL) * native.BF16_PANEL  # the queries' columns, whole panels
+    if n % 3 or split >= n:
+        return _product(x, p)
+    attended = key_bias > jnp.finfo(jnp.float32).min / 2
+    needed = attended | ~attended.any(axis=-1, keepdims=True)
+
+    def kernel(x, needed):
+        return native.dense_bf16(x, packed, n, rows_needed=needed, split=split)
+
+    def xla(x, needed):
+        return _rounded_bf16_product(x, p)
+
+    return jax.lax.platform_dependent(x, needed, cpu=kernel, default=xla)
+
+
 def _unpacked_int8(p: Mapping[str, Any]) -> bool:
     """Quantized params in XLA's layout (`quantize_params(packed=False)`): the path without native kernels."""
     return SCALE in p and PACKED[0] not in p
@@ -296,8 +319,8 @@ def _native_attention(module: nn.Module, x: jax.Array, bias: jax.Array, determin
     if not deterministic or p is None or _unpacked_int8(p):
         return None
     heads, reference = module.qkv_attention()
-    qkv = _product(x, p)
     key_bias = bias.reshape(bias.shape[0], bias.shape[-1])  # [B, 1, 1, L]: one row per batch row
+    qkv = _qkv_product(x, p, key_bias)
 
     def kernel(qkv, key_bias):
         return native.attention(qkv, p["bias"], key_bias, heads)

@@ -133,6 +133,7 @@ _SYMBOLS = {
     "colbert_jax_dense_f32": "ColbertJaxDenseF32",
     "colbert_jax_dense_bf16": "ColbertJaxDenseBf16",
     "colbert_jax_dense_bf16_gelu": "ColbertJaxDenseBf16Gelu",
+    "colbert_jax_dense_bf16_rows": "ColbertJaxDenseBf16Rows",
 }
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "lib": the loaded library, "error": why it is not there
@@ -854,14 +855,24 @@ def pack_dense_bf16(w: np.ndarray) -> np.ndarray:
 
 
 def dense_bf16(
-    x: jax.Array, packed: jax.Array, n: int, *, gelu_bias: jax.Array | None = None, implementation: str = "vector"
+    x: jax.Array,
+    packed: jax.Array,
+    n: int,
+    *,
+    gelu_bias: jax.Array | None = None,
+    rows_needed: jax.Array | None = None,
+    split: int = 0,
+    implementation: str = "vector",
 ) -> jax.Array:
     """bf16(x) [..., K] times weights packed by `pack_dense_bf16` -> float32 [..., N]: x rounded to bfloat16 (to
     nearest even) by the kernel, float32 sums over the coordinate pairs in k order (see `dense_bf16.cc`; within
     float32 rounding of `jnp.matmul` of the rounded operands, not its bits). Each row's result depends on that
     row alone. With `gelu_bias` [N]: `gelu(product + gelu_bias)`, the exact GELU applied in the kernel's epilogue
-    with `gelu`'s bits (XLA's). implementation: "vector" (`vdpbf16ps` where `dense_bf16_vectorized()`, else as
-    "scalar") or "scalar" (plain loops, the same order). CPU programs only."""
+    with `gelu`'s bits (XLA's). With `rows_needed` (bool [...], x's leading shape): the columns from `split` on
+    (a multiple of 48) only for the rows it marks, zero elsewhere, each computed row with the bits of the full
+    product (a fused query/key/value product whose masked keys and values nothing reads). implementation:
+    "vector" (`vdpbf16ps` where `dense_bf16_vectorized()`, else as "scalar") or "scalar" (plain loops, the same
+    order). CPU programs only."""
     if implementation not in DENSE_F32_IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {DENSE_F32_IMPLEMENTATIONS}, got {implementation!r}")
     if library() is None:
@@ -879,10 +890,21 @@ def dense_bf16(
     lead = x.shape[:-1]
     rows = int(np.prod(lead, dtype=np.int64))
     operands = [x.reshape(rows, k).astype(jnp.float32), packed.astype(jnp.bfloat16)]
+    attrs = {"vectorized": np.int32(implementation == "vector")}
     target = "colbert_jax_dense_bf16"
+    if gelu_bias is not None and rows_needed is not None:
+        raise ValueError("dense_bf16: rows_needed and gelu_bias do not go together")
     if gelu_bias is not None:
         operands.append(gelu_bias.astype(jnp.float32))
         target = "colbert_jax_dense_bf16_gelu"
+    if rows_needed is not None:
+        if rows_needed.shape != lead:
+            raise ValueError(f"dense_bf16: rows_needed needs x's leading shape {lead}, got {rows_needed.shape}")
+        if split < 0 or split % BF16_PANEL:
+            raise ValueError(f"dense_bf16: split must be a multiple of {BF16_PANEL} >= 0, got {split}")
+        operands.append(rows_needed.reshape(rows).astype(jnp.int32))
+        attrs["split"] = np.int32(split)
+        target = "colbert_jax_dense_bf16_rows"
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((rows, n), jnp.float32))
-    out = call(*operands, vectorized=np.int32(implementation == "vector"))
+    out = call(*operands, **attrs)
     return out.reshape(*lead, n)

@@ -76,10 +76,9 @@ void RoundRows(const float* x, int64_t m, int64_t k, int64_t k2, uint32_t* out, 
   }
 }
 
-// Rows [r0, r1) x one panel, plain loops in the kernel's order.
-void PanelScalar(const uint32_t* xw, int64_t r0, int64_t r1, int64_t k2, const uint32_t* panel, int64_t col,
-                 int64_t n, float* out) {
-  const int64_t width = std::min(kPanel, n - col);
+// Rows [r0, r1) x one panel, plain loops in the kernel's order: row r's `width` sums to dst + r * ldo.
+void PanelScalar(const uint32_t* xw, int64_t r0, int64_t r1, int64_t k2, const uint32_t* panel, int64_t width,
+                 float* dst, int64_t ldo) {
   for (int64_t r = r0; r < r1; ++r) {
     float acc[kPanel] = {0};
     const uint32_t* xr = xw + r * k2;
@@ -93,7 +92,7 @@ void PanelScalar(const uint32_t* xw, int64_t r0, int64_t r1, int64_t k2, const u
         acc[j] = a;
       }
     }
-    std::memcpy(out + r * n + col, acc, width * sizeof(float));
+    std::memcpy(dst + r * ldo, acc, width * sizeof(float));
   }
 }
 
@@ -103,9 +102,8 @@ void PanelScalar(const uint32_t* xw, int64_t r0, int64_t r1, int64_t k2, const u
 // weights the next pass reads.
 template <int R, int V>
 inline void BlockBf16(const uint32_t* xw, int64_t r, int64_t k2, int64_t k0, int64_t k1, const uint32_t* panel,
-                      int64_t col, int64_t n, float* out, const char* pf, int64_t pf_lines, float* part) {
+                      int64_t width, float* dst, int64_t ldo, const char* pf, int64_t pf_lines, float* part) {
   __m512 acc[R][V];
-  const int64_t width = std::min(kPanel, n - col);
   for (int j = 0; j < R; ++j) {
     for (int v = 0; v < V; ++v) {
       acc[j][v] = k0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(part + j * kPanel + 16 * v);
@@ -133,19 +131,19 @@ inline void BlockBf16(const uint32_t* xw, int64_t r, int64_t k2, int64_t k0, int
     const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, width - 16 * v));
     const __mmask16 keep = left >= 16 ? 0xffff : static_cast<__mmask16>((1u << left) - 1);
     for (int j = 0; j < R; ++j) {
-      float* dst = out + (r + j) * n + col + 16 * v;
+      float* d = dst + (r + j) * ldo + 16 * v;
       if (left >= 16) {
-        _mm512_storeu_ps(dst, acc[j][v]);
+        _mm512_storeu_ps(d, acc[j][v]);
       } else {
-        _mm512_mask_storeu_ps(dst, keep, acc[j][v]);
+        _mm512_mask_storeu_ps(d, keep, acc[j][v]);
       }
     }
   }
 }
 
 template <int V>
-void PanelRows(const uint32_t* xw, int64_t r0, int64_t r1, int64_t k2, const uint32_t* panel, int64_t col,
-               int64_t n, float* out, const uint32_t* w_end) {
+void PanelRows(const uint32_t* xw, int64_t r0, int64_t r1, int64_t k2, const uint32_t* panel, int64_t width,
+               float* dst, int64_t ldo, const uint32_t* w_end) {
   const int64_t blocks = (r1 - r0 + kRows - 1) / kRows;
   alignas(64) static thread_local float scratch[kRowsPerTask * kPanel];
   for (int64_t k0 = 0; k0 < k2; k0 += kDepth) {
@@ -155,24 +153,37 @@ void PanelRows(const uint32_t* xw, int64_t r0, int64_t r1, int64_t k2, const uin
     const int64_t lines = std::max<int64_t>(0, std::min<int64_t>(kDepth * kPanel, w_end - ahead)) * 4 / 64;
     const LineShares shares(lines, blocks);
     ForRowBlocks<kRows>(r0, r1, [&](auto rows, int64_t r, int64_t b) {
-      BlockBf16<decltype(rows)::value, V>(xw, r, k2, k0, k1, panel, col, n, out, pf + shares[b].first * 64,
+      BlockBf16<decltype(rows)::value, V>(xw, r, k2, k0, k1, panel, width, dst, ldo, pf + shares[b].first * 64,
                                           shares[b].count, scratch + (r - r0) * kPanel);
     });
   }
 }
 
-void PanelVector(const uint32_t* xw, int64_t r0, int64_t r1, int64_t k2, const uint32_t* panel, int64_t col,
-                 int64_t n, float* out, const uint32_t* w_end) {
-  const int64_t width = std::min(kPanel, n - col);
+void PanelVector(const uint32_t* xw, int64_t r0, int64_t r1, int64_t k2, const uint32_t* panel, int64_t width,
+                 float* dst, int64_t ldo, const uint32_t* w_end) {
   if (width <= 16) {
-    PanelRows<1>(xw, r0, r1, k2, panel, col, n, out, w_end);
+    PanelRows<1>(xw, r0, r1, k2, panel, width, dst, ldo, w_end);
   } else if (width <= 32) {
-    PanelRows<2>(xw, r0, r1, k2, panel, col, n, out, w_end);
+    PanelRows<2>(xw, r0, r1, k2, panel, width, dst, ldo, w_end);
   } else {
-    PanelRows<3>(xw, r0, r1, k2, panel, col, n, out, w_end);
+    PanelRows<3>(xw, r0, r1, k2, panel, width, dst, ldo, w_end);
   }
 }
 #endif
+
+// Rows [0, rows) of words x one panel, `width` sums a row to dst + r * ldo, on the vector path where `vector`.
+void Panel(bool vector, const uint32_t* xw, int64_t rows, int64_t k2, const uint32_t* panel, int64_t width,
+           float* dst, int64_t ldo, const uint32_t* w_end) {
+#if defined(COLBERT_JAX_DENSE_BF16)
+  if (vector) {
+    PanelVector(xw, 0, rows, k2, panel, width, dst, ldo, w_end);
+    return;
+  }
+#endif
+  (void)vector;
+  (void)w_end;
+  PanelScalar(xw, 0, rows, k2, panel, width, dst, ldo);
+}
 
 // Whether the vector path is compiled here and this CPU and OS run it.
 bool VectorReady() {
@@ -186,8 +197,14 @@ bool VectorReady() {
 // The product, and with `gelu_bias` (bias [N]) gelu(product + bias) by gelu.h in each task's epilogue: a
 // panel's [rows, 48] block of out, just stored and still in cache, goes through the GELU before the next panel,
 // which spares the separate GELU kernel's pass over all of out in memory (the same bits as that kernel's).
+//
+// With `rows_needed` ([M], nonzero where wanted), the columns from `split` on (a multiple of 48) are computed for
+// the wanted rows only and are zero in the others: the fused query/key/value product of a query batch, whose
+// keys and values at masked positions ([MASK] padding) no score ever weighs. The wanted rows' words are gathered
+// into a compact block, so those panels run over fewer rows at full register-block width; each row's sums are
+// the bits it gets in the full product (a row depends on that row alone).
 ffi::Error Product(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::BF16>& w, const float* gelu_bias,
-                   ffi::ResultBuffer<ffi::F32>& out, int32_t vectorized) {
+                   const int32_t* rows_needed, int64_t split, ffi::ResultBuffer<ffi::F32>& out, int32_t vectorized) {
   auto x_dims = x.dimensions();
   auto w_dims = w.dimensions();
   auto o_dims = out->dimensions();
@@ -198,11 +215,15 @@ ffi::Error Product(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, ffi::Buffer<
   if (o_dims[0] != m || k2 != (k + 1) / 2 || panels * kPanel < n || panels * kPanel >= n + kPanel) {
     return ffi::Error::InvalidArgument("dense_bf16: the packed weights do not fit x [M, K] and out [M, N]");
   }
+  if (rows_needed != nullptr && (split < 0 || split % kPanel != 0)) {
+    return ffi::Error::InvalidArgument("dense_bf16: split needs a multiple of 48 >= 0");
+  }
   if (m == 0) return ffi::Error::Success();
   const bool vector = vectorized && VectorReady();
   const bool gelu_vector = vectorized && GeluVectorReady();
   const float* xf = x.typed_data();
   const uint32_t* wd = reinterpret_cast<const uint32_t*>(w.untyped_data());
+  const uint32_t* w_end = wd + panels * k2 * kPanel;
   float* o = out->typed_data();
   const TaskGrid grid(m, panels, pool.num_threads(), kRowsPerTask);
   RunTasks(pool, grid.tasks(), 2 * m * k * n / kFlopsPerThread, 1, [&](int64_t t) {
@@ -212,19 +233,37 @@ ffi::Error Product(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, ffi::Buffer<
     thread_local std::vector<uint32_t> words;
     if (static_cast<int64_t>(words.size()) < rows * k2) words.resize(rows * k2);
     RoundRows(xf + r0 * k, rows, k, k2, words.data(), vector);
+    // The wanted rows' words, gathered once per task, and a [wanted, 48] block for their sums.
+    thread_local std::vector<uint32_t> compact;
+    thread_local std::vector<float> block;
+    int64_t wanted = 0;
+    if (rows_needed != nullptr && grid.end_unit(t) * kPanel > split) {
+      if (static_cast<int64_t>(compact.size()) < rows * k2) compact.resize(rows * k2);
+      if (static_cast<int64_t>(block.size()) < rows * kPanel) block.resize(rows * kPanel);
+      for (int64_t r = 0; r < rows; ++r) {
+        if (rows_needed[r0 + r] == 0) continue;
+        std::memcpy(compact.data() + wanted * k2, words.data() + r * k2, k2 * sizeof(uint32_t));
+        ++wanted;
+      }
+    }
     float* out_rows = o + r0 * n;
     for (int64_t p = grid.first_unit(t); p < grid.end_unit(t); ++p) {
       const uint32_t* panel = wd + p * k2 * kPanel;
       const int64_t col = p * kPanel, width = std::min(kPanel, n - col);
-#if defined(COLBERT_JAX_DENSE_BF16)
-      if (vector) {
-        PanelVector(words.data(), 0, rows, k2, panel, col, n, out_rows, wd + panels * k2 * kPanel);
-      } else {
-        PanelScalar(words.data(), 0, rows, k2, panel, col, n, out_rows);
+      if (rows_needed != nullptr && col >= split) {
+        if (wanted > 0) Panel(vector, compact.data(), wanted, k2, panel, width, block.data(), kPanel, w_end);
+        int64_t j = 0;
+        for (int64_t r = 0; r < rows; ++r) {
+          float* dst = out_rows + r * n + col;
+          if (rows_needed[r0 + r] != 0) {
+            std::memcpy(dst, block.data() + j++ * kPanel, width * sizeof(float));
+          } else {
+            std::memset(dst, 0, width * sizeof(float));
+          }
+        }
+        continue;
       }
-#else
-      PanelScalar(words.data(), 0, rows, k2, panel, col, n, out_rows);
-#endif
+      Panel(vector, words.data(), rows, k2, panel, width, out_rows + col, n, w_end);
       if (gelu_bias != nullptr) {
         const FlushDenormals flush;
         GeluInPlace(out_rows + col, n, gelu_bias + col, rows, width, gelu_vector);
@@ -236,7 +275,7 @@ ffi::Error Product(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, ffi::Buffer<
 
 ffi::Error DenseBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
                      ffi::ResultBuffer<ffi::F32> out, int32_t vectorized) {
-  return Product(pool, x, w, nullptr, out, vectorized);
+  return Product(pool, x, w, nullptr, nullptr, 0, out, vectorized);
 }
 
 ffi::Error DenseBf16Gelu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
@@ -244,7 +283,16 @@ ffi::Error DenseBf16Gelu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
   if (out->dimensions().size() != 2 || static_cast<int64_t>(bias.element_count()) != out->dimensions()[1]) {
     return ffi::Error::InvalidArgument("dense_bf16: the GELU's bias needs [N], N out's columns");
   }
-  return Product(pool, x, w, bias.typed_data(), out, vectorized);
+  return Product(pool, x, w, bias.typed_data(), nullptr, 0, out, vectorized);
+}
+
+ffi::Error DenseBf16Rows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
+                         ffi::Buffer<ffi::S32> rows_needed, ffi::ResultBuffer<ffi::F32> out, int32_t split,
+                         int32_t vectorized) {
+  if (x.dimensions().size() != 2 || static_cast<int64_t>(rows_needed.element_count()) != x.dimensions()[0]) {
+    return ffi::Error::InvalidArgument("dense_bf16: rows_needed needs [M], M x's rows");
+  }
+  return Product(pool, x, w, nullptr, rows_needed.typed_data(), split, out, vectorized);
 }
 
 }  // namespace
@@ -258,6 +306,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ColbertJaxDenseBf16Gelu, DenseBf16Gelu,
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("vectorized"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ColbertJaxDenseBf16Rows, DenseBf16Rows,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("split")
                                   .Attr<int32_t>("vectorized"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ColbertJaxDenseBf16, DenseBf16,

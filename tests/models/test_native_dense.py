@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from colbert_jax import native
+from colbert_jax.modeling import quantize
 from colbert_jax.modeling.backbones import unstacked_params
 from colbert_jax.modeling.colbert import embed_queries
 from colbert_jax.modeling.quantize import (
@@ -410,3 +411,57 @@ def test_bf16_encoder_lowers_for_accelerators_without_the_kernel(platform, minil
 def test_bf16_needs_the_native_float_encoder(minilm_model):
     with pytest.raises(ValueError, match="bf16"):
         minilm_model.replace_config(query_quantization="bf16", compute_dtype="bfloat16")
+
+
+@pytest.mark.parametrize("implementation", native.DENSE_F32_IMPLEMENTATIONS)
+@pytest.mark.parametrize(
+    "m, k, n, split", [(64, 384, 1152, 384), (300, 384, 1152, 384), (7, 130, 150, 48), (9, 64, 96, 0)]
+)
+def test_bfloat16_dense_kernel_skips_the_columns_of_rows_not_needed(implementation, m, k, n, split):
+    """`rows_needed`: columns from `split` on only for the marked rows, the bits of the full product there, zero in
+    the others; the columns before `split` for every row. Several row tasks, a partial last panel, no row marked."""
+    rng = np.random.default_rng(m + k + n + split)
+    x = jnp.asarray(rng.standard_normal((m, k)).astype(np.float32))
+    packed = jnp.asarray(native.pack_dense_bf16((0.05 * rng.standard_normal((k, n))).astype(np.float32)))
+    full = np.asarray(native.dense_bf16(x, packed, n, implementation=implementation))
+    for needed in (rng.random(m) < 0.4, np.zeros(m, bool), np.ones(m, bool)):
+        run = jax.jit(
+            lambda x, r: native.dense_bf16(x, packed, n, rows_needed=r, split=split, implementation=implementation)
+        )
+        got = np.asarray(run(x, jnp.asarray(needed)))
+        np.testing.assert_array_equal(got[:, :split], full[:, :split])
+        np.testing.assert_array_equal(got[needed, split:], full[needed, split:])
+        assert not got[~needed, split:].any()
+    got3 = native.dense_bf16(x.reshape(1, m, k), packed, n, rows_needed=jnp.asarray(needed).reshape(1, m), split=split)
+    np.testing.assert_array_equal(np.asarray(got3).reshape(m, n), full)
+    with pytest.raises(ValueError, match="multiple of 48"):
+        native.dense_bf16(x, packed, n, rows_needed=jnp.asarray(needed), split=split + 1)
+    with pytest.raises(ValueError, match="leading shape"):
+        native.dense_bf16(x, packed, n, rows_needed=jnp.asarray(needed)[1:], split=split)
+    with pytest.raises(ValueError, match="together"):
+        native.dense_bf16(x, packed, n, rows_needed=jnp.asarray(needed), gelu_bias=jnp.zeros(n), split=split)
+
+
+def test_bf16_encoder_skips_the_keys_and_values_of_mask_tokens_bit_for_bit(monkeypatch, minilm_model):
+    """A query's [MASK] padding is not attended as a key: each layer's fused product computes its keys and values
+    for the attended tokens only (`colbert_jax_dense_bf16_rows`), and the embeddings, [MASK] rows included, are
+    the bits of the full product's."""
+    model = minilm_model
+    texts = ["how to parse json", "open a file for writing in binary mode and append to it", "sort"]
+    ids, mask = model.query_tokenizer.tensorize(texts)
+    assert 0 < np.asarray(mask).mean() < 0.6  # most positions are [MASK] padding no key attends
+    module = model.module.clone(unstacked=True)
+    host = unstacked_params(model.bert_config, jax.device_get(model.params))
+    params = fuse_float_params(host, packed=True, bf16=True)
+
+    def encode():
+        apply = quantized_apply(functools.partial(embed_queries, module, pad_id=model.query_pad_id))
+        fn = jax.jit(apply)
+        return fn.lower(params, ids, mask).as_text(), np.asarray(fn(params, ids, mask))
+
+    program, skipped = encode()
+    assert program.count("@colbert_jax_dense_bf16_rows(") == model.bert_config.num_hidden_layers
+    monkeypatch.setattr(quantize, "_qkv_product", lambda x, p, key_bias: quantize._product(x, p))
+    program_full, full = encode()
+    assert "@colbert_jax_dense_bf16_rows(" not in program_full
+    np.testing.assert_array_equal(skipped, full)
