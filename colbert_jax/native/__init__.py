@@ -284,7 +284,21 @@ def centroid_interaction(S: jax.Array, codes: jax.Array, threshold, starts: jax.
     )
 
 
-MAXSIM_IMPLEMENTATIONS = ("auto", "vector", "amx")
+MAXSIM_IMPLEMENTATIONS = ("auto", "vector", "amx", "table")
+_MAXSIM_CODES = {"vector": 0, "amx": 1, "table": 2}  # plaid_cpu.cc's `implementation`
+
+
+def _maxsim_auto(lq: int, per_byte: int) -> str:
+    """amx where the CPU has AMX-BF16; the nibble table on AVX-512 at nbits 1 and 2 (a nibble then holds two or
+    four dimensions, and its lookup beats their FMAs; at nbits 4 one dimension a nibble, it loses to them);
+    else the vector unit's products."""
+    if lq != 32:
+        return "vector"
+    if amx_bf16_available():
+        return "amx"
+    if vector_bits() >= 512 and per_byte >= 4:
+        return "table"
+    return "vector"
 
 
 def exact_maxsim(
@@ -309,19 +323,21 @@ def exact_maxsim(
     the documents' rows, in place of S's (S from bfloat16 operands: `placement.stage1_bf16`). Call only where
     `enabled()`; vmapped, it runs once per query.
     implementation: "vector" (float32 products on the vector unit), "amx" (32 query tokens on CPUs with AMX-BF16:
-    r . q as three bfloat16 products accumulated in float32, like stage 1's: float32-class, not float32's bits)
-    or "auto" (amx where it applies)."""
+    r . q as three bfloat16 products accumulated in float32, like stage 1's: float32-class, not float32's bits),
+    "table" (32 query tokens: r . q as a sum of lookups in a per-query table of each byte nibble's 16 possible
+    contributions, float32 sums in another order than "vector"'s; a byte table whose halves are not each a
+    nibble's runs as "vector") or "auto" (`_maxsim_auto`: amx, else table at nbits 1 and 2 on AVX-512)."""
     if implementation not in MAXSIM_IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {MAXSIM_IMPLEMENTATIONS}, got {implementation!r}")
     if library() is None:
         raise NativeBuildError(f"the native CPU kernels are off or unavailable ({_why_not()}); check `enabled()` first")
-    amx = Q.shape[0] == 32 and amx_bf16_available() if implementation == "auto" else implementation == "amx"
     if implementation == "amx" and not amx_bf16_available():
         raise NativeBuildError(
             f"exact_maxsim(implementation='amx'): no AMX-BF16 here (not on this CPU or OS, or {AMX_ENV}=0)"
         )
-    if amx and Q.shape[0] != 32:
-        raise ValueError(f"exact_maxsim(implementation='amx') takes 32 query tokens, got Q {Q.shape}")
+    chosen = _maxsim_auto(Q.shape[0], table.shape[-1]) if implementation == "auto" else implementation
+    if chosen in ("amx", "table") and Q.shape[0] != 32:
+        raise ValueError(f"exact_maxsim(implementation={chosen!r}) takes 32 query tokens, got Q {Q.shape}")
     target = _MAXSIM_TARGETS.get(np.dtype(codes.dtype))
     if target is None:
         raise TypeError(f"codes must be int32 or uint16, got {codes.dtype}")
@@ -344,7 +360,7 @@ def exact_maxsim(
         table.astype(jnp.float32),
         starts.astype(jnp.int32),
         lens.astype(jnp.int32),
-        amx=np.int32(amx),
+        implementation=np.int32(_MAXSIM_CODES[chosen]),
     )
 
 

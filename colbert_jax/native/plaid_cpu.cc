@@ -432,6 +432,98 @@ void MaxSimDocs32(const float* qt, const float* S, const int32_t* slot, int64_t 
   }
 }
 
+// Whether the byte table [256, per_byte] splits into nibbles: the values of a byte's first half of dimensions
+// depend on its high 4 bits alone and the second half's on its low 4 bits (an index's tables at nbits 1, 2 and
+// 4, first dimension in the top bits, always do).
+bool SplitsIntoNibbles(const float* table, int64_t per_byte) {
+  if (per_byte < 2 || per_byte % 2 != 0) return false;
+  const int64_t half = per_byte / 2;
+  for (int64_t v = 0; v < 256; ++v) {
+    for (int64_t k = 0; k < per_byte; ++k) {
+      const int64_t same = k < half ? (v & 0xf0) : (v & 0x0f);
+      if (table[v * per_byte + k] != table[same * per_byte + k]) return false;
+    }
+  }
+  return true;
+}
+
+// The query's nibble table T [2 * bytes, 16, 32]: T[2b + h][v] = sum over the dimensions that nibble h of byte b
+// holds (h = 0 the high nibble, the first half) of value(v, dim) * Q[:, dim], in dimension order: a row's
+// residual . Q is then the sum of its 2 * bytes entries, one lookup a nibble instead of per_byte / 2 FMAs.
+void BuildNibbleTable(const float* qt, const float* table, int64_t per_byte, int64_t bytes, float* out) {
+  const int64_t half = per_byte / 2;
+  for (int64_t b = 0; b < bytes; ++b) {
+    for (int64_t h = 0; h < 2; ++h) {
+      for (int64_t v = 0; v < 16; ++v) {
+        const int64_t byte = h == 0 ? v << 4 : v;
+        float* t = out + ((2 * b + h) * 16 + v) * 32;
+        std::fill(t, t + 32, 0.0f);
+        for (int64_t k = 0; k < half; ++k) {
+          const float value = table[byte * per_byte + h * half + k];
+          const float* col = qt + (b * per_byte + h * half + k) * 32;
+          for (int64_t q = 0; q < 32; ++q) t[q] += value * col[q];
+        }
+      }
+    }
+  }
+}
+
+// MaxSimDocs32 from the nibble table (`BuildNibbleTable`): per row and byte, the high and low nibbles' entries
+// added into separate sums (two chains a row, so the adds do not wait on each other), four rows at a time (two
+// without AVX-512). The same (S + r . q) * inv_norm and maximum as MaxSimDocs32, r . q summed per nibble: not
+// its bits, float32's accuracy.
+template <typename Code>
+void MaxSimDocs32Nibbles(const float* nibbles, const float* S, const int32_t* slot, int64_t num_centroids,
+                         const Code* codes, const uint8_t* residuals, int64_t bytes_per_row, const float* inv_norms,
+                         int64_t num_rows, const int32_t* starts, const int32_t* lens, float* out, int64_t lo,
+                         int64_t hi) {
+#if defined(__AVX512F__)
+  constexpr int kRows = 4;
+#else
+  constexpr int kRows = 2;
+#endif
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  for (int64_t d = lo; d < hi; ++d) {
+    Vec16 best_lo = Vec16{} + neg_inf, best_hi = Vec16{} + neg_inf;
+    const int64_t len = lens[d];
+    const int64_t start = starts[d];
+    if (len > 0 && start >= 0 && start + len <= num_rows) {
+      for (int64_t row = start; row < start + len; row += kRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kRows, start + len - row));
+        const uint8_t* packed[kRows];
+        for (int i = 0; i < kRows; ++i) packed[i] = residuals + (row + std::min(i, rows - 1)) * bytes_per_row;
+        Vec16 h_lo[kRows], h_hi[kRows], l_lo[kRows], l_hi[kRows];
+        for (int i = 0; i < kRows; ++i) h_lo[i] = h_hi[i] = l_lo[i] = l_hi[i] = Vec16{};
+        const float* t = nibbles;
+        for (int64_t b = 0; b < bytes_per_row; ++b, t += 2 * 16 * 32) {
+#pragma GCC unroll 4
+          for (int i = 0; i < kRows; ++i) {
+            const unsigned byte = packed[i][b];
+            const float* th = t + (byte >> 4) * 32;
+            const float* tl = t + (16 + (byte & 15u)) * 32;
+            h_lo[i] += Load(th);
+            h_hi[i] += Load(th + 16);
+            l_lo[i] += Load(tl);
+            l_hi[i] += Load(tl + 16);
+          }
+        }
+#pragma GCC unroll 4
+        for (int i = 0; i < kRows; ++i) {
+          if (i >= rows) break;
+          const int64_t code = static_cast<int64_t>(codes[row + i]);
+          if (code < 0 || code >= num_centroids) continue;
+          const float* base = S + SlotOf(slot, code) * 32;
+          const float inv = inv_norms[row + i];
+          best_lo = Max(best_lo, (Load(base) + (h_lo[i] + l_lo[i])) * inv);
+          best_hi = Max(best_hi, (Load(base + 16) + (h_hi[i] + l_hi[i])) * inv);
+        }
+      }
+    }
+    Store(out + d * 32, best_lo);
+    Store(out + d * 32 + 16, best_hi);
+  }
+}
+
 #if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
 #define COLBERT_JAX_MAXSIM_AVX2 1
 // MaxSimDocs32 in AVX2 registers, two rows of a document at a time: 8 sums, 4 query columns and a broadcast fit
@@ -641,7 +733,7 @@ ffi::Error ExactMaxSim(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> Q, ffi::Buffe
                        ffi::Buffer<ffi::F32> centroids, ffi::Buffer<CodeType> codes, ffi::Buffer<ffi::U8> residuals,
                        ffi::Buffer<ffi::F32> inv_norms,
                        ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::S32> starts, ffi::Buffer<ffi::S32> lens,
-                       ffi::ResultBuffer<ffi::F32> out, int32_t amx) {
+                       ffi::ResultBuffer<ffi::F32> out, int32_t implementation) {
   using Code = ffi::NativeType<CodeType>;
   auto q_dims = Q.dimensions();
   auto s_dims = S.dimensions();
@@ -667,13 +759,18 @@ ffi::Error ExactMaxSim(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> Q, ffi::Buffe
       (c_dims[0] != 0 && (c_dims[0] != num_centroids || c_dims[1] != dim))) {
     return ffi::Error::InvalidArgument("exact_maxsim: operand shapes do not fit together");
   }
-  if (amx != 0 && lq != 32) return ffi::Error::InvalidArgument("exact_maxsim: the AMX path takes 32 query tokens");
+  // implementation: 0 the vector unit's products, 1 AMX tiles, 2 the nibble table (`MaxSimDocs32Nibbles`)
+  const bool amx = implementation == 1;
+  if (implementation < 0 || implementation > 2) return ffi::Error::InvalidArgument("exact_maxsim: no such implementation");
+  if (implementation != 0 && lq != 32) {
+    return ffi::Error::InvalidArgument("exact_maxsim: the AMX and table paths take 32 query tokens");
+  }
 #if COLBERT_JAX_MAXSIM_AMX
-  const bool use_amx = amx != 0 && MaxSimAmxReady();
+  const bool use_amx = amx && MaxSimAmxReady();
 #else
   const bool use_amx = false;
 #endif
-  if (amx != 0 && !use_amx) return ffi::Error::InvalidArgument("exact_maxsim: this CPU or OS has no AMX-BF16");
+  if (amx && !use_amx) return ffi::Error::InvalidArgument("exact_maxsim: this CPU or OS has no AMX-BF16");
   std::unique_ptr<float[]> qt(new float[dim * lq]);
   const float* qd = Q.typed_data();
   for (int64_t q = 0; q < lq; ++q)
@@ -738,6 +835,13 @@ ffi::Error ExactMaxSim(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> Q, ffi::Buffe
     }
   }
   const uint16_t *qh = q_hi.data(), *ql = q_lo.data(), *th = t_hi.data(), *tl = t_lo.data();
+  // The table path's per-query nibble table; a byte table that does not split into nibbles takes the vector path.
+  std::unique_ptr<float[]> nibbles;
+  if (implementation == 2 && SplitsIntoNibbles(tab, per_byte)) {
+    nibbles.reset(new float[2 * bytes_per_row * 16 * 32]);
+    BuildNibbleTable(qtp, tab, per_byte, bytes_per_row, nibbles.get());
+  }
+  const float* nib = nibbles.get();
 #if COLBERT_JAX_MAXSIM_AMX
   // nbits 2: the residual terms by permutes where the CPU has VBMI (every CPU with AMX so far) and the table is
   // made of 2-bit fields (an index's always is).
@@ -754,6 +858,10 @@ ffi::Error ExactMaxSim(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> Q, ffi::Buffe
       return;
     }
 #endif
+    if (nib != nullptr) {
+      return MaxSimDocs32Nibbles<Code>(nib, s_data, slot, num_centroids, c_data, r_data, bytes_per_row, inv, num_rows,
+                                       st, ln, o, lo, std::min<int64_t>(lo + kDocs, n));
+    }
     if (lq == 32) {
       const int64_t hi = std::min<int64_t>(lo + kDocs, n);
 #if defined(COLBERT_JAX_MAXSIM_AVX2)
@@ -812,7 +920,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ColbertJaxCentroidInteractionU16, CentroidInteract
       .Arg<ffi::Buffer<ffi::S32>>()             \
       .Arg<ffi::Buffer<ffi::S32>>()             \
       .Ret<ffi::Buffer<ffi::F32>>()             \
-      .Attr<int32_t>("amx")
+      .Attr<int32_t>("implementation")
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ColbertJaxExactMaxSimS32, ExactMaxSim<ffi::S32>, COLBERT_JAX_BIND_MAXSIM(ffi::S32));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ColbertJaxExactMaxSimU16, ExactMaxSim<ffi::U16>, COLBERT_JAX_BIND_MAXSIM(ffi::U16));

@@ -102,7 +102,7 @@ def test_equals_the_jnp_path():
         np.testing.assert_allclose(got[2:], want[2:], rtol=0, atol=2e-5)
 
 
-@pytest.mark.parametrize("implementation", ["vector", "amx"])
+@pytest.mark.parametrize("implementation", ["vector", "amx", "table"])
 @pytest.mark.parametrize("code_dtype", [np.int32, np.uint16])
 @pytest.mark.parametrize(
     "nbits, dim, table_kind",
@@ -112,7 +112,9 @@ def test_exact_maxsim_equals_brute_force(code_dtype, nbits, dim, table_kind, imp
     """Stage 6's kernel: each token's best (q . c + q . r) / ||c + r|| over a document's rows, from packed bytes,
     on the vector unit and on AMX-BF16 tiles (three bfloat16 products; dim 48: k padded to the tiles' 64). An
     index's byte table holds bit fields (nbits 2 on the tiles: unpacked by permutes); any other table of 4 values
-    per byte takes the table lookups."""
+    per byte takes the table lookups. "table" sums each byte nibble's contributions from a per-query table (other
+    sums than the vector unit's, so other bits) where the byte table splits into nibbles, and is the vector path
+    where it does not."""
     rng = np.random.default_rng(nbits)
     lq, num_rows, num_docs = 32, 6000, 120
     Q = rng.standard_normal((lq, dim)).astype(np.float32)
@@ -142,6 +144,9 @@ def test_exact_maxsim_equals_brute_force(code_dtype, nbits, dim, table_kind, imp
             assert np.isneginf(got[d]).all()
         else:
             np.testing.assert_allclose(got[d], sims[start : start + n].max(axis=0), rtol=0, atol=1e-5)
+    if implementation == "table":
+        vector = np.asarray(jax.jit(functools.partial(native.exact_maxsim, implementation="vector"))(*args))
+        assert np.array_equal(got, vector) == (table_kind == "any")
 
 
 @pytest.mark.parametrize("lq", [32, 16])
@@ -195,7 +200,9 @@ def test_exact_maxsim_refuses_what_it_cannot_run():
     else:
         with pytest.raises(native.NativeBuildError, match="AMX-BF16"):
             native.exact_maxsim(Q, S, *rows, *docs, implementation="amx")
-    # "auto" runs where the tiles cannot: 16 tokens on the vector unit
+    with pytest.raises(ValueError, match="32 query tokens"):
+        native.exact_maxsim(Q, S, *rows, *docs, implementation="table")
+    # "auto" runs where the tiles and the table cannot: 16 tokens on the vector unit
     assert native.exact_maxsim(Q, S, *rows, *docs).shape == (1, 16)
 
 
