@@ -76,12 +76,12 @@ def main() -> None:
             q, S, codes, residuals, inv_norms, table, st, ln, implementation="vector"
         )
     )
+    centroids_device = jnp.asarray(centroids)
     searched = jax.jit(
         lambda q, S, st, ln: native.exact_maxsim(
             q, S, codes, residuals, inv_norms, table, st, ln, centroids=centroids_device, implementation="auto"
         )
     )
-    centroids_device = jnp.asarray(centroids)
     stage45, stage6, counts, docs = [], [], [], []
     for q in Q:
         S = centroids @ q.T

@@ -22,6 +22,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <new>
 #include <functional>
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -71,7 +72,9 @@ struct FreeFloats {
 using AlignedFloats = std::unique_ptr<float[], FreeFloats>;
 inline AlignedFloats NewAlignedFloats(int64_t n) {
   const size_t bytes = static_cast<size_t>(std::max<int64_t>(n, 16) * 4 + 63) / 64 * 64;
-  return AlignedFloats(static_cast<float*>(std::aligned_alloc(64, bytes)));
+  float* p = static_cast<float*>(std::aligned_alloc(64, bytes));
+  if (p == nullptr) throw std::bad_alloc();  // as new float[] did
+  return AlignedFloats(p);
 }
 
 inline float Max(float a, float b) { return a > b ? a : b; }
