@@ -101,6 +101,8 @@ COLBERT_JAX_GELU_AVX2 void RowsAvx2(const float* y, const float* bias, float* ou
   thread_local std::vector<uint8_t> masks;
   if (tails.size() < static_cast<size_t>(n + 16)) tails.resize(n + 16);
   if (masks.size() < static_cast<size_t>(n / 8 + 1)) masks.resize(n / 8 + 1);
+  float* const tail_buf = tails.data();  // plain pointers: see GeluBlockAvx512 (gelu.h)
+  uint8_t* const mask_buf = masks.data();
   const __m256 one = _mm256_set1_ps(1.0f), half = _mm256_set1_ps(0.5f), sign = _mm256_set1_ps(-0.0f);
   const __m256i lane_ids = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   for (int64_t r = r0; r < r1; ++r) {
@@ -118,21 +120,21 @@ COLBERT_JAX_GELU_AVX2 void RowsAvx2(const float* y, const float* bias, float* ou
       // the elements whose |z| < 1 is false (NaN included, as XLA's select takes the tail there)
       const int small = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_andnot_ps(sign, z), one, _CMP_LT_OQ));
       const int tail = ~small & ((1 << live) - 1);
-      masks[v] = static_cast<uint8_t>(tail);
+      mask_buf[v] = static_cast<uint8_t>(tail);
       const __m256i order = _mm256_load_si256(reinterpret_cast<const __m256i*>(kLanes.compress[tail]));
-      _mm256_storeu_ps(tails.data() + count, _mm256_permutevar8x32_ps(a, order));
+      _mm256_storeu_ps(tail_buf + count, _mm256_permutevar8x32_ps(a, order));
       count += __builtin_popcount(tail);
     }
-    for (int64_t t = 0; t < count; t += 8) _mm256_storeu_ps(tails.data() + t, GeluTail8(_mm256_loadu_ps(tails.data() + t)));
+    for (int64_t t = 0; t < count; t += 8) _mm256_storeu_ps(tail_buf + t, GeluTail8(_mm256_loadu_ps(tail_buf + t)));
     int64_t at = 0;
     for (int64_t j = 0, v = 0; j < n && at < count; j += 8, ++v) {
-      const int tail = masks[v];
+      const int tail = mask_buf[v];
       if (!tail) continue;
       const __m256i order = _mm256_load_si256(reinterpret_cast<const __m256i*>(kLanes.expand[tail]));
       const __m256i chosen = _mm256_cmpgt_epi32(_mm256_and_si256(_mm256_set1_epi32(tail),
                                                                   _mm256_sllv_epi32(_mm256_set1_epi32(1), lane_ids)),
                                                  _mm256_setzero_si256());
-      const __m256 back = _mm256_permutevar8x32_ps(_mm256_loadu_ps(tails.data() + at), order);
+      const __m256 back = _mm256_permutevar8x32_ps(_mm256_loadu_ps(tail_buf + at), order);
       _mm256_maskstore_ps(o + j, chosen, back);
       at += __builtin_popcount(tail);
     }

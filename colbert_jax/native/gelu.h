@@ -78,6 +78,10 @@ COLBERT_JAX_GELU_TARGET inline void GeluBlockAvx512(const float* y, int64_t ldy,
   thread_local std::vector<uint16_t> masks;
   if (tails.size() < static_cast<size_t>(rows * per_row * 16 + 16)) tails.resize(rows * per_row * 16 + 16);
   if (masks.size() < static_cast<size_t>(rows * per_row)) masks.resize(rows * per_row);
+  // Plain pointers for the loops: through the thread_local vectors, every access after a vector store (which may
+  // alias anything) went back through __tls_get_addr, a call with vzeroupper and spilled registers per vector.
+  float* const tail_buf = tails.data();
+  uint16_t* const mask_buf = masks.data();
   const __m512 one = _mm512_set1_ps(1.0f), half = _mm512_set1_ps(0.5f);
   int64_t count = 0;
   for (int64_t r = 0; r < rows; ++r) {
@@ -93,22 +97,22 @@ COLBERT_JAX_GELU_TARGET inline void GeluBlockAvx512(const float* y, int64_t ldy,
       _mm512_mask_storeu_ps(o + j, in, _mm512_mul_ps(_mm512_mul_ps(a, half), _mm512_fnmadd_ps(z, p, one)));
       // the elements whose |z| < 1 is false (NaN included, as XLA's select takes the tail there)
       const __mmask16 tail = in & ~_mm512_cmp_ps_mask(_mm512_abs_ps(z), one, _CMP_LT_OQ);
-      masks[r * per_row + v] = tail;
-      _mm512_storeu_ps(tails.data() + count, _mm512_maskz_compress_ps(tail, a));
+      mask_buf[r * per_row + v] = tail;
+      _mm512_storeu_ps(tail_buf + count, _mm512_maskz_compress_ps(tail, a));
       count += __builtin_popcount(tail);
     }
   }
   for (int64_t t = 0; t < count; t += 16) {
-    _mm512_storeu_ps(tails.data() + t, GeluTail(_mm512_loadu_ps(tails.data() + t)));
+    _mm512_storeu_ps(tail_buf + t, GeluTail(_mm512_loadu_ps(tail_buf + t)));
   }
   int64_t at = 0;
   for (int64_t r = 0; r < rows && at < count; ++r) {
     float* o = out + r * ldo;
     for (int64_t j = 0, v = 0; j < n; j += 16, ++v) {
-      const __mmask16 tail = masks[r * per_row + v];
+      const __mmask16 tail = mask_buf[r * per_row + v];
       if (!tail) continue;
       const __mmask16 in = n - j >= 16 ? 0xffff : static_cast<__mmask16>((1u << (n - j)) - 1);
-      const __m512 back = _mm512_loadu_ps(tails.data() + at);
+      const __m512 back = _mm512_loadu_ps(tail_buf + at);
       _mm512_mask_storeu_ps(o + j, in, _mm512_mask_expand_ps(_mm512_maskz_loadu_ps(in, o + j), tail, back));
       at += __builtin_popcount(tail);
     }
