@@ -114,26 +114,29 @@ inline bool AnyAtLeast(const float* row, int64_t n, float threshold) {
   return false;
 }
 
-// acc[q] = max(acc[q], row[q]) for q < n when the row's largest score is >= threshold, else the row counts as
-// MASKED_SCORE (which acc, starting there, already holds). Without a branch: whether a row is kept is
-// data-dependent, and mispredicted branches cost more than the selects.
-inline void MaxIntoIfKept(float* acc, const float* row, int64_t n, float threshold) {
-  const bool keep = AnyAtLeast(row, n, threshold);
-  const Vec16Mask kept = Vec16Mask{} - (keep ? 1 : 0);  // all lanes true (-1) or all false
-  const Vec16 masked = Vec16{} + kMasked;
-  int64_t q = 0;
-  for (; q + kLanes <= n; q += kLanes) Store(acc + q, Max(Load(acc + q), kept ? Load(row + q) : masked));
-  for (; q < n; ++q) acc[q] = Max(acc[q], keep ? row[q] : kMasked);
+// One row of MASKED_SCORE for every query token: a pruned centroid's row, as ScoreDocs reads it (from L1).
+struct MaskedRow {
+  alignas(64) float scores[kMaxQueryTokens];
+  MaskedRow() { std::fill(scores, scores + kMaxQueryTokens, kMasked); }
+};
+const MaskedRow kMaskedRow;
+
+// keep[c] = whether centroid c's row of S [P, lq] has a score >= threshold, for all P: PLAID's pruning, where
+// a row of a centroid not kept counts as MASKED_SCORE. A candidate's rows mostly come from pruned centroids, so
+// ScoreDocs reads this byte and, for those, the masked row from L1, where it read S's row from L2 and tested it.
+void KeepFlags(const float* S, int64_t num_centroids, int64_t lq, float threshold, uint8_t* keep) {
+  for (int64_t c = 0; c < num_centroids; ++c) keep[c] = AnyAtLeast(S + c * lq, lq, threshold) ? 1 : 0;
 }
 
 // kLq: the number of query tokens when known at compile time (0: `lq`, at run time). Known, the per-token
-// arrays below live in vector registers.
+// arrays below live in vector registers. `keep` (KeepFlags; null when nothing is pruned): a pruned centroid's
+// row reads as the masked row. Branch-free (a pointer select): whether a row is kept is data-dependent, and
+// mispredicted branches cost more than the select.
 template <typename Code, int kLq>
 void ScoreDocs(const float* S, int64_t num_centroids, int64_t lq_runtime, const Code* codes, int64_t num_rows,
-               const int32_t* starts, const int32_t* lens, float threshold, float* out, int64_t lo, int64_t hi) {
+               const int32_t* starts, const int32_t* lens, const uint8_t* keep, float* out, int64_t lo, int64_t hi) {
   const int64_t lq = kLq > 0 ? kLq : lq_runtime;
   alignas(64) float acc[kLq > 0 ? kLq : kMaxQueryTokens];
-  const bool prune = threshold > -std::numeric_limits<float>::infinity();
   for (int64_t d = lo; d < hi; ++d) {
     const int64_t len = lens[d];
     const int64_t start = starts[d];
@@ -146,12 +149,8 @@ void ScoreDocs(const float* S, int64_t num_centroids, int64_t lq_runtime, const 
     for (int64_t r = 0; r < len; ++r) {
       const int64_t code = static_cast<int64_t>(c[r]);
       if (code < 0 || code >= num_centroids) continue;  // padding: never part of a document
-      const float* row = S + code * lq;
-      if (prune) {
-        MaxIntoIfKept(acc, row, lq, threshold);
-      } else {
-        MaxInto(acc, row, lq);
-      }
+      const float* row = keep == nullptr || keep[code] ? S + code * lq : kMaskedRow.scores;
+      MaxInto(acc, row, lq);
     }
     float sum = 0.0f;
     for (int64_t q = 0; q < lq; ++q) sum += acc[q];
@@ -176,17 +175,17 @@ inline void PrefetchRow(const float* S, int64_t num_centroids, int64_t code) {
 // into the next document. The same maxima and the same sum, in the same order, as ScoreDocs.
 template <typename Code>
 void ScoreDocs32Avx2(const float* S, int64_t num_centroids, const Code* codes, int64_t num_rows,
-                     const int32_t* starts, const int32_t* lens, float threshold, float* out, int64_t lo,
+                     const int32_t* starts, const int32_t* lens, const uint8_t* keep, float* out, int64_t lo,
                      int64_t hi) {
-  const bool prune = threshold > -std::numeric_limits<float>::infinity();
-  const __m256 t = _mm256_set1_ps(threshold);
   const __m256 masked = _mm256_set1_ps(kMasked);
   auto valid = [&](int64_t d) { return lens[d] > 0 && starts[d] >= 0 && int64_t{starts[d]} + lens[d] <= num_rows; };
   // The prefetch cursor: document pd, row pr of it, kept kPrefetchRows rows ahead of the rows being scored.
   int64_t pd = lo, pr = 0;
   auto prefetch_next = [&]() {
     while (pd < hi && (!valid(pd) || pr >= lens[pd])) ++pd, pr = 0;
-    if (pd < hi) PrefetchRow(S, num_centroids, static_cast<int64_t>(codes[starts[pd] + pr++]));
+    if (pd >= hi) return;
+    const int64_t code = static_cast<int64_t>(codes[starts[pd] + pr++]);
+    if (keep == nullptr || (code >= 0 && code < num_centroids && keep[code])) PrefetchRow(S, num_centroids, code);
   };
   for (int64_t i = 0; i < kPrefetchRows; ++i) prefetch_next();
   alignas(32) float acc[32];
@@ -202,19 +201,9 @@ void ScoreDocs32Avx2(const float* S, int64_t num_centroids, const Code* codes, i
       prefetch_next();
       const int64_t code = static_cast<int64_t>(c[r]);
       if (code < 0 || code >= num_centroids) continue;  // padding: never part of a document
-      const float* row = S + code * 32;
-      __m256 r0 = _mm256_loadu_ps(row), r1 = _mm256_loadu_ps(row + 8);
-      __m256 r2 = _mm256_loadu_ps(row + 16), r3 = _mm256_loadu_ps(row + 24);
-      if (prune) {  // as MaxIntoIfKept: a row with no score >= threshold counts as MASKED_SCORE, branch-free
-        const __m256 ge = _mm256_or_ps(
-            _mm256_or_ps(_mm256_cmp_ps(r0, t, _CMP_GE_OQ), _mm256_cmp_ps(r1, t, _CMP_GE_OQ)),
-            _mm256_or_ps(_mm256_cmp_ps(r2, t, _CMP_GE_OQ), _mm256_cmp_ps(r3, t, _CMP_GE_OQ)));
-        const __m256 keep = _mm256_castsi256_ps(_mm256_set1_epi32(-static_cast<int>(_mm256_movemask_ps(ge) != 0)));
-        r0 = _mm256_blendv_ps(masked, r0, keep);
-        r1 = _mm256_blendv_ps(masked, r1, keep);
-        r2 = _mm256_blendv_ps(masked, r2, keep);
-        r3 = _mm256_blendv_ps(masked, r3, keep);
-      }
+      const float* row = keep == nullptr || keep[code] ? S + code * 32 : kMaskedRow.scores;  // as ScoreDocs
+      const __m256 r0 = _mm256_loadu_ps(row), r1 = _mm256_loadu_ps(row + 8);
+      const __m256 r2 = _mm256_loadu_ps(row + 16), r3 = _mm256_loadu_ps(row + 24);
       a0 = _mm256_max_ps(a0, r0);  // acc > row ? acc : row, as Max
       a1 = _mm256_max_ps(a1, r1);
       a2 = _mm256_max_ps(a2, r2);
@@ -274,22 +263,40 @@ ffi::Error CentroidInteraction(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> S, ff
   const int64_t per_query_tasks = (n + kDocsPerTask - 1) / kDocsPerTask;
   const int64_t tasks = batch * per_query_tasks;
 
-  auto task = [=](int64_t t) {
+  // Each query's keep flags (KeepFlags), once per (S, threshold) pair, before its documents' tasks read them.
+  const int64_t flag_sets = s_batch == 1 && t_batch == 1 ? 1 : batch;
+  std::vector<uint8_t> keep;
+  std::vector<uint8_t> prune(flag_sets);
+  if (n > 0 && batch > 0) {
+    keep.resize(flag_sets * num_centroids);
+    for (int64_t f = 0; f < flag_sets; ++f) {
+      prune[f] = t_data[t_batch == 1 ? 0 : f] > -std::numeric_limits<float>::infinity();
+    }
+    RunTasks(pool, flag_sets, flag_sets * num_centroids, kRowsPerThread, [&](int64_t f) {
+      if (!prune[f]) return;
+      KeepFlags(s_data + (s_batch == 1 ? 0 : f) * num_centroids * lq, num_centroids, lq,
+                t_data[t_batch == 1 ? 0 : f], keep.data() + f * num_centroids);
+    });
+  }
+
+  auto task = [&](int64_t t) {
     const int64_t b = t / per_query_tasks;
     const int64_t lo = (t % per_query_tasks) * kDocsPerTask;
     const int64_t hi = std::min<int64_t>(lo + kDocsPerTask, n);
+    const int64_t f = flag_sets == 1 ? 0 : b;
+    const uint8_t* kept = prune[f] ? keep.data() + f * num_centroids : nullptr;
 #if defined(COLBERT_JAX_INTERACTION_AVX2)
     if (lq == 32) {
       ScoreDocs32Avx2(s_data + (s_batch == 1 ? 0 : b) * num_centroids * lq, num_centroids,
                       c_data + (c_batch == 1 ? 0 : b) * num_rows, num_rows, st + (st_batch == 1 ? 0 : b) * n,
-                      ln + (ln_batch == 1 ? 0 : b) * n, t_data[t_batch == 1 ? 0 : b], o + b * n, lo, hi);
+                      ln + (ln_batch == 1 ? 0 : b) * n, kept, o + b * n, lo, hi);
       return;
     }
 #endif
     auto run = lq == 32 ? ScoreDocs<Code, 32> : ScoreDocs<Code, 0>;
     run(s_data + (s_batch == 1 ? 0 : b) * num_centroids * lq, num_centroids, lq,
         c_data + (c_batch == 1 ? 0 : b) * num_rows, num_rows, st + (st_batch == 1 ? 0 : b) * n,
-        ln + (ln_batch == 1 ? 0 : b) * n, t_data[t_batch == 1 ? 0 : b], o + b * n, lo, hi);
+        ln + (ln_batch == 1 ? 0 : b) * n, kept, o + b * n, lo, hi);
   };
   RunTasks(pool, tasks, rows, kRowsPerThread, task);
   return ffi::Error::Success();

@@ -304,9 +304,11 @@ class PlaidEngine:
     def __post_init__(self):
         index, mmap, implementation = self.index, self.mmap, self.implementation
         # The memory-mapped streamed path masks padding rows before reading a code (uint16 codes fit it) and
-        # reads the probed IVF lists from disk (`streamed_mmap.expand_cells`): no IVF entries placed.
+        # reads the probed IVF lists from disk (`streamed_mmap.expand_cells`): no IVF entries placed. On the
+        # CPU, uint16 codes also serve every other reader while the padding code P fits beside the ids: the
+        # centroid interaction reads each candidate's codes from memory, and half the bytes is half that wait.
         mapped = mmap and implementation == "streamed"
-        small = mapped and index.num_partitions <= 1 << 16
+        small = (mapped and index.num_partitions <= 1 << 16) or (self.on_cpu and index.num_partitions < 1 << 16)
         bf16 = placement.stage1_bf16(self.on_cpu)
         self.arrays, self._entry_bounds = placement.place_index(
             index,

@@ -1,9 +1,9 @@
 """The native CPU kernels (`colbert_jax.native`) of the streamed PLAID path: the centroid interaction (stages
 4-5) and exact MaxSim (stage 6, on the vector unit and on AMX-BF16 tiles), each equal to a brute-force
 computation (the interaction also to itself one query at a time when vmapped, and to the jnp streaming it
-replaces), and the search they serve equal to the jnp path's (in memory: int32 codes; memory-mapped: uint16
-codes). Programs lowered for accelerators do not call them; without a compiler the search warns and runs
-jnp."""
+replaces), and the search they serve equal to the jnp path's (uint16 codes, in memory and memory-mapped, on
+the CPU with fewer than 65,536 partitions). Programs lowered for accelerators do not call them; without a
+compiler the search warns and runs jnp."""
 
 from __future__ import annotations
 
