@@ -350,11 +350,13 @@ def _native_activation(module: nn.Module, x: jax.Array) -> jax.Array | None:
         # the product with the bias and GELU in its epilogue: the same bits as the two kernels. (int8's kernel
         # can do the same, `native.int8_dense(gelu_bias=)`, but on AVX-512 VNNI it made one query's encoding
         # slower: scripts/bench_gelu_epilogue.py --products int8.)
+        # Its output leaves rounded to bfloat16, as the next product (the MLP's second, also on bfloat16
+        # operands) rounds its input anyway: the same bits, half the bytes.
         packed, n = p[PACKED_BF16], p["bias"].shape[-1]
-        fused = functools.partial(native.dense_bf16, packed=packed, n=n, gelu_bias=p["bias"])
+        fused = functools.partial(native.dense_bf16, packed=packed, n=n, gelu_bias=p["bias"], out_dtype=jnp.bfloat16)
         plain = _rounded_bf16_product
-        out = jax.lax.platform_dependent(x, cpu=fused, default=lambda x: xla(plain(x, p)))
-        return out.astype(module.dtype or jnp.float32)
+        out = jax.lax.platform_dependent(x, cpu=fused, default=lambda x: xla(plain(x, p)).astype(jnp.bfloat16))
+        return out if module.dtype in (None, jnp.float32) else out.astype(module.dtype)
     y = _product(x, p)
 
     def kernel(y):

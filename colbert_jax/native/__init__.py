@@ -32,6 +32,7 @@ import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -133,6 +134,8 @@ _SYMBOLS = {
     "colbert_jax_dense_f32": "ColbertJaxDenseF32",
     "colbert_jax_dense_bf16": "ColbertJaxDenseBf16",
     "colbert_jax_dense_bf16_gelu": "ColbertJaxDenseBf16Gelu",
+    "colbert_jax_dense_bf16_gelu_rounded": "ColbertJaxDenseBf16GeluRounded",
+    "colbert_jax_dense_bf16_rounded": "ColbertJaxDenseBf16Rounded",
     "colbert_jax_dense_bf16_rows": "ColbertJaxDenseBf16Rows",
 }
 _lock = threading.Lock()
@@ -878,6 +881,7 @@ def dense_bf16(
     gelu_bias: jax.Array | None = None,
     rows_needed: jax.Array | None = None,
     split: int = 0,
+    out_dtype: Any = jnp.float32,
     implementation: str = "vector",
 ) -> jax.Array:
     """bf16(x) [..., K] times weights packed by `pack_dense_bf16` -> float32 [..., N]: x rounded to bfloat16 (to
@@ -886,7 +890,10 @@ def dense_bf16(
     row alone. With `gelu_bias` [N]: `gelu(product + gelu_bias)`, the exact GELU applied in the kernel's epilogue
     with `gelu`'s bits (XLA's). With `rows_needed` (bool [...], x's leading shape): the columns from `split` on
     (a multiple of 48) only for the rows it marks, zero elsewhere, each computed row with the bits of the full
-    product (a fused query/key/value product whose masked keys and values nothing reads). implementation:
+    product (a fused query/key/value product whose masked keys and values nothing reads). `out_dtype`
+    bfloat16 (with `gelu_bias` only) rounds the GELU's output to nearest even, as the next product rounds its
+    input; a bfloat16 x with an even K is read as it is (nothing to round): the MLP's two products pass half
+    the bytes between them, with the same bits. implementation:
     "vector" (`vdpbf16ps` where `dense_bf16_vectorized()`, else as "scalar") or "scalar" (plain loops, the same
     order). CPU programs only."""
     if implementation not in DENSE_F32_IMPLEMENTATIONS:
@@ -903,16 +910,24 @@ def dense_bf16(
         raise ValueError(f"dense_bf16: weights packed as {packed.shape} do not fit x [..., {k}] and N={n}")
     if gelu_bias is not None and gelu_bias.shape != (n,):
         raise ValueError(f"dense_bf16: gelu_bias needs [{n}], got {gelu_bias.shape}")
+    out_dtype = np.dtype(out_dtype)
+    if out_dtype not in (np.dtype(jnp.float32), np.dtype(jnp.bfloat16)):
+        raise ValueError(f"dense_bf16: out_dtype must be float32 or bfloat16, got {out_dtype}")
+    if out_dtype == np.dtype(jnp.bfloat16) and gelu_bias is None:
+        raise ValueError("dense_bf16: a bfloat16 output needs gelu_bias (it is the GELU's output, rounded)")
     lead = x.shape[:-1]
     rows = int(np.prod(lead, dtype=np.int64))
-    operands = [x.reshape(rows, k).astype(jnp.float32), packed.astype(jnp.bfloat16)]
+    rounded = x.dtype == jnp.bfloat16 and k % 2 == 0 and gelu_bias is None and rows_needed is None
+    x = x.reshape(rows, k)
+    operands = [x if rounded else x.astype(jnp.float32), packed.astype(jnp.bfloat16)]
     attrs = {"vectorized": np.int32(implementation == "vector")}
-    target = "colbert_jax_dense_bf16"
+    target = "colbert_jax_dense_bf16_rounded" if rounded else "colbert_jax_dense_bf16"
     if gelu_bias is not None and rows_needed is not None:
         raise ValueError("dense_bf16: rows_needed and gelu_bias do not go together")
     if gelu_bias is not None:
         operands.append(gelu_bias.astype(jnp.float32))
-        target = "colbert_jax_dense_bf16_gelu"
+        to_bf16 = out_dtype == np.dtype(jnp.bfloat16)
+        target = "colbert_jax_dense_bf16_gelu_rounded" if to_bf16 else "colbert_jax_dense_bf16_gelu"
     if rows_needed is not None:
         if rows_needed.shape != lead:
             raise ValueError(f"dense_bf16: rows_needed needs x's leading shape {lead}, got {rows_needed.shape}")
@@ -921,6 +936,6 @@ def dense_bf16(
         operands.append(rows_needed.reshape(rows).astype(jnp.int32))
         attrs["split"] = np.int32(split)
         target = "colbert_jax_dense_bf16_rows"
-    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((rows, n), jnp.float32))
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((rows, n), out_dtype))
     out = call(*operands, **attrs)
     return out.reshape(*lead, n)

@@ -194,68 +194,94 @@ bool VectorReady() {
 #endif
 }
 
+// Rows [0, rows) x `width` columns of a float32 block (row stride ld) rounded to bfloat16 (to nearest even, as
+// RoundRows rounds a product's input) into out16 (row stride ldo).
+void RoundBlock(const float* block, int64_t ld, int64_t rows, int64_t width, uint16_t* out16, int64_t ldo,
+                bool vectorized) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* br = block + r * ld;
+    uint16_t* o = out16 + r * ldo;
+    int64_t j = 0;
+#if defined(COLBERT_JAX_DENSE_BF16)
+    if (vectorized) {
+      for (; j + 16 <= width; j += 16) {
+        const __m256bh h = _mm512_cvtneps_pbh(_mm512_loadu_ps(br + j));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + j), (__m256i)h);
+      }
+    }
+#endif
+    for (; j < width; ++j) o[j] = ToBf16(br[j]);
+  }
+}
+
+// The operands of one product, checked by the FFI handlers below.
+struct Operands {
+  int64_t m, k, n, panels, k2;
+  const float* x;         // float32 [M, K], rounded here; or null and
+  const uint32_t* words;  // x already rounded: bfloat16 [M, K] with K even, that is [M, K2] pairs
+  const uint32_t* w;      // packed weights [panels, K2, 48] pairs
+  const float* gelu_bias;
+  const int32_t* rows_needed;
+  int64_t split;
+  float* out;        // float32 [M, N]; or null and
+  uint16_t* out16;   // bfloat16 [M, N] (with gelu_bias only)
+};
+
 // The product, and with `gelu_bias` (bias [N]) gelu(product + bias) by gelu.h in each task's epilogue: a
 // panel's [rows, 48] block of out, just stored and still in cache, goes through the GELU before the next panel,
 // which spares the separate GELU kernel's pass over all of out in memory (the same bits as that kernel's).
+// With `out16` the GELU's block goes to bfloat16 there, rounded as the next product would round its input: the
+// MLP's second product then reads half the bytes and rounds nothing (`words`), with the same bits.
 //
 // With `rows_needed` ([M], nonzero where wanted), the columns from `split` on (a multiple of 48) are computed for
 // the wanted rows only and are zero in the others: the fused query/key/value product of a query batch, whose
 // keys and values at masked positions ([MASK] padding) no score ever weighs. The wanted rows' words are gathered
 // into a compact block, so those panels run over fewer rows at full register-block width; each row's sums are
 // the bits it gets in the full product (a row depends on that row alone).
-ffi::Error Product(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::BF16>& w, const float* gelu_bias,
-                   const int32_t* rows_needed, int64_t split, ffi::ResultBuffer<ffi::F32>& out, int32_t vectorized) {
-  auto x_dims = x.dimensions();
-  auto w_dims = w.dimensions();
-  auto o_dims = out->dimensions();
-  if (x_dims.size() != 2 || w_dims.size() != 4 || o_dims.size() != 2 || w_dims[2] != kPanel || w_dims[3] != 2) {
-    return ffi::Error::InvalidArgument("dense_bf16: x needs [M, K], packed weights [N / 48, K2, 48, 2]");
-  }
-  const int64_t m = x_dims[0], k = x_dims[1], n = o_dims[1], panels = w_dims[0], k2 = w_dims[1];
-  if (o_dims[0] != m || k2 != (k + 1) / 2 || panels * kPanel < n || panels * kPanel >= n + kPanel) {
-    return ffi::Error::InvalidArgument("dense_bf16: the packed weights do not fit x [M, K] and out [M, N]");
-  }
-  if (rows_needed != nullptr && (split < 0 || split % kPanel != 0)) {
-    return ffi::Error::InvalidArgument("dense_bf16: split needs a multiple of 48 >= 0");
-  }
-  if (m == 0) return ffi::Error::Success();
+void Product(ffi::ThreadPool& pool, const Operands& op, int32_t vectorized) {
+  const int64_t m = op.m, k = op.k, n = op.n, k2 = op.k2;
   const bool vector = vectorized && VectorReady();
   const bool gelu_vector = vectorized && GeluVectorReady();
-  const float* xf = x.typed_data();
-  const uint32_t* wd = reinterpret_cast<const uint32_t*>(w.untyped_data());
-  const uint32_t* w_end = wd + panels * k2 * kPanel;
-  float* o = out->typed_data();
-  const TaskGrid grid(m, panels, pool.num_threads(), kRowsPerTask);
+  const uint32_t* wd = op.w;
+  const uint32_t* w_end = wd + op.panels * k2 * kPanel;
+  const TaskGrid grid(m, op.panels, pool.num_threads(), kRowsPerTask);
   RunTasks(pool, grid.tasks(), 2 * m * k * n / kFlopsPerThread, 1, [&](int64_t t) {
     const int64_t r0 = grid.first_row(t), rows = std::min(r0 + kRowsPerTask, m) - r0;
     // Each task rounds its own rows (in parallel, and into its core's cache); a group's rows are rounded once
     // per chunk of panels, which is more than once only for small M, where rounding costs little.
-    thread_local std::vector<uint32_t> words;
-    if (static_cast<int64_t>(words.size()) < rows * k2) words.resize(rows * k2);
-    RoundRows(xf + r0 * k, rows, k, k2, words.data(), vector);
-    // The wanted rows' words, gathered once per task, and a [wanted, 48] block for their sums.
+    thread_local std::vector<uint32_t> rounded;
+    const uint32_t* words = op.words == nullptr ? nullptr : op.words + r0 * k2;
+    if (words == nullptr) {
+      if (static_cast<int64_t>(rounded.size()) < rows * k2) rounded.resize(rows * k2);
+      RoundRows(op.x + r0 * k, rows, k, k2, rounded.data(), vector);
+      words = rounded.data();
+    }
+    // The wanted rows' words, gathered once per task, and a [wanted, 48] block for their sums (or, for a
+    // bfloat16 output, the [rows, 48] block the GELU runs on).
     thread_local std::vector<uint32_t> compact;
     thread_local std::vector<float> block;
     int64_t wanted = 0;
-    if (rows_needed != nullptr && grid.end_unit(t) * kPanel > split) {
+    if (op.rows_needed != nullptr && grid.end_unit(t) * kPanel > op.split) {
       if (static_cast<int64_t>(compact.size()) < rows * k2) compact.resize(rows * k2);
-      if (static_cast<int64_t>(block.size()) < rows * kPanel) block.resize(rows * kPanel);
       for (int64_t r = 0; r < rows; ++r) {
-        if (rows_needed[r0 + r] == 0) continue;
-        std::memcpy(compact.data() + wanted * k2, words.data() + r * k2, k2 * sizeof(uint32_t));
+        if (op.rows_needed[r0 + r] == 0) continue;
+        std::memcpy(compact.data() + wanted * k2, words + r * k2, k2 * sizeof(uint32_t));
         ++wanted;
       }
     }
-    float* out_rows = o + r0 * n;
+    if ((op.rows_needed != nullptr || op.out16 != nullptr) && static_cast<int64_t>(block.size()) < rows * kPanel) {
+      block.resize(rows * kPanel);
+    }
+    float* out_rows = op.out == nullptr ? nullptr : op.out + r0 * n;
     for (int64_t p = grid.first_unit(t); p < grid.end_unit(t); ++p) {
       const uint32_t* panel = wd + p * k2 * kPanel;
       const int64_t col = p * kPanel, width = std::min(kPanel, n - col);
-      if (rows_needed != nullptr && col >= split) {
+      if (op.rows_needed != nullptr && col >= op.split) {
         if (wanted > 0) Panel(vector, compact.data(), wanted, k2, panel, width, block.data(), kPanel, w_end);
         int64_t j = 0;
         for (int64_t r = 0; r < rows; ++r) {
           float* dst = out_rows + r * n + col;
-          if (rows_needed[r0 + r] != 0) {
+          if (op.rows_needed[r0 + r] != 0) {
             std::memcpy(dst, block.data() + j++ * kPanel, width * sizeof(float));
           } else {
             std::memset(dst, 0, width * sizeof(float));
@@ -263,36 +289,114 @@ ffi::Error Product(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, ffi::Buffer<
         }
         continue;
       }
-      Panel(vector, words.data(), rows, k2, panel, width, out_rows + col, n, w_end);
-      if (gelu_bias != nullptr) {
+      if (op.out16 != nullptr) {
+        Panel(vector, words, rows, k2, panel, width, block.data(), kPanel, w_end);
         const FlushDenormals flush;
-        GeluInPlace(out_rows + col, n, gelu_bias + col, rows, width, gelu_vector);
+        GeluInPlace(block.data(), kPanel, op.gelu_bias + col, rows, width, gelu_vector);
+        RoundBlock(block.data(), kPanel, rows, width, op.out16 + r0 * n + col, n, vector);
+        continue;
+      }
+      Panel(vector, words, rows, k2, panel, width, out_rows + col, n, w_end);
+      if (op.gelu_bias != nullptr) {
+        const FlushDenormals flush;
+        GeluInPlace(out_rows + col, n, op.gelu_bias + col, rows, width, gelu_vector);
       }
     }
   });
+}
+
+// The shapes of x [M, K] (K2 pairs a row), packed weights [N / 48, K2, 48, 2] and out [M, N], checked.
+ffi::Error Shapes(ffi::Span<const int64_t> x_dims, bool x_rounded, ffi::Span<const int64_t> w_dims,
+                  ffi::Span<const int64_t> o_dims, Operands& op) {
+  if (x_dims.size() != 2 || w_dims.size() != 4 || o_dims.size() != 2 || w_dims[2] != kPanel || w_dims[3] != 2) {
+    return ffi::Error::InvalidArgument("dense_bf16: x needs [M, K], packed weights [N / 48, K2, 48, 2]");
+  }
+  op.m = x_dims[0];
+  op.k = x_dims[1];
+  op.n = o_dims[1];
+  op.panels = w_dims[0];
+  op.k2 = w_dims[1];
+  if (o_dims[0] != op.m || op.k2 != (op.k + 1) / 2 || op.panels * kPanel < op.n || op.panels * kPanel >= op.n + kPanel) {
+    return ffi::Error::InvalidArgument("dense_bf16: the packed weights do not fit x [M, K] and out [M, N]");
+  }
+  if (x_rounded && op.k % 2 != 0) {
+    return ffi::Error::InvalidArgument("dense_bf16: a bfloat16 x needs an even K (its rows are read as pairs)");
+  }
   return ffi::Error::Success();
 }
 
+const uint32_t* Words(ffi::Buffer<ffi::BF16>& a) { return reinterpret_cast<const uint32_t*>(a.untyped_data()); }
+
 ffi::Error DenseBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
                      ffi::ResultBuffer<ffi::F32> out, int32_t vectorized) {
-  return Product(pool, x, w, nullptr, nullptr, 0, out, vectorized);
+  Operands op{};
+  if (auto e = Shapes(x.dimensions(), false, w.dimensions(), out->dimensions(), op); e.failure()) return e;
+  op.x = x.typed_data();
+  op.w = Words(w);
+  op.out = out->typed_data();
+  if (op.m > 0) Product(pool, op, vectorized);
+  return ffi::Error::Success();
+}
+
+ffi::Error DenseBf16Rounded(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
+                            ffi::ResultBuffer<ffi::F32> out, int32_t vectorized) {
+  Operands op{};
+  if (auto e = Shapes(x.dimensions(), true, w.dimensions(), out->dimensions(), op); e.failure()) return e;
+  op.words = Words(x);
+  op.w = Words(w);
+  op.out = out->typed_data();
+  if (op.m > 0) Product(pool, op, vectorized);
+  return ffi::Error::Success();
 }
 
 ffi::Error DenseBf16Gelu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
                          ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> out, int32_t vectorized) {
-  if (out->dimensions().size() != 2 || static_cast<int64_t>(bias.element_count()) != out->dimensions()[1]) {
+  Operands op{};
+  if (auto e = Shapes(x.dimensions(), false, w.dimensions(), out->dimensions(), op); e.failure()) return e;
+  if (static_cast<int64_t>(bias.element_count()) != op.n) {
     return ffi::Error::InvalidArgument("dense_bf16: the GELU's bias needs [N], N out's columns");
   }
-  return Product(pool, x, w, bias.typed_data(), nullptr, 0, out, vectorized);
+  op.x = x.typed_data();
+  op.w = Words(w);
+  op.gelu_bias = bias.typed_data();
+  op.out = out->typed_data();
+  if (op.m > 0) Product(pool, op, vectorized);
+  return ffi::Error::Success();
+}
+
+ffi::Error DenseBf16GeluRounded(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
+                                ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::BF16> out, int32_t vectorized) {
+  Operands op{};
+  if (auto e = Shapes(x.dimensions(), false, w.dimensions(), out->dimensions(), op); e.failure()) return e;
+  if (static_cast<int64_t>(bias.element_count()) != op.n) {
+    return ffi::Error::InvalidArgument("dense_bf16: the GELU's bias needs [N], N out's columns");
+  }
+  op.x = x.typed_data();
+  op.w = Words(w);
+  op.gelu_bias = bias.typed_data();
+  op.out16 = reinterpret_cast<uint16_t*>(out->untyped_data());
+  if (op.m > 0) Product(pool, op, vectorized);
+  return ffi::Error::Success();
 }
 
 ffi::Error DenseBf16Rows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
                          ffi::Buffer<ffi::S32> rows_needed, ffi::ResultBuffer<ffi::F32> out, int32_t split,
                          int32_t vectorized) {
-  if (x.dimensions().size() != 2 || static_cast<int64_t>(rows_needed.element_count()) != x.dimensions()[0]) {
+  Operands op{};
+  if (auto e = Shapes(x.dimensions(), false, w.dimensions(), out->dimensions(), op); e.failure()) return e;
+  if (static_cast<int64_t>(rows_needed.element_count()) != op.m) {
     return ffi::Error::InvalidArgument("dense_bf16: rows_needed needs [M], M x's rows");
   }
-  return Product(pool, x, w, nullptr, rows_needed.typed_data(), split, out, vectorized);
+  if (split < 0 || split % kPanel != 0) {
+    return ffi::Error::InvalidArgument("dense_bf16: split needs a multiple of 48 >= 0");
+  }
+  op.x = x.typed_data();
+  op.w = Words(w);
+  op.rows_needed = rows_needed.typed_data();
+  op.split = split;
+  op.out = out->typed_data();
+  if (op.m > 0) Product(pool, op, vectorized);
+  return ffi::Error::Success();
 }
 
 }  // namespace
@@ -305,6 +409,23 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ColbertJaxDenseBf16Gelu, DenseBf16Gelu,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("vectorized"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ColbertJaxDenseBf16GeluRounded, DenseBf16GeluRounded,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>()
+                                  .Attr<int32_t>("vectorized"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ColbertJaxDenseBf16Rounded, DenseBf16Rounded,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int32_t>("vectorized"));
 

@@ -368,6 +368,36 @@ def test_bfloat16_dense_kernel_with_gelu_is_the_gelu_kernel_on_its_product(imple
         native.dense_bf16(jnp.asarray(x), packed, n, gelu_bias=bias[:-1])
 
 
+@pytest.mark.parametrize("implementation", native.DENSE_F32_IMPLEMENTATIONS)
+@pytest.mark.parametrize("m, k, n", [(32, 384, 1536), (300, 384, 1536), (5, 7, 50), (9, 130, 51), (257, 64, 20)])
+def test_bfloat16_gelu_output_feeds_the_next_product_with_the_same_bits(implementation, m, k, n):
+    """`out_dtype=bfloat16` with `gelu_bias`: the GELU's output rounded to nearest even (NaN and infinities kept),
+    and the next product reading that bfloat16 x as it is gives the bits it gives on the float32 output (which
+    it rounds the same way); an odd K there takes the float32 path."""
+    rng = np.random.default_rng(m * k + n + 1)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    x[0, 0], x[-1, -1] = np.nan, np.inf
+    w = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
+    bias = jnp.asarray(rng.uniform(-4, 4, n).astype(np.float32))
+    packed = jnp.asarray(native.pack_dense_bf16(w))
+    dense = functools.partial(native.dense_bf16, packed=packed, n=n, gelu_bias=bias, implementation=implementation)
+    f32 = jax.jit(dense)(jnp.asarray(x))
+    b16 = jax.jit(functools.partial(dense, out_dtype=jnp.bfloat16))(jnp.asarray(x))
+    assert b16.dtype == jnp.bfloat16 and b16.shape == (m, n)
+    np.testing.assert_array_equal(np.asarray(b16.astype(jnp.float32)), _bf16(np.asarray(f32)))
+    assert np.isnan(np.asarray(b16.astype(jnp.float32))).any()
+    w2 = (rng.standard_normal((n, 40)) / np.sqrt(n)).astype(np.float32)
+    packed2 = jnp.asarray(native.pack_dense_bf16(w2))
+    second = jax.jit(lambda h: native.dense_bf16(h, packed2, 40, implementation=implementation))
+    if n % 2 == 0:
+        assert "colbert_jax_dense_bf16_rounded" in second.lower(b16).as_text()
+    np.testing.assert_array_equal(np.asarray(second(b16)), np.asarray(second(f32)))
+    with pytest.raises(ValueError, match="needs gelu_bias"):
+        native.dense_bf16(jnp.asarray(x), packed, n, out_dtype=jnp.bfloat16)
+    with pytest.raises(ValueError, match="out_dtype"):
+        native.dense_bf16(jnp.asarray(x), packed, n, gelu_bias=bias, out_dtype=jnp.float16)
+
+
 def test_bf16_encoder_runs_every_dense_product_on_the_kernel(minilm_model):
     """query_quantization="bf16": every layer's four dense products (fused qkv, attention's output, the MLP's two)
     packed for `dense_bf16`, none left for the float32 kernel; the projection head stays float32."""
@@ -386,7 +416,9 @@ def test_bf16_encoder_runs_every_dense_product_on_the_kernel(minilm_model):
     ids, mask = model.query_tokenizer.tensorize(texts)
     program = model._query_fn.lower(model._query_params, ids, mask).as_text()
     if native.gelu_faster_than_xla():  # the intermediate layers' bias and GELU in their products' epilogue
-        assert program.count("@colbert_jax_dense_bf16_gelu(") == layers
+        # ... its output rounded to bfloat16 there, read as it is by the MLP's second product
+        assert program.count("@colbert_jax_dense_bf16_gelu_rounded(") == layers
+        assert program.count("@colbert_jax_dense_bf16_rounded(") == layers
         assert "@colbert_jax_gelu(" not in program
     got = model.encode_queries(texts)
     full = minilm_model.replace_config(query_quantization="none").encode_queries(texts)
