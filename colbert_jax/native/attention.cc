@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -115,17 +116,22 @@ COLBERT_JAX_ATTENTION_TARGET inline void Transpose16(__m512 r[16]) {
 // biases are added once per head, into an aligned copy of the queries and the keys transposed (in 16 x 16
 // register blocks), so that the score loop only loads and broadcasts. Scores are scaled by 1 / sqrt(D) and
 // probabilities by 1 / their sum, multiplications in place of divisions.
+//
+// Only the first kJ blocks of 16 keys are read, for all `rows` (a multiple of 16, at most 64) query rows: the
+// caller leaves out trailing blocks whose keys are all masked (`LiveKeyBlocks`). Their weights would be exactly
+// 0 (a finfo.min score minus a real maximum clamps exp to 0), so each sum and maximum is the one over all
+// blocks, bit for bit, for finite values: a short query's [MASK] padding costs no scores or value rows.
 template <int kJ, int kD>
 COLBERT_JAX_ATTENTION_TARGET void AttendHead16(const float* q, const float* k, const float* v, const float* bq,
                                                const float* bk, const float* bv, int64_t stride,
-                                               const float* key_bias, float* ctx, int64_t out_stride) {
+                                               const float* key_bias, float* ctx, int64_t out_stride, int rows) {
   constexpr int len = 16 * kJ, dim = 16 * kD, kRows = (kJ <= 2 && kD <= 2) ? 8 : 4;
-  alignas(64) float kt[dim * len];  // keys + bias, transposed: [dim, len]
-  alignas(64) float qs[len * dim];  // queries + bias: [len, dim]
+  alignas(64) float kt[dim * len];     // keys + bias, transposed: [dim, len]
+  alignas(64) float qs[64 * dim];      // queries + bias: [rows, dim]
   for (int db = 0; db < kD; ++db) {
     const __m512 bias_q = _mm512_loadu_ps(bq + 16 * db);
     const __m512 bias_k = _mm512_loadu_ps(bk + 16 * db);
-    for (int j = 0; j < len; ++j) {
+    for (int j = 0; j < rows; ++j) {
       _mm512_store_ps(qs + j * dim + 16 * db, _mm512_add_ps(_mm512_loadu_ps(q + j * stride + 16 * db), bias_q));
     }
     for (int jb = 0; jb < kJ; ++jb) {
@@ -141,7 +147,7 @@ COLBERT_JAX_ATTENTION_TARGET void AttendHead16(const float* q, const float* k, c
   __m512 bias[kJ];
   for (int jb = 0; jb < kJ; ++jb) bias[jb] = _mm512_loadu_ps(key_bias + 16 * jb);
   alignas(64) float p[kRows][len];
-  for (int i0 = 0; i0 < len; i0 += kRows) {
+  for (int i0 = 0; i0 < rows; i0 += kRows) {
     __m512 s[kRows][kJ];
     for (int r = 0; r < kRows; ++r)
       for (int jb = 0; jb < kJ; ++jb) s[r][jb] = _mm512_setzero_ps();
@@ -193,7 +199,7 @@ COLBERT_JAX_ATTENTION_TARGET void AttendHead16(const float* q, const float* k, c
 template <int kJ, int kD>
 COLBERT_JAX_ATTENTION_AVX2 void AttendHead8(const float* q, const float* k, const float* v, const float* bq,
                                             const float* bk, const float* bv, int64_t stride, const float* key_bias,
-                                            float* ctx, int64_t out_stride) {
+                                            float* ctx, int64_t out_stride, int /*rows: always len here*/) {
   constexpr int len = 8 * kJ, dim = 8 * kD, kRows = (kJ <= 4 && kD <= 4) ? 2 : 1;
   alignas(32) float kt[dim * len];  // keys transposed: [dim, len]
   for (int j = 0; j < len; ++j) {
@@ -252,7 +258,7 @@ COLBERT_JAX_ATTENTION_AVX2 void AttendHead8(const float* q, const float* k, cons
 }
 
 using HeadFn = void (*)(const float*, const float*, const float*, const float*, const float*, const float*, int64_t,
-                        const float*, float*, int64_t);
+                        const float*, float*, int64_t, int);
 
 template <int kJ>
 HeadFn PickDim(int64_t dim) {
@@ -282,6 +288,7 @@ HeadFn PickDim8(int64_t dim) {
 
 // The vector version for these sizes, if there is one: AVX-512's where the -march built for and the CPU have
 // it, else AVX2's where they have AVX2 and FMA (a build for an older type runs as there, even on this CPU).
+// `len` there is the keys read: AVX-512's reads `blocks` of 16 (LiveKeyBlocks) for all the rows.
 HeadFn VectorHead(int64_t len, int64_t dim) {
 #if defined(__AVX512F__)
   if (!__builtin_cpu_supports("avx512f")) return nullptr;
@@ -311,9 +318,20 @@ HeadFn VectorHead(int64_t len, int64_t dim) {
 }
 #else
 using HeadFn = void (*)(const float*, const float*, const float*, const float*, const float*, const float*, int64_t,
-                        const float*, float*, int64_t);
+                        const float*, float*, int64_t, int);
 HeadFn VectorHead(int64_t, int64_t) { return nullptr; }
 #endif
+
+// The blocks of 16 keys AttendHead16 must read for a batch row of `len` keys (a multiple of 16): up to the last
+// block holding an attended key (bias above finfo.min / 2, as the encoder marks them), or all of them when none
+// is attended (then every weight is the same as computed over all keys).
+int64_t LiveKeyBlocks(const float* key_bias, int64_t len) {
+  constexpr float kMasked = -std::numeric_limits<float>::max() / 2;
+  for (int64_t j = len - 1; j >= 0; --j) {
+    if (!(key_bias[j] <= kMasked)) return j / 16 + 1;  // a NaN bias counts as attended
+  }
+  return len / 16;
+}
 
 ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> qkv_bias,
                      ffi::Buffer<ffi::F32> key_bias, ffi::ResultBuffer<ffi::F32> ctx, int32_t heads) {
@@ -336,6 +354,13 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffe
   float* out = ctx->typed_data();
   const int64_t tasks = batch * heads;
   const HeadFn vector = VectorHead(len, dim);
+#if defined(__AVX512F__)
+  HeadFn by_blocks[5] = {nullptr, nullptr, nullptr, nullptr, nullptr};  // AVX-512's head for 1..4 blocks of keys
+  const bool blocked = vector != nullptr && len % 16 == 0;
+  if (blocked) {
+    for (int64_t n = 1; n <= len / 16; ++n) by_blocks[n] = VectorHead(16 * n, dim);
+  }
+#endif
   RunTasks(pool, tasks, tasks * len * len * dim / 64, 1 << 14, [=](int64_t t) {
 #if defined(__x86_64__)
     const unsigned int saved = _mm_getcsr();
@@ -344,9 +369,13 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffe
     const int64_t b = t / heads, h = t % heads;
     const float* base = x + b * len * width + h * dim;
     const float* hb = pb + h * dim;
-    if (vector != nullptr) {
-      vector(base, base + hidden, base + 2 * hidden, hb, hb + hidden, hb + 2 * hidden, width, bias + b * len,
-             out + b * len * hidden + h * dim, hidden);
+    HeadFn head = vector;
+#if defined(__AVX512F__)
+    if (blocked) head = by_blocks[LiveKeyBlocks(bias + b * len, len)];
+#endif
+    if (head != nullptr) {
+      head(base, base + hidden, base + 2 * hidden, hb, hb + hidden, hb + 2 * hidden, width, bias + b * len,
+           out + b * len * hidden + h * dim, hidden, static_cast<int>(len));
     } else {
       AttendHead(base, base + hidden, base + 2 * hidden, hb, hb + hidden, hb + 2 * hidden, width, bias + b * len, len,
                  dim, out + b * len * hidden + h * dim, hidden);

@@ -50,6 +50,25 @@ def test_attention_is_berts(shape):
         np.testing.assert_array_equal(again, got)
 
 
+@pytest.mark.parametrize("dim", [32, 64])
+def test_trailing_blocks_of_masked_keys_are_left_out_bit_for_bit(dim):
+    """A short query's [MASK] padding: 32 positions whose last 16 (or more) keys are all masked. The kernel reads
+    only the blocks of 16 keys up to the last attended one, and the first 16 rows' output is, bit for bit, the
+    kernel's output on those 16 positions alone (masked weights are exactly 0); the masked rows' output is
+    still the attention over the attended keys, and every row is BERT's to float32 accuracy."""
+    heads = 4
+    qkv, qkv_bias, _ = _problem(3, 32, heads, dim, seed=2)
+    keep = np.zeros((3, 32), bool)
+    keep[0, :7], keep[1, :16], keep[2, :17] = True, True, True  # row 2's second block holds one attended key
+    key_bias = np.where(keep, 0.0, np.finfo(np.float32).min).astype(np.float32)
+    fn = jax.jit(native.attention, static_argnums=3)
+    got = np.asarray(fn(qkv, qkv_bias, key_bias, heads))
+    want = _reference(qkv, qkv_bias, key_bias, heads)
+    np.testing.assert_allclose(got, want, rtol=0, atol=5e-6 * np.abs(want).max())
+    short = np.asarray(fn(qkv[:2, :16], qkv_bias, key_bias[:2, :16], heads))
+    np.testing.assert_array_equal(got[:2, :16], short)
+
+
 def test_rows_do_not_depend_on_the_batch():
     qkv, qkv_bias, key_bias = _problem(9, 32, 12, 32, seed=1)
     fn = jax.jit(native.attention, static_argnums=3)
