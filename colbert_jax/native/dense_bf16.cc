@@ -325,78 +325,63 @@ ffi::Error Shapes(ffi::Span<const int64_t> x_dims, bool x_rounded, ffi::Span<con
   return ffi::Error::Success();
 }
 
-const uint32_t* Words(ffi::Buffer<ffi::BF16>& a) { return reinterpret_cast<const uint32_t*>(a.untyped_data()); }
+// x as the product reads it (float32 to round, or bfloat16 pairs as they are) and out as it writes it.
+void SetX(ffi::Buffer<ffi::F32>& x, Operands& op) { op.x = x.typed_data(); }
+void SetX(ffi::Buffer<ffi::BF16>& x, Operands& op) { op.words = reinterpret_cast<const uint32_t*>(x.untyped_data()); }
+void SetOut(ffi::ResultBuffer<ffi::F32>& out, Operands& op) { op.out = out->typed_data(); }
+void SetOut(ffi::ResultBuffer<ffi::BF16>& out, Operands& op) {
+  op.out16 = reinterpret_cast<uint16_t*>(out->untyped_data());
+}
+
+// One handler's checks and product: `bias` [N] (the GELU's) and `rows_needed` [M] where given (else null).
+template <ffi::DataType X, ffi::DataType O>
+ffi::Error Run(ffi::ThreadPool& pool, ffi::Buffer<X>& x, ffi::Buffer<ffi::BF16>& w, ffi::ResultBuffer<O>& out,
+               ffi::Buffer<ffi::F32>* bias, ffi::Buffer<ffi::S32>* rows_needed, int32_t split, int32_t vectorized) {
+  Operands op{};
+  if (auto e = Shapes(x.dimensions(), X == ffi::BF16, w.dimensions(), out->dimensions(), op); e.failure()) return e;
+  if (bias != nullptr && static_cast<int64_t>(bias->element_count()) != op.n) {
+    return ffi::Error::InvalidArgument("dense_bf16: the GELU's bias needs [N], N out's columns");
+  }
+  if (rows_needed != nullptr && static_cast<int64_t>(rows_needed->element_count()) != op.m) {
+    return ffi::Error::InvalidArgument("dense_bf16: rows_needed needs [M], M x's rows");
+  }
+  if (rows_needed != nullptr && (split < 0 || split % kPanel != 0)) {
+    return ffi::Error::InvalidArgument("dense_bf16: split needs a multiple of 48 >= 0");
+  }
+  SetX(x, op);
+  op.w = reinterpret_cast<const uint32_t*>(w.untyped_data());
+  SetOut(out, op);
+  op.gelu_bias = bias == nullptr ? nullptr : bias->typed_data();
+  op.rows_needed = rows_needed == nullptr ? nullptr : rows_needed->typed_data();
+  op.split = split;
+  if (op.m > 0) Product(pool, op, vectorized);
+  return ffi::Error::Success();
+}
 
 ffi::Error DenseBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
                      ffi::ResultBuffer<ffi::F32> out, int32_t vectorized) {
-  Operands op{};
-  if (auto e = Shapes(x.dimensions(), false, w.dimensions(), out->dimensions(), op); e.failure()) return e;
-  op.x = x.typed_data();
-  op.w = Words(w);
-  op.out = out->typed_data();
-  if (op.m > 0) Product(pool, op, vectorized);
-  return ffi::Error::Success();
+  return Run(pool, x, w, out, nullptr, nullptr, 0, vectorized);
 }
 
 ffi::Error DenseBf16Rounded(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
                             ffi::ResultBuffer<ffi::F32> out, int32_t vectorized) {
-  Operands op{};
-  if (auto e = Shapes(x.dimensions(), true, w.dimensions(), out->dimensions(), op); e.failure()) return e;
-  op.words = Words(x);
-  op.w = Words(w);
-  op.out = out->typed_data();
-  if (op.m > 0) Product(pool, op, vectorized);
-  return ffi::Error::Success();
+  return Run(pool, x, w, out, nullptr, nullptr, 0, vectorized);
 }
 
 ffi::Error DenseBf16Gelu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
                          ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> out, int32_t vectorized) {
-  Operands op{};
-  if (auto e = Shapes(x.dimensions(), false, w.dimensions(), out->dimensions(), op); e.failure()) return e;
-  if (static_cast<int64_t>(bias.element_count()) != op.n) {
-    return ffi::Error::InvalidArgument("dense_bf16: the GELU's bias needs [N], N out's columns");
-  }
-  op.x = x.typed_data();
-  op.w = Words(w);
-  op.gelu_bias = bias.typed_data();
-  op.out = out->typed_data();
-  if (op.m > 0) Product(pool, op, vectorized);
-  return ffi::Error::Success();
+  return Run(pool, x, w, out, &bias, nullptr, 0, vectorized);
 }
 
 ffi::Error DenseBf16GeluRounded(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
                                 ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::BF16> out, int32_t vectorized) {
-  Operands op{};
-  if (auto e = Shapes(x.dimensions(), false, w.dimensions(), out->dimensions(), op); e.failure()) return e;
-  if (static_cast<int64_t>(bias.element_count()) != op.n) {
-    return ffi::Error::InvalidArgument("dense_bf16: the GELU's bias needs [N], N out's columns");
-  }
-  op.x = x.typed_data();
-  op.w = Words(w);
-  op.gelu_bias = bias.typed_data();
-  op.out16 = reinterpret_cast<uint16_t*>(out->untyped_data());
-  if (op.m > 0) Product(pool, op, vectorized);
-  return ffi::Error::Success();
+  return Run(pool, x, w, out, &bias, nullptr, 0, vectorized);
 }
 
 ffi::Error DenseBf16Rows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
                          ffi::Buffer<ffi::S32> rows_needed, ffi::ResultBuffer<ffi::F32> out, int32_t split,
                          int32_t vectorized) {
-  Operands op{};
-  if (auto e = Shapes(x.dimensions(), false, w.dimensions(), out->dimensions(), op); e.failure()) return e;
-  if (static_cast<int64_t>(rows_needed.element_count()) != op.m) {
-    return ffi::Error::InvalidArgument("dense_bf16: rows_needed needs [M], M x's rows");
-  }
-  if (split < 0 || split % kPanel != 0) {
-    return ffi::Error::InvalidArgument("dense_bf16: split needs a multiple of 48 >= 0");
-  }
-  op.x = x.typed_data();
-  op.w = Words(w);
-  op.rows_needed = rows_needed.typed_data();
-  op.split = split;
-  op.out = out->typed_data();
-  if (op.m > 0) Product(pool, op, vectorized);
-  return ffi::Error::Success();
+  return Run(pool, x, w, out, nullptr, &rows_needed, split, vectorized);
 }
 
 }  // namespace
