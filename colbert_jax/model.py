@@ -43,10 +43,23 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def batch_bucket(n: int, bsize: int, n_devices: int) -> int:
-    """Smallest power of two >= n (capped at bsize), rounded up to a multiple of the device count."""
-    b = min(1 << max(0, (n - 1).bit_length()), bsize)
-    return _round_up(max(b, n), n_devices)
+# Query batches past this many rows pad to a multiple of it, not to a power of two: a batch of 33-64 queries
+# costs the encoder (and search) for 48 or 64 rows, not always 64 (an arbitrary query count's last batch).
+QUERY_BATCH_STEP = 16
+
+
+def batch_bucket(n: int, bsize: int, n_devices: int, step: int | None = None) -> int:
+    """Smallest power of two >= n, or past `step` (a power of two) the smallest multiple of `step` >= n,
+    capped at bsize and rounded up to a multiple of the device count: few compiled batch shapes."""
+    b = 1 << max(0, (n - 1).bit_length())
+    if step is not None and b > step:
+        b = _round_up(n, step)
+    return _round_up(max(min(b, bsize), n), n_devices)
+
+
+def batch_buckets(bsize: int, step: int | None = None) -> list[int]:
+    """Every size `batch_bucket` gives for 1..bsize rows on one device."""
+    return sorted({batch_bucket(n, bsize, 1, step) for n in range(1, bsize + 1)})
 
 
 class ColBERTModel:
@@ -189,7 +202,7 @@ class ColBERTModel:
         bsize = max(self.n_devices, min(bsize, 1 << max(0, budget.bit_length() - 1)))
         for start in range(0, len(ids), bsize):
             stop = min(start + bsize, len(ids))
-            b = batch_bucket(stop - start, bsize, self.n_devices)
+            b = batch_bucket(stop - start, bsize, self.n_devices, QUERY_BATCH_STEP)
             # placed explicitly: in a multi-process runtime jit refuses numpy inputs with a split sharding
             batch = jax.device_put((_pad_rows(ids[start:stop], b), _pad_rows(mask[start:stop], b)), self._rows)
             yield (start, stop), self._query_fn(self._query_params, *batch)

@@ -7,13 +7,26 @@ import textwrap
 
 import numpy as np
 
-from colbert_jax.model import batch_bucket
+from colbert_jax.model import QUERY_BATCH_STEP, batch_bucket, batch_buckets
 
 
 def test_batch_bucket():
     assert [batch_bucket(n, 64, 1) for n in (1, 2, 3, 5, 33, 64)] == [1, 2, 4, 8, 64, 64]
     assert batch_bucket(3, 48, 1) == 4 and batch_bucket(40, 48, 1) == 48
     assert [batch_bucket(n, 64, 8) for n in (1, 9, 64)] == [8, 16, 64]
+
+
+def test_query_batches_past_the_step_pad_to_its_multiples():
+    step = QUERY_BATCH_STEP
+    assert step == 16
+    sizes = [batch_bucket(n, 64, 1, step) for n in (1, 3, 9, 16, 17, 33, 46, 49, 64)]
+    assert sizes == [1, 4, 16, 16, 32, 48, 48, 64, 64]
+    assert [batch_bucket(n, 64, 8, step) for n in (1, 9, 33)] == [8, 16, 48]
+    assert batch_buckets(64, step) == [1, 2, 4, 8, 16, 32, 48, 64]  # what warm_up compiles
+    assert batch_buckets(64) == [1, 2, 4, 8, 16, 32, 64]
+    assert batch_buckets(40, step) == [1, 2, 4, 8, 16, 32, 40]
+    for n in range(1, 65):
+        assert n <= batch_bucket(n, 64, 1, step) in batch_buckets(64, step)
 
 
 def test_results_do_not_depend_on_batching(tiny_model, texts):

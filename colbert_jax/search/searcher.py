@@ -31,10 +31,10 @@ from colbert_jax.config import ColBERTConfig
 from colbert_jax.errors import needs_option
 from colbert_jax.index import Index
 from colbert_jax.indexing.build import model_fingerprint
-from colbert_jax.model import ColBERTModel
+from colbert_jax.model import QUERY_BATCH_STEP, ColBERTModel, batch_bucket, batch_buckets
 from colbert_jax.runtime import enable_compilation_cache
 from colbert_jax.search import explain, placement, plaid, streamed_mmap
-from colbert_jax.search.arrays import IndexArrays, pow2
+from colbert_jax.search.arrays import IndexArrays
 from colbert_jax.search.exact import exact_search
 from colbert_jax.search.ranking import Ranking
 
@@ -67,8 +67,9 @@ def search_params(k: int, config: ColBERTConfig) -> tuple[int, float, int]:
 
 
 def _pad_batch(Q: np.ndarray, batch_size: int) -> np.ndarray:
-    """Q padded with zero queries to a power of two (at most batch_size): few compiled batch shapes."""
-    size = min(pow2(len(Q)), batch_size)
+    """Q padded with zero queries to its batch bucket (`model.batch_bucket`, at most batch_size): few compiled
+    batch shapes, as for the encoder."""
+    size = batch_bucket(len(Q), batch_size, 1, QUERY_BATCH_STEP)
     return np.concatenate([Q, np.zeros((size - len(Q), *Q.shape[1:]), np.float32)])
 
 
@@ -600,13 +601,14 @@ class Searcher:
         that no later call waits for JIT compilation (a server's first requests, a benchmark). Programs are
         also cached on disk: a later process loads them in about a second. Returns the seconds spent.
 
-        Every power-of-two batch size is compiled; on the CPU path, also every IVF-entry bucket from the
-        smallest to twice the largest these queries need, for every batch size."""
+        Every batch bucket up to `max_batch` is compiled (powers of two, then multiples of 16); on the CPU
+        path, also every IVF-entry bucket from the smallest to twice the largest these queries need, for every
+        batch size."""
         t0 = time.perf_counter()
         queries = list(queries)
         if not queries:
             raise QueryError("warm_up needs at least one query")
-        sizes = sorted({min(1 << i, max_batch) for i in range(max(1, max_batch).bit_length() + 1)})
+        sizes = batch_buckets(max(1, max_batch), QUERY_BATCH_STEP)
         for size in sizes:
             self.search_all([queries[i % len(queries)] for i in range(size)], k=k, batch_size=max_batch)
         if self.implementation != "streamed" or self.engine == "warp":  # no PLAID programs to compile
