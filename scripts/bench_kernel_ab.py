@@ -62,8 +62,8 @@ void RUN(const float* x, const float* w, float* out, int64_t m, int64_t k, int64
     if (static_cast<int64_t>(words.size()) < rows * k2) words.resize(rows * k2);
     RoundRows(x + r0 * k, rows, k, k2, words.data(), true);
     for (int64_t p = 0; p < panels; ++p)
-      PanelVector(words.data(), 0, rows, k2, wd + p * k2 * kPanel, p * kPanel, n, out + r0 * n,
-                  wd + panels * k2 * kPanel);
+      PanelVector(words.data(), 0, rows, k2, wd + p * k2 * kPanel, std::min(kPanel, n - p * kPanel),
+                  out + r0 * n + p * kPanel, n, wd + panels * k2 * kPanel);
   }
 }
 """,

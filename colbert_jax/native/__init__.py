@@ -80,6 +80,10 @@ __all__ = [
     "avx512_bf16_available",
     "block_centroids_bf16",
     "centroid_scores_bf16",
+    "stage1_int8_available",
+    "quantize_rows_int8",
+    "block_centroids_int8",
+    "centroid_scores_int8",
     "dense_f32_vectorized",
     "vector_bits",
 ]
@@ -96,6 +100,7 @@ SOURCES = tuple(
         "centroid_scores.cc",
         "centroid_scores_f32.cc",
         "centroid_scores_bf16.cc",
+        "centroid_scores_int8.cc",
         "attention.cc",
         "gelu.cc",
         "dense_f32.cc",
@@ -129,6 +134,7 @@ _SYMBOLS = {
     "colbert_jax_centroid_scores": "ColbertJaxCentroidScores",
     "colbert_jax_centroid_scores_f32": "ColbertJaxCentroidScoresF32",
     "colbert_jax_centroid_scores_bf16": "ColbertJaxCentroidScoresBf16",
+    "colbert_jax_centroid_scores_int8": "ColbertJaxCentroidScoresInt8",
     "colbert_jax_attention": "ColbertJaxAttention",
     "colbert_jax_gelu": "ColbertJaxGelu",
     "colbert_jax_dense_f32": "ColbertJaxDenseF32",
@@ -323,8 +329,8 @@ def exact_maxsim(
     / 8], inv_norms [R] (1 / ||c + r||) of the index's rows; table [256, 8 / nbits] (`byte_table`); starts, lens
     [n] int32 -> [n, Lq] f32, each token's best (S[c, q] + r . q) * inv_norm over the document's rows (-inf
     for an empty document). centroids [P, dim] float32: q . c recomputed in float32 for the distinct centroids of
-    the documents' rows, in place of S's (S from bfloat16 operands: `placement.stage1_bf16`). Call only where
-    `enabled()`; vmapped, it runs once per query.
+    the documents' rows, in place of S's (S from bfloat16 or int8 operands: `placement.stage1_precision`). Call
+    only where `enabled()`; vmapped, it runs once per query.
     implementation: "vector" (float32 products on the vector unit), "amx" (32 query tokens on CPUs with AMX-BF16:
     r . q as three bfloat16 products accumulated in float32, like stage 1's: float32-class, not float32's bits),
     "table" (32 query tokens: r . q as a sum of lookups in a per-query table of each byte nibble's 16 possible
@@ -724,6 +730,89 @@ def centroid_scores_bf16(
     )
     call = jax.ffi.ffi_call("colbert_jax_centroid_scores_bf16", out, vmap_method="sequential")
     S, maxima = call(packed.astype(jnp.bfloat16), Q.astype(jnp.float32))
+    return (S, maxima) if block_maxima else S
+
+
+# -- PLAID's stage 1 product on int8 operands with AVX-512 VNNI (centroid_scores_int8.cc) --------------------
+
+
+def stage1_int8_available() -> bool:
+    """Whether the kernels are enabled and built for a CPU type with AVX-512 VNNI (`vpdpbusd`): where
+    `centroid_scores_int8` may be called."""
+    lib = library()
+    return lib is not None and bool(lib.colbert_jax_stage1_int8_ready())
+
+
+def quantize_rows_int8(x: jax.Array | np.ndarray) -> tuple[jax.Array | np.ndarray, jax.Array | np.ndarray]:
+    """Rows float32 [n, dim] -> (codes [n, dim], scales [n]), both float32: per row m = max |x|,
+    codes = rint(x * (127 / m)) (nearest even, within [-127, 127]) and scale = m * float32(1 / 127) (a product,
+    which XLA does not rewrite, where it turns a division by a constant into one); zeros and scale 0 for a zero
+    row. `centroid_scores_int8.cc` quantizes query tokens the same way. numpy in, numpy out."""
+    xp = np if isinstance(x, np.ndarray) else jnp
+    x = xp.asarray(x, xp.float32)
+    m = xp.max(xp.abs(x), axis=-1)
+    positive = m > 0
+    inv = xp.float32(127.0) / xp.where(positive, m, xp.float32(1.0))
+    codes = xp.clip(xp.round(x * inv[..., None]), -127, 127).astype(xp.float32)
+    scales = xp.where(positive, m * xp.float32(1.0 / 127.0), xp.float32(0.0)).astype(xp.float32)
+    return codes, scales
+
+
+def block_centroids_int8(centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Centroids float32 [P, dim] -> (codes int8 [ceil(P / 8), ceil(dim / 4), 8, 4], terms float32
+    [ceil(P / 8) * 8, 2]) for `centroid_scores_int8`: each row quantized by `quantize_rows_int8`, groups of 8
+    rows with each row's coordinate quads adjacent (zeros past P and dim); terms: each row's scale and 128 times
+    the sum of its codes (the unsigned query's offset, taken off the kernel's sums)."""
+    c = np.asarray(centroids, np.float32)
+    if c.ndim != 2:
+        raise ValueError(f"block_centroids_int8: float [P, dim] centroids, got {c.shape}")
+    p, dim = c.shape
+    if dim > SCORES_INT8_MAX_DIM:
+        raise ValueError(f"block_centroids_int8: dim {dim} > {SCORES_INT8_MAX_DIM} (sums past float32's integers)")
+    codes, scales = quantize_rows_int8(c)
+    padded = np.pad(codes, ((0, -p % SCORES_GROUP), (0, -dim % 4))).astype(np.int8)
+    packed = np.ascontiguousarray(padded.reshape(-1, SCORES_GROUP, padded.shape[1] // 4, 4).transpose(0, 2, 1, 3))
+    terms = np.zeros((padded.shape[0], 2), np.float32)
+    terms[:p, 0] = scales
+    terms[:p, 1] = 128.0 * codes.sum(axis=1, dtype=np.float64)
+    return packed, terms
+
+
+SCORES_INT8_MAX_DIM = 512  # up to this dim the kernel's integer sums stay exact in float32
+
+
+def centroid_scores_int8(
+    packed: jax.Array, terms: jax.Array, Q: jax.Array, num_centroids: int, *, block_maxima: bool = False
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """S [num_centroids, Lq] from the centroids packed by `block_centroids_int8` and Q float32 [Lq, dim]
+    (quantized per token by the kernel, as `quantize_rows_int8`): ((sum of code products) * scale_c) * scale_q,
+    exact integer sums (see `centroid_scores_int8.cc`). block_maxima: also return each token's maximum over
+    each block of `SCORES_MAX_BLOCK` centroids, as `centroid_scores_f32` does. Only where
+    `stage1_int8_available()` (else `NativeBuildError`); CPU programs only; vmapped, it runs once per query."""
+    if library() is None:
+        raise NativeBuildError(f"the native CPU kernels are off or unavailable ({_why_not()}); check `enabled()` first")
+    if not stage1_int8_available():
+        raise NativeBuildError(
+            "centroid_scores_int8: no AVX-512 VNNI here (the kernels were built for a CPU type without it, "
+            f"or by {ARCH_ENV} for an older one); check `stage1_int8_available()` first"
+        )
+    groups = packed.shape[0] if packed.ndim == 4 else -1
+    if packed.ndim != 4 or packed.shape[2:] != (SCORES_GROUP, 4) or Q.ndim != 2 or terms.shape != (groups * 8, 2):
+        raise ValueError(
+            f"centroid_scores_int8: packed centroids [P8 / 8, dim4, 8, 4], terms [P8, 2] and Q [Lq, dim], got "
+            f"{packed.shape}, {terms.shape} and {Q.shape}"
+        )
+    if packed.shape[1] != -(-Q.shape[1] // 4) or Q.shape[1] > SCORES_INT8_MAX_DIM:
+        raise ValueError(f"centroid_scores_int8: centroids packed for dim {4 * packed.shape[1]} do not fit Q {Q.shape}")
+    if packed.shape[0] != -(-num_centroids // SCORES_GROUP):
+        raise ValueError(f"centroid_scores_int8: {packed.shape[0]} groups of 8 do not hold P={num_centroids}")
+    lq = Q.shape[0]
+    out = (
+        jax.ShapeDtypeStruct((num_centroids, lq), jnp.float32),
+        jax.ShapeDtypeStruct((-(-num_centroids // SCORES_MAX_BLOCK), lq), jnp.float32),
+    )
+    call = jax.ffi.ffi_call("colbert_jax_centroid_scores_int8", out, vmap_method="sequential")
+    S, maxima = call(packed.astype(jnp.int8), terms.astype(jnp.float32), Q.astype(jnp.float32))
     return (S, maxima) if block_maxima else S
 
 

@@ -45,7 +45,15 @@ class ShardedArrays:
         )
 
 
-_REPLICATED = ("centroids", "bucket_weights", "centroids_split", "centroids_blocked", "centroids_bf16")
+_REPLICATED = (
+    "centroids",
+    "bucket_weights",
+    "centroids_split",
+    "centroids_blocked",
+    "centroids_bf16",
+    "centroids_int8",
+    "centroids_int8_terms",
+)
 
 
 @jax.tree_util.register_dataclass
@@ -55,7 +63,8 @@ class IndexArrays(ShardedArrays):
     does not need them: a memory-mapped index leaves residuals on disk, the mmap streamed path reads the IVF
     lists from disk, `allowed` is set only for a filtered search, `centroids_split` only on CPUs with AMX-BF16 and
     `centroids_blocked` only on other CPUs whose float32 stage 1 kernel is faster than XLA's product, and
-    `centroids_bf16` (instead of either) where stage 1 runs on bfloat16 operands (`placement.stage1_bf16`)."""
+    `centroids_bf16` or `centroids_int8` (instead of either) where stage 1 runs on bfloat16 or int8 operands
+    (`placement.stage1_precision`)."""
 
     centroids: jax.Array  # f32 [P, dim] (replicated)
     bucket_weights: jax.Array  # f32 [2^nbits] (replicated)
@@ -78,8 +87,18 @@ class IndexArrays(ShardedArrays):
     centroids_blocked: jax.Array | None = None
     # bf16 [ceil(P / 8), ceil(dim / 2), 8, 2] (replicated): the centroids rounded to bfloat16 and packed
     # (`native.block_centroids_bf16`), where stage 1 is a product of bfloat16 operands with float32 sums
-    # (`candidates.centroid_scores`; on CPUs with COLBERT_JAX_STAGE1=bf16: `placement.stage1_bf16`)
+    # (`candidates.centroid_scores`; `placement.stage1_precision`)
     centroids_bf16: jax.Array | None = None
+    # i8 [ceil(P / 8), ceil(dim / 4), 8, 4] and f32 [ceil(P / 8) * 8, 2] (replicated): the centroids quantized
+    # to int8 and packed, and their scales and offset corrections (`native.block_centroids_int8`), where stage 1
+    # is a product of int8 operands (`placement.stage1_precision`)
+    centroids_int8: jax.Array | None = None
+    centroids_int8_terms: jax.Array | None = None
+
+    @property
+    def approximate_scores(self) -> bool:
+        """Whether stage 1's S comes from bfloat16 or int8 operands: stage 6 then recomputes q . c in float32."""
+        return self.centroids_bf16 is not None or self.centroids_int8 is not None
 
     @property
     def sentinel(self) -> int:

@@ -2,8 +2,8 @@
 
   q . normalize(c + r) = (q . c + q . r) / ||c + r||
 q . c is the centroid score S[code, q] already computed for candidate generation (or, for rows gathered from
-disk without S, and where S came from bfloat16 operands (`a.centroids_bf16`), the gathered centroids' float32
-product with Q: final scores keep float32's q . c) and ||c + r|| is precomputed per embedding
+disk without S, and where S came from bfloat16 or int8 operands (`a.approximate_scores`), the gathered
+centroids' float32 product with Q: final scores keep float32's q . c) and ||c + r|| is precomputed per embedding
 (`inv_norms`, or computed here for gathered rows), so only the residual r is expanded, not the centroid
 rows. The survivors' rows are read packed (`exact_packed`), streamed in chunks (`exact_streamed`), or each
 document padded for the fused Pallas decompress+MaxSim kernel (`exact_padded`).
@@ -39,7 +39,7 @@ def similarities(Q, S, emb, valid, a: IndexArrays, table) -> jax.Array:
     `byte_table` of the bucket weights. S None (or from bfloat16 operands): q . c from the rows' centroids, and
     ||c + r|| computed as `codec._norms` computes the index's own when the arrays carry no `inv_norms` (rows
     gathered from disk)."""
-    S = None if a.centroids_bf16 is not None else S
+    S = None if a.approximate_scores else S
     rows = jnp.where(valid, emb, a.padding_row)
     r = table[a.residuals[rows]].reshape(rows.shape[0], -1)  # [T, dim]
     c = a.centroids.at[a.codes[rows]].get(mode="clip") if S is None or a.inv_norms is None else None
@@ -64,7 +64,7 @@ def exact_streamed(Q, S, survivors, a: IndexArrays, chunk: int, nbits: int) -> j
     table = byte_table(a.bucket_weights, nbits)
     if S is None or a.inv_norms is None or not native.enabled():
         return _exact_chunks(Q, S, survivors, a, chunk, table)
-    exact_qc = a.centroids if a.centroids_bf16 is not None else None
+    exact_qc = a.centroids if a.approximate_scores else None
 
     def on_cpu(Q, S, survivors):
         lens, starts = a.doclens[survivors], a.offsets[survivors]

@@ -52,23 +52,34 @@ __all__ = [
 
 
 STAGE1_ENV = "COLBERT_JAX_STAGE1"
-STAGE1_MODES = ("auto", "f32", "bf16")
+STAGE1_MODES = ("auto", "f32", "bf16", "int8")
 
 
-def stage1_bf16(on_cpu: bool) -> bool:
-    """Whether a CPU search computes stage 1 on bfloat16 operands (`native.centroid_scores_bf16` where the CPU
-    has AVX-512 BF16, else XLA's product of the same rounded operands), set by `COLBERT_JAX_STAGE1`: "bf16"
-    opts in, "f32" opts out, and "auto" (unset) chooses it where the kernel runs and there is no AMX-BF16 (whose
-    tiles run the float32-class product faster still).
+def stage1_precision(on_cpu: bool) -> str:
+    """The operands of a CPU search's stage 1 product, "f32", "bf16" or "int8", set by `COLBERT_JAX_STAGE1`
+    ("auto" when unset; accelerators always "f32", XLA's float32 product):
+      "int8": each centroid and query token quantized to int8 with its own scale (`native.centroid_scores_int8`
+        where the kernels are built with AVX-512 VNNI, else XLA's product of the same codes);
+      "bf16": both rounded to bfloat16 (`native.centroid_scores_bf16` where the CPU has AVX-512 BF16, else XLA's
+        product of the same rounded operands);
+      "auto": "f32" where there is AMX-BF16 (its tiles run the float32-class product), else "int8" where its
+        kernel runs, else "bf16" where its kernel runs, else "f32".
 
-    Stages 1-5 then rank centroids and candidates by bfloat16's scores (about 1e-3 per token on unit vectors);
-    stage 6 recomputes q . c in float32 for the survivors' rows (`exact_scoring`), so final scores are float32's."""
+    With "bf16" or "int8", stages 1-5 rank centroids and candidates by the approximate scores (about 1e-3 per
+    token on unit vectors for bfloat16, a few 1e-3 for int8); stage 6 recomputes q . c in float32 for the
+    survivors' rows (`exact_scoring`), so final scores are float32's."""
     mode = os.environ.get(STAGE1_ENV, "auto").strip().lower() or "auto"
     if mode not in STAGE1_MODES:
         raise ValueError(f"{STAGE1_ENV} must be one of {STAGE1_MODES}, got {mode!r}")
-    if not on_cpu or mode == "f32":
-        return False
-    return mode == "bf16" or (native.avx512_bf16_available() and not native.amx_bf16_available())
+    if not on_cpu:
+        return "f32"
+    if mode != "auto":
+        return mode
+    if native.amx_bf16_available():
+        return "f32"
+    if native.stage1_int8_available():
+        return "int8"
+    return "bf16" if native.avx512_bf16_available() else "f32"
 
 
 def multi_process() -> bool:
@@ -146,6 +157,7 @@ def place_index(
     split_centroids: bool = False,
     blocked_centroids: bool = False,
     bf16_centroids: bool = False,
+    int8_centroids: bool = False,
 ) -> tuple[IndexArrays, list[np.ndarray]]:
     """Splits the index's passages into one contiguous shard per mesh device (balanced by embeddings) and
     places each shard this process owns on its device (residuals and their norms only with `residuals`).
@@ -157,7 +169,8 @@ def place_index(
     scores on the tile unit (CPUs with AMX-BF16: `candidates.centroid_scores`); `blocked_centroids` places them in
     groups of 8 (`native.block_centroids`) for the native float32 product (other CPUs); `bf16_centroids` places
     them rounded to bfloat16 and packed (`native.block_centroids_bf16`) for stage 1 on bfloat16 operands
-    (`stage1_bf16`).
+    (`stage1_precision` "bf16"); `int8_centroids` places them quantized to int8 and packed, with their terms
+    (`native.block_centroids_int8`), for stage 1 on int8 operands (`stage1_precision` "int8").
 
     Returns the global arrays (`IndexArrays`, leading shard axis over the mesh) and, as a one-element
     list, the element-wise maximum over shards of the cumulative IVF list lengths sorted longest first (static
@@ -247,12 +260,15 @@ def place_index(
     split = native.split_centroids(index.codec.centroids) if split_centroids else None
     blocked = native.block_centroids(index.codec.centroids) if blocked_centroids else None
     packed = native.block_centroids_bf16(index.codec.centroids) if bf16_centroids else None
+    int8, terms = native.block_centroids_int8(index.codec.centroids) if int8_centroids else (None, None)
     arrays = IndexArrays(
         centroids=jax.device_put(index.codec.centroids, replicated),
         bucket_weights=jax.device_put(index.codec.bucket_weights, replicated),
         centroids_split=None if split is None else jax.device_put(split, replicated),
         centroids_blocked=None if blocked is None else jax.device_put(blocked, replicated),
         centroids_bf16=None if packed is None else jax.device_put(packed, replicated),
+        centroids_int8=None if int8 is None else jax.device_put(int8, replicated),
+        centroids_int8_terms=None if terms is None else jax.device_put(terms, replicated),
         **placed,
     )
     return arrays, [entry_bound]

@@ -309,19 +309,21 @@ class PlaidEngine:
         # centroid interaction reads each candidate's codes from memory, and half the bytes is half that wait.
         mapped = mmap and implementation == "streamed"
         small = (mapped and index.num_partitions <= 1 << 16) or (self.on_cpu and index.num_partitions < 1 << 16)
-        bf16 = placement.stage1_bf16(self.on_cpu)
+        precision = placement.stage1_precision(self.on_cpu)
+        approximate = precision != "f32"
         self.arrays, self._entry_bounds = placement.place_index(
             index,
             self.mesh,
             residuals=not mmap,
             codes_dtype=np.uint16 if small else np.int32,
             ivf=not mapped,
-            split_centroids=self.on_cpu and native.amx_bf16_available() and not bf16,
+            split_centroids=self.on_cpu and native.amx_bf16_available() and not approximate,
             blocked_centroids=self.on_cpu
             and not native.amx_bf16_available()
             and native.scores_f32_vectorized()
-            and not bf16,
-            bf16_centroids=bf16,
+            and not approximate,
+            bf16_centroids=precision == "bf16",
+            int8_centroids=precision == "int8",
         )
         longest = int(index.doclens.max())
         # The kernels pad documents to power-of-two lengths (Triton blocks); padding here saves that copy.
@@ -571,6 +573,8 @@ class PlaidEngine:
             centroids_split=self.arrays.centroids_split,
             centroids_blocked=self.arrays.centroids_blocked,
             centroids_bf16=self.arrays.centroids_bf16,
+            centroids_int8=self.arrays.centroids_int8,
+            centroids_int8_terms=self.arrays.centroids_int8_terms,
             **placed,
         )
         return jax.device_put(renumbered, sharded), arrays, slots

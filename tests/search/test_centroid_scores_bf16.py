@@ -2,7 +2,8 @@
 `centroid_scores_bf16.cc`): centroids packed by `native.block_centroids_bf16`, Q rounded to bfloat16 in the
 kernel, float32 sums. Its S is the product of the bf16-rounded operands summed in vdpbf16ps' defined order (each
 pair's odd coordinate, then its even one), within bfloat16's rounding error of the float32 S, and its block
-maxima are S's. A search places the packed centroids where `placement.stage1_bf16` says (COLBERT_JAX_STAGE1),
+maxima are S's. A search places the packed centroids where `placement.stage1_precision` says "bf16"
+(COLBERT_JAX_STAGE1),
 and its stage 1 (the kernel, or XLA's product of the same rounded operands) gives that S. On a CPU without
 AVX-512 BF16 the kernel tests check that `avx512_bf16_available()` says so and that calling the kernel is a
 `NativeBuildError` (nothing is skipped)."""
@@ -161,15 +162,22 @@ def test_bad_shapes_are_errors():
 
 
 def test_stage1_mode_follows_the_env(monkeypatch):
-    # "auto": bfloat16 where the kernel runs and there is no AMX-BF16 (whose tiles run float32-class faster)
-    auto = native.avx512_bf16_available() and not native.amx_bf16_available()
-    for value, on_cpu in (("", auto), ("auto", auto), ("AUTO", auto), ("f32", False), ("F32", False), ("bf16", True)):
+    # "auto": float32 on AMX-BF16 (its tiles run float32-class faster), else int8 where its kernel runs, else
+    # bfloat16 where its kernel runs, else float32
+    if native.amx_bf16_available():
+        auto = "f32"
+    elif native.stage1_int8_available():
+        auto = "int8"
+    else:
+        auto = "bf16" if native.avx512_bf16_available() else "f32"
+    cases = (("", auto), ("auto", auto), ("AUTO", auto), ("f32", "f32"), ("F32", "f32"), ("bf16", "bf16"))
+    for value, on_cpu in (*cases, ("int8", "int8"), (" Int8 ", "int8")):
         monkeypatch.setenv(placement.STAGE1_ENV, value)
-        assert placement.stage1_bf16(True) == on_cpu
-        assert not placement.stage1_bf16(False)  # accelerators: XLA's float32 product
+        assert placement.stage1_precision(True) == on_cpu
+        assert placement.stage1_precision(False) == "f32"  # accelerators: XLA's float32 product
     monkeypatch.setenv(placement.STAGE1_ENV, "fp8")
     with pytest.raises(ValueError, match=placement.STAGE1_ENV):
-        placement.stage1_bf16(True)
+        placement.stage1_precision(True)
 
 
 @pytest.mark.parametrize("native_on", [True, False], ids=["kernel", "xla"])
@@ -198,18 +206,33 @@ def test_stage_1_on_packed_centroids(native_on, monkeypatch):
     assert np.abs(S[rows] - exact).max() > 1e-4  # bfloat16's S is further off
 
 
-def test_searcher_with_bf16_stage_1(real_index, minilm_model, monkeypatch):
-    """A searcher places the packed centroids where `stage1_bf16` says. Forced on, against the float32 stage 1,
-    one query at a time and batched (`search_fused`): the candidates move only by bfloat16's perturbation of near
-    ties, and stage 6 recomputes q . c in float32, so a passage both return has the same score (float noise) and
-    no score exceeds exact MaxSim's over the same embeddings."""
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_searcher_with_approximate_stage_1(precision, real_index, minilm_model, monkeypatch):
+    """A searcher places the packed centroids where `stage1_precision` says. Forced on (bfloat16 or int8
+    operands), against the float32 stage 1, one query at a time and batched (`search_fused`): the candidates move
+    only by the operands' perturbation of near ties, and stage 6 recomputes q . c in float32, so a passage both
+    return has the same score (float noise) and no score exceeds exact MaxSim's over the same embeddings."""
     searcher = colbert_jax.Searcher(real_index, checkpoint=minilm_model, truncate=True)
-    assert (searcher.arrays.centroids_bf16 is not None) == placement.stage1_bf16(True)
+    chosen = placement.stage1_precision(True)
+    assert (searcher.arrays.centroids_bf16 is not None) == (chosen == "bf16")
+    assert (searcher.arrays.centroids_int8 is not None) == (chosen == "int8")
+    assert (searcher.arrays.centroids_int8_terms is not None) == (chosen == "int8")
     engine = searcher._plaid_engine()
     centroids = np.asarray(searcher.index.codec.centroids)
-    packed = jnp.asarray(native.block_centroids_bf16(centroids))
-    bf16 = dataclasses.replace(engine.arrays, centroids_split=None, centroids_blocked=None, centroids_bf16=packed)
-    f32 = dataclasses.replace(bf16, centroids_bf16=None)
+    f32 = dataclasses.replace(
+        engine.arrays,
+        centroids_split=None,
+        centroids_blocked=None,
+        centroids_bf16=None,
+        centroids_int8=None,
+        centroids_int8_terms=None,
+    )
+    if precision == "bf16":
+        approximate = dataclasses.replace(f32, centroids_bf16=jnp.asarray(native.block_centroids_bf16(centroids)))
+    else:
+        packed, terms = (jnp.asarray(x) for x in native.block_centroids_int8(centroids))
+        approximate = dataclasses.replace(f32, centroids_int8=packed, centroids_int8_terms=terms)
+    assert approximate.approximate_scores and not f32.approximate_scores
     queries = [
         "how do I read a file line by line",
         "sort a list of dictionaries by a key",
@@ -220,12 +243,12 @@ def test_searcher_with_bf16_stage_1(real_index, minilm_model, monkeypatch):
     ]
     exact = searcher.search_all(queries, k=10, exact=True)
     results = {}
-    for name, a in (("bf16", bf16), ("f32", f32)):
+    for name, a in (("approximate", approximate), ("f32", f32)):
         monkeypatch.setattr(engine, "arrays", a)
         single = [searcher.search(q, k=10) for q in queries]
         batched = [searcher.search_all(queries, k=10)[i] for i in range(len(queries))]
         results[name] = single + batched
-    for i, (got, want) in enumerate(zip(results["bf16"], results["f32"])):
+    for i, (got, want) in enumerate(zip(results["approximate"], results["f32"])):
         assert got[0][0] == want[0][0]
         assert len({pid for pid, _, _ in got} & {pid for pid, _, _ in want}) >= 8
         scores = {pid: s for pid, _, s in want}

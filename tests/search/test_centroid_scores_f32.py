@@ -126,14 +126,25 @@ def test_block_layout():
 def test_searcher_blocks_the_centroids_where_the_kernel_is_stage_1(real_index, minilm_model, monkeypatch):
     searcher = colbert_jax.Searcher(real_index, checkpoint=minilm_model, truncate=True)
     blocked = searcher.arrays.centroids_blocked
-    float32 = not native.amx_bf16_available() and native.scores_f32_vectorized() and not placement.stage1_bf16(True)
+    float32 = (
+        not native.amx_bf16_available()
+        and native.scores_f32_vectorized()
+        and placement.stage1_precision(True) == "f32"
+    )
     assert (blocked is not None) == float32
     queries = ["how do I read a file line by line", "sort a list of dictionaries by a key", "parse a URL"]
     # the same searcher with the blocked centroids forced on, against XLA's product: the same rankings
     engine = searcher._plaid_engine()
     centroids = np.asarray(searcher.index.codec.centroids)
     blocked = jnp.asarray(native.block_centroids(centroids))
-    forced = dataclasses.replace(engine.arrays, centroids_split=None, centroids_blocked=blocked, centroids_bf16=None)
+    forced = dataclasses.replace(
+        engine.arrays,
+        centroids_split=None,
+        centroids_blocked=blocked,
+        centroids_bf16=None,
+        centroids_int8=None,
+        centroids_int8_terms=None,
+    )
     plain = dataclasses.replace(forced, centroids_blocked=None)
     results = {}
     for name, a in (("blocked", forced), ("xla", plain)):
