@@ -39,6 +39,11 @@ __all__ = [
 
 CELL_BLOCK = native.SCORES_MAX_BLOCK  # 128: the blocks `top_cells` ranks first, whose maxima stage 1 may give
 HIGHEST = jax.lax.Precision.HIGHEST
+# Where S comes from bfloat16 or int8 operands, each token's ncells cells are the best by float32 q . c among its
+# ncells + CELL_REFINE best by S: a near tie at the cut then falls as float32's S would have it, and a query's
+# cells do not jump between near-tied centroids with the last bits of its embedding (int8's rounding steps
+# otherwise turn an encoder's 1e-5 into a different cell).
+CELL_REFINE = 3
 
 
 def top_cells(S: jax.Array, n: int, maxima: jax.Array | None = None) -> jax.Array:
@@ -192,7 +197,12 @@ def cells_one(Q, a: IndexArrays, *, ncells: int, query_maxlen: int):
     """Centroid scores S [P, Lq], the probed cells (unique, padded with P) and their IVF entries count."""
     num_centroids = a.centroids.shape[0]
     S, maxima = centroid_scores_and_maxima(Q, a, query_maxlen)
-    cells = top_cells(S, ncells, maxima).reshape(-1)  # [Lq * ncells]
+    if a.approximate_scores:  # float32 q . c chooses among the approximate S's best few
+        ids = top_cells(S, min(ncells + CELL_REFINE, num_centroids), maxima)  # [Lq, ncells + CELL_REFINE]
+        exact = jnp.einsum("tkd,td->tk", a.centroids[ids], Q[:query_maxlen], precision=HIGHEST)
+        cells = jnp.take_along_axis(ids, jax.lax.top_k(exact, ncells)[1], axis=1).reshape(-1)
+    else:
+        cells = top_cells(S, ncells, maxima).reshape(-1)  # [Lq * ncells]
     cells = jnp.unique(cells, size=cells.shape[0], fill_value=num_centroids)
     return S, cells, a.ivf_lengths[cells].sum()
 

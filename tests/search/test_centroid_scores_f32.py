@@ -127,9 +127,7 @@ def test_searcher_blocks_the_centroids_where_the_kernel_is_stage_1(real_index, m
     searcher = colbert_jax.Searcher(real_index, checkpoint=minilm_model, truncate=True)
     blocked = searcher.arrays.centroids_blocked
     float32 = (
-        not native.amx_bf16_available()
-        and native.scores_f32_vectorized()
-        and placement.stage1_precision(True) == "f32"
+        not native.amx_bf16_available() and native.scores_f32_vectorized() and placement.stage1_precision(True) == "f32"
     )
     assert (blocked is not None) == float32
     queries = ["how do I read a file line by line", "sort a list of dictionaries by a key", "parse a URL"]

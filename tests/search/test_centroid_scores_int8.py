@@ -9,6 +9,7 @@ searcher with int8 operands is checked beside bfloat16's (`test_centroid_scores_
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -190,3 +191,31 @@ def test_stage_1_on_int8_centroids(native_on, monkeypatch):
     exact = C[rows].astype(np.float64) @ np.asarray(Q[:lq], np.float64).T
     np.testing.assert_allclose(got, exact, rtol=0, atol=1e-5)
     assert np.abs(S[rows] - exact).max() > 1e-4  # int8's S is further off
+
+
+@pytest.mark.parametrize("ncells", [1, 2])
+def test_cells_are_float32s_choice_among_the_approximate_best(ncells):
+    """With S from int8 operands, each token's cells are the best by float32 q . c among its ncells +
+    CELL_REFINE best by S: where int8's rounding reorders a near tie at the cut, the cells are still float32's."""
+    p, lq = 2048, 32
+    lengths = jnp.ones(p + 1, jnp.int32).at[p].set(0)  # one IVF entry a cell (none for the padding cell P)
+    run = jax.jit(functools.partial(candidates.cells_one, ncells=ncells, query_maxlen=lq))
+    for seed in range(20):  # a problem where int8's S alone picks other cells for some token: the test can fail
+        C, Q = _problem(p, lq, 128, seed=seed)
+        packed, terms = _packed(C)
+        approximate = dataclasses.replace(
+            stage1_arrays(C, centroids_int8=packed, centroids_int8_terms=terms), ivf_lengths=lengths
+        )
+        exact = np.asarray(C, np.float64) @ np.asarray(Q, np.float64).T
+        want = np.sort(np.argsort(-exact, axis=0, kind="stable")[:ncells].T, axis=1)
+        S_int8 = np.asarray(run(Q, approximate)[0])
+        if (np.sort(np.argsort(-S_int8, axis=0, kind="stable")[:ncells].T, axis=1) != want).any():
+            break
+    else:
+        raise AssertionError("no problem where int8's S picks other cells than float32's")
+    f32 = dataclasses.replace(approximate, centroids_int8=None, centroids_int8_terms=None)
+    for arrays in (approximate, f32):
+        _, cells, n = run(Q, arrays)
+        cells = np.asarray(cells)
+        np.testing.assert_array_equal(cells[cells < p], np.unique(want))
+        assert int(n) == len(np.unique(want))
