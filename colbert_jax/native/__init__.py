@@ -663,14 +663,21 @@ def centroid_scores_f32(
         )
     if blocked.shape[0] != -(-num_centroids // SCORES_GROUP):
         raise ValueError(f"centroid_scores_f32: {blocked.shape[0]} groups of 8 do not hold P={num_centroids}")
+    operands = (blocked.astype(jnp.float32), Q.astype(jnp.float32))
+    vectorized = np.int32(implementation == "vector")
+    target = "colbert_jax_centroid_scores_f32"
+    return _stage1_call(target, num_centroids, Q, operands, block_maxima, vectorized=vectorized)
+
+
+def _stage1_call(target: str, num_centroids: int, Q: jax.Array, operands: tuple, block_maxima: bool, **attrs):
+    """A stage 1 kernel's FFI call: S [num_centroids, Lq] and its block maxima [ceil(P / SCORES_MAX_BLOCK), Lq];
+    S alone unless `block_maxima`."""
     lq = Q.shape[0]
     out = (
         jax.ShapeDtypeStruct((num_centroids, lq), jnp.float32),
         jax.ShapeDtypeStruct((-(-num_centroids // SCORES_MAX_BLOCK), lq), jnp.float32),
     )
-    call = jax.ffi.ffi_call("colbert_jax_centroid_scores_f32", out, vmap_method="sequential")
-    vectorized = np.int32(implementation == "vector")
-    S, maxima = call(blocked.astype(jnp.float32), Q.astype(jnp.float32), vectorized=vectorized)
+    S, maxima = jax.ffi.ffi_call(target, out, vmap_method="sequential")(*operands, **attrs)
     return (S, maxima) if block_maxima else S
 
 
@@ -723,14 +730,8 @@ def centroid_scores_bf16(
         raise ValueError(f"centroid_scores_bf16: centroids packed for dim {2 * packed.shape[1]} do not fit Q {Q.shape}")
     if packed.shape[0] != -(-num_centroids // SCORES_GROUP):
         raise ValueError(f"centroid_scores_bf16: {packed.shape[0]} groups of 8 do not hold P={num_centroids}")
-    lq = Q.shape[0]
-    out = (
-        jax.ShapeDtypeStruct((num_centroids, lq), jnp.float32),
-        jax.ShapeDtypeStruct((-(-num_centroids // SCORES_MAX_BLOCK), lq), jnp.float32),
-    )
-    call = jax.ffi.ffi_call("colbert_jax_centroid_scores_bf16", out, vmap_method="sequential")
-    S, maxima = call(packed.astype(jnp.bfloat16), Q.astype(jnp.float32))
-    return (S, maxima) if block_maxima else S
+    operands = (packed.astype(jnp.bfloat16), Q.astype(jnp.float32))
+    return _stage1_call("colbert_jax_centroid_scores_bf16", num_centroids, Q, operands, block_maxima)
 
 
 # -- PLAID's stage 1 product on int8 operands with AVX-512 VNNI (centroid_scores_int8.cc) --------------------
@@ -806,14 +807,8 @@ def centroid_scores_int8(
         raise ValueError(f"centroid_scores_int8: centroids packed for dim {4 * packed.shape[1]} do not fit Q {Q.shape}")
     if packed.shape[0] != -(-num_centroids // SCORES_GROUP):
         raise ValueError(f"centroid_scores_int8: {packed.shape[0]} groups of 8 do not hold P={num_centroids}")
-    lq = Q.shape[0]
-    out = (
-        jax.ShapeDtypeStruct((num_centroids, lq), jnp.float32),
-        jax.ShapeDtypeStruct((-(-num_centroids // SCORES_MAX_BLOCK), lq), jnp.float32),
-    )
-    call = jax.ffi.ffi_call("colbert_jax_centroid_scores_int8", out, vmap_method="sequential")
-    S, maxima = call(packed.astype(jnp.int8), terms.astype(jnp.float32), Q.astype(jnp.float32))
-    return (S, maxima) if block_maxima else S
+    operands = (packed.astype(jnp.int8), terms.astype(jnp.float32), Q.astype(jnp.float32))
+    return _stage1_call("colbert_jax_centroid_scores_int8", num_centroids, Q, operands, block_maxima)
 
 
 # -- the int8 query encoder's self-attention (attention.cc) --------------------------------------------------
