@@ -36,9 +36,9 @@ HIGHEST = jax.lax.Precision.HIGHEST
 
 def similarities(Q, S, emb, valid, a: IndexArrays, table) -> jax.Array:
     """q . normalize(c + r) [T, Lq] of the embedding rows `emb` (MASKED_SCORE where not `valid`). `table`:
-    `byte_table` of the bucket weights. S None (or from bfloat16 operands): q . c from the rows' centroids, and
-    ||c + r|| computed as `codec._norms` computes the index's own when the arrays carry no `inv_norms` (rows
-    gathered from disk)."""
+    `byte_table` of the bucket weights. S None (or approximate: bf16 or int8 operands): q . c from the rows'
+    centroids, and ||c + r|| computed as `codec._norms` computes the index's own when the arrays carry no
+    `inv_norms` (rows gathered from disk)."""
     S = None if a.approximate_scores else S
     rows = jnp.where(valid, emb, a.padding_row)
     r = table[a.residuals[rows]].reshape(rows.shape[0], -1)  # [T, dim]
