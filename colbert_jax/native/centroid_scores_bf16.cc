@@ -35,21 +35,15 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-using colbert_jax_native::RunTasks;
+using colbert_jax_native::ForGroupTasks;
 using colbert_jax_native::ToBf16;
 #if COLBERT_JAX_HAS_BF16
 using colbert_jax_native::ForGroupTiles;
 using colbert_jax_native::StoreTile;
 #endif
 
-constexpr int64_t kGroup = 8;             // centroids per group (the layout's second-innermost axis)
-constexpr int64_t kGroupsPerTask = 32;
-constexpr int64_t kRowsPerThread = 2048;  // below this many centroids per thread, one thread does it all
-constexpr int64_t kMaxBlock = 128;        // centroids per block maximum (`candidates.CELL_BLOCK`)
-static_assert(kGroupsPerTask * kGroup % kMaxBlock == 0, "a task's centroids are whole blocks of the maxima");
-#if COLBERT_JAX_HAS_BF16
-static_assert(kGroup == colbert_jax_native::kTileGroup && kMaxBlock == colbert_jax_native::kTileBlock);
-#endif
+constexpr int64_t kGroup = colbert_jax_native::kTileGroup;
+constexpr int64_t kMaxBlock = colbert_jax_native::kTileBlock;
 
 // Whether this CPU and OS run AVX-512 BF16, and the library was built for an AVX-512 CPU type: a build for an
 // older type (`COLBERT_JAX_NATIVE_ARCH`) stands for a CPU without it.
@@ -131,9 +125,7 @@ ffi::Error CentroidScoresBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> block
   const uint32_t* c = reinterpret_cast<const uint32_t*>(blocked.untyped_data());
   float* out = s->typed_data();
   float* bm = maxima->typed_data();
-  const int64_t tasks = (groups + kGroupsPerTask - 1) / kGroupsPerTask;
-  RunTasks(pool, tasks, p, kRowsPerThread, [&](int64_t t) {
-    const int64_t g0 = t * kGroupsPerTask, g1 = std::min(g0 + kGroupsPerTask, groups);
+  ForGroupTasks(pool, groups, p, [&](int64_t g0, int64_t g1) {
     GroupsBf16(c, qp.data(), dim2, lqp, p, groups, lq, g0, g1, out, bm);
   });
 #endif

@@ -30,21 +30,15 @@ namespace ffi = xla::ffi;
 namespace {
 
 using colbert_jax_native::LineShares;
-using colbert_jax_native::RunTasks;
+using colbert_jax_native::ForGroupTasks;
 using colbert_jax_native::WithConst;
 #if defined(__AVX512F__)
 using colbert_jax_native::ForGroupTiles;
 using colbert_jax_native::StoreTile;
 #endif
 
-constexpr int64_t kGroup = 8;             // centroids per group (the layout's innermost axis)
-constexpr int64_t kGroupsPerTask = 32;
-constexpr int64_t kRowsPerThread = 2048;  // below this many centroids per thread, one thread does it all
-constexpr int64_t kMaxBlock = 128;        // centroids per block maximum (`candidates.CELL_BLOCK`)
-static_assert(kGroupsPerTask * kGroup % kMaxBlock == 0, "a task's centroids are whole blocks of the maxima");
-#if defined(__AVX512F__)
-static_assert(kGroup == colbert_jax_native::kTileGroup && kMaxBlock == colbert_jax_native::kTileBlock);
-#endif
+constexpr int64_t kGroup = colbert_jax_native::kTileGroup;
+constexpr int64_t kMaxBlock = colbert_jax_native::kTileBlock;
 
 // Each token's maximum over each block of kMaxBlock centroids in rows [c0, c1) of S (c0 a multiple of
 // kMaxBlock), into bm [ceil(P / kMaxBlock), lq]: taken while a task's rows of S are still in cache, which spares
@@ -215,9 +209,7 @@ ffi::Error CentroidScoresF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> blocked
   const float* c = blocked.typed_data();
   float* out = s->typed_data();
   float* bm = maxima->typed_data();
-  const int64_t tasks = (groups + kGroupsPerTask - 1) / kGroupsPerTask;
-  RunTasks(pool, tasks, p, kRowsPerThread, [&](int64_t t) {
-    const int64_t g0 = t * kGroupsPerTask, g1 = std::min(g0 + kGroupsPerTask, groups);
+  ForGroupTasks(pool, groups, p, [&](int64_t g0, int64_t g1) {
 #if defined(__AVX512F__)
     if (vectorized) return GroupsAvx512(c, qt.data(), dim, lqp, p, groups, lq, g0, g1, out, bm);  // maxima too
 #elif defined(COLBERT_JAX_SCORES_AVX2)

@@ -36,18 +36,15 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-using colbert_jax_native::RunTasks;
+using colbert_jax_native::ForGroupTasks;
 #if COLBERT_JAX_HAS_STAGE1_INT8
 using colbert_jax_native::ForGroupTiles;
 using colbert_jax_native::StoreTile;
 #endif
 
-constexpr int64_t kGroup = 8;             // centroids per group (the layout's second-innermost axis)
-constexpr int64_t kGroupsPerTask = 32;
-constexpr int64_t kRowsPerThread = 2048;  // below this many centroids per thread, one thread does it all
-constexpr int64_t kMaxBlock = 128;        // centroids per block maximum (`candidates.CELL_BLOCK`)
+constexpr int64_t kGroup = colbert_jax_native::kTileGroup;
+constexpr int64_t kMaxBlock = colbert_jax_native::kTileBlock;
 constexpr int64_t kMaxDim = 512;          // the integer sums stay exact in float32 up to this
-static_assert(kGroupsPerTask * kGroup % kMaxBlock == 0, "a task's centroids are whole blocks of the maxima");
 
 bool Int8Ready() {
 #if COLBERT_JAX_HAS_STAGE1_INT8
@@ -147,9 +144,7 @@ ffi::Error CentroidScoresInt8(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> packed,
     for (int64_t kq = 0; kq < dim4; ++kq) std::memcpy(&qq[kq * lqp + t], codes.data() + t * dim4 * 4 + kq * 4, 4);
   }
   const uint32_t* cw = reinterpret_cast<const uint32_t*>(c);
-  const int64_t tasks = (groups + kGroupsPerTask - 1) / kGroupsPerTask;
-  RunTasks(pool, tasks, p, kRowsPerThread, [&](int64_t task) {
-    const int64_t g0 = task * kGroupsPerTask, g1 = std::min(g0 + kGroupsPerTask, groups);
+  ForGroupTasks(pool, groups, p, [&](int64_t g0, int64_t g1) {
     ForGroupTiles(cw, dim4 * kGroup * sizeof(uint32_t), lqp, p, groups, lq, g0, g1, out, bm,
                   [&](auto vectors, int64_t g, int64_t rows, int64_t t0, const char* pf, int64_t pf_lines, float* sg,
                       float* bg, bool first) {

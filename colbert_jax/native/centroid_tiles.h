@@ -1,26 +1,47 @@
-// What the two AVX-512 stage-1 kernels (centroid_scores_f32.cc in float32, centroid_scores_bf16.cc on bfloat16
-// pairs) share around their register tiles: the walk over a task's groups of 8 centroids in tiles of 32 query
-// tokens, each tile prefetching its share of the next group, and a tile's end, which stores its rows of S and
-// folds them into its block's maxima while they are still in registers.
+// What the three stage-1 kernels (centroid_scores_f32.cc in float32, centroid_scores_bf16.cc on bfloat16 pairs,
+// centroid_scores_int8.cc on int8 quads) share: the split of the packed centroids' groups into tasks, and, around
+// the AVX-512 register tiles, the walk over a task's groups of 8 centroids in tiles of 32 query tokens, each tile
+// prefetching its share of the next group, and a tile's end, which stores its rows of S and folds them into its
+// block's maxima while they are still in registers.
 //
-// The functions carry a target attribute so that centroid_scores_bf16.cc, which compiles its vector code with
-// target attributes for any -march, can use them; they are only called where AVX-512F runs.
+// The tile functions carry a target attribute so that centroid_scores_bf16.cc, which compiles its vector code
+// with target attributes for any -march, can use them; they are only called where AVX-512F runs.
 #pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "tasks.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace colbert_jax_native {
+
+constexpr int64_t kTileGroup = 8;             // centroids per group (the packed layouts' group axis)
+constexpr int64_t kTileBlock = 128;           // centroids per block maximum (`candidates.CELL_BLOCK`)
+constexpr int64_t kTileTokens = 32;           // query tokens per tile (two vectors)
+constexpr int64_t kTileGroupsPerTask = 32;    // groups a task (whole blocks of the maxima)
+constexpr int64_t kTileRowsPerThread = 2048;  // below this many centroids per thread, one thread does it all
+static_assert(kTileGroupsPerTask * kTileGroup % kTileBlock == 0, "a task's centroids are whole blocks of the maxima");
+
+// fn(g0, g1) for the tasks' ranges of groups [g0, g1) over `groups` groups of P centroids, on the pool's threads.
+template <typename Fn>
+inline void ForGroupTasks(xla::ffi::ThreadPool& pool, int64_t groups, int64_t p, Fn&& fn) {
+  const int64_t tasks = (groups + kTileGroupsPerTask - 1) / kTileGroupsPerTask;
+  RunTasks(pool, tasks, p, kTileRowsPerThread, [&](int64_t t) {
+    const int64_t g0 = t * kTileGroupsPerTask;
+    fn(g0, std::min(g0 + kTileGroupsPerTask, groups));
+  });
+}
+
+}  // namespace colbert_jax_native
 
 #if defined(__x86_64__)
 
 #include <immintrin.h>
 
-#include <algorithm>
-#include <cstdint>
-
 #include "blocking.h"
 
 namespace colbert_jax_native {
-
-constexpr int64_t kTileGroup = 8;        // centroids per group (the packed layouts' group axis)
-constexpr int64_t kTileBlock = 128;      // centroids per block maximum (`candidates.CELL_BLOCK`)
-constexpr int64_t kTileTokens = 32;      // query tokens per tile (two vectors)
 
 #define COLBERT_JAX_AVX512_TARGET __attribute__((target("avx512f")))
 
