@@ -505,6 +505,15 @@ void BuildNibbleTable(const float* qt, const float* table, int64_t per_byte, int
 // added into separate sums (two chains a row, so the adds do not wait on each other), four rows at a time (two
 // without AVX-512). The same (S + r . q) * inv_norm and maximum as MaxSimDocs32, r . q summed per nibble: not
 // its bits, float32's accuracy.
+//
+// The table (4 KiB a byte, 128 KiB at nbits 2 and dim 128) does not fit in L1, so a document's rows go in
+// blocks of kNibbleBlockRows, each block byte range by byte range (kNibbleChunkBytes: a 32 KiB slice of the
+// table), its rows' partial sums kept in a small buffer between ranges. Each row still adds its bytes in order
+// into the same four sums (a store and reload of a float32 is exact), so the same bits as one pass over all
+// the bytes; the table's lines come from L2 once a block of rows instead of once every four rows.
+constexpr int64_t kNibbleBlockRows = 32;
+constexpr int64_t kNibbleChunkBytes = 8;
+
 template <typename Code>
 void MaxSimDocs32Nibbles(const float* nibbles, const float* S, const int32_t* slot, int64_t num_centroids,
                          const Code* codes, const uint8_t* residuals, int64_t bytes_per_row, const float* inv_norms,
@@ -515,40 +524,67 @@ void MaxSimDocs32Nibbles(const float* nibbles, const float* S, const int32_t* sl
 #else
   constexpr int kRows = 2;
 #endif
+  static_assert(kNibbleBlockRows % kRows == 0);
+  alignas(64) float part[kNibbleBlockRows][4][kLanes];  // a block's rows' four sums between byte ranges
   const float neg_inf = -std::numeric_limits<float>::infinity();
   for (int64_t d = lo; d < hi; ++d) {
     Vec16 best_lo = Vec16{} + neg_inf, best_hi = Vec16{} + neg_inf;
     const int64_t len = lens[d];
     const int64_t start = starts[d];
     if (len > 0 && start >= 0 && start + len <= num_rows) {
-      for (int64_t row = start; row < start + len; row += kRows) {
-        const int rows = static_cast<int>(std::min<int64_t>(kRows, start + len - row));
-        const uint8_t* packed[kRows];
-        for (int i = 0; i < kRows; ++i) packed[i] = residuals + (row + std::min(i, rows - 1)) * bytes_per_row;
-        Vec16 h_lo[kRows], h_hi[kRows], l_lo[kRows], l_hi[kRows];
-        for (int i = 0; i < kRows; ++i) h_lo[i] = h_hi[i] = l_lo[i] = l_hi[i] = Vec16{};
-        const float* t = nibbles;
-        for (int64_t b = 0; b < bytes_per_row; ++b, t += 2 * 16 * 32) {
+      for (int64_t r0 = start; r0 < start + len; r0 += kNibbleBlockRows) {
+        const int64_t r1 = std::min(r0 + kNibbleBlockRows, start + len);
+        for (int64_t b0 = 0; b0 < bytes_per_row; b0 += kNibbleChunkBytes) {
+          const int64_t b1 = std::min(b0 + kNibbleChunkBytes, bytes_per_row);
+          for (int64_t row = r0; row < r1; row += kRows) {
+            const int rows = static_cast<int>(std::min<int64_t>(kRows, r1 - row));
+            const uint8_t* packed[kRows];
+            for (int i = 0; i < kRows; ++i) packed[i] = residuals + (row + std::min(i, rows - 1)) * bytes_per_row;
+            float(*saved)[4][kLanes] = part + (row - r0);
+            Vec16 h_lo[kRows], h_hi[kRows], l_lo[kRows], l_hi[kRows];
+            for (int i = 0; i < kRows; ++i) {
+              if (b0 == 0) {
+                h_lo[i] = h_hi[i] = l_lo[i] = l_hi[i] = Vec16{};
+              } else {
+                h_lo[i] = Load(saved[i][0]);
+                h_hi[i] = Load(saved[i][1]);
+                l_lo[i] = Load(saved[i][2]);
+                l_hi[i] = Load(saved[i][3]);
+              }
+            }
+            const float* t = nibbles + b0 * 2 * 16 * 32;
+            for (int64_t b = b0; b < b1; ++b, t += 2 * 16 * 32) {
 #pragma GCC unroll 4
-          for (int i = 0; i < kRows; ++i) {
-            const unsigned byte = packed[i][b];
-            const float* th = t + (byte >> 4) * 32;
-            const float* tl = t + (16 + (byte & 15u)) * 32;
-            h_lo[i] += Load(th);
-            h_hi[i] += Load(th + 16);
-            l_lo[i] += Load(tl);
-            l_hi[i] += Load(tl + 16);
+              for (int i = 0; i < kRows; ++i) {
+                const unsigned byte = packed[i][b];
+                const float* th = t + (byte >> 4) * 32;
+                const float* tl = t + (16 + (byte & 15u)) * 32;
+                h_lo[i] += Load(th);
+                h_hi[i] += Load(th + 16);
+                l_lo[i] += Load(tl);
+                l_hi[i] += Load(tl + 16);
+              }
+            }
+            if (b1 < bytes_per_row) {
+              for (int i = 0; i < kRows; ++i) {
+                Store(saved[i][0], h_lo[i]);
+                Store(saved[i][1], h_hi[i]);
+                Store(saved[i][2], l_lo[i]);
+                Store(saved[i][3], l_hi[i]);
+              }
+              continue;
+            }
+#pragma GCC unroll 4
+            for (int i = 0; i < kRows; ++i) {
+              if (i >= rows) break;
+              const int64_t code = static_cast<int64_t>(codes[row + i]);
+              if (code < 0 || code >= num_centroids) continue;
+              const float* base = S + SlotOf(slot, code) * 32;
+              const float inv = inv_norms[row + i];
+              best_lo = Max(best_lo, (Load(base) + (h_lo[i] + l_lo[i])) * inv);
+              best_hi = Max(best_hi, (Load(base + 16) + (h_hi[i] + l_hi[i])) * inv);
+            }
           }
-        }
-#pragma GCC unroll 4
-        for (int i = 0; i < kRows; ++i) {
-          if (i >= rows) break;
-          const int64_t code = static_cast<int64_t>(codes[row + i]);
-          if (code < 0 || code >= num_centroids) continue;
-          const float* base = S + SlotOf(slot, code) * 32;
-          const float inv = inv_norms[row + i];
-          best_lo = Max(best_lo, (Load(base) + (h_lo[i] + l_lo[i])) * inv);
-          best_hi = Max(best_hi, (Load(base + 16) + (h_hi[i] + l_hi[i])) * inv);
         }
       }
     }
