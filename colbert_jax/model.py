@@ -122,7 +122,8 @@ class ColBERTModel:
         # rankings' overlap@10 at 0.99, by this CPU's measured rates (`native.query_products_by_speed`): the
         # two-term int8 encoder where its products run on AMX tiles, or on AVX-512 VNNI well above float32's rate
         # (three int8 products per weight); the float32 encoder with its dense products on bfloat16 operands
-        # (`native.dense_bf16`, one `vdpbf16ps` multiply-add per weight). XLA's own int8 products are no faster
+        # (`native.dense_bf16`, one `vdpbf16ps` multiply-add per weight) or int16 ones (`native.dense_int16`, one
+        # `vpdpwssd` multiply-add per weight and the activations' quantization). XLA's own int8 products are no faster
         # per operation than float32's, and accelerators' float32 (or bfloat16) matmuls are fast already. int8
         # only where its embeddings do not depend on the batch size (`int8_batch_invariant`: not ModernBERT's yet).
         float_native = (
@@ -134,14 +135,19 @@ class ColBERTModel:
         )
         self.query_quantization = config.query_quantization
         if self.query_quantization == "auto":
-            runs = {"int8": cpu and bert_config.int8_batch_invariant, "bf16": float_native, "none": True}
+            runs = {
+                "int8": cpu and bert_config.int8_batch_invariant,
+                "bf16": float_native,
+                "int16": float_native,
+                "none": True,
+            }
             fastest = native.query_products_by_speed() if cpu else ["none"]
             self.query_quantization = next(q for q in fastest if runs[q])
-        if self.query_quantization == "bf16" and not float_native:
+        if self.query_quantization in ("bf16", "int16") and not float_native:
             raise ValueError(
-                'query_quantization="bf16" runs the float32 query encoder\'s native CPU kernels: it needs CPU devices, '
-                "compute_dtype float32, a BERT-family backbone and the native kernels (colbert_jax.native.enabled()) "
-                'built for AVX2 or AVX-512; use "none" or "auto" here'
+                f'query_quantization="{self.query_quantization}" runs the float32 query encoder\'s native CPU kernels: '
+                "it needs CPU devices, compute_dtype float32, a BERT-family backbone and the native kernels "
+                '(colbert_jax.native.enabled()) built for AVX2 or AVX-512; use "none" or "auto" here'
             )
         # each int8 dense layer runs as one native kernel (`native.int8_dense`) on the tile unit where the CPU has
         # AMX-INT8, else on the vector unit's int8 products where the kernels are built with AVX-512 VNNI
@@ -165,12 +171,14 @@ class ColBERTModel:
         # "bf16" is this encoder with every dense product on bfloat16 operands. Rounding each product's input rows
         # to bfloat16 turns last-bit float32 differences into whole-step flips, as int8 does: the float ops
         # between run at large-batch shapes there too, so that a query's embedding does not depend on its batch.
-        self.native_float_encoder = self.query_quantization in ("none", "bf16") and float_native
+        # "int16" likewise on int16 operands (`native.dense_int16`), each row and weight column with its own scale.
+        self.native_float_encoder = self.query_quantization in ("none", "bf16", "int16") and float_native
         if self.native_float_encoder:
-            bf16 = self.query_quantization == "bf16"
-            fused = fuse_float_params(query_params, packed=True, bf16=bf16)
+            bf16, int16 = self.query_quantization == "bf16", self.query_quantization == "int16"
+            fused = fuse_float_params(query_params, packed=True, bf16=bf16, int16=int16)
             self._query_params = jax.device_put(fused, replicated)
-            query_fn = quantized_apply(batch_invariant(query_fn, self.n_devices) if bf16 else query_fn)
+            rounds = bf16 or int16
+            query_fn = quantized_apply(batch_invariant(query_fn, self.n_devices) if rounds else query_fn)
         self._query_fn = jax.jit(query_fn, in_shardings=(replicated, rows, rows), out_shardings=rows)
         self._doc_fn = jax.jit(
             functools.partial(embed_docs, self.module, pad_id=pad_id),

@@ -1,8 +1,8 @@
 """This CPU's arithmetic peaks, per core and over all cores: float32 FMA, int8 dot products (AVX-512 VNNI,
-else AVX2) and bfloat16 dot products (avx512_bf16's vdpbf16ps, where the CPU has it), each a register-resident
-loop of independent accumulators (no memory traffic), and the XLA products the query encoder runs, float32 and
-int8, for comparison (an XLA rate above the vector unit's peak means a library ran it on a matrix unit: AMX
-tiles).
+else AVX2), bfloat16 dot products (avx512_bf16's vdpbf16ps, where the CPU has it) and int16 dot products (VNNI's
+vpdpwssd, where the CPU has it), each a register-resident loop of independent accumulators (no memory traffic),
+and the XLA products the query encoder runs, float32 and int8, for comparison (an XLA rate above the vector
+unit's peak means a library ran it on a matrix unit: AMX tiles).
 
     python scripts/bench_cpu_peak.py [--repeats 3]
     python scripts/without_amx.py python scripts/bench_cpu_peak.py   # XLA's products without the tiles
@@ -115,18 +115,35 @@ int main() {
 #else
   printf("bf16 0\n");
 #endif
+#if defined(__AVX512VNNI__)
+  // int16 pairs into int32 lanes (vpdpwssd): two products per lane per instruction
+  vi w = _mm512_set1_epi16(3), z = _mm512_set1_epi16(5);
+#define ZI(i) v##i = SETI(i);
+  R(ZI)
+  t = now();
+  for (long i = 0; i < n; i++) {
+#define FW(i) v##i = _mm512_dpwssd_epi32(v##i, w, z);
+    R(FW) __asm__ volatile("" : "+v"(w));
+  }
+  dt = now() - t;
+  si = 0;
+  R(SI)
+  printf("int16 %.3f %d\n", n * chains * lanes * 2 * 2.0 / dt / 1e9, si);
+#else
+  printf("int16 0\n");
+#endif
   return 0;
 }
 """
 
 
-def vector_peaks(binary: Path, processes: int) -> tuple[float, float, float, str]:
-    """(float32 GFLOP/s, int8 GOPS, bfloat16 dot GFLOP/s (0 without avx512_bf16), int8 instruction set) summed
-    over `processes` copies running at once."""
+def vector_peaks(binary: Path, processes: int) -> tuple[float, float, float, float, str]:
+    """(float32 GFLOP/s, int8 GOPS, bfloat16 dot GFLOP/s (0 without avx512_bf16), int16 dot GOPS (0 without
+    AVX-512 VNNI), int8 instruction set) summed over `processes` copies running at once."""
     procs = [subprocess.Popen([str(binary)], stdout=subprocess.PIPE, text=True) for _ in range(processes)]
     outs = [p.communicate()[0].split("\n") for p in procs]
-    fp32, int8, bf16 = (sum(float(o[line].split()[1]) for o in outs) for line in range(3))
-    return fp32, int8, bf16, outs[0][1].split()[2]
+    fp32, int8, bf16, int16 = (sum(float(o[line].split()[1]) for o in outs) for line in range(4))
+    return fp32, int8, bf16, int16, outs[0][1].split()[2]
 
 
 def xla_rates(repeats: int) -> tuple[float, float]:
@@ -168,23 +185,23 @@ def main() -> None:
     isa = "?"
     for _ in range(args.repeats):
         for name, procs in (("one core", 1), (f"{cores} cores", cores)):
-            fp32, int8, bf16, isa = vector_peaks(work / "peak", procs)
-            rows[name].append((fp32, int8, bf16))
+            fp32, int8, bf16, int16, isa = vector_peaks(work / "peak", procs)
+            rows[name].append((fp32, int8, bf16, int16))
     xla = [xla_rates(1) for _ in range(args.repeats)]
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), "?")
     amx = "amx_int8" in Path("/proc/cpuinfo").read_text()
     print(f"{cpu}, {cores} CPUs, {platform.machine()}, AMX-INT8 flag: {amx}; int8 loop: {isa}; {args.repeats} repeats")
-    print("| | float32 GFLOP/s | int8 GOPS | bfloat16 dot GFLOP/s (vdpbf16ps) |")
-    print("|---|---|---|---|")
+    print("| | float32 GFLOP/s | int8 GOPS | bfloat16 dot GFLOP/s (vdpbf16ps) | int16 dot GOPS (vpdpwssd) |")
+    print("|---|---|---|---|---|")
 
     def cell(values: list[float]) -> str:
         if max(values) == 0:
-            return "- (no avx512_bf16)"
+            return "- (not on this CPU)"
         return f"{np.median(values):.0f} ({min(values):.0f}-{max(values):.0f})"
 
     for name, values in rows.items():
-        print(f"| vector unit, {name} | " + " | ".join(cell([v[i] for v in values]) for i in range(3)) + " |")
-    print(f"| XLA product [2048,384]x[384,1536] | {cell([v[0] for v in xla])} | {cell([v[1] for v in xla])} | |")
+        print(f"| vector unit, {name} | " + " | ".join(cell([v[i] for v in values]) for i in range(4)) + " |")
+    print(f"| XLA product [2048,384]x[384,1536] | {cell([v[0] for v in xla])} | {cell([v[1] for v in xla])} | | |")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,7 @@
 """Query encoding speed on CPU: colbert-jax at float32, bfloat16 (`compute_dtype`), int8 (`query_quantization=
-"int8"`) and float32 with its dense products on bfloat16 operands (`query_quantization="bf16"`: "bf16 products"),
-and float32 with the
-native kernels off (XLA alone), against colbert-ai's encoder (torch), side by side, on the same
-checkpoint and query texts.
+"int8"`), float32 with its dense products on bfloat16 operands (`query_quantization="bf16"`: "bf16 products") or
+on int16 operands (`query_quantization="int16"`: "int16 products"), and float32 with the native kernels off (XLA
+alone), against colbert-ai's encoder (torch), side by side, on the same checkpoint and query texts.
 
     python scripts/bench_encoder.py [--queries 500] [--repeats 3] [--ref-python /work/refvenv/bin/python]
                                     [--index DIR [--index-queries TSV]]
@@ -87,6 +86,7 @@ VARIANTS = {
     "bfloat16": {**_FLOAT, "compute_dtype": "bfloat16"},
     "int8": {"query_quantization": "int8"},
     "bf16 products": {"query_quantization": "bf16"},
+    "int16 products": {"query_quantization": "int16"},
 }
 # Timed only (an environment, not a setting): float32 with the native kernels off, XLA running the whole encoder,
 # to judge `native.dense_f32_vectorized()`'s gate on this CPU against the "float32" row.
@@ -163,12 +163,14 @@ def main() -> None:
     auto = {
         "int8_over_f32_rate": native.int8_over_f32_rate(),
         "bf16_over_f32_rate": native.bf16_over_f32_rate(),
+        "int16_over_f32_rate": native.int16_over_f32_rate(),
         "amx_tiles": native.int8_tiles(),
         "order": list(native.query_products_by_speed()),
     }
     print(
         f"rates over float32 (one core): int8 {auto['int8_over_f32_rate']:.2f}, bf16 {auto['bf16_over_f32_rate']:.2f}"
-        f"; AMX tiles {auto['amx_tiles']}; auto's order: {', '.join(auto['order'])}"
+        f", int16 {auto['int16_over_f32_rate']:.2f}; AMX tiles {auto['amx_tiles']}"
+        f"; auto's order: {', '.join(auto['order'])}"
     )
     print("| encoder | single query p50 ms | batched ms/query | vs colbert-ai (single, batched) |")
     print("|---|---|---|---|")

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 # `native.query_products_by_speed()` names -> `bench_encoder.py` rows.
-ENCODER_ROWS = {"int8": "int8", "bf16": "bf16 products", "none": "float32"}
+ENCODER_ROWS = {"int8": "int8", "bf16": "bf16 products", "int16": "int16 products", "none": "float32"}
 
 
 @dataclass(frozen=True)
@@ -110,8 +110,8 @@ def report(results: Path) -> str:
         a = encoder["auto"]
         lines += [
             f'`query_quantization="auto"` took **{a["order"][0]}** (order {", ".join(a["order"])}; measured rates '
-            f"over float32: int8 {a['int8_over_f32_rate']:.2f}, bf16 {a['bf16_over_f32_rate']:.2f}; AMX tiles "
-            f"{a['amx_tiles']}).",
+            f"over float32: int8 {a['int8_over_f32_rate']:.2f}, bf16 {a['bf16_over_f32_rate']:.2f}, int16 "
+            f"{a.get('int16_over_f32_rate', 0.0):.2f}; AMX tiles {a['amx_tiles']}).",
             "",
         ]
     bars: list[Bar] = []

@@ -149,39 +149,42 @@ def test_searcher_not_index_chooses_query_quantization(real_index, minilm_model)
     auto = colbert_jax.Searcher(index, minilm_model).model  # the default, "auto"
     assert auto.config.query_quantization == "auto"
     float_native = native.enabled() and native.dense_f32_vectorized()
-    want = next(q for q in native.query_products_by_speed() if q != "bf16" or float_native)
+    want = next(q for q in native.query_products_by_speed() if q not in ("bf16", "int16") or float_native)
     assert auto.query_quantization == want  # CPU devices
     index.config = index.config.model_copy(update={"query_quantization": "int8"})  # as if built with int8
     assert colbert_jax.Searcher(index, minilm_model, query_quantization="none").model.query_quantization == "none"
 
 
-# CPU types as the rate probes see them: (AMX tiles, int8 / float32 rate, bfloat16 / float32 rate; 0.0: no such
-# instructions) and the encoder "auto" should take there
+# CPU types as the rate probes see them: (AMX tiles, int8 / float32 rate, bfloat16 / float32 rate, int16 / float32
+# rate; 0.0: no such instructions) and the encoder "auto" should take there
 CPUS = {
-    "sapphire rapids (AMX)": (True, 2.0, 2.0, "int8"),
-    "zen 4 (half-width float32)": (False, 4.1, 2.0, "bf16"),
-    "zen 5": (False, 2.13, 2.0, "bf16"),
-    "xeon without AMX or BF16": (False, 2.0, 0.0, "none"),
-    "slow bfloat16 units": (False, 4.1, 1.1, "int8"),
-    "avx2 only (zen 3)": (False, 0.0, 0.0, "none"),
+    "sapphire rapids (AMX)": (True, 2.0, 2.0, 1.0, "int8"),
+    "zen 4 (half-width float32)": (False, 4.1, 2.0, 2.0, "bf16"),
+    "zen 5": (False, 2.13, 2.0, 1.0, "bf16"),
+    "xeon without AMX or BF16": (False, 2.0, 0.0, 1.0, "none"),
+    "slow bfloat16 units": (False, 4.1, 1.1, 2.0, "int16"),
+    "vnni without int16 rate": (False, 4.1, 0.0, 1.1, "int8"),
+    "avx2 only (zen 3)": (False, 0.0, 0.0, 0.0, "none"),
 }
 
 
 @pytest.mark.parametrize("cpu", list(CPUS))
 def test_auto_takes_the_fastest_encoder_this_cpu_runs(monkeypatch, minilm_checkpoint, cpu):
     """int8 on AMX tiles; else by measured cost per weight: bfloat16 products (one `vdpbf16ps` multiply-add a
-    weight) or the two-term int8 encoder on VNNI (three `vpdpbusd` ones), each only where it runs well above
-    float32's rate; else float32: XLA's int8 products are no faster per operation than float32's. Explicit
-    settings hold on every CPU."""
-    tiles, int8_rate, bf16_rate, want = CPUS[cpu]
+    weight), int16 products (one `vpdpwssd` multiply-add and the activations' quantization) or the two-term int8
+    encoder on VNNI (three `vpdpbusd` ones), each only where it runs well above float32's rate; else float32:
+    XLA's int8 products are no faster per operation than float32's. Explicit settings hold on every CPU."""
+    tiles, int8_rate, bf16_rate, int16_rate, want = CPUS[cpu]
     monkeypatch.setattr(native, "int8_tiles", lambda: tiles)
     monkeypatch.setattr(native, "int8_vnni_available", lambda: int8_rate > 0)
     monkeypatch.setattr(native, "int8_over_f32_rate", lambda: int8_rate)
     monkeypatch.setattr(native, "dense_bf16_vectorized", lambda: bf16_rate > 0)
     monkeypatch.setattr(native, "bf16_over_f32_rate", lambda: bf16_rate)
+    monkeypatch.setattr(native, "dense_int16_vectorized", lambda: int16_rate > 0)
+    monkeypatch.setattr(native, "int16_over_f32_rate", lambda: int16_rate)
     model = colbert_jax.load_checkpoint(minilm_checkpoint)
-    if want == "bf16" and not (native.enabled() and native.dense_f32_vectorized()):
-        want = "int8" if native.int8_products_fast() else "none"  # no native float32 encoder here to run it
+    if want in ("bf16", "int16") and not (native.enabled() and native.dense_f32_vectorized()):
+        want = "int8" if native.int8_products_fast() else "none"  # no native float32 encoder here to run them
     assert model.query_quantization == want
     assert colbert_jax.load_checkpoint(minilm_checkpoint, query_quantization="none").query_quantization == "none"
 
@@ -194,10 +197,11 @@ def test_rate_probes_and_what_counts_as_fast(monkeypatch):
     """AVX-512 VNNI runs 64 int8 multiply-adds an instruction and AVX-512 BF16 32 bfloat16 ones, to an FMA's 16
     float32 ones; CPUs with full-width FMA units (Zen 5, Xeons) issue twice the FMAs: there the int8 rate ratio is
     about 2 and the encoder's three int8 products per weight lose to float32; on Zen 4 (half-width float32) it is
-    about 4. bfloat16's is about 2 on both."""
+    about 4. bfloat16's is about 2 on both, and int16's (`vpdpwssd`, 32 an instruction) about 2 on Zen 4."""
     for probe, built in (
         (native.int8_over_f32_rate, native.int8_vnni_available),
         (native.bf16_over_f32_rate, native.dense_bf16_vectorized),
+        (native.int16_over_f32_rate, native.dense_int16_vectorized),
     ):
         rate = probe()
         if built():
@@ -220,13 +224,18 @@ def test_rate_probes_and_what_counts_as_fast(monkeypatch):
     assert not native.bf16_products_fast()
     monkeypatch.setattr(native, "dense_bf16_vectorized", lambda: False)
     assert not native.bf16_products_fast()
+    monkeypatch.setattr(native, "dense_int16_vectorized", lambda: True)
+    monkeypatch.setattr(native, "int16_over_f32_rate", lambda: 2.0)
+    assert native.int16_products_fast()
+    monkeypatch.setattr(native, "int16_over_f32_rate", lambda: 1.0)  # full-width FMAs: no faster than float32
+    assert not native.int16_products_fast()
 
 
-@pytest.mark.parametrize("quantization", ["int8", "bf16"])
+@pytest.mark.parametrize("quantization", ["int8", "bf16", "int16"])
 @pytest.mark.parametrize("name", ["tiny", "roberta", "electra"])
 def test_quantized_query_embeddings_do_not_depend_on_the_batch_size(tiny_checkpoint, queries, name, quantization):
-    """int8 and bf16 round every dense layer's input rows, so the float ops between them must round alike at every
-    batch size: XLA:CPU compiles small batches differently, which int8 turned into whole-step flips (5e-5 on the
+    """int8, bf16 and int16 round every dense layer's input rows, so the float ops between them must round alike at
+    every batch size: XLA:CPU compiles small batches differently, which int8 turned into whole-step flips (5e-5 on the
     tiny model at batch sizes 1-4; bf16 3e-4 across 8 devices). `modeling/invariant.py` runs them at large-batch
     shapes (measured: 0)."""
     path = tiny_checkpoint if name == "tiny" else BACKBONE_FIXTURES / name / "checkpoint"

@@ -65,12 +65,14 @@ from colbert_jax import native
 
 __all__ = ["QUANTIZATIONS", "IMPLEMENTATIONS", "quantize_params", "fuse_float_params", "int8_dense", "quantized_apply"]
 
-QUANTIZATIONS = ("none", "int8", "bf16")
+QUANTIZATIONS = ("none", "int8", "bf16", "int16")
 SCALE = "kernel_scale"
 CROSS = "kernel_cross"
 PACKED = ("packed_hi", "packed_lo")  # the two terms in `native.int8_dense`'s layout
 PACKED_F32 = "packed_f32"  # a float32 kernel in `native.dense_f32`'s layout
 PACKED_BF16 = "packed_bf16"  # a kernel in `native.dense_bf16`'s layout: its product on bfloat16 operands
+PACKED_INT16 = "packed_int16"  # a kernel's int16 codes in `native.dense_int16`'s layout: its product on int16
+INT16_SCALE = "int16_scale"  # operands, and the codes' column scales
 # products of at most this many rows (a few queries) with packed float32 kernels run as `native.dense_f32`; more
 # rows run XLA's product (as fast at batch sizes, and it runs beside other batches' work in flight)
 FLOAT_NATIVE_ROWS = 256
@@ -132,7 +134,9 @@ def quantize_params(params: Mapping[str, Any], *, fuse_qkv: bool = True, packed:
     return pack(quantized) if packed else quantized
 
 
-def fuse_float_params(params: Mapping[str, Any], *, packed: bool = False, bf16: bool = False) -> dict[str, Any]:
+def fuse_float_params(
+    params: Mapping[str, Any], *, packed: bool = False, bf16: bool = False, int16: bool = False
+) -> dict[str, Any]:
     """The float32 encoder's params for the native CPU kernels (`quantized_apply` on float params): each
     attention's query/key/value kernels and biases concatenated into one `qkv` dense layer (one product, then
     `native.attention`), and the intermediate layer's bias and exact GELU run as `native.gelu` after the
@@ -141,7 +145,9 @@ def fuse_float_params(params: Mapping[str, Any], *, packed: bool = False, bf16: 
     that kernel in CPU programs, XLA's from `kernel` otherwise; else XLA runs every product. bf16: every
     backbone dense product (attention's projections and the MLP's) instead on bfloat16 operands with float32
     sums at every row count (`packed_bf16`, `native.dense_bf16`; `query_quantization="bf16"`); attention's
-    scores, GELU and LayerNorms stay float32."""
+    scores, GELU and LayerNorms stay float32. int16: the same products on int16 operands, each activation row
+    and weight column with its own scale (`packed_int16` and `int16_scale`, `native.dense_int16`;
+    `query_quantization="int16"`)."""
 
     def walk(tree):
         if not isinstance(tree, Mapping):
@@ -161,6 +167,9 @@ def fuse_float_params(params: Mapping[str, Any], *, packed: bool = False, bf16: 
         kernel = p.get("kernel")
         if kernel is None or getattr(kernel, "ndim", 0) < 2 or "bias" not in p or SCALE in p:
             return p
+        if int16:
+            codes, scales = native.pack_dense_int16(np.asarray(jax.device_get(kernel), np.float32))
+            return {**p, PACKED_INT16: codes, INT16_SCALE: scales}
         if bf16:
             return {**p, PACKED_BF16: native.pack_dense_bf16(np.asarray(jax.device_get(kernel), np.float32))}
         if packed:
@@ -223,6 +232,13 @@ def _product(x: jax.Array, p: Mapping[str, jax.Array]) -> jax.Array:
         return jax.lax.platform_dependent(
             x, cpu=lambda x: native.dense_bf16(x, packed, n), default=lambda x: _rounded_bf16_product(x, p)
         )
+    if PACKED_INT16 in p:
+        packed, scales, n = p[PACKED_INT16], p[INT16_SCALE], p["bias"].shape[-1]
+        return jax.lax.platform_dependent(
+            x,
+            cpu=lambda x: native.dense_int16(x, packed, scales, n),
+            default=lambda x: native.dense_int16_reference(x, packed, scales, n),
+        )
     if PACKED_F32 in p:
         packed, n = p[PACKED_F32], p["bias"].shape[-1]
 
@@ -284,18 +300,29 @@ def _fused_projection(module: nn.Dense, x: jax.Array) -> jax.Array:
 
 
 def _qkv_product(x: jax.Array, p: Mapping[str, jax.Array], key_bias: jax.Array) -> jax.Array:
-    """The fused query/key/value product for self-attention under key_bias [B, L]. With bfloat16-packed params,
-    the keys and values of masked positions (a query's [MASK] padding, often most of its tokens) are not
+    """The fused query/key/value product for self-attention under key_bias [B, L]. With bfloat16- or int16-packed
+    params, the keys and values of masked positions (a query's [MASK] padding, often most of its tokens) are not
     computed: zero there, which no softmax weight reaches (finfo.min scores), so the attention output keeps its
     bits. A batch row with no attended key keeps all its rows (its softmax is uniform over whatever is there)."""
-    if PACKED_BF16 not in p:
+    if PACKED_BF16 not in p and PACKED_INT16 not in p:
         return _product(x, p)
-    packed, n = p[PACKED_BF16], p["bias"].shape[-1]
+    n = p["bias"].shape[-1]
     split = -(-(n // 3) // native.BF16_PANEL) * native.BF16_PANEL  # the queries' columns, whole panels
     if n % 3 or split >= n:
         return _product(x, p)
     attended = key_bias > jnp.finfo(jnp.float32).min / 2
     needed = attended | ~attended.any(axis=-1, keepdims=True)
+    if PACKED_INT16 in p:
+        packed, scales = p[PACKED_INT16], p[INT16_SCALE]
+
+        def kernel(x, needed):
+            return native.dense_int16(x, packed, scales, n, rows_needed=needed, split=split)
+
+        def xla(x, needed):
+            return native.dense_int16_reference(x, packed, scales, n)
+
+        return jax.lax.platform_dependent(x, needed, cpu=kernel, default=xla)
+    packed = p[PACKED_BF16]
 
     def kernel(x, needed):
         return native.dense_bf16(x, packed, n, rows_needed=needed, split=split)
@@ -357,6 +384,15 @@ def _native_activation(module: nn.Module, x: jax.Array) -> jax.Array | None:
         plain = _rounded_bf16_product
         out = jax.lax.platform_dependent(x, cpu=fused, default=lambda x: xla(plain(x, p)).astype(jnp.bfloat16))
         return out if module.dtype in (None, jnp.float32) else out.astype(module.dtype)
+    if native.gelu_faster_than_xla() and PACKED_INT16 in p:
+        # the product with the bias and GELU in its epilogue, as for bf16 (float32 out: the next product
+        # quantizes its input rows itself)
+        packed, scales, n = p[PACKED_INT16], p[INT16_SCALE], p["bias"].shape[-1]
+        fused = functools.partial(native.dense_int16, packed=packed, scales=scales, n=n, gelu_bias=p["bias"])
+        out = jax.lax.platform_dependent(
+            x, cpu=fused, default=lambda x: xla(native.dense_int16_reference(x, packed, scales, n))
+        )
+        return out.astype(module.dtype or jnp.float32)
     y = _product(x, p)
 
     def kernel(y):
@@ -381,7 +417,7 @@ def int8_dense(next_fun, args, kwargs, context):
     (x,) = args
     if module.name in _QKV and module.parent is not None and "qkv" in module.parent.variables.get("params", {}):
         return _fused_projection(module, x).astype(module.dtype or jnp.float32)
-    if not any(module.has_variable("params", key) for key in (SCALE, PACKED_F32, PACKED_BF16)):
+    if not any(module.has_variable("params", key) for key in (SCALE, PACKED_F32, PACKED_BF16, PACKED_INT16)):
         return next_fun(*args, **kwargs)
     p = module.variables["params"]
     y = _product(x, p)

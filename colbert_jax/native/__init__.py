@@ -57,6 +57,13 @@ __all__ = [
     "dense_bf16",
     "dense_bf16_vectorized",
     "pack_dense_bf16",
+    "dense_int16",
+    "dense_int16_vectorized",
+    "dense_int16_reference",
+    "pack_dense_int16",
+    "int16_over_f32_rate",
+    "int16_products_fast",
+    "INT16_MAX_CODE",
     "int8_tiles",
     "pack_dense",
     "int8_dense",
@@ -105,6 +112,7 @@ SOURCES = tuple(
         "gelu.cc",
         "dense_f32.cc",
         "dense_bf16.cc",
+        "dense_int16.cc",
         "rates.cc",
     )
 )
@@ -143,6 +151,9 @@ _SYMBOLS = {
     "colbert_jax_dense_bf16_gelu_rounded": "ColbertJaxDenseBf16GeluRounded",
     "colbert_jax_dense_bf16_rounded": "ColbertJaxDenseBf16Rounded",
     "colbert_jax_dense_bf16_rows": "ColbertJaxDenseBf16Rows",
+    "colbert_jax_dense_int16": "ColbertJaxDenseInt16",
+    "colbert_jax_dense_int16_gelu": "ColbertJaxDenseInt16Gelu",
+    "colbert_jax_dense_int16_rows": "ColbertJaxDenseInt16Rows",
 }
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "lib": the loaded library, "error": why it is not there
@@ -430,7 +441,8 @@ _rates: dict[str, float] = {}
 
 
 def _measured_rate(kind: str, built: Callable[[], bool]) -> float:
-    """`rates.cc`'s probe for `kind` ("int8", "bf16"), run once per process; 0.0 where `built()` is false."""
+    """`rates.cc`'s probe for `kind` ("int8", "int16", "bf16"), run once per process; 0.0 where `built()` is
+    false."""
     if kind not in _rates:
         lib = library()
         if lib is None or not built():
@@ -469,15 +481,24 @@ def bf16_products_fast() -> bool:
     return dense_bf16_vectorized() and bf16_over_f32_rate() > BF16_OVER_F32_NEEDED
 
 
+# int16 products' cost per weight over bfloat16's at the same instruction rate: the activations' quantization (a
+# row's maximum, then its codes) and float32 passes between products where bf16 hands the MLP's second product
+# its input rounded already (`scripts/bench_encoder.py`: batched encoding about 9% slower on AMD Zen 4).
+INT16_OVERHEAD = 1.1
+
+
 def query_products_by_speed() -> list[str]:
     """The query encoder's products (`query_quantization` values) that run faster than float32's on this CPU,
     fastest first, then "none": "int8" first on AMX tiles; then, by measured cost per weight, "bf16" (one
-    bfloat16 multiply-add, `bf16_products_fast()`) and "int8" on AVX-512 VNNI (three int8 ones,
-    `int8_products_fast()`)."""
+    bfloat16 multiply-add, `bf16_products_fast()`), "int16" (one int16 multiply-add on AVX-512 VNNI and the
+    activations' quantization, `int16_products_fast()`) and "int8" on AVX-512 VNNI (three int8 ones,
+    `int8_products_fast()`). Ties keep that order."""
     tiles = int8_tiles()
     costs = {}
     if bf16_products_fast():
         costs["bf16"] = 1.0 / bf16_over_f32_rate()
+    if not tiles and int16_products_fast():
+        costs["int16"] = INT16_OVERHEAD / int16_over_f32_rate()
     if not tiles and int8_products_fast():
         costs["int8"] = 3.0 / int8_over_f32_rate()
     return [*(["int8"] if tiles else []), *sorted(costs, key=costs.__getitem__), "none"]
@@ -1023,3 +1044,144 @@ def dense_bf16(
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((rows, n), out_dtype))
     out = call(*operands, **attrs)
     return out.reshape(*lead, n)
+
+
+# -- the float32 encoder's dense products on int16 operands (dense_int16.cc)
+
+INT16_MAX_CODE = 4095  # |code| on either side: a 128-coordinate pass's int32 sum cannot overflow
+INT16_PASS = 128  # coordinates summed exactly in int32 before the float32 running sum
+
+
+def dense_int16_vectorized() -> bool:
+    """Whether `dense_int16`'s AVX-512 VNNI path (`vpdpwssd`) is compiled here (the kernels are built for this
+    CPU's type): elsewhere its plain loops run, far slower than a float32 product."""
+    lib = library()
+    return lib is not None and bool(lib.colbert_jax_dense_int16_vector())
+
+
+def int16_over_f32_rate() -> float:
+    """One core's rate of int16 multiply-adds on AVX-512 VNNI (`vpdpwssd`) over its rate of float32 ones, measured
+    once per process like `int8_over_f32_rate`; 0.0 where `dense_int16_vectorized()` is false. About 2 on AMD Zen
+    4 (the rate of `vdpbf16ps`)."""
+    return _measured_rate("int16", dense_int16_vectorized)
+
+
+def int16_products_fast() -> bool:
+    """Whether `dense_int16` runs `vpdpwssd` here at more than `BF16_OVER_F32_NEEDED` times float32's rate (one
+    int16 multiply-add per weight, plus the activations' quantization, against one float32 one)."""
+    return dense_int16_vectorized() and int16_over_f32_rate() > BF16_OVER_F32_NEEDED
+
+
+def _int16_codes(a: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """float32 a -> (int16 codes, float32 scales) along `axis`: m = max |a|, codes rint(a * (4095 / m)) within
+    [-4095, 4095], scale m * (1 / 4095); codes and scale 0 where m = 0 (`dense_int16.cc`'s quantization)."""
+    m = np.abs(a).max(axis=axis, keepdims=True)
+    top = np.float32(INT16_MAX_CODE)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv = np.where(m > 0, top / np.where(m > 0, m, np.float32(1)), np.float32(0)).astype(np.float32)
+    codes = np.clip(np.rint(a * inv), -INT16_MAX_CODE, INT16_MAX_CODE).astype(np.int16)
+    scale = (m * (np.float32(1) / top)).astype(np.float32)
+    return codes, np.squeeze(scale, axis)
+
+
+def pack_dense_int16(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32 weights [..., K, N] -> (int16 codes [..., ceil(N / 48), ceil(K / 2), 48, 2], float32 scales [..., N])
+    for `dense_int16`: each column quantized with its own scale, panels of 48 columns, a column's coordinate pair
+    (2kk, 2kk + 1) adjacent, zeros past K and N. Host arrays; leading (stacked layer) axes are kept."""
+    w = np.asarray(w, np.float32)
+    if w.ndim < 2:
+        raise ValueError(f"pack_dense_int16: weights [..., K, N], got {w.shape}")
+    *lead, k, n = w.shape
+    codes, scales = _int16_codes(w, axis=-2)
+    panels, k2 = -(-n // BF16_PANEL), -(-k // 2)
+    padded = np.zeros((*lead, 2 * k2, panels * BF16_PANEL), np.int16)
+    padded[..., :k, :n] = codes
+    blocks = padded.reshape(*lead, k2, 2, panels, BF16_PANEL)
+    lead_axes = tuple(range(len(lead)))
+    a = len(lead)  # [..., K2, 2, P, 48] -> [..., P, K2, 48, 2]
+    return np.ascontiguousarray(blocks.transpose(*lead_axes, a + 2, a, a + 3, a + 1)), scales
+
+
+def _check_int16(name: str, k: int, packed: jax.Array, scales: jax.Array, n: int) -> None:
+    if (
+        packed.ndim != 4
+        or packed.shape[2:] != (BF16_PANEL, 2)
+        or packed.shape[1] != -(-k // 2)
+        or not 0 < n <= packed.shape[0] * BF16_PANEL < n + BF16_PANEL
+    ):
+        raise ValueError(f"{name}: weights packed as {packed.shape} do not fit x [..., {k}] and N={n}")
+    if scales.shape != (n,):
+        raise ValueError(f"{name}: the weights' scales need [{n}], got {scales.shape}")
+
+
+def dense_int16_reference(x: jax.Array, packed: jax.Array, scales: jax.Array, n: int) -> jax.Array:
+    """`dense_int16`'s numbers by XLA, bit for bit (for programs without the kernel): x's rows quantized as the
+    kernel quantizes them, the weights' codes unpacked, int32 sums over passes of 128 coordinates, their float32
+    sum in pass order, times the row's scale, then the column's."""
+    k = x.shape[-1]
+    _check_int16("dense_int16_reference", k, packed, scales, n)
+    p, k2 = packed.shape[0], packed.shape[1]
+    codes = jnp.asarray(packed).transpose(1, 3, 0, 2).reshape(2 * k2, p * BF16_PANEL)[:k, :n].astype(jnp.int32)
+    x = x.astype(jnp.float32)
+    m = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
+    top = jnp.float32(INT16_MAX_CODE)
+    inv = jnp.where(m > 0, top / jnp.where(m > 0, m, 1.0), 0.0)
+    q = jnp.clip(jnp.round(x * inv), -INT16_MAX_CODE, INT16_MAX_CODE).astype(jnp.int32)
+    sx = m * (np.float32(1) / np.float32(INT16_MAX_CODE))
+    dims = (((x.ndim - 1,), (0,)), ((), ()))
+    total = None
+    for k0 in range(0, k, INT16_PASS):
+        part = jax.lax.dot_general(
+            q[..., k0 : k0 + INT16_PASS], codes[k0 : k0 + INT16_PASS], dims, preferred_element_type=jnp.int32
+        ).astype(jnp.float32)
+        total = part if total is None else total + part
+    return (total * sx) * scales.astype(jnp.float32)
+
+
+def dense_int16(
+    x: jax.Array,
+    packed: jax.Array,
+    scales: jax.Array,
+    n: int,
+    *,
+    gelu_bias: jax.Array | None = None,
+    rows_needed: jax.Array | None = None,
+    split: int = 0,
+    implementation: str = "vector",
+) -> jax.Array:
+    """x [..., K] times weights packed by `pack_dense_int16` (codes and column `scales`) -> float32 [..., N], on
+    int16 operands: each row of x quantized with its own scale by the kernel, exact int32 sums over passes of
+    128 coordinates (see `dense_int16.cc`), the bits of `dense_int16_reference`. Each row's result depends on
+    that row alone. With `gelu_bias` [N]: `gelu(product + gelu_bias)` in the kernel's epilogue with `gelu`'s
+    bits (XLA's). With `rows_needed` (bool [...], x's leading shape): the columns from `split` on (a multiple of
+    48) only for the rows it marks, zero elsewhere, each computed row with the bits of the full product.
+    implementation: "vector" (`vpdpwssd` where `dense_int16_vectorized()`, else as "scalar") or "scalar" (plain
+    loops, the same bits). x must be finite. CPU programs only."""
+    if implementation not in DENSE_F32_IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {DENSE_F32_IMPLEMENTATIONS}, got {implementation!r}")
+    if library() is None:
+        raise NativeBuildError(f"the native CPU kernels are off or unavailable ({_why_not()}); check `enabled()` first")
+    k = x.shape[-1]
+    _check_int16("dense_int16", k, packed, scales, n)
+    if gelu_bias is not None and gelu_bias.shape != (n,):
+        raise ValueError(f"dense_int16: gelu_bias needs [{n}], got {gelu_bias.shape}")
+    if gelu_bias is not None and rows_needed is not None:
+        raise ValueError("dense_int16: rows_needed and gelu_bias do not go together")
+    lead = x.shape[:-1]
+    rows = int(np.prod(lead, dtype=np.int64))
+    operands = [x.reshape(rows, k).astype(jnp.float32), packed.astype(jnp.int16), scales.astype(jnp.float32)]
+    attrs = {"vectorized": np.int32(implementation == "vector")}
+    target = "colbert_jax_dense_int16"
+    if gelu_bias is not None:
+        operands.append(gelu_bias.astype(jnp.float32))
+        target = "colbert_jax_dense_int16_gelu"
+    if rows_needed is not None:
+        if rows_needed.shape != lead:
+            raise ValueError(f"dense_int16: rows_needed needs x's leading shape {lead}, got {rows_needed.shape}")
+        if split < 0 or split % BF16_PANEL:
+            raise ValueError(f"dense_int16: split must be a multiple of {BF16_PANEL} >= 0, got {split}")
+        operands.append(rows_needed.reshape(rows).astype(jnp.int32))
+        attrs["split"] = np.int32(split)
+        target = "colbert_jax_dense_int16_rows"
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((rows, n), jnp.float32))
+    return call(*operands, **attrs).reshape(*lead, n)

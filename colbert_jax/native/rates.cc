@@ -1,6 +1,7 @@
 // One core's multiply-add rates by instruction, for choosing the query encoder's products
 // (`colbert_jax.native.int8_over_f32_rate`, `bf16_over_f32_rate`, `query_products_by_speed`): int8 multiply-adds
-// (`vpdpbusd`, 64 a 512-bit instruction) and bfloat16 ones (`vdpbf16ps`, 32) over float32 ones (`vfmadd`, 16).
+// (`vpdpbusd`, 64 a 512-bit instruction), int16 ones (`vpdpwssd`, 32) and bfloat16 ones (`vdpbf16ps`, 32) over
+// float32 ones (`vfmadd`, 16).
 // Each is a register-resident loop of 16 independent chains, timed alternately with float32's, the fastest of 5
 // turns each (a few milliseconds in all). Cores differ in how many 512-bit units of each kind they issue to: AMD
 // Zen 4 runs float32 FMAs at half width (int8 about 4x float32, bfloat16 about 2x), Zen 5 and Intel Xeons at
@@ -72,6 +73,21 @@ double Int8Loop(float* sink) {
   COLBERT_JAX_CHAINS(COLBERT_JAX_ISUM)
   return seconds;
 }
+
+// int16 pairs into int32 lanes (`vpdpwssd`, 32 multiply-adds an instruction).
+double Int16Loop(float* sink) {
+  COLBERT_JAX_CHAINS(COLBERT_JAX_IDECL)
+  __m512i x = _mm512_set1_epi16(3), y = _mm512_set1_epi16(5);
+  const auto t0 = Clock::now();
+  for (long i = 0; i < kSteps; ++i) {
+#define COLBERT_JAX_WSTEP(i) v##i = _mm512_dpwssd_epi32(v##i, x, y);
+    COLBERT_JAX_CHAINS(COLBERT_JAX_WSTEP)
+    __asm__ volatile("" : "+v"(x));
+  }
+  const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+  COLBERT_JAX_CHAINS(COLBERT_JAX_ISUM)
+  return seconds;
+}
 #endif
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -100,6 +116,15 @@ double Bf16Loop(float* sink) {
 extern "C" double colbert_jax_int8_over_f32_rate() {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   return OverF32(64.0, Int8Loop);
+#else
+  return 0.0;
+#endif
+}
+
+// 0.0 where the library is not built with AVX-512 VNNI.
+extern "C" double colbert_jax_int16_over_f32_rate() {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  return OverF32(32.0, Int16Loop);
 #else
   return 0.0;
 #endif
