@@ -961,6 +961,34 @@ def dense_bf16_vectorized() -> bool:
     return lib is not None and bool(lib.colbert_jax_dense_bf16_vector())
 
 
+def _pair_panels(padded: np.ndarray) -> np.ndarray:
+    """[..., 2 * K2, P * 48] (zeros past K and N) -> [..., P, K2, 48, 2]: panels of 48 columns, a column's coordinate
+    pair (2kk, 2kk + 1) adjacent (`dense_bf16`'s and `dense_int16`'s layout)."""
+    *lead, k, n = padded.shape
+    blocks = padded.reshape(*lead, k // 2, 2, n // BF16_PANEL, BF16_PANEL)
+    a = len(lead)  # [..., K2, 2, P, 48] -> [..., P, K2, 48, 2]
+    return np.ascontiguousarray(blocks.transpose(*range(a), a + 2, a, a + 3, a + 1))
+
+
+def _check_pair_panels(name: str, k: int, packed: jax.Array, n: int) -> None:
+    if (
+        packed.ndim != 4
+        or packed.shape[2:] != (BF16_PANEL, 2)
+        or packed.shape[1] != -(-k // 2)
+        or not 0 < n <= packed.shape[0] * BF16_PANEL < n + BF16_PANEL
+    ):
+        raise ValueError(f"{name}: weights packed as {packed.shape} do not fit x [..., {k}] and N={n}")
+
+
+def _rows_needed_operand(name: str, rows_needed: jax.Array, lead: tuple, split: int) -> jax.Array:
+    """`rows_needed` (x's leading shape) as the kernels read it: int32 [rows]; split checked."""
+    if rows_needed.shape != lead:
+        raise ValueError(f"{name}: rows_needed needs x's leading shape {lead}, got {rows_needed.shape}")
+    if split < 0 or split % BF16_PANEL:
+        raise ValueError(f"{name}: split must be a multiple of {BF16_PANEL} >= 0, got {split}")
+    return rows_needed.reshape(-1).astype(jnp.int32)
+
+
 def pack_dense_bf16(w: np.ndarray) -> np.ndarray:
     """float32 weights [..., K, N] -> bfloat16 [..., ceil(N / 48), ceil(K / 2), 48, 2] for `dense_bf16`: panels
     of 48 columns, a column's coordinate pair (2kk, 2kk + 1) adjacent, zeros past K and N, rounded to nearest
@@ -969,13 +997,9 @@ def pack_dense_bf16(w: np.ndarray) -> np.ndarray:
     if w.ndim < 2:
         raise ValueError(f"pack_dense_bf16: weights [..., K, N], got {w.shape}")
     *lead, k, n = w.shape
-    panels, k2 = -(-n // BF16_PANEL), -(-k // 2)
-    padded = np.zeros((*lead, 2 * k2, panels * BF16_PANEL), np.float32)
+    padded = np.zeros((*lead, 2 * -(-k // 2), -(-n // BF16_PANEL) * BF16_PANEL), np.float32)
     padded[..., :k, :n] = w
-    blocks = padded.astype(jnp.bfloat16).reshape(*lead, k2, 2, panels, BF16_PANEL)
-    lead_axes = tuple(range(len(lead)))
-    a = len(lead)  # [..., K2, 2, P, 48] -> [..., P, K2, 48, 2]
-    return np.ascontiguousarray(blocks.transpose(*lead_axes, a + 2, a, a + 3, a + 1))
+    return _pair_panels(padded.astype(jnp.bfloat16))
 
 
 def dense_bf16(
@@ -1006,13 +1030,7 @@ def dense_bf16(
     if library() is None:
         raise NativeBuildError(f"the native CPU kernels are off or unavailable ({_why_not()}); check `enabled()` first")
     k = x.shape[-1]
-    if (
-        packed.ndim != 4
-        or packed.shape[2:] != (BF16_PANEL, 2)
-        or packed.shape[1] != -(-k // 2)
-        or not 0 < n <= packed.shape[0] * BF16_PANEL < n + BF16_PANEL
-    ):
-        raise ValueError(f"dense_bf16: weights packed as {packed.shape} do not fit x [..., {k}] and N={n}")
+    _check_pair_panels("dense_bf16", k, packed, n)
     if gelu_bias is not None and gelu_bias.shape != (n,):
         raise ValueError(f"dense_bf16: gelu_bias needs [{n}], got {gelu_bias.shape}")
     out_dtype = np.dtype(out_dtype)
@@ -1034,11 +1052,7 @@ def dense_bf16(
         to_bf16 = out_dtype == np.dtype(jnp.bfloat16)
         target = "colbert_jax_dense_bf16_gelu_rounded" if to_bf16 else "colbert_jax_dense_bf16_gelu"
     if rows_needed is not None:
-        if rows_needed.shape != lead:
-            raise ValueError(f"dense_bf16: rows_needed needs x's leading shape {lead}, got {rows_needed.shape}")
-        if split < 0 or split % BF16_PANEL:
-            raise ValueError(f"dense_bf16: split must be a multiple of {BF16_PANEL} >= 0, got {split}")
-        operands.append(rows_needed.reshape(rows).astype(jnp.int32))
+        operands.append(_rows_needed_operand("dense_bf16", rows_needed, lead, split))
         attrs["split"] = np.int32(split)
         target = "colbert_jax_dense_bf16_rows"
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((rows, n), out_dtype))
@@ -1093,23 +1107,13 @@ def pack_dense_int16(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"pack_dense_int16: weights [..., K, N], got {w.shape}")
     *lead, k, n = w.shape
     codes, scales = _int16_codes(w, axis=-2)
-    panels, k2 = -(-n // BF16_PANEL), -(-k // 2)
-    padded = np.zeros((*lead, 2 * k2, panels * BF16_PANEL), np.int16)
+    padded = np.zeros((*lead, 2 * -(-k // 2), -(-n // BF16_PANEL) * BF16_PANEL), np.int16)
     padded[..., :k, :n] = codes
-    blocks = padded.reshape(*lead, k2, 2, panels, BF16_PANEL)
-    lead_axes = tuple(range(len(lead)))
-    a = len(lead)  # [..., K2, 2, P, 48] -> [..., P, K2, 48, 2]
-    return np.ascontiguousarray(blocks.transpose(*lead_axes, a + 2, a, a + 3, a + 1)), scales
+    return _pair_panels(padded), scales
 
 
 def _check_int16(name: str, k: int, packed: jax.Array, scales: jax.Array, n: int) -> None:
-    if (
-        packed.ndim != 4
-        or packed.shape[2:] != (BF16_PANEL, 2)
-        or packed.shape[1] != -(-k // 2)
-        or not 0 < n <= packed.shape[0] * BF16_PANEL < n + BF16_PANEL
-    ):
-        raise ValueError(f"{name}: weights packed as {packed.shape} do not fit x [..., {k}] and N={n}")
+    _check_pair_panels(name, k, packed, n)
     if scales.shape != (n,):
         raise ValueError(f"{name}: the weights' scales need [{n}], got {scales.shape}")
 
@@ -1176,11 +1180,7 @@ def dense_int16(
         operands.append(gelu_bias.astype(jnp.float32))
         target = "colbert_jax_dense_int16_gelu"
     if rows_needed is not None:
-        if rows_needed.shape != lead:
-            raise ValueError(f"dense_int16: rows_needed needs x's leading shape {lead}, got {rows_needed.shape}")
-        if split < 0 or split % BF16_PANEL:
-            raise ValueError(f"dense_int16: split must be a multiple of {BF16_PANEL} >= 0, got {split}")
-        operands.append(rows_needed.reshape(rows).astype(jnp.int32))
+        operands.append(_rows_needed_operand("dense_int16", rows_needed, lead, split))
         attrs["split"] = np.int32(split)
         target = "colbert_jax_dense_int16_rows"
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((rows, n), jnp.float32))

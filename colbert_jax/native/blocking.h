@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 namespace colbert_jax_native {
@@ -72,5 +73,33 @@ struct TaskGrid {
   int64_t first_unit(int64_t t) const { return std::min(units, t % chunks * per_chunk); }
   int64_t end_unit(int64_t t) const { return std::min(units, (t % chunks + 1) * per_chunk); }
 };
+
+// Products that compute some columns for some rows only (a fused query/key/value product skipping the keys and
+// values of [MASK] padding): the task's rows [0, rows) that `needed` marks (nonzero), `stride` elements each of
+// src, gathered in order into out; returns how many.
+template <typename T>
+inline int64_t GatherRows(const int32_t* needed, int64_t rows, const T* src, int64_t stride, T* out) {
+  int64_t wanted = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    if (needed[r] == 0) continue;
+    std::memcpy(out + wanted * stride, src + r * stride, stride * sizeof(T));
+    ++wanted;
+  }
+  return wanted;
+}
+
+// ... and their results back: block [wanted, width] (row stride ldb) to the marked rows of out (row stride ldo),
+// zeros to the others.
+inline void SpreadRows(const int32_t* needed, int64_t rows, const float* block, int64_t ldb, int64_t width, float* out,
+                       int64_t ldo) {
+  int64_t j = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    if (needed[r] != 0) {
+      std::memcpy(out + r * ldo, block + j++ * ldb, width * sizeof(float));
+    } else {
+      std::memset(out + r * ldo, 0, width * sizeof(float));
+    }
+  }
+}
 
 }  // namespace colbert_jax_native

@@ -39,9 +39,11 @@ using colbert_jax_native::ForRowBlocks;
 using colbert_jax_native::FromBf16;
 using colbert_jax_native::FlushDenormals;
 using colbert_jax_native::GeluInPlace;
+using colbert_jax_native::GatherRows;
 using colbert_jax_native::GeluVectorReady;
 using colbert_jax_native::LineShares;
 using colbert_jax_native::RunTasks;
+using colbert_jax_native::SpreadRows;
 using colbert_jax_native::TaskGrid;
 using colbert_jax_native::ToBf16;
 
@@ -263,11 +265,7 @@ void Product(ffi::ThreadPool& pool, const Operands& op, int32_t vectorized) {
     int64_t wanted = 0;
     if (op.rows_needed != nullptr && grid.end_unit(t) * kPanel > op.split) {
       if (static_cast<int64_t>(compact.size()) < rows * k2) compact.resize(rows * k2);
-      for (int64_t r = 0; r < rows; ++r) {
-        if (op.rows_needed[r0 + r] == 0) continue;
-        std::memcpy(compact.data() + wanted * k2, words + r * k2, k2 * sizeof(uint32_t));
-        ++wanted;
-      }
+      wanted = GatherRows(op.rows_needed + r0, rows, words, k2, compact.data());
     }
     if ((op.rows_needed != nullptr || op.out16 != nullptr) && static_cast<int64_t>(block.size()) < rows * kPanel) {
       block.resize(rows * kPanel);
@@ -278,15 +276,7 @@ void Product(ffi::ThreadPool& pool, const Operands& op, int32_t vectorized) {
       const int64_t col = p * kPanel, width = std::min(kPanel, n - col);
       if (op.rows_needed != nullptr && col >= op.split) {
         if (wanted > 0) Panel(vector, compact.data(), wanted, k2, panel, width, block.data(), kPanel, w_end);
-        int64_t j = 0;
-        for (int64_t r = 0; r < rows; ++r) {
-          float* dst = out_rows + r * n + col;
-          if (op.rows_needed[r0 + r] != 0) {
-            std::memcpy(dst, block.data() + j++ * kPanel, width * sizeof(float));
-          } else {
-            std::memset(dst, 0, width * sizeof(float));
-          }
-        }
+        SpreadRows(op.rows_needed + r0, rows, block.data(), kPanel, width, out_rows + col, n);
         continue;
       }
       if (op.out16 != nullptr) {

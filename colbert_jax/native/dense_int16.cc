@@ -41,10 +41,12 @@ namespace {
 
 using colbert_jax_native::FlushDenormals;
 using colbert_jax_native::ForRowBlocks;
+using colbert_jax_native::GatherRows;
 using colbert_jax_native::GeluInPlace;
 using colbert_jax_native::GeluVectorReady;
 using colbert_jax_native::LineShares;
 using colbert_jax_native::RunTasks;
+using colbert_jax_native::SpreadRows;
 using colbert_jax_native::TaskGrid;
 
 constexpr int64_t kPanel = 48;                // columns per packed panel
@@ -246,11 +248,8 @@ void Product(ffi::ThreadPool& pool, const Operands& op, int32_t vectorized) {
       if (static_cast<int64_t>(compact.size()) < rows * k2) compact.resize(rows * k2);
       if (static_cast<int64_t>(compact_scales.size()) < rows) compact_scales.resize(rows);
       if (static_cast<int64_t>(block.size()) < rows * kPanel) block.resize(rows * kPanel);
-      for (int64_t r = 0; r < rows; ++r) {
-        if (op.rows_needed[r0 + r] == 0) continue;
-        std::memcpy(compact.data() + wanted * k2, words.data() + r * k2, k2 * sizeof(uint32_t));
-        compact_scales[wanted++] = scales[r];
-      }
+      wanted = GatherRows(op.rows_needed + r0, rows, words.data(), k2, compact.data());
+      GatherRows(op.rows_needed + r0, rows, scales.data(), 1, compact_scales.data());
     }
     float* out_rows = op.out + r0 * n;
     for (int64_t p = grid.first_unit(t); p < grid.end_unit(t); ++p) {
@@ -262,15 +261,7 @@ void Product(ffi::ThreadPool& pool, const Operands& op, int32_t vectorized) {
           Panel(vector, compact.data(), compact_scales.data(), wanted, k2, panel, cs, width, block.data(), kPanel,
                 w_end);
         }
-        int64_t j = 0;
-        for (int64_t r = 0; r < rows; ++r) {
-          float* dst = out_rows + r * n + col;
-          if (op.rows_needed[r0 + r] != 0) {
-            std::memcpy(dst, block.data() + j++ * kPanel, width * sizeof(float));
-          } else {
-            std::memset(dst, 0, width * sizeof(float));
-          }
-        }
+        SpreadRows(op.rows_needed + r0, rows, block.data(), kPanel, width, out_rows + col, n);
         continue;
       }
       Panel(vector, words.data(), scales.data(), rows, k2, panel, cs, width, out_rows + col, n, w_end);
