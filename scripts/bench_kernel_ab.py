@@ -6,6 +6,7 @@ builds them), called in turn, call after call, on the same inputs, with the outp
         [--calls 40]
     python scripts/bench_kernel_ab.py centroid_scores_f32 [--base REV] [--centroids 65536 8192] [--calls 100]
     python scripts/bench_kernel_ab.py attention [--base REV] [--batch 1 64] [--calls 100]
+    python scripts/bench_kernel_ab.py maxsim_nibbles [--base REV] [--docs 64] [--calls 200]
 
 On a shared, noisy machine two processes run minutes apart can differ by 2x; calls alternated within one
 process meet the same neighbours, so their ratio is what a change is worth. `dense_f32` runs MiniLM's four
@@ -16,7 +17,10 @@ shapes through the int8 layer's AVX-512 VNNI path (the activation split and the 
 weight bytes, column scales 1; AVX-512 VNNI builds only); `centroid_scores_f32` runs one 32-token query's
 stage 1 and block maxima over 128-dimensional centroids on one thread; `attention` MiniLM's self-attention (12
 heads of 32, 32 tokens, keys past a row's length masked) for --batch rows on one thread, with the two sides'
-largest difference printed (its sums may round differently: float32-accurate, not bit for bit). Each line prints
+largest difference printed (its sums may round differently: float32-accurate, not bit for bit);
+`maxsim_nibbles` stage 6's MaxSim from the per-query nibble table (`plaid_cpu.cc`'s `MaxSimDocs32Nibbles`) over
+--docs documents of 60-179 rows of 32 bytes (nbits 2, dim 128), spread over 20x their rows as candidates are in
+an index, 32 query tokens, one thread. Each line prints
 the median (and fastest) call of either side and the ratio of the medians (> 1: the working tree is faster).
 AVX-512 builds only (the kernels' AVX-512 paths).
 """
@@ -35,7 +39,18 @@ NATIVE = "colbert_jax/native"
 
 # Each kernel: where its source is cut (the FFI handler and what follows: the harness calls the kernel's own
 # functions) and the body of run(...) that calls them for one product.
+FILES = {"maxsim_nibbles": "plaid_cpu"}  # a kernel whose source file has another name
 KERNELS = {
+    "maxsim_nibbles": (
+        "template <ffi::DataType CodeType>\nffi::Error ExactMaxSim(",
+        """
+void RUN(const float* nib, const float* S, const uint16_t* codes, const uint8_t* res, const float* inv,
+         const int32_t* starts, const int32_t* lens, float* out, int64_t p, int64_t bytes, int64_t rows,
+         int64_t docs) {
+  MaxSimDocs32Nibbles<uint16_t>(nib, S, nullptr, p, codes, res, bytes, inv, rows, starts, lens, out, 0, docs);
+}
+""",
+    ),
     "dense_f32": (
         "ffi::Error DenseF32(",
         """
@@ -148,6 +163,10 @@ __attribute__((weak)) void attention_a(const float*, const float*, const float*,
                                        int64_t);
 __attribute__((weak)) void attention_b(const float*, const float*, const float*, float*, int64_t, int64_t, int64_t,
                                        int64_t);
+__attribute__((weak)) void nibbles_a(const float*, const float*, const uint16_t*, const uint8_t*, const float*,
+                                     const int32_t*, const int32_t*, float*, int64_t, int64_t, int64_t, int64_t);
+__attribute__((weak)) void nibbles_b(const float*, const float*, const uint16_t*, const uint8_t*, const float*,
+                                     const int32_t*, const int32_t*, float*, int64_t, int64_t, int64_t, int64_t);
 static double now() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
@@ -166,7 +185,33 @@ int main(int argc, char** argv) {
   const int calls = std::atoi(argv[2]), threads = std::atoi(argv[3]);
   for (int i = 4; i < argc; ++i) {
     std::vector<double> ta, tb;
-    if (std::strcmp(argv[1], "attention") == 0) {
+    if (std::strcmp(argv[1], "maxsim_nibbles") == 0) {
+      // argv: documents; 32 bytes a row (nbits 2, dim 128), 4,096 centroids, 32 query tokens
+      const long docs = std::atol(argv[i]), bytes = 32, p = 4096, spread = 20;
+      std::vector<int32_t> lens(docs), starts(docs);
+      long rows = 0;
+      for (long d = 0; d < docs; ++d) {
+        lens[d] = 60 + (d * 2654435761u) % 120;
+        starts[d] = rows * spread;
+        rows += lens[d];
+      }
+      const long total = rows * spread + 256;
+      std::vector<uint8_t> res(total * bytes);
+      for (size_t j = 0; j < res.size(); ++j) res[j] = static_cast<uint8_t>((j * 2654435761u) >> 13);
+      std::vector<uint16_t> codes(total);
+      for (size_t j = 0; j < codes.size(); ++j) codes[j] = static_cast<uint16_t>((j * 40503u) % p);
+      std::vector<float> inv(total, 1.0f), S(p * 32), nib(bytes * 2 * 16 * 32), oa(docs * 32), ob(docs * 32);
+      fill(S, 2654435761u); fill(nib, 40503u);
+      for (auto& x : nib) x *= 0.1f;
+      for (int c = 0; c < calls; ++c) {
+        ta.push_back(timed([&] { nibbles_a(nib.data(), S.data(), codes.data(), res.data(), inv.data(), starts.data(),
+                                           lens.data(), oa.data(), p, bytes, total, docs); }));
+        tb.push_back(timed([&] { nibbles_b(nib.data(), S.data(), codes.data(), res.data(), inv.data(), starts.data(),
+                                           lens.data(), ob.data(), p, bytes, total, docs); }));
+      }
+      char what[64]; std::snprintf(what, sizeof what, "%ld documents, %ld rows", docs, rows);
+      report(what, 2.0 * rows * bytes * 2 * 32, ta, tb, oa == ob);  // "flops": the table's adds
+    } else if (std::strcmp(argv[1], "attention") == 0) {
       // argv: B:L:H:D; keys past the middle of each row masked, as padding is
       long b, len, heads, dim;
       std::sscanf(argv[i], "%ld:%ld:%ld:%ld", &b, &len, &heads, &dim);
@@ -251,6 +296,10 @@ ADAPT = {
     "int64_t len, int64_t heads, int64_t dim) {{ RUN(x, pb, kb, o, b, len, heads, dim); }}",
     "centroid_scores_f32": "void {name}(const float* c, const float* qt, float* s, int64_t p, int64_t dim, int64_t lq, "
     "float* bm) {{ RUN(c, qt, s, p, dim, lq, bm); }}",
+    "maxsim_nibbles": "void nibbles_{tail}(const float* nib, const float* S, const uint16_t* codes, "
+    "const uint8_t* res, const float* inv, const int32_t* starts, const int32_t* lens, float* out, int64_t p, "
+    "int64_t bytes, int64_t rows, int64_t docs) {{ RUN(nib, S, codes, res, inv, starts, lens, out, p, bytes, "
+    "rows, docs); }}",
 }
 
 
@@ -271,6 +320,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="dense kernels: threads, each a share of the rows")
     ap.add_argument("--centroids", type=int, nargs="+", default=[65536, 8192], help="centroid_scores_f32: P")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 64], help="attention: batch rows (MiniLM's heads)")
+    ap.add_argument("--docs", type=int, nargs="+", default=[64], help="maxsim_nibbles: documents a call")
     ap.add_argument("--calls", type=int, default=None, help="calls per side (default 40 dense, 100 stage 1)")
     args = ap.parse_args()
 
@@ -279,7 +329,7 @@ def main() -> None:
 
     from colbert_jax import native
 
-    path = f"{NATIVE}/{args.kernel}.cc"
+    path = f"{NATIVE}/{FILES.get(args.kernel, args.kernel)}.cc"
     show = ["git", "show", f"{args.base}:{path}"]
     before = subprocess.run(show, cwd=REPO, check=True, capture_output=True, text=True)
     after = (REPO / path).read_text()
@@ -287,7 +337,9 @@ def main() -> None:
     flags = [f for f in flags if f not in ("-shared", "-fPIC")]
     cxx = os.environ.get("CXX", "g++")  # as colbert_jax.native builds
     calls = args.calls or (40 if args.kernel.startswith("dense") else 100)
-    if args.kernel == "attention":
+    if args.kernel == "maxsim_nibbles":
+        shapes = [str(d) for d in args.docs]
+    elif args.kernel == "attention":
         shapes = [f"{b}:32:12:32" for b in args.batch]
     elif args.kernel.startswith("dense"):
         shapes = [f"{m}:{k}:{n}" for m in args.rows for k, n in ((384, 1152), (384, 384), (384, 1536), (1536, 384))]
