@@ -41,12 +41,13 @@ const int chains = 12;
 int main() {
   const long n = 50000000;
 #if defined(__AVX512F__)
-  typedef __m512 vf; typedef __m512i vi; const int lanes = 16;
+  // int32 sums as __v16si, the VNNI builtins' type: GCC copies and spills __m512i (8 x int64) ones (native/vnni.h)
+  typedef __m512 vf; typedef __v16si vi; const int lanes = 16;
 #define SETF(x) _mm512_set1_ps(x)
 #define FMA(a, b, c) _mm512_fmadd_ps(a, b, c)
 #define SUMF(a) _mm512_reduce_add_ps(a)
-#define SETI(x) _mm512_set1_epi32(x)
-#define SUMI(a) _mm512_reduce_add_epi32(a)
+#define SETI(x) ((vi)_mm512_set1_epi32(x))
+#define SUMI(a) _mm512_reduce_add_epi32((__m512i)(a))
 #else
   typedef __m256 vf; typedef __m256i vi; const int lanes = 8;
 #define SETF(x) _mm256_set1_ps(x)
@@ -72,16 +73,16 @@ int main() {
   R(DI)
   t = now();
 #if defined(__AVX512VNNI__)
-  vi x = _mm512_set1_epi8(3), y = _mm512_set1_epi8(5);
+  __m512i x = _mm512_set1_epi8(3), y = _mm512_set1_epi8(5);
   for (long i = 0; i < n; i++) {
-#define FI(i) v##i = _mm512_dpbusd_epi32(v##i, x, y);
+#define FI(i) v##i = (vi)_mm512_dpbusd_epi32((__m512i)v##i, x, y);
     R(FI) __asm__ volatile("" : "+v"(x));
   }
   const char* how = "vnni512";
 #elif defined(__AVX512BW__)
-  vi x = _mm512_set1_epi8(3), y = _mm512_set1_epi8(5), one = _mm512_set1_epi16(1);
+  __m512i x = _mm512_set1_epi8(3), y = _mm512_set1_epi8(5), one = _mm512_set1_epi16(1);
   for (long i = 0; i < n; i++) {
-#define FI(i) v##i = _mm512_add_epi32(v##i, _mm512_madd_epi16(_mm512_maddubs_epi16(x, y), one));
+#define FI(i) v##i = (vi)_mm512_add_epi32((__m512i)v##i, _mm512_madd_epi16(_mm512_maddubs_epi16(x, y), one));
     R(FI) __asm__ volatile("" : "+v"(x));
   }
   const char* how = "avx512bw";
@@ -117,12 +118,12 @@ int main() {
 #endif
 #if defined(__AVX512VNNI__)
   // int16 pairs into int32 lanes (vpdpwssd): two products per lane per instruction
-  vi w = _mm512_set1_epi16(3), z = _mm512_set1_epi16(5);
+  __m512i w = _mm512_set1_epi16(3), z = _mm512_set1_epi16(5);
 #define ZI(i) v##i = SETI(i);
   R(ZI)
   t = now();
   for (long i = 0; i < n; i++) {
-#define FW(i) v##i = _mm512_dpwssd_epi32(v##i, w, z);
+#define FW(i) v##i = (vi)_mm512_dpwssd_epi32((__m512i)v##i, w, z);
     R(FW) __asm__ volatile("" : "+v"(w));
   }
   dt = now() - t;

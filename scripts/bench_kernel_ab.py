@@ -2,9 +2,10 @@
 in the working tree compiled side by side into one C++ harness (this CPU's flags, as `colbert_jax.native`
 builds them), called in turn, call after call, on the same inputs, with the outputs checked bit for bit.
 
-    python scripts/bench_kernel_ab.py dense_f32|dense_bf16|dense_int8 [--base REV] [--rows 2048] [--threads 1|2]
-        [--calls 40]
-    python scripts/bench_kernel_ab.py centroid_scores_f32 [--base REV] [--centroids 65536 8192] [--calls 100]
+    python scripts/bench_kernel_ab.py dense_f32|dense_bf16|dense_int8|dense_int16 [--base REV] [--rows 2048]
+        [--threads 1|2] [--calls 40]
+    python scripts/bench_kernel_ab.py centroid_scores_f32|centroid_scores_int8 [--base REV] [--centroids 65536 8192]
+        [--calls 100]
     python scripts/bench_kernel_ab.py attention [--base REV] [--batch 1 64] [--calls 100]
     python scripts/bench_kernel_ab.py maxsim_nibbles [--base REV] [--docs 64] [--calls 200]
 
@@ -14,8 +15,11 @@ dense shapes (x [rows, K] . w [K, N], weights packed in panels of 48), the rows 
 threads; `dense_bf16` the same shapes on bfloat16 operands (x rounded in the call, as each task of the FFI
 handler rounds its rows; weights packed as bfloat16 pairs; AVX-512 BF16 builds only); `dense_int8` the same
 shapes through the int8 layer's AVX-512 VNNI path (the activation split and the three products; arbitrary
-weight bytes, column scales 1; AVX-512 VNNI builds only); `centroid_scores_f32` runs one 32-token query's
-stage 1 and block maxima over 128-dimensional centroids on one thread; `attention` MiniLM's self-attention (12
+weight bytes, column scales 1; AVX-512 VNNI builds only); `dense_int16` the same shapes on int16 operands (each
+row quantized in the call as the handler's tasks do; weight codes within +-4095, column scales 1; AVX-512 VNNI
+builds only); `centroid_scores_f32` runs one 32-token query's stage 1 and block maxima over 128-dimensional
+centroids on one thread, `centroid_scores_int8` the same on int8 operands (the query quantized in the call;
+arbitrary centroid code bytes and terms; AVX-512 VNNI builds only); `attention` MiniLM's self-attention (12
 heads of 32, 32 tokens, keys past a row's length masked) for --batch rows on one thread, with the two sides'
 largest difference printed (its sums may round differently: float32-accurate, not bit for bit);
 `maxsim_nibbles` stage 6's MaxSim from the per-query nibble table (`plaid_cpu.cc`'s `MaxSimDocs32Nibbles`) over
@@ -123,6 +127,54 @@ void RUN(const float* c, const float* qt, float* s, int64_t p, int64_t dim, int6
     const int64_t g1 = std::min(g0 + kGroupsPerTask, groups);
     Groups(GroupsAvx512, c, qt, dim, lqp, p, groups, lq, g0, g1, s, bm, 0);
   }
+}
+""",
+    ),
+    "dense_int16": (
+        "// The operands of one product, checked",
+        """
+// as one task of the handler: quantize a group's rows, then its panels (every column scale 1)
+void RUN(const float* x, const float* w, float* out, int64_t m, int64_t k, int64_t n) {
+  const int64_t k2 = (k + 1) / 2, panels = (n + kPanel - 1) / kPanel;
+  const uint32_t* wd = reinterpret_cast<const uint32_t*>(w);
+  const uint32_t* w_end = wd + panels * k2 * kPanel;
+  thread_local std::vector<uint32_t> words;
+  thread_local std::vector<float> scales, col_scales;
+  col_scales.assign(panels * kPanel, 1.0f);
+  for (int64_t r0 = 0; r0 < m; r0 += kRowsPerTask) {
+    const int64_t rows = std::min(r0 + kRowsPerTask, m) - r0;
+    if (static_cast<int64_t>(words.size()) < rows * k2) words.resize(rows * k2);
+    if (static_cast<int64_t>(scales.size()) < rows) scales.resize(rows);
+    for (int64_t r = 0; r < rows; ++r) scales[r] = QuantizeRow(x + (r0 + r) * k, k, k2, words.data() + r * k2, true);
+    for (int64_t p = 0; p < panels; ++p)
+      Panel(true, words.data(), scales.data(), rows, k2, wd + p * k2 * kPanel, col_scales.data() + p * kPanel,
+            std::min(kPanel, n - p * kPanel), out + r0 * n + p * kPanel, n, w_end);
+  }
+}
+""",
+    ),
+    "centroid_scores_int8": (
+        "ffi::Error CentroidScoresInt8(",
+        """
+// as the handler runs one query on one thread: its tokens quantized and transposed, then every group's tiles;
+// the packed codes are the driver's centroid floats read as bytes, each group's terms the floats past them
+void RUN(const float* c, const float* q, float* s, int64_t p, int64_t dim, int64_t lq, float* bm) {
+  const int64_t dim4 = (dim + 3) / 4, lqp = (lq + 15) / 16 * 16, groups = (p + kGroup - 1) / kGroup;
+  std::vector<uint8_t> codes(lqp * dim4 * 4, 128);
+  std::vector<float> qs(lqp, 0.0f);
+  for (int64_t t = 0; t < lq; ++t) qs[t] = QuantizeToken(q + t * dim, dim, codes.data() + t * dim4 * 4);
+  std::vector<uint32_t> qq(dim4 * lqp);
+  for (int64_t t = 0; t < lqp; ++t) {
+    for (int64_t kq = 0; kq < dim4; ++kq) std::memcpy(&qq[kq * lqp + t], codes.data() + t * dim4 * 4 + kq * 4, 4);
+  }
+  const uint32_t* cw = reinterpret_cast<const uint32_t*>(c);
+  const float* tm = c + groups * kGroup * dim4;
+  ForGroupTiles(cw, dim4 * kGroup * sizeof(uint32_t), lqp, p, groups, lq, 0, groups, s, bm,
+                [&](auto vectors, int64_t g, int64_t rows, int64_t t0, const char* pf, int64_t pf_lines, float* sg,
+                    float* bg, bool first) {
+                  TileInt8<decltype(vectors)::value>(cw + g * dim4 * kGroup, tm + g * kGroup * 2, qq.data(),
+                                                     qs.data(), dim4, lqp, t0, rows, lq, sg, pf, pf_lines, bg, first);
+                });
 }
 """,
     ),
@@ -240,6 +292,17 @@ int main(int argc, char** argv) {
       std::sscanf(argv[i], "%ld:%ld:%ld", &m, &k, &n);
       std::vector<float> x(m * k), w((n + 47) / 48 * 48 * k), oa(m * n), ob(m * n);
       fill(x, 2654435761u); fill(w, 40503u);
+      if (std::strcmp(argv[1], "dense_int16") == 0) {
+        // each 32-bit word a pair of int16 codes within +-4095, as the packing writes them
+        std::vector<float> v(2 * w.size());
+        fill(v, 40503u);
+        for (size_t j = 0; j < w.size(); ++j) {
+          const uint32_t lo = static_cast<uint16_t>(static_cast<int16_t>(v[2 * j] * 8190.0f));
+          const uint32_t hi = static_cast<uint16_t>(static_cast<int16_t>(v[2 * j + 1] * 8190.0f));
+          const uint32_t word = lo | (hi << 16);
+          std::memcpy(&w[j], &word, 4);
+        }
+      }
       if (std::strcmp(argv[1], "dense_bf16") == 0) {
         // each 32-bit word a pair of bfloat16 (the high halves of two weights), not a float's low bits
         std::vector<float> v(2 * w.size());
@@ -296,6 +359,10 @@ ADAPT = {
     "int64_t len, int64_t heads, int64_t dim) {{ RUN(x, pb, kb, o, b, len, heads, dim); }}",
     "centroid_scores_f32": "void {name}(const float* c, const float* qt, float* s, int64_t p, int64_t dim, int64_t lq, "
     "float* bm) {{ RUN(c, qt, s, p, dim, lq, bm); }}",
+    "centroid_scores_int8": "void {name}(const float* c, const float* q, float* s, int64_t p, int64_t dim, int64_t lq, "
+    "float* bm) {{ RUN(c, q, s, p, dim, lq, bm); }}",
+    "dense_int16": "void {name}(const float* x, const float* w, float* o, int64_t m, int64_t k, int64_t n, float*) "
+    "{{ RUN(x, w, o, m, k, n); }}",
     "maxsim_nibbles": "void nibbles_{tail}(const float* nib, const float* S, const uint16_t* codes, "
     "const uint8_t* res, const float* inv, const int32_t* starts, const int32_t* lens, float* out, int64_t p, "
     "int64_t bytes, int64_t rows, int64_t docs) {{ RUN(nib, S, codes, res, inv, starts, lens, out, p, bytes, "
@@ -318,7 +385,7 @@ def main() -> None:
     ap.add_argument("--base", default="HEAD", help="git revision of the 'before' source (default HEAD)")
     ap.add_argument("--rows", type=int, nargs="+", default=[2048], help="dense kernels: rows of x")
     ap.add_argument("--threads", type=int, default=1, help="dense kernels: threads, each a share of the rows")
-    ap.add_argument("--centroids", type=int, nargs="+", default=[65536, 8192], help="centroid_scores_f32: P")
+    ap.add_argument("--centroids", type=int, nargs="+", default=[65536, 8192], help="centroid_scores_f32/_int8: P")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 64], help="attention: batch rows (MiniLM's heads)")
     ap.add_argument("--docs", type=int, nargs="+", default=[64], help="maxsim_nibbles: documents a call")
     ap.add_argument("--calls", type=int, default=None, help="calls per side (default 40 dense, 100 stage 1)")

@@ -118,7 +118,7 @@ SOURCES = tuple(
 )
 HEADERS = tuple(
     Path(__file__).with_name(name)
-    for name in ("amx.h", "bf16.h", "blocking.h", "centroid_tiles.h", "gelu.h", "tasks.h", "xla_math.h")
+    for name in ("amx.h", "bf16.h", "blocking.h", "centroid_tiles.h", "gelu.h", "tasks.h", "vnni.h", "xla_math.h")
 )
 ARCH_ENV = "COLBERT_JAX_NATIVE_ARCH"
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
@@ -456,8 +456,8 @@ def _measured_rate(kind: str, built: Callable[[], bool]) -> float:
 
 def int8_over_f32_rate() -> float:
     """One core's rate of int8 multiply-adds on AVX-512 VNNI over its rate of float32 ones, measured once per
-    process (a few milliseconds of register-only loops); 0.0 where the kernels lack VNNI. About 4 on CPUs that
-    run 512-bit float32 FMAs at half width (AMD Zen 4), about 2 on those with full-width units (Zen 5)."""
+    process (a few milliseconds of register-only loops); 0.0 where the kernels lack VNNI. About 4 on AMD Zen 4
+    and Zen 5."""
     return _measured_rate("int8", int8_vnni_available)
 
 
@@ -1076,7 +1076,7 @@ def dense_int16_vectorized() -> bool:
 def int16_over_f32_rate() -> float:
     """One core's rate of int16 multiply-adds on AVX-512 VNNI (`vpdpwssd`) over its rate of float32 ones, measured
     once per process like `int8_over_f32_rate`; 0.0 where `dense_int16_vectorized()` is false. About 2 on AMD Zen
-    4 (the rate of `vdpbf16ps`)."""
+    4 and Zen 5 (the rate of `vdpbf16ps`)."""
     return _measured_rate("int16", dense_int16_vectorized)
 
 

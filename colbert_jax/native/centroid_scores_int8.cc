@@ -29,6 +29,7 @@
 #endif
 
 #include "centroid_tiles.h"
+#include "vnni.h"
 #include "tasks.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -38,8 +39,11 @@ namespace {
 
 using colbert_jax_native::ForGroupTasks;
 #if COLBERT_JAX_HAS_STAGE1_INT8
+using colbert_jax_native::Dpbusd;
 using colbert_jax_native::ForGroupTiles;
+using colbert_jax_native::I32x16;
 using colbert_jax_native::StoreTile;
+using colbert_jax_native::ZeroI32x16;
 #endif
 
 constexpr int64_t kGroup = colbert_jax_native::kTileGroup;
@@ -78,9 +82,9 @@ template <int V>
 inline void TileInt8(const uint32_t* cg, const float* terms, const uint32_t* qq, const float* qs, int64_t dim4,
                      int64_t lqp, int64_t t0, int64_t rows, int64_t lq, float* s, const char* pf, int64_t pf_lines,
                      float* bm, bool first) {
-  __m512i acc[kGroup][V];
+  I32x16 acc[kGroup][V];
   for (int j = 0; j < kGroup; ++j) {
-    for (int v = 0; v < V; ++v) acc[j][v] = _mm512_setzero_si512();
+    for (int v = 0; v < V; ++v) acc[j][v] = ZeroI32x16();
   }
   for (int64_t kq = 0; kq < dim4; ++kq) {
     if ((kq & 1) == 0 && (kq >> 1) < pf_lines) _mm_prefetch(pf + (kq >> 1) * 64, _MM_HINT_T1);
@@ -88,14 +92,14 @@ inline void TileInt8(const uint32_t* cg, const float* terms, const uint32_t* qq,
     for (int v = 0; v < V; ++v) q[v] = _mm512_loadu_si512(qq + kq * lqp + t0 + 16 * v);
     for (int j = 0; j < kGroup; ++j) {
       const __m512i c = _mm512_set1_epi32(static_cast<int>(cg[kq * kGroup + j]));
-      for (int v = 0; v < V; ++v) acc[j][v] = _mm512_dpbusd_epi32(acc[j][v], q[v], c);
+      for (int v = 0; v < V; ++v) acc[j][v] = Dpbusd(acc[j][v], q[v], c);
     }
   }
   __m512 out[kGroup][V];
   for (int v = 0; v < V; ++v) {
     const __m512 token_scale = _mm512_loadu_ps(qs + t0 + 16 * v);
     for (int j = 0; j < kGroup; ++j) {
-      const __m512 dot = _mm512_sub_ps(_mm512_cvtepi32_ps(acc[j][v]), _mm512_set1_ps(terms[2 * j + 1]));
+      const __m512 dot = _mm512_sub_ps(_mm512_cvtepi32_ps((__m512i)acc[j][v]), _mm512_set1_ps(terms[2 * j + 1]));
       out[j][v] = _mm512_mul_ps(_mm512_mul_ps(dot, _mm512_set1_ps(terms[2 * j])), token_scale);
     }
   }

@@ -33,6 +33,7 @@
 #include "blocking.h"
 #include "gelu.h"
 #include "tasks.h"
+#include "vnni.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -130,9 +131,10 @@ template <int R, int V>
 inline void BlockInt16(const uint32_t* xw, const float* row_scales, int64_t r, int64_t k2, int64_t k0, int64_t k1,
                        const uint32_t* panel, const float* col_scales, int64_t width, float* dst, int64_t ldo,
                        const char* pf, int64_t pf_lines, float* part) {
-  __m512i acc[R][V];
+  using colbert_jax_native::Dpwssd;
+  colbert_jax_native::I32x16 acc[R][V];
   for (int j = 0; j < R; ++j) {
-    for (int v = 0; v < V; ++v) acc[j][v] = _mm512_setzero_si512();
+    for (int v = 0; v < V; ++v) acc[j][v] = colbert_jax_native::ZeroI32x16();
   }
   const uint32_t* xr = xw + r * k2;
   const int64_t per_k = (pf_lines + (k1 - k0) - 1) / (k1 - k0);
@@ -143,13 +145,13 @@ inline void BlockInt16(const uint32_t* xw, const float* row_scales, int64_t r, i
     for (int v = 0; v < V; ++v) b[v] = _mm512_loadu_si512(panel + i * kPanel + 16 * v);
     for (int j = 0; j < R; ++j) {
       const __m512i a = _mm512_set1_epi32(static_cast<int>(xr[j * k2 + i]));
-      for (int v = 0; v < V; ++v) acc[j][v] = _mm512_dpwssd_epi32(acc[j][v], a, b[v]);
+      for (int v = 0; v < V; ++v) acc[j][v] = Dpwssd(acc[j][v], a, b[v]);
     }
   }
   __m512 sum[R][V];
   for (int j = 0; j < R; ++j) {
     for (int v = 0; v < V; ++v) {
-      sum[j][v] = _mm512_cvtepi32_ps(acc[j][v]);
+      sum[j][v] = _mm512_cvtepi32_ps((__m512i)acc[j][v]);
       if (k0 > 0) sum[j][v] = _mm512_add_ps(_mm512_loadu_ps(part + j * kPanel + 16 * v), sum[j][v]);
     }
   }

@@ -30,6 +30,7 @@
 #include "blocking.h"
 #include "gelu.h"
 #include "tasks.h"
+#include "vnni.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -274,10 +275,11 @@ template <int R, int C>
 inline void BlockVnni(const int8_t* ahi, const int8_t* alo, const float* xs, const int32_t* sums, int64_t r,
                       int64_t kp, const int8_t* whi, const int8_t* wlo, const float* inv_w, int64_t b, int64_t n,
                       float* out) {
-  __m512i main[R][C], cross[R][C];
+  using colbert_jax_native::Dpbusd;
+  colbert_jax_native::I32x16 main[R][C], cross[R][C];
   for (int j = 0; j < R; ++j) {
 #pragma GCC unroll 4
-    for (int c = 0; c < C; ++c) main[j][c] = cross[j][c] = _mm512_setzero_si512();
+    for (int c = 0; c < C; ++c) main[j][c] = cross[j][c] = colbert_jax_native::ZeroI32x16();
   }
   const int64_t block_bytes = kp * 16;
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
@@ -300,9 +302,9 @@ inline void BlockVnni(const int8_t* ahi, const int8_t* alo, const float* xs, con
       const __m512i xh = _mm512_set1_epi32(h4), xl = _mm512_set1_epi32(l4);
 #pragma GCC unroll 4
       for (int c = 0; c < C; ++c) {
-        main[j][c] = _mm512_dpbusd_epi32(main[j][c], wh[c], xh);
-        cross[j][c] = _mm512_dpbusd_epi32(cross[j][c], wl[c], xh);
-        cross[j][c] = _mm512_dpbusd_epi32(cross[j][c], wh[c], xl);
+        main[j][c] = Dpbusd(main[j][c], wh[c], xh);
+        cross[j][c] = Dpbusd(cross[j][c], wl[c], xh);
+        cross[j][c] = Dpbusd(cross[j][c], wh[c], xl);
       }
     }
   }
@@ -316,8 +318,8 @@ inline void BlockVnni(const int8_t* ahi, const int8_t* alo, const float* xs, con
 #pragma GCC unroll 8
     for (int j = 0; j < R; ++j) {
       const int32_t sh = sums[2 * (r + j)], sl = sums[2 * (r + j) + 1];
-      const __m512i m32 = _mm512_sub_epi32(main[j][c], _mm512_set1_epi32(128 * sh));
-      const __m512i c32 = _mm512_sub_epi32(cross[j][c], _mm512_set1_epi32(128 * (sh + sl)));
+      const __m512i m32 = _mm512_sub_epi32((__m512i)main[j][c], _mm512_set1_epi32(128 * sh));
+      const __m512i c32 = _mm512_sub_epi32((__m512i)cross[j][c], _mm512_set1_epi32(128 * (sh + sl)));
       const __m512 acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c32), inv_steps, _mm512_cvtepi32_ps(m32));
       const __m512 den = _mm512_mul_ps(_mm512_set1_ps(1.0f / xs[r + j]), inv_wc);
       _mm512_mask_storeu_ps(out + (r + j) * n + col, keep, _mm512_div_ps(acc, den));

@@ -15,6 +15,7 @@
 #endif
 
 #include "bf16.h"
+#include "vnni.h"
 
 namespace {
 
@@ -58,18 +59,23 @@ double OverF32(double macs, Loop other) {
 #endif
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+using colbert_jax_native::Dpbusd;
+using colbert_jax_native::Dpwssd;
+using colbert_jax_native::I32x16;
+
+// int8 quads into int32 lanes (`vpdpbusd`), the sums as I32x16 (vnni.h: as __m512i, GCC spills some of them).
 double Int8Loop(float* sink) {
-#define COLBERT_JAX_IDECL(i) __m512i v##i = _mm512_set1_epi32(i);
+#define COLBERT_JAX_IDECL(i) I32x16 v##i = (I32x16)_mm512_set1_epi32(i);
   COLBERT_JAX_CHAINS(COLBERT_JAX_IDECL)
   __m512i x = _mm512_set1_epi8(3), y = _mm512_set1_epi8(5);
   const auto t0 = Clock::now();
   for (long i = 0; i < kSteps; ++i) {
-#define COLBERT_JAX_ISTEP(i) v##i = _mm512_dpbusd_epi32(v##i, x, y);
+#define COLBERT_JAX_ISTEP(i) v##i = Dpbusd(v##i, x, y);
     COLBERT_JAX_CHAINS(COLBERT_JAX_ISTEP)
     __asm__ volatile("" : "+v"(x));
   }
   const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
-#define COLBERT_JAX_ISUM(i) *sink += static_cast<float>(_mm512_reduce_add_epi32(v##i));
+#define COLBERT_JAX_ISUM(i) *sink += static_cast<float>(_mm512_reduce_add_epi32((__m512i)v##i));
   COLBERT_JAX_CHAINS(COLBERT_JAX_ISUM)
   return seconds;
 }
@@ -80,7 +86,7 @@ double Int16Loop(float* sink) {
   __m512i x = _mm512_set1_epi16(3), y = _mm512_set1_epi16(5);
   const auto t0 = Clock::now();
   for (long i = 0; i < kSteps; ++i) {
-#define COLBERT_JAX_WSTEP(i) v##i = _mm512_dpwssd_epi32(v##i, x, y);
+#define COLBERT_JAX_WSTEP(i) v##i = Dpwssd(v##i, x, y);
     COLBERT_JAX_CHAINS(COLBERT_JAX_WSTEP)
     __asm__ volatile("" : "+v"(x));
   }
