@@ -29,8 +29,8 @@
 #endif
 
 #include "centroid_tiles.h"
-#include "vnni.h"
 #include "tasks.h"
+#include "vnni.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
