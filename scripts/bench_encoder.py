@@ -166,10 +166,13 @@ def main() -> None:
         "int16_over_f32_rate": native.int16_over_f32_rate(),
         "amx_tiles": native.int8_tiles(),
         "order": list(native.query_products_by_speed()),
+        "measured": native.measured_rates(),  # the probes' raw readings; the rates above are them rounded
     }
     print(
         f"rates over float32 (one core): int8 {auto['int8_over_f32_rate']:.2f}, bf16 {auto['bf16_over_f32_rate']:.2f}"
-        f", int16 {auto['int16_over_f32_rate']:.2f}; AMX tiles {auto['amx_tiles']}"
+        f", int16 {auto['int16_over_f32_rate']:.2f} (read "
+        + ", ".join(f"{k} {v:.2f}" for k, v in sorted(auto["measured"].items()))
+        + f"); AMX tiles {auto['amx_tiles']}"
         f"; auto's order: {', '.join(auto['order'])}"
     )
     print("| encoder | single query p50 ms | batched ms/query | vs colbert-ai (single, batched) |")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
@@ -54,6 +55,7 @@ __all__ = [
     "bf16_over_f32_rate",
     "bf16_products_fast",
     "query_products_by_speed",
+    "measured_rates",
     "dense_bf16",
     "dense_bf16_vectorized",
     "pack_dense_bf16",
@@ -437,12 +439,17 @@ INT8_OVER_F32_NEEDED = 3.5
 # The bfloat16 / float32 rate (`bf16_over_f32_rate`) above which one bfloat16 product per weight, plus the
 # operands' rounding, beats a float32 one.
 BF16_OVER_F32_NEEDED = 1.2
-_rates: dict[str, float] = {}
+_rates: dict[str, float] = {}  # as measured, by kind
 
 
 def _measured_rate(kind: str, built: Callable[[], bool]) -> float:
-    """`rates.cc`'s probe for `kind` ("int8", "int16", "bf16"), run once per process; 0.0 where `built()` is
-    false."""
+    """`rates.cc`'s probe for `kind` ("int8", "int16", "bf16"), run once per process, rounded to the nearest power
+    of two; 0.0 where `built()` is false.
+
+    Rounded because the choice it feeds must not depend on the moment: cores issue each instruction kind at 1, 2
+    or 4 times float32's multiply-add rate, and the raw reading moves with the machine's load (seen: two processes
+    of one job on a busy 2-core machine ranked "bf16" and "int16" differently, whose costs differ by 10%, and
+    gave one query different scores). A reading would have to be off by a factor of 1.41 to move."""
     if kind not in _rates:
         lib = library()
         if lib is None or not built():
@@ -451,20 +458,27 @@ def _measured_rate(kind: str, built: Callable[[], bool]) -> float:
             probe = getattr(lib, f"colbert_jax_{kind}_over_f32_rate")
             probe.restype = ctypes.c_double
             _rates[kind] = float(probe())
-    return _rates[kind]
+    raw = _rates[kind]
+    return 0.0 if raw <= 0.0 else float(2.0 ** round(math.log2(raw)))
+
+
+def measured_rates() -> dict[str, float]:
+    """The rate probes' raw readings so far (kind -> multiply-add rate over float32's on one core), for reports;
+    the choices use them rounded to powers of two (`int8_over_f32_rate` and its kin)."""
+    return dict(_rates)
 
 
 def int8_over_f32_rate() -> float:
     """One core's rate of int8 multiply-adds on AVX-512 VNNI over its rate of float32 ones, measured once per
-    process (a few milliseconds of register-only loops); 0.0 where the kernels lack VNNI. About 4 on AMD Zen 4
-    and Zen 5."""
+    process (a few milliseconds of register-only loops) and rounded to a power of two; 0.0 where the kernels lack
+    VNNI. 4 on AMD Zen 4 and Zen 5."""
     return _measured_rate("int8", int8_vnni_available)
 
 
 def bf16_over_f32_rate() -> float:
     """One core's rate of bfloat16 multiply-adds on AVX-512 BF16 (`vdpbf16ps`) over its rate of float32 ones,
-    measured once per process like `int8_over_f32_rate`; 0.0 where `dense_bf16_vectorized()` is false. About 2
-    on AMD Zen 4 and Zen 5."""
+    measured once per process and rounded like `int8_over_f32_rate`; 0.0 where `dense_bf16_vectorized()` is
+    false. 2 on AMD Zen 4 and Zen 5."""
     return _measured_rate("bf16", dense_bf16_vectorized)
 
 
@@ -1075,8 +1089,8 @@ def dense_int16_vectorized() -> bool:
 
 def int16_over_f32_rate() -> float:
     """One core's rate of int16 multiply-adds on AVX-512 VNNI (`vpdpwssd`) over its rate of float32 ones, measured
-    once per process like `int8_over_f32_rate`; 0.0 where `dense_int16_vectorized()` is false. About 2 on AMD Zen
-    4 and Zen 5 (the rate of `vdpbf16ps`)."""
+    once per process and rounded like `int8_over_f32_rate`; 0.0 where `dense_int16_vectorized()` is false. 2 on
+    AMD Zen 4 and Zen 5 (the rate of `vdpbf16ps`)."""
     return _measured_rate("int16", dense_int16_vectorized)
 
 
