@@ -108,12 +108,13 @@ class ColBERTConfig(BaseModel):
     # colbert-jax only: "int8" encodes queries with two-term int8 dense layers (`colbert_jax.modeling.quantize`),
     # "bf16" the float32 encoder with every dense product on bfloat16 operands (`native.dense_bf16`; CPUs, BERT
     # family), "int16" the same on int16 operands (`native.dense_int16`; closer to float32), "none" in float32
-    # (colbert-ai's numbers). "auto" (the default): the fastest of these on this CPU by its measured rates
-    # (`native.query_products_by_speed()`): int8 where its products run on AMX tiles; else "bf16" (AVX-512 BF16),
-    # "int16" or int8 on AVX-512 VNNI well above float32's rate, whichever costs least per weight; else float32
-    # (other CPUs, accelerators). int8 only for backbones whose int8 encoder is batch-invariant (BERT, RoBERTa,
-    # XLM-RoBERTa, ELECTRA: a query's embedding is the same bits at every batch size and device count), "bf16"
-    # and "int16" only for the BERT family's native float32 encoder.
+    # (colbert-ai's numbers). "auto" (the default): the fastest of those holding the quality bar (overlap@10 with
+    # float32's rankings at least 0.99: not "bf16") on this CPU by its measured rates
+    # (`native.query_products_by_speed()`): int8 where its products run on AMX tiles; else "int16" or int8 on
+    # AVX-512 VNNI well above float32's rate, whichever costs least per weight; else float32 (other CPUs,
+    # accelerators). int8 only for backbones whose int8 encoder is batch-invariant (BERT, RoBERTa, XLM-RoBERTa,
+    # ELECTRA: a query's embedding is the same bits at every batch size and device count), "int16" only for the
+    # BERT family's native float32 encoder.
     query_quantization: Literal["auto", "none", "int8", "bf16", "int16"] = "auto"
 
     def __init__(self, **data: Any):

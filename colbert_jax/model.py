@@ -121,10 +121,10 @@ class ColBERTModel:
         # "auto": the fastest of the encoders that keep query embeddings within cosine 1e-3 of float32's and
         # rankings' overlap@10 at 0.99, by this CPU's measured rates (`native.query_products_by_speed`): the
         # two-term int8 encoder where its products run on AMX tiles, or on AVX-512 VNNI well above float32's rate
-        # (three int8 products per weight); the float32 encoder with its dense products on bfloat16 operands
-        # (`native.dense_bf16`, one `vdpbf16ps` multiply-add per weight) or int16 ones (`native.dense_int16`, one
-        # `vpdpwssd` multiply-add per weight and the activations' quantization). XLA's own int8 products are no faster
-        # per operation than float32's, and accelerators' float32 (or bfloat16) matmuls are fast already. int8
+        # (three int8 products per weight); the float32 encoder with its dense products on int16 operands
+        # (`native.dense_int16`, one `vpdpwssd` multiply-add per weight and the activations' quantization); not the
+        # bfloat16 ones, whose rankings fall under the bar on the bench queries. XLA's own int8 products are no
+        # faster per operation than float32's, and accelerators' float32 (or bfloat16) matmuls are fast already. int8
         # only where its embeddings do not depend on the batch size (`int8_batch_invariant`: not ModernBERT's yet).
         float_native = (
             cpu
@@ -137,7 +137,6 @@ class ColBERTModel:
         if self.query_quantization == "auto":
             runs = {
                 "int8": cpu and bert_config.int8_batch_invariant,
-                "bf16": float_native,
                 "int16": float_native,
                 "none": True,
             }
