@@ -148,6 +148,13 @@ def _global_max(local: np.ndarray) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(local)).max(axis=0)
 
 
+def padding_code(num_partitions: int, codes_dtype) -> int:
+    """The code the padding rows of placed codes hold: P (no partition's id) where it fits the dtype, else 0 (an
+    index of exactly 65,536 partitions in uint16). Every reader masks padding rows by its documents' lengths
+    before it reads a code, so the value never reaches a score."""
+    return num_partitions if num_partitions <= np.iinfo(codes_dtype).max else 0
+
+
 def place_index(
     index: Index,
     mesh: Mesh,
@@ -191,7 +198,7 @@ def place_index(
         raise ValueError(f"process {me} has no device in the search mesh: every process must own a shard")
     if np.dtype(codes_dtype) != np.int32 and P - 1 > np.iinfo(codes_dtype).max:
         raise ValueError(f"codes_dtype {np.dtype(codes_dtype)} cannot hold the ids of {P} partitions")
-    pad_code = P if P <= np.iinfo(codes_dtype).max else 0
+    pad_code = padding_code(P, codes_dtype)
     shards = {}
     for s in local:
         lo, hi = int(bounds[s]), int(bounds[s + 1])

@@ -303,12 +303,13 @@ class PlaidEngine:
 
     def __post_init__(self):
         index, mmap, implementation = self.index, self.mmap, self.implementation
-        # The memory-mapped streamed path masks padding rows before reading a code (uint16 codes fit it) and
-        # reads the probed IVF lists from disk (`streamed_mmap.expand_cells`): no IVF entries placed. On the
-        # CPU, uint16 codes also serve every other reader while the padding code P fits beside the ids: the
-        # centroid interaction reads each candidate's codes from memory, and half the bytes is half that wait.
+        # Up to 65,536 partitions the codes are placed as uint16 on the CPU and for the memory-mapped path: every
+        # reader masks padding rows before it reads a code (at exactly 65,536 they hold 0, `placement.padding_code`),
+        # and stages 4-6 read each candidate's codes from memory, where half the bytes is half that traffic (and
+        # 2 bytes an embedding less to hold). The memory-mapped path also reads the probed IVF lists from disk
+        # (`streamed_mmap.expand_cells`): no IVF entries placed.
         mapped = mmap and implementation == "streamed"
-        small = (mapped and index.num_partitions <= 1 << 16) or (self.on_cpu and index.num_partitions < 1 << 16)
+        small = (mapped or self.on_cpu) and index.num_partitions <= 1 << 16
         precision = placement.stage1_precision(self.on_cpu)
         approximate = precision != "f32"
         self.arrays, self._entry_bounds = placement.place_index(

@@ -187,3 +187,44 @@ def test_one_batch_at_a_time():
     for t in threads:
         t.join()
     assert most[0] == 1
+
+
+@pytest.mark.parametrize("native_readers", [True, False])
+def test_padding_rows_holding_a_real_code_rank_alike(real_index, minilm_model, monkeypatch, native_readers):
+    """An index of exactly 65,536 partitions places its codes as uint16 with padding rows holding 0, a real
+    partition's id (`placement.padding_code`): every reader must mask padding rows before it reads a code. Here
+    the padding code forced to 0 on the test index, in memory and memory-mapped, with stages 4-6 on the native
+    kernels and on the jnp paths: the same rankings and scores as with P."""
+    import jax
+
+    from colbert_jax import native
+    from colbert_jax.search import placement
+
+    if not native_readers:
+        monkeypatch.setattr(native, "enabled", lambda: False)  # traced anew below: the jnp readers
+        jax.clear_caches()
+
+    def rankings(mmap: bool) -> dict:
+        s = colbert_jax.Searcher(real_index, minilm_model, truncate=True, load_index_with_mmap=mmap)
+        assert s.arrays.codes.dtype == np.uint16
+        padding = np.asarray(s.arrays.codes)[:, -1]  # each shard's last row is padding
+        return {k: s.search_all(QUERIES, k=k) for k in (10, 100)}, padding
+
+    try:
+        for mmap in (False, True):
+            want, padding = rankings(mmap)
+            assert (padding == s_partitions(real_index)).all()
+            with monkeypatch.context() as m:
+                m.setattr(placement, "padding_code", lambda num_partitions, dtype: 0)
+                got, padding = rankings(mmap)
+            assert (padding == 0).all()
+            for k in (10, 100):
+                assert_same(got[k], want[k])
+    finally:
+        jax.clear_caches()  # no program traced with the jnp readers outlives the test
+
+
+def s_partitions(path) -> int:
+    from colbert_jax.index import Index
+
+    return Index.open(path, verify=False).num_partitions
