@@ -301,10 +301,11 @@ def _fused_projection(module: nn.Dense, x: jax.Array) -> jax.Array:
 
 def _qkv_product(x: jax.Array, p: Mapping[str, jax.Array], key_bias: jax.Array) -> jax.Array:
     """The fused query/key/value product for self-attention under key_bias [B, L]. With bfloat16- or int16-packed
-    params, the keys and values of masked positions (a query's [MASK] padding, often most of its tokens) are not
+    params, and float32 ones packed for `native.dense_f32` (at every row count: XLA's product cannot skip rows),
+    the keys and values of masked positions (a query's [MASK] padding, often most of its tokens) are not
     computed: zero there, which no softmax weight reaches (finfo.min scores), so the attention output keeps its
     bits. A batch row with no attended key keeps all its rows (its softmax is uniform over whatever is there)."""
-    if PACKED_BF16 not in p and PACKED_INT16 not in p:
+    if PACKED_BF16 not in p and PACKED_INT16 not in p and PACKED_F32 not in p:
         return _product(x, p)
     n = p["bias"].shape[-1]
     split = -(-(n // 3) // native.BF16_PANEL) * native.BF16_PANEL  # the queries' columns, whole panels
@@ -312,6 +313,16 @@ def _qkv_product(x: jax.Array, p: Mapping[str, jax.Array], key_bias: jax.Array) 
         return _product(x, p)
     attended = key_bias > jnp.finfo(jnp.float32).min / 2
     needed = attended | ~attended.any(axis=-1, keepdims=True)
+    if PACKED_F32 in p:
+        packed = p[PACKED_F32]
+
+        def kernel(x, needed):
+            return native.dense_f32(x, packed, n, rows_needed=needed, split=split)
+
+        def xla(x, needed):
+            return jnp.matmul(x.astype(jnp.float32), p["kernel"].astype(jnp.float32))
+
+        return jax.lax.platform_dependent(x, needed, cpu=kernel, default=xla)
     if PACKED_INT16 in p:
         packed, scales = p[PACKED_INT16], p[INT16_SCALE]
 

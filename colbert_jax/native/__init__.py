@@ -148,6 +148,7 @@ _SYMBOLS = {
     "colbert_jax_attention": "ColbertJaxAttention",
     "colbert_jax_gelu": "ColbertJaxGelu",
     "colbert_jax_dense_f32": "ColbertJaxDenseF32",
+    "colbert_jax_dense_f32_rows": "ColbertJaxDenseF32Rows",
     "colbert_jax_dense_bf16": "ColbertJaxDenseBf16",
     "colbert_jax_dense_bf16_gelu": "ColbertJaxDenseBf16Gelu",
     "colbert_jax_dense_bf16_gelu_rounded": "ColbertJaxDenseBf16GeluRounded",
@@ -939,11 +940,21 @@ def pack_dense_f32(w: np.ndarray, panel: int | None = None) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(blocks, -2, -3))
 
 
-def dense_f32(x: jax.Array, packed: jax.Array, n: int, *, implementation: str = "vector") -> jax.Array:
+def dense_f32(
+    x: jax.Array,
+    packed: jax.Array,
+    n: int,
+    *,
+    rows_needed: jax.Array | None = None,
+    split: int = 0,
+    implementation: str = "vector",
+) -> jax.Array:
     """x float32 [..., K] times weights packed by `pack_dense_f32` ([ceil(N / W), K, W]) -> float32 [..., N]
     (see `dense_f32.cc`: float32 accumulation in k order, the columns split across the pool's threads; not
-    XLA's bits). implementation: "vector" (AVX-512 or AVX2 where compiled, else as "scalar") or "scalar" (plain
-    loops). CPU programs only."""
+    XLA's bits). With `rows_needed` (bool [...], x's leading shape): the columns from `split` on (a multiple of
+    W) only for the rows it marks, zero elsewhere, each computed row with the bits of the full product (a fused
+    query/key/value product whose masked keys and values nothing reads). implementation: "vector" (AVX-512 or
+    AVX2 where compiled, else as "scalar") or "scalar" (plain loops). CPU programs only."""
     if implementation not in DENSE_F32_IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {DENSE_F32_IMPLEMENTATIONS}, got {implementation!r}")
     if library() is None:
@@ -954,14 +965,17 @@ def dense_f32(x: jax.Array, packed: jax.Array, n: int, *, implementation: str = 
         raise ValueError(f"dense_f32: weights packed as {packed.shape} do not fit x [..., {k}] and N={n}")
     lead = x.shape[:-1]
     rows = int(np.prod(lead, dtype=np.int64))
-    out_type = jax.ShapeDtypeStruct((rows, n), jnp.float32)
-    call = jax.ffi.ffi_call("colbert_jax_dense_f32", out_type, vmap_method="sequential")
-    out = call(
-        x.reshape(rows, k).astype(jnp.float32),
-        packed.astype(jnp.float32),
-        vectorized=np.int32(implementation == "vector"),
-    )
-    return out.reshape(*lead, n)
+    operands = [x.reshape(rows, k).astype(jnp.float32), packed.astype(jnp.float32)]
+    attrs = {"vectorized": np.int32(implementation == "vector")}
+    target = "colbert_jax_dense_f32"
+    if rows_needed is not None:
+        if split % width:
+            raise ValueError(f"dense_f32: split must be a multiple of the packed panel width {width}, got {split}")
+        operands.append(_rows_needed_operand("dense_f32", rows_needed, lead, split))
+        attrs["split"] = np.int32(split)
+        target = "colbert_jax_dense_f32_rows"
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((rows, n), jnp.float32), vmap_method="sequential")
+    return call(*operands, **attrs).reshape(*lead, n)
 
 
 # -- the float32 encoder's dense products on bfloat16 operands (dense_bf16.cc)

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -26,6 +27,8 @@ namespace ffi = xla::ffi;
 namespace {
 
 using colbert_jax_native::ForRowBlocks;
+using colbert_jax_native::GatherRows;
+using colbert_jax_native::SpreadRows;
 using colbert_jax_native::RunTasks;
 using colbert_jax_native::LineShares;
 using colbert_jax_native::TaskGrid;
@@ -217,8 +220,31 @@ void PanelAvx2(const float* x, int64_t r0, int64_t r1, int64_t k, const float* p
 }
 #endif
 
-ffi::Error DenseF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                    ffi::ResultBuffer<ffi::F32> out, int32_t vectorized) {
+// One panel's columns for rows [r0, r1) of x, by the widest path compiled and asked for.
+void Panel(bool vectorized, const float* x, int64_t r0, int64_t r1, int64_t k, const float* panel, int64_t ld,
+           int64_t col, int64_t n, float* out, const float* w_end) {
+#if defined(__AVX512F__)
+  if (vectorized) {
+    PanelAvx512(x, r0, r1, k, panel, ld, col, n, out, w_end);
+    return;
+  }
+#elif defined(COLBERT_JAX_DENSE_AVX2)
+  if (vectorized) {
+    PanelAvx2(x, r0, r1, k, panel, ld, col, n, out);
+    return;
+  }
+#endif
+  (void)w_end;
+  PanelScalar(x, r0, r1, k, panel, ld, col, n, out);
+}
+
+// The product. With `rows_needed` ([M], nonzero where wanted), the columns from `split` on (a multiple of the
+// panel width) are computed for the wanted rows only and are zero in the others: the fused query/key/value
+// product of a query batch, whose keys and values at masked positions ([MASK] padding) no score weighs. The
+// wanted rows are gathered into a compact block, so those panels run over fewer rows at full register-block
+// height; a row's sums are the bits it gets in the full product (each row's chain of FMAs is its own).
+ffi::Error Run(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& w,
+               ffi::ResultBuffer<ffi::F32>& out, const int32_t* rows_needed, int64_t split, int32_t vectorized) {
   auto x_dims = x.dimensions();
   auto w_dims = w.dimensions();
   auto o_dims = out->dimensions();
@@ -229,30 +255,52 @@ ffi::Error DenseF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   if (o_dims[0] != m || w_dims[1] != k || panels * ld < n || panels * ld >= n + ld) {
     return ffi::Error::InvalidArgument("dense_f32: the packed weights do not fit x [M, K] and out [M, N]");
   }
+  if (rows_needed != nullptr && (split < 0 || split % ld != 0)) {
+    return ffi::Error::InvalidArgument("dense_f32: split needs a multiple of the panel width >= 0");
+  }
   if (m == 0) return ffi::Error::Success();
   const float* xd = x.typed_data();
   const float* wd = w.typed_data();
+  const float* w_end = wd + panels * k * ld;
   float* o = out->typed_data();
   const TaskGrid grid(m, panels, pool.num_threads(), kRowsPerTask);
   RunTasks(pool, grid.tasks(), 2 * m * k * n / kFlopsPerThread, 1, [&](int64_t t) {
-    const int64_t r0 = grid.first_row(t), r1 = std::min(r0 + kRowsPerTask, m);
+    const int64_t r0 = grid.first_row(t), r1 = std::min(r0 + kRowsPerTask, m), rows = r1 - r0;
+    // the wanted rows of x, gathered once per task that reaches the split, and their [wanted, width] sums
+    thread_local std::vector<float> compact, block;
+    int64_t wanted = 0;
+    if (rows_needed != nullptr && grid.end_unit(t) * ld > split) {
+      if (static_cast<int64_t>(compact.size()) < rows * k) compact.resize(rows * k);
+      if (static_cast<int64_t>(block.size()) < rows * ld) block.resize(rows * ld);
+      wanted = GatherRows(rows_needed + r0, rows, xd + r0 * k, k, compact.data());
+    }
     for (int64_t p = grid.first_unit(t); p < grid.end_unit(t); ++p) {
       const float* panel = wd + p * k * ld;
-#if defined(__AVX512F__)
-      if (vectorized) {
-        PanelAvx512(xd, r0, r1, k, panel, ld, p * ld, n, o, wd + panels * k * ld);
+      const int64_t col = p * ld;
+      if (rows_needed != nullptr && col >= split) {
+        const int64_t width = std::min(ld, n - col);
+        if (wanted > 0) Panel(vectorized, compact.data(), 0, wanted, k, panel, ld, 0, width, block.data(), w_end);
+        SpreadRows(rows_needed + r0, rows, block.data(), width, width, o + r0 * n + col, n);
         continue;
       }
-#elif defined(COLBERT_JAX_DENSE_AVX2)
-      if (vectorized) {
-        PanelAvx2(xd, r0, r1, k, panel, ld, p * ld, n, o);
-        continue;
-      }
-#endif
-      PanelScalar(xd, r0, r1, k, panel, ld, p * ld, n, o);
+      Panel(vectorized, xd, r0, r1, k, panel, ld, col, n, o, w_end);
     }
   });
   return ffi::Error::Success();
+}
+
+ffi::Error DenseF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                    ffi::ResultBuffer<ffi::F32> out, int32_t vectorized) {
+  return Run(pool, x, w, out, nullptr, 0, vectorized);
+}
+
+ffi::Error DenseF32Rows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                        ffi::Buffer<ffi::S32> rows_needed, ffi::ResultBuffer<ffi::F32> out, int32_t split,
+                        int32_t vectorized) {
+  if (static_cast<int64_t>(rows_needed.element_count()) != (x.dimensions().size() == 2 ? x.dimensions()[0] : -1)) {
+    return ffi::Error::InvalidArgument("dense_f32: rows_needed needs [M], M x's rows");
+  }
+  return Run(pool, x, w, out, rows_needed.typed_data(), split, vectorized);
 }
 
 }  // namespace
@@ -274,4 +322,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ColbertJaxDenseF32, DenseF32,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("vectorized"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ColbertJaxDenseF32Rows, DenseF32Rows,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("split")
                                   .Attr<int32_t>("vectorized"));

@@ -253,10 +253,12 @@ def test_float32_encoder_runs_attention_and_gelu_natively_to_float32_tolerance(r
     assert "colbert_jax_attention" in text
     assert ("colbert_jax_gelu" in text) == native.gelu_faster_than_xla()  # else XLA's GELU: the same bits
     assert ("colbert_jax_dense_f32" in text) == packed
-    # batches of more rows take XLA's products
+    # batches of more rows take XLA's products, but for the fused qkv's (the kernel skips [MASK] keys and values)
     copies = FLOAT_NATIVE_ROWS // ids.shape[1] + 1
     many = np.repeat(ids, copies, axis=0), np.repeat(mask, copies, axis=0)
-    assert "colbert_jax_dense_f32" not in jax.jit(quantized_apply(fn)).lower(fused, *many).as_text()
+    text = jax.jit(quantized_apply(fn)).lower(fused, *many).as_text()
+    assert "@colbert_jax_dense_f32(" not in text
+    assert ("@colbert_jax_dense_f32_rows(" in text) == packed  # (one call site: the module scans its layers)
     # the model takes that path for float32 queries on the CPU, and its embeddings are the module's
     f32 = model.replace_config(query_quantization="none")
     assert f32.native_float_encoder == (native.enabled() and native.dense_f32_vectorized())
@@ -496,4 +498,65 @@ def test_bf16_encoder_skips_the_keys_and_values_of_mask_tokens_bit_for_bit(monke
     monkeypatch.setattr(quantize, "_qkv_product", lambda x, p, key_bias: quantize._product(x, p))
     program_full, full = encode()
     assert "@colbert_jax_dense_bf16_rows(" not in program_full
+    np.testing.assert_array_equal(skipped, full)
+
+
+@pytest.mark.parametrize("panel", native.F32_PANELS)
+@pytest.mark.parametrize("implementation", native.DENSE_F32_IMPLEMENTATIONS)
+@pytest.mark.parametrize(
+    "m, k, n, split", [(64, 384, 1152, 384), (600, 384, 1152, 384), (7, 130, 150, 48), (9, 64, 96, 0)]
+)
+def test_float32_dense_kernel_skips_the_columns_of_rows_not_needed(implementation, panel, m, k, n, split):
+    """`rows_needed` in the float32 kernel: the columns from `split` on only for the marked rows, with the full
+    product's bits there (in either panel width), zero in the others; the columns before `split` for every row.
+    Several row tasks (600 rows), a partial last panel, no row marked, every row marked."""
+    rng = np.random.default_rng(m + k + n + split + panel)
+    x = jnp.asarray(rng.standard_normal((m, k)).astype(np.float32))
+    packed = jnp.asarray(native.pack_dense_f32(rng.standard_normal((k, n)).astype(np.float32), panel))
+    full = np.asarray(native.dense_f32(x, packed, n, implementation=implementation))
+    run = jax.jit(
+        lambda x, r: native.dense_f32(x, packed, n, rows_needed=r, split=split, implementation=implementation)
+    )
+    for needed in (rng.random(m) < 0.3, np.zeros(m, bool), np.ones(m, bool)):
+        got = np.asarray(run(x, jnp.asarray(needed)))
+        np.testing.assert_array_equal(got[:, :split], full[:, :split])
+        np.testing.assert_array_equal(got[needed, split:], full[needed, split:])
+        assert not got[~needed, split:].any()
+    got3 = native.dense_f32(x.reshape(1, m, k), packed, n, rows_needed=jnp.ones((1, m), bool), split=split)
+    np.testing.assert_array_equal(np.asarray(got3).reshape(m, n), full)
+    with pytest.raises(ValueError, match="multiple of"):
+        native.dense_f32(x, packed, n, rows_needed=jnp.ones(m, bool), split=split + 8)
+    with pytest.raises(ValueError, match="leading shape"):
+        native.dense_f32(x, packed, n, rows_needed=jnp.ones(m - 1, bool), split=split)
+
+
+@pytest.mark.parametrize("queries", [3, 12])
+def test_float32_encoder_skips_the_keys_and_values_of_mask_tokens_bit_for_bit(monkeypatch, minilm_model, queries):
+    """The float32 encoder on packed params: each layer's fused product computes keys and values for the attended
+    tokens only (`colbert_jax_dense_f32_rows`), at any batch size (12 queries: 384 rows, past the rows where the
+    other products leave the native kernel for XLA's), and the embeddings, [MASK] rows included, are the bits of
+    the native kernel's full product."""
+    model = minilm_model
+    texts = ["how to parse json", "open a file for writing in binary mode and append to it", "sort"]
+    texts = (texts * 4)[:queries]
+    ids, mask = model.query_tokenizer.tensorize(texts)
+    assert 0 < np.asarray(mask).mean() < 0.6
+    module = model.module.clone(unstacked=True)
+    host = unstacked_params(model.bert_config, jax.device_get(model.params))
+    params = fuse_float_params(host, packed=True)
+
+    def encode():
+        apply = quantized_apply(functools.partial(embed_queries, module, pad_id=model.query_pad_id))
+        fn = jax.jit(apply)
+        return fn.lower(params, ids, mask).as_text(), np.asarray(fn(params, ids, mask))
+
+    program, skipped = encode()
+    assert program.count("@colbert_jax_dense_f32_rows(") == model.bert_config.num_hidden_layers
+    monkeypatch.setattr(
+        quantize,
+        "_qkv_product",
+        lambda x, p, key_bias: native.dense_f32(x, p[quantize.PACKED_F32], p["bias"].shape[-1]),
+    )
+    program_full, full = encode()
+    assert "@colbert_jax_dense_f32_rows(" not in program_full
     np.testing.assert_array_equal(skipped, full)
