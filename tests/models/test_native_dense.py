@@ -429,16 +429,18 @@ def test_bf16_encoder_runs_every_dense_product_on_the_kernel(minilm_model):
     np.testing.assert_allclose(one, got, rtol=0, atol=1e-5)  # a query alone or in a batch
 
 
+@pytest.mark.parametrize("bf16", [True, False])
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
-def test_bf16_encoder_lowers_for_accelerators_without_the_kernel(platform, minilm_model):
-    """The same params in a program for another platform: `jnp.matmul` of the rounded operands, no native call."""
+def test_bf16_encoder_lowers_for_accelerators_without_the_kernel(platform, bf16, minilm_model):
+    """The same params in a program for another platform: `jnp.matmul` of the rounded operands (bf16) or of the
+    float32 ones (the packed float32 params, whose fused qkv skips [MASK] rows on the CPU), no native call."""
     model = minilm_model
     ids, mask = model.query_tokenizer.tensorize(["a query"])
     module = model.module.clone(unstacked=True)
     host = unstacked_params(model.bert_config, jax.device_get(model.params))
-    params = fuse_float_params(host, packed=True, bf16=True)
+    params = fuse_float_params(host, packed=True, bf16=bf16)
     apply = quantized_apply(functools.partial(embed_queries, module, pad_id=model.query_pad_id))
-    text = lower(jax.jit(apply), params, ids, mask, platform=platform, name="bf16 encoder")
+    text = lower(jax.jit(apply), params, ids, mask, platform=platform, name="bf16 encoder" if bf16 else "f32 encoder")
     assert all(f"colbert_jax_{kernel}" not in text for kernel in ("dense_bf16", "dense_f32", "attention", "gelu"))
 
 
