@@ -158,6 +158,8 @@ void RUN(const float* x, const float* w, float* out, int64_t m, int64_t k, int64
         """
 // as the handler runs one query on one thread: its tokens quantized and transposed, then every group's tiles;
 // the packed codes are the driver's centroid floats read as bytes, each group's terms the floats past them
+template <typename F> struct Params;
+template <typename R, typename... A> struct Params<R (*)(A...)> { using type = std::tuple<A...>; };
 void RUN(const float* c, const float* q, float* s, int64_t p, int64_t dim, int64_t lq, float* bm) {
   const int64_t dim4 = (dim + 3) / 4, lqp = (lq + 15) / 16 * 16, groups = (p + kGroup - 1) / kGroup;
   std::vector<uint8_t> codes(lqp * dim4 * 4, 128);
@@ -169,8 +171,10 @@ void RUN(const float* c, const float* q, float* s, int64_t p, int64_t dim, int64
   }
   const uint32_t* cw = reinterpret_cast<const uint32_t*>(c);
   const float* tm = c + groups * kGroup * dim4;
-  ForGroupTiles(cw, dim4 * kGroup * sizeof(uint32_t), lqp, p, groups, lq, 0, groups, s, bm,
-                [&](auto vectors, int64_t g, int64_t rows, int64_t t0, const char* pf, int64_t pf_lines, float* sg,
+  // S as the kernel stores it (float32 before 2026-12-07, float16 since): TileInt8's tenth parameter
+  using Out = std::tuple_element_t<9, typename Params<decltype(&TileInt8<1>)>::type>;
+  ForGroupTiles(cw, dim4 * kGroup * sizeof(uint32_t), lqp, p, groups, lq, 0, groups, reinterpret_cast<Out>(s), bm,
+                [&](auto vectors, int64_t g, int64_t rows, int64_t t0, const char* pf, int64_t pf_lines, auto* sg,
                     float* bg, bool first) {
                   TileInt8<decltype(vectors)::value>(cw + g * dim4 * kGroup, tm + g * kGroup * 2, qq.data(),
                                                      qs.data(), dim4, lqp, t0, rows, lq, sg, pf, pf_lines, bg, first);

@@ -284,7 +284,8 @@ def enabled() -> bool:
 def centroid_interaction(S: jax.Array, codes: jax.Array, threshold, starts: jax.Array, lens: jax.Array) -> jax.Array:
     """PLAID's centroid-interaction scores of documents, on the CPU (see `plaid_cpu.cc`).
 
-    S [P, Lq] f32 centroid scores; codes [R] int32 or uint16 (the index's rows); threshold: a scalar (a
+    S [P, Lq] float32 or float16 centroid scores (read as they are: float16 from stage 1 on int8 operands);
+    codes [R] int32 or uint16 (the index's rows); threshold: a scalar (a
     centroid counts only where its best score over the query tokens is >= threshold; -inf: all count);
     starts, lens [n] int32: each document's first row and row count (0: an empty slot, scored -inf) ->
     [n] f32: sum over query tokens of the best kept row's score (MASKED_SCORE for a token when none is kept).
@@ -299,7 +300,7 @@ def centroid_interaction(S: jax.Array, codes: jax.Array, threshold, starts: jax.
         raise ValueError(f"shapes: S {S.shape} needs [P, Lq], codes {codes.shape} [R], starts/lens {starts.shape} [n]")
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(starts.shape, jnp.float32), vmap_method="expand_dims")
     return call(
-        S.astype(jnp.float32),
+        S if S.dtype == jnp.float16 else S.astype(jnp.float32),
         codes,
         jnp.asarray(threshold, jnp.float32).reshape(1),
         starts.astype(jnp.int32),
@@ -339,12 +340,12 @@ def exact_maxsim(
 ) -> jax.Array:
     """PLAID's stage 6 on the CPU: per-token MaxSim [n, Lq] of documents over their decompressed embeddings.
 
-    Q [Lq, dim]; S [P, Lq] centroid scores (q . c); codes [R] int32 or uint16, residuals uint8 [R, dim * nbits
-    / 8], inv_norms [R] (1 / ||c + r||) of the index's rows; table [256, 8 / nbits] (`byte_table`); starts, lens
-    [n] int32 -> [n, Lq] f32, each token's best (S[c, q] + r . q) * inv_norm over the document's rows (-inf
-    for an empty document). centroids [P, dim] float32: q . c recomputed in float32 for the distinct centroids of
-    the documents' rows, in place of S's (S from bfloat16 or int8 operands: `placement.stage1_precision`). Call
-    only where `enabled()`; vmapped, it runs once per query.
+    Q [Lq, dim]; S [P, Lq] centroid scores (q . c; float16 ones only with `centroids`); codes [R] int32 or uint16,
+    residuals uint8 [R, dim * nbits / 8], inv_norms [R] (1 / ||c + r||) of the index's rows; table [256, 8 / nbits]
+    (`byte_table`); starts, lens [n] int32 -> [n, Lq] f32, each token's best (S[c, q] + r . q) * inv_norm over the
+    document's rows (-inf for an empty document). centroids [P, dim] float32: q . c recomputed in float32 for the
+    distinct centroids of the documents' rows, in place of S's (S from bfloat16 or int8 operands:
+    `placement.stage1_precision`). Call only where `enabled()`; vmapped, it runs once per query.
     implementation: "vector" (float32 products on the vector unit), "amx" (32 query tokens on CPUs with AMX-BF16:
     r . q as three bfloat16 products accumulated in float32, like stage 1's: float32-class, not float32's bits),
     "table" (32 query tokens: r . q as a sum of lookups in a per-query table of each byte nibble's 16 possible
@@ -368,6 +369,7 @@ def exact_maxsim(
         raise ValueError(f"shapes: Q {Q.shape} [Lq, dim], S {S.shape} [P, Lq], residuals {residuals.shape} [R, B]")
     if centroids is None:
         centroids = jnp.zeros((0, Q.shape[1]), jnp.float32)
+        S = S.astype(jnp.float32)  # its rows are read
     elif centroids.shape != (S.shape[0], Q.shape[1]):
         raise ValueError(f"centroids {centroids.shape}: want [P, dim] = {(S.shape[0], Q.shape[1])}")
     # Under vmap (the searcher maps queries one at a time, in batches of 1), a loop over the batch.
@@ -375,7 +377,7 @@ def exact_maxsim(
     call = jax.ffi.ffi_call(target, out, vmap_method="sequential")
     return call(
         Q.astype(jnp.float32),
-        S.astype(jnp.float32),
+        S if S.dtype == jnp.float16 else S.astype(jnp.float32),  # with the centroids: only its shape is read
         centroids.astype(jnp.float32),
         codes,
         residuals,
@@ -706,12 +708,14 @@ def centroid_scores_f32(
     return _stage1_call(target, num_centroids, Q, operands, block_maxima, vectorized=vectorized)
 
 
-def _stage1_call(target: str, num_centroids: int, Q: jax.Array, operands: tuple, block_maxima: bool, **attrs):
-    """A stage 1 kernel's FFI call: S [num_centroids, Lq] and its block maxima [ceil(P / SCORES_MAX_BLOCK), Lq];
-    S alone unless `block_maxima`."""
+def _stage1_call(
+    target: str, num_centroids: int, Q: jax.Array, operands: tuple, block_maxima: bool, s_dtype=jnp.float32, **attrs
+):
+    """A stage 1 kernel's FFI call: S [num_centroids, Lq] (s_dtype) and its float32 block maxima
+    [ceil(P / SCORES_MAX_BLOCK), Lq]; S alone unless `block_maxima`."""
     lq = Q.shape[0]
     out = (
-        jax.ShapeDtypeStruct((num_centroids, lq), jnp.float32),
+        jax.ShapeDtypeStruct((num_centroids, lq), s_dtype),
         jax.ShapeDtypeStruct((-(-num_centroids // SCORES_MAX_BLOCK), lq), jnp.float32),
     )
     S, maxima = jax.ffi.ffi_call(target, out, vmap_method="sequential")(*operands, **attrs)
@@ -822,10 +826,11 @@ SCORES_INT8_MAX_DIM = 512  # up to this dim the kernel's integer sums stay exact
 def centroid_scores_int8(
     packed: jax.Array, terms: jax.Array, Q: jax.Array, num_centroids: int, *, block_maxima: bool = False
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
-    """S [num_centroids, Lq] from the centroids packed by `block_centroids_int8` and Q float32 [Lq, dim]
-    (quantized per token by the kernel, as `quantize_rows_int8`): ((sum of code products) * scale_c) * scale_q,
-    exact integer sums (see `centroid_scores_int8.cc`). block_maxima: also return each token's maximum over
-    each block of `SCORES_MAX_BLOCK` centroids, as `centroid_scores_f32` does. Only where
+    """S float16 [num_centroids, Lq] from the centroids packed by `block_centroids_int8` and Q float32 [Lq, dim]
+    (quantized per token by the kernel, as `quantize_rows_int8`): float16(((sum of code products) * scale_c) *
+    scale_q), exact integer sums (see `centroid_scores_int8.cc`: half of float32's bytes, far inside int8's
+    error). block_maxima: also return each token's maximum (float32) over each block of `SCORES_MAX_BLOCK`
+    centroids of that S, as `centroid_scores_f32` does. Only where
     `stage1_int8_available()` (else `NativeBuildError`); CPU programs only; vmapped, it runs once per query."""
     if library() is None:
         raise NativeBuildError(f"the native CPU kernels are off or unavailable ({_why_not()}); check `enabled()` first")
@@ -845,7 +850,7 @@ def centroid_scores_int8(
     if packed.shape[0] != -(-num_centroids // SCORES_GROUP):
         raise ValueError(f"centroid_scores_int8: {packed.shape[0]} groups of 8 do not hold P={num_centroids}")
     operands = (packed.astype(jnp.int8), terms.astype(jnp.float32), Q.astype(jnp.float32))
-    return _stage1_call("colbert_jax_centroid_scores_int8", num_centroids, Q, operands, block_maxima)
+    return _stage1_call("colbert_jax_centroid_scores_int8", num_centroids, Q, operands, block_maxima, jnp.float16)
 
 
 # -- the int8 query encoder's self-attention (attention.cc) --------------------------------------------------

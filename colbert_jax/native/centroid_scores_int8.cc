@@ -1,7 +1,10 @@
 // PLAID's stage 1 product on int8 operands with AVX-512 VNNI (`vpdpbusd`: four byte products a lane an
 // instruction, twice `vdpbf16ps`' two), for CPUs without AMX-BF16 (`colbert_jax.native.centroid_scores_int8`):
-// S [P, Lq] from each centroid and each query token quantized to int8 with its own scale, and each token's
-// maximum over each block of 128 centroids, as `centroid_scores_f32.cc` returns them.
+// S [P, Lq] from each centroid and each query token quantized to int8 with its own scale, stored as float16
+// (rounded to nearest even), and each token's maximum over each block of 128 centroids of that S, as float32.
+// float16 holds these scores (cosines, |S| <= 1 up to int8's rounding) to 2^-11 of their size, well inside
+// int8's error, in half the bytes: at 65,536 centroids S is 4 MiB a query instead of 8, written here and read by
+// pruning and stages 4-5 (most of this kernel's time at that size went to writing S).
 //
 // S feeds candidate generation and pruning (stages 1-5) only: stage 6 recomputes q . c in float32 for the
 // survivors' rows, so final scores keep float32's centroid part (`placement.stage1_precision`).
@@ -14,8 +17,8 @@
 // 128 to unsigned bytes (`vpdpbusd` multiplies unsigned by signed bytes) and transposed to quads [dim4][lqp].
 //
 // Every integer sum is exact (|terms| < 2^24 for dim <= 512), so the order of the products does not matter:
-//   S[p, t] = ((float(sum_k (qcode_tk + 128) * ccode_pk) - correction_p) * scale_p) * qscale_t
-// two float32 products, in that order: the bits of `colbert_jax.native.centroid_scores_int8`'s XLA twin.
+//   S[p, t] = float16(((float(sum_k (qcode_tk + 128) * ccode_pk) - correction_p) * scale_p) * qscale_t)
+// two float32 products, in that order, then rounded: the bits of `candidates._int8_product`'s XLA twin.
 
 #include <algorithm>
 #include <cmath>
@@ -80,7 +83,7 @@ float QuantizeToken(const float* x, int64_t dim, uint8_t* out) {
 // the exact integer sums before the tile's rows go to S and its block's maxima.
 template <int V>
 inline void TileInt8(const uint32_t* cg, const float* terms, const uint32_t* qq, const float* qs, int64_t dim4,
-                     int64_t lqp, int64_t t0, int64_t rows, int64_t lq, float* s, const char* pf, int64_t pf_lines,
+                     int64_t lqp, int64_t t0, int64_t rows, int64_t lq, uint16_t* s, const char* pf, int64_t pf_lines,
                      float* bm, bool first) {
   I32x16 acc[kGroup][V];
   for (int j = 0; j < kGroup; ++j) {
@@ -108,7 +111,7 @@ inline void TileInt8(const uint32_t* cg, const float* terms, const uint32_t* qq,
 #endif
 
 ffi::Error CentroidScoresInt8(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> packed, ffi::Buffer<ffi::F32> terms,
-                              ffi::Buffer<ffi::F32> q, ffi::ResultBuffer<ffi::F32> s,
+                              ffi::Buffer<ffi::F32> q, ffi::ResultBuffer<ffi::F16> s,
                               ffi::ResultBuffer<ffi::F32> maxima) {
   auto c_dims = packed.dimensions();
   auto t_dims = terms.dimensions();
@@ -141,7 +144,7 @@ ffi::Error CentroidScoresInt8(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> packed,
   for (int64_t t = 0; t < lq; ++t) qs[t] = QuantizeToken(qd + t * dim, dim, codes.data() + t * dim4 * 4);
   const int8_t* c = reinterpret_cast<const int8_t*>(packed.untyped_data());
   const float* tm = terms.typed_data();
-  float* out = s->typed_data();
+  uint16_t* out = reinterpret_cast<uint16_t*>(s->untyped_data());
   float* bm = maxima->typed_data();
   std::vector<uint32_t> qq(dim4 * lqp);  // the quads transposed: [dim4][lqp]
   for (int64_t t = 0; t < lqp; ++t) {
@@ -150,7 +153,7 @@ ffi::Error CentroidScoresInt8(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> packed,
   const uint32_t* cw = reinterpret_cast<const uint32_t*>(c);
   ForGroupTasks(pool, groups, p, [&](int64_t g0, int64_t g1) {
     ForGroupTiles(cw, dim4 * kGroup * sizeof(uint32_t), lqp, p, groups, lq, g0, g1, out, bm,
-                  [&](auto vectors, int64_t g, int64_t rows, int64_t t0, const char* pf, int64_t pf_lines, float* sg,
+                  [&](auto vectors, int64_t g, int64_t rows, int64_t t0, const char* pf, int64_t pf_lines, uint16_t* sg,
                       float* bg, bool first) {
                     TileInt8<decltype(vectors)::value>(cw + g * dim4 * kGroup, tm + g * kGroup * 2, qq.data(),
                                                        qs.data(), dim4, lqp, t0, rows, lq, sg, pf, pf_lines, bg,
@@ -171,5 +174,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ColbertJaxCentroidScoresInt8, CentroidScoresInt8,
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -72,20 +72,51 @@ COLBERT_JAX_AVX512_TARGET inline void StoreTile(const __m512 (&acc)[kTileGroup][
   }
 }
 
+// StoreTile for S held as float16 (s16: the group's first row, lq a row): each sum rounded to nearest even
+// (`vcvtps2ph`), and the block's maxima folded from the rounded values, so that they are the maxima of the S
+// stored (rounding is monotonic: the same as rounding the float32 maxima).
+template <int V>
+COLBERT_JAX_AVX512_TARGET inline void StoreTile(const __m512 (&acc)[kTileGroup][V], int64_t rows, int64_t lq,
+                                                int64_t t0, uint16_t* s16, float* bm, bool first) {
+  __m512 rounded[kTileGroup][V];
+  for (int v = 0; v < V; ++v) {
+    const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, lq - t0 - 16 * v));
+    for (int64_t j = 0; j < rows; ++j) {
+      const __m256i h = _mm512_cvtps_ph(acc[j][v], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      rounded[j][v] = _mm512_cvtph_ps(h);
+      uint16_t* dst = s16 + j * lq + t0 + 16 * v;
+      if (left >= 16) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), h);
+      } else {
+        alignas(32) uint16_t buf[16];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(buf), h);
+        std::memcpy(dst, buf, left * sizeof(uint16_t));
+      }
+    }
+    const __mmask16 keep = left >= 16 ? 0xffff : static_cast<__mmask16>((1u << left) - 1);
+    __m512 m = rounded[0][v];
+    for (int j = 1; j < kTileGroup; ++j) {
+      if (j < rows) m = FoldMax(m, rounded[j][v]);
+    }
+    if (!first) m = FoldMax(_mm512_maskz_loadu_ps(keep, bm + t0 + 16 * v), m);
+    _mm512_mask_storeu_ps(bm + t0 + 16 * v, keep, m);
+  }
+}
+
 // Groups [g0, g1) of the packed centroids c (`group_bytes` a group), all lqp tokens (a multiple of 16) in tiles
 // of 32 (the last one 16 when lqp is not a multiple of 32): tile(Const<V>{}, g, rows, t0, pf, pf_lines, s_g, bm_g,
 // first), with the group's rows of S and its block's row of the maxima. The tiles split the prefetch of the
 // next group (none past the last): a group is about one 4 KiB page, where the hardware prefetcher stops, so
 // without it each group began with its broadcasts waiting on memory.
-template <typename Tile>
+template <typename T, typename Tile>
 inline void ForGroupTiles(const void* c, int64_t group_bytes, int64_t lqp, int64_t p, int64_t groups, int64_t lq,
-                          int64_t g0, int64_t g1, float* s, float* bm, Tile&& tile) {
+                          int64_t g0, int64_t g1, T* s, float* bm, Tile&& tile) {
   constexpr int64_t kGroupsPerBlock = kTileBlock / kTileGroup;
   const char* base = static_cast<const char*>(c);
   const LineShares shares((group_bytes + 63) / 64, (lqp + kTileTokens - 1) / kTileTokens);
   for (int64_t g = g0; g < g1; ++g) {
     const int64_t rows = std::min(kTileGroup, p - g * kTileGroup);
-    float* sg = s + g * kTileGroup * lq;
+    T* sg = s + g * kTileGroup * lq;
     float* bg = bm + (g / kGroupsPerBlock) * lq;
     const bool first = g % kGroupsPerBlock == 0;
     const char* pf = base + std::min(g + 1, groups) * group_bytes;

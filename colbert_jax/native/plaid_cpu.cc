@@ -114,6 +114,52 @@ inline bool AnyAtLeast(const float* row, int64_t n, float threshold) {
   return false;
 }
 
+// S held as float16 (stage 1 on int8 operands: `centroid_scores_int8`), its rows read as float32.
+inline float HalfToFloat(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+  if (exp == 0) {  // zero or subnormal: man * 2^-24, exact in float32
+    const float f = std::ldexp(static_cast<float>(man), -24);
+    return sign ? -f : f;
+  }
+  const uint32_t bits = sign | (exp == 31 ? 0x7f800000u | (man << 13) : ((exp + 112) << 23) | (man << 13));
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// 16 float16 scores as float32 (`vcvtph2ps` where the CPU has it).
+inline Vec16 LoadHalf(const uint16_t* p) {
+#if defined(__AVX512F__)
+  return (Vec16)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#else
+  Vec16 v;
+  for (int i = 0; i < kLanes; ++i) v[i] = HalfToFloat(p[i]);
+  return v;
+#endif
+}
+
+// acc[q] = max(acc[q], row[q]) for a float16 row.
+inline void MaxInto(float* acc, const uint16_t* row, int64_t n) {
+  int64_t q = 0;
+  for (; q + kLanes <= n; q += kLanes) Store(acc + q, Max(Load(acc + q), LoadHalf(row + q)));
+  for (; q < n; ++q) acc[q] = Max(acc[q], HalfToFloat(row[q]));
+}
+
+inline bool AnyAtLeast(const uint16_t* row, int64_t n, float threshold) {
+  int64_t q = 0;
+#if defined(__AVX512F__)
+  const __m512 t = _mm512_set1_ps(threshold);
+  __mmask16 any = 0;
+  for (; q + kLanes <= n; q += kLanes) any |= _mm512_cmp_ps_mask((__m512)LoadHalf(row + q), t, _CMP_GE_OQ);
+  if (any) return true;
+#endif
+  for (; q < n; ++q) {
+    if (HalfToFloat(row[q]) >= threshold) return true;
+  }
+  return false;
+}
+
 // One row of MASKED_SCORE for every query token: a pruned centroid's row, as ScoreDocs reads it (from L1).
 struct MaskedRow {
   alignas(64) float scores[kMaxQueryTokens];
@@ -121,10 +167,22 @@ struct MaskedRow {
 };
 const MaskedRow kMaskedRow;
 
+// The same for float16 rows: -inf, which leaves a running maximum as MASKED_SCORE's row does (each maximum
+// starts at MASKED_SCORE, below every score), since MASKED_SCORE itself is no float16 value.
+struct MaskedHalfRow {
+  alignas(64) uint16_t scores[kMaxQueryTokens];
+  MaskedHalfRow() { std::fill(scores, scores + kMaxQueryTokens, static_cast<uint16_t>(0xfc00)); }
+};
+const MaskedHalfRow kMaskedHalfRow;
+
+inline const float* MaskedScores(const float*) { return kMaskedRow.scores; }
+inline const uint16_t* MaskedScores(const uint16_t*) { return kMaskedHalfRow.scores; }
+
 // keep[c] = whether centroid c's row of S [P, lq] has a score >= threshold, for all P: PLAID's pruning, where
 // a row of a centroid not kept counts as MASKED_SCORE. A candidate's rows mostly come from pruned centroids, so
 // ScoreDocs reads this byte and, for those, the masked row from L1, where it read S's row from L2 and tested it.
-void KeepFlags(const float* S, int64_t num_centroids, int64_t lq, float threshold, uint8_t* keep) {
+template <typename T>
+void KeepFlags(const T* S, int64_t num_centroids, int64_t lq, float threshold, uint8_t* keep) {
   for (int64_t c = 0; c < num_centroids; ++c) keep[c] = AnyAtLeast(S + c * lq, lq, threshold) ? 1 : 0;
 }
 
@@ -132,8 +190,8 @@ void KeepFlags(const float* S, int64_t num_centroids, int64_t lq, float threshol
 // arrays below live in vector registers. `keep` (KeepFlags; null when nothing is pruned): a pruned centroid's
 // row reads as the masked row. Branch-free (a pointer select): whether a row is kept is data-dependent, and
 // mispredicted branches cost more than the select.
-template <typename Code, int kLq>
-void ScoreDocs(const float* S, int64_t num_centroids, int64_t lq_runtime, const Code* codes, int64_t num_rows,
+template <typename Code, int kLq, typename T>
+void ScoreDocs(const T* S, int64_t num_centroids, int64_t lq_runtime, const Code* codes, int64_t num_rows,
                const int32_t* starts, const int32_t* lens, const uint8_t* keep, float* out, int64_t lo, int64_t hi) {
   const int64_t lq = kLq > 0 ? kLq : lq_runtime;
   alignas(64) float acc[kLq > 0 ? kLq : kMaxQueryTokens];
@@ -149,7 +207,7 @@ void ScoreDocs(const float* S, int64_t num_centroids, int64_t lq_runtime, const 
     for (int64_t r = 0; r < len; ++r) {
       const int64_t code = static_cast<int64_t>(c[r]);
       if (code < 0 || code >= num_centroids) continue;  // padding: never part of a document
-      const float* row = keep == nullptr || keep[code] ? S + code * lq : kMaskedRow.scores;
+      const T* row = keep == nullptr || keep[code] ? S + code * lq : MaskedScores(S);
       MaxInto(acc, row, lq);
     }
     float sum = 0.0f;
@@ -221,7 +279,7 @@ void ScoreDocs32Avx2(const float* S, int64_t num_centroids, const Code* codes, i
 #endif
 
 template <ffi::DataType CodeType>
-ffi::Error CentroidInteraction(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> S, ffi::Buffer<CodeType> codes,
+ffi::Error CentroidInteraction(ffi::ThreadPool pool, ffi::AnyBuffer S, ffi::Buffer<CodeType> codes,
                                ffi::Buffer<ffi::F32> threshold, ffi::Buffer<ffi::S32> starts,
                                ffi::Buffer<ffi::S32> lens, ffi::ResultBuffer<ffi::F32> out) {
   using Code = ffi::NativeType<CodeType>;
@@ -250,7 +308,10 @@ ffi::Error CentroidInteraction(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> S, ff
       return ffi::Error::InvalidArgument("centroid_interaction: the operands' batch axes differ");
     }
   }
-  const float* s_data = S.typed_data();
+  if (S.element_type() != ffi::DataType::F32 && S.element_type() != ffi::DataType::F16) {
+    return ffi::Error::InvalidArgument("centroid_interaction: S needs float32 or float16 scores");
+  }
+  const bool half = S.element_type() == ffi::DataType::F16;
   const Code* c_data = codes.typed_data();
   const float* t_data = threshold.typed_data();
   const int32_t* st = starts.typed_data();
@@ -274,8 +335,13 @@ ffi::Error CentroidInteraction(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> S, ff
     }
     RunTasks(pool, flag_sets, flag_sets * num_centroids, kRowsPerThread, [&](int64_t f) {
       if (!prune[f]) return;
-      KeepFlags(s_data + (s_batch == 1 ? 0 : f) * num_centroids * lq, num_centroids, lq,
-                t_data[t_batch == 1 ? 0 : f], keep.data() + f * num_centroids);
+      const int64_t at = (s_batch == 1 ? 0 : f) * num_centroids * lq;
+      const float t = t_data[t_batch == 1 ? 0 : f];
+      if (half) {
+        KeepFlags(static_cast<const uint16_t*>(S.untyped_data()) + at, num_centroids, lq, t, keep.data() + f * num_centroids);
+      } else {
+        KeepFlags(static_cast<const float*>(S.untyped_data()) + at, num_centroids, lq, t, keep.data() + f * num_centroids);
+      }
     });
   }
 
@@ -285,18 +351,25 @@ ffi::Error CentroidInteraction(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> S, ff
     const int64_t hi = std::min<int64_t>(lo + kDocsPerTask, n);
     const int64_t f = flag_sets == 1 ? 0 : b;
     const uint8_t* kept = prune[f] ? keep.data() + f * num_centroids : nullptr;
+    const int64_t at = (s_batch == 1 ? 0 : b) * num_centroids * lq;
+    const Code* cb = c_data + (c_batch == 1 ? 0 : b) * num_rows;
+    const int32_t* sb = st + (st_batch == 1 ? 0 : b) * n;
+    const int32_t* lb = ln + (ln_batch == 1 ? 0 : b) * n;
+    if (half) {
+      const uint16_t* sd = static_cast<const uint16_t*>(S.untyped_data()) + at;
+      auto run = lq == 32 ? ScoreDocs<Code, 32, uint16_t> : ScoreDocs<Code, 0, uint16_t>;
+      run(sd, num_centroids, lq, cb, num_rows, sb, lb, kept, o + b * n, lo, hi);
+      return;
+    }
+    const float* sd = static_cast<const float*>(S.untyped_data()) + at;
 #if defined(COLBERT_JAX_INTERACTION_AVX2)
     if (lq == 32) {
-      ScoreDocs32Avx2(s_data + (s_batch == 1 ? 0 : b) * num_centroids * lq, num_centroids,
-                      c_data + (c_batch == 1 ? 0 : b) * num_rows, num_rows, st + (st_batch == 1 ? 0 : b) * n,
-                      ln + (ln_batch == 1 ? 0 : b) * n, kept, o + b * n, lo, hi);
+      ScoreDocs32Avx2(sd, num_centroids, cb, num_rows, sb, lb, kept, o + b * n, lo, hi);
       return;
     }
 #endif
-    auto run = lq == 32 ? ScoreDocs<Code, 32> : ScoreDocs<Code, 0>;
-    run(s_data + (s_batch == 1 ? 0 : b) * num_centroids * lq, num_centroids, lq,
-        c_data + (c_batch == 1 ? 0 : b) * num_rows, num_rows, st + (st_batch == 1 ? 0 : b) * n,
-        ln + (ln_batch == 1 ? 0 : b) * n, kept, o + b * n, lo, hi);
+    auto run = lq == 32 ? ScoreDocs<Code, 32, float> : ScoreDocs<Code, 0, float>;
+    run(sd, num_centroids, lq, cb, num_rows, sb, lb, kept, o + b * n, lo, hi);
   };
   RunTasks(pool, tasks, rows, kRowsPerThread, task);
   return ffi::Error::Success();
@@ -798,7 +871,7 @@ __attribute__((target("amx-tile,amx-bf16,avx512f"))) void MaxSimDocs32Amx(
 #endif
 
 template <ffi::DataType CodeType>
-ffi::Error ExactMaxSim(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> Q, ffi::Buffer<ffi::F32> S,
+ffi::Error ExactMaxSim(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> Q, ffi::AnyBuffer S,
                        ffi::Buffer<ffi::F32> centroids, ffi::Buffer<CodeType> codes, ffi::Buffer<ffi::U8> residuals,
                        ffi::Buffer<ffi::F32> inv_norms,
                        ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::S32> starts, ffi::Buffer<ffi::S32> lens,
@@ -828,6 +901,10 @@ ffi::Error ExactMaxSim(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> Q, ffi::Buffe
       (c_dims[0] != 0 && (c_dims[0] != num_centroids || c_dims[1] != dim))) {
     return ffi::Error::InvalidArgument("exact_maxsim: operand shapes do not fit together");
   }
+  // S's own rows are read only without the centroids (with them, only its shape): float32 then
+  if (c_dims[0] == 0 && S.element_type() != ffi::DataType::F32) {
+    return ffi::Error::InvalidArgument("exact_maxsim: S needs float32 scores (float16 ones only with the centroids)");
+  }
   // implementation: 0 the vector unit's products, 1 AMX tiles, 2 the nibble table (`MaxSimDocs32Nibbles`)
   const bool amx = implementation == 1;
   if (implementation < 0 || implementation > 2) return ffi::Error::InvalidArgument("exact_maxsim: no such implementation");
@@ -849,7 +926,7 @@ ffi::Error ExactMaxSim(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> Q, ffi::Buffe
   int64_t rows = 0;
   for (int64_t i = 0; i < n; ++i) rows += std::max<int32_t>(ln[i], 0);
   const float* qtp = qt.get();
-  const float* s_data = S.typed_data();
+  const float* s_data = c_dims[0] == 0 ? static_cast<const float*>(S.untyped_data()) : nullptr;
   const Code* c_data = codes.typed_data();
   // With the centroids: q . c in float32 for the distinct centroids of the documents' rows, each given a slot
   // (its row in `refined`), in place of S's rows (stage 1 on bfloat16 operands).
@@ -964,7 +1041,7 @@ ffi::Error ExactMaxSim(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> Q, ffi::Buffe
 #define COLBERT_JAX_BIND(CODE)                  \
   ffi::Ffi::Bind()                              \
       .Ctx<ffi::ThreadPool>()                   \
-      .Arg<ffi::Buffer<ffi::F32>>()             \
+      .Arg<ffi::AnyBuffer>()                    \
       .Arg<ffi::Buffer<CODE>>()                 \
       .Arg<ffi::Buffer<ffi::F32>>()             \
       .Arg<ffi::Buffer<ffi::S32>>()             \
@@ -980,7 +1057,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ColbertJaxCentroidInteractionU16, CentroidInteract
   ffi::Ffi::Bind()                              \
       .Ctx<ffi::ThreadPool>()                   \
       .Arg<ffi::Buffer<ffi::F32>>()             \
-      .Arg<ffi::Buffer<ffi::F32>>()             \
+      .Arg<ffi::AnyBuffer>()                    \
       .Arg<ffi::Buffer<ffi::F32>>()             \
       .Arg<ffi::Buffer<CODE>>()                 \
       .Arg<ffi::Buffer<ffi::U8>>()              \

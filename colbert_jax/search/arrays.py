@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -99,6 +100,14 @@ class IndexArrays(ShardedArrays):
     def approximate_scores(self) -> bool:
         """Whether stage 1's S comes from bfloat16 or int8 operands: stage 6 then recomputes q . c in float32."""
         return self.centroids_bf16 is not None or self.centroids_int8 is not None
+
+    @property
+    def scores_dtype(self) -> Any:
+        """The dtype of stage 1's S (`candidates.centroid_scores`): float16 from int8 operands (half the bytes,
+        far inside int8's error), float32 otherwise. Readers that sum or compare scores take them as float32."""
+        others = (self.centroids_split, self.centroids_blocked, self.centroids_bf16)
+        int8 = self.centroids_int8 is not None and all(x is None for x in others)
+        return jnp.float16 if int8 else jnp.float32
 
     @property
     def sentinel(self) -> int:

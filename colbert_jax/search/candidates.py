@@ -56,12 +56,13 @@ def top_cells(S: jax.Array, n: int, maxima: jax.Array | None = None) -> jax.Arra
     """
     num_centroids, lq = S.shape
     blocks_total = num_centroids // CELL_BLOCK
+    # top_k on float32 values (float16 S from int8 operands: XLA:CPU's top_k of other types is a full sort)
     if num_centroids % CELL_BLOCK or blocks_total < 2 * n:
-        return jax.lax.top_k(S.T, n)[1]
+        return jax.lax.top_k(S.T.astype(jnp.float32), n)[1]
     blocked = S.reshape(blocks_total, CELL_BLOCK, lq)
-    maxima = blocked.max(axis=1) if maxima is None else maxima
+    maxima = blocked.max(axis=1).astype(jnp.float32) if maxima is None else maxima
     blocks = jax.lax.top_k(maxima.T, n)[1]  # [Lq, n]
-    values = blocked[blocks, :, jnp.arange(lq)[:, None]].reshape(lq, n * CELL_BLOCK)
+    values = blocked[blocks, :, jnp.arange(lq)[:, None]].reshape(lq, n * CELL_BLOCK).astype(jnp.float32)
     best = jax.lax.top_k(values, n)[1]
     return jnp.take_along_axis(blocks, best // CELL_BLOCK, axis=1) * CELL_BLOCK + best % CELL_BLOCK
 
@@ -74,7 +75,7 @@ def centroid_scores(Q: jax.Array, a: IndexArrays, query_maxlen: int) -> jax.Arra
     they carry them rounded to bfloat16 (`a.centroids_bf16`), a product of bfloat16 operands with float32 sums
     (`native.centroid_scores_bf16`: half the bytes read, bfloat16's error); where they carry them quantized to
     int8 (`a.centroids_int8`), a product of int8 operands (`native.centroid_scores_int8`: a quarter of the bytes,
-    twice bfloat16's products per instruction, int8's error)."""
+    twice bfloat16's products per instruction, int8's error), S then held as float16 (`a.scores_dtype`)."""
     return centroid_scores_and_maxima(Q, a, query_maxlen)[0]
 
 
@@ -171,18 +172,19 @@ def _bf16_product(packed: jax.Array, Q: jax.Array, n: int, rows, *, maxima: bool
 
 
 def _int8_product(packed: jax.Array, terms: jax.Array, Q: jax.Array, n: int, rows):
-    """(S, its maxima over blocks of CELL_BLOCK rows) [n, Lq] from n rows quantized and packed by
+    """(S float16, its float32 maxima over blocks of CELL_BLOCK rows) [n, Lq] from n rows quantized and packed by
     `native.block_centroids_int8` and Q quantized per token (`native.quantize_rows_int8`): the AVX-512 VNNI kernel
-    where it runs, else XLA's product of the same integer codes with the same two scalings (the same bits: the
-    integer sums are exact in float32)."""
+    where it runs, else XLA's product of the same integer codes with the same two scalings, rounded to float16
+    (the same bits: the integer sums are exact in float32). float16 holds int8's scores far inside their error
+    in half the bytes S takes in float32 (8 MiB a query at 65,536 centroids, written and read again)."""
 
     def xla(Q):
         codes, scales = native.quantize_rows_int8(rows())
         q_codes, q_scales = native.quantize_rows_int8(Q)
         dots = jnp.dot(codes, q_codes.T, precision=HIGHEST)
         # the kernel's order, (dots * scale_c) * scale_q: the barrier keeps XLA from folding the two scales first
-        S = jax.lax.optimization_barrier(dots * scales[:, None]) * q_scales[None, :]
-        padded = jnp.pad(S, ((0, -n % CELL_BLOCK), (0, 0)), constant_values=-jnp.inf)
+        S = (jax.lax.optimization_barrier(dots * scales[:, None]) * q_scales[None, :]).astype(jnp.float16)
+        padded = jnp.pad(S.astype(jnp.float32), ((0, -n % CELL_BLOCK), (0, 0)), constant_values=-jnp.inf)
         return S, padded.reshape(-1, CELL_BLOCK, S.shape[1]).max(axis=1)
 
     def cpu(Q):

@@ -474,8 +474,9 @@ class PlaidEngine:
         into a fresh one."""
         shape = (1, self.arrays.centroids.shape[0], query_maxlen)
         S, self._mmap_scores = self._mmap_scores, None
-        if S is None or S.shape != shape:
-            S = jax.device_put(np.zeros(shape, np.float32), NamedSharding(self.mesh, P()))
+        dtype = np.dtype(self.arrays.scores_dtype)
+        if S is None or S.shape != shape or S.dtype != dtype:
+            S = jax.device_put(np.zeros(shape, dtype), NamedSharding(self.mesh, P()))
         ncells = min(params.ncells, self.index.num_partitions)
         S, c, n_entries = cells_into(Q, S, self.arrays, mesh=self.mesh, ncells=ncells, query_maxlen=query_maxlen)
         return S, c, jax.device_get(n_entries)

@@ -41,6 +41,7 @@ __all__ = [
 
 def tables(S: jax.Array, threshold) -> tuple[jax.Array, jax.Array]:
     """Centroid-score lookup table with a sentinel row for padding codes, and the kept-centroid mask."""
+    S = S.astype(jnp.float32)  # (float16 from int8 operands: sums in float32)
     keep = S.max(axis=1) >= threshold
     table = jnp.concatenate([S, jnp.full((1, S.shape[1]), MASKED_SCORE, S.dtype)])
     return table, jnp.concatenate([keep, jnp.zeros(1, bool)])
@@ -97,6 +98,7 @@ def approx_streamed(cand, S, threshold, a: IndexArrays, chunk: int):
 
 def _approx_chunks(cand, S, threshold, a: IndexArrays, chunk: int):
     """`approx_streamed` in jnp: the candidates' embeddings streamed `chunk` at a time."""
+    S = S.astype(jnp.float32)  # (float16 from int8 operands: sums in float32)
     keep = None if threshold is None else S.max(axis=1) >= threshold
 
     def body(acc, seg, emb, valid):

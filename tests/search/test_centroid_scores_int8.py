@@ -1,11 +1,11 @@
 """Stage 1's centroid scores on int8 operands with AVX-512 VNNI (`native.centroid_scores_int8`,
-`centroid_scores_int8.cc`): centroids quantized and packed by `native.block_centroids_int8`, Q quantized per
-token in the kernel (`native.quantize_rows_int8`), exact integer sums scaled by both rows' scales. Its S has the
-bits of that formula computed in numpy and by XLA (`candidates._int8_product`'s twin), within int8's rounding of
-the float32 S, and its block maxima are S's. On a build without AVX-512 VNNI the kernel tests check that
-`stage1_int8_available()` says so and that calling the kernel is a `NativeBuildError` (nothing is skipped). The
-searcher with int8 operands is checked beside bfloat16's (`test_centroid_scores_bf16`) and its quality on the
-1,000-query collection in `test_quality`."""
+`centroid_scores_int8.cc`): centroids quantized and packed by `native.block_centroids_int8`, Q quantized per token
+in the kernel (`native.quantize_rows_int8`), exact integer sums scaled by both rows' scales, S held as float16. Its
+S has the bits of that formula computed in numpy and by XLA (`candidates._int8_product`'s twin), within int8's (and
+float16's) rounding of the float32 S, and its block maxima are S's. On a build without AVX-512 VNNI the kernel tests
+check that `stage1_int8_available()` says so and that calling the kernel is a `NativeBuildError` (nothing is
+skipped). The searcher with int8 operands is checked beside bfloat16's (`test_centroid_scores_bf16`) and its quality
+on the 1,000-query collection in `test_quality`."""
 
 from __future__ import annotations
 
@@ -27,11 +27,12 @@ SHAPES = [(100, 1, 64), (17, 7, 96), (64, 32, 128), (50, 40, 128), (4100, 32, 12
 
 
 def _reference(C: np.ndarray, Q: np.ndarray) -> np.ndarray:
-    """((codes_C . codes_Q^T) * scale_C) * scale_Q in float32, the integer products exact (float64 sums)."""
+    """((codes_C . codes_Q^T) * scale_C) * scale_Q in float32, the integer products exact (float64 sums), rounded
+    to float16 (nearest even)."""
     cc, cs = native.quantize_rows_int8(np.asarray(C, np.float32))
     qc, qs = native.quantize_rows_int8(np.asarray(Q, np.float32))
     dots = (cc.astype(np.float64) @ qc.T.astype(np.float64)).astype(np.float32)
-    return (dots * cs[:, None]) * qs[None, :]
+    return ((dots * cs[:, None]) * qs[None, :]).astype(np.float16)
 
 
 def _packed(C: np.ndarray):
@@ -84,7 +85,7 @@ def test_kernel_is_the_int8_product(shape):
     if not _unavailable_is_an_error(packed, terms, Q, p):
         return
     got = np.asarray(_kernel(p)(packed, terms, Q))
-    assert got.shape == (p, lq) and got.dtype == np.float32
+    assert got.shape == (p, lq) and got.dtype == np.float16
     np.testing.assert_array_equal(got, _reference(C, Q))
     # against the float32 product: within int8's rounding of both rows (half a step of each scale, per term)
     exact = C.astype(np.float64) @ Q.T.astype(np.float64)
@@ -92,6 +93,8 @@ def test_kernel_is_the_int8_product(shape):
     qs = np.abs(np.asarray(Q)).max(axis=1) / 127
     bound = 0.5 * (np.outer(cs, np.abs(np.asarray(Q)).sum(1)) + np.outer(np.abs(C).sum(1), qs))
     bound += 0.25 * dim * np.outer(cs, qs) + 1e-6
+    bound += np.abs(exact) * 2.0**-11 * 1.01 + 2.0**-25  # float16's rounding (half a step; subnormals below 2^-14)
+    got = got.astype(np.float64)
     assert (np.abs(got - exact) <= bound).all()
     assert np.abs(got - exact).max() > 1e-4  # int8 is not float32 (a check that the operands were quantized)
 
@@ -107,6 +110,7 @@ def test_block_maxima_are_ss(p):
     np.testing.assert_array_equal(S, np.asarray(_kernel(p)(packed, terms, Q)))
     padded = np.full((-(-p // 128) * 128, 32), -np.inf, np.float32)
     padded[:p] = S
+    assert maxima.dtype == np.float32
     np.testing.assert_array_equal(np.asarray(maxima), padded.reshape(-1, 128, 32).max(axis=1))
 
 
@@ -180,8 +184,9 @@ def test_stage_1_on_int8_centroids(native_on, monkeypatch):
     C, Q = _problem(p, lq + 4, 128)
     packed, terms = _packed(C)
     arrays = stage1_arrays(C, centroids_int8=packed, centroids_int8_terms=terms)
-    assert arrays.approximate_scores
+    assert arrays.approximate_scores and arrays.scores_dtype == jnp.float16
     S, maxima = (np.asarray(a) for a in jax.jit(lambda Q: candidates.centroid_scores_and_maxima(Q, arrays, lq))(Q))
+    assert S.dtype == np.float16 and maxima.dtype == np.float32
     np.testing.assert_array_equal(S, _reference(C, Q[:lq]))
     padded = np.full((384, lq), -np.inf, np.float32)
     padded[:p] = S

@@ -69,6 +69,34 @@ def test_kernel_equals_brute_force(code_dtype, threshold):
         assert masked.any() and np.array_equal(got[masked], want[masked])
 
 
+@pytest.mark.parametrize("code_dtype", [np.int32, np.uint16])
+def test_float16_scores_are_read_as_their_float32_values(code_dtype):
+    """S held as float16 (stage 1 on int8 operands): the kernel reads each score as its float32 value, so the
+    scores are float32's of the same values, bit for bit, pruned or not, one query or vmapped; subnormal, zero
+    and infinite halves included. The jnp path (float32 sums of the same values) agrees."""
+    S, codes, starts, lens = random_problem(3, num_docs=800, num_rows=40_000)
+    S16 = S.astype(np.float16)
+    S16[:4, :3] = [np.float16(3e-7), np.float16(-0.0), np.float16(np.inf)]  # a subnormal, -0, +inf
+    S16[4:8, 5] = np.float16(6.1e-5)  # the smallest normal
+    codes = codes.astype(code_dtype)
+    run = jax.jit(native.centroid_interaction)
+    for threshold in (0.5, 0.9, -np.inf):
+        got = np.asarray(run(jnp.asarray(S16), codes, threshold, starts, lens))
+        want = np.asarray(run(jnp.asarray(S16.astype(np.float32)), codes, threshold, starts, lens))
+        np.testing.assert_array_equal(got, want)
+        brute = brute_force(S16.astype(np.float32), codes.astype(np.int64), threshold, starts, lens)
+        finite = np.isfinite(brute)
+        np.testing.assert_allclose(got[finite], brute[finite], rtol=0, atol=2e-5)
+    Sb = np.stack([S16, S16[::-1]])
+    thresholds = np.array([0.5, -np.inf], np.float32)
+    batched = jax.vmap(native.centroid_interaction, in_axes=(0, None, 0, None, None))(
+        Sb, codes, thresholds, starts, lens
+    )
+    for i in range(2):
+        one = native.centroid_interaction(jnp.asarray(Sb[i]), codes, thresholds[i], starts, lens)
+        np.testing.assert_array_equal(np.asarray(batched[i]), np.asarray(one))
+
+
 def test_vmapped_queries_equal_one_at_a_time():
     S, codes, starts, lens = random_problem(1, num_docs=500)
     Sb = np.stack([S, 0.5 * S, S[::-1]])
@@ -182,6 +210,9 @@ def test_exact_maxsim_recomputes_centroid_scores(lq):
         got = np.asarray(kernel(*args, centroids=jnp.asarray(centroids)))
         assert np.array_equal(np.isneginf(got), np.isneginf(want))
         np.testing.assert_allclose(got[np.isfinite(want)], want[np.isfinite(want)], rtol=0, atol=tol)
+    # float16 S (stage 1 on int8 operands) with the centroids: only its shape is read, the same scores
+    args16 = (Q, S_rough.astype(np.float16), *args[2:])
+    np.testing.assert_array_equal(np.asarray(kernel(*args16, centroids=jnp.asarray(centroids))), got)
     rough = np.asarray(kernel(*args))  # without them: S's rows, as before
     assert np.abs(rough[np.isfinite(want)] - want[np.isfinite(want)]).max() > 1e-2
     with pytest.raises(ValueError, match="centroids"):
@@ -310,6 +341,7 @@ def test_kernels_built_for_older_cpu_types_equal_brute_force(arch, bits, native_
     assert out.stdout.split() == [str(bits), str(native_encoder), "False"]
     tests = [
         "tests/search/test_native.py::test_kernel_equals_brute_force",
+        "tests/search/test_native.py::test_float16_scores_are_read_as_their_float32_values",
         "tests/search/test_native.py::test_exact_maxsim_equals_brute_force",
         "tests/models/test_native_dense.py::test_float32_dense_kernel_is_the_product_to_float32_rounding",
         "tests/models/test_native_dense.py::test_float32_encoder_runs_attention_and_gelu_natively_to_float32_tolerance"
