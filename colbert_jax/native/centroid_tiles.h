@@ -73,17 +73,16 @@ COLBERT_JAX_AVX512_TARGET inline void StoreTile(const __m512 (&acc)[kTileGroup][
 }
 
 // StoreTile for S held as float16 (s16: the group's first row, lq a row): each sum rounded to nearest even
-// (`vcvtps2ph`), and the block's maxima folded from the rounded values, so that they are the maxima of the S
-// stored (rounding is monotonic: the same as rounding the float32 maxima).
+// (`vcvtps2ph`), and the block's maxima those of the rounded S. Rounding is monotonic, so the maximum of rounded
+// values is the rounded maximum: the maxima fold the sums as StoreTile does and are rounded once, when stored.
 template <int V>
 COLBERT_JAX_AVX512_TARGET inline void StoreTile(const __m512 (&acc)[kTileGroup][V], int64_t rows, int64_t lq,
                                                 int64_t t0, uint16_t* s16, float* bm, bool first) {
-  __m512 rounded[kTileGroup][V];
+  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
   for (int v = 0; v < V; ++v) {
     const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, lq - t0 - 16 * v));
     for (int64_t j = 0; j < rows; ++j) {
-      const __m256i h = _mm512_cvtps_ph(acc[j][v], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      rounded[j][v] = _mm512_cvtph_ps(h);
+      const __m256i h = _mm512_cvtps_ph(acc[j][v], kRound);
       uint16_t* dst = s16 + j * lq + t0 + 16 * v;
       if (left >= 16) {
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), h);
@@ -94,12 +93,12 @@ COLBERT_JAX_AVX512_TARGET inline void StoreTile(const __m512 (&acc)[kTileGroup][
       }
     }
     const __mmask16 keep = left >= 16 ? 0xffff : static_cast<__mmask16>((1u << left) - 1);
-    __m512 m = rounded[0][v];
+    __m512 m = acc[0][v];
     for (int j = 1; j < kTileGroup; ++j) {
-      if (j < rows) m = FoldMax(m, rounded[j][v]);
+      if (j < rows) m = FoldMax(m, acc[j][v]);
     }
     if (!first) m = FoldMax(_mm512_maskz_loadu_ps(keep, bm + t0 + 16 * v), m);
-    _mm512_mask_storeu_ps(bm + t0 + 16 * v, keep, m);
+    _mm512_mask_storeu_ps(bm + t0 + 16 * v, keep, _mm512_cvtph_ps(_mm512_cvtps_ph(m, kRound)));
   }
 }
 
