@@ -9,6 +9,8 @@ twice float32's rate or more), against float32's S and exact MaxSim:
   int8+exact-qc  S from int8 operands (each centroid and each query token scaled so that its largest
                  magnitude is 127, rounded to nearest; what AVX-512 VNNI's `vpdpbusd` runs at twice bfloat16's
                  rate) for stages 1-5; stage 6 as bf16+exact-qc
+  int8-f16+exact-qc  int8+exact-qc with S rounded to float16 (as `centroid_scores_int8` keeps it: half the
+                 bytes)
 
 Each variant runs in its own process with the native kernels off (XLA's paths, patched), at k=10 and k=100
 with the default search parameters. Prints overlap@10 with exact MaxSim's top 10 and with float32 PLAID's.
@@ -16,6 +18,7 @@ with the default search parameters. Prints overlap@10 with exact MaxSim's top 10
 a variant's overlap with exact then differs from float32's by at most 1 - its overlap with float32 PLAID.
 
     python scripts/quality_stage1_precision.py --index INDEX --queries QUERIES.tsv [--n 200] [--no-exact]
+        [--variants int8+exact-qc int8-f16+exact-qc]
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-VARIANTS = ("float32", "bf16", "bf16+exact-qc", "int8+exact-qc")
+VARIANTS = ("float32", "bf16", "bf16+exact-qc", "int8+exact-qc", "int8-f16+exact-qc")
 
 
 def _patch(variant: str) -> None:
@@ -54,7 +57,8 @@ def _patch(variant: str) -> None:
         c8, c_scale = quantize(a.centroids)
         q8, q_scale = quantize(Q[:query_maxlen])
         dots = jnp.dot(c8, q8.T, precision=jax.lax.Precision.HIGHEST)  # integers below 2^24: exact in float32
-        return dots * c_scale * q_scale.T, None
+        S = dots * c_scale * q_scale.T
+        return (S.astype(jnp.float16) if "f16" in variant else S), None
 
     candidates.centroid_scores_and_maxima = int8_scores if variant.startswith("int8") else bf16_scores
     if variant.endswith("+exact-qc"):
@@ -88,6 +92,7 @@ def main() -> None:
     ap.add_argument("--queries", required=True, help="qid \\t text TSV")
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--no-exact", action="store_true", help="skip exact MaxSim")
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="float32 always runs")
     ap.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -98,7 +103,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="stage1-precision-"))
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "COLBERT_JAX_NATIVE": "0"}
     results = {}
-    for variant in VARIANTS:
+    for variant in ["float32", *(v for v in args.variants if v != "float32")]:
         out = work / f"{variant}.json"
         cmd = [sys.executable, __file__, "--index", args.index, "--queries", args.queries, "--n", str(args.n)]
         cmd += ["--no-exact"] if args.no_exact else []
