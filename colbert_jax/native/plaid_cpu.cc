@@ -11,7 +11,8 @@
 // gather + scatter-max over materialised [chunk, Lq] blocks.
 //
 // Operands carry an optional leading batch axis (vmap with `expand_dims`): S [B|1, P, Lq], codes [B|1, R],
-// threshold [B|1], starts and lens [B|1, n] -> scores [B, n].
+// threshold [B|1], starts and lens [B|1, n] -> scores [B, n]. S is float32, or float16 (stage 1 on int8
+// operands), each score then read as its float32 value.
 
 #include <algorithm>
 #include <atomic>
@@ -337,10 +338,11 @@ ffi::Error CentroidInteraction(ffi::ThreadPool pool, ffi::AnyBuffer S, ffi::Buff
       if (!prune[f]) return;
       const int64_t at = (s_batch == 1 ? 0 : f) * num_centroids * lq;
       const float t = t_data[t_batch == 1 ? 0 : f];
+      uint8_t* flags = keep.data() + f * num_centroids;
       if (half) {
-        KeepFlags(static_cast<const uint16_t*>(S.untyped_data()) + at, num_centroids, lq, t, keep.data() + f * num_centroids);
+        KeepFlags(static_cast<const uint16_t*>(S.untyped_data()) + at, num_centroids, lq, t, flags);
       } else {
-        KeepFlags(static_cast<const float*>(S.untyped_data()) + at, num_centroids, lq, t, keep.data() + f * num_centroids);
+        KeepFlags(static_cast<const float*>(S.untyped_data()) + at, num_centroids, lq, t, flags);
       }
     });
   }
