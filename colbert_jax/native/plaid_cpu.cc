@@ -179,24 +179,67 @@ const MaskedHalfRow kMaskedHalfRow;
 inline const float* MaskedScores(const float*) { return kMaskedRow.scores; }
 inline const uint16_t* MaskedScores(const uint16_t*) { return kMaskedHalfRow.scores; }
 
-// keep[c] = whether centroid c's row of S [P, lq] has a score >= threshold, for all P: PLAID's pruning, where
-// a row of a centroid not kept counts as MASKED_SCORE. A candidate's rows mostly come from pruned centroids, so
-// ScoreDocs reads this byte and, for those, the masked row from L1, where it read S's row from L2 and tested it.
+// PLAID's pruning as the interaction reads it: S [P, lq]'s rows with a score >= threshold copied, in order, into
+// `table` after one row of masked scores (row 0), and slot[c] = centroid c's row there (0: pruned, the masked
+// row). A candidate's rows mostly come from pruned centroids and read the masked row, from L1; the kept rows
+// are a few percent of S and come from this small table, in L2, instead of from S's rows scattered over L3 or
+// memory. The same scores as S's rows: the same sums.
 template <typename T>
-void KeepFlags(const T* S, int64_t num_centroids, int64_t lq, float threshold, uint8_t* keep) {
-  for (int64_t c = 0; c < num_centroids; ++c) keep[c] = AnyAtLeast(S + c * lq, lq, threshold) ? 1 : 0;
+void KeptRows(const T* S, int64_t num_centroids, int64_t lq, float threshold, int32_t* slot, std::vector<T>& table) {
+  const T* masked = MaskedScores(S);
+  table.assign(masked, masked + lq);
+  int32_t next = 1;
+  for (int64_t c = 0; c < num_centroids; ++c) {
+    const T* row = S + c * lq;
+    if (AnyAtLeast(row, lq, threshold)) {
+      slot[c] = next++;
+      table.insert(table.end(), row, row + lq);
+    } else {
+      slot[c] = 0;
+    }
+  }
+}
+
+// A centroid's row as the interaction reads it: from the kept rows' table where S was pruned (slot not null),
+// else S's own row.
+template <typename T>
+inline const T* InteractionRow(const T* S, const T* table, const int32_t* slot, int64_t lq, int64_t code) {
+  return slot == nullptr ? S + code * lq : table + static_cast<int64_t>(slot[code]) * lq;
+}
+
+constexpr int64_t kPrefetchDocs = 6;  // documents ahead whose codes ScoreDocs requests
+
+// Requests the lines holding document d's codes: its first four lines and its last (none for an invalid
+// range). always_inline: GCC 12 took this helper, whose only effect is `__builtin_prefetch`, for one without
+// effects and dropped its calls.
+template <typename Code>
+__attribute__((always_inline)) inline void PrefetchCodes(const Code* codes, int64_t num_rows, const int32_t* starts, const int32_t* lens,
+                          int64_t d) {
+  const int64_t start = starts[d], len = lens[d];
+  if (len <= 0 || start < 0 || start + len > num_rows) return;
+  const char* first = reinterpret_cast<const char*>(codes + start);
+  const char* last = reinterpret_cast<const char*>(codes + start + len) - 1;
+  __builtin_prefetch(first);
+  if (first + 64 <= last) __builtin_prefetch(first + 64);
+  if (first + 128 <= last) __builtin_prefetch(first + 128);
+  if (first + 192 <= last) __builtin_prefetch(first + 192);
+  __builtin_prefetch(last);
 }
 
 // kLq: the number of query tokens when known at compile time (0: `lq`, at run time). Known, the per-token
-// arrays below live in vector registers. `keep` (KeepFlags; null when nothing is pruned): a pruned centroid's
-// row reads as the masked row. Branch-free (a pointer select): whether a row is kept is data-dependent, and
-// mispredicted branches cost more than the select.
+// arrays below live in vector registers. `table`, `slot` (KeptRows; null when nothing is pruned): the rows
+// read in place of S's. The candidates' codes are a few lines each, scattered over
+// the whole index's codes (in memory at scale, where the hardware prefetcher does not follow from one document
+// to the next): each document's lines are requested kPrefetchDocs documents ahead.
 template <typename Code, int kLq, typename T>
 void ScoreDocs(const T* S, int64_t num_centroids, int64_t lq_runtime, const Code* codes, int64_t num_rows,
-               const int32_t* starts, const int32_t* lens, const uint8_t* keep, float* out, int64_t lo, int64_t hi) {
+               const int32_t* starts, const int32_t* lens, const T* table, const int32_t* slot, float* out,
+               int64_t lo, int64_t hi) {
   const int64_t lq = kLq > 0 ? kLq : lq_runtime;
   alignas(64) float acc[kLq > 0 ? kLq : kMaxQueryTokens];
+  for (int64_t d = lo; d < std::min(hi, lo + kPrefetchDocs); ++d) PrefetchCodes(codes, num_rows, starts, lens, d);
   for (int64_t d = lo; d < hi; ++d) {
+    if (d + kPrefetchDocs < hi) PrefetchCodes(codes, num_rows, starts, lens, d + kPrefetchDocs);
     const int64_t len = lens[d];
     const int64_t start = starts[d];
     if (len <= 0 || start < 0 || start + len > num_rows) {
@@ -208,8 +251,7 @@ void ScoreDocs(const T* S, int64_t num_centroids, int64_t lq_runtime, const Code
     for (int64_t r = 0; r < len; ++r) {
       const int64_t code = static_cast<int64_t>(c[r]);
       if (code < 0 || code >= num_centroids) continue;  // padding: never part of a document
-      const T* row = keep == nullptr || keep[code] ? S + code * lq : MaskedScores(S);
-      MaxInto(acc, row, lq);
+      MaxInto(acc, InteractionRow(S, table, slot, lq, code), lq);
     }
     float sum = 0.0f;
     for (int64_t q = 0; q < lq; ++q) sum += acc[q];
@@ -219,23 +261,17 @@ void ScoreDocs(const T* S, int64_t num_centroids, int64_t lq_runtime, const Code
 
 #if !defined(__AVX512F__) && defined(__AVX2__)
 #define COLBERT_JAX_INTERACTION_AVX2 1
-constexpr int64_t kPrefetchRows = 8;  // rows of S requested ahead of their use
+constexpr int64_t kPrefetchRows = 8;  // rows requested ahead of their use
 
-inline void PrefetchRow(const float* S, int64_t num_centroids, int64_t code) {
-  if (code < 0 || code >= num_centroids) return;
-  __builtin_prefetch(S + code * 32);
-  __builtin_prefetch(S + code * 32 + 16);
-}
-
-// ScoreDocs for 32 query tokens in AVX2 registers: a document's 32 running maxima are 4 vectors, and a row's
-// keep test is 4 compares and a movemask (GCC's 64-byte vectors of ScoreDocs split into register pairs here
-// went through the stack, and AnyAtLeast ran its scalar loop). The rows of S each embedding reads are random
-// (8 MB of S at 65,536 centroids: they come from L3 or memory), so they are prefetched kPrefetchRows rows ahead,
-// into the next document. The same maxima and the same sum, in the same order, as ScoreDocs.
+// ScoreDocs for 32 query tokens in AVX2 registers: a document's 32 running maxima are 4 vectors (GCC's 64-byte
+// vectors of ScoreDocs split into register pairs here went through the stack). The rows each embedding reads
+// are random (S's, in L3 or memory, where nothing is pruned; else the kept rows' table, in L2), so they are
+// prefetched kPrefetchRows rows ahead, into the next document, as are the codes kPrefetchDocs documents ahead.
+// The same maxima and the same sum, in the same order, as ScoreDocs.
 template <typename Code>
 void ScoreDocs32Avx2(const float* S, int64_t num_centroids, const Code* codes, int64_t num_rows,
-                     const int32_t* starts, const int32_t* lens, const uint8_t* keep, float* out, int64_t lo,
-                     int64_t hi) {
+                     const int32_t* starts, const int32_t* lens, const float* table, const int32_t* slot, float* out,
+                     int64_t lo, int64_t hi) {
   const __m256 masked = _mm256_set1_ps(kMasked);
   auto valid = [&](int64_t d) { return lens[d] > 0 && starts[d] >= 0 && int64_t{starts[d]} + lens[d] <= num_rows; };
   // The prefetch cursor: document pd, row pr of it, kept kPrefetchRows rows ahead of the rows being scored.
@@ -244,11 +280,16 @@ void ScoreDocs32Avx2(const float* S, int64_t num_centroids, const Code* codes, i
     while (pd < hi && (!valid(pd) || pr >= lens[pd])) ++pd, pr = 0;
     if (pd >= hi) return;
     const int64_t code = static_cast<int64_t>(codes[starts[pd] + pr++]);
-    if (keep == nullptr || (code >= 0 && code < num_centroids && keep[code])) PrefetchRow(S, num_centroids, code);
+    if (code < 0 || code >= num_centroids || (slot != nullptr && slot[code] == 0)) return;  // the masked row: in L1
+    const float* row = InteractionRow(S, table, slot, 32, code);
+    __builtin_prefetch(row);
+    __builtin_prefetch(row + 16);
   };
+  for (int64_t d = lo; d < std::min(hi, lo + kPrefetchDocs); ++d) PrefetchCodes(codes, num_rows, starts, lens, d);
   for (int64_t i = 0; i < kPrefetchRows; ++i) prefetch_next();
   alignas(32) float acc[32];
   for (int64_t d = lo; d < hi; ++d) {
+    if (d + kPrefetchDocs < hi) PrefetchCodes(codes, num_rows, starts, lens, d + kPrefetchDocs);
     if (!valid(d)) {
       out[d] = -std::numeric_limits<float>::infinity();
       continue;
@@ -260,7 +301,7 @@ void ScoreDocs32Avx2(const float* S, int64_t num_centroids, const Code* codes, i
       prefetch_next();
       const int64_t code = static_cast<int64_t>(c[r]);
       if (code < 0 || code >= num_centroids) continue;  // padding: never part of a document
-      const float* row = keep == nullptr || keep[code] ? S + code * 32 : kMaskedRow.scores;  // as ScoreDocs
+      const float* row = InteractionRow(S, table, slot, 32, code);
       const __m256 r0 = _mm256_loadu_ps(row), r1 = _mm256_loadu_ps(row + 8);
       const __m256 r2 = _mm256_loadu_ps(row + 16), r3 = _mm256_loadu_ps(row + 24);
       a0 = _mm256_max_ps(a0, r0);  // acc > row ? acc : row, as Max
@@ -325,12 +366,14 @@ ffi::Error CentroidInteraction(ffi::ThreadPool pool, ffi::AnyBuffer S, ffi::Buff
   const int64_t per_query_tasks = (n + kDocsPerTask - 1) / kDocsPerTask;
   const int64_t tasks = batch * per_query_tasks;
 
-  // Each query's keep flags (KeepFlags), once per (S, threshold) pair, before its documents' tasks read them.
+  // Each query's kept rows (KeptRows), once per (S, threshold) pair, before its documents' tasks read them.
   const int64_t flag_sets = s_batch == 1 && t_batch == 1 ? 1 : batch;
-  std::vector<uint8_t> keep;
+  std::vector<int32_t> slots;
+  std::vector<std::vector<uint16_t>> half_tables(half ? flag_sets : 0);
+  std::vector<std::vector<float>> float_tables(half ? 0 : flag_sets);
   std::vector<uint8_t> prune(flag_sets);
   if (n > 0 && batch > 0) {
-    keep.resize(flag_sets * num_centroids);
+    slots.resize(flag_sets * num_centroids);
     for (int64_t f = 0; f < flag_sets; ++f) {
       prune[f] = t_data[t_batch == 1 ? 0 : f] > -std::numeric_limits<float>::infinity();
     }
@@ -338,11 +381,11 @@ ffi::Error CentroidInteraction(ffi::ThreadPool pool, ffi::AnyBuffer S, ffi::Buff
       if (!prune[f]) return;
       const int64_t at = (s_batch == 1 ? 0 : f) * num_centroids * lq;
       const float t = t_data[t_batch == 1 ? 0 : f];
-      uint8_t* flags = keep.data() + f * num_centroids;
+      int32_t* slot = slots.data() + f * num_centroids;
       if (half) {
-        KeepFlags(static_cast<const uint16_t*>(S.untyped_data()) + at, num_centroids, lq, t, flags);
+        KeptRows(static_cast<const uint16_t*>(S.untyped_data()) + at, num_centroids, lq, t, slot, half_tables[f]);
       } else {
-        KeepFlags(static_cast<const float*>(S.untyped_data()) + at, num_centroids, lq, t, flags);
+        KeptRows(static_cast<const float*>(S.untyped_data()) + at, num_centroids, lq, t, slot, float_tables[f]);
       }
     });
   }
@@ -352,26 +395,28 @@ ffi::Error CentroidInteraction(ffi::ThreadPool pool, ffi::AnyBuffer S, ffi::Buff
     const int64_t lo = (t % per_query_tasks) * kDocsPerTask;
     const int64_t hi = std::min<int64_t>(lo + kDocsPerTask, n);
     const int64_t f = flag_sets == 1 ? 0 : b;
-    const uint8_t* kept = prune[f] ? keep.data() + f * num_centroids : nullptr;
+    const int32_t* slot = prune[f] ? slots.data() + f * num_centroids : nullptr;
     const int64_t at = (s_batch == 1 ? 0 : b) * num_centroids * lq;
     const Code* cb = c_data + (c_batch == 1 ? 0 : b) * num_rows;
     const int32_t* sb = st + (st_batch == 1 ? 0 : b) * n;
     const int32_t* lb = ln + (ln_batch == 1 ? 0 : b) * n;
     if (half) {
       const uint16_t* sd = static_cast<const uint16_t*>(S.untyped_data()) + at;
+      const uint16_t* table = slot != nullptr ? half_tables[f].data() : nullptr;
       auto run = lq == 32 ? ScoreDocs<Code, 32, uint16_t> : ScoreDocs<Code, 0, uint16_t>;
-      run(sd, num_centroids, lq, cb, num_rows, sb, lb, kept, o + b * n, lo, hi);
+      run(sd, num_centroids, lq, cb, num_rows, sb, lb, table, slot, o + b * n, lo, hi);
       return;
     }
     const float* sd = static_cast<const float*>(S.untyped_data()) + at;
+    const float* table = slot != nullptr ? float_tables[f].data() : nullptr;
 #if defined(COLBERT_JAX_INTERACTION_AVX2)
     if (lq == 32) {
-      ScoreDocs32Avx2(sd, num_centroids, cb, num_rows, sb, lb, kept, o + b * n, lo, hi);
+      ScoreDocs32Avx2(sd, num_centroids, cb, num_rows, sb, lb, table, slot, o + b * n, lo, hi);
       return;
     }
 #endif
     auto run = lq == 32 ? ScoreDocs<Code, 32, float> : ScoreDocs<Code, 0, float>;
-    run(sd, num_centroids, lq, cb, num_rows, sb, lb, kept, o + b * n, lo, hi);
+    run(sd, num_centroids, lq, cb, num_rows, sb, lb, table, slot, o + b * n, lo, hi);
   };
   RunTasks(pool, tasks, rows, kRowsPerThread, task);
   return ffi::Error::Success();
