@@ -4,12 +4,15 @@ on int16 operands (`query_quantization="int16"`: "int16 products"), and float32 
 alone), against colbert-ai's encoder (torch), side by side, on the same checkpoint and query texts.
 
     python scripts/bench_encoder.py [--queries 500] [--repeats 3] [--ref-python /work/refvenv/bin/python]
-                                    [--index DIR [--index-queries TSV]]
+                                    [--index DIR [--index-queries TSV]] [--checkpoint DIR] [--variants ...]
 
-Checkpoint: the packaged MiniLM (default model). Queries: the first 4-9 words of seeded random passages of the
-built-in corpus (as `scripts/bench_search.py` draws them). Each repeat runs every system in a fresh process,
-one after the other (a noisy machine slows neighbours alike); per system: single-query encoding p50 (one text
-at a time, tokenisation included) and batched ms per query (all queries in batches of 64, median of 3 passes).
+Checkpoint: the packaged MiniLM (default model), or --checkpoint, a ColBERT checkpoint both libraries load
+(colbert-ai's layout: e.g. BERT-base with random weights from `scripts/bench_backbones.py --build`; speed does
+not depend on the weights); --variants picks our rows (default: all). Queries: the first 4-9 words of seeded
+random passages of the built-in corpus (as `scripts/bench_search.py` draws them). Each repeat runs every
+system in a fresh process, one after the other (a noisy machine slows neighbours alike); per system:
+single-query encoding p50 (one text at a time, tokenisation included) and batched ms per query (all queries in
+batches of 64, median of 3 passes).
 Prints medians over repeats with their min-max spread, ratios to colbert-ai, and, with --index (an index by
 the default model: of the built-in corpus for the bench queries, or of the collection --index-queries was
 written for, e.g. tests/fixtures/collections/stdlib_2k.tsv with queries_2k.tsv), each variant's worst query
@@ -41,7 +44,7 @@ import colbert_jax
 from colbert_jax.default_model import default_checkpoint
 texts = [line.split("\\t", 1)[1] for line in open(sys.argv[1]).read().splitlines()]
 settings = json.loads(sys.argv[2])
-model = colbert_jax.load_checkpoint(str(default_checkpoint()))
+model = colbert_jax.load_checkpoint(sys.argv[3] if len(sys.argv) > 3 else str(default_checkpoint()))
 if settings:
     model = model.replace_config(**settings)
 model.encode_queries(texts, bsize=64)  # compiles every batch shape used below
@@ -141,6 +144,9 @@ def main() -> None:
     ap.add_argument("--index", help="an index by the default model: also report cosines and overlap@10")
     ap.add_argument("--index-queries", help="queries TSV for the --index figures (default: the bench queries)")
     ap.add_argument("--json", help="also write every run's figures (and the quality figures) here")
+    ap.add_argument("--checkpoint", help="a ColBERT checkpoint (colbert-ai layout) instead of the packaged MiniLM")
+    names = [*VARIANTS, *ENV_VARIANTS]
+    ap.add_argument("--variants", nargs="+", choices=names, default=names, metavar="NAME", help=f"of {names}")
     args = ap.parse_args()
     from colbert_jax.default_model import default_checkpoint
     from colbert_jax.quickstart import corpus_file
@@ -148,16 +154,25 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-encoder-"))
     queries = work / "queries.tsv"
     write_queries(corpus_file(), queries, args.queries)
+    if args.index and args.checkpoint:
+        ap.error("--index's figures are for the packaged model's index: not with --checkpoint")
+    checkpoint = str(Path(args.checkpoint).resolve()) if args.checkpoint else str(default_checkpoint())
     ours = {name: (s, None) for name, s in VARIANTS.items()} | ENV_VARIANTS
-    systems = {name: ([sys.executable, "-c", OURS, str(queries), json.dumps(s)], e) for name, (s, e) in ours.items()}
+    ours = {name: ours[name] for name in args.variants}
+    systems = {}
+    for name, (settings, env) in ours.items():
+        systems[name] = ([sys.executable, "-c", OURS, str(queries), json.dumps(settings), checkpoint], env)
     if Path(args.ref_python).exists():
-        systems["colbert-ai"] = ([args.ref_python, "-c", REF, str(queries), str(default_checkpoint())], None)
+        systems["colbert-ai"] = ([args.ref_python, "-c", REF, str(queries), checkpoint], None)
     results: dict[str, list[dict]] = {name: [] for name in systems}
     for _ in range(args.repeats):
         for name, (cmd, env) in systems.items():
             results[name].append(run(cmd, env))
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), "?")
-    print(f"{cpu}, {os.cpu_count()} CPUs, {platform.python_version()}; {args.queries} queries, {args.repeats} repeats")
+    print(
+        f"{cpu}, {os.cpu_count()} CPUs, {platform.python_version()}; {args.queries} queries, {args.repeats} repeats; "
+        f"checkpoint {args.checkpoint or 'the packaged MiniLM'}"
+    )
     from colbert_jax import native
 
     auto = {
