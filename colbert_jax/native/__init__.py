@@ -56,6 +56,7 @@ __all__ = [
     "bf16_products_fast",
     "query_products_by_speed",
     "measured_rates",
+    "full_width_fma",
     "dense_bf16",
     "dense_bf16_vectorized",
     "pack_dense_bf16",
@@ -313,16 +314,25 @@ _MAXSIM_CODES = {"vector": 0, "amx": 1, "table": 2}  # plaid_cpu.cc's `implement
 
 
 def _maxsim_auto(lq: int, per_byte: int) -> str:
-    """amx where the CPU has AMX-BF16; the nibble table on AVX-512 at nbits 1 and 2 (a nibble then holds two or
-    four dimensions, and its lookup beats their FMAs; at nbits 4 one dimension a nibble, it loses to them);
-    else the vector unit's products."""
+    """amx where the CPU has AMX-BF16; the nibble table at nbits 1 and 2 on AVX-512 CPUs whose 512-bit FMAs run
+    at half width or on one unit (a nibble then holds two or four dimensions, and its lookups beat their FMAs
+    there; at nbits 4, one dimension a nibble, they lose to them); else the vector unit's products (with two
+    full-width FMA units those run at twice the rate, and beat the table's lookups: `full_width_fma`)."""
     if lq != 32:
         return "vector"
     if amx_bf16_available():
         return "amx"
-    if vector_bits() >= 512 and per_byte >= 4:
+    if vector_bits() >= 512 and per_byte >= 4 and not full_width_fma():
         return "table"
     return "vector"
+
+
+def full_width_fma() -> bool:
+    """Whether this CPU issues twice as many float32 multiply-adds a cycle with 512-bit FMAs as with 256-bit ones
+    (two full-width units: AMD Zen 5, Intel Xeons with two FMA units; not AMD Zen 4, which runs them as two
+    halves), by `rates.cc`'s probe, measured once per process and rounded to a power of two; False without
+    AVX-512."""
+    return 0.0 < _measured_rate("f32_256", lambda: vector_bits() >= 512) < 1.0
 
 
 def exact_maxsim(
@@ -446,8 +456,8 @@ _rates: dict[str, float] = {}  # as measured, by kind
 
 
 def _measured_rate(kind: str, built: Callable[[], bool]) -> float:
-    """`rates.cc`'s probe for `kind` ("int8", "int16", "bf16"), run once per process, rounded to the nearest power
-    of two; 0.0 where `built()` is false.
+    """`rates.cc`'s probe for `kind` ("int8", "int16", "bf16", "f32_256"), run once per process, rounded to the
+    nearest power of two; 0.0 where `built()` is false.
 
     Rounded because the choice it feeds must not depend on the moment: cores issue each instruction kind at 1, 2
     or 4 times float32's multiply-add rate, and the raw reading moves with the machine's load (seen: two processes

@@ -524,10 +524,11 @@ void MaxSimDocs(const float* qt, int64_t lq_runtime, int64_t dim, const float* S
   }
 }
 
-// MaxSimDocs for 32 query tokens, four rows of a document at a time (two without AVX-512): the same terms in the same order per
-// row (each row's dot product accumulates dimension after dimension), but four rows' products are independent
+// MaxSimDocs for 32 query tokens, kRows rows of a document at a time: the same terms in the same order per row
+// (each row's dot product accumulates dimension after dimension), but the rows' products are independent
 // chains, so the vector unit is not waiting on one accumulator's latency; each column of Q is loaded once for
-// the four.
+// them all. On AVX-512 twelve rows, 24 sums: a core with two full-width FMA units keeps about 8 FMAs in flight
+// (four rows, 8 sums, ran it at half its rate); two rows without AVX-512.
 // PerByte: the values a byte holds (8 / nbits) as a constant, so that the loop over them unrolls (0: `per_byte`).
 template <typename Code, int PerByte>
 void MaxSimDocs32(const float* qt, const float* S, const int32_t* slot, int64_t num_centroids, const Code* codes,
@@ -536,7 +537,7 @@ void MaxSimDocs32(const float* qt, const float* S, const int32_t* slot, int64_t 
                   int64_t lo, int64_t hi) {
   if (PerByte != 0) per_byte = PerByte;
 #if defined(__AVX512F__)
-  constexpr int kRows = 4;
+  constexpr int kRows = 12;
 #else
   // a Vec16 is two 256-bit registers here: four rows' sums (16 registers) would not fit in AVX2's 16 with the
   // column and the broadcast, and spilled, ran at half the jnp path's speed (measured on an AMD EPYC)
@@ -568,7 +569,7 @@ void MaxSimDocs32(const float* qt, const float* S, const int32_t* slot, int64_t 
             }
           }
         }
-#pragma GCC unroll 4
+#pragma GCC unroll 16
         for (int i = 0; i < kRows; ++i) {  // a constant bound, so that the sums stay in registers
           if (i >= rows) break;
           const int64_t code = static_cast<int64_t>(codes[row + i]);

@@ -1,7 +1,8 @@
 // One core's multiply-add rates by instruction, for choosing the query encoder's products
-// (`colbert_jax.native.int8_over_f32_rate`, `bf16_over_f32_rate`, `query_products_by_speed`): int8 multiply-adds
+// (`colbert_jax.native.int8_over_f32_rate`, `bf16_over_f32_rate`, `query_products_by_speed`) and stage 6's
+// kernel (`full_width_fma`): int8 multiply-adds
 // (`vpdpbusd`, 64 a 512-bit instruction), int16 ones (`vpdpwssd`, 32) and bfloat16 ones (`vdpbf16ps`, 32) over
-// float32 ones (`vfmadd`, 16).
+// float32 ones (`vfmadd`, 16), and float32 ones on 256-bit vectors (8).
 // Each is a register-resident loop of 16 independent chains, timed alternately with float32's, the fastest of 5
 // turns each (a few milliseconds in all); the Python side rounds each to a power of two, so that load on the
 // machine does not change the choice. Measured on AMD Zen 4 and Zen 5: int8 4x float32, bfloat16 and int16 2x.
@@ -39,6 +40,26 @@ double F32Loop(float* sink) {
   const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
 #define COLBERT_JAX_FSUM(i) *sink += _mm512_reduce_add_ps(f##i);
   COLBERT_JAX_CHAINS(COLBERT_JAX_FSUM)
+  return seconds;
+}
+
+// The same chains as F32Loop on 256-bit vectors (8 multiply-adds an instruction): cores that run a 512-bit FMA
+// as two 256-bit halves, or have one 512-bit FMA unit, issue as many multiply-adds either way; cores with two
+// full-width units, twice as many at 512 bits.
+double F32Loop256(float* sink) {
+#define COLBERT_JAX_F8DECL(i) __m256 e##i = _mm256_set1_ps(i * 0.001f);
+  COLBERT_JAX_CHAINS(COLBERT_JAX_F8DECL)
+  __m256 b = _mm256_set1_ps(0.999f), c = _mm256_set1_ps(0.0001f);
+  const auto t0 = Clock::now();
+  for (long i = 0; i < kSteps; ++i) {
+#define COLBERT_JAX_F8STEP(i) e##i = _mm256_fmadd_ps(e##i, b, c);
+    COLBERT_JAX_CHAINS(COLBERT_JAX_F8STEP)
+    __asm__ volatile("" : "+v"(b));
+  }
+  const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+  alignas(32) float lanes[8];
+#define COLBERT_JAX_F8SUM(i) _mm256_store_ps(lanes, e##i); *sink += lanes[0];
+  COLBERT_JAX_CHAINS(COLBERT_JAX_F8SUM)
   return seconds;
 }
 
@@ -116,6 +137,16 @@ double Bf16Loop(float* sink) {
 #endif
 
 }  // namespace
+
+// 256-bit float32 multiply-adds over 512-bit ones: 1 where 512-bit FMAs run at half width (AMD Zen 4) or on one
+// unit, 0.5 where on two full-width units (AMD Zen 5; Intel Xeons with two FMA units). 0.0 without AVX-512.
+extern "C" double colbert_jax_f32_256_over_f32_rate() {
+#if defined(__AVX512F__)
+  return OverF32(8.0, F32Loop256);
+#else
+  return 0.0;
+#endif
+}
 
 // 0.0 where the library is not built with AVX-512 VNNI (callers check `colbert_jax_int8_vnni` first).
 extern "C" double colbert_jax_int8_over_f32_rate() {

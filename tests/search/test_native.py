@@ -237,6 +237,34 @@ def test_exact_maxsim_refuses_what_it_cannot_run():
     assert native.exact_maxsim(Q, S, *rows, *docs).shape == (1, 16)
 
 
+def test_stage6_kernel_follows_the_fma_width(monkeypatch):
+    """Stage 6's "auto": the tiles where there is AMX-BF16; the nibble table at nbits 1-2 on AVX-512 cores whose
+    512-bit FMAs issue no more multiply-adds than 256-bit ones (Zen 4: halves; one FMA unit); the products on the
+    vector unit where they issue twice as many (Zen 5; Xeons with two units), at nbits 4, and without AVX-512. The
+    width probe reads 1 or 0.5 after rounding (0 without AVX-512), once per process, and readings up to 25% off
+    choose alike."""
+    full = native.full_width_fma()
+    reading = native._measured_rate("f32_256", lambda: native.vector_bits() >= 512)
+    if native.vector_bits() >= 512:
+        assert reading in (0.5, 1.0), native.measured_rates()
+        assert full == (reading == 0.5)
+    else:
+        assert reading == 0.0 and not full
+    assert native.full_width_fma() == full  # measured once per process
+    monkeypatch.setattr(native, "amx_bf16_available", lambda: False)
+    monkeypatch.setattr(native, "vector_bits", lambda: 512)
+    for raw, per_byte, chosen in [(1.0, 4, "table"), (1.0, 8, "table"), (1.0, 2, "vector"), (0.5, 4, "vector")]:
+        for noise in (0.75, 1.0, 1.25):
+            monkeypatch.setattr(native, "_rates", {"f32_256": raw * noise})
+            assert native._maxsim_auto(32, per_byte) == chosen, (raw, noise, per_byte)
+            assert native._maxsim_auto(16, per_byte) == "vector"
+    monkeypatch.setattr(native, "vector_bits", lambda: 256)
+    monkeypatch.setattr(native, "_rates", {})
+    assert native._maxsim_auto(32, 4) == "vector"
+    monkeypatch.setattr(native, "amx_bf16_available", lambda: True)
+    assert native._maxsim_auto(32, 4) == "amx"
+
+
 def _rankings(searcher, Q, k):
     ranking = searcher.search_all(list(Q), k=k).todict()
     return [ranking[i] for i in range(len(Q))]
