@@ -106,10 +106,10 @@ def top_k(scores: jax.Array, survivors: jax.Array, a: IndexArrays, k: int) -> tu
     """The global top k over shards of the survivors' exact scores -> (global positions (-1: none), scores)."""
     scores = jnp.where(survivors < a.sentinel, scores, NEG_INF)
     kk = min(k, survivors.shape[0])
-    local_scores, local_best = jax.lax.top_k(scores, kk)
+    local_scores, local_best = native.top_k(scores, kk)
     all_scores = jax.lax.all_gather(local_scores, AXIS).reshape(-1)
     all_pos = jax.lax.all_gather(survivors[local_best] + a.first, AXIS).reshape(-1)
-    best_scores, best = jax.lax.top_k(all_scores, kk)
+    best_scores, best = native.top_k(all_scores, kk)
     return jnp.where(best_scores > NEG_INF, all_pos[best], -1), best_scores
 
 

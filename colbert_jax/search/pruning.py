@@ -115,10 +115,10 @@ def _global_top(values: jax.Array, ids: jax.Array, n: int) -> jax.Array:
     """The ids of the n best values over all shards. Each shard's `ids` are descending global positions,
     shards are concatenated last-first, so ties go to the larger position, as on one device."""
     n_local = min(n, values.shape[0])
-    best_v, best_ids = jax.lax.top_k(values, n_local)
+    best_v, best_ids = native.top_k(values, n_local)
     all_v = jax.lax.all_gather(best_v, AXIS)[::-1].reshape(-1)
     all_ids = jax.lax.all_gather(ids[best_ids], AXIS)[::-1].reshape(-1)
-    chosen_v, chosen = jax.lax.top_k(all_v, min(n, all_v.shape[0]))
+    chosen_v, chosen = native.top_k(all_v, min(n, all_v.shape[0]))
     return jnp.where(chosen_v > NEG_INF, all_ids[chosen], -1)
 
 

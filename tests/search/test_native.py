@@ -237,6 +237,33 @@ def test_exact_maxsim_refuses_what_it_cannot_run():
     assert native.exact_maxsim(Q, S, *rows, *docs).shape == (1, 16)
 
 
+@pytest.mark.parametrize("n, k", [(1000, 1), (1000, 10), (1000, 256), (1000, 1000), (64, 10), (3, 2)])
+def test_top_k_equals_lax_top_k(n, k):
+    """`native.top_k` (stages 3-5's rankings on the CPU) gives `jax.lax.top_k`'s values and indices bit for bit:
+    ties to the lower index, -0 below +0, -NaN < -inf < ... < +inf < +NaN, under jit and vmap; other dtypes
+    go to lax.top_k."""
+    assert native.enabled()
+    rng = np.random.default_rng(n + k)
+    x = rng.normal(size=(5, n)).astype(np.float32)
+    x[:, ::3] = np.round(x[:, ::3])  # ties
+    x[0, : n // 2] = -0.0
+    x[0, n // 2 :: 2] = 0.0
+    x[1, ::2] = -np.inf
+    x[2, -1] = np.inf
+    x[3, 1] = np.nan
+    x[3, 2] = -np.nan
+    x[4] = 0.0
+    want_v, want_i = jax.lax.top_k(x, k)
+    got_v, got_i = jax.jit(lambda v: native.top_k(v, k))(x)
+    np.testing.assert_array_equal(np.asarray(got_i), np.asarray(want_i))
+    np.testing.assert_array_equal(np.asarray(got_v).view(np.uint32), np.asarray(want_v).view(np.uint32))
+    mapped_v, mapped_i = jax.jit(jax.vmap(lambda v: native.top_k(v, k)))(x[:, None, :])
+    np.testing.assert_array_equal(np.asarray(mapped_i)[:, 0], np.asarray(want_i))
+    np.testing.assert_array_equal(np.asarray(mapped_v)[:, 0].view(np.uint32), np.asarray(want_v).view(np.uint32))
+    ints = jnp.asarray(rng.integers(0, 5, size=(2, n)), jnp.int32)
+    np.testing.assert_array_equal(native.top_k(ints, k)[1], jax.lax.top_k(ints, k)[1])
+
+
 def test_stage6_kernel_follows_the_fma_width(monkeypatch):
     """Stage 6's "auto": the tiles where there is AMX-BF16; the nibble table at nbits 1-2 on AVX-512 cores whose
     512-bit FMAs issue no more multiply-adds than 256-bit ones (Zen 4: halves; one FMA unit); the products on the
