@@ -19,6 +19,7 @@ shift 2
 repo=$(cd "$(dirname "$0")/.." && pwd)
 python=${PYTHON:-$repo/.venv/bin/python}
 out=${OUT:-$(mktemp -d /tmp/ab-cpu-parts.XXXXXX)}
+mkdir -p "$out"
 tree=$(mktemp -d /tmp/ab-base.XXXXXX)
 git -C "$repo" worktree add -q --detach "$tree" "$base"
 trap 'git -C "$repo" worktree remove --force "$tree"' EXIT
