@@ -26,40 +26,30 @@ constexpr int kTurns = 5;
 #define COLBERT_JAX_CHAINS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12) X(13) X(14) X(15)
 
 #if defined(__AVX512F__)
-// Seconds for kSteps x 16 float32 FMAs; `sink` keeps the chains' results live.
+inline __m512 Splat(float x, __m512) { return _mm512_set1_ps(x); }
+inline __m256 Splat(float x, __m256) { return _mm256_set1_ps(x); }
+inline __m512 Fma(__m512 a, __m512 b, __m512 c) { return _mm512_fmadd_ps(a, b, c); }
+inline __m256 Fma(__m256 a, __m256 b, __m256 c) { return _mm256_fmadd_ps(a, b, c); }
+inline float FirstLane(__m512 v) { return _mm512_cvtss_f32(v); }
+inline float FirstLane(__m256 v) { return _mm256_cvtss_f32(v); }
+
+// Seconds for kSteps x 16 float32 FMAs on vectors V; `sink` keeps the chains' results live. On 256-bit vectors
+// (8 multiply-adds an instruction) cores that run a 512-bit FMA as two 256-bit halves, or have one 512-bit FMA
+// unit, issue as many multiply-adds as on 512-bit ones; cores with two full-width units, half as many.
+template <typename V>
 double F32Loop(float* sink) {
-#define COLBERT_JAX_FDECL(i) __m512 f##i = _mm512_set1_ps(i * 0.001f);
+#define COLBERT_JAX_FDECL(i) V f##i = Splat(i * 0.001f, V{});
   COLBERT_JAX_CHAINS(COLBERT_JAX_FDECL)
-  __m512 b = _mm512_set1_ps(0.999f), c = _mm512_set1_ps(0.0001f);
+  V b = Splat(0.999f, V{}), c = Splat(0.0001f, V{});
   const auto t0 = Clock::now();
   for (long i = 0; i < kSteps; ++i) {
-#define COLBERT_JAX_FSTEP(i) f##i = _mm512_fmadd_ps(f##i, b, c);
+#define COLBERT_JAX_FSTEP(i) f##i = Fma(f##i, b, c);
     COLBERT_JAX_CHAINS(COLBERT_JAX_FSTEP)
     __asm__ volatile("" : "+v"(b));  // b opaque: the loop is not folded
   }
   const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
-#define COLBERT_JAX_FSUM(i) *sink += _mm512_reduce_add_ps(f##i);
+#define COLBERT_JAX_FSUM(i) *sink += FirstLane(f##i);
   COLBERT_JAX_CHAINS(COLBERT_JAX_FSUM)
-  return seconds;
-}
-
-// The same chains as F32Loop on 256-bit vectors (8 multiply-adds an instruction): cores that run a 512-bit FMA
-// as two 256-bit halves, or have one 512-bit FMA unit, issue as many multiply-adds either way; cores with two
-// full-width units, twice as many at 512 bits.
-double F32Loop256(float* sink) {
-#define COLBERT_JAX_F8DECL(i) __m256 e##i = _mm256_set1_ps(i * 0.001f);
-  COLBERT_JAX_CHAINS(COLBERT_JAX_F8DECL)
-  __m256 b = _mm256_set1_ps(0.999f), c = _mm256_set1_ps(0.0001f);
-  const auto t0 = Clock::now();
-  for (long i = 0; i < kSteps; ++i) {
-#define COLBERT_JAX_F8STEP(i) e##i = _mm256_fmadd_ps(e##i, b, c);
-    COLBERT_JAX_CHAINS(COLBERT_JAX_F8STEP)
-    __asm__ volatile("" : "+v"(b));
-  }
-  const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
-  alignas(32) float lanes[8];
-#define COLBERT_JAX_F8SUM(i) _mm256_store_ps(lanes, e##i); *sink += lanes[0];
-  COLBERT_JAX_CHAINS(COLBERT_JAX_F8SUM)
   return seconds;
 }
 
@@ -69,7 +59,7 @@ double OverF32(double macs, Loop other) {
   double f32 = 1e30, low = 1e30;
   float sink = 0.0f;
   for (int turn = 0; turn < kTurns; ++turn) {
-    f32 = std::min(f32, F32Loop(&sink));
+    f32 = std::min(f32, F32Loop<__m512>(&sink));
     low = std::min(low, other(&sink));
   }
   volatile float keep = sink;
@@ -142,7 +132,7 @@ double Bf16Loop(float* sink) {
 // unit, 0.5 where on two full-width units (AMD Zen 5; Intel Xeons with two FMA units). 0.0 without AVX-512.
 extern "C" double colbert_jax_f32_256_over_f32_rate() {
 #if defined(__AVX512F__)
-  return OverF32(8.0, F32Loop256);
+  return OverF32(8.0, F32Loop<__m256>);
 #else
   return 0.0;
 #endif
