@@ -213,8 +213,8 @@ constexpr int64_t kPrefetchDocs = 6;  // documents ahead whose codes ScoreDocs r
 // range). always_inline: GCC 12 took this helper, whose only effect is `__builtin_prefetch`, for one without
 // effects and dropped its calls.
 template <typename Code>
-__attribute__((always_inline)) inline void PrefetchCodes(const Code* codes, int64_t num_rows, const int32_t* starts, const int32_t* lens,
-                          int64_t d) {
+__attribute__((always_inline)) inline void PrefetchCodes(const Code* codes, int64_t num_rows, const int32_t* starts,
+                                                         const int32_t* lens, int64_t d) {
   const int64_t start = starts[d], len = lens[d];
   if (len <= 0 || start < 0 || start + len > num_rows) return;
   const char* first = reinterpret_cast<const char*>(codes + start);
@@ -228,9 +228,9 @@ __attribute__((always_inline)) inline void PrefetchCodes(const Code* codes, int6
 
 // kLq: the number of query tokens when known at compile time (0: `lq`, at run time). Known, the per-token
 // arrays below live in vector registers. `table`, `slot` (KeptRows; null when nothing is pruned): the rows
-// read in place of S's. The candidates' codes are a few lines each, scattered over
-// the whole index's codes (in memory at scale, where the hardware prefetcher does not follow from one document
-// to the next): each document's lines are requested kPrefetchDocs documents ahead.
+// read in place of S's. The candidates' codes are a few lines each, scattered over the whole index's codes (in
+// memory at scale, where the hardware prefetcher does not follow from one document to the next): each
+// document's lines are requested kPrefetchDocs documents ahead.
 template <typename Code, int kLq, typename T>
 void ScoreDocs(const T* S, int64_t num_centroids, int64_t lq_runtime, const Code* codes, int64_t num_rows,
                const int32_t* starts, const int32_t* lens, const T* table, const int32_t* slot, float* out,
