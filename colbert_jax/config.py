@@ -174,9 +174,9 @@ class ColBERTConfig(BaseModel):
             text = yaml.safe_dump(self.to_dict(), sort_keys=False)
         else:
             text = json.dumps(self.to_dict(), indent=4) + "\n"
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        from colbert_jax import io  # (io loads TensorStore: not for every config import)
+
+        io.write_text(path, text)
 
     def to_reference_dict(self) -> dict[str, Any]:
         """The config in colbert-ai's flat `artifact.metadata` form (our own extras left out)."""

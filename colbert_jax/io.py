@@ -2,14 +2,19 @@
 
 Every array of an index is a zarr v3 array directory written through TensorStore, in row chunks of at most
 `CHUNK_BYTES`. Its checksum is the sha256 over the array directory's files (relative path + bytes), so a
-truncated, edited or missing chunk file changes it. Writes of JSON files go to a temporary name first and
-are renamed into place; directories are built under a temporary name and renamed when complete.
+truncated, edited or missing chunk file changes it. Files (`atomic_file`, `write_text`, `write_json`,
+`save_npy`) go to a temporary name first, are flushed to disk and renamed into place, and the rename itself is
+flushed (the directory fsynced): after a kill or a power loss a file is whole, old or new. Directories are built
+under a temporary name, flushed, and renamed when complete (`replace_dir`). Writers of one directory take its
+lock (`locked_dir`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
+import fcntl
 import glob
 import hashlib
 import json
@@ -17,9 +22,9 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import tensorstore as ts
@@ -32,9 +37,14 @@ __all__ = [
     "open_array",
     "read_array",
     "array_checksum",
+    "atomic_file",
+    "write_text",
     "write_json",
     "read_json",
     "replace_dir",
+    "locked_dir",
+    "lock_file",
+    "LockedError",
     "work_dir",
     "check_target",
 ]
@@ -141,12 +151,34 @@ def save_safetensors(tensors: dict[str, np.ndarray], path: str | os.PathLike, me
         raise
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Writes JSON atomically (temporary file + rename)."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
+    """Opens a temporary file beside `path` for writing; when the block ends without an error the file is flushed
+    to disk (fsync), renamed over `path` and the rename flushed (the directory fsynced), so that a kill or a
+    power loss leaves `path` whole, old or new; on an error the temporary file is removed and `path` untouched."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, mode, **kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Writes a text file atomically and durably (`atomic_file`)."""
+    with atomic_file(path, encoding="utf-8") as f:
+        f.write(text)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Writes JSON atomically and durably (`atomic_file`)."""
+    write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -154,12 +186,82 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
-    """np.save, atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
+    """np.save, atomically and durably (`atomic_file`)."""
+    with atomic_file(path, "wb") as f:
         np.save(f, array)
-    os.replace(tmp, path)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flushes a directory's entries (a rename or a new file in it) to disk."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EPERM):  # a directory we may write but not read: nothing to flush by
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):  # filesystems that cannot sync directories
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: str | os.PathLike) -> None:
+    """Flushes every file and directory under `path` (and `path`) to disk, before it is renamed into place: a
+    rename can reach the disk before the data it names."""
+    path = Path(path)
+    for root, _, files in os.walk(path, topdown=False):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(root)
+
+
+class LockedError(RuntimeError):
+    """Another process holds a lock taken without waiting (`lock_file(..., wait=False)`)."""
+
+
+@contextlib.contextmanager
+def lock_file(lock: str | os.PathLike, *, wait: bool = True, what: str = "") -> Iterator[None]:
+    """Holds an exclusive lock on the file `lock` (created if missing), released by the kernel if the holder
+    dies. Robust to the file being replaced or removed while we wait: the lock counts only once the file we
+    locked is still the one at `lock`. wait=False: `LockedError` naming `what` if another process holds it."""
+    lock = Path(lock)
+    while True:
+        f = open(lock, "a")
+        try:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                raise LockedError(f"{what or lock} is locked by another process (lock file {lock})") from None
+            try:
+                current = os.stat(lock)
+            except FileNotFoundError:
+                current = None
+            held = os.fstat(f.fileno())
+            if current is not None and (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino):
+                break
+        except BaseException:
+            f.close()
+            raise
+        f.close()  # replaced while we waited: lock the file now there
+    try:
+        yield
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
+
+
+def locked_dir(path: str | os.PathLike) -> contextlib.AbstractContextManager[None]:
+    """The writers' lock of directory `path` (an index): one writer at a time. The lock file lives in the
+    directory, so a writer that replaces the whole directory (`replace_dir`, e.g. a rebuild) takes the lock
+    first; a writer that was waiting then finds its lock file gone from `path` and takes the new directory's."""
+    return lock_file(Path(path) / ".lock")
 
 
 def work_dir(target: str | os.PathLike) -> Path:
@@ -193,19 +295,25 @@ def _alive(pid: int) -> bool:
 def replace_dir(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Moves the finished directory `src` to `dst`, replacing `dst` only once `src` is in place.
 
-    An existing `dst` is swapped with `src` in one step (Linux renameat2 RENAME_EXCHANGE), so a kill at any
-    moment leaves `dst` old or new, never absent; the old one, now at `src`, is deleted after. Where the
-    swap is unavailable, two renames leave a moment without `dst` (the old one is then at `.NAME.old<pid>`).
+    `src` is flushed to disk first and the rename after, so a power loss cannot leave `dst` naming files whose
+    data never reached the disk. An existing `dst` is swapped with `src` in one step (Linux renameat2
+    RENAME_EXCHANGE), so a kill at any moment leaves `dst` old or new, never absent; the old one, now at `src`,
+    is deleted after. Where the swap is unavailable, two renames leave a moment without `dst` (the old one is
+    then at `.NAME.old<pid>`). A writer that may run beside others holds `locked_dir(dst)` around this.
     """
     src, dst = Path(src), Path(dst)
+    fsync_tree(src)
     if not dst.exists():
         os.replace(src, dst)
+        fsync_dir(dst.parent)
     elif _exchange(src, dst):
+        fsync_dir(dst.parent)
         shutil.rmtree(src, ignore_errors=True)
     else:
         old = dst.with_name(f".{dst.name}.old{os.getpid()}")
         os.replace(dst, old)
         os.replace(src, dst)
+        fsync_dir(dst.parent)
         shutil.rmtree(old, ignore_errors=True)
 
 

@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from colbert_jax import io
+
 SAMPLE_QUERIES = [
     "compute the greatest common divisor of two integers",
     "get the current working directory",
@@ -34,11 +36,9 @@ def corpus_file() -> Path:
     path = cache_dir() / "quickstart" / f"stdlib-py{sys.version_info.major}{sys.version_info.minor}.tsv"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w") as f:
+        with io.atomic_file(path) as f:
             for pid, (title, text) in enumerate(stdlib_passages()):
                 f.write(f"{pid}\t{text}\t{title}\n")
-        tmp.replace(path)
     return path
 
 

@@ -24,6 +24,7 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import jax
@@ -177,15 +178,22 @@ class Indexer:
         work = path.parent / f".{path.name}.partial"
         self.stats = {"chunks_encoded": 0, "chunks_reused": 0, "passages_encoded": 0}
 
-        plan = self._plan(coll, work)
-        codec = self._codec(plan, work)
-        self._chunks(coll, plan, codec, work)
-        self._finalize(coll, plan, codec, work, path, t_start)
+        # One build of a path at a time: a second would clear or mix the first's work directory.
+        work_lock = work.with_name(work.name + ".lock")
         if _leader():
-            # The plan first: a kill midway through the deletion must not leave a resumable-looking plan
-            # whose chunk files are half gone.
-            (work / "plan.json").unlink(missing_ok=True)
-            shutil.rmtree(work, ignore_errors=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
+        held = io.lock_file(work_lock, wait=False, what=f"a build of {path}") if _leader() else nullcontext()
+        with held:
+            plan = self._plan(coll, work)
+            codec = self._codec(plan, work)
+            self._chunks(coll, plan, codec, work)
+            self._finalize(coll, plan, codec, work, path, t_start)
+            if _leader():
+                # The plan first: a kill midway through the deletion must not leave a resumable-looking plan
+                # whose chunk files are half gone.
+                (work / "plan.json").unlink(missing_ok=True)
+                shutil.rmtree(work, ignore_errors=True)
+                work_lock.unlink(missing_ok=True)
         _sync("done")
         return path
 
@@ -400,16 +408,15 @@ class Indexer:
             )
             centroids = kmeans.train_centroids(train, k, self.config.kmeans_niters)
         codec = ResidualCodec.train(centroids, heldout, self.config.nbits)
-        tmp = path.with_name(".codec.tmp.npz")
-        np.savez(
-            tmp,
-            centroids=codec.centroids,
-            cutoffs=codec.bucket_cutoffs,
-            weights=codec.bucket_weights,
-            nbits=codec.nbits,
-            avg_residual=codec.avg_residual,
-        )
-        os.replace(tmp, path)
+        with io.atomic_file(path, "wb") as f:
+            np.savez(
+                f,
+                centroids=codec.centroids,
+                cutoffs=codec.bucket_cutoffs,
+                weights=codec.bucket_weights,
+                nbits=codec.nbits,
+                avg_residual=codec.avg_residual,
+            )
         self.stats["codec_seconds"] = time.perf_counter() - t
 
     # -- 3. chunks ----------------------------------------------------------------------------------
@@ -551,7 +558,9 @@ class Indexer:
             )
             self.stats["finalize_seconds"] = time.perf_counter() - t
             self.stats["total_seconds"] = time.perf_counter() - t_start
-            io.replace_dir(out, path)
+            # An index already there may have a writer (add, delete, compact) in flight: swap only under its lock.
+            with io.locked_dir(path) if path.is_dir() else nullcontext():
+                io.replace_dir(out, path)
             self._log(
                 f"index written: {path} ({len(coll):,} passages, {total:,} embeddings, "
                 f"{codec.num_partitions:,} partitions, {self.stats['total_seconds']:.1f}s)"

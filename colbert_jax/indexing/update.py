@@ -9,7 +9,8 @@ Every update writes new files only, then commits by replacing `metadata.json` (o
 at any instant leaves the previous version or the new one, and files written by an update that never
 committed are removed by the next one. Files a commit stops referencing are kept for one more version (a
 reader that opened the previous version can still read them) and removed by the commit after. Writers take
-an exclusive lock (`.lock`, released by the kernel when a writer dies).
+an exclusive lock (`io.locked_dir`: `.lock`, released by the kernel when a writer dies), as does a rebuild
+before it swaps a new index in.
 
 Encoding is bit-identical to a rebuild's (`colbert_jax.indexing.encode`), so a passage added here has the
 same codes and residuals as in `Indexer(model, codec=index).index(...)` over the final collection.
@@ -17,14 +18,12 @@ same codes and residuals as in `Indexer(model, codec=index).index(...)` over the
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import fcntl
 import os
 import secrets
 import shutil
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,17 +54,6 @@ class IndexDriftWarning(UserWarning):
 def _step(name: str) -> None:
     if _fault_hook is not None:
         _fault_hook(name)
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """One writer at a time; the kernel drops the lock if the writer dies."""
-    with open(path / ".lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _units(metadata: dict[str, Any]) -> set[str]:
@@ -148,10 +136,12 @@ def _fold_fields(index: Index, path: Path, rel: str) -> dict[str, Any] | None:
     return _fields_entry(path, rel, columns)
 
 
-def _open(path: Path) -> Index:
+def _open(path: Path, *, verify: bool = False) -> Index:
+    """The index an update starts from. verify: check every array's checksum first (`compact`, which rewrites
+    the arrays: damage must stop it, not be copied into a new generation under fresh checksums)."""
     if not (Path(path) / "metadata.json").is_file():
         Index.open(path)  # raises the error that says what is wrong
-    return Index.open(path, verify=False)
+    return Index.open(path, verify=verify)
 
 
 # -- add ---------------------------------------------------------------------------------------------
@@ -166,7 +156,7 @@ def add(
     log: Callable[[str], None] = lambda m: None,
 ) -> np.ndarray:
     """See `Indexer.add`."""
-    with _locked(path):
+    with io.locked_dir(path):
         index = _open(path)
         _remove_orphans(path, index.metadata)
         model = indexer._model_for(index)
@@ -300,10 +290,15 @@ def _drift(old: dict | None, baseline, cosine: float, passages: int, embeddings:
 # -- delete ------------------------------------------------------------------------------------------
 def delete(path: Path, pids, *, log: Callable[[str], None] = lambda m: None) -> int:
     """See `Indexer.delete`."""
-    pids = np.unique(np.asarray(list(pids) if not isinstance(pids, np.ndarray) else pids).astype(np.int64))
-    if len(pids) == 0:
+    if isinstance(pids, str | bytes):
+        raise TypeError(f"pids must be a collection of integer pids, not a string ({pids!r})")
+    given = np.asarray(pids if isinstance(pids, np.ndarray) else list(pids))
+    if given.size == 0:
         raise ValueError("no pids to delete")
-    with _locked(path):
+    if given.dtype.kind not in "iu":  # a float or string pid converted would delete another passage
+        raise TypeError(f"pids must be integers, got {given.dtype} (e.g. {given.ravel()[0]!r})")
+    pids = np.unique(given.astype(np.int64))
+    with io.locked_dir(path):
         index = _open(path)
         _remove_orphans(path, index.metadata)
         positions = index.positions(pids)  # KeyError naming an unknown pid
@@ -327,8 +322,8 @@ def delete(path: Path, pids, *, log: Callable[[str], None] = lambda m: None) -> 
 # -- compact -----------------------------------------------------------------------------------------
 def compact(indexer, path: Path, *, recluster: bool = False, log: Callable[[str], None] = lambda m: None) -> None:
     """See `Indexer.compact`."""
-    with _locked(path):
-        index = _open(path)
+    with io.locked_dir(path):
+        index = _open(path, verify=True)
         _remove_orphans(path, index.metadata)
         if not index.has_updates and not recluster:
             log(f"{path} has no updates to fold in")

@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from colbert_jax import io
+
 __all__ = ["Ranking"]
 
 
@@ -41,16 +43,14 @@ class Ranking:
         return dict(self.data)
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Writes the TSV (and `<path>.meta`), atomically."""
+        """Writes the TSV (and `<path>.meta`), each atomically (the provenance first: a kill between the two
+        leaves the new provenance beside the old results, never new results beside a stale record)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        with open(tmp, "w") as f:
+        io.write_text(path.with_name(path.name + ".meta"), json.dumps(self.provenance, indent=2, default=str) + "\n")
+        with io.atomic_file(path) as f:
             for qid, pid, rank, score in self:
                 f.write(f"{qid}\t{pid}\t{rank}\t{score}\n")
-        os.replace(tmp, path)
-        meta = path.with_name(path.name + ".meta")
-        meta.write_text(json.dumps(self.provenance, indent=2, default=str) + "\n")
         return path
 
     @classmethod

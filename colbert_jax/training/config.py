@@ -12,12 +12,12 @@ or bad value is a `ConfigError` naming it. `checkpoint: default` means the packa
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from colbert_jax import io
 from colbert_jax.config import ColBERTConfig, ConfigError, _describe, load_config_file
 
 __all__ = ["TrainConfig", "TrainSettings", "MeshSettings", "DEFAULT_LOGICAL_AXIS_RULES"]
@@ -103,7 +103,8 @@ class TrainConfig(BaseModel):
         return {"colbert": self.colbert.to_dict(), "train": self.train.model_dump(mode="json")}
 
     def save(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        """Writes the config as YAML, atomically."""
+        io.write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 def apply_override(data: dict[str, dict], pair: str) -> None:

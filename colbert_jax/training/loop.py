@@ -34,6 +34,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import grain
 import jax
@@ -119,6 +120,56 @@ def _tokenize(model: ColBERTModel, batch, accum: int, nway: int) -> dict[str, np
     return {k: v.reshape(accum, v.shape[0] // accum, *v.shape[1:]) for k, v in out.items()}
 
 
+# Settings a resumed run may change: how the run is kept, logged, laid out on devices and how long it goes on.
+# Any other difference from the run's config.yaml would make the resumed steps another training than the
+# first ones (and overwrite the record of the settings those used).
+RESUMABLE_CHANGES = frozenset(
+    {
+        "colbert.maxsteps",
+        "train.epochs",
+        "train.save_every",
+        "train.keep_checkpoints",
+        "train.log_every",
+        "train.export",
+        "train.peak_flops_per_device",
+        "train.tensorboard",
+        "train.mesh",
+        "train.logical_axis_rules",
+        "train.remat",
+    }
+)
+_PATH_SETTINGS = ("colbert.checkpoint", "colbert.triples", "colbert.queries", "colbert.collection")
+
+
+def _flat_settings(config: TrainConfig) -> dict[str, Any]:
+    flat = {f"{section}.{k}": v for section, values in config.to_dict().items() for k, v in values.items()}
+    for key in _PATH_SETTINGS:  # a local file or directory is the same however it was named (a hub id as given)
+        if flat.get(key) and os.path.exists(flat[key]):
+            flat[key] = os.path.realpath(flat[key])
+    return flat
+
+
+def _check_resume_config(out: Path, config: TrainConfig) -> None:
+    """Refuses to resume the run in `out` under settings that differ from its config.yaml (beyond
+    RESUMABLE_CHANGES), naming them."""
+    saved_path = out / "config.yaml"
+    if not saved_path.is_file():  # killed before its first save: nothing recorded to hold to
+        return
+    try:
+        saved = _flat_settings(TrainConfig.load(saved_path))
+    except ConfigError as e:
+        raise ConfigError(f"{out}: cannot resume, its config.yaml does not load ({e})") from None
+    new = _flat_settings(config)
+    differ = sorted(k for k in saved.keys() | new.keys() if k not in RESUMABLE_CHANGES and saved.get(k) != new.get(k))
+    if differ:
+        shown = "; ".join(f"{k}: {saved.get(k)!r} in the run, {new.get(k)!r} now" for k in differ[:4])
+        more = f" (and {len(differ) - 4} more)" if len(differ) > 4 else ""
+        raise ConfigError(
+            f"{out} holds a run with other settings ({shown}{more}): resuming would continue it as another "
+            "training. Use its settings to resume it, or overwrite=True (--overwrite) to start over"
+        )
+
+
 def is_run_dir(path: str | os.PathLike) -> bool:
     """Whether `path` is a training run's output directory: only what `train` writes, config or checkpoints
     among it (temporary `.export.*` directories of an interrupted export included)."""
@@ -150,11 +201,8 @@ def train(
     ours = is_run_dir(out)
     if not ours:  # absent or empty is fine; anything else is refused with a message naming what is there
         io.check_target(out, overwrite=False, what="colbert-jax training run", is_ours=is_run_dir)
-    elif overwrite and leader:
-        shutil.rmtree(out)
-    if overwrite and jax.process_count() > 1:
-        multihost_utils.sync_global_devices("colbert-jax: run directory cleared")
-    out.mkdir(parents=True, exist_ok=True)
+    # (overwrite deletes an earlier run only below, once this run's checkpoint, settings and data have loaded:
+    # a mistyped path must not cost the earlier run)
     c, t = config.colbert, config.train
 
     # -- model, mesh, optimizer -------------------------------------------------------------------
@@ -199,6 +247,12 @@ def train(
             raise DataError(f"{c.triples}: the processes read different numbers of examples ({counts})")
     steps_per_epoch = data.steps_per_epoch(c.bsize)
     total = min(c.maxsteps, steps_per_epoch * t.epochs)
+    if ours and overwrite and leader:
+        shutil.rmtree(out)
+    if overwrite and jax.process_count() > 1:
+        multihost_utils.sync_global_devices("colbert-jax: run directory cleared")
+    out.mkdir(parents=True, exist_ok=True)
+    run_config = config.model_copy(update={"colbert": c})
 
     # -- state: resume, or start from the checkpoint -----------------------------------------------
     import orbax.checkpoint as ocp
@@ -220,6 +274,7 @@ def train(
         manager.delete(old)
     latest = manager.latest_step()
     if latest is not None:
+        _check_resume_config(out, run_config)
         # Each process restores its own data position (Grain writes one file per process); a checkpoint
         # of another process count has none for us, and then the step gives it: one global batch a step.
         own = (
@@ -247,7 +302,7 @@ def train(
         )
     start = int(jax.device_get(state.step))
     if leader:
-        config.model_copy(update={"colbert": c}).save(out / "config.yaml")
+        run_config.save(out / "config.yaml")
         _truncate_metrics(out / "metrics.jsonl", start)
 
     step_fn = jax.jit(
@@ -408,9 +463,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
             continue
         if record["step"] <= step:
             keep.append(line)
-    tmp = path.with_name(f".{path.name}.tmp")  # a kill while rewriting must not lose the logged steps
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    io.write_text(path, "".join(line + "\n" for line in keep))  # atomic: a kill must not lose the logged steps
 
 
 def _tensorboard(out: Path):

@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -15,9 +17,9 @@ import numpy as np
 import pytest
 
 import colbert_jax
-from colbert_jax import cli
-from colbert_jax.index import ARRAYS
-from colbert_jax.indexing import update
+from colbert_jax import cli, io
+from colbert_jax.index import ARRAYS, CorruptIndexError
+from colbert_jax.indexing import build, update
 from colbert_jax.indexing.collection import Collection
 from colbert_jax.indexing.update import IndexDriftWarning
 from tests.helpers import write_tiny_checkpoint
@@ -144,6 +146,9 @@ def test_add_and_delete_errors(index, tiny_model, pool):
         indexer.delete(index, [3, 4242])
     with pytest.raises(ValueError, match="would leave"):
         indexer.delete(index, range(BASE))
+    for bad, message in (("12", "not a string"), ([3.9], "integers, got float64"), (np.array([7.5]), "float64")):
+        with pytest.raises(TypeError, match=message):  # converted, each would delete another passage
+            indexer.delete(index, bad)
     with pytest.raises(ValueError, match="can only add, delete and compact"):
         colbert_jax.Indexer().index(index.parent / "other", [pool[0]])
     assert contents(index) == dict(enumerate(pool[:BASE]))  # refused updates change nothing
@@ -348,3 +353,65 @@ def test_compact_recluster_equals_fresh_build(tmp_path, index, tiny_model, pool)
     np.testing.assert_array_equal(got.codec.centroids, fresh.codec.centroids)
     searcher = colbert_jax.Searcher(index, tiny_model)
     assert searcher.search(QUERIES[0], k=3)[0][0] in expected
+
+
+def test_a_rebuild_swaps_in_only_after_an_add_in_flight_commits(tmp_path, index, tiny_model, pool, monkeypatch):
+    """`index(..., overwrite=True)` while an add is between its writes and its commit: the rebuild waits for
+    the add's lock, then replaces the index whole (it once swapped in at once, and the add then committed
+    its metadata.json into the new index: neither opened)."""
+    rebuilt = {1000 + i: pool[200 + i] for i in range(30)}
+    tsv = write_tsv(tmp_path / "new.tsv", rebuilt)
+    finished, errors = threading.Event(), []
+    finish_index = build.finish_index
+
+    def finish(*args, **kwargs):
+        finish_index(*args, **kwargs)
+        finished.set()
+
+    monkeypatch.setattr(build, "finish_index", finish)
+
+    def rebuild():
+        try:
+            colbert_jax.Indexer(tiny_model, nbits=2, show_progress=False).index(index, tsv, overwrite=True)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    thread = threading.Thread(target=rebuild)
+
+    def at(step):
+        if step == "commit" and not thread.is_alive() and not finished.is_set():
+            thread.start()
+            assert finished.wait(600), "the rebuild never finished its new index"
+            time.sleep(0.5)
+            assert thread.is_alive(), "the rebuild swapped its index in while an add held the index's lock"
+
+    monkeypatch.setattr(update, "_fault_hook", at)
+    colbert_jax.Indexer(tiny_model, show_progress=False).add(index, pool[150:153])
+    monkeypatch.setattr(update, "_fault_hook", None)
+    thread.join(600)
+    assert not errors and finished.is_set()
+    assert contents(index) == rebuilt  # verified open: the rebuild's index, whole
+
+
+def test_a_second_build_of_the_same_path_is_refused(tmp_path, tiny_model, pool):
+    target = tmp_path / "idx"
+    with io.lock_file(tmp_path / ".idx.partial.lock"):  # what a build in progress holds
+        with pytest.raises(io.LockedError, match=f"a build of {target} is locked by another process"):
+            colbert_jax.Indexer(tiny_model, nbits=2, show_progress=False).index(target, pool[:20])
+    assert not target.exists() and not (tmp_path / ".idx.partial").exists()
+
+
+def test_compact_refuses_a_damaged_index(index, tiny_model, pool):
+    """compact rewrites every array: damage must stop it, not be copied into a new generation under fresh
+    checksums (it was, and the damaged originals were deleted a version later)."""
+    colbert_jax.Indexer(tiny_model, show_progress=False).add(index, pool[150:152])
+    chunk = next(p for p in sorted((index / "residuals").rglob("*")) if p.is_file() and p.name != "zarr.json")
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    chunk.write_bytes(bytes(data))
+    metadata = (index / "metadata.json").read_text()
+    with pytest.raises(CorruptIndexError, match="'residuals' is corrupt"):
+        colbert_jax.Indexer(tiny_model, show_progress=False).compact(index)
+    assert (index / "metadata.json").read_text() == metadata
+    with pytest.raises(CorruptIndexError, match="'residuals' is corrupt"):
+        colbert_jax.Index.open(index)  # still reported

@@ -12,7 +12,9 @@ import pytest
 from safetensors.numpy import load_file
 
 import colbert_jax
+from colbert_jax.config import ConfigError
 from colbert_jax.training.config import TrainConfig
+from colbert_jax.training.data import DataError
 from colbert_jax.training.loop import train
 from tests.helpers import write_tiny_checkpoint
 
@@ -103,6 +105,32 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_ckpt):
     assert exported.config.nway == 2 and exported.config.bsize == 8
     meta = json.loads((straight / "export" / "artifact.metadata").read_text())
     assert meta["doc_maxlen"] == 32 and "linear.weight" in pa
+
+
+def test_overwrite_keeps_the_earlier_run_when_the_new_inputs_fail(tmp_path, tiny_ckpt):
+    """overwrite=True deletes the earlier run only once the new run's checkpoint, settings and data load: a
+    mistyped path fails the command and costs nothing."""
+    run = train(tiny_config(tiny_ckpt, "maxsteps=2", "train.save_every=1"), tmp_path / "run", show_progress=False)
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    bad = tiny_config(tiny_ckpt, "maxsteps=2", "triples=/nonexistent/triples.jsonl")
+    with pytest.raises(DataError, match="triples file not found"):
+        train(bad, run, overwrite=True, show_progress=False)
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_resume_under_other_settings_is_refused(tmp_path, tiny_ckpt):
+    """A resumed run under another lr or seed would be another training (and would overwrite the record of
+    the settings its first steps used): refused, naming both values; run settings (length, logging) may
+    change."""
+    run = tmp_path / "run"
+    train(tiny_config(tiny_ckpt, "maxsteps=4", "train.save_every=2"), run, stop_after=2, show_progress=False)
+    recorded = (run / "config.yaml").read_text()
+    other = tiny_config(tiny_ckpt, "maxsteps=4", "train.save_every=2", "lr=0.5", "train.seed=7")
+    with pytest.raises(ConfigError, match=r"colbert\.lr: 0\.001 in the run, 0\.5 now; train\.seed: .* 7 now"):
+        train(other, run, show_progress=False)
+    assert (run / "config.yaml").read_text() == recorded
+    train(tiny_config(tiny_ckpt, "maxsteps=5", "train.save_every=3"), run, show_progress=False)
+    assert [m["step"] for m in metrics(run)] == [1, 2, 3, 4, 5]
 
 
 def overrides(*pairs: str) -> list[str]:
