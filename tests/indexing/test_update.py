@@ -415,3 +415,33 @@ def test_compact_refuses_a_damaged_index(index, tiny_model, pool):
     assert (index / "metadata.json").read_text() == metadata
     with pytest.raises(CorruptIndexError, match="'residuals' is corrupt"):
         colbert_jax.Index.open(index)  # still reported
+
+
+def test_files_a_kill_kept_from_deletion_go_with_the_next_update(index, tiny_model, pool):
+    """compact retires the build's own arrays; the commit after deletes them. Killed between that commit and
+    the deletion, they were kept forever; the next update removes them."""
+    indexer = colbert_jax.Indexer(tiny_model, show_progress=False)
+    indexer.add(index, pool[150:152])
+    indexer.compact(index)
+    assert (index / "codes").is_dir()  # retired, kept one version for readers of the previous one
+    hook, seen = crash_at(10**6)
+
+    def at(step):
+        hook(step)
+        if step == "committed":
+            raise Crash(step)
+
+    update._fault_hook = at
+    try:
+        with pytest.raises(Crash):
+            indexer.add(index, pool[152:154])
+    finally:
+        update._fault_hook = None
+    assert (index / "codes").is_dir()  # the kill kept them
+    expected = contents(index)
+    indexer.delete(index, [int(next(iter(expected)))])
+    assert not any(
+        (index / name).exists() for name in ARRAYS if name not in ("centroids", "bucket_cutoffs", "bucket_weights")
+    )
+    del expected[next(iter(expected))]
+    assert contents(index) == expected
