@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from colbert_jax import io
 from colbert_jax.config import ColBERTConfig
 
 __all__ = ["minilm_dir", "minilm_projection", "build_minilm_checkpoint", "default_checkpoint"]
@@ -77,9 +78,7 @@ def build_minilm_checkpoint(
         (tmp / "artifact.metadata").write_text(json.dumps(meta, indent=4) + "\n")
         for name in _TOKENIZER_FILES:
             shutil.copyfile(src / name, tmp / name)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        io.replace_dir(tmp, out_dir)  # one step: a process building the cache beside us never sees it absent
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

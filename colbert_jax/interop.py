@@ -8,6 +8,7 @@ A colbert-ai 0.2.22 PLAID index directory holds `metadata.json` (or only `plan.j
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -102,8 +103,8 @@ def import_colbert_index(
                 )
             yield codes, residuals, lens
 
-    out = dst.parent / f".{dst.name}.importing"
     dst.parent.mkdir(parents=True, exist_ok=True)
+    out = io.work_dir(dst)  # this process's own: two imports to one path must not share one
     try:
         write_index(
             out,
@@ -117,7 +118,9 @@ def import_colbert_index(
             build={"imported_from": str(src.resolve())},
         )
         _check_ivf(src, out)
-        io.replace_dir(out, dst)
+        # An index already there may have a writer (add, delete, compact) in flight: swap only under its lock.
+        with io.locked_dir(dst) if dst.is_dir() else contextlib.nullcontext():
+            io.replace_dir(out, dst)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise

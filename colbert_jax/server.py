@@ -385,9 +385,10 @@ class MicroBatcher:
         except OSError:
             return False
         seen = (st.st_mtime_ns, st.st_ino, st.st_size)
-        if self._index_stat is None or seen == self._index_stat:
-            self._index_stat = seen
+        if seen == self._index_stat:
             return False
+        # (The first check, too, asks the index: an update may have committed after the searcher opened it.
+        # A version that cannot be opened is tried again only when metadata.json changes again.)
         self._index_stat = seen
         try:
             moved = self.searcher.reload(verify=False)

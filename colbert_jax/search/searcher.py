@@ -164,6 +164,7 @@ class Searcher:
                 flag="--allow-other-checkpoint",
                 purpose="search with it anyway",
             )
+        self._allow_other_checkpoint = allow_other_checkpoint
         settings = {**index_config, **explicit, "checkpoint": model.config.checkpoint}
         self.config = model.config.replace(**settings)
         self.model = model if self.config == model.config else model.replace_config(**settings)
@@ -217,6 +218,14 @@ class Searcher:
             return False
         if latest.dim != self.index.dim:
             raise ValueError(f"{latest.path} now has dim {latest.dim}: open a new Searcher")
+        recorded = latest.metadata.get("checkpoint", {}).get("fingerprint")
+        if recorded != self.index.metadata.get("checkpoint", {}).get("fingerprint") and not (
+            self._allow_other_checkpoint or recorded is None or model_fingerprint(self.model) == recorded
+        ):  # rebuilt by another model or settings: this Searcher's queries would not match its passages
+            raise ValueError(
+                f"{latest.path} was rebuilt by another checkpoint or other settings "
+                f"({latest.metadata['checkpoint'].get('path')}): open a new Searcher with that checkpoint"
+            )
         self.index = latest
         self._plaid = None
         self._warp_arrays = None

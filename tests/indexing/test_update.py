@@ -445,3 +445,21 @@ def test_files_a_kill_kept_from_deletion_go_with_the_next_update(index, tiny_mod
     )
     del expected[next(iter(expected))]
     assert contents(index) == expected
+
+
+def test_reload_refuses_an_index_rebuilt_by_another_checkpoint(tmp_path, index, tiny_model, pool):
+    """A rebuild in place by another model of the same dim: the Searcher (and the server, which reloads by
+    itself) would go on encoding queries with the old model against the new model's passages."""
+    searcher = colbert_jax.Searcher(index, tiny_model)
+    before = searcher.search(QUERIES[0], k=3)
+    other = write_tiny_checkpoint(tmp_path / "other-model", seed=1)
+    colbert_jax.Indexer(other, nbits=2, show_progress=False).index(
+        index, write_tsv(tmp_path / "c.tsv", dict(enumerate(pool[:BASE]))), overwrite=True
+    )
+    with pytest.raises(ValueError, match="rebuilt by another checkpoint"):
+        searcher.reload()
+    assert searcher.version == 0 and searcher.search(QUERIES[0], k=3) == before
+    colbert_jax.Indexer(tiny_model, nbits=2, show_progress=False).index(
+        index, write_tsv(tmp_path / "d.tsv", dict(enumerate(pool[:BASE]))), overwrite=True
+    )
+    assert searcher.reload()  # the same model again: moves

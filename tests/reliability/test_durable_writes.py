@@ -110,3 +110,27 @@ def test_a_lock_taken_without_waiting_names_what_holds_it(tmp_path):
                 pass
     with io.lock_file(tmp_path / ".x.lock", wait=False):
         pass
+
+
+def test_processes_building_the_default_model_cache_at_once_all_load_it(tmp_path):
+    """Each builds the cache directory and swaps it in (`replace_dir`): none sees it absent or half-deleted
+    (they once deleted it and renamed theirs in, and a loader beside them found no weight file)."""
+    import subprocess
+    import sys
+
+    child = (
+        "from colbert_jax.default_model import default_checkpoint\n"
+        "from colbert_jax.checkpoint import load_checkpoint\n"
+        "load_checkpoint(default_checkpoint()); print('loaded')\n"
+    )
+    env = {**os.environ, "COLBERT_JAX_CACHE": str(tmp_path / "cache"), "JAX_PLATFORMS": "cpu"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", child], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-500:] for _, err in outputs]
+    assert all(out.strip() == "loaded" for out, _ in outputs)
+    assert [p.name for p in (tmp_path / "cache" / "checkpoints").iterdir()] == ["minilm-l6-colbert-dim128-seed0"]

@@ -73,3 +73,20 @@ def test_updates_are_served_without_failed_requests(served, tiny_model):
     assert hits[[h["pid"] for h in hits].index(new)]["text"] == top[0]["text"]
     assert len(statuses) > 0 and set(statuses) == {200}
     assert searcher.version == 3
+
+
+def test_an_update_committed_before_the_first_request_is_served(tmp_path, tiny_model, small_collection):
+    """The first request's check asks the index too (it once only noted metadata.json's state, so an update
+    committed between the searcher opening the index and the first request was never served)."""
+    path = tmp_path / "idx"
+    colbert_jax.Indexer(tiny_model, nbits=2, show_progress=False).index(path, small_collection)
+    searcher = colbert_jax.Searcher(path, tiny_model)
+    top = [p for p, _, _ in searcher.search(QUERY, k=3)]
+    srv, thread, url = start(create_app(searcher, max_batch=8, max_wait_ms=5))
+    try:
+        colbert_jax.Indexer().delete(path, [top[0]])
+        hits = get(f"{url}/api/search", params={"query": QUERY, "k": 3}).json()["topk"]
+        assert [h["pid"] for h in hits][:2] == top[1:] and searcher.version == 1
+    finally:
+        srv.should_exit = True
+        thread.join(10)
