@@ -147,7 +147,13 @@ class Collection:
             for i in indices:
                 f.seek(int(self._offsets[i]))
                 line = f.readline().decode("utf-8").rstrip("\r\n")
-                out.append(_parse(line, self._format, self.path, -1)[1])
+                pid, text = _parse(line, self._format, self.path, -1)
+                if pid != self.pids[i]:  # the file was edited after it was read: its lines moved
+                    raise CollectionError(
+                        f"{self.path} changed while in use: passage {int(i)} should be pid {int(self.pids[i])}, "
+                        f"the file now has pid {pid} there"
+                    )
+                out.append(text)
         return out
 
     def text_range(self, start: int, stop: int) -> list[str]:
@@ -175,6 +181,11 @@ def _parse(line: str, fmt: str, path: Path, lineno: int) -> tuple[int, str]:
     where = f"{path}:{lineno}" if lineno > 0 else str(path)
     if fmt == "tsv":
         fields = line.strip("\n\r ").split("\t")  # as colbert-ai's load_collection
+        if "\r" in line.rstrip("\r\n"):  # colbert-ai (universal newlines) would read several passages here
+            raise CollectionError(
+                f"{where}: a carriage return inside the line (old Mac line endings?): convert the file to \\n or "
+                "\\r\\n line endings"
+            )
         if len(fields) < 2:
             raise CollectionError(f"{where}: expected 'pid<TAB>passage[<TAB>title]', found no tab")
         pid = _int_pid(fields[0], where)

@@ -47,6 +47,7 @@ def test_list_of_texts():
         ("0\ta\n1\t   \n", r"c.tsv:2: passage 1 is empty"),
         ("0\ta\n1 no tab here\n", r"c.tsv:2: expected 'pid<TAB>passage\[<TAB>title\]', found no tab"),
         ("\n\n", r"the collection .*c.tsv is empty"),
+        ("1\tline a\r2\tline b\r", r"c.tsv:1: a carriage return inside the line"),  # else pid 2 vanished
     ],
 )
 def test_bad_tsv(tmp_path, content, message):
@@ -92,3 +93,15 @@ def test_large_file_is_read_back_by_offset(tmp_path):
     assert len(c) == 5000 and c._texts is None  # not held in memory
     idx = np.array([4999, 0, 1234])
     assert c.texts(idx) == [lines[i].split("\t")[1].strip(" ") for i in idx]
+
+
+def test_a_collection_edited_while_in_use_is_refused_not_misread(tmp_path):
+    """Two lines of equal length swapped after loading: the offsets still land on line starts, and the texts
+    once went to each other's pids."""
+    path = write(tmp_path, "c.tsv", "0\talpha\n1\tgamma\n2\tdelta\n")
+    c = Collection.load(path)
+    path.write_text("0\talpha\n2\tdelta\n1\tgamma\n")
+    with pytest.raises(
+        CollectionError, match="changed while in use: passage 1 should be pid 1, the file now has pid 2"
+    ):
+        c.texts([1])
