@@ -82,6 +82,11 @@ OPTIONAL_ARRAYS = ("texts", "text_offsets")  # an index built from a collection 
 BULK_TEXTS = 4096  # from this many passages on, `Index.texts` reads each texts array whole
 
 
+class IndexChangedError(RuntimeError):
+    """The index on disk moved on (rebuilt, or compacted twice) since this version was opened, and a lazy read
+    (passage texts) of this version's files is no longer possible: open the newest version (`Searcher.reload`)."""
+
+
 class CorruptIndexError(ValueError):
     """An index directory is incomplete, inconsistent or has been modified."""
 
@@ -204,6 +209,13 @@ class Index:
         self.metadata = metadata
         self.mmap = mmap
         self.config = ColBERTConfig.from_dict(metadata["config"], source=f"{path}/metadata.json")
+        self._directory = _directory_id(path)  # a rebuild swaps in another directory: lazy reads must notice
+
+    def with_mmap(self) -> Index:
+        """This version with its codes and residuals memory-mapped (the same directory, as opened)."""
+        other = Index(self.path, self.metadata, mmap=True)
+        other._directory = self._directory
+        return other
 
     def __repr__(self) -> str:
         return (
@@ -520,15 +532,40 @@ class Index:
     def _text_sources(self) -> list[tuple[Any, np.ndarray]]:
         """(texts store, text_offsets) of the base and of each added segment."""
         listed = self.metadata["arrays"]
-        out = [(io.open_array(self._entry_path("texts", listed["texts"])), self._array("text_offsets"))]
+        offsets = io.read_array(self._entry_path("text_offsets", listed["text_offsets"]), strict=True)
+        out = [(io.open_array(self._entry_path("texts", listed["texts"]), strict=True), offsets)]
         for op in self._layout.adds if self.has_updates else ():
-            out.append((io.open_array(self.path / op["arrays"]["texts"]["path"]), self._log_array(op, "text_offsets")))
+            arrays = op["arrays"]
+            texts = io.open_array(self.path / arrays["texts"]["path"], strict=True)
+            out.append((texts, io.read_array(self.path / arrays["text_offsets"]["path"], strict=True)))
         return out
+
+    def _unchanged(self) -> None:
+        """Raises IndexChangedError where a rebuild replaced the index's directory since this version opened."""
+        if _directory_id(self.path) != self._directory:
+            raise IndexChangedError(
+                f"{self.path} was rebuilt since version {self.version} was opened: its passage texts are gone "
+                "(Searcher.reload() moves to the new index)"
+            )
 
     def texts(self, positions) -> list[str]:
         """The texts of the passages at `positions` (not pids), read from the index on demand."""
         if not self.has_texts:
             raise FileNotFoundError(f"{self.path} does not carry its passages' texts")
+        try:
+            texts = self._read_texts(positions)
+        except ValueError as e:  # TensorStore: a chunk file removed by an update two versions on
+            if "NOT_FOUND" not in str(e):
+                raise
+            raise IndexChangedError(
+                f"{self.path} moved on from version {self.version}: updates since removed the files of its "
+                "passage texts (Searcher.reload() moves to the newest version)"
+            ) from None
+        self._unchanged()  # after the read: a swap during it is caught too
+        return texts
+
+    def _read_texts(self, positions) -> list[str]:
+        self._unchanged()
         sources = self._text_sources
         positions = np.asarray(positions, np.int64).reshape(-1)
         if self.has_updates:
@@ -811,3 +848,11 @@ def write_index(
         collection=collection,
         build=build,
     )
+
+
+def _directory_id(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino

@@ -113,12 +113,16 @@ def describe_array(path: str | os.PathLike) -> dict[str, Any]:
     return {"shape": list(store.shape), "dtype": np.dtype(store.dtype.numpy_dtype).name, "sha256": array_checksum(path)}
 
 
-def open_array(path: str | os.PathLike) -> ts.TensorStore:
-    return ts.open(_spec(Path(path)), open=True).result()
+def open_array(path: str | os.PathLike, *, strict: bool = False) -> ts.TensorStore:
+    """Opens an array for reading. TensorStore reads a missing chunk file as zeros (it does not store chunks
+    equal to the fill value); strict=True makes it an error instead, for arrays that never hold a chunk of
+    zeros (passage texts and their offsets), so that a reader of files an update removed learns so."""
+    spec = _spec(Path(path)) | ({"fill_missing_data_reads": False} if strict else {})
+    return ts.open(spec, open=True).result()
 
 
-def read_array(path: str | os.PathLike) -> np.ndarray:
-    return np.asarray(open_array(path).read().result())
+def read_array(path: str | os.PathLike, *, strict: bool = False) -> np.ndarray:
+    return np.asarray(open_array(path, strict=strict).read().result())
 
 
 def _files(path: Path) -> Iterable[Path]:

@@ -127,7 +127,7 @@ def open_lazily(index: Index) -> Index:
             "residuals (`colbert-jax compact` it so that each reads only its own shard)",
             stacklevel=3,
         )
-    return index if index.mmap else Index(index.path, index.metadata, mmap=True)
+    return index if index.mmap else index.with_mmap()
 
 
 def broadcast_queries(Q: np.ndarray) -> np.ndarray:

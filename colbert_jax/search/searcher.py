@@ -172,7 +172,7 @@ class Searcher:
         # batch (see `_gather_survivors`). Codes go to the device: every candidate needs them.
         self.mmap = bool(self.config.load_index_with_mmap)
         if self.mmap and not self.index.mmap:
-            self.index = Index(self.index.path, self.index.metadata, mmap=True)
+            self.index = self.index.with_mmap()
         if self.mmap:  # a bounded resident set is the point: search's freed buffers go back to the system
             streamed_mmap.return_freed_memory()
         self.exact = exact

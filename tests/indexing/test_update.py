@@ -463,3 +463,23 @@ def test_reload_refuses_an_index_rebuilt_by_another_checkpoint(tmp_path, index, 
         index, write_tsv(tmp_path / "d.tsv", dict(enumerate(pool[:BASE]))), overwrite=True
     )
     assert searcher.reload()  # the same model again: moves
+
+
+def test_a_reader_left_behind_is_told_not_given_other_texts(tmp_path, index, tiny_model, pool):
+    """Passage texts are read lazily, by path. Two versions after a compaction their files are gone (they read
+    as zeros: strings of NULs came back), and after a rebuild the path holds another index's files (other
+    passages' texts came back): both are an IndexChangedError now, and reload moves on."""
+    searcher = colbert_jax.Searcher(index, tiny_model)
+    assert searcher.passages([3, 4]) == pool[3:5]
+    indexer = colbert_jax.Indexer(tiny_model, show_progress=False)
+    indexer.delete(index, [5])
+    indexer.compact(index)
+    indexer.delete(index, [6])  # removes what the compaction retired
+    with pytest.raises(colbert_jax.index.IndexChangedError, match="moved on from version 0"):
+        searcher.passages([3, 4])
+    assert searcher.reload() and searcher.passages([3, 4]) == pool[3:5]
+    shuffled = dict(enumerate(reversed(pool[:BASE])))
+    indexer.index(index, write_tsv(tmp_path / "r.tsv", shuffled), overwrite=True)
+    with pytest.raises(colbert_jax.index.IndexChangedError, match="was rebuilt since version 3"):
+        searcher.passages([3, 4])
+    assert searcher.reload() and searcher.passages([3, 4]) == [shuffled[3], shuffled[4]]
