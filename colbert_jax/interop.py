@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -82,11 +83,15 @@ def import_colbert_index(
     num_chunks = int(meta["num_chunks"])
 
     doclens_per_chunk = []
+    passages = embeddings = 0
     for i in range(num_chunks):
         path = src / f"doclens.{i}.json"
         if not path.is_file():
             raise CorruptIndexError(f"{src}: missing {path.name}")
-        doclens_per_chunk.append(np.asarray(json.loads(path.read_text()), np.int32))
+        lens = np.asarray(json.loads(path.read_text()), np.int32)
+        doclens_per_chunk.append(lens)
+        _check_chunk_metadata(src, i, lens, passages, embeddings)
+        passages, embeddings = passages + len(lens), embeddings + int(lens.sum())
     num_embeddings = int(sum(int(d.sum()) for d in doclens_per_chunk))
     if "num_embeddings" in meta and int(meta["num_embeddings"]) != num_embeddings:
         raise CorruptIndexError(f"{src}: doclens sum to {num_embeddings}, metadata.json says {meta['num_embeddings']}")
@@ -127,10 +132,34 @@ def import_colbert_index(
     return dst
 
 
+def _check_chunk_metadata(src: Path, i: int, lens: np.ndarray, passage_offset: int, embedding_offset: int) -> None:
+    """colbert-ai's `{i}.metadata.json` (where present) must agree with the chunk's doclens and place."""
+    path = src / f"{i}.metadata.json"
+    if not path.is_file():
+        return
+    meta = json.loads(path.read_text())
+    expected = {
+        "num_passages": len(lens),
+        "num_embeddings": int(lens.sum()),
+        "passage_offset": passage_offset,
+        "embedding_offset": embedding_offset,
+    }
+    for key, value in expected.items():
+        if key in meta and int(meta[key]) != value:
+            raise CorruptIndexError(
+                f"{path}: {key} is {meta[key]}, doclens.{i}.json and the chunks before give {value}"
+            )
+
+
 def _check_ivf(src: Path, out: Path) -> None:
     """colbert-ai's ivf.pid.pt (if present) must hold the lists we rebuilt (it may carry zero padding)."""
     path = src / "ivf.pid.pt"
     if not path.is_file():
+        warnings.warn(
+            f"{src} has no ivf.pid.pt: its inverted file is rebuilt from the codes but cannot be checked against "
+            "colbert-ai's",
+            stacklevel=3,
+        )
         return
     ivf_ref, lengths_ref = _load(path)
     index = Index.open(out, verify=False)

@@ -104,6 +104,16 @@ def test_imported_index_checks_and_text_queries(imported, minilm_checkpoint, ran
     with pytest.raises(CorruptIndexError, match="0.codes.pt"):
         colbert_jax.import_colbert_index(broken, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+    # Chunk metadata that disagrees with the doclens (a chunk cut short, passages shifted) is refused too.
+    shifted = shutil.copytree(INDEX_FIXTURES / "small_nbits2", tmp_path / "shifted")
+    meta = json.loads((shifted / "0.metadata.json").read_text())
+    (shifted / "0.metadata.json").write_text(json.dumps({**meta, "num_passages": 90}))
+    with pytest.raises(CorruptIndexError, match="0.metadata.json: num_passages is 90, doclens.0.json"):
+        colbert_jax.import_colbert_index(shifted, tmp_path / "out")
+    (shifted / "0.metadata.json").write_text(json.dumps(meta))
+    (shifted / "ivf.pid.pt").unlink()
+    with pytest.warns(UserWarning, match="has no ivf.pid.pt"):
+        colbert_jax.import_colbert_index(shifted, tmp_path / "out")
     with pytest.raises(FileExistsError):
         colbert_jax.import_colbert_index(INDEX_FIXTURES / "small_nbits2", imported[2])
 
