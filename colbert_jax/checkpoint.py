@@ -354,6 +354,11 @@ def save_checkpoint(
             f"colbert-ai's layout has one bias-free projection; this model has {len(model.head)} projection "
             "layers (with biases or activations): save it as pylate or jax"
         )
+    if format == "pylate" and model.config.similarity != "cosine":
+        raise CheckpointError(
+            f"PyLate scores by MaxSim of cosines only; this model has similarity={model.config.similarity!r}, "
+            "which its layout cannot record: save it as torch or jax"
+        )
     directory = Path(directory)
     io.check_target(directory, overwrite=overwrite, what="checkpoint written by colbert-jax", is_ours=is_own_checkpoint)
     directory.parent.mkdir(parents=True, exist_ok=True)

@@ -106,3 +106,13 @@ def test_cli_init_projection(tmp_path):
     assert bad.returncode == 2 and "--init-projection" in bad.stderr
     subprocess.run([*base, "--init-projection", "32", "--projection-seed", "5"], check=True, capture_output=True)
     assert colbert_jax.load_checkpoint(out).config.dim == 32
+
+
+def test_an_l2_model_is_not_written_as_pylate(tiny_model, tmp_path):
+    """PyLate's layout records no similarity (it scores cosines): an l2 model written there would come back
+    as a cosine model without a word."""
+    l2 = tiny_model.replace_config(similarity="l2")
+    with pytest.raises(CheckpointError, match="similarity='l2'.*save it as torch or jax"):
+        l2.save(tmp_path / "out", format="pylate")
+    assert not (tmp_path / "out").exists()
+    assert colbert_jax.load_checkpoint(l2.save(tmp_path / "as-jax", format="jax")).config.similarity == "l2"
