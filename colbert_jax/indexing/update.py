@@ -75,7 +75,8 @@ def _remove_orphans(path: Path, metadata: dict[str, Any]) -> None:
     candidates += list(path.glob("gen-*"))
     # A build's own arrays, once a compaction moved them to a generation: retired, and deleted by the commit
     # after, unless a kill came between that commit and the deletion.
-    candidates += [path / name for name in (*ARRAYS, *OPTIONAL_ARRAYS, "fields.sqlite") if (path / name).exists()]
+    # (Arrays only: every version names its arrays, and `_units` reads them all.)
+    candidates += [path / name for name in (*ARRAYS, *OPTIONAL_ARRAYS) if (path / name).exists()]
     for p in candidates:
         if str(p.relative_to(path)) not in keep:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
