@@ -41,7 +41,7 @@ import json
 import mmap
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -402,13 +402,30 @@ class Index:
         path = self._entry_path(name, self.metadata["arrays"][name])
         if self.mmap:  # read straight into the array (TensorStore's read holds a second copy for a moment)
             try:
-                return ChunkedMemmap(path)[:]
+                return self._guarded(lambda: ChunkedMemmap(path)[:])
             except ValueError:  # not stored raw
                 pass
-        return io.read_array(path)
+        return self._guarded(lambda: io.read_array(path))
 
     def _log_array(self, op: dict[str, Any], name: str) -> np.ndarray:
-        return io.read_array(self.path / op["arrays"][name]["path"])
+        return self._guarded(lambda: io.read_array(self.path / op["arrays"][name]["path"]))
+
+    def _guarded(self, read: Callable[[], Any]) -> Any:
+        """`read()` of this version's files, which are read lazily and by path: where updates since removed
+        them, or a rebuild replaced the directory, an IndexChangedError saying so (not TensorStore's NOT_FOUND,
+        nor another index's arrays)."""
+        self._unchanged()
+        try:
+            out = read()
+        except (ValueError, FileNotFoundError) as e:  # TensorStore says ValueError("NOT_FOUND: ...")
+            if isinstance(e, ValueError) and "NOT_FOUND" not in str(e):
+                raise
+            raise IndexChangedError(
+                f"{self.path} moved on from version {self.version}: updates since removed the files this version "
+                "reads (Searcher.reload() moves to the newest version)"
+            ) from None
+        self._unchanged()  # after the read: a swap during it is caught too
+        return out
 
     @functools.cached_property
     def _layout(self) -> _Layout:
@@ -418,7 +435,7 @@ class Index:
         """`codes`/`residuals` (per embedding) or `doclens`/`pids` (per passage) of the live passages."""
         if not self.has_updates:
             if self.mmap and name in ("codes", "residuals"):
-                return ChunkedMemmap(self._entry_path(name, self.metadata["arrays"][name]))
+                return self._guarded(lambda: ChunkedMemmap(self._entry_path(name, self.metadata["arrays"][name])))
             return self._array(name)
         lay = self._layout
         parts = [self._array(name)] + [self._log_array(op, name) for op in lay.adds]
@@ -460,7 +477,7 @@ class Index:
     def ivf_rows(self) -> np.ndarray | ChunkedMemmap:
         """The IVF's entries, for reading some lists: a `ChunkedMemmap` of a memory-mapped index without updates."""
         if self.mmap and not self.has_updates:
-            return ChunkedMemmap(self._entry_path("ivf", self.metadata["arrays"]["ivf"]))
+            return self._guarded(lambda: ChunkedMemmap(self._entry_path("ivf", self.metadata["arrays"]["ivf"])))
         return self.ivf
 
     def load(self) -> Index:
@@ -552,20 +569,9 @@ class Index:
         """The texts of the passages at `positions` (not pids), read from the index on demand."""
         if not self.has_texts:
             raise FileNotFoundError(f"{self.path} does not carry its passages' texts")
-        try:
-            texts = self._read_texts(positions)
-        except ValueError as e:  # TensorStore: a chunk file removed by an update two versions on
-            if "NOT_FOUND" not in str(e):
-                raise
-            raise IndexChangedError(
-                f"{self.path} moved on from version {self.version}: updates since removed the files of its "
-                "passage texts (Searcher.reload() moves to the newest version)"
-            ) from None
-        self._unchanged()  # after the read: a swap during it is caught too
-        return texts
+        return self._guarded(lambda: self._read_texts(positions))
 
     def _read_texts(self, positions) -> list[str]:
-        self._unchanged()
         sources = self._text_sources
         positions = np.asarray(positions, np.int64).reshape(-1)
         if self.has_updates:

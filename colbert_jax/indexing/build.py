@@ -615,7 +615,7 @@ def _load_centroids(source) -> np.ndarray:
         return _normalized(source)
     path = Path(source)
     if path.is_dir():
-        if (path / "metadata.json").is_file() and (path / "centroids").is_dir():
+        if is_index_dir(path):  # ours (its centroids may live in a generation after a compaction)
             return Index.open(path, verify=False).codec.centroids
         path = path / "centroids.pt"
     if not path.is_file():
@@ -638,7 +638,7 @@ def _load_codec(source) -> ResidualCodec:
     if isinstance(source, ResidualCodec):
         return source
     path = Path(source)
-    if (path / "metadata.json").is_file() and (path / "centroids").is_dir():
+    if is_index_dir(path):
         return Index.open(path, verify=False).codec
     from colbert_jax.interop import read_colbert_codec
 

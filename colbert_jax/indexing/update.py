@@ -195,15 +195,24 @@ def add(
 
         name = _fresh(index.version)
         rel = f"segments/{name}"
-        text_data, text_offsets = _text_arrays(texts)
         arrays = {
             "codes": _write(path, f"{rel}/codes", codes),
             "residuals": _write(path, f"{rel}/residuals", residuals),
             "doclens": _write(path, f"{rel}/doclens", doclens),
             "pids": _write(path, f"{rel}/pids", pids),
-            "texts": _write(path, f"{rel}/texts", text_data),
-            "text_offsets": _write(path, f"{rel}/text_offsets", text_offsets),
         }
+        if index.has_texts:
+            text_data, text_offsets = _text_arrays(texts)
+            arrays["texts"] = _write(path, f"{rel}/texts", text_data)
+            arrays["text_offsets"] = _write(path, f"{rel}/text_offsets", text_offsets)
+        else:  # they could never be read back (texts come from the collection), and compaction dropped them
+            warnings.warn(
+                f"{path} does not carry its passages' texts (an imported index, or one built before 0.2): the "
+                f"{len(pids):,} added passages' texts are not stored in it either; keep them with your collection "
+                "(Searcher(collection=...) shows texts from it)",
+                UserWarning,
+                stacklevel=3,
+            )
         fields = None
         if coll.may_have_fields:
             _step(f"write {rel}/fields.sqlite")
@@ -340,6 +349,13 @@ def compact(indexer, path: Path, *, recluster: bool = False, log: Callable[[str]
             texts, offsets = (None, None)
             if index.has_texts:
                 texts, offsets = _text_arrays(index.texts(np.arange(index.num_passages)))
+            elif stored := sum(op["num_passages"] for op in m.get("log") or [] if "texts" in op["arrays"]):
+                warnings.warn(  # earlier adds stored them, though they could never be read back
+                    f"{path} does not carry its passages' texts: the texts that {stored:,} added passages stored "
+                    "are not kept by the compaction; keep them with your collection",
+                    UserWarning,
+                    stacklevel=3,
+                )
             ivf, ivf_lengths = build_ivf(index.codes, index.doclens, index.num_partitions)
             new = {
                 "codes": index.codes,
@@ -351,10 +367,15 @@ def compact(indexer, path: Path, *, recluster: bool = False, log: Callable[[str]
             }
             if texts is not None:
                 new |= {"texts": texts, "text_offsets": offsets}
-            arrays = {k: v for k, v in m["arrays"].items() if k in ("centroids", "bucket_cutoffs", "bucket_weights")}
-            for key, value in new.items():
-                arrays[key] = _write(path, f"{name}/{key}", value)
-            m["arrays"] = arrays
+            # The codec goes into the generation too: a directory is kept whole while any array in it is named,
+            # so centroids left in an earlier (reclustered) generation kept all of its arrays on disk.
+            codec = index.codec
+            new |= {
+                "centroids": index._array("centroids"),
+                "bucket_cutoffs": codec.bucket_cutoffs,
+                "bucket_weights": codec.bucket_weights,
+            }
+            m["arrays"] = {key: _write(path, f"{name}/{key}", value) for key, value in new.items()}
         fields = _fold_fields(index, path, f"{name}/fields.sqlite")
         m.pop("fields", None)
         if fields:

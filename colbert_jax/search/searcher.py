@@ -242,12 +242,15 @@ class Searcher:
     def passages(self, pids: Sequence[int], collection: str | os.PathLike | None = None) -> list[str]:
         """The texts of passages (by collection pid): from the index itself when it carries them, else from
         `collection` or the collection file the index records (refused if its contents differ)."""
-        positions = self.index.positions(np.asarray(pids, np.int64))
+        pids = np.asarray(pids, np.int64).reshape(-1)
+        positions = self.index.positions(pids)
         if collection is None and self._collection is None and self.index.has_texts:
             return self.index.texts(positions)
         if self._collection is None or collection is not None:
             self._collection = self._open_collection(collection)
-        return self._collection.texts(positions)
+        coll, order = self._collection
+        # by pid, not by position: after deletes and adds the index's positions are not the collection's rows
+        return coll.texts(order[np.searchsorted(coll.pids, pids, sorter=order)])
 
     def explain(self, query: str, pid: int) -> list:
         """Why passage `pid` scores as it does for `query`: for each query token, the passage token it
@@ -256,8 +259,9 @@ class Searcher:
         placement.require_single_process("explain")
         return explain.explain(self, query, pid)
 
-    def _open_collection(self, collection: str | os.PathLike | None):
-        """The collection file the index was built from (or `collection`), refused if its contents differ."""
+    def _open_collection(self, collection: str | os.PathLike | None) -> tuple[Any, np.ndarray]:
+        """The collection file the index was built from (or `collection`), refused if its contents differ or it
+        lacks one of the index's passages, and the order that sorts its pids."""
         from colbert_jax.indexing.collection import Collection
 
         recorded = self.index.metadata.get("collection", {})
@@ -285,9 +289,15 @@ class Searcher:
                 f"{source} is not the collection {self.index.path} was built from: its contents differ (sha256 "
                 f"{coll.fingerprint[:12]}..., the index records {recorded['fingerprint'][:12]}...)"
             )
-        if len(coll) != self.index.num_passages:
-            raise ValueError(f"{source} has {len(coll)} passages, the index {self.index.num_passages}")
-        return coll
+        order = np.argsort(coll.pids, kind="stable")
+        where = np.minimum(np.searchsorted(coll.pids, self.index.pids, sorter=order), len(order) - 1)
+        missing = coll.pids[order[where]] != self.index.pids if len(order) else np.ones(self.index.num_passages, bool)
+        if missing.any():
+            raise ValueError(
+                f"{source} is not the collection of {self.index.path}: it lacks pid {int(self.index.pids[missing][0])}"
+                + (f" and {int(missing.sum()) - 1:,} more of the index's passages" if missing.sum() > 1 else "")
+            )
+        return coll, order
 
     # -- device state -------------------------------------------------------------------------------
     @property

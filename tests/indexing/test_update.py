@@ -353,6 +353,15 @@ def test_compact_recluster_equals_fresh_build(tmp_path, index, tiny_model, pool)
     np.testing.assert_array_equal(got.codec.centroids, fresh.codec.centroids)
     searcher = colbert_jax.Searcher(index, tiny_model)
     assert searcher.search(QUERIES[0], k=3)[0][0] in expected
+    # A plain compaction after it leaves nothing in the reclustered generation (its centroids kept the whole
+    # directory, old codes and texts included, on disk for good), and the commit after removes it.
+    reclustered = {p.name for p in index.glob("gen-*")}
+    indexer.add(index, pool[340:342])
+    colbert_jax.Indexer(show_progress=False).compact(index)
+    indexer.delete(index, [1])
+    live = {Path(e.get("path", k)).parts[0] for k, e in colbert_jax.Index.open(index).metadata["arrays"].items()}
+    assert len(live) == 1 and live.isdisjoint(reclustered)
+    assert {p.name for p in index.glob("gen-*")} == live
 
 
 def test_a_rebuild_swaps_in_only_after_an_add_in_flight_commits(tmp_path, index, tiny_model, pool, monkeypatch):
@@ -483,3 +492,18 @@ def test_a_reader_left_behind_is_told_not_given_other_texts(tmp_path, index, tin
     with pytest.raises(colbert_jax.index.IndexChangedError, match="was rebuilt since version 3"):
         searcher.passages([3, 4])
     assert searcher.reload() and searcher.passages([3, 4]) == [shuffled[3], shuffled[4]]
+
+
+def test_a_searcher_never_used_before_two_updates_is_told_to_reload(index, tiny_model):
+    """A Searcher reads its arrays on its first search. Opened, then left while a compaction and the update
+    after it removed the files of the version it opened: TensorStore's NOT_FOUND came out of search."""
+    searcher = colbert_jax.Searcher(index, tiny_model)
+    indexer = colbert_jax.Indexer(tiny_model, show_progress=False)
+    indexer.delete(index, [5])
+    indexer.compact(index)
+    indexer.delete(index, [6])  # removes what the compaction retired
+    with pytest.raises(colbert_jax.index.IndexChangedError, match="moved on from version 0"):
+        searcher.search(QUERIES[0], k=3)
+    assert searcher.reload()
+    hits = searcher.search(QUERIES[0], k=10)
+    assert len(hits) == 10 and {5, 6}.isdisjoint(pid for pid, _, _ in hits)

@@ -8,6 +8,7 @@ import pytest
 
 import colbert_jax
 from colbert_jax.index import CorruptIndexError
+from colbert_jax.indexing.collection import Collection
 from colbert_jax.interop import read_colbert_codec
 from colbert_jax.torch_io import load_torch_file
 from tests.helpers import FIXTURES
@@ -130,3 +131,23 @@ def test_our_index_with_the_reference_centroids_has_its_codes(tmp_path, minilm_m
         ours.doclens, json.loads((INDEX_FIXTURES / "small_nbits2" / "doclens.0.json").read_text())
     )
     np.testing.assert_array_equal(ours.codes, ref_codes)
+
+
+def test_an_imported_index_with_updates_gives_texts_by_pid(imported, minilm_checkpoint, tmp_path):
+    """An imported index carries no texts, so adds do not store theirs either (compaction dropped them) and
+    say so; texts come from the collection, by pid (by position, a delete then an add gave other passages')."""
+    path = shutil.copytree(imported[2], tmp_path / "idx")
+    small = (FIXTURES.parents[1] / "collections" / "stdlib_100.tsv").read_text().splitlines(keepends=True)
+    indexer = colbert_jax.Indexer(colbert_jax.load_checkpoint(minilm_checkpoint), show_progress=False)
+    indexer.delete(path, [3])
+    with pytest.warns(UserWarning, match="the 1 added passages' texts are not stored in it either"):
+        (new,) = indexer.add(path, ["An added passage about the tempfile module."])
+    assert not colbert_jax.Index.open(path).has_texts and not list(path.glob("segments/*/texts"))
+    grown = tmp_path / "grown.tsv"
+    grown.write_text("".join(small) + f"{new}\tAn added passage about the tempfile module.\n")
+    searcher = colbert_jax.Searcher(path, checkpoint=minilm_checkpoint, allow_other_checkpoint=True)
+    original = FIXTURES.parents[1] / "collections" / "stdlib_100.tsv"
+    expected = [*Collection.load(original).texts([4, 5]), "An added passage about the tempfile module."]
+    assert searcher.passages([4, 5, new], collection=grown) == expected
+    with pytest.raises(ValueError, match=f"lacks pid {new}"):
+        searcher.passages([4], collection=original)
