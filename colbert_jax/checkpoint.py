@@ -382,6 +382,19 @@ def save_checkpoint(
         else:
             (tmp / "config.json").write_text(json.dumps(model.bert_config.to_hf_dict(), indent=2) + "\n")
         if format == "torch":
+            if model.text.pylate:
+                pads_with_mask = model.doc_tokenizer.pad_id == model.doc_tokenizer.mask_id
+                logger.warning(
+                    "colbert-ai reads none of this PyLate model's text conventions (stripping, lowercasing, "
+                    "its skiplist by token)"
+                    + (
+                        ", and its tokenizer pads with [MASK]: colbert-ai zeroes the query expansion embeddings"
+                        if pads_with_mask
+                        else ""
+                    )
+                    + ": colbert-jax reloads it as it is, but colbert-ai encodes differently (format='pylate' "
+                    "keeps it for PyLate)"
+                )
             tensors = params_to_state_dict(model.params, model.extras)
             io.save_safetensors(tensors, tmp / "model.safetensors", {"format": "pt"})
             meta = config.to_reference_dict()

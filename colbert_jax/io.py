@@ -140,6 +140,18 @@ def array_checksum(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def content_checksum(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, or of a directory's files (`array_checksum`)."""
+    path = Path(path)
+    if path.is_dir():
+        return array_checksum(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
 def save_safetensors(tensors: dict[str, np.ndarray], path: str | os.PathLike, metadata: dict[str, str]) -> None:
     """safetensors' `save_file`, with a full disk reported as an OSError carrying its errno (safetensors says
     SafetensorError, its code only in the message)."""

@@ -214,7 +214,9 @@ def write_pylate(out: Path, *, backbone_hf_config: dict, tensors: dict[str, np.n
     (out / MODULES).write_text(json.dumps(modules, indent=2) + "\n")
 
     q, d = model.query_tokenizer, model.doc_tokenizer
-    if model.text.skiplist_words is not None:
+    if not config.mask_punctuation:  # PyLate's way to mask nothing (our layout's setting has no key here)
+        skiplist = []
+    elif model.text.skiplist_words is not None:
         skiplist = list(model.text.skiplist_words)
     else:  # our ids as the tokens whose vocabulary lookup gives them back
         skiplist = [hf.convert_ids_to_tokens(int(i)) for i in d.skiplist]

@@ -4,8 +4,10 @@
     out_dir/checkpoints/<step> Orbax checkpoints: train state (params, optimizer, step, RNG), each host's data
                                position (Grain iterator state, one file per process)
     out_dir/export/            the final model in the PyTorch ColBERTv2 layout (loads in colbert-ai), or in
-                               PyLate's layout when training started from a PyLate checkpoint
+                               PyLate's layout when training started from a PyLate checkpoint (ours for an l2
+                               model from one: `export_format`)
     out_dir/config.yaml        the resolved configuration
+    out_dir/inputs.json        sha256 of the data files and checkpoint the run started from (resume checks them)
 
 `out_dir` must be absent, empty, or an earlier run's directory (which the run resumes, or with
 `overwrite=True` deletes and starts over); anything else is refused, so nothing of the user's is replaced.
@@ -59,7 +61,8 @@ from colbert_jax.training.step import TrainState, make_optimizer, train_step
 
 __all__ = ["train", "maybe_initialize_distributed", "is_run_dir"]
 
-RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "checkpoints", "export", "tensorboard")
+INPUTS = "inputs.json"  # sha256 of the data and checkpoint files the run started from
+RUN_ENTRIES = ("config.yaml", INPUTS, "metrics.jsonl", "checkpoints", "export", "tensorboard")
 
 PEAK_BF16_FLOPS = {
     "H100": 989e12,
@@ -170,6 +173,30 @@ def _check_resume_config(out: Path, config: TrainConfig) -> None:
         )
 
 
+def _input_checksums(config: TrainConfig) -> dict[str, dict[str, str]]:
+    """sha256 of the files a run reads (its data and the checkpoint directory it started from), by setting."""
+    c = config.colbert
+    named = {"colbert.triples": c.triples, "colbert.queries": c.queries, "colbert.collection": c.collection}
+    named["colbert.checkpoint"] = c.checkpoint if c.checkpoint and Path(c.checkpoint).is_dir() else None
+    return {k: {"path": str(v), "sha256": io.content_checksum(v)} for k, v in named.items() if v and Path(v).exists()}
+
+
+def _check_resume_inputs(out: Path, now: dict[str, dict[str, str]]) -> None:
+    """Refuses to resume where a file the run read changed since it started: the data order is rebuilt over
+    the new file, and the resumed steps would repeat some examples and skip others."""
+    saved_path = out / INPUTS
+    if not saved_path.is_file():  # a run from before inputs were recorded
+        return
+    saved = io.read_json(saved_path)
+    for key in sorted(saved.keys() & now.keys()):
+        if saved[key]["sha256"] != now[key]["sha256"]:
+            raise ConfigError(
+                f"{out}: cannot resume, {now[key]['path']} ({key}) changed since the run started (sha256 "
+                f"{now[key]['sha256'][:12]}..., the run read {saved[key]['sha256'][:12]}...): put back the file "
+                "it read, or overwrite=True (--overwrite) to start over"
+            )
+
+
 def is_run_dir(path: str | os.PathLike) -> bool:
     """Whether `path` is a training run's output directory: only what `train` writes, config or checkpoints
     among it (temporary `.export.*` directories of an interrupted export included)."""
@@ -273,8 +300,10 @@ def train(
     for old in sorted(manager.all_steps())[: -t.keep_checkpoints]:
         manager.delete(old)
     latest = manager.latest_step()
+    inputs = _input_checksums(run_config)
     if latest is not None:
         _check_resume_config(out, run_config)
+        _check_resume_inputs(out, inputs)
         # Each process restores its own data position (Grain writes one file per process); a checkpoint
         # of another process count has none for us, and then the step gives it: one global batch a step.
         own = (
@@ -303,6 +332,8 @@ def train(
     start = int(jax.device_get(state.step))
     if leader:
         run_config.save(out / "config.yaml")
+        if latest is None or not (out / INPUTS).is_file():
+            io.write_json(out / INPUTS, inputs)
         _truncate_metrics(out / "metrics.jsonl", start)
 
     step_fn = jax.jit(
@@ -402,13 +433,20 @@ def train(
                 head=model.head,
                 text=model.text,
             )
-            # PyLate's Dense stack and text conventions have their own layout; colbert-ai's holds one projection.
-            exported.save(
-                out / "export", format="pylate" if model.text.pylate or model.head else "torch", overwrite=True
-            )
+            layout = export_format(model)
+            exported.save(out / "export", format=layout, overwrite=True)
             if show_progress:
-                tqdm.write(f"[colbert-jax] {step} steps; model exported to {out / 'export'}")
+                tqdm.write(f"[colbert-jax] {step} steps; model exported to {out / 'export'} ({layout} layout)")
     return out
+
+
+def export_format(model) -> str:
+    """The layout a run's `export/` is written in: colbert-ai's (torch) where it holds the model; PyLate's for
+    its Dense stack and text conventions; ours (jax) for what neither holds (an l2 model with those: PyLate's
+    layout scores cosines only, and refusing it only once training was done lost the export)."""
+    if not (model.text.pylate or model.head):
+        return "torch"
+    return "pylate" if model.config.similarity == "cosine" else "jax"
 
 
 def _save(manager, step: int, state: TrainState, batches) -> None:

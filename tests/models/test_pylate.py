@@ -48,13 +48,17 @@ def test_embeddings_match_pylate_encode(pylate_model, texts):
 
 
 @pytest.mark.parametrize("target", ["pylate", "jax", "torch"])
-def test_conversions_keep_embeddings(pylate_model, tmp_path, texts, target):
+def test_conversions_keep_embeddings(pylate_model, tmp_path, texts, target, caplog):
     name, model, _ = pylate_model
     if target == "torch" and model.head:
         with pytest.raises(CheckpointError, match="one bias-free projection; this model has 2 projection layers"):
             model.save(tmp_path / "out", format="torch")
         return
-    again = colbert_jax.load_checkpoint(model.save(tmp_path / "out", format=target), query_quantization="none")
+    with caplog.at_level("WARNING", logger="colbert_jax.checkpoint"):
+        saved = model.save(tmp_path / "out", format=target)
+    # colbert-ai would load this layout, and encode otherwise: it is told
+    assert ("colbert-ai zeroes the query expansion embeddings" in caplog.text) == (target == "torch")
+    again = colbert_jax.load_checkpoint(saved, query_quantization="none")
     assert again.text == model.text and again.head == model.head
     q, d = texts["queries"], texts["documents"]
     np.testing.assert_array_equal(again.encode_queries(q), model.encode_queries(q))
@@ -116,3 +120,20 @@ def test_an_l2_model_is_not_written_as_pylate(tiny_model, tmp_path):
         l2.save(tmp_path / "out", format="pylate")
     assert not (tmp_path / "out").exists()
     assert colbert_jax.load_checkpoint(l2.save(tmp_path / "as-jax", format="jax")).config.similarity == "l2"
+
+
+def test_mask_punctuation_off_survives_the_pylate_layout(pylate_model, tmp_path, texts):
+    """The PyLate layout has no mask_punctuation key: a model that kept punctuation came back masking it
+    (its skiplist written whatever the setting said). An empty skiplist is PyLate's way to mask nothing."""
+    name, _, _ = pylate_model
+    kept = colbert_jax.load_checkpoint(
+        PYLATE_FIXTURES / name / "checkpoint", query_quantization="none", mask_punctuation=False
+    )
+    docs = [d + " , . ; !" for d in texts["documents"]]
+    again = colbert_jax.load_checkpoint(kept.save(tmp_path / "out", format="pylate"), query_quantization="none")
+    D, doclens = kept.encode_docs_flat(docs)
+    D2, doclens2 = again.encode_docs_flat(docs)
+    masked = colbert_jax.load_checkpoint(PYLATE_FIXTURES / name / "checkpoint", query_quantization="none")
+    assert doclens.sum() > masked.encode_docs_flat(docs)[1].sum()  # punctuation kept: more embeddings
+    np.testing.assert_array_equal(doclens2, doclens)
+    np.testing.assert_array_equal(D2, D)

@@ -86,3 +86,18 @@ def test_pylate_checkpoint_trains_as_it_encodes_and_exports_as_pylate(tmp_path):
     np.testing.assert_array_equal(exported.encode_queries(texts), trained.encode_queries(texts))
     np.testing.assert_array_equal(exported.encode_docs_flat(docs)[0], trained.encode_docs_flat(docs)[0])
     assert np.abs(exported.encode_queries(texts) - source.encode_queries(texts)).max() > 1e-3  # it trained
+
+
+def test_an_l2_run_from_a_pylate_checkpoint_exports_what_holds_it(tmp_path):
+    """PyLate's layout scores cosines only: an l2 run from a PyLate checkpoint trained to its last step and then
+    had its export refused (a rerun resumed and failed the same way). It exports in our layout instead, with
+    l2 and the PyLate head and text settings; and a run without punctuation masking exports one that keeps it."""
+    overrides = [f"checkpoint={SOURCE}", "doc_maxlen=64", "query_maxlen=16", f"bsize={BSIZE}", "maxsteps=1"]
+    overrides += ["warmup=null", "train.shuffle=false", "train.save_every=null"]
+    out = train(TrainConfig.load(TINY, [*overrides, "similarity=l2"]), tmp_path / "l2", show_progress=False)
+    exported = colbert_jax.load_checkpoint(out / "export")
+    assert exported.config.similarity == "l2" and exported.head == ((24, True, "identity"), (16, False, "identity"))
+    assert exported.text.pylate and not (out / "export" / "modules.json").exists()
+    out = train(TrainConfig.load(TINY, [*overrides, "mask_punctuation=false"]), tmp_path / "kept", show_progress=False)
+    kept = colbert_jax.load_checkpoint(out / "export")  # PyLate's layout again
+    assert (out / "export" / "modules.json").is_file() and len(kept.doc_tokenizer.skiplist) == 0

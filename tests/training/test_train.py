@@ -133,6 +133,23 @@ def test_resume_under_other_settings_is_refused(tmp_path, tiny_ckpt):
     assert [m["step"] for m in metrics(run)] == [1, 2, 3, 4, 5]
 
 
+def test_resume_over_changed_data_is_refused(tmp_path, tiny_ckpt):
+    """The data order is rebuilt from the triples file on resume: replaced at the same path, the resumed steps
+    would repeat some examples and skip others, with nothing said. The run records its inputs' checksums."""
+    triples = tmp_path / "triples.jsonl"
+    lines = TRIPLES.read_text().splitlines(keepends=True)
+    triples.write_text("".join(lines))
+    config = tiny_config(tiny_ckpt, "maxsteps=4", "train.save_every=2", f"triples={triples}")
+    run = tmp_path / "run"
+    train(config, run, stop_after=2, show_progress=False)
+    triples.write_text("".join(lines[1:] + lines[:1]))  # the same examples, in another order
+    with pytest.raises(ConfigError, match=r"triples.jsonl \(colbert\.triples\) changed since the run started"):
+        train(config, run, show_progress=False)
+    triples.write_text("".join(lines))
+    train(config, run, show_progress=False)
+    assert [m["step"] for m in metrics(run)] == [1, 2, 3, 4]
+
+
 def overrides(*pairs: str) -> list[str]:
     """Command-line overrides: one --set per KEY=VALUE."""
     return [a for pair in pairs for a in ("--set", pair)]
