@@ -13,22 +13,34 @@ from the ranking scores 0 (MS MARCO's official script, trec_eval -c), where trec
 
 Rankings: colbert-ai's TSV (`qid \\t pid \\t rank [\\t score]`, read in rank order) or a TREC run file
 (`qid Q0 docno rank score tag`, ordered as trec_eval orders it: by score, ties by docno, both descending;
-the rank column is ignored). Ties are resolved here once: ir-measures' providers disagree on them (its
-RR@k, from MS MARCO's script, breaks them the other way than pytrec_eval).. Qrels: TREC
-and MS MARCO (`qid 0 docno rel`, whitespace or tabs) or BEIR (`query-id \\t corpus-id \\t score`, header).
+the rank column is ignored; whitespace or tabs). Ties are resolved here once: ir-measures' providers disagree
+on them (its RR@k, from MS MARCO's script, breaks them the other way than pytrec_eval). A passage listed twice
+for a query counts at its first rank only (with a warning). Qrels: TREC and MS MARCO (`qid 0 docno rel`,
+whitespace or tabs) or BEIR (`query-id \\t corpus-id \\t score`, header).
+
+Ids are compared in one canonical form, on both sides: an all-digit id without its leading zeros ('001' ->
+'1'), since colbert-jax reads all-integer qids and pids as integers (a run written by `search` for queries
+'001' says '1'); two ids of one input that collide so ('1' and '01') are refused. Judged queries missing from
+the ranking are warned of (`EvaluationWarning`).
 """
 
 from __future__ import annotations
 
 import math
+import operator
 import os
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
-from colbert_jax.queries import text_lines
+from colbert_jax.queries import INTEGER, text_lines
 from colbert_jax.search.ranking import Ranking
 
 __all__ = ["load_qrels", "load_run", "evaluate", "own_metrics"]
+
+
+class EvaluationWarning(UserWarning):
+    """A ranking or qrels that evaluate, but probably not as meant (missing queries, duplicate passages)."""
 
 
 def load_qrels(path: str | os.PathLike) -> dict[str, dict[str, int]]:
@@ -59,24 +71,33 @@ def load_qrels(path: str | os.PathLike) -> dict[str, dict[str, int]]:
                 "('qid pid rank score'), not qrels"
             )
         relevance = int(value)
-        qrels.setdefault(qid, {})[pid] = relevance
+        judged = qrels.setdefault(qid, {})
+        if judged.get(pid, relevance) != relevance:  # which one was meant? Keeping either would be a guess
+            raise ValueError(
+                f"{path}:{lineno}: query {qid!r}, passage {pid!r} is judged twice, with relevance "
+                f"{judged[pid]} and {relevance}"
+            )
+        judged[pid] = relevance
     if not qrels:
         raise ValueError(f"{path}: no judgements")
     return qrels
 
 
 def load_run(path: str | os.PathLike) -> dict[str, list[tuple[str, int, float]]]:
-    """Reads a ranking: colbert-ai's TSV or a TREC run -> {qid: [(docno, rank, score), ...]} in rank order."""
+    """Reads a ranking: colbert-ai's TSV or a TREC run -> {qid: [(docno, rank, score), ...]} in rank order.
+
+    Ids stay as the file writes them ('001' stays '001'); `evaluate` compares them in one canonical form."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"ranking file not found: {path}")
     first = next((line for _, line in text_lines(path) if line.strip()), "")
-    if "\t" in first or len(first.split()) != 6:
-        ranking = Ranking.load(path)
-        return {str(q): [(str(p), r, s) for p, r, s in res] for q, res in ranking.data.items()}
+    fields = _fields(first)
+    # TREC: 6 columns, whitespace-separated, or tab-separated with the Q0 column (as rerank.read_run reads it)
+    if len(fields) != 6 or ("\t" in first and fields[1] != "Q0"):
+        return _load_tsv_run(path)
     run: dict[str, list[tuple[str, float]]] = {}
     for lineno, line in text_lines(path):
-        fields = line.split()
+        fields = _fields(line)
         if not fields:
             continue
         if len(fields) != 6:
@@ -94,13 +115,98 @@ def load_run(path: str | os.PathLike) -> dict[str, list[tuple[str, int, float]]]
     return out
 
 
-def _ranked_lists(ranking: Ranking | dict) -> dict[str, list[str]]:
-    data = ranking.data if isinstance(ranking, Ranking) else ranking
-    out = {}
-    for qid, results in data.items():
-        ordered = sorted(results, key=lambda r: r[1])  # by rank
-        out[str(qid)] = [str(pid) for pid, _, _ in ordered]
+def _fields(line: str) -> list[str]:
+    """A run line's columns: split at tabs when it has any (ids may then hold spaces), else at whitespace."""
+    return [f.strip() for f in line.rstrip("\r\n").split("\t")] if "\t" in line else line.split()
+
+
+def _load_tsv_run(path: Path) -> dict[str, list[tuple[str, int, float]]]:
+    """colbert-ai's `qid \\t pid \\t rank [\\t score]`, read as `Ranking.load` reads it, except that ids keep
+    their text: Ranking.load turns all-integer qids into ints, which would merge '1' and '01' unseen."""
+    out: dict[str, list[tuple[str, int, float]]] = {}
+    for lineno, line in text_lines(path):
+        if not line.strip():
+            continue
+        fields = [f.strip() for f in line.rstrip("\r\n").split("\t")]
+        if len(fields) < 3:
+            raise ValueError(f"{path}:{lineno}: expected 'qid<TAB>pid<TAB>rank[<TAB>score]'")
+        qid, pid = fields[0], fields[1]
+        try:
+            number = int(pid)
+            rank = int(fields[2])
+            score = float(fields[3]) if len(fields) > 3 else 0.0
+        except ValueError:
+            raise ValueError(f"{path}:{lineno}: pid and rank must be integers, score a number") from None
+        if not INTEGER.fullmatch(pid):
+            pid = str(number)  # '+5' or '٥': the integer int() read, as Ranking.load would have kept it
+        out.setdefault(qid, []).append((pid, rank, score))
     return out
+
+
+def _canonical(x: object) -> str:
+    """The form ids are compared in: an all-digit id without its leading zeros ('001' -> '1', as colbert-jax
+    reads all-integer qids and pids: a run written by `search` says '1' where the qrels say '001'), others as
+    they are (text)."""
+    s = str(x)
+    return str(int(s)) if INTEGER.fullmatch(s) else s
+
+
+class _Ids:
+    """The canonical ids of one kind (qids or pids) in one input; refuses two distinct ids that collide."""
+
+    def __init__(self, what: str, where: str):
+        self.what, self.where = what, where
+        self.raw: dict[str, str] = {}  # canonical -> the id as the input writes it, for messages
+
+    def __call__(self, x: object) -> str:
+        c, s = _canonical(x), str(x)
+        first = self.raw.setdefault(c, s)
+        if first != s:
+            raise ValueError(
+                f"the {self.where} has the {self.what}s {first!r} and {s!r}, which are the same id once leading "
+                f"zeros are dropped (as colbert-jax reads integer ids); rename one of them"
+            )
+        return c
+
+
+def _ranked_lists(ranking: Ranking | dict, qids: _Ids | None = None) -> dict[str, list[str]]:
+    """{qid: [pid, ...] in rank order}, ids canonical; a pid listed twice for one query counts at its first
+    (best) rank only, for both implementations (pytrec_eval would keep its last, our own would count it twice)."""
+    data = ranking.data if isinstance(ranking, Ranking) else ranking
+    qids = qids or _Ids("qid", "ranking")
+    pids = _Ids("pid", "ranking")
+    out: dict[str, list[str]] = {}
+    dropped = queries = 0
+    for qid, results in data.items():
+        q = qids(qid)
+        if q in out:  # two keys of one dict, e.g. 1 and '1'
+            raise ValueError(f"the ranking lists qid {qids.raw[q]!r} twice (as {qids.raw[q]!r} and {qid!r})")
+        ordered = [pids(pid) for pid, _, _ in sorted(results, key=lambda r: r[1])]  # by rank
+        out[q] = list(dict.fromkeys(ordered))  # the first occurrence of each pid, in order
+        if len(out[q]) < len(ordered):
+            dropped += len(ordered) - len(out[q])
+            queries += 1
+    if dropped:
+        warnings.warn(
+            f"dropped {dropped} duplicate(s) from the ranking: {queries} of its queries list a passage more than "
+            "once; each counts at its first (best) rank only",
+            EvaluationWarning,
+            stacklevel=4,
+        )
+    return out
+
+
+def _cutoffs(mrr_k: int, ndcg_k: int, recall_ks: Iterable[int]) -> list[int]:
+    """Refuses cut-offs below 1 (they would print 0 as if it were a measurement); returns the recall ks."""
+    recall_ks = list(recall_ks)
+    for name, k in [("mrr_k", mrr_k), ("ndcg_k", ndcg_k)] + [("recall_ks", k) for k in recall_ks]:
+        try:
+            ok = operator.index(k) >= 1
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"{name} must be a positive integer (a cut-off depth), got {k!r}")
+    return recall_ks
 
 
 def evaluate(
@@ -116,14 +222,15 @@ def evaluate(
     import ir_measures
     from ir_measures import RR, R, nDCG
 
+    recall_ks = _cutoffs(mrr_k, ndcg_k, recall_ks)
     ranked, judged = _checked(ranking, qrels)
-    recall_ks = list(recall_ks)
     measures = {
         f"MRR@{mrr_k}": RR @ mrr_k,
         f"nDCG@{ndcg_k}": nDCG @ ndcg_k,
         **{f"Recall@{k}": R @ k for k in recall_ks},
     }
-    qrel_rows = [ir_measures.Qrel(q, d, max(int(rel), 0)) for q in judged for d, rel in qrels[q].items()]
+    # Only the relevant passages: a judgement of 0 or less adds nothing to RR, R or nDCG (gain max(rel, 0)).
+    qrel_rows = [ir_measures.Qrel(q, d, rel) for q, rels in judged.items() for d, rel in rels.items()]
     # Scores that follow the ranks: the library orders by score, the ranking's order is its ranks.
     run_rows = [
         ir_measures.ScoredDoc(q, d, float(len(docs) - i))
@@ -142,18 +249,50 @@ def evaluate(
 
 
 def _checked(ranking, qrels) -> tuple[dict[str, list[str]], dict[str, dict[str, int]]]:
-    """The ranked pids per query and the judged queries' relevant pids; refuses swapped files."""
-    ranked = _ranked_lists(ranking)
-    pids = {pid for results in ranked.values() for pid in results}
-    if pids == {"0"} and sum(map(len, ranked.values())) > 1:
+    """The ranked pids per query and the judged queries' relevant pids ({qid: {pid: rel > 0}}), all ids in
+    canonical form; refuses swapped files, warns of judged queries the ranking lacks."""
+    data = ranking.data if isinstance(ranking, Ranking) else ranking
+    # Checked before duplicates are dropped: qrels read as a ranking list pid 0 for every judgement.
+    pids = {_canonical(pid) for results in data.values() for pid, _, _ in results}
+    if pids == {"0"} and sum(map(len, data.values())) > 1:
         raise ValueError(
             "every pid in the ranking is 0: this looks like MS MARCO qrels ('qid 0 pid rel'), not a ranking "
             "('qid pid rank score'); are the ranking and the qrels swapped?"
         )
-    judged = {q: {p: r for p, r in rels.items() if r > 0} for q, rels in qrels.items()}
+    run_qids = _Ids("qid", "ranking")
+    ranked = _ranked_lists(ranking, run_qids)
+    qrel_qids, qrel_pids = _Ids("qid", "qrels"), _Ids("pid", "qrels")
+    judged: dict[str, dict[str, int]] = {}
+    for qid, rels in qrels.items():
+        q = qrel_qids(qid)
+        if q in judged:  # two keys of one dict, e.g. 1 and '1'
+            raise ValueError(f"the qrels list qid {qrel_qids.raw[q]!r} twice (as {qrel_qids.raw[q]!r} and {qid!r})")
+        judged[q] = {}
+        for pid, rel in rels.items():
+            p = qrel_pids(pid)
+            if p in judged[q] and judged[q][p] != int(rel):
+                raise ValueError(f"the qrels judge query {qid!r}, passage {pid!r} twice ({judged[q][p]}, {int(rel)})")
+            judged[q][p] = int(rel)
+    judged = {q: {p: r for p, r in rels.items() if r > 0} for q, rels in judged.items()}
     judged = {q: rels for q, rels in judged.items() if rels}
     if not judged:
         raise ValueError("the qrels have no relevant passages")
+    missing = [q for q in judged if q not in ranked]
+    if len(missing) == len(judged):
+        example = f"e.g. {run_qids.raw[next(iter(ranked))]!r}" if ranked else "none: it is empty"
+        warnings.warn(
+            f"ERROR: none of the {len(judged)} judged queries is in the ranking, so every metric is 0: do the "
+            f"files use the same qids? (qrels: e.g. {qrel_qids.raw[missing[0]]!r}; ranking: {example})",
+            EvaluationWarning,
+            stacklevel=3,
+        )
+    elif missing:
+        warnings.warn(
+            f"{len(missing)} of the {len(judged)} judged queries are not in the ranking (e.g. qid "
+            f"{qrel_qids.raw[missing[0]]!r}): they count 0",
+            EvaluationWarning,
+            stacklevel=3,
+        )
     return ranked, judged
 
 
@@ -166,8 +305,8 @@ def own_metrics(
     recall_ks: Iterable[int] = (10, 50, 100, 1000),
 ) -> dict[str, float]:
     """`evaluate`'s metrics by our own code (no library): the cross-check of ir-measures in the tests."""
+    recall_ks = _cutoffs(mrr_k, ndcg_k, recall_ks)
     ranked, judged = _checked(ranking, qrels)
-    recall_ks = list(recall_ks)
     totals = {f"MRR@{mrr_k}": 0.0, f"nDCG@{ndcg_k}": 0.0, **{f"Recall@{k}": 0.0 for k in recall_ks}}
     for qid, relevant in judged.items():
         results = ranked.get(qid, [])
@@ -175,7 +314,7 @@ def own_metrics(
         totals[f"MRR@{mrr_k}"] += 0.0 if first is None else 1.0 / (first + 1)
         for k in recall_ks:
             totals[f"Recall@{k}"] += sum(pid in relevant for pid in results[:k]) / len(relevant)
-        dcg = sum(max(qrels[qid].get(pid, 0), 0) / math.log2(i + 2) for i, pid in enumerate(results[:ndcg_k]))
+        dcg = sum(relevant.get(pid, 0) / math.log2(i + 2) for i, pid in enumerate(results[:ndcg_k]))
         ideal = sorted(relevant.values(), reverse=True)[:ndcg_k]
         idcg = sum(rel / math.log2(i + 2) for i, rel in enumerate(ideal))
         totals[f"nDCG@{ndcg_k}"] += dcg / idcg
