@@ -130,13 +130,7 @@ def _read_state_dict(directory: Path) -> dict[str, np.ndarray]:
         if not path.is_file():
             continue
         if name.endswith(".safetensors"):
-            from safetensors import SafetensorError
-            from safetensors.numpy import load_file
-
-            try:
-                return load_file(str(path))
-            except (SafetensorError, OSError, ValueError) as e:
-                raise CheckpointError(f"{path}: unreadable safetensors file: {e}") from None
+            return _load_safetensors(path)
         try:
             state = load_torch_file(path)
         except TorchFileError as e:
@@ -149,11 +143,24 @@ def _read_state_dict(directory: Path) -> dict[str, np.ndarray]:
     raise CheckpointError(f"{directory}: no weight file ({' or '.join(WEIGHT_FILES)})")
 
 
+def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """A safetensors file's tensors; a truncated or damaged file is a CheckpointError naming it."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable safetensors file: {e}") from None
+
+
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON: {e}") from None
+    except FileNotFoundError:
+        raise CheckpointError(f"{path.parent}: no {path.name} (not a complete checkpoint)") from None
 
 
 def _has_projection(state: dict[str, np.ndarray]) -> bool:
@@ -294,9 +301,8 @@ def load_checkpoint(
 
 def _read_jax_params(path: Path, abstract) -> tuple[dict, dict[str, np.ndarray]]:
     from flax import traverse_util
-    from safetensors.numpy import load_file
 
-    flat = load_file(str(path))
+    flat = _load_safetensors(path)
     extras = {k[len(_EXTRAS) :]: v for k, v in flat.items() if k.startswith(_EXTRAS)}
     flat = {k: v for k, v in flat.items() if not k.startswith(_EXTRAS)}
     expected = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(abstract, sep="/").items()}

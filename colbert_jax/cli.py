@@ -10,7 +10,9 @@ import argparse
 import errno
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -319,21 +321,39 @@ def _compact(args: argparse.Namespace) -> int:
 
 def _rerank(args: argparse.Namespace) -> int:
     import colbert_jax
-    from colbert_jax.queries import load_queries
+    from colbert_jax.queries import canonical_id, load_queries
     from colbert_jax.search.rerank import read_run
 
-    queries = {str(q): text for q, text in load_queries(args.queries).items()}
+    # qids matched as evaluate matches them: the queries file's '001' is read as 1, a run's stays '001'
+    queries = {canonical_id(q): text for q, text in load_queries(args.queries).items()}
     run = read_run(args.run)
-    missing = [q for q in run if q not in queries]
+    missing = [q for q in run if canonical_id(q) not in queries]
     if missing:
         raise ValueError(f"{args.run} ranks query {missing[0]!r}, which {args.queries} does not hold")
     searcher = colbert_jax.Searcher(
         args.index, checkpoint=args.checkpoint, allow_other_checkpoint=args.allow_other_checkpoint
     )
-    ranking = searcher.rerank_all({q: queries[q] for q in run}, run, k=args.k)
+    ranking = searcher.rerank_all({q: queries[canonical_id(q)] for q in run}, run, k=args.k)
     ranking.save(args.out)
     print(f"reranked {len(run):,} queries' candidates from {args.run}: written to {args.out}", file=sys.stderr)
     return EXIT_OK
+
+
+def _bounded(kind: type, low: float, high: float | None = None, *, above: bool = False) -> Callable[[str], Any]:
+    """An argparse type: `kind` (int or float) at least `low` (above it, with above=True) and at most `high`."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not (value > low if above else value >= low) or (high is not None and value > high):  # NaN too
+            bound = f"above {low}" if above else f"from {low}" + (f" to {high}" if high is not None else " up")
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -526,18 +546,26 @@ def build_parser() -> argparse.ArgumentParser:
         default="plaid",
         help="plaid or warp: WARP's cluster-by-cluster scoring of the packed residuals",
     )
-    p.add_argument("--port", type=int, default=8893, help="port (0: any free port, printed at start-up)")
     p.add_argument(
-        "--max-batch", dest="max_batch", type=int, default=64, help="queries per search call, and per POST request"
+        "--port", type=_bounded(int, 0, 65535), default=8893, help="port (0: any free port, printed at start-up)"
+    )
+    p.add_argument(
+        "--max-batch",
+        dest="max_batch",
+        type=_bounded(int, 1),
+        default=64,
+        help="queries per search call, and per POST request",
     )
     p.add_argument(
         "--max-wait-ms",
         dest="max_wait_ms",
-        type=float,
+        type=_bounded(float, 0),
         default=2.0,
         help="how long the first queued request waits for others to batch with",
     )
-    p.add_argument("--max-queue", dest="max_queue", type=int, default=256, help="queued requests before 503")
+    p.add_argument(
+        "--max-queue", dest="max_queue", type=_bounded(int, 1), default=256, help="queued requests before 503"
+    )
     p.add_argument(
         "--api-key",
         dest="api_key",
@@ -547,10 +575,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--insecure", action="store_true", help="serve on a non-loopback --host without an API key (anyone can query)"
     )
     p.add_argument(
-        "--max-body-bytes", dest="max_body_bytes", type=int, default=1 << 20, help="larger request bodies get 413"
+        "--max-body-bytes",
+        dest="max_body_bytes",
+        type=_bounded(int, 1),
+        default=1 << 20,
+        help="larger request bodies get 413",
     )
     p.add_argument(
-        "--request-timeout-s", dest="request_timeout_s", type=float, default=60.0, help="slower requests get 503"
+        "--request-timeout-s",
+        dest="request_timeout_s",
+        type=_bounded(float, 0, above=True),
+        default=60.0,
+        help="slower requests get 503",
     )
     p.set_defaults(func=_serve)
 

@@ -33,7 +33,7 @@ import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
-from colbert_jax.queries import INTEGER, text_lines
+from colbert_jax.queries import INTEGER, canonical_id, text_lines
 from colbert_jax.search.ranking import Ranking
 
 __all__ = ["load_qrels", "load_run", "evaluate", "own_metrics"]
@@ -144,11 +144,9 @@ def _load_tsv_run(path: Path) -> dict[str, list[tuple[str, int, float]]]:
 
 
 def _canonical(x: object) -> str:
-    """The form ids are compared in: an all-digit id without its leading zeros ('001' -> '1', as colbert-jax
-    reads all-integer qids and pids: a run written by `search` says '1' where the qrels say '001'), others as
-    they are (text)."""
-    s = str(x)
-    return str(int(s)) if INTEGER.fullmatch(s) else s
+    """The form ids are compared in (`queries.canonical_id`: a run written by `search` says '1' where the
+    qrels say '001')."""
+    return canonical_id(x)
 
 
 class _Ids:

@@ -561,8 +561,8 @@ class Index:
         """Raises IndexChangedError where a rebuild replaced the index's directory since this version opened."""
         if _directory_id(self.path) != self._directory:
             raise IndexChangedError(
-                f"{self.path} was rebuilt since version {self.version} was opened: its passage texts are gone "
-                "(Searcher.reload() moves to the new index)"
+                f"{self.path} was rebuilt since version {self.version} was opened: the files this version reads "
+                "are gone (Searcher.reload() moves to the new index)"
             )
 
     def texts(self, positions) -> list[str]:
@@ -600,29 +600,48 @@ class Index:
     def select(self, where: str) -> np.ndarray:
         """Positions (ascending) of the passages whose metadata satisfy `where`, e.g. "year >= 2020 AND
         lang = 'en'" (grammar: `colbert_jax.indexing.fields`; values are bound, never formatted into SQL).
-        Raises `WhereError` for a bad expression or a field the index does not have."""
-        from colbert_jax.indexing.fields import WhereError, parse_where, select_rows
+        Raises `WhereError` for a bad expression or a field the index does not have, IndexChangedError where
+        updates since removed this version's fields files or a rebuild replaced them."""
+        from colbert_jax.indexing.fields import WhereError, parse_where
 
         node = parse_where(where)
         unknown = sorted(node.fields() - set(self.fields))
         if unknown:
             known = ", ".join(self.fields) or "none"
             raise WhereError(f"where: unknown field {unknown[0]!r} (the index's passage fields: {known})")
-        sources = {"base": 0, **{f"update {i}": None for i in range(len(self.metadata.get("log") or []))}}
+        # Guarded: the files are read by path, and after a rebuild that path holds another index's rows.
+        return self._guarded(lambda: self._select(node))
+
+    def _select(self, node: Any) -> np.ndarray:
+        """`select` of a parsed expression (`fields.Node`): each part's (base, adds) matching rows, as positions."""
+        from colbert_jax.indexing.fields import null_matches, select_rows
+
+        # A part without a fields file (built from a TSV, an add without metadata) reads every field as NULL, as
+        # do rows its file lacks: all of them match or none, as an all-NULL passage does (`lang IS NULL`).
+        all_null = null_matches(node)
         if self.has_updates:
-            adds = [i for i, op in enumerate(self.metadata["log"]) if op["op"] == "add"]
-            sources.update({f"update {i}": j + 1 for j, i in enumerate(adds)})
-            starts = self._layout.row_starts
+            lay = self._layout
+            starts = lay.row_starts
+            parts = [self.metadata.get("fields")] + [op.get("fields") for op in lay.adds]
+        else:
+            starts = np.array([0, self.num_passages], np.int64)
+            parts = [self.metadata.get("fields")]
+        hits = [np.zeros(0, np.int64)]
+        for start, stop, entry in zip(starts[:-1], starts[1:], parts):
+            size = int(stop - start)
+            if entry is None:
+                rows = np.arange(size, dtype=np.int64) if all_null else np.zeros(0, np.int64)
+            else:
+                path = self._inside("passage fields file", entry["path"])
+                rows = select_rows(path, node, entry["columns"], num_rows=size if all_null else None)
+            hits.append(rows + start)
+        rows = np.concatenate(hits)
+        if self.has_updates:
             inverse = np.full(starts[-1], -1, np.int64)
-            inverse[self._layout.rows] = np.arange(len(self._layout.rows))
-        hits = []
-        for label, entry in self._field_files():
-            rows = select_rows(self.path / entry["path"], node, entry["columns"])
-            if self.has_updates:
-                rows = inverse[rows + starts[sources[label]]]
-                rows = rows[rows >= 0]  # replaced or deleted since
-            hits.append(rows)
-        return np.unique(np.concatenate(hits)) if hits else np.zeros(0, np.int64)
+            inverse[lay.rows] = np.arange(len(lay.rows))
+            rows = inverse[rows]
+            rows = rows[rows >= 0]  # replaced or deleted since
+        return np.unique(rows)
 
     def embeddings(self, pids):
         """Decompressed embeddings of passages: one pid -> float32 [doclen, dim]; a list -> a list of them."""

@@ -15,6 +15,13 @@ __all__ = ["load_queries", "INTEGER"]
 INTEGER = re.compile(r"-?[0-9]+")  # an id that colbert-ai reads as an int (not "²", "1_0" or "--1")
 
 
+def canonical_id(x: object) -> str:
+    """The form query and passage ids are matched in across files: an all-digit id without its leading zeros
+    ('001' -> '1', as colbert-jax reads all-integer ids as integers), other ids as they are."""
+    s = str(x)
+    return str(int(s)) if INTEGER.fullmatch(s) else s
+
+
 def load_queries(path: str | os.PathLike) -> dict:
     """Reads a queries file -> {qid: text}; a malformed file raises ValueError naming its line."""
     path = Path(path)

@@ -48,16 +48,17 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt
 from starlette.exceptions import HTTPException
 
+from colbert_jax.index import IndexChangedError
 from colbert_jax.search.searcher import QueryError, Searcher
 
 __all__ = [
@@ -181,7 +182,9 @@ def _request_model(max_queries: int) -> type[BaseModel]:
             min_length=1, max_length=max_queries, description=f"1 to {max_queries} queries"
         )
         k: KValue = DEFAULT_K
-        pids: list[int] | None = Field(None, description="search only these passages (pids), for every query")
+        pids: list[StrictInt] | None = Field(
+            None, min_length=1, description="search only these passages (pids), for every query"
+        )
 
     return SearchRequest
 
@@ -407,24 +410,44 @@ class MicroBatcher:
                 self.followers.announce("reload", metadata=_metadata_digest(self.searcher.index))
         return moved
 
+    def on_newest(self, work: Callable[[], Any]) -> Any:
+        """`work()` on the index's newest version; once more after a reload where updates overtook it (an
+        IndexChangedError: the files of the version it read were removed or replaced while it ran)."""
+        self.reload_if_updated()
+        try:
+            return work()
+        except IndexChangedError:
+            self._index_stat = None  # ask the index even if metadata.json looks unchanged
+            if not self.reload_if_updated():
+                raise
+            return work()
+
     def filtered(self, queries: list[str], k: int, pids: list[int]):
         """Search restricted to `pids` (not micro-batched: each request has its own set), with passage texts."""
-        self.reload_if_updated()
-        ranking = self.searcher.search_all(queries, k=min(SEARCH_K, self.searcher.index.num_passages), pids=pids)
-        results = [ranking[i][:k] for i in range(len(queries))]
-        hits = [pid for r in results for pid, _, _ in r]
-        passages = iter(self.searcher.passages(hits) if hits else [])
+
+        def work():
+            n = min(SEARCH_K, self.searcher.index.num_passages)
+            ranking = self.searcher.search_all(queries, k=n, pids=pids)
+            results = [ranking[i][:k] for i in range(len(queries))]
+            hits = [pid for r in results for pid, _, _ in r]
+            passages = iter(self.searcher.passages(hits) if hits else [])
+            return [(r, [next(passages) for _ in r]) for r in results]
+
+        out = self.on_newest(work)
         self.queries += len(queries)
-        return [(r, [next(passages) for _ in r]) for r in results]
+        return out
 
     def _answer(self, texts: list[str], ks: list[int], sizes: list[int]):
         """`_search`, cut to each query's k, with the passage texts: every use of the searcher stays in this
         one worker thread (tokenizers and lazily loaded arrays are not shared across threads)."""
-        self.reload_if_updated()
-        results = [r[:k] for r, k in zip(self._search(texts, sizes), ks)]
-        pids = [pid for r in results for pid, _, _ in r]
-        passages = iter(self.searcher.passages(pids) if pids else [])
-        return [(r, [next(passages) for _ in r]) for r in results]
+
+        def work():
+            results = [r[:k] for r, k in zip(self._search(texts, sizes), ks)]
+            pids = [pid for r in results for pid, _, _ in r]
+            passages = iter(self.searcher.passages(pids) if pids else [])
+            return [(r, [next(passages) for _ in r]) for r in results]
+
+        return self.on_newest(work)
 
 
 # -- several processes ---------------------------------------------------------------------------------
@@ -643,6 +666,17 @@ def create_app(
       request_timeout_s: a request not answered by then gets 503 with Retry-After.
       followers: over several processes (process 0), announces each step to the others (`follow`).
     """
+    for name, value, low in (
+        ("max_batch", max_batch, 1),
+        ("max_queue", max_queue, 1),
+        ("max_body_bytes", max_body_bytes, 1),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer of at least {low}, got {value!r}")
+    if not max_wait_ms >= 0 or not request_timeout_s > 0:  # (NaN fails both)
+        raise ValueError(
+            f"max_wait_ms must be >= 0 and request_timeout_s > 0, got {max_wait_ms!r} and {request_timeout_s!r}"
+        )
     batcher = MicroBatcher(
         searcher, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, warm=warm, followers=followers
     )
@@ -679,6 +713,13 @@ def create_app(
         response = _error(exc.status_code, message)
         for key, value in (exc.headers or {}).items():
             response.headers[key] = value
+        return response
+
+    @app.exception_handler(IndexChangedError)
+    async def index_changing(request, exc: IndexChangedError):
+        # updates overtook a search twice in a row: the next try reads a version that holds still
+        response = _error(503, f"the index is being updated: retry ({exc})")
+        response.headers["Retry-After"] = "1"
         return response
 
     @app.exception_handler(Exception)
@@ -718,6 +759,8 @@ def create_app(
                 allowed = [int(p) for p in pids.split(",") if p.strip()]
             except ValueError:
                 return _error(400, f"pids: expected comma-separated integers, got {pids[:50]!r}")
+            if not allowed:  # a search of no passages: a client's mistake, not an empty answer
+                return _error(400, "pids: no pids given (leave pids out to search every passage)")
         out = await answer([query], k, allowed)
         return out if isinstance(out, JSONResponse) else out[0]
 
@@ -733,7 +776,8 @@ def create_app(
         similarity (the scores sum to the passage's score)."""
         from colbert_jax.search.explain import doc_token_spans
 
-        def run():
+        def work():
+            searcher.index.positions([pid])  # KeyError: not in the version now served
             matches = searcher.explain(query, pid)
             text = searcher.passages([pid])[0]
             return matches, text, doc_token_spans(searcher.model, text)
@@ -743,11 +787,10 @@ def create_app(
         try:
             if not _INT64_MIN <= pid <= _INT64_MAX:  # numpy cannot even look it up
                 raise KeyError(pid)
-            searcher.index.positions([pid])
+            # in the worker, on the newest version, as searches are (an added pid was a 404 until a search)
+            matches, text, spans = await batcher.call(batcher.on_newest, work)
         except KeyError:
             return _error(404, f"pid {pid} is not in the index")
-        try:
-            matches, text, spans = await batcher.call(run)
         except QueryError as e:
             return _error(400, str(e))
         return ExplainResponse(

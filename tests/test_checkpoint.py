@@ -108,6 +108,25 @@ def test_missing_tensor_is_named(tiny_checkpoint, tmp_path):
         colbert_jax.load_checkpoint(ckpt)
 
 
+def test_a_damaged_checkpoint_of_ours_or_extra_layers_are_named(tiny_model, tiny_checkpoint, tmp_path):
+    """Our own layout's truncated weights or missing config came out as safetensors' and Python's own errors;
+    a config with fewer layers than the weights said "missing tensor(s) -"."""
+    ckpt = tiny_model.save(tmp_path / "jax", format="jax")
+    weights = (ckpt / "params.safetensors").read_bytes()
+    (ckpt / "params.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(CheckpointError, match="params.safetensors: unreadable safetensors file"):
+        colbert_jax.load_checkpoint(ckpt)
+    (ckpt / "params.safetensors").write_bytes(weights)
+    (ckpt / "colbert_config.json").unlink()
+    with pytest.raises(CheckpointError, match="no colbert_config.json"):
+        colbert_jax.load_checkpoint(ckpt)
+    torch = shutil.copytree(tiny_checkpoint, tmp_path / "torch")
+    cfg = json.loads((torch / "config.json").read_text())
+    (torch / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 1}))
+    with pytest.raises(CheckpointFormatError, match=r"layers \[0, 1\] of .*config.json says 1"):
+        colbert_jax.load_checkpoint(torch)
+
+
 def test_unknown_config_key(tiny_checkpoint):
     with pytest.raises(ConfigError, match="unknown config key 'dimm'"):
         colbert_jax.load_checkpoint(tiny_checkpoint, dimm=3)

@@ -424,6 +424,31 @@ def test_serve_refuses_a_busy_port_before_loading_anything(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "flag,value,message",
+    [
+        ("--max-batch", "0", "must be from 1 up, got 0"),  # every GET answered 500 (ZeroDivisionError)
+        ("--max-queue", "0", "must be from 1 up, got 0"),  # an unbounded queue: never 503
+        ("--port", "70000", "must be from 0 to 65535, got 70000"),  # bound port 4464 (70000 mod 65536)
+        ("--max-wait-ms", "-1", "must be from 0 up"),
+        ("--request-timeout-s", "0", "must be above 0"),
+        ("--max-batch", "2.5", "expected an integer, got '2.5'"),
+    ],
+)
+def test_serve_flags_out_of_range_are_refused(tmp_path, flag, value, message, capsys):
+    from colbert_jax import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.build_parser().parse_args(["serve", "--index", str(tmp_path), flag, value])
+    assert exit_.value.code == 2 and f"{flag}: {message}" in capsys.readouterr().err
+
+
+def test_create_app_refuses_settings_that_cannot_serve(searcher):
+    for bad in ({"max_batch": 0}, {"max_queue": 0}, {"max_body_bytes": True}, {"request_timeout_s": float("nan")}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            create_app(searcher, **bad)
+
+
+@pytest.mark.parametrize(
     "option,message",
     [
         ("missing-collection", "--collection"),

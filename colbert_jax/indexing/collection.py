@@ -4,7 +4,8 @@
   `load_collection` reads it ("title | passage" when a third column exists); a first line whose pid field
   is `id` is a header and skipped.
 - JSONL: one object per line with `text`, an integer id under `id`, `pid` or `_id` (BEIR), and an
-  optional `title`.
+  optional `title`; other keys are the passage's metadata fields (`colbert_jax.indexing.fields`: their names
+  and value types are checked as the file is read, not once the index is encoded).
 - A list of texts: ids 0..n-1.
 A file is scanned once to validate every line and remember where it starts; text is then read back on
 demand, so a collection larger than memory costs 16 bytes per passage. Errors name the file and line.
@@ -20,6 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from colbert_jax.indexing.fields import RESERVED, FieldError, FieldSchema
 
 __all__ = ["Collection", "CollectionError"]
 
@@ -42,8 +45,10 @@ class Collection:
         offsets: np.ndarray | None = None,
         fmt: str = "list",
         fingerprint: str = "",
+        field_kinds: dict[str, str | None] | None = None,
     ):
         self.pids = pids
+        self.field_kinds = field_kinds or {}  # metadata field -> "number" / "text" (None: only nulls)
         self._texts = texts
         self.path = path
         self._offsets = offsets
@@ -96,6 +101,7 @@ class Collection:
             raise CollectionError(f"collection file not found: {path}")
         fmt = "jsonl" if path.suffix in (".jsonl", ".json") else "tsv"
         pids, offsets, lines = array("q"), array("q"), array("q")  # compact: 24 bytes a passage while scanning
+        schema = FieldSchema()
         h = hashlib.sha256()
         lineno = 0
         try:
@@ -111,7 +117,11 @@ class Collection:
                         continue
                     if fmt == "tsv" and lineno == 1 and line.split("\t", 1)[0] == "id":
                         continue  # header row
-                    pid, text = _parse(line, fmt, path, lineno)
+                    if fmt == "jsonl":
+                        pid, text, obj = _parse_json(line, f"{path}:{lineno}")
+                        schema.add(_fields(obj), f"{path}:{lineno}")
+                    else:
+                        pid, text = _parse(line, fmt, path, lineno)
                     if not text.strip():
                         raise CollectionError(f"{path}:{lineno}: passage {pid} is empty")
                     pids.append(pid)
@@ -121,6 +131,8 @@ class Collection:
             raise CollectionError(f"{path}:{lineno}: not valid UTF-8 ({e.reason})") from None
         except OSError as e:
             raise CollectionError(f"cannot read collection {path}: {e}") from None
+        except FieldError as e:  # here, not after hours of encoding when the fields are written
+            raise CollectionError(str(e)) from None
         if not pids:
             raise CollectionError(f"the collection {path} is empty")
         pids_np = np.frombuffer(pids, np.int64)
@@ -135,6 +147,7 @@ class Collection:
             offsets=np.frombuffer(offsets, np.int64).copy(),
             fmt=fmt,
             fingerprint=h.hexdigest(),
+            field_kinds=schema.kinds,
         )
 
     # ----------------------------------------------------------------------------------------------
@@ -172,9 +185,13 @@ class Collection:
         with open(self.path, "rb") as f:
             for i in indices:
                 f.seek(int(self._offsets[i]))
-                obj = json.loads(f.readline().decode("utf-8"))
-                out.append({k: v for k, v in obj.items() if k not in ("id", "pid", "_id", "text", "title")})
+                out.append(_fields(json.loads(f.readline().decode("utf-8"))))
         return out
+
+
+def _fields(obj: dict) -> dict:
+    """A JSONL object's metadata fields: its keys other than id/pid/_id/text/title."""
+    return {k: v for k, v in obj.items() if k not in RESERVED}
 
 
 def _parse(line: str, fmt: str, path: Path, lineno: int) -> tuple[int, str]:
@@ -191,6 +208,12 @@ def _parse(line: str, fmt: str, path: Path, lineno: int) -> tuple[int, str]:
         pid = _int_pid(fields[0], where)
         text = fields[1] if len(fields) == 2 else f"{fields[2]} | {fields[1]}"
         return pid, text
+    pid, text, _ = _parse_json(line, where)
+    return pid, text
+
+
+def _parse_json(line: str, where: str) -> tuple[int, str, dict]:
+    """(pid, text, the whole object) of a JSONL line."""
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
@@ -206,7 +229,7 @@ def _parse(line: str, fmt: str, path: Path, lineno: int) -> tuple[int, str]:
     if not isinstance(title, str):
         raise CollectionError(f"{where}: 'title' must be a string")
     text = f"{title} | {obj['text']}" if title.strip() else obj["text"]
-    return _int_pid(obj[key], where), text
+    return _int_pid(obj[key], where), text, obj
 
 
 def _int_pid(value, where: str) -> int:

@@ -7,6 +7,10 @@ expression is parsed by a small grammar (never handed to SQLite as text): compar
 literal (`=`, `!=`, `<>`, `<`, `<=`, `>`, `>=`, `LIKE`), `IN (literal, ...)`, `IS [NOT] NULL`, combined with
 `AND`, `OR`, `NOT` and parentheses. It becomes SQL whose identifiers are the table's own columns (quoted)
 and whose literals are bound parameters. A part without a field reads it as NULL.
+
+Field names are identifiers, neither `row` nor `pid` (the table's own columns) and distinct ignoring case
+(SQLite's names ignore it); a field holds numbers or text, never both (SQLite orders all text above all
+numbers: `year >= 2020` would match "2019"). `FieldSchema` checks both as a collection is read.
 """
 
 from __future__ import annotations
@@ -15,15 +19,27 @@ import dataclasses
 import json
 import re
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["WhereError", "parse_where", "write_fields", "read_fields", "select_rows", "RESERVED"]
+__all__ = [
+    "WhereError",
+    "FieldError",
+    "FieldSchema",
+    "parse_where",
+    "write_fields",
+    "read_fields",
+    "select_rows",
+    "null_matches",
+    "RESERVED",
+    "INTERNAL",
+]
 
-RESERVED = frozenset({"id", "pid", "_id", "text", "title"})
+RESERVED = frozenset({"id", "pid", "_id", "text", "title"})  # JSONL keys that are not fields
+INTERNAL = frozenset({"row", "pid"})  # the table's own columns: no field may be named so, in any case
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _TOKEN = re.compile(
     r"\s*(?:(?P<num>-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)|(?P<str>'(?:[^']|'')*')|(?P<op><=|>=|<>|!=|==|=|<|>)"
@@ -34,6 +50,65 @@ _KEYWORDS = {"AND", "OR", "NOT", "IN", "IS", "NULL", "LIKE", "TRUE", "FALSE"}
 
 class WhereError(ValueError):
     """A `where` expression that does not parse or names an unknown field."""
+
+
+class FieldError(ValueError):
+    """Passage fields that cannot be stored: a bad or clashing name, or a field holding numbers and text."""
+
+
+def _kind(value: Any) -> str | None:
+    """How SQLite compares a stored value: "number", "text" (strings; lists and objects are stored as JSON
+    text), or None (NULL)."""
+    if value is None:
+        return None
+    return "number" if isinstance(value, bool | int | float) else "text"
+
+
+class FieldSchema:
+    """The passage fields seen so far, checked passage by passage (`add`), so a collection's are refused as it
+    is read, before any encoding: names (see the module docstring) and one kind of value per field."""
+
+    def __init__(self, *, check_types: bool = True) -> None:
+        self.check_types = check_types
+        self.kinds: dict[str, str | None] = {}  # field -> "number" / "text" (None: only NULLs so far)
+        self._first: dict[tuple[str, str], str] = {}  # (field, kind) -> where first seen, with the value
+        self._folded: dict[str, tuple[str, str]] = {}  # lower-cased name -> (the field's name, where first seen)
+
+    def add(self, fields: dict[str, Any], where: str) -> None:
+        """Adds one passage's fields (`where` names it in errors); raises FieldError for a bad name, or for a
+        value whose kind differs from the field's earlier values (`check_types`)."""
+        for name, value in fields.items():
+            if name not in self.kinds:
+                self._new(name, where)
+            kind = _kind(value)
+            if kind is None or kind == self.kinds[name]:
+                continue
+            self._first.setdefault((name, kind), f"{where} has {value!r:.60}")
+            if self.kinds[name] is None:
+                self.kinds[name] = kind
+            elif self.check_types:
+                number, text = self._first[(name, "number")], self._first[(name, "text")]
+                raise FieldError(
+                    f"passage field {name!r} holds both numbers and text ({number}; {text}): SQLite orders all "
+                    f"text above all numbers, so `where` comparisons on it would be wrong; give {name!r} one type "
+                    'in every passage (e.g. 2019, not "2019")'
+                )
+
+    def _new(self, name: str, where: str) -> None:
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise FieldError(f"{where}: passage field name {name!r} is not an identifier [A-Za-z_][A-Za-z0-9_]*")
+        if name.lower() in INTERNAL:
+            raise FieldError(
+                f"{where}: passage field name {name!r} is reserved (the fields table's own columns are "
+                f"{', '.join(sorted(INTERNAL))}, in any case): rename it"
+            )
+        other, first = self._folded.setdefault(name.lower(), (name, where))
+        if other != name:
+            raise FieldError(
+                f"{where}: passage fields {other!r} (at {first}) and {name!r} differ only in case, which SQLite "
+                "does not tell apart: rename one"
+            )
+        self.kinds[name] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,32 +258,40 @@ def _value(v: Any) -> Any:
     return json.dumps(v, sort_keys=True)
 
 
-def write_fields(path: Path, records: Iterable[tuple[int, int, dict[str, Any]]]) -> list[str] | None:
+def write_fields(
+    path: Path,
+    records: Iterable[tuple[int, int, dict[str, Any]]],
+    *,
+    columns: Iterable[str] = (),
+    check_types: bool = True,
+) -> list[str] | None:
     """Writes `fields.sqlite` at `path` from (row, pid, fields) records; returns its columns, or None (and no
-    file) when no record has a field. Field names must be identifiers ([A-Za-z_][A-Za-z0-9_]*)."""
+    file) when there are none. columns: created even where no record has them. Raises FieldError as
+    `FieldSchema` does (check_types=False: compaction folds what an index already holds, mixed or not)."""
     path.unlink(missing_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.unlink(missing_ok=True)
     con = sqlite3.connect(tmp)
-    columns: list[str] = []
+    schema = FieldSchema(check_types=check_types)
+    created: list[str] = []
     try:
         con.execute("CREATE TABLE passages (row INTEGER PRIMARY KEY, pid INTEGER NOT NULL)")
         batch: list[tuple[int, int, dict]] = []
 
         def flush():
-            for _, _, f in batch:
-                for name in f:
-                    if name not in columns:
-                        if not _NAME.match(name):
-                            raise ValueError(f"passage field name {name!r} is not an identifier [A-Za-z_][A-Za-z0-9_]*")
-                        con.execute(f'ALTER TABLE passages ADD COLUMN "{name}"')  # name checked just above
-                        columns.append(name)
-            names = ["row", "pid", *columns]
+            for _, pid, f in batch:
+                schema.add(f, f"pid {pid}")
+            for name in schema.kinds:
+                if name not in created:
+                    con.execute(f'ALTER TABLE passages ADD COLUMN "{name}"')  # an identifier: FieldSchema checked
+                    created.append(name)
+            names = ["row", "pid", *created]
             quoted = ", ".join(f'"{n}"' for n in names)
             sql = f"INSERT INTO passages ({quoted}) VALUES ({', '.join('?' * len(names))})"
-            con.executemany(sql, [(r, p, *(_value(f.get(c)) for c in columns)) for r, p, f in batch])
+            con.executemany(sql, [(r, p, *(_value(f.get(c)) for c in created)) for r, p, f in batch])
             batch.clear()
 
+        schema.add(dict.fromkeys(columns), "the index's fields")
         for record in records:
             batch.append(record)
             if len(batch) >= 10_000:
@@ -216,32 +299,82 @@ def write_fields(path: Path, records: Iterable[tuple[int, int, dict[str, Any]]])
         flush()
         con.execute("CREATE INDEX passages_pid ON passages (pid)")
         con.commit()
-    finally:
+    except BaseException:
         con.close()
-    if not columns:
+        tmp.unlink(missing_ok=True)
+        raise
+    con.close()
+    if not created:
         tmp.unlink()
         return None
     tmp.rename(path)
-    return columns
+    return created
 
 
-def select_rows(path: Path, node: Node, columns: list[str]) -> np.ndarray:
-    """Rows (int64, ascending) of the passages in `fields.sqlite` at `path` that satisfy `node`."""
+def _read_only(path: Path, read: Callable[[sqlite3.Connection], Any]) -> Any:
+    """`read(connection)` of `fields.sqlite` at `path`, opened read-only. A missing file is FileNotFoundError
+    (SQLite says only "unable to open database file"), so that `Index` tells a version whose files updates
+    removed (IndexChangedError) from other errors."""
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            return read(con)
+        finally:
+            con.close()
+    except sqlite3.OperationalError:
+        if not path.is_file():
+            raise FileNotFoundError(f"passage fields file {path} is gone") from None
+        raise
+
+
+def column_kinds(path: Path, columns: list[str]) -> dict[str, str | None]:
+    """The kind of value ("number", "text", None: only NULLs) each of `columns` holds in `fields.sqlite`."""
+
+    def read(con: sqlite3.Connection) -> dict[str, str | None]:
+        out: dict[str, str | None] = {}
+        for name in columns:
+            found = {t for (t,) in con.execute(f'SELECT DISTINCT typeof("{name}") FROM passages')} - {"null"}
+            out[name] = "text" if found - {"integer", "real"} else ("number" if found else None)
+        return out
+
+    return _read_only(path, read)
+
+
+def select_rows(path: Path, node: Node, columns: list[str], num_rows: int | None = None) -> np.ndarray:
+    """Rows (int64, ascending) of the passages in `fields.sqlite` at `path` that satisfy `node`. num_rows:
+    also rows 0..num_rows-1 the table lacks (all-NULL passages: pass it only where `null_matches(node)`)."""
     params: list = []
     sql = f"SELECT row FROM passages WHERE {_sql(node, set(columns), params)} ORDER BY row"
-    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+
+    def read(con: sqlite3.Connection) -> np.ndarray:
+        rows = np.array([r for (r,) in con.execute(sql, params)], np.int64)
+        if num_rows is not None:  # a compaction before every passage got a row wrote only those with fields
+            present = np.array([r for (r,) in con.execute("SELECT row FROM passages")], np.int64)
+            rows = np.union1d(rows, np.setdiff1d(np.arange(num_rows, dtype=np.int64), present))
+        return rows
+
+    return _read_only(path, read)
+
+
+def null_matches(node: Node) -> bool:
+    """Whether `node` holds for a passage without fields (every field NULL), by SQLite's own three-valued
+    logic: `f IS NULL` does; `f = 1` and `NOT (f = 1)` do not (both are NULL)."""
+    params: list = []
+    sql = _sql(node, set(), params)  # no columns: every field reads as NULL
+    con = sqlite3.connect(":memory:")
     try:
-        return np.array([r for (r,) in con.execute(sql, params)], np.int64)
+        (value,) = con.execute(f"SELECT {sql}", params).fetchone()
     finally:
         con.close()
+    return bool(value)
 
 
 def read_fields(path: Path) -> dict[int, dict[str, Any]]:
     """Every record of `fields.sqlite` at `path`: {row: {field: value}} (NULL fields left out)."""
-    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
+
+    def read(con: sqlite3.Connection) -> dict[int, dict[str, Any]]:
         cur = con.execute("SELECT * FROM passages ORDER BY row")
         names = [d[0] for d in cur.description]
         return {r[0]: {n: v for n, v in zip(names[2:], r[2:]) if v is not None} for r in cur}
-    finally:
-        con.close()
+
+    return _read_only(path, read)

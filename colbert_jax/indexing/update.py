@@ -32,9 +32,9 @@ import numpy as np
 from colbert_jax import io
 from colbert_jax.errors import needs_option
 from colbert_jax.index import ARRAYS, OPTIONAL_ARRAYS, Index, file_checksum
-from colbert_jax.indexing.collection import Collection
+from colbert_jax.indexing.collection import Collection, CollectionError
 from colbert_jax.indexing.encode import encode_passages
-from colbert_jax.indexing.fields import read_fields, write_fields
+from colbert_jax.indexing.fields import FieldError, FieldSchema, column_kinds, read_fields, write_fields
 from colbert_jax.indexing.ivf import build_ivf
 
 __all__ = ["IndexDriftWarning", "add", "delete", "compact", "DRIFT_TOLERANCE", "MAX_ADDED_SHARE"]
@@ -118,7 +118,9 @@ def _fields_entry(path: Path, rel: str, columns: list[str] | None) -> dict[str, 
 
 
 def _fold_fields(index: Index, path: Path, rel: str) -> dict[str, Any] | None:
-    """The live passages' metadata fields, in position order, as one new `fields.sqlite` at `rel`."""
+    """The live passages' metadata fields, in position order, as one new `fields.sqlite` at `rel`: a row for
+    every live passage (all NULL for those of parts without fields) and every column the index lists, so that
+    the compacted index selects exactly what it did (`lang IS NULL` included)."""
     if not index.fields:
         return None
     _step(f"write {rel}")
@@ -136,8 +138,27 @@ def _fold_fields(index: Index, path: Path, rel: str) -> dict[str, Any] | None:
         records = read_fields(path / index.metadata["fields"]["path"])
     (path / rel).parent.mkdir(parents=True, exist_ok=True)
     pids = index.pids
-    columns = write_fields(path / rel, ((i, int(pids[i]), records[i]) for i in sorted(records)))
+    rows = ((i, int(pids[i]), records.get(i, {})) for i in range(len(pids)))
+    # check_types=False: an index whose parts disagree on a field's type must still compact (select compares
+    # each stored value the same way before and after).
+    columns = write_fields(path / rel, rows, columns=index.fields, check_types=False)
     return _fields_entry(path, rel, columns)
+
+
+def _check_fields_fit(index: Index, path: Path, coll: Collection) -> None:
+    """Refuses an add whose passage fields clash with the index's (a name equal but for case, a field of
+    numbers given text): compaction could not fold them into one table, and `where` would compare wrongly."""
+    if not coll.field_kinds or not index.fields:
+        return
+    sample = {"number": 0, "text": "", None: None}
+    schema = FieldSchema()
+    try:
+        for label, entry in index._field_files():
+            kinds = column_kinds(path / entry["path"], entry["columns"])
+            schema.add({name: sample[kind] for name, kind in kinds.items()}, f"{path} ({label})")
+        schema.add({name: sample[kind] for name, kind in coll.field_kinds.items()}, coll.source)
+    except FieldError as e:
+        raise CollectionError(f"{coll.source} does not fit the index {path}: {e}") from None
 
 
 def _open(path: Path, *, verify: bool = False) -> Index:
@@ -165,6 +186,7 @@ def add(
         _remove_orphans(path, index.metadata)
         model = indexer._model_for(index)
         coll = Collection.load(collection)
+        _check_fields_fit(index, path, coll)
         live = index.pids
         if coll.path is None:  # a list of texts: pids after the current largest
             pids = int(live.max(initial=-1)) + 1 + np.arange(len(coll), dtype=np.int64)

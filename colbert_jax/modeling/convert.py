@@ -108,7 +108,12 @@ def state_dict_to_params(state: dict[str, np.ndarray], abstract_params) -> tuple
     for path, per_layer in layered.items():
         if sorted(per_layer) != list(range(n_layers)):
             missing = sorted(set(range(n_layers)) - set(per_layer))
-            names = [_LAYER.sub(rf"\g<prefix>.\g<container>.{i}.\g<rest>", origin[path]) for i in missing] or ["-"]
+            if not missing:  # more layers than the config says
+                raise CheckpointFormatError(
+                    f"checkpoint has layers {sorted(per_layer)} of {origin[path]}, its config.json says "
+                    f"{n_layers} (num_hidden_layers): the config is not the weights'"
+                )
+            names = [_LAYER.sub(rf"\g<prefix>.\g<container>.{i}.\g<rest>", origin[path]) for i in missing]
             raise CheckpointFormatError(
                 f"checkpoint is missing tensor(s) {', '.join(names)}: expected layers 0..{n_layers - 1}, "
                 f"found {sorted(per_layer)}"

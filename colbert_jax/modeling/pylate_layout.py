@@ -84,9 +84,13 @@ def _json(path: Path) -> dict | list:
 
 def _dense_weights(path: Path) -> dict[str, np.ndarray]:
     if (path / "model.safetensors").is_file():
+        from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
-        return load_file(str(path / "model.safetensors"))
+        try:
+            return load_file(str(path / "model.safetensors"))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise PylateFormatError(f"{path / 'model.safetensors'}: unreadable safetensors file: {e}") from None
     if (path / "pytorch_model.bin").is_file():
         from colbert_jax.torch_io import load_torch_file
 

@@ -100,8 +100,9 @@ def index_digest(path: Path) -> str:
     the build record (its date and timings differ from run to run)."""
     index = Index.open(path, verify=True)
     meta = {k: v for k, v in index.metadata.items() if k != "build"}
+    # (not the writers' lock file either: a kill after the rebuild took the old index's lock leaves it, empty)
     return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest() + tree_digest(
-        path, skip=("metadata.json",)
+        path, skip=("metadata.json", ".lock")
     )
 
 

@@ -64,3 +64,18 @@ def test_cli_rerank(tmp_path, searcher, capsys):
     run.write_text("q1\t3\n")
     assert cli.main([*argv, "--out", str(out)]) == 2
     assert "bm25.trec:1: expected" in capsys.readouterr().err
+
+
+def test_cli_rerank_matches_zero_padded_qids(tmp_path, searcher):
+    """The queries file's '001' is read as the integer 1 and the run's stays '001': the query was reported
+    missing. They match as evaluate matches them, and the output keeps the run's qids."""
+    queries = tmp_path / "q.tsv"
+    queries.write_text("001\tread a file line by line\n")
+    pids = searcher.index.pids[:6].tolist()
+    run = tmp_path / "run.tsv"
+    run.write_text("".join(f"001\t{p}\t{r}\n" for r, p in enumerate(pids, 1)))
+    out = tmp_path / "out.tsv"
+    argv = ["rerank", "--index", str(searcher.index.path), "--run", str(run), "--queries", str(queries)]
+    assert cli.main([*argv, "--k", "3", "--out", str(out)]) == 0
+    expected = searcher.rerank("read a file line by line", pids, k=3)
+    assert out.read_text().splitlines() == [f"001\t{p}\t{r}\t{s}" for p, r, s in expected]

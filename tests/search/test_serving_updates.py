@@ -41,6 +41,11 @@ def test_pids_filter(served):
         assert {h["pid"] for h in hits["topk"]} <= set(allowed[:4]) and len(hits["topk"]) == 3
     r = get(f"{url}/api/search", params={"query": QUERY, "pids": "1,x"})
     assert r.status_code == 400 and "comma-separated integers" in r.json()["error"]
+    r = get(f"{url}/api/search", params={"query": QUERY, "pids": " , "})  # answered with no results before
+    assert r.status_code == 400 and "no pids given" in r.json()["error"]
+    for bad in ([], [True], [1.0], ["3"]):  # True searched pid 1, "3" pid 3: only integers are pids, as for k
+        r = post(f"{url}/api/search", json={"queries": [QUERY], "pids": bad})
+        assert r.status_code == 400 and r.json()["error"].startswith("pids"), (bad, r.text)
     r = post(f"{url}/api/search", json={"queries": [QUERY], "pids": [1, 123456]})
     assert r.status_code == 400 and "pid 123456 is not in the index" in r.json()["error"]
 
@@ -87,6 +92,43 @@ def test_an_update_committed_before_the_first_request_is_served(tmp_path, tiny_m
         colbert_jax.Indexer().delete(path, [top[0]])
         hits = get(f"{url}/api/search", params={"query": QUERY, "k": 3}).json()["topk"]
         assert [h["pid"] for h in hits][:2] == top[1:] and searcher.version == 1
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+
+
+def test_updates_that_overtake_a_search_are_retried_and_explain_serves_the_newest(
+    tmp_path, tiny_model, small_collection, monkeypatch
+):
+    """A compaction and the update after it committed while the worker searched: the version it had read
+    lost its passage texts, and the request answered 500 (IndexChangedError). It is searched again on the new
+    version. And explain, which never reloaded, answered 404 for a pid added since the last search."""
+    path = tmp_path / "idx"
+    colbert_jax.Indexer(tiny_model, nbits=2, show_progress=False).index(path, small_collection)
+    searcher = colbert_jax.Searcher(path, tiny_model)
+    srv, thread, url = start(create_app(searcher, max_batch=8, max_wait_ms=5))
+    try:
+        indexer = colbert_jax.Indexer(tiny_model, show_progress=False)
+        indexer.add(path, ["a passage added before the race"])
+        assert get(f"{url}/api/search", params={"query": QUERY, "k": 3}).status_code == 200
+        search_all, raced = searcher.search_all, []
+
+        def overtaken(*args, **kwargs):
+            out = search_all(*args, **kwargs)
+            if not raced:  # another process updates the index while this search runs
+                raced.append(searcher.version)
+                indexer.compact(path)  # retires the files of the version being searched
+                indexer.delete(path, [0])  # removes them
+            return out
+
+        monkeypatch.setattr(searcher, "search_all", overtaken)
+        r = get(f"{url}/api/search", params={"query": QUERY, "k": 3})
+        assert r.status_code == 200, r.text
+        assert searcher.version == raced[0] + 2 and 0 not in [h["pid"] for h in r.json()["topk"]]
+        (new,) = indexer.add(path, ["reading a file line by line with a context manager"])
+        r = get(f"{url}/api/explain", params={"query": QUERY, "pid": int(new)})
+        assert r.status_code == 200, r.text
+        assert r.json()["text"] == "reading a file line by line with a context manager"
     finally:
         srv.should_exit = True
         thread.join(10)
