@@ -209,7 +209,7 @@ class Indexer:
     ) -> np.ndarray:
         """Adds passages to an index in place, with its codec; returns their pids (int64 [n]).
 
-        `collection` is any form `index()` takes: a list of texts gets pids after the index's largest; a
+        `collection` is any form `index()` takes: a list of texts gets pids after the largest the index ever held; a
         TSV/JSONL file keeps its ids, and an id already in the index is an error naming it unless
         `replace=True` (the new passage then takes the old one's place). Only the new passages are encoded
         and written (a segment beside the index's arrays; `compact` folds it in). Their reconstruction cosine

@@ -145,6 +145,11 @@ def _fold_fields(index: Index, path: Path, rel: str) -> dict[str, Any] | None:
     return _fields_entry(path, rel, columns)
 
 
+def _next_pid(index: Index) -> int:
+    """The first pid a list of texts added to `index` gets: after the largest it holds or ever held."""
+    return max(int(index.pids.max(initial=-1)) + 1, int(index.metadata.get("next_pid", 0)))
+
+
 def _check_fields_fit(index: Index, path: Path, coll: Collection) -> None:
     """Refuses an add whose passage fields clash with the index's (a name equal but for case, a field of
     numbers given text): compaction could not fold them into one table, and `where` would compare wrongly."""
@@ -188,8 +193,9 @@ def add(
         coll = Collection.load(collection)
         _check_fields_fit(index, path, coll)
         live = index.pids
-        if coll.path is None:  # a list of texts: pids after the current largest
-            pids = int(live.max(initial=-1)) + 1 + np.arange(len(coll), dtype=np.int64)
+        if coll.path is None:  # a list of texts: pids after the largest the index ever held (a deleted pid
+            # given again would point rankings, qrels or stores kept by pid at another passage)
+            pids = _next_pid(index) + np.arange(len(coll), dtype=np.int64)
         else:
             pids = coll.pids.astype(np.int64)
         present = np.isin(pids, live)
@@ -256,6 +262,7 @@ def add(
             }
             | ({"fields": fields} if fields else {})
         )
+        m["next_pid"] = max(_next_pid(index), int(pids.max(initial=-1)) + 1)
         m["num_passages"] = index.num_passages + len(pids) - len(replaced)
         m["num_embeddings"] = index.num_embeddings + int(doclens.sum()) - gone
         m["avg_doclen"] = m["num_embeddings"] / max(m["num_passages"], 1)
@@ -340,6 +347,7 @@ def delete(path: Path, pids, *, log: Callable[[str], None] = lambda m: None) -> 
         if len(pids) >= index.num_passages:
             raise ValueError(f"deleting {len(pids):,} passages would leave {path} empty; build a new index instead")
         m = copy.deepcopy(index.metadata)
+        m["next_pid"] = _next_pid(index)  # the deleted largest pids are not given out again
         name = _fresh(index.version)
         arrays = {"pids": _write(path, f"updates/{name}/pids", pids)}
         m.setdefault("base", {"num_passages": m["num_passages"], "num_embeddings": m["num_embeddings"]})

@@ -46,6 +46,13 @@ class Ranking:
         """Writes the TSV (and `<path>.meta`), each atomically (the provenance first: a kill between the two
         leaves the new provenance beside the old results, never new results beside a stale record)."""
         path = Path(path)
+        written: dict[str, Any] = {}
+        for qid in self.data:
+            text = str(qid)
+            if any(c in text for c in "\t\n\r"):
+                raise ValueError(f"qid {qid!r} holds a tab or line break: a ranking TSV cannot hold it")
+            if written.setdefault(text, qid) != qid:  # 1 and "1": one query once written
+                raise ValueError(f"qids {written[text]!r} and {qid!r} are written alike ({text!r}): rename one")
         path.parent.mkdir(parents=True, exist_ok=True)
         io.write_text(path.with_name(path.name + ".meta"), json.dumps(self.provenance, indent=2, default=str) + "\n")
         with io.atomic_file(path) as f:
@@ -75,8 +82,15 @@ class Ranking:
                 raise ValueError(f"{path}:{lineno}: pid and rank must be integers, score a number") from None
         as_int = all(INTEGER.fullmatch(q) for q, *_ in rows)
         data: dict[Any, list[tuple[int, int, float]]] = {}
+        spelled: dict[Any, str] = {}
         for qid, pid, rank, score in rows:
-            data.setdefault(int(qid) if as_int else qid, []).append((pid, rank, score))
+            key = int(qid) if as_int else qid
+            if spelled.setdefault(key, qid) != qid:  # '1' and '001' would be one query, their hits mixed
+                raise ValueError(
+                    f"{path}: qids {spelled[key]!r} and {qid!r} are the same integer {key}: rename one (integer "
+                    "qids are read as integers)"
+                )
+            data.setdefault(key, []).append((pid, rank, score))
         meta = path.with_name(path.name + ".meta")
         try:
             provenance = json.loads(meta.read_text()) if meta.is_file() else {}

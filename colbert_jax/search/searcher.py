@@ -66,6 +66,22 @@ def search_params(k: int, config: ColBERTConfig) -> tuple[int, float, int]:
     return ncells, threshold, ndocs
 
 
+def _pid_array(values: Any, what: str = "pids") -> np.ndarray:
+    """int64 pids from integers; floats, booleans and strings are refused (converted, 17.9 would be pid 17 and
+    True pid 1: another passage), as `Index.positions` and `Indexer.delete` refuse them."""
+    if isinstance(values, np.ndarray):
+        if values.dtype.kind not in "iu":
+            raise TypeError(f"{what} must be integers, got an array of {values.dtype}")
+        return values.reshape(-1).astype(np.int64)
+    if isinstance(values, str | bytes):
+        raise TypeError(f"{what} must be a collection of integers, got {type(values).__name__} {values[:20]!r}")
+    items = list(values)
+    bad = next((v for v in items if isinstance(v, bool | np.bool_) or not isinstance(v, int | np.integer)), None)
+    if bad is not None:
+        raise TypeError(f"{what} must be integers, got {bad!r} ({type(bad).__name__})")
+    return np.array(items, np.int64).reshape(-1)
+
+
 def _pad_batch(Q: np.ndarray, batch_size: int) -> np.ndarray:
     """Q padded with zero queries to its batch bucket (`model.batch_bucket`, at most batch_size): few compiled
     batch shapes, as for the encoder."""
@@ -242,7 +258,7 @@ class Searcher:
     def passages(self, pids: Sequence[int], collection: str | os.PathLike | None = None) -> list[str]:
         """The texts of passages (by collection pid): from the index itself when it carries them, else from
         `collection` or the collection file the index records (refused if its contents differ)."""
-        pids = np.asarray(pids, np.int64).reshape(-1)
+        pids = _pid_array(pids)
         positions = self.index.positions(pids)
         if collection is None and self._collection is None and self.index.has_texts:
             return self.index.texts(positions)
@@ -422,6 +438,8 @@ class Searcher:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         if k > self.index.num_passages:
             raise ValueError(f"k={k} exceeds the number of passages in the index ({self.index.num_passages})")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         exact = self.exact if exact is None else exact
         overrides = {
             key: v
@@ -437,9 +455,9 @@ class Searcher:
             if pids is None:
                 pids = matching
             elif isinstance(pids, Mapping):
-                pids = {q: np.intersect1d(np.fromiter(map(int, p), np.int64), matching) for q, p in pids.items()}
+                pids = {q: np.intersect1d(_pid_array(p), matching) for q, p in pids.items()}
             else:
-                pids = np.intersect1d(np.fromiter(map(int, pids), np.int64), matching)
+                pids = np.intersect1d(_pid_array(pids), matching)
         if pids is not None:
             placement.require_single_process("filtered search (pids=, where=)")
             return self._search_filtered(queries, k, pids, exact, config, batch_size)
@@ -518,8 +536,7 @@ class Searcher:
             allowed = per_query[q]
             key = id(allowed)
             if key not in resolved:
-                values = allowed if isinstance(allowed, np.ndarray) else np.fromiter(map(int, allowed), np.int64)
-                resolved[key] = np.unique(self.index.positions(np.asarray(values, np.int64)))
+                resolved[key] = np.unique(self.index.positions(_pid_array(allowed)))
             positions = resolved[key]
             groups.setdefault(positions.tobytes(), (positions, []))[1].append(q)
         ndocs = search_params(k, config)[2]
@@ -569,7 +586,7 @@ class Searcher:
         Q = self._encode(items)
         data = {}
         for i, qid in enumerate(qids):
-            pids = np.asarray(list(candidates[qid]), np.int64)
+            pids = _pid_array(candidates[qid], f"candidates of query {qid!r}")
             _, first = np.unique(pids, return_index=True)
             pids = pids[np.sort(first)]
             if len(pids) == 0:

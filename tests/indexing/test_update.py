@@ -507,3 +507,16 @@ def test_a_searcher_never_used_before_two_updates_is_told_to_reload(index, tiny_
     assert searcher.reload()
     hits = searcher.search(QUERIES[0], k=10)
     assert len(hits) == 10 and {5, 6}.isdisjoint(pid for pid, _, _ in hits)
+
+
+def test_a_deleted_pid_is_not_given_to_another_passage(index, tiny_model, pool):
+    """A list of texts gets pids after the largest the index holds: after deleting that one, the next add
+    gave its pid to another passage (rankings, qrels and stores kept by pid then point at the wrong text)."""
+    indexer = colbert_jax.Indexer(tiny_model, show_progress=False)
+    indexer.delete(index, [BASE - 1])
+    (first,) = indexer.add(index, pool[300:301])
+    assert first == BASE
+    indexer.delete(index, [BASE])
+    indexer.compact(index)
+    (second,) = indexer.add(index, pool[301:302])
+    assert second == BASE + 1 and contents(index)[second] == pool[301]

@@ -86,6 +86,41 @@ def test_ranking_save_load(searcher, tmp_path):
     assert len(list(ranking)) == len(ranking) == 10
 
 
+def test_ranking_files_keep_queries_apart(tmp_path):
+    """Integer qids are read as integers: '1' and '001' became one query, their hits mixed. Both ways refused,
+    as is a qid a TSV line cannot hold."""
+    path = tmp_path / "run.tsv"
+    path.write_text("1\t5\t1\t2.0\n001\t6\t1\t1.0\n")
+    with pytest.raises(ValueError, match="qids '1' and '001' are the same integer 1"):
+        colbert_jax.Ranking.load(path)
+    with pytest.raises(ValueError, match="qids 1 and '1' are written alike"):
+        colbert_jax.Ranking({1: [(5, 1, 2.0)], "1": [(6, 1, 1.0)]}).save(path)
+    with pytest.raises(ValueError, match="holds a tab or line break"):
+        colbert_jax.Ranking({"a\tb": [(5, 1, 2.0)]}).save(path)
+    assert path.read_text() == "1\t5\t1\t2.0\n001\t6\t1\t1.0\n"  # untouched
+
+
+def test_pids_and_batch_sizes_that_are_not_integers_are_refused(searcher):
+    """A float pid was cut to an integer (17.9 searched pid 17, True pid 1): another passage. Refused, as
+    Index.positions and Indexer.delete refuse them; batch_size 0 or -1 failed deep in the search."""
+    pids = searcher.index.pids[:8].tolist()
+    for bad in ([float(pids[0])], [True], [str(pids[0])], np.array(pids, np.float64), str(pids[0])):
+        with pytest.raises(TypeError, match="must be"):
+            searcher.search_all([QUERIES[0]], k=3, pids=bad)
+    with pytest.raises(TypeError, match="must be integers"):
+        searcher.search_all({0: QUERIES[0]}, k=3, pids={0: [0.5]})
+    with pytest.raises(TypeError, match="candidates of query 0 must be integers"):
+        searcher.rerank(QUERIES[0], [pids[0], 3.2])
+    with pytest.raises(TypeError, match="must be integers"):
+        searcher.passages([1.0])
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+            searcher.search_all([QUERIES[0]], k=3, batch_size=bad)
+    assert [p for p, _, _ in searcher.search_all([QUERIES[0]], k=3, pids=np.array(pids))[0]] == [
+        p for p, _, _ in searcher.search(QUERIES[0], k=3, pids=pids)
+    ]
+
+
 def test_pids_are_the_collections_own(tmp_path, tiny_model):
     rows = [{"id": 1000 + 7 * i, "text": f"passage number {i} about topic {i % 5}"} for i in range(40)]
     coll = tmp_path / "c.jsonl"
