@@ -369,6 +369,9 @@ class Searcher:
         if not texts:
             return
         counts = self.model.query_tokenizer.token_counts(texts)
+        blank = [row for row, n in zip(text_rows, counts) if n == 0]
+        if blank:  # control characters, say: the tokenizer drops them all, and it would search the markers alone
+            raise QueryError(f"query {blank[0]} has no tokens ({queries[blank[0]][:40]!r}): nothing to search for")
         long = [(row, int(n)) for row, n in zip(text_rows, counts) if n > lq - 3]
         if long and not self.truncate:
             row, n = long[0]

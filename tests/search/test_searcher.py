@@ -139,6 +139,8 @@ def test_bad_inputs(real_index, tiny_model, minilm_model):
     searcher = colbert_jax.Searcher(real_index, checkpoint=minilm_model)
     with pytest.raises(QueryError, match="query 0 is empty"):
         searcher.search("   ")
+    with pytest.raises(QueryError, match="query 1 has no tokens"):  # searched the markers alone before
+        searcher.search_all(["fine", "\x00\x07"])
     for k in (0, -3):
         with pytest.raises(ValueError, match="k must be a positive integer"):
             searcher.search("fine", k=k)
