@@ -550,23 +550,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--port", type=_bounded(int, 0, 65535), default=8893, help="port (0: any free port, printed at start-up)"
     )
     p.add_argument(
-        "--max-batch",
-        dest="max_batch",
-        type=_bounded(int, 1),
-        default=64,
-        help="queries per search call, and per POST request",
-    )
-    p.add_argument(
-        "--max-wait-ms",
-        dest="max_wait_ms",
-        type=_bounded(float, 0),
-        default=2.0,
-        help="how long the first queued request waits for others to batch with",
-    )
-    p.add_argument(
-        "--max-queue", dest="max_queue", type=_bounded(int, 1), default=256, help="queued requests before 503"
-    )
-    p.add_argument(
         "--api-key",
         dest="api_key",
         help="require 'Authorization: Bearer KEY' on /api/ (default: $COLBERT_JAX_API_KEY, never printed)",
@@ -574,20 +557,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--insecure", action="store_true", help="serve on a non-loopback --host without an API key (anyone can query)"
     )
-    p.add_argument(
-        "--max-body-bytes",
-        dest="max_body_bytes",
-        type=_bounded(int, 1),
-        default=1 << 20,
-        help="larger request bodies get 413",
+    limits = (  # (flag, type with its range, default, help): out of range, a server that cannot serve
+        ("--max-batch", _bounded(int, 1), 64, "queries per search call, and per POST request"),
+        ("--max-wait-ms", _bounded(float, 0), 2.0, "how long the first queued request waits for others to batch with"),
+        ("--max-queue", _bounded(int, 1), 256, "queued requests before 503"),
+        ("--max-body-bytes", _bounded(int, 1), 1 << 20, "larger request bodies get 413"),
+        ("--request-timeout-s", _bounded(float, 0, above=True), 60.0, "slower requests get 503"),
     )
-    p.add_argument(
-        "--request-timeout-s",
-        dest="request_timeout_s",
-        type=_bounded(float, 0, above=True),
-        default=60.0,
-        help="slower requests get 503",
-    )
+    for flag, kind, default, text in limits:
+        p.add_argument(flag, dest=flag[2:].replace("-", "_"), type=kind, default=default, help=text)
     p.set_defaults(func=_serve)
 
     p = sub.add_parser(
