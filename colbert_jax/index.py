@@ -144,7 +144,14 @@ class ChunkedMemmap:
         if f is None:
             out[...] = 0
             return
-        with open(f, "rb", buffering=0) as fh:
+        try:
+            fh = open(f, "rb", buffering=0)
+        except FileNotFoundError:  # read by path: the version that named it is gone (the mappings hold theirs)
+            raise IndexChangedError(
+                f"{f} was removed by an update since this version was opened (Searcher.reload() moves to the "
+                "newest version)"
+            ) from None
+        with fh:
             fh.seek(lo * self._row_bytes)
             view = memoryview(out.reshape(-1).view(np.uint8))
             got = 0

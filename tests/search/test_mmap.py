@@ -53,3 +53,21 @@ def test_verify_false_reads_no_array_data(tmp_path, index):
     colbert_jax.Index.open(path, verify=False, mmap=True)  # reads metadata and headers only
     with pytest.raises(CorruptIndexError, match="'residuals' is corrupt"):
         colbert_jax.Index.open(path)
+
+
+def test_a_mapped_array_whose_files_an_update_removed(tmp_path, index):
+    """Slices are read by path (pread): once an update removed the files of the version a reader opened, the
+    read said FileNotFoundError about a chunk; it is an IndexChangedError (reload). Gathers read through the
+    mappings, which keep the version's own bytes."""
+    import shutil
+
+    from colbert_jax.index import IndexChangedError
+
+    path = tmp_path / "idx"
+    shutil.copytree(index, path)
+    residuals = ChunkedMemmap(path / "residuals")
+    rows = residuals[np.arange(0, len(residuals), 5)]
+    shutil.rmtree(path / "residuals")
+    np.testing.assert_array_equal(residuals[np.arange(0, len(residuals), 5)], rows)
+    with pytest.raises(IndexChangedError, match="was removed by an update"):
+        residuals[0:10]
