@@ -536,6 +536,7 @@ class Indexer:
                 if columns:
                     digest = file_checksum(out / "fields.sqlite")
                     fields = {"path": "fields.sqlite", "sha256": digest, "columns": columns}
+            coll.check_unchanged()  # the texts and fields just read back are the ones encoded
             self.stats["total_seconds"] = time.perf_counter() - t_start  # finalize time added below
             finish_index(
                 out,

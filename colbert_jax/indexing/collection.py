@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from array import array
 from collections.abc import Sequence
 from pathlib import Path
@@ -91,7 +92,7 @@ class Collection:
                 raise CollectionError(f"passage {i} must be a str, got {type(t).__name__}")
             if not t.strip():
                 raise CollectionError(f"passage {i} is empty")
-            h.update(t.encode() + b"\0")
+            h.update(_utf8(t, f"passage {i}") + b"\0")
         return cls(np.arange(len(texts), dtype=np.int64), texts=list(texts), fingerprint=h.hexdigest())
 
     @classmethod
@@ -149,6 +150,21 @@ class Collection:
             fingerprint=h.hexdigest(),
             field_kinds=schema.kinds,
         )
+
+    def check_unchanged(self) -> None:
+        """Raises CollectionError where the file's contents differ from what was read (its sha256): texts are
+        read back by offset, and an edit that kept the lines' places would give other texts unseen."""
+        if self.path is None:
+            return
+        h = hashlib.sha256()
+        try:
+            with open(self.path, "rb") as f:
+                for raw in f:
+                    h.update(raw)
+        except OSError as e:
+            raise CollectionError(f"cannot read collection {self.path}: {e}") from None
+        if h.hexdigest() != self.fingerprint:
+            raise CollectionError(f"{self.path} changed while it was being indexed: index it again")
 
     # ----------------------------------------------------------------------------------------------
     def texts(self, indices: Sequence[int] | np.ndarray) -> list[str]:
@@ -229,14 +245,33 @@ def _parse_json(line: str, where: str) -> tuple[int, str, dict]:
     if not isinstance(title, str):
         raise CollectionError(f"{where}: 'title' must be a string")
     text = f"{title} | {obj['text']}" if title.strip() else obj["text"]
+    _utf8(text, where)  # JSON's \ud800 escapes decode to lone surrogates: the encoder refused them hours later
     return _int_pid(obj[key], where), text, obj
 
 
+def _utf8(text: str, where: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise CollectionError(
+            f"{where}: not valid Unicode (a lone surrogate {text[e.start]!r} at character {e.start})"
+        ) from None
+
+
+_PID = re.compile(r"\s*-?[0-9]+\s*")
+_INT64 = (-(2**63), 2**63 - 1)
+
+
 def _int_pid(value, where: str) -> int:
-    if isinstance(value, bool):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | str)
+        or (
+            isinstance(value, str) and not _PID.fullmatch(value)  # not "²" or "--5", which passed isdigit()
+        )
+    ):
         raise CollectionError(f"{where}: pid must be an integer, got {value!r}")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value)
-    raise CollectionError(f"{where}: pid must be an integer, got {value!r}")
+    pid = int(value)
+    if not _INT64[0] <= pid <= _INT64[1]:
+        raise CollectionError(f"{where}: pid {pid} is beyond 64-bit integers")
+    return pid

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import sqlite3
 from collections.abc import Callable, Iterable
@@ -64,6 +65,23 @@ def _kind(value: Any) -> str | None:
     return "number" if isinstance(value, bool | int | float) else "text"
 
 
+def _check_storable(name: str, value: Any, where: str) -> None:
+    """Raises FieldError for a value SQLite would refuse once the index is encoded (an integer beyond 64 bits,
+    text with a lone surrogate) or store as another (NaN reads back as NULL)."""
+    problem = None
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+        problem = "an integer beyond 64 bits"
+    elif isinstance(value, float) and not math.isfinite(value):
+        problem = f"{value} (SQLite stores NaN as NULL)"
+    elif isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            problem = "text that is not valid Unicode (a lone surrogate)"
+    if problem:
+        raise FieldError(f"{where}: passage field {name!r} holds {problem}, which its SQLite table cannot hold")
+
+
 class FieldSchema:
     """The passage fields seen so far, checked passage by passage (`add`), so a collection's are refused as it
     is read, before any encoding: names (see the module docstring) and one kind of value per field."""
@@ -80,6 +98,7 @@ class FieldSchema:
         for name, value in fields.items():
             if name not in self.kinds:
                 self._new(name, where)
+            _check_storable(name, value, where)
             kind = _kind(value)
             if kind is None or kind == self.kinds[name]:
                 continue

@@ -48,6 +48,10 @@ def test_list_of_texts():
         ("0\ta\n1 no tab here\n", r"c.tsv:2: expected 'pid<TAB>passage\[<TAB>title\]', found no tab"),
         ("\n\n", r"the collection .*c.tsv is empty"),
         ("1\tline a\r2\tline b\r", r"c.tsv:1: a carriage return inside the line"),  # else pid 2 vanished
+        # bare OverflowError / ValueError without a line before; "²" passed isdigit()
+        (f"{2**63}\tbig\n", r"c.tsv:1: pid 9223372036854775808 is beyond 64-bit integers"),
+        ("²\tsquare\n", r"c.tsv:1: pid must be an integer, got '²'"),
+        ("--5\tdashes\n", r"c.tsv:1: pid must be an integer, got '--5'"),
     ],
 )
 def test_bad_tsv(tmp_path, content, message):
@@ -64,6 +68,12 @@ def test_bad_tsv(tmp_path, content, message):
         ('{"id": "doc-3", "text": "x"}', r"c.jsonl:2: pid must be an integer, got 'doc-3'"),
         ('{"id": 2}', r"c.jsonl:2: no 'text' string"),
         ("[1, 2]", r"c.jsonl:2: expected a JSON object"),
+        # each was accepted, then failed once every passage was encoded, naming no line
+        ('{"id": 2, "text": "lone \\ud800 surrogate"}', r"c.jsonl:2: not valid Unicode \(a lone surrogate"),
+        ('{"id": 2, "text": "x", "n": 18446744073709551616}', r"c.jsonl:2: passage field 'n' holds an integer beyond"),
+        ('{"id": 2, "text": "x", "tag": "\\udfff"}', r"c.jsonl:2: passage field 'tag' holds text that is not valid"),
+        ('{"id": 2, "text": "x", "score": NaN}', r"c.jsonl:2: passage field 'score' holds nan \(SQLite stores NaN"),
+        ('{"id": 100000000000000000000, "text": "x"}', r"c.jsonl:2: pid 100000000000000000000 is beyond 64-bit"),
     ],
 )
 def test_bad_jsonl(tmp_path, line, message):
@@ -105,3 +115,20 @@ def test_a_collection_edited_while_in_use_is_refused_not_misread(tmp_path):
         CollectionError, match="changed while in use: passage 1 should be pid 1, the file now has pid 2"
     ):
         c.texts([1])
+
+
+def test_a_lone_surrogate_in_a_list_of_texts_is_named():
+    with pytest.raises(CollectionError, match=r"passage 1: not valid Unicode"):
+        Collection.load(["fine", "lone \ud800"])
+
+
+def test_a_collection_edited_during_a_build_is_noticed(tmp_path):
+    """Texts are read back by offset once every passage is encoded: an edit that kept the lines' places gave
+    the index other texts than it encoded. The build checks the file's sha256 before finishing."""
+    path = write(tmp_path, "c.tsv", "0\talpha\n1\tgamma\n")
+    c = Collection.load(path)
+    c.check_unchanged()
+    path.write_text("0\talpha\n1\tGAMMA\n")
+    assert c.texts([1]) == ["GAMMA"]  # the same places: read back without a word
+    with pytest.raises(CollectionError, match="changed while it was being indexed"):
+        c.check_unchanged()
