@@ -237,7 +237,7 @@ def add(
             warnings.warn(
                 f"{path} does not carry its passages' texts (an imported index, or one built before 0.2): the "
                 f"{len(pids):,} added passages' texts are not stored in it either; keep them with your collection "
-                "(Searcher(collection=...) shows texts from it)",
+                "(Searcher.passages(pids, collection=FILE) reads texts from it)",
                 UserWarning,
                 stacklevel=3,
             )
