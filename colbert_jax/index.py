@@ -36,7 +36,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import functools
-import hashlib
 import json
 import mmap
 import os
@@ -736,11 +735,7 @@ def _replay(index: Index) -> _Layout:
 
 def file_checksum(path: Path) -> str:
     """sha256 of one file, read in blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
+    return io.content_checksum(path)
 
 
 def create_embedding_arrays(out: Path, num_embeddings: int, packed_dim: int) -> None:
